@@ -1,0 +1,141 @@
+//! Command-line arguments, parsed without side effects (no files read, no sockets).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "commitmeter",
+    version,
+    about = "Measures committed GPU capacity: delivered, used, idle, to the GPU-second"
+)]
+pub struct Cli {
+    /// Log level or tracing filter directive (e.g. `info`, `debug`, `commitmeter=debug`).
+    #[arg(long = "log.level", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log line format, on standard error.
+    #[arg(long = "log.format", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Plain `time level message key=value` lines (alias `logfmt`).
+    #[value(alias = "logfmt")]
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sample this host's GPUs through NVML and serve per-GPU counters on /metrics.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// TOML file with host labels (`[labels]`); none by default.
+    #[arg(long = "config.file")]
+    pub config_file: Option<PathBuf>,
+    /// Address to serve /metrics on.
+    #[arg(long = "web.listen-address", default_value = ":9473")]
+    pub listen_address: String,
+    /// How often NVML is sampled (e.g. `1s`, `500ms`).
+    #[arg(long = "sample.interval", default_value = "1s", value_parser = parse_interval)]
+    pub sample_interval: Duration,
+    /// Path of the NVML library; default: the dynamic loader's `libnvidia-ml.so.1`.
+    #[arg(long = "nvml.library")]
+    pub nvml_library: Option<PathBuf>,
+}
+
+/// Parses a Prometheus-style duration: `1s`, `500ms`, `1m30s`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: expected e.g. 1s, 500ms, 1m30s");
+    if s.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            "w" => Duration::from_secs(7 * 86_400),
+            _ => return Err(err()),
+        };
+        let part = unit
+            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+            .ok_or_else(err)?;
+        total = total.checked_add(part).ok_or_else(err)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+        return Err(format!(
+            "{s}: the sample interval must be between 100ms and 60s"
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn agent_flags_in_exporter_style() {
+        let cli = Cli::try_parse_from([
+            "commitmeter",
+            "agent",
+            "--web.listen-address=127.0.0.1:1",
+            "--sample.interval=250ms",
+            "--nvml.library=/x.so",
+            "--log.format=json",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let Command::Agent(a) = cli.command;
+        assert_eq!(a.listen_address, "127.0.0.1:1");
+        assert_eq!(a.sample_interval, Duration::from_millis(250));
+        assert_eq!(a.nvml_library, Some(PathBuf::from("/x.so")));
+        assert!(Cli::try_parse_from(["commitmeter", "agent", "--sample.interval=10ms"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "1", "1x", "-1s", "1.5s", "99999999999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

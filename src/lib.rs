@@ -1,0 +1,7 @@
+//! commitmeter: of the GPU capacity a lab pays for, how much was delivered, used and
+//! left idle. The agent role turns NVML readings into per-GPU counters.
+
+pub mod agent;
+pub mod cli;
+pub mod http;
+pub mod logging;
