@@ -1,0 +1,246 @@
+//! The agent's Prometheus series. Names are a public contract: dashboards, alerts
+//! and the aggregator's scraper depend on them.
+
+use prometheus::{Counter, CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
+
+/// Per-GPU gauge families; a child exists only while the GPU answers and the
+/// capability is supported, so nothing made-up is ever exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GaugeKind {
+    Utilization,
+    MemoryUsed,
+    MemoryTotal,
+    Power,
+    PowerLimit,
+    Temperature,
+    SmClock,
+    Processes,
+}
+
+impl GaugeKind {
+    pub const ALL: [GaugeKind; 8] = [
+        GaugeKind::Utilization,
+        GaugeKind::MemoryUsed,
+        GaugeKind::MemoryTotal,
+        GaugeKind::Power,
+        GaugeKind::PowerLimit,
+        GaugeKind::Temperature,
+        GaugeKind::SmClock,
+        GaugeKind::Processes,
+    ];
+
+    fn name_help(self) -> (&'static str, &'static str) {
+        match self {
+            GaugeKind::Utilization => (
+                "commitmeter_gpu_utilization_ratio",
+                "Share of the last driver sample period in which a kernel ran (0-1).",
+            ),
+            GaugeKind::MemoryUsed => ("commitmeter_gpu_memory_used_bytes", "GPU memory in use."),
+            GaugeKind::MemoryTotal => (
+                "commitmeter_gpu_memory_total_bytes",
+                "GPU memory installed.",
+            ),
+            GaugeKind::Power => ("commitmeter_gpu_power_watts", "Power draw."),
+            GaugeKind::PowerLimit => ("commitmeter_gpu_power_limit_watts", "Enforced power limit."),
+            GaugeKind::Temperature => (
+                "commitmeter_gpu_temperature_celsius",
+                "GPU die temperature.",
+            ),
+            GaugeKind::SmClock => ("commitmeter_gpu_sm_clock_hertz", "Current SM clock."),
+            GaugeKind::Processes => (
+                "commitmeter_gpu_compute_processes",
+                "Compute processes running on the GPU.",
+            ),
+        }
+    }
+}
+
+const GPU: &[&str] = &["gpu", "uuid"];
+
+/// Handles to every agent series, registered in one registry.
+pub struct AgentMetrics {
+    pub registry: Registry,
+    pub nvml_up: IntGauge,
+    pub polls: IntCounter,
+    pub nvml_errors: CounterVec,
+    pub gpu_info: GaugeVec,
+    pub gpu_up: GaugeVec,
+    pub observed: CounterVec,
+    pub busy: CounterVec,
+    pub allocated: CounterVec,
+    pub energy: CounterVec,
+    pub xid: CounterVec,
+    gauges: Vec<(GaugeKind, GaugeVec)>,
+}
+
+/// Child handles of one GPU, kept so the sampling loop never looks labels up.
+pub struct GpuSeries {
+    pub labels: [String; 2],
+    pub up: Gauge,
+    pub observed: Counter,
+    pub busy: Counter,
+}
+
+impl GpuSeries {
+    pub fn label_refs(&self) -> [&str; 2] {
+        [self.labels[0].as_str(), self.labels[1].as_str()]
+    }
+}
+
+impl AgentMetrics {
+    pub fn new(host_labels: &[(String, String)]) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
+
+        let build = IntGauge::with_opts(
+            Opts::new(
+                "commitmeter_build_info",
+                "Build of the running commitmeter.",
+            )
+            .const_label("version", env!("CARGO_PKG_VERSION"))
+            .const_label("role", "agent"),
+        )?;
+        build.set(1);
+        reg(Box::new(build))?;
+
+        let mut host = Opts::new(
+            "commitmeter_host_info",
+            "Labels of this host from the agent's config file.",
+        );
+        for (k, v) in host_labels {
+            host = host.const_label(k.clone(), v.clone());
+        }
+        let host = IntGauge::with_opts(host)?;
+        host.set(1);
+        reg(Box::new(host))?;
+
+        let nvml_up = IntGauge::new(
+            "commitmeter_nvml_up",
+            "1 while NVML is loaded and initialized.",
+        )?;
+        reg(Box::new(nvml_up.clone()))?;
+        let polls = IntCounter::new(
+            "commitmeter_agent_polls_total",
+            "Sampling rounds completed with NVML up.",
+        )?;
+        reg(Box::new(polls.clone()))?;
+        let nvml_errors = CounterVec::new(
+            Opts::new(
+                "commitmeter_nvml_errors_total",
+                "NVML calls that failed, by call and error.",
+            ),
+            &["call", "error"],
+        )?;
+        reg(Box::new(nvml_errors.clone()))?;
+
+        let gpu_info = GaugeVec::new(
+            Opts::new(
+                "commitmeter_gpu_info",
+                "GPU identity and the source of busy time.",
+            ),
+            &["gpu", "uuid", "model", "pci_bus_id", "busy_source"],
+        )?;
+        reg(Box::new(gpu_info.clone()))?;
+        let gpu_up = GaugeVec::new(
+            Opts::new(
+                "commitmeter_gpu_up",
+                "1 while the GPU answers NVML, 0 once lost.",
+            ),
+            GPU,
+        )?;
+        reg(Box::new(gpu_up.clone()))?;
+
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, prometheus::Error> {
+                let c = CounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let observed = counter(
+            "commitmeter_gpu_observed_seconds_total",
+            "Time the GPU was seen present and healthy (delivered).",
+            GPU,
+        )?;
+        let busy = counter(
+            "commitmeter_gpu_busy_seconds_total",
+            "Integral of GPU utilization over observed time.",
+            GPU,
+        )?;
+        let allocated = counter(
+            "commitmeter_gpu_allocated_seconds_total",
+            "Observed time with at least one compute process.",
+            GPU,
+        )?;
+        let energy = counter(
+            "commitmeter_gpu_energy_joules_total",
+            "Energy from the driver's total-energy counter.",
+            GPU,
+        )?;
+        let xid = counter(
+            "commitmeter_gpu_xid_errors_total",
+            "Critical XID events reported by the driver, by XID code.",
+            &["gpu", "uuid", "xid"],
+        )?;
+
+        let mut gauges = Vec::new();
+        for kind in GaugeKind::ALL {
+            let (name, help) = kind.name_help();
+            let g = GaugeVec::new(Opts::new(name, help), GPU)?;
+            registry.register(Box::new(g.clone()))?;
+            gauges.push((kind, g));
+        }
+
+        Ok(Self {
+            registry,
+            nvml_up,
+            polls,
+            nvml_errors,
+            gpu_info,
+            gpu_up,
+            observed,
+            busy,
+            allocated,
+            energy,
+            xid,
+            gauges,
+        })
+    }
+
+    /// Creates (or finds again, after a driver reload) the counters of one GPU.
+    /// Counters keyed by UUID survive re-enumeration, so they never go backwards.
+    pub fn gpu(&self, index: u32, uuid: &str) -> GpuSeries {
+        let labels = [index.to_string(), uuid.to_string()];
+        let l = [labels[0].as_str(), labels[1].as_str()];
+        GpuSeries {
+            up: self.gpu_up.with_label_values(&l),
+            observed: self.observed.with_label_values(&l),
+            busy: self.busy.with_label_values(&l),
+            labels,
+        }
+    }
+
+    pub fn set_gauge(&self, kind: GaugeKind, gpu: &GpuSeries, value: Option<f64>) {
+        let Some((_, vec)) = self.gauges.iter().find(|(k, _)| *k == kind) else {
+            return;
+        };
+        let l = gpu.label_refs();
+        match value {
+            Some(v) => vec.with_label_values(&l).set(v),
+            // Absent, or the GPU stopped answering: drop the series rather than
+            // leave a stale or made-up value.
+            None => {
+                let _ = vec.remove_label_values(&l);
+            }
+        }
+    }
+
+    pub fn clear_gauges(&self, gpu: &GpuSeries) {
+        for kind in GaugeKind::ALL {
+            self.set_gauge(kind, gpu, None);
+        }
+    }
+
+    pub fn nvml_error(&self, call: &str, error: &str) {
+        self.nvml_errors.with_label_values(&[call, error]).inc();
+    }
+}

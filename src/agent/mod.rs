@@ -1,0 +1,120 @@
+//! The agent role: NVML → per-GPU counters → `/metrics`.
+
+pub mod accrue;
+pub mod config;
+pub mod metrics;
+pub mod nvml;
+pub mod sampler;
+
+use std::sync::Arc;
+
+use hyper::StatusCode;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::cli::AgentArgs;
+use crate::http::{self, Handler};
+use config::AgentConfig;
+use metrics::AgentMetrics;
+use sampler::{Sampler, SamplerConfig, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot start the sampling thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Everything the agent needs that can fail because of the user's input, checked
+/// before any socket or library is touched.
+pub struct Prepared {
+    args: AgentArgs,
+    config: AgentConfig,
+    listen: std::net::SocketAddr,
+}
+
+pub fn prepare(args: AgentArgs) -> Result<Prepared, AgentError> {
+    let config = match &args.config_file {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    let listen = http::parse_listen_address(&args.listen_address)?;
+    Ok(Prepared {
+        args,
+        config,
+        listen,
+    })
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(
+    p: Prepared,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let metrics = Arc::new(AgentMetrics::new(&p.config.labels)?);
+    let listener = http::bind(p.listen).await?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(p.listen), "serving /metrics");
+    let status = Arc::new(Status::default());
+    let sampler = Sampler::spawn(
+        SamplerConfig {
+            interval: p.args.sample_interval,
+            library: p.args.nvml_library.clone(),
+        },
+        metrics.clone(),
+        status.clone(),
+    )?;
+    http::serve(listener, handler(metrics, status), shutdown).await;
+    tracing::info!("shutting down");
+    tokio::task::spawn_blocking(move || sampler.stop())
+        .await
+        .ok();
+    Ok(())
+}
+
+fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
+    Arc::new(move |path: &str| {
+        match path {
+        "/metrics" => Some(render(&metrics.registry)),
+        "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
+        "/-/ready" if status.is_ready() => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
+        "/-/ready" => Some(http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "NVML not sampled yet (see commitmeter_nvml_up)\n",
+        )),
+        "/" => Some(http::text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            "<!doctype html><title>commitmeter agent</title><h1>commitmeter agent</h1><p><a href=\"/metrics\">/metrics</a></p>\n",
+        )),
+        _ => None,
+    }
+    })
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(
+    registry: &prometheus::Registry,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    let encoder = TextEncoder::new();
+    let mut buf = Vec::with_capacity(16 * 1024);
+    match encoder.encode(&registry.gather(), &mut buf) {
+        Ok(()) => http::text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            buf,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            http::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            )
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The NVML side of the agent: loading the library, classifying its errors, and
+//! reading one GPU. Everything here talks to the driver; the accounting lives in
+//! [`super::accrue`].
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use nvml_wrapper::enum_wrappers::device::{Clock, Sampling, TemperatureSensor};
+use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{Device, Nvml};
+
+use super::accrue::{self, Busy, Reading};
+
+/// Loads and initializes NVML. Without a path the dynamic loader looks up
+/// `libnvidia-ml.so.1`, so `LD_LIBRARY_PATH` works as users expect.
+pub fn open(library: Option<&Path>) -> Result<Nvml, NvmlError> {
+    match library {
+        Some(path) => Nvml::builder().lib_path(OsStr::new(path)).init(),
+        None => Nvml::init(),
+    }
+}
+
+/// What an NVML error means for the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The library or driver is gone (reload, unload): re-initialize with backoff.
+    Driver,
+    /// This GPU fell off the bus or needs a reset: stop accruing, re-enumerate later.
+    Lost,
+    /// The driver or GPU does not offer this capability: stop asking.
+    Unsupported,
+    /// Anything else: count it and try again next round.
+    Transient,
+}
+
+pub fn classify(e: &NvmlError) -> Fault {
+    match e {
+        NvmlError::Uninitialized
+        | NvmlError::DriverNotLoaded
+        | NvmlError::LibraryNotFound
+        | NvmlError::LibloadingError(_)
+        | NvmlError::LibRmVersionMismatch => Fault::Driver,
+        NvmlError::GpuLost | NvmlError::ResetRequired => Fault::Lost,
+        NvmlError::NotSupported
+        | NvmlError::FailedToLoadSymbol(_)
+        | NvmlError::FunctionNotFound => Fault::Unsupported,
+        _ => Fault::Transient,
+    }
+}
+
+/// A short, stable name for an error, used as a metric label.
+pub fn error_label(e: &NvmlError) -> String {
+    let s = format!("{e:?}");
+    let end = s.find(['(', '{', ' ']).unwrap_or(s.len());
+    s[..end].to_string()
+}
+
+/// Identity of a GPU, read once per enumeration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uuid: String,
+    pub model: String,
+    pub pci_bus_id: String,
+}
+
+pub fn identify(dev: &Device<'_>) -> Result<Identity, NvmlError> {
+    let uuid = dev.uuid()?;
+    let model = dev.name().unwrap_or_default();
+    let pci_bus_id = dev.pci_info().map(|p| p.bus_id).unwrap_or_default();
+    Ok(Identity {
+        uuid,
+        model,
+        pci_bus_id,
+    })
+}
+
+/// Capabilities found absent on a GPU, so they are asked for once, not every second.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub samples: bool,
+    pub rates: bool,
+    pub processes: bool,
+    pub energy: bool,
+    pub memory: bool,
+    pub power: bool,
+    pub power_limit: bool,
+    pub temperature: bool,
+    pub clock: bool,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Self {
+            samples: true,
+            rates: true,
+            processes: true,
+            energy: true,
+            memory: true,
+            power: true,
+            power_limit: true,
+            temperature: true,
+            clock: true,
+        }
+    }
+}
+
+impl Caps {
+    /// Which source busy time comes from, for the GPU's info series.
+    pub fn busy_source(&self) -> &'static str {
+        if self.samples {
+            "samples"
+        } else if self.rates {
+            "utilization_rates"
+        } else {
+            "none"
+        }
+    }
+}
+
+/// Everything read from one GPU in one round.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub busy: Option<Busy>,
+    pub utilization: Option<f64>,
+    pub processes: Option<u32>,
+    pub energy_mj: Option<u64>,
+    pub memory_used: Option<u64>,
+    pub memory_total: Option<u64>,
+    pub power_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+    pub temperature_c: Option<f64>,
+    pub sm_clock_hz: Option<f64>,
+}
+
+impl Snapshot {
+    pub fn reading(&self) -> Reading {
+        Reading {
+            busy: self.busy.unwrap_or(Busy::Unknown),
+            processes: self.processes,
+            energy_mj: self.energy_mj,
+        }
+    }
+}
+
+/// Why a GPU read stopped early.
+#[derive(Debug)]
+pub enum ReadError {
+    Lost(NvmlError),
+    Driver(NvmlError),
+}
+
+/// Reads one GPU. `cursor` is the driver timestamp of the newest utilization sample
+/// already integrated. `on_error` is told about every failed call that is not a
+/// missing capability (the caller counts them).
+pub fn read(
+    dev: &Device<'_>,
+    caps: &mut Caps,
+    cursor: &mut Option<u64>,
+    on_error: &mut dyn FnMut(&'static str, &NvmlError),
+) -> Result<Snapshot, ReadError> {
+    let mut snap = Snapshot::default();
+    // Runs one NVML call, sorting its failure: a lost GPU or dead driver ends the
+    // read, a missing capability clears its flag, anything else is counted.
+    macro_rules! call {
+        ($cap:ident, $name:literal, $e:expr) => {
+            if caps.$cap {
+                match $e {
+                    Ok(v) => Some(v),
+                    Err(err) => match classify(&err) {
+                        Fault::Lost => return Err(ReadError::Lost(err)),
+                        Fault::Driver => return Err(ReadError::Driver(err)),
+                        Fault::Unsupported => {
+                            caps.$cap = false;
+                            None
+                        }
+                        Fault::Transient => {
+                            on_error($name, &err);
+                            None
+                        }
+                    },
+                }
+            } else {
+                None
+            }
+        };
+    }
+
+    let rates = call!(rates, "utilization_rates", dev.utilization_rates());
+    snap.utilization = rates.as_ref().map(|u| f64::from(u.gpu.min(100)) / 100.0);
+
+    let samples = call!(
+        samples,
+        "samples",
+        match dev.samples(Sampling::GpuUtilization, *cursor) {
+            // NVML's "not found" means "no samples newer than the cursor".
+            Err(NvmlError::NotFound) => Ok(Vec::new()),
+            other => other,
+        }
+    );
+    snap.busy = match samples {
+        Some(samples) => {
+            let samples: Vec<accrue::Sample> = samples
+                .iter()
+                .map(|s| accrue::Sample {
+                    timestamp_us: s.timestamp,
+                    percent: sample_percent(&s.value),
+                })
+                .collect();
+            let (fraction, next) = accrue::busy_fraction(*cursor, &samples);
+            *cursor = next;
+            // The buffer runs dry while a GPU idles; cross-check with the rates.
+            Some(Busy::Samples(
+                fraction.unwrap_or_else(|| snap.utilization.unwrap_or(0.0)),
+            ))
+        }
+        None => snap.utilization.map(Busy::Rates),
+    };
+
+    snap.processes = call!(
+        processes,
+        "compute_processes",
+        dev.running_compute_processes_count()
+    );
+    snap.energy_mj = call!(energy, "total_energy", dev.total_energy_consumption());
+    if let Some(m) = call!(memory, "memory_info", dev.memory_info()) {
+        snap.memory_used = Some(m.used);
+        snap.memory_total = Some(m.total);
+    }
+    snap.power_w = call!(power, "power_usage", dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
+    snap.power_limit_w = call!(power_limit, "power_limit", dev.enforced_power_limit())
+        .map(|mw| f64::from(mw) / 1000.0);
+    snap.temperature_c = call!(
+        temperature,
+        "temperature",
+        dev.temperature(TemperatureSensor::Gpu)
+    )
+    .map(f64::from);
+    snap.sm_clock_hz =
+        call!(clock, "clock_info", dev.clock_info(Clock::SM)).map(|mhz| f64::from(mhz) * 1e6);
+    Ok(snap)
+}
+
+fn sample_percent(v: &SampleValue) -> f64 {
+    match *v {
+        SampleValue::F64(x) => x,
+        SampleValue::U32(x) => f64::from(x),
+        SampleValue::U64(x) => x as f64,
+        SampleValue::I64(x) => x as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_sorted_by_what_the_agent_must_do() {
+        assert_eq!(classify(&NvmlError::GpuLost), Fault::Lost);
+        assert_eq!(classify(&NvmlError::DriverNotLoaded), Fault::Driver);
+        assert_eq!(classify(&NvmlError::Uninitialized), Fault::Driver);
+        assert_eq!(classify(&NvmlError::NotSupported), Fault::Unsupported);
+        assert_eq!(
+            classify(&NvmlError::FailedToLoadSymbol("x".into())),
+            Fault::Unsupported
+        );
+        assert_eq!(classify(&NvmlError::Unknown), Fault::Transient);
+        assert_eq!(
+            error_label(&NvmlError::FailedToLoadSymbol("x y".into())),
+            "FailedToLoadSymbol"
+        );
+        assert_eq!(error_label(&NvmlError::GpuLost), "GpuLost");
+    }
+}
