@@ -1,0 +1,130 @@
+//! Agent benchmark (not a timed test): `cargo bench --bench agent`.
+//!
+//! 1. The cost of one `/metrics` render for 8 GPUs, in process.
+//! 2. The real release binary on the fake NVML library with 8 GPUs at 1 Hz for
+//!    `COMMITMETER_BENCH_SECS` (default 60) seconds, scraped every 15 s like
+//!    Prometheus would: RSS (current and peak) and CPU time from /proc.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use commitmeter::agent::metrics::{AgentMetrics, GaugeKind};
+use common::*;
+
+fn render_cost() {
+    let m = AgentMetrics::new(&[
+        ("provider".into(), "acme".into()),
+        ("cluster".into(), "east".into()),
+    ])
+    .unwrap();
+    for i in 0..8u32 {
+        let uuid = format!("GPU-bench-{i:032}");
+        let s = m.gpu(i, &uuid);
+        s.up.set(1.0);
+        s.observed.inc_by(123.0);
+        s.busy.inc_by(100.0);
+        m.allocated.with_label_values(&s.label_refs()).inc_by(99.0);
+        m.energy.with_label_values(&s.label_refs()).inc_by(5e6);
+        m.xid.with_label_values(&[&s.labels[0], &uuid, "79"]).inc();
+        m.gpu_info
+            .with_label_values(&[
+                &s.labels[0],
+                &uuid,
+                "NVIDIA H200",
+                "00000000:17:00.0",
+                "samples",
+            ])
+            .set(1.0);
+        for k in GaugeKind::ALL {
+            m.set_gauge(k, &s, Some(1.0));
+        }
+    }
+    let n = 20_000;
+    let start = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..n {
+        let r = commitmeter::agent::render(&m.registry);
+        bytes = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
+    }
+    let per = start.elapsed() / n;
+    println!(
+        "render: 8 GPUs, {bytes} bytes, {:.1} µs per /metrics render (mean of {n})",
+        per.as_secs_f64() * 1e6
+    );
+}
+
+fn proc_field(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn run_agent() {
+    let secs: u64 = std::env::var("COMMITMETER_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let sc = Scenario {
+        gpus: (0..8)
+            .map(|i| Gpu {
+                xids: vec![[5_000, 79]],
+                ..Gpu::at_util(10 * i)
+            })
+            .collect(),
+        ..Scenario::default()
+    }
+    .with_start_now();
+    let agent = Agent::start(
+        &sc,
+        AgentOpts {
+            interval: "1s",
+            extra_args: vec!["--log.level=info".into()],
+            ..AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = agent.child.id();
+    let ticks0 = cpu_ticks(pid);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(
+            Duration::from_secs(15).min(Duration::from_secs(secs).saturating_sub(start.elapsed())),
+        );
+        let _ = agent.get("/metrics");
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let ticks = cpu_ticks(pid) - ticks0;
+    let hz = 100.0; // USER_HZ on Linux
+    let m = agent.metrics();
+    println!(
+        "agent: 8 fake GPUs at 1 Hz for {wall:.0} s, {} rounds: CPU {:.3}% of one core ({} ticks), RSS {} kB, peak RSS {} kB",
+        m.get("commitmeter_agent_polls_total", &[]).unwrap_or(0.0),
+        ticks as f64 / hz / wall * 100.0,
+        ticks,
+        proc_field(pid, "VmRSS:"),
+        proc_field(pid, "VmHWM:"),
+    );
+}
+
+fn main() {
+    // `cargo test --benches` passes --bench-less args; run only under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    render_cost();
+    run_agent();
+}

@@ -1,0 +1,506 @@
+//! The real `commitmeter agent` against the fake NVML library: counters are compared
+//! with the scenario's exact ground truth, and every driver fault keeps it serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const INTERVAL: f64 = 0.5;
+
+/// |measured − truth| ≤ 1% of truth + one sample interval's worth (+ 0.15 s for the
+/// readiness poll that brackets the start).
+fn assert_close(what: &str, measured: f64, truth: f64, per_second: f64) {
+    let tolerance = 0.01 * truth.abs() + (INTERVAL + 0.15) * per_second;
+    assert!(
+        (measured - truth).abs() <= tolerance,
+        "{what}: measured {measured:.3}, ground truth {truth:.3} (tolerance {tolerance:.3})"
+    );
+}
+
+fn eight_gpus() -> Scenario {
+    let mut gpus: Vec<Gpu> = [0, 10, 25, 50, 75, 100]
+        .into_iter()
+        .map(Gpu::at_util)
+        .collect();
+    // A job that steps from 20% to 80% and its processes come and go.
+    gpus.push(Gpu {
+        util: vec![[0, 20], [3_000, 80]],
+        processes: vec![[0, 0], [2_000, 2], [5_000, 0]],
+        xids: vec![[1_500, 79], [2_500, 48], [3_000, 79]],
+        ..Gpu::default()
+    });
+    // Falls off the bus mid-run.
+    gpus.push(Gpu {
+        util: vec![[0, 60]],
+        lost_at_ms: Some(4_000),
+        ..Gpu::default()
+    });
+    gpus[0].samples_dry_when_idle = true;
+    gpus[0].processes = vec![[0, 0]];
+    gpus[1].energy_reset_at_ms = Some(3_500);
+    Scenario {
+        gpus,
+        ..Scenario::default()
+    }
+    .with_start_now()
+}
+
+#[test]
+fn eight_gpus_match_ground_truth_and_a_lost_gpu_stops_accruing() {
+    let sc = eight_gpus();
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(20)));
+    // Run well past the loss and the steps.
+    std::thread::sleep(Duration::from_millis(7_000u64.saturating_sub(sc.now_ms())));
+    let m = agent.metrics();
+    let end = sc.now_ms();
+
+    assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(1.0));
+    for gpu in 0..8 {
+        let uuid = sc.uuid(gpu);
+        let busy = m
+            .get("commitmeter_gpu_busy_seconds_total", &[("uuid", &uuid)])
+            .unwrap();
+        let observed = m
+            .get("commitmeter_gpu_observed_seconds_total", &[("uuid", &uuid)])
+            .unwrap();
+        assert_close(
+            &format!("gpu {gpu} observed"),
+            observed,
+            sc.present_seconds(gpu, ready, end),
+            1.0,
+        );
+        assert_close(
+            &format!("gpu {gpu} busy"),
+            busy,
+            sc.busy_seconds(gpu, ready, end),
+            1.0,
+        );
+        if gpu != 7 {
+            let allocated = m
+                .gpu("commitmeter_gpu_allocated_seconds_total", gpu)
+                .unwrap();
+            assert_close(
+                &format!("gpu {gpu} allocated"),
+                allocated,
+                sc.allocated_seconds(gpu, ready, end),
+                1.0,
+            );
+            let energy = m.gpu("commitmeter_gpu_energy_joules_total", gpu).unwrap();
+            let mut truth = sc.energy_joules(gpu, ready, end);
+            if sc.gpus[gpu].energy_reset_at_ms.is_some() {
+                // What the driver drew between the last poll and its counter reset
+                // is unknowable: at most one interval's worth.
+                truth -= INTERVAL * 300.0 / 2.0;
+            }
+            assert_close(&format!("gpu {gpu} energy"), energy, truth, 300.0);
+            assert_eq!(m.gpu("commitmeter_gpu_up", gpu), Some(1.0));
+        }
+        // Over the very polls that bound `observed`, a constant load gives an exact
+        // ratio: this catches proportional errors the absolute tolerance would hide.
+        if let [[0, pct]] = sc.gpus[gpu].util[..] {
+            let want = pct as f64 / 100.0;
+            assert!(
+                (busy / observed - want).abs() < 0.005,
+                "gpu {gpu}: busy/observed {} vs {want}",
+                busy / observed
+            );
+            if sc.gpus[gpu].energy_reset_at_ms.is_none() {
+                let energy = m.gpu("commitmeter_gpu_energy_joules_total", gpu).unwrap();
+                assert!(
+                    (energy / observed - 300.0).abs() < 3.0,
+                    "gpu {gpu}: {energy} J over {observed} s"
+                );
+            }
+        }
+        let info = m.get(
+            "commitmeter_gpu_info",
+            &[("uuid", &uuid), ("busy_source", "samples")],
+        );
+        assert_eq!(info, Some(1.0), "gpu {gpu} info");
+    }
+    // The step-changing GPU's XIDs, as a counter per code.
+    assert_eq!(
+        m.get(
+            "commitmeter_gpu_xid_errors_total",
+            &[("gpu", "6"), ("xid", "79")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.get(
+            "commitmeter_gpu_xid_errors_total",
+            &[("gpu", "6"), ("xid", "48")]
+        ),
+        Some(1.0)
+    );
+
+    // Gauges of a healthy GPU, in base units.
+    assert_eq!(m.gpu("commitmeter_gpu_utilization_ratio", 3), Some(0.5));
+    assert_eq!(m.gpu("commitmeter_gpu_power_watts", 3), Some(300.0));
+    assert_eq!(m.gpu("commitmeter_gpu_power_limit_watts", 3), Some(700.0));
+    assert_eq!(
+        m.gpu("commitmeter_gpu_memory_total_bytes", 3),
+        Some(85_899_345_920.0)
+    );
+    assert_eq!(
+        m.gpu("commitmeter_gpu_memory_used_bytes", 3),
+        Some(1_073_741_824.0)
+    );
+    assert_eq!(m.gpu("commitmeter_gpu_temperature_celsius", 3), Some(40.0));
+    assert_eq!(m.gpu("commitmeter_gpu_sm_clock_hertz", 3), Some(1.98e9));
+    assert_eq!(m.gpu("commitmeter_gpu_compute_processes", 3), Some(1.0));
+
+    // The lost GPU: down, its gauges gone, its counters frozen, the rest still counting.
+    assert_eq!(m.gpu("commitmeter_gpu_up", 7), Some(0.0));
+    assert_eq!(m.gpu("commitmeter_gpu_utilization_ratio", 7), None);
+    let frozen = m.gpu("commitmeter_gpu_observed_seconds_total", 7).unwrap();
+    assert!(
+        frozen <= (4_000 - ready.min(4_000)) as f64 / 1000.0 + 1e-9,
+        "accrued after the loss: {frozen}"
+    );
+    std::thread::sleep(Duration::from_millis(1_200));
+    let later = agent.metrics();
+    assert_eq!(
+        later.gpu("commitmeter_gpu_observed_seconds_total", 7),
+        Some(frozen)
+    );
+    assert!(
+        later
+            .gpu("commitmeter_gpu_observed_seconds_total", 3)
+            .unwrap()
+            > m.gpu("commitmeter_gpu_observed_seconds_total", 3).unwrap()
+    );
+    assert_eq!(
+        agent.log_count("GPU not answering"),
+        1,
+        "log:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn exposition_passes_promtool_check_metrics() {
+    let sc = eight_gpus();
+    let agent = Agent::start(&sc, AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(3_200));
+    let (_, body) = agent.get("/metrics");
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool not found: install Debian's `prometheus` package (see .ci/run)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}\n{body}"
+    );
+    // Every series carries the prefix.
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.starts_with("commitmeter_"), "{line}");
+    }
+}
+
+#[test]
+fn no_library_keeps_serving_and_logs_once() {
+    let dir = TempDir::new("nolib");
+    let agent = Agent::start(
+        &Scenario::default(),
+        AgentOpts {
+            library: Some(dir.path("libnvidia-ml.so.1")),
+            ..AgentOpts::default()
+        },
+    );
+    // Attempts at 0 s, 1 s and 3 s.
+    std::thread::sleep(Duration::from_millis(3_500));
+    let m = agent.metrics();
+    assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(0.0));
+    assert!(m.series("commitmeter_gpu_up").is_empty());
+    assert!(
+        m.get("commitmeter_nvml_errors_total", &[("call", "init")])
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(agent.get("/-/ready").0, 503);
+    assert_eq!(agent.get("/-/healthy").0, 200);
+    assert_eq!(
+        agent.log_count("NVML unavailable"),
+        1,
+        "log:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn init_failure_then_driver_reload_recovers_without_losing_counts() {
+    let sc = Scenario {
+        init_fail_until_ms: 1_500,
+        driver_down: vec![[4_000, 5_500]],
+        gpus: vec![Gpu::at_util(40)],
+        ..Scenario::default()
+    }
+    .with_start_now();
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let m = agent.metrics();
+    assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(0.0));
+    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(10)));
+    assert!(ready >= 1_500);
+    let before = agent.wait_for(Duration::from_secs(5), "the driver reload", |m| {
+        m.get("commitmeter_nvml_up", &[]) == Some(0.0)
+    });
+    assert_eq!(before.gpu("commitmeter_gpu_up", 0), Some(0.0));
+    let m = agent.wait_for(Duration::from_secs(10), "NVML back after the reload", |m| {
+        m.get("commitmeter_nvml_up", &[]) == Some(1.0)
+            && m.gpu("commitmeter_gpu_up", 0) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(1_500));
+    let m2 = agent.metrics();
+    let end = sc.now_ms();
+    let observed = m2.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap();
+    assert!(observed >= m.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap());
+    // The reload window is not delivered time. Around it the agent loses at most
+    // the interval that saw the failure, the retries' backoff (1 s, then 2 s) and
+    // one interval for the new baseline: it never claims more than was present.
+    let truth = sc.present_seconds(0, ready, end);
+    assert!(
+        observed <= truth + 0.2,
+        "observed {observed} > truth {truth}"
+    );
+    assert!(
+        observed >= truth - 3.0 - 2.0 * INTERVAL - 0.2,
+        "observed {observed} ≪ truth {truth}"
+    );
+    assert_close(
+        "busy/observed",
+        m2.gpu("commitmeter_gpu_busy_seconds_total", 0).unwrap(),
+        0.4 * observed,
+        0.0,
+    );
+    assert_eq!(
+        agent.log_count("NVML initialized"),
+        2,
+        "log:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn old_driver_without_samples_or_energy_falls_back_and_omits() {
+    let sc = Scenario {
+        gpus: vec![Gpu::at_util(30), Gpu::at_util(90)],
+        ..Scenario::default()
+    }
+    .with_start_now();
+    let agent = Agent::start(
+        &sc,
+        AgentOpts {
+            library: Some(fake_library("nvidia_ml_old")),
+            ..AgentOpts::default()
+        },
+    );
+    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(2_500));
+    let m = agent.metrics();
+    let end = sc.now_ms();
+    for gpu in 0..2 {
+        let uuid = sc.uuid(gpu);
+        assert_eq!(
+            m.get(
+                "commitmeter_gpu_info",
+                &[("uuid", &uuid), ("busy_source", "utilization_rates")]
+            ),
+            Some(1.0)
+        );
+        assert_close(
+            "busy from rates",
+            m.gpu("commitmeter_gpu_busy_seconds_total", gpu).unwrap(),
+            sc.busy_seconds(gpu, ready, end),
+            1.0,
+        );
+        // Capabilities the driver lacks are left out, never exported as 0.
+        assert_eq!(m.gpu("commitmeter_gpu_energy_joules_total", gpu), None);
+        assert_eq!(m.gpu("commitmeter_gpu_allocated_seconds_total", gpu), None);
+        assert_eq!(m.gpu("commitmeter_gpu_memory_used_bytes", gpu), None);
+        assert_eq!(m.gpu("commitmeter_gpu_power_watts", gpu), Some(300.0));
+    }
+    assert!(!agent.log_text().contains("panicked"));
+}
+
+#[test]
+fn unsupported_capabilities_per_gpu_are_left_out() {
+    let sc = Scenario {
+        gpus: vec![Gpu {
+            unsupported: ["samples", "utilization", "temperature", "events"]
+                .map(String::from)
+                .to_vec(),
+            ..Gpu::at_util(70)
+        }],
+        ..Scenario::default()
+    }
+    .with_start_now();
+    let agent = Agent::start(&sc, AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1_200));
+    let m = agent.metrics();
+    assert_eq!(
+        m.get(
+            "commitmeter_gpu_info",
+            &[("gpu", "0"), ("busy_source", "none")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(m.series("commitmeter_gpu_info").len(), 1);
+    assert_eq!(m.gpu("commitmeter_gpu_busy_seconds_total", 0), Some(0.0));
+    assert!(m.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap() > 0.0);
+    assert_eq!(m.gpu("commitmeter_gpu_temperature_celsius", 0), None);
+    assert_eq!(m.gpu("commitmeter_gpu_utilization_ratio", 0), None);
+    assert_eq!(m.gpu("commitmeter_gpu_sm_clock_hertz", 0), Some(1.98e9));
+}
+
+#[test]
+fn default_lookup_uses_the_dynamic_loader_path() {
+    let dir = TempDir::new("ldpath");
+    std::os::unix::fs::symlink(fake_library("nvidia_ml"), dir.path("libnvidia-ml.so.1")).unwrap();
+    let agent = Agent::start(
+        &Scenario::default().with_start_now(),
+        AgentOpts {
+            library: None,
+            env: vec![("LD_LIBRARY_PATH".into(), dir.0.display().to_string())],
+            ..AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(20));
+    let m = agent.metrics();
+    assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(1.0));
+    assert_eq!(m.series("commitmeter_gpu_up").len(), 2);
+}
+
+#[test]
+fn host_labels_and_http_edges() {
+    let dir = TempDir::new("labels");
+    let cfg = dir.path("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[labels]\nprovider = \"acme\"\ncluster = \"east-1\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &Scenario::default().with_start_now(),
+        AgentOpts {
+            extra_args: vec![format!("--config.file={}", cfg.display())],
+            ..AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(20));
+    let m = agent.metrics();
+    assert_eq!(
+        m.get(
+            "commitmeter_host_info",
+            &[("provider", "acme"), ("cluster", "east-1")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("commitmeter_build_info", &[("role", "agent")]),
+        Some(1.0)
+    );
+    assert_eq!(agent.get("/nope").0, 404);
+    assert_eq!(agent.get("/-/healthy").0, 200);
+    let (status, _) = http_request(
+        &agent.addr,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 405);
+}
+
+#[test]
+fn config_mistakes_exit_non_zero_before_serving() {
+    let dir = TempDir::new("badcfg");
+    let cases = [
+        (
+            "[labels]\nrack = 7\n",
+            "agent.toml:2:8: invalid type: integer `7`, expected a string",
+        ),
+        ("[lables]\n", "unknown field `lables`"),
+        (
+            "[labels]\n\"9x\" = \"a\"\n",
+            "[labels] key `9x`: not a valid Prometheus label name",
+        ),
+    ];
+    for (text, expected) in cases {
+        let cfg = dir.path("agent.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let start = Instant::now();
+        let out = std::process::Command::new(BIN)
+            .args([
+                "agent",
+                "--web.listen-address=127.0.0.1:0",
+                "--nvml.library=/nonexistent.so",
+            ])
+            .arg(format!("--config.file={}", cfg.display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&cfg.display().to_string()) && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("serving"),
+            "started before failing: {stderr}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--config.file=/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("/nonexistent/agent.toml: cannot read config file"));
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--web.listen-address=nowhere"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--web.listen-address \"nowhere\""));
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    let agent = Agent::start(&Scenario::default().with_start_now(), AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    let mut agent = agent;
+    let pid = agent.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,333 @@
+//! Test harness: runs the real `commitmeter` binary against the fake NVML library
+//! and reads its `/metrics` over loopback.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+pub use nvidia_ml::scenario::{Gpu, Scenario};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_commitmeter");
+
+fn target_dir() -> PathBuf {
+    Path::new(BIN).parent().unwrap().to_path_buf()
+}
+
+/// Path of a fake NVML build: `nvidia_ml` (current driver) or `nvidia_ml_old`
+/// (an old driver lacking some symbols). Built on first use if `cargo test` did not.
+pub fn fake_library(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let path = target_dir().join(format!("lib{name}.so"));
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "fake-nvml", "-p", "fake-nvml-old"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if target_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("run cargo to build the fake NVML library");
+        assert!(status.success(), "building the fake NVML library failed");
+    });
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+/// A unique scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("commitmeter-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `commitmeter agent`, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub addr: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub dir: TempDir,
+}
+
+pub struct AgentOpts<'a> {
+    pub library: Option<PathBuf>,
+    pub interval: &'a str,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for AgentOpts<'_> {
+    fn default() -> Self {
+        Self {
+            library: Some(fake_library("nvidia_ml")),
+            interval: "500ms",
+            extra_args: vec![],
+            env: vec![],
+        }
+    }
+}
+
+impl Agent {
+    pub fn start(scenario: &Scenario, opts: AgentOpts<'_>) -> Agent {
+        let dir = TempDir::new("agent");
+        let scenario_path = dir.path("scenario.json");
+        std::fs::write(&scenario_path, serde_json::to_string(scenario).unwrap()).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("agent")
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg(format!("--sample.interval={}", opts.interval))
+            .arg("--log.level=debug")
+            .args(&opts.extra_args)
+            .env("FAKE_NVML_SCENARIO", &scenario_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(lib) = &opts.library {
+            cmd.arg(format!("--nvml.library={}", lib.display()));
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start commitmeter agent");
+        let (addr, log) = follow_log(&mut child);
+        Agent {
+            child,
+            addr,
+            log,
+            dir,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.addr, path)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    /// Waits until `/-/ready` answers 200; returns the instant it did.
+    pub fn wait_ready(&self, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.get("/-/ready").0 == 200 {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls `/metrics` until `pred` holds.
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.metrics();
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the child's stderr on a thread; returns the address it logged it serves on.
+fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("address=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "agent did not report its address; log:\n{}",
+                log.lock().unwrap().join("\n")
+            )
+        });
+    (addr, log)
+}
+
+/// A minimal HTTP/1.1 GET; returns status and body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+pub fn http_request(addr: &str, raw: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Scraped samples keyed by metric name, each with its labels.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub samples: BTreeMap<String, Vec<(Labels, f64)>>,
+}
+
+impl Metrics {
+    /// Parses the text exposition format as the agent writes it (tests only; the
+    /// aggregator has its own, property-tested parser).
+    pub fn parse(body: &str) -> Metrics {
+        let mut m = Metrics::default();
+        for line in body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (name, labels, rest) = match line.find('{') {
+                Some(open) => {
+                    let mut labels = BTreeMap::new();
+                    let mut chars = line[open + 1..].char_indices();
+                    let mut key = String::new();
+                    let close;
+                    loop {
+                        let (i, c) = chars.next().expect("unterminated labels");
+                        match c {
+                            '}' => {
+                                close = open + 1 + i;
+                                break;
+                            }
+                            '=' => {
+                                assert_eq!(chars.next().map(|x| x.1), Some('"'));
+                                let mut val = String::new();
+                                loop {
+                                    let (_, c) = chars.next().unwrap();
+                                    match c {
+                                        '\\' => match chars.next().unwrap().1 {
+                                            'n' => val.push('\n'),
+                                            o => val.push(o),
+                                        },
+                                        '"' => break,
+                                        o => val.push(o),
+                                    }
+                                }
+                                labels.insert(std::mem::take(&mut key).trim().to_string(), val);
+                            }
+                            ',' => {}
+                            o => key.push(o),
+                        }
+                    }
+                    (&line[..open], labels, &line[close + 1..])
+                }
+                None => {
+                    let sp = line.find(' ').unwrap();
+                    (&line[..sp], BTreeMap::new(), &line[sp..])
+                }
+            };
+            let value: f64 = rest.split_whitespace().next().unwrap().parse().unwrap();
+            m.samples
+                .entry(name.to_string())
+                .or_default()
+                .push((labels, value));
+        }
+        m
+    }
+
+    /// The value of `name` whose labels include all of `want`.
+    pub fn get(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.samples.get(name)?.iter().find_map(|(labels, v)| {
+            want.iter()
+                .all(|(k, w)| labels.get(*k).map(String::as_str) == Some(*w))
+                .then_some(*v)
+        })
+    }
+
+    pub fn gpu(&self, name: &str, gpu: usize) -> Option<f64> {
+        self.get(name, &[("gpu", &gpu.to_string())])
+    }
+
+    pub fn series(&self, name: &str) -> &[(Labels, f64)] {
+        self.samples.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// Milliseconds on the scenario's timeline at `at`.
+pub fn timeline_ms(scenario: &Scenario, at: Instant) -> u64 {
+    let now_ms = scenario.now_ms();
+    let back = Instant::now().saturating_duration_since(at).as_millis() as u64;
+    now_ms.saturating_sub(back)
+}
