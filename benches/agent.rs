@@ -3,7 +3,8 @@
 //! 1. The cost of one `/metrics` render for 8 GPUs, in process.
 //! 2. The real release binary on the fake NVML library with 8 GPUs at 1 Hz for
 //!    `COMMITMETER_BENCH_SECS` (default 60) seconds, scraped every 15 s like
-//!    Prometheus would: RSS (current and peak) and CPU time from /proc.
+//!    Prometheus would: RSS (current and peak) from /proc/PID/status and CPU
+//!    time of all threads from /proc/PID/task/*/schedstat (nanoseconds).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -65,12 +66,13 @@ fn proc_field(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+/// CPU time of every thread of `pid`, in nanoseconds (schedstat's first field).
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn run_agent() {
@@ -92,13 +94,13 @@ fn run_agent() {
         &sc,
         AgentOpts {
             interval: "1s",
-            extra_args: vec!["--log.level=info".into()],
+            log_level: "info",
             ..AgentOpts::default()
         },
     );
     agent.wait_ready(Duration::from_secs(30));
     let pid = agent.child.id();
-    let ticks0 = cpu_ticks(pid);
+    let cpu0 = cpu_ns(pid);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(
@@ -107,14 +109,13 @@ fn run_agent() {
         let _ = agent.get("/metrics");
     }
     let wall = start.elapsed().as_secs_f64();
-    let ticks = cpu_ticks(pid) - ticks0;
-    let hz = 100.0; // USER_HZ on Linux
+    let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
     let m = agent.metrics();
     println!(
-        "agent: 8 fake GPUs at 1 Hz for {wall:.0} s, {} rounds: CPU {:.3}% of one core ({} ticks), RSS {} kB, peak RSS {} kB",
+        "agent: 8 fake GPUs at 1 Hz for {wall:.0} s, {} rounds: CPU {:.3}% of one core ({:.3} s), RSS {} kB, peak RSS {} kB",
         m.get("commitmeter_agent_polls_total", &[]).unwrap_or(0.0),
-        ticks as f64 / hz / wall * 100.0,
-        ticks,
+        cpu / wall * 100.0,
+        cpu,
         proc_field(pid, "VmRSS:"),
         proc_field(pid, "VmHWM:"),
     );

@@ -77,6 +77,7 @@ pub struct AgentOpts<'a> {
     pub interval: &'a str,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    pub log_level: &'a str,
 }
 
 impl Default for AgentOpts<'_> {
@@ -86,6 +87,7 @@ impl Default for AgentOpts<'_> {
             interval: "500ms",
             extra_args: vec![],
             env: vec![],
+            log_level: "debug",
         }
     }
 }
@@ -99,7 +101,7 @@ impl Agent {
         cmd.arg("agent")
             .arg("--web.listen-address=127.0.0.1:0")
             .arg(format!("--sample.interval={}", opts.interval))
-            .arg("--log.level=debug")
+            .arg(format!("--log.level={}", opts.log_level))
             .args(&opts.extra_args)
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .stdout(Stdio::null())

@@ -1,0 +1,675 @@
+//! The scripted timeline a test hands to the fake driver, and the ground truth
+//! derived from it.
+//!
+//! The fake library answers every NVML call from these same functions, so what
+//! an agent measures through NVML can be compared exactly with what the
+//! scenario says happened. All times are milliseconds relative to the
+//! scenario's timeline zero ([`Scenario::start_unix_ms`]).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Environment variable holding the path of the scenario JSON file.
+pub const ENV_VAR: &str = "FAKE_NVML_SCENARIO";
+
+/// Offset of sample timestamps (µs). Deliberately not Unix time: a sample
+/// timestamp is only a cursor, and agents must not treat it as a clock.
+pub const SAMPLE_TIMESTAMP_BASE_US: u64 = 1_000_000_000_000;
+
+/// Marketing name of a GPU whose `name` is left empty.
+pub const DEFAULT_GPU_NAME: &str = "NVIDIA H100 80GB HBM3";
+
+/// Capability names accepted in [`Gpu::unsupported`].
+pub mod cap {
+    pub const SAMPLES: &str = "samples";
+    pub const UTILIZATION: &str = "utilization";
+    pub const MEMORY: &str = "memory";
+    pub const POWER: &str = "power";
+    pub const POWER_LIMIT: &str = "power_limit";
+    pub const ENERGY: &str = "energy";
+    pub const TEMPERATURE: &str = "temperature";
+    pub const CLOCK: &str = "clock";
+    pub const PROCESSES: &str = "processes";
+    pub const PCI: &str = "pci";
+    pub const EVENTS: &str = "events";
+    /// Every name above, to validate scenarios.
+    pub const ALL: [&str; 11] = [
+        SAMPLES,
+        UTILIZATION,
+        MEMORY,
+        POWER,
+        POWER_LIMIT,
+        ENERGY,
+        TEMPERATURE,
+        CLOCK,
+        PROCESSES,
+        PCI,
+        EVENTS,
+    ];
+}
+
+/// A whole machine: its driver's life and its GPUs.
+///
+/// Unknown JSON fields are rejected so that a typo fails loudly (`nvmlInit_v2`
+/// then returns `NVML_ERROR_UNKNOWN`) instead of being silently ignored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Timeline zero in ms since the Unix epoch; `None` = when the fake loads
+    /// the scenario.
+    pub start_unix_ms: Option<u64>,
+    /// Driver utilization sample period (0 is treated as 1).
+    pub sample_period_ms: u64,
+    /// How many recent samples the driver keeps.
+    pub ring: usize,
+    /// `nvmlInit_v2` answers `NVML_ERROR_DRIVER_NOT_LOADED` before this.
+    pub init_fail_until_ms: u64,
+    /// Driver reloads, as `[from, to)` windows.
+    pub driver_down: Vec<[u64; 2]>,
+    pub gpus: Vec<Gpu>,
+}
+
+impl Default for Scenario {
+    /// Two GPUs at a constant 50%, one process each.
+    fn default() -> Self {
+        Self {
+            start_unix_ms: None,
+            sample_period_ms: 100,
+            ring: 120,
+            init_fail_until_ms: 0,
+            driver_down: Vec::new(),
+            gpus: vec![Gpu::default(), Gpu::default()],
+        }
+    }
+}
+
+/// One GPU's script. Empty `uuid` / `pci_bus_id` get per-index defaults
+/// (see [`Scenario::uuid`], [`Scenario::pci_bus_id`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gpu {
+    pub uuid: String,
+    pub name: String,
+    pub pci_bus_id: String,
+    /// Step function `[from_ms, percent]`; 0 before the first step.
+    pub util: Vec<[u64; 2]>,
+    /// Step function `[from_ms, count]` of compute processes; 0 before the first step.
+    pub processes: Vec<[u64; 2]>,
+    /// From then on the GPU answers `NVML_ERROR_GPU_IS_LOST`.
+    pub lost_at_ms: Option<u64>,
+    /// Capabilities answering `NVML_ERROR_NOT_SUPPORTED`, see [`cap`].
+    pub unsupported: Vec<String>,
+    /// No samples are produced for periods with zero busy time, like real drivers.
+    pub samples_dry_when_idle: bool,
+    pub power_mw: u32,
+    pub power_limit_mw: u32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub temperature_c: u32,
+    pub sm_clock_mhz: u32,
+    /// Energy counter at t = 0 (mJ).
+    pub energy_start_mj: u64,
+    /// The energy counter restarts from 0 at this time.
+    pub energy_reset_at_ms: Option<u64>,
+    /// `[at_ms, xid_code]` critical XID events.
+    pub xids: Vec<[u64; 2]>,
+}
+
+impl Default for Gpu {
+    fn default() -> Self {
+        Self {
+            uuid: String::new(),
+            name: DEFAULT_GPU_NAME.to_owned(),
+            pci_bus_id: String::new(),
+            util: vec![[0, 50]],
+            processes: vec![[0, 1]],
+            lost_at_ms: None,
+            unsupported: Vec::new(),
+            samples_dry_when_idle: false,
+            power_mw: 300_000,
+            power_limit_mw: 700_000,
+            memory_total_bytes: 85_899_345_920,
+            memory_used_bytes: 1_073_741_824,
+            temperature_c: 40,
+            sm_clock_mhz: 1980,
+            energy_start_mj: 0,
+            energy_reset_at_ms: None,
+            xids: Vec::new(),
+        }
+    }
+}
+
+impl Gpu {
+    /// A default GPU running at a constant `percent`.
+    pub fn at_util(percent: u64) -> Self {
+        Self {
+            util: vec![[0, percent]],
+            ..Self::default()
+        }
+    }
+
+    /// Whether `capability` (one of [`cap`]) answers normally.
+    pub fn supports(&self, capability: &str) -> bool {
+        !self.unsupported.iter().any(|c| c == capability)
+    }
+}
+
+/// One utilization sample as the driver would report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverSample {
+    /// End of the sample's period, ms on the timeline.
+    pub t_ms: u64,
+    /// What `nvmlDeviceGetSamples` reports: [`sample_timestamp_us`] of `t_ms`.
+    pub timestamp_us: u64,
+    /// Average utilization (percent) over `(t_ms - period, t_ms]`.
+    pub value: u32,
+}
+
+/// A critical XID event the driver can deliver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XidEvent {
+    pub at_ms: u64,
+    pub gpu: usize,
+    pub code: u64,
+}
+
+/// Sample timestamp (µs) of a sample ending at `t_ms`.
+pub const fn sample_timestamp_us(t_ms: u64) -> u64 {
+    SAMPLE_TIMESTAMP_BASE_US + t_ms * 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stretch of time over which everything about one GPU is constant.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    start: u64,
+    /// Exclusive; `u64::MAX` for the last one.
+    end: u64,
+    util: u64,
+    procs: u64,
+    present: bool,
+}
+
+impl Segment {
+    /// Utilization that counts as delivered work (none while absent).
+    fn busy_pct(&self) -> u64 {
+        if self.present {
+            self.util
+        } else {
+            0
+        }
+    }
+}
+
+/// Value of a `[from, value]` step function at `t`: the step with the
+/// greatest `from <= t` (the later one on ties), 0 before any step.
+fn step_at(steps: &[[u64; 2]], t: u64) -> u64 {
+    let mut best: Option<[u64; 2]> = None;
+    for &s in steps {
+        if s[0] <= t && best.is_none_or(|b| s[0] >= b[0]) {
+            best = Some(s);
+        }
+    }
+    best.map_or(0, |s| s[1])
+}
+
+impl Scenario {
+    /// Parses a scenario and checks the capability names.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let scenario: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        for (i, gpu) in scenario.gpus.iter().enumerate() {
+            if let Some(bad) = gpu
+                .unsupported
+                .iter()
+                .find(|c| !cap::ALL.contains(&c.as_str()))
+            {
+                return Err(format!("gpus[{i}].unsupported: unknown capability {bad:?}"));
+            }
+        }
+        Ok(scenario)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Writes the scenario to a fresh file under the temp dir (named after
+    /// `tag`, the process id and a counter) and returns its path.
+    pub fn write_temp(&self, tag: &str) -> std::io::Result<PathBuf> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "fake-nvml-{tag}-{}-{n}-{}.json",
+            std::process::id(),
+            unix_now_ms()
+        ));
+        std::fs::write(&path, self.to_json())?;
+        Ok(path)
+    }
+
+    /// Sets timeline zero to now, so a test and the fake agree on it.
+    pub fn with_start_now(mut self) -> Self {
+        self.start_unix_ms = Some(unix_now_ms());
+        self
+    }
+
+    /// Milliseconds since timeline zero (0 before it, and 0 when
+    /// `start_unix_ms` is `None`: only the fake knows when it loaded the file).
+    pub fn now_ms(&self) -> u64 {
+        self.start_unix_ms
+            .map_or(0, |start| unix_now_ms().saturating_sub(start))
+    }
+
+    /// The sample period actually used (never 0).
+    pub fn period_ms(&self) -> u64 {
+        self.sample_period_ms.max(1)
+    }
+
+    /// UUID of GPU `gpu`, defaulted from its index when empty.
+    pub fn uuid(&self, gpu: usize) -> String {
+        match self.gpus.get(gpu) {
+            Some(g) if !g.uuid.is_empty() => g.uuid.clone(),
+            _ => format!("GPU-00000000-0000-0000-0000-{gpu:012x}"),
+        }
+    }
+
+    /// PCI bus id of GPU `gpu`, defaulted from its index when empty.
+    pub fn pci_bus_id(&self, gpu: usize) -> String {
+        match self.gpus.get(gpu) {
+            Some(g) if !g.pci_bus_id.is_empty() => g.pci_bus_id.clone(),
+            _ => format!("00000000:{:02X}:00.0", gpu + 0x17),
+        }
+    }
+
+    /// Whether `t` falls in a `driver_down` window.
+    pub fn driver_down_at(&self, t_ms: u64) -> bool {
+        self.driver_down.iter().any(|w| w[0] <= t_ms && t_ms < w[1])
+    }
+
+    /// How many `driver_down` windows have begun by `t` (a driver "generation").
+    pub fn reloads_begun(&self, t_ms: u64) -> usize {
+        self.driver_down.iter().filter(|w| w[0] <= t_ms).count()
+    }
+
+    /// Whether GPU `gpu` has been lost by `t`.
+    pub fn lost_at(&self, gpu: usize, t_ms: u64) -> bool {
+        self.gpus
+            .get(gpu)
+            .and_then(|g| g.lost_at_ms)
+            .is_some_and(|lost| t_ms >= lost)
+    }
+
+    /// Whether GPU `gpu` is usable at `t`: it exists, is not lost and the
+    /// driver is up.
+    pub fn present_at(&self, gpu: usize, t_ms: u64) -> bool {
+        gpu < self.gpus.len() && !self.lost_at(gpu, t_ms) && !self.driver_down_at(t_ms)
+    }
+
+    /// Scripted utilization (percent, capped at 100) at `t`, ignoring presence.
+    pub fn util_at(&self, gpu: usize, t_ms: u64) -> u32 {
+        self.gpus
+            .get(gpu)
+            .map_or(0, |g| step_at(&g.util, t_ms).min(100) as u32)
+    }
+
+    /// Scripted number of compute processes at `t`, ignoring presence.
+    pub fn processes_at(&self, gpu: usize, t_ms: u64) -> u64 {
+        self.gpus
+            .get(gpu)
+            .map_or(0, |g| step_at(&g.processes, t_ms))
+    }
+
+    /// Piecewise-constant description of GPU `gpu` over `[0, u64::MAX)`.
+    fn segments(&self, gpu: usize) -> Vec<Segment> {
+        let Some(g) = self.gpus.get(gpu) else {
+            return Vec::new();
+        };
+        let mut cuts: Vec<u64> = vec![0];
+        cuts.extend(g.util.iter().map(|s| s[0]));
+        cuts.extend(g.processes.iter().map(|s| s[0]));
+        cuts.extend(self.driver_down.iter().flatten().copied());
+        cuts.extend(g.lost_at_ms);
+        cuts.sort_unstable();
+        cuts.dedup();
+        let ends = cuts.iter().skip(1).copied().chain([u64::MAX]);
+        cuts.iter()
+            .zip(ends)
+            .map(|(&start, end)| Segment {
+                start,
+                end,
+                util: step_at(&g.util, start).min(100),
+                procs: step_at(&g.processes, start),
+                present: self.present_at(gpu, start),
+            })
+            .collect()
+    }
+
+    /// ∫ f(segment) dt over `[from, to)`, in (unit of f) × ms.
+    fn integrate(&self, gpu: usize, from: u64, to: u64, f: impl Fn(&Segment) -> u64) -> u128 {
+        self.segments(gpu)
+            .iter()
+            .map(|s| {
+                let overlap = to.min(s.end).saturating_sub(from.max(s.start));
+                u128::from(overlap) * u128::from(f(s))
+            })
+            .sum()
+    }
+
+    /// Delivered work over `[from, to)` in percent × ms (exact).
+    pub fn busy_pct_ms(&self, gpu: usize, from_ms: u64, to_ms: u64) -> u128 {
+        self.integrate(gpu, from_ms, to_ms, Segment::busy_pct)
+    }
+
+    /// ∫ util/100 dt over `[from, to)` while present, in seconds.
+    pub fn busy_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        self.busy_pct_ms(gpu, from_ms, to_ms) as f64 / 100_000.0
+    }
+
+    /// Present milliseconds in `[from, to)`.
+    pub fn present_ms(&self, gpu: usize, from_ms: u64, to_ms: u64) -> u64 {
+        self.integrate(gpu, from_ms, to_ms, |s| u64::from(s.present)) as u64
+    }
+
+    /// Seconds of `[from, to)` during which the GPU was present.
+    pub fn present_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        self.present_ms(gpu, from_ms, to_ms) as f64 / 1000.0
+    }
+
+    /// Seconds of `[from, to)` during which the GPU was present and had at
+    /// least one compute process.
+    pub fn allocated_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let ms = self.integrate(gpu, from_ms, to_ms, |s| u64::from(s.present && s.procs > 0));
+        ms as f64 / 1000.0
+    }
+
+    /// Energy drawn over `[from, to)`: constant power × present time, in J.
+    pub fn energy_joules(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let Some(g) = self.gpus.get(gpu) else {
+            return 0.0;
+        };
+        f64::from(g.power_mw) * self.present_ms(gpu, from_ms, to_ms) as f64 / 1_000_000.0
+    }
+
+    /// The driver's total-energy counter at `t` (mJ): `energy_start_mj` plus
+    /// what was drawn since 0, or only what was drawn since the reset once
+    /// `energy_reset_at_ms` has passed.
+    pub fn energy_counter_mj(&self, gpu: usize, t_ms: u64) -> u64 {
+        let Some(g) = self.gpus.get(gpu) else {
+            return 0;
+        };
+        let (base, since) = match g.energy_reset_at_ms {
+            Some(reset) if t_ms >= reset => (0, reset),
+            _ => (g.energy_start_mj, 0),
+        };
+        let drawn = u128::from(g.power_mw) * u128::from(self.present_ms(gpu, since, t_ms)) / 1000;
+        base.saturating_add(u64::try_from(drawn).unwrap_or(u64::MAX))
+    }
+
+    /// Every XID event the driver can deliver (those scripted while the GPU
+    /// was present), oldest first.
+    pub fn xid_events(&self) -> Vec<XidEvent> {
+        let mut events: Vec<XidEvent> = self
+            .gpus
+            .iter()
+            .enumerate()
+            .flat_map(|(gpu, g)| {
+                g.xids.iter().map(move |x| XidEvent {
+                    at_ms: x[0],
+                    gpu,
+                    code: x[1],
+                })
+            })
+            .filter(|e| self.present_at(e.gpu, e.at_ms))
+            .collect();
+        events.sort_by_key(|e| (e.at_ms, e.gpu));
+        events
+    }
+
+    /// Deliverable XID events with `code` on `gpu` in `[from, to)`.
+    pub fn xid_count(&self, gpu: usize, code: u64, from_ms: u64, to_ms: u64) -> u64 {
+        self.xid_events()
+            .iter()
+            .filter(|e| e.gpu == gpu && e.code == code && from_ms <= e.at_ms && e.at_ms < to_ms)
+            .count() as u64
+    }
+
+    /// Latest `s <= before` such that the GPU was busy just before `s`.
+    fn last_busy_end(&self, gpu: usize, before: u64) -> Option<u64> {
+        self.segments(gpu)
+            .iter()
+            .filter(|s| s.start < before && s.busy_pct() > 0)
+            .map(|s| s.end.min(before))
+            .max()
+    }
+
+    /// The samples the driver holds at `now` that are newer than
+    /// `after_timestamp_us`, oldest first.
+    ///
+    /// A sample ends at every `t_k = k × period` (k ≥ 1, `t_k <= now`) and
+    /// averages the busy time (as in [`Self::busy_pct_ms`]) over
+    /// `(t_{k-1}, t_k]`, rounded to the nearest percent; so summing
+    /// `value × period` gives [`Self::busy_seconds`], exactly when steps sit on
+    /// multiples of the period. No sample ends while the driver is down or
+    /// after the GPU was lost; none for idle periods when
+    /// `samples_dry_when_idle`. Only the newest `ring` are kept.
+    pub fn samples(&self, gpu: usize, now_ms: u64, after_timestamp_us: u64) -> Vec<DriverSample> {
+        let Some(g) = self.gpus.get(gpu) else {
+            return Vec::new();
+        };
+        let period = self.period_ms();
+        let last = g.lost_at_ms.map_or(now_ms, |lost| lost.min(now_ms));
+        let mut k = last / period;
+        let mut out = Vec::new();
+        while k >= 1 && out.len() < self.ring {
+            let t = k * period;
+            if sample_timestamp_us(t) <= after_timestamp_us {
+                break;
+            }
+            if let Some(w) = self.driver_down.iter().find(|w| w[0] <= t && t < w[1]) {
+                // Jump to the last period ending before the window.
+                k = w[0].saturating_sub(1) / period;
+                continue;
+            }
+            let busy = self.busy_pct_ms(gpu, t - period, t);
+            if busy == 0 && g.samples_dry_when_idle {
+                // Jump to the period holding the end of the last busy stretch.
+                match self.last_busy_end(gpu, t - period) {
+                    Some(s) => k = s.div_ceil(period),
+                    None => break,
+                }
+                continue;
+            }
+            let value = (busy + u128::from(period / 2)) / u128::from(period);
+            out.push(DriverSample {
+                t_ms: t,
+                timestamp_us: sample_timestamp_us(t),
+                value: value.min(100) as u32,
+            });
+            k -= 1;
+        }
+        out.reverse();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(gpu: Gpu) -> Scenario {
+        Scenario {
+            gpus: vec![gpu],
+            ..Scenario::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_json_roundtrip() {
+        let s = Scenario::default();
+        assert_eq!(s.gpus.len(), 2);
+        assert_eq!(s.util_at(1, 12_345), 50);
+        assert_eq!(s.uuid(0), "GPU-00000000-0000-0000-0000-000000000000");
+        assert_eq!(s.uuid(1), "GPU-00000000-0000-0000-0000-000000000001");
+        assert_eq!(s.pci_bus_id(1), "00000000:18:00.0");
+        let parsed = Scenario::from_json(&s.to_json()).unwrap();
+        assert_eq!(parsed, s);
+        // Omitted fields take their defaults.
+        let sparse = Scenario::from_json(r#"{"gpus":[{"util":[[0,70]]}]}"#).unwrap();
+        assert_eq!(sparse.sample_period_ms, 100);
+        assert_eq!(sparse.gpus[0].power_mw, 300_000);
+        assert_eq!(sparse.util_at(0, 5), 70);
+    }
+
+    #[test]
+    fn rejects_typos() {
+        assert!(Scenario::from_json(r#"{"gpus":[{"utilization":[[0,70]]}]}"#).is_err());
+        assert!(Scenario::from_json(r#"{"gpus":[{"unsupported":["powr"]}]}"#).is_err());
+        assert!(Scenario::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn step_functions() {
+        let s = one(Gpu {
+            util: vec![[1000, 80], [0, 20], [3000, 0]],
+            ..Gpu::default()
+        });
+        assert_eq!(s.util_at(0, 0), 20);
+        assert_eq!(s.util_at(0, 999), 20);
+        assert_eq!(s.util_at(0, 1000), 80);
+        assert_eq!(s.util_at(0, 5000), 0);
+        assert_eq!(s.util_at(7, 0), 0);
+        let late = one(Gpu {
+            util: vec![[500, 40]],
+            ..Gpu::default()
+        });
+        assert_eq!(late.util_at(0, 499), 0);
+    }
+
+    #[test]
+    fn busy_present_allocated() {
+        let s = Scenario {
+            driver_down: vec![[4000, 5000]],
+            gpus: vec![Gpu {
+                util: vec![[0, 50], [2000, 100]],
+                processes: vec![[0, 0], [1000, 2], [3000, 0]],
+                lost_at_ms: Some(8000),
+                ..Gpu::default()
+            }],
+            ..Scenario::default()
+        };
+        // 2 s at 50% + 2 s at 100% (2000..4000) + 3 s at 100% (5000..8000).
+        assert!((s.busy_seconds(0, 0, 10_000) - 6.0).abs() < 1e-9);
+        assert!((s.present_seconds(0, 0, 10_000) - 7.0).abs() < 1e-9);
+        assert!((s.allocated_seconds(0, 0, 10_000) - 2.0).abs() < 1e-9);
+        assert!((s.busy_seconds(0, 1500, 2500) - 0.75).abs() < 1e-9);
+        assert!((s.energy_joules(0, 0, 10_000) - 2100.0).abs() < 1e-9);
+        assert_eq!(s.present_seconds(3, 0, 10_000), 0.0);
+        assert!(!s.present_at(0, 4500));
+        assert!(s.present_at(0, 5000));
+        assert!(!s.present_at(0, 8000));
+        assert_eq!(s.reloads_begun(3999), 0);
+        assert_eq!(s.reloads_begun(4000), 1);
+    }
+
+    #[test]
+    fn energy_counter() {
+        let s = one(Gpu {
+            power_mw: 200_000,
+            energy_start_mj: 5_000,
+            energy_reset_at_ms: Some(10_000),
+            ..Gpu::default()
+        });
+        assert_eq!(s.energy_counter_mj(0, 0), 5_000);
+        assert_eq!(s.energy_counter_mj(0, 1000), 205_000);
+        assert_eq!(s.energy_counter_mj(0, 10_000), 0);
+        assert_eq!(s.energy_counter_mj(0, 10_500), 100_000);
+        assert!((s.energy_joules(0, 0, 10_500) - 2100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn xids() {
+        let s = Scenario {
+            driver_down: vec![[100, 200]],
+            gpus: vec![
+                Gpu {
+                    xids: vec![[50, 79], [150, 79], [300, 48], [900, 79]],
+                    lost_at_ms: Some(800),
+                    ..Gpu::default()
+                },
+                Gpu {
+                    xids: vec![[40, 13]],
+                    ..Gpu::default()
+                },
+            ],
+            ..Scenario::default()
+        };
+        // 150 falls in the driver-down window, 900 after the loss.
+        assert_eq!(s.xid_count(0, 79, 0, 1000), 1);
+        assert_eq!(s.xid_count(0, 48, 0, 1000), 1);
+        assert_eq!(s.xid_count(0, 48, 0, 300), 0);
+        let order: Vec<_> = s.xid_events().iter().map(|e| (e.gpu, e.code)).collect();
+        assert_eq!(order, vec![(1, 13), (0, 79), (0, 48)]);
+    }
+
+    #[test]
+    fn samples_sum_to_busy_time() {
+        let s = Scenario {
+            sample_period_ms: 100,
+            ring: 1000,
+            gpus: vec![Gpu {
+                util: vec![[0, 30], [1000, 90], [1550, 10]],
+                ..Gpu::default()
+            }],
+            ..Scenario::default()
+        };
+        let samples = s.samples(0, 3050, 0);
+        assert_eq!(samples.len(), 30);
+        assert_eq!(samples[0].t_ms, 100);
+        assert_eq!(samples[0].timestamp_us, SAMPLE_TIMESTAMP_BASE_US + 100_000);
+        assert_eq!(samples[0].value, 30);
+        assert_eq!(samples[15].value, 50); // (1500, 1600]: half 90, half 10
+        let sum: u64 = samples.iter().map(|x| u64::from(x.value) * 100).sum();
+        assert_eq!(sum as u128, s.busy_pct_ms(0, 0, 3000));
+        // The cursor hides what was already seen.
+        let newer = s.samples(0, 3050, samples[27].timestamp_us);
+        assert_eq!(newer, samples[28..].to_vec());
+        assert!(s.samples(0, 3050, samples[29].timestamp_us).is_empty());
+    }
+
+    #[test]
+    fn samples_ring_loss_down_and_dry() {
+        let mut s = Scenario {
+            sample_period_ms: 100,
+            ring: 5,
+            driver_down: vec![[1000, 1300]],
+            gpus: vec![Gpu {
+                util: vec![[0, 40], [2000, 0], [5000, 60]],
+                lost_at_ms: Some(6000),
+                ..Gpu::default()
+            }],
+            ..Scenario::default()
+        };
+        let ring: Vec<u64> = s.samples(0, 1450, 0).iter().map(|x| x.t_ms).collect();
+        // (1200, 1300] lies in the window but ends as the driver is back.
+        assert_eq!(ring, vec![700, 800, 900, 1300, 1400]);
+        let lost: Vec<u64> = s.samples(0, 9999, 0).iter().map(|x| x.t_ms).collect();
+        assert_eq!(lost, vec![5600, 5700, 5800, 5900, 6000]);
+        s.gpus[0].samples_dry_when_idle = true;
+        s.ring = 100;
+        let dry: Vec<u64> = s.samples(0, 5200, 0).iter().map(|x| x.t_ms).collect();
+        let mut expected: Vec<u64> = (1..=9).map(|k| k * 100).collect();
+        expected.extend((14..=20).map(|k| k * 100));
+        expected.extend([5100, 5200]);
+        assert_eq!(dry, expected);
+        s.ring = 0;
+        assert!(s.samples(0, 5200, 0).is_empty());
+    }
+}
