@@ -44,16 +44,16 @@ fn eight_gpus() -> Scenario {
         gpus,
         ..Scenario::default()
     }
-    .with_start_now()
 }
 
 #[test]
 fn eight_gpus_match_ground_truth_and_a_lost_gpu_stops_accruing() {
-    let sc = eight_gpus();
-    let agent = Agent::start(&sc, AgentOpts::default());
-    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(20)));
-    // Run well past the loss and the steps.
-    std::thread::sleep(Duration::from_millis(7_000u64.saturating_sub(sc.now_ms())));
+    let agent = Agent::start(&eight_gpus(), AgentOpts::default());
+    let sc = &agent.sc;
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(20)));
+    // Run well past the loss and the steps, and long enough to measure.
+    let until = 7_000.max(ready + 5_000);
+    std::thread::sleep(Duration::from_millis(until.saturating_sub(sc.now_ms())));
     let m = agent.metrics();
     let end = sc.now_ms();
 
@@ -255,12 +255,12 @@ fn init_failure_then_driver_reload_recovers_without_losing_counts() {
         driver_down: vec![[4_000, 5_500]],
         gpus: vec![Gpu::at_util(40)],
         ..Scenario::default()
-    }
-    .with_start_now();
+    };
     let agent = Agent::start(&sc, AgentOpts::default());
+    let sc = &agent.sc;
     let m = agent.metrics();
     assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(0.0));
-    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(10)));
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(10)));
     assert!(ready >= 1_500);
     let before = agent.wait_for(Duration::from_secs(5), "the driver reload", |m| {
         m.get("commitmeter_nvml_up", &[]) == Some(0.0)
@@ -306,8 +306,7 @@ fn old_driver_without_samples_or_energy_falls_back_and_omits() {
     let sc = Scenario {
         gpus: vec![Gpu::at_util(30), Gpu::at_util(90)],
         ..Scenario::default()
-    }
-    .with_start_now();
+    };
     let agent = Agent::start(
         &sc,
         AgentOpts {
@@ -315,7 +314,8 @@ fn old_driver_without_samples_or_energy_falls_back_and_omits() {
             ..AgentOpts::default()
         },
     );
-    let ready = timeline_ms(&sc, agent.wait_ready(Duration::from_secs(20)));
+    let sc = &agent.sc;
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(20)));
     std::thread::sleep(Duration::from_millis(2_500));
     let m = agent.metrics();
     let end = sc.now_ms();
@@ -353,8 +353,7 @@ fn unsupported_capabilities_per_gpu_are_left_out() {
             ..Gpu::at_util(70)
         }],
         ..Scenario::default()
-    }
-    .with_start_now();
+    };
     let agent = Agent::start(&sc, AgentOpts::default());
     agent.wait_ready(Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(1_200));
@@ -379,7 +378,7 @@ fn default_lookup_uses_the_dynamic_loader_path() {
     let dir = TempDir::new("ldpath");
     std::os::unix::fs::symlink(fake_library("nvidia_ml"), dir.path("libnvidia-ml.so.1")).unwrap();
     let agent = Agent::start(
-        &Scenario::default().with_start_now(),
+        &Scenario::default(),
         AgentOpts {
             library: None,
             env: vec![("LD_LIBRARY_PATH".into(), dir.0.display().to_string())],
@@ -402,7 +401,7 @@ fn host_labels_and_http_edges() {
     )
     .unwrap();
     let agent = Agent::start(
-        &Scenario::default().with_start_now(),
+        &Scenario::default(),
         AgentOpts {
             extra_args: vec![format!("--config.file={}", cfg.display())],
             ..AgentOpts::default()
@@ -485,7 +484,7 @@ fn config_mistakes_exit_non_zero_before_serving() {
 
 #[test]
 fn sigterm_stops_cleanly() {
-    let agent = Agent::start(&Scenario::default().with_start_now(), AgentOpts::default());
+    let agent = Agent::start(&Scenario::default(), AgentOpts::default());
     agent.wait_ready(Duration::from_secs(20));
     let mut agent = agent;
     let pid = agent.child.id().to_string();

@@ -66,6 +66,8 @@ impl Drop for TempDir {
 
 /// A running `commitmeter agent`, killed on drop.
 pub struct Agent {
+    /// The scenario as the fake runs it: its timeline starts when the agent is spawned.
+    pub sc: Scenario,
     pub child: Child,
     pub addr: String,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -93,10 +95,13 @@ impl Default for AgentOpts<'_> {
 }
 
 impl Agent {
+    /// Starts the agent; the scenario's timeline zero is set to now, after any build
+    /// of the fake library, so a slow machine does not eat into the script.
     pub fn start(scenario: &Scenario, opts: AgentOpts<'_>) -> Agent {
         let dir = TempDir::new("agent");
         let scenario_path = dir.path("scenario.json");
-        std::fs::write(&scenario_path, serde_json::to_string(scenario).unwrap()).unwrap();
+        let sc = scenario.clone().with_start_now();
+        std::fs::write(&scenario_path, serde_json::to_string(&sc).unwrap()).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("agent")
             .arg("--web.listen-address=127.0.0.1:0")
@@ -115,6 +120,7 @@ impl Agent {
         let mut child = cmd.spawn().expect("start commitmeter agent");
         let (addr, log) = follow_log(&mut child);
         Agent {
+            sc,
             child,
             addr,
             log,
