@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod cli;
 pub mod http;
+pub mod ledger;
 pub mod logging;
