@@ -1,0 +1,703 @@
+//! The aggregator's TOML config: parsing and validation, all of it at load time.
+//!
+//! See `examples/aggregator.toml` for a commented example. Every mistake becomes a
+//! [`ConfigError`] naming the file, the contract (by id, or by index when the id itself is the
+//! problem) and the field; TOML syntax and type errors (including unknown keys, at any level)
+//! name the file, line and column instead.
+//!
+//! A config without `[[contracts]]` is valid: the aggregator then scrapes and reports
+//! delivery and usage, but nothing is committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use super::calendar::{self, TimeSpec};
+use super::selector::{regex_error, Selector};
+use super::{assign, target_labels, Contract, UsageSignal};
+
+/// Defaults of the `[aggregator]` table.
+pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+/// Default scrape timeout (capped at the scrape interval when that is shorter, like Prometheus).
+pub const DEFAULT_SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time after its end at which a ledger minute is sealed.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
+/// Default cap on a scraped body: 16 MiB.
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 16 << 20;
+
+/// The validated aggregator config.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    pub scrape_interval: Duration,
+    /// Never longer than `scrape_interval`.
+    pub scrape_timeout: Duration,
+    /// A ledger minute seals this long after it ends (may be zero).
+    pub grace: Duration,
+    /// Cap on a scraped body, > 0.
+    pub body_limit_bytes: usize,
+    /// `[[targets]]`, in file order. Addresses are unique across all groups.
+    pub static_targets: Vec<TargetGroup>,
+    /// `[[file_sd]]`, in file order.
+    pub file_sd: Vec<FileSd>,
+    /// `[[contracts]]`, in file order; ids are unique, and no static target is matched by two.
+    pub contracts: Vec<Contract>,
+}
+
+/// What an empty file gives: defaults, no targets, no contracts.
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            scrape_interval: DEFAULT_SCRAPE_INTERVAL,
+            scrape_timeout: DEFAULT_SCRAPE_TIMEOUT,
+            grace: DEFAULT_GRACE,
+            body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
+            static_targets: Vec::new(),
+            file_sd: Vec::new(),
+            contracts: Vec::new(),
+        }
+    }
+}
+
+/// One `[[targets]]` group: `host:port` addresses and the labels they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetGroup {
+    pub targets: Vec<String>,
+    /// Valid Prometheus label names, none starting with `__`, no `instance` (the aggregator
+    /// sets `instance` to the target address; see [`target_labels`](super::target_labels)).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One `[[file_sd]]` entry: glob patterns of Prometheus file_sd JSON files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSd {
+    /// Valid glob patterns (checked with `glob::Pattern`), non-empty list.
+    pub files: Vec<String>,
+}
+
+/// Which contract a [`ConfigError::Contract`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContractRef {
+    /// Displayed as `contract "acme-h100-east"`.
+    Id(String),
+    /// Displayed as `contracts[2]`: used when the id itself is missing, malformed or duplicate.
+    Index(usize),
+}
+
+impl fmt::Display for ContractRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContractRef::Id(id) => write!(f, "contract {id:?}"),
+            ContractRef::Index(i) => write!(f, "contracts[{i}]"),
+        }
+    }
+}
+
+/// Why a config was rejected. Display is one line:
+///
+/// - `aggregator.toml: cannot read config file: No such file or directory (os error 2)`
+/// - `aggregator.toml:12:9: invalid type: integer `5`, expected a string` (TOML syntax, types,
+///   unknown or missing keys: line and column from the TOML parser)
+/// - `aggregator.toml: aggregator.scrape_timeout: 20s must be <= scrape_interval (15s)`
+/// - `aggregator.toml: contract "acme-h100-east": ramp[1].gpus: must be >= 0, got -5`
+/// - `aggregator.toml: contracts[2]: id: duplicate contract id "acme" (also contracts[0])`
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}{location}: {message}")]
+    Syntax {
+        path: PathBuf,
+        /// `:line:column`, or empty when the TOML error has no position.
+        location: String,
+        message: String,
+    },
+    /// A mistake outside `[[contracts]]`; `field` is e.g. `aggregator.scrape_timeout`,
+    /// `targets[0].targets[1]`, `file_sd[0].files`.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// A mistake in one contract; `field` is e.g. `currency`, `ramp[1].until`.
+    #[error("{path}: {contract}: {field}: {message}")]
+    Contract {
+        path: PathBuf,
+        contract: ContractRef,
+        field: String,
+        message: String,
+    },
+}
+
+/// Reads the file, then [`parse`]s it.
+pub fn load(path: &Path) -> Result<AggregatorConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates a config; `path` is only used in error messages.
+pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| syntax_error(path, text, &e))?;
+    let invalid = |field: String, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field,
+        message,
+    };
+
+    // [aggregator]
+    let agg = raw.aggregator.unwrap_or_default();
+    let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|m| invalid(format!("aggregator.{key}"), m)),
+    };
+    let scrape_interval = duration(
+        "scrape_interval",
+        &agg.scrape_interval,
+        DEFAULT_SCRAPE_INTERVAL,
+    )?;
+    if scrape_interval.is_zero() {
+        return Err(invalid(
+            "aggregator.scrape_interval".into(),
+            "must be > 0".into(),
+        ));
+    }
+    let scrape_timeout = match &agg.scrape_timeout {
+        None => DEFAULT_SCRAPE_TIMEOUT.min(scrape_interval),
+        Some(_) => duration(
+            "scrape_timeout",
+            &agg.scrape_timeout,
+            DEFAULT_SCRAPE_TIMEOUT,
+        )?,
+    };
+    if scrape_timeout.is_zero() {
+        return Err(invalid(
+            "aggregator.scrape_timeout".into(),
+            "must be > 0".into(),
+        ));
+    }
+    if scrape_timeout > scrape_interval {
+        return Err(invalid(
+            "aggregator.scrape_timeout".into(),
+            format!(
+                "{} must be <= scrape_interval ({})",
+                show(agg.scrape_timeout.as_deref(), scrape_timeout),
+                show(agg.scrape_interval.as_deref(), scrape_interval)
+            ),
+        ));
+    }
+    let grace = duration("grace", &agg.grace, DEFAULT_GRACE)?;
+    let body_limit_bytes = match agg.body_limit_bytes {
+        None => DEFAULT_BODY_LIMIT_BYTES,
+        Some(n) => match usize::try_from(n) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(invalid(
+                    "aggregator.body_limit_bytes".into(),
+                    format!("must be > 0, got {n}"),
+                ))
+            }
+        },
+    };
+
+    // [[targets]]
+    let mut seen_targets: HashMap<String, String> = HashMap::new();
+    let mut static_targets = Vec::with_capacity(raw.targets.len());
+    for (g, group) in raw.targets.into_iter().enumerate() {
+        if group.targets.is_empty() {
+            return Err(invalid(
+                format!("targets[{g}].targets"),
+                "must not be empty".into(),
+            ));
+        }
+        for (i, target) in group.targets.iter().enumerate() {
+            let field = format!("targets[{g}].targets[{i}]");
+            if !is_host_port(target) {
+                return Err(invalid(
+                    field,
+                    format!("{target:?} is not host:port with a numeric port"),
+                ));
+            }
+            if let Some(first) = seen_targets.get(&target.to_ascii_lowercase()) {
+                return Err(invalid(
+                    field,
+                    format!("duplicate target {target:?} (also {first})"),
+                ));
+            }
+            seen_targets.insert(target.to_ascii_lowercase(), field);
+        }
+        for name in group.labels.keys() {
+            if let Err(m) = check_label_name(name) {
+                return Err(invalid(format!("targets[{g}].labels"), m));
+            }
+        }
+        static_targets.push(TargetGroup {
+            targets: group.targets,
+            labels: group.labels,
+        });
+    }
+
+    // [[file_sd]]
+    let mut file_sd = Vec::with_capacity(raw.file_sd.len());
+    for (n, sd) in raw.file_sd.into_iter().enumerate() {
+        if sd.files.is_empty() {
+            return Err(invalid(
+                format!("file_sd[{n}].files"),
+                "must not be empty".into(),
+            ));
+        }
+        for (i, pattern) in sd.files.iter().enumerate() {
+            let field = format!("file_sd[{n}].files[{i}]");
+            if pattern.trim().is_empty() {
+                return Err(invalid(field, "must not be empty".into()));
+            }
+            if let Err(e) = glob::Pattern::new(pattern) {
+                return Err(invalid(
+                    field,
+                    format!("invalid glob pattern {pattern:?}: {}", e.msg),
+                ));
+            }
+        }
+        file_sd.push(FileSd { files: sd.files });
+    }
+
+    // [[contracts]]
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut contracts = Vec::with_capacity(raw.contracts.len());
+    for (n, rc) in raw.contracts.into_iter().enumerate() {
+        let id_error = |message: String| ConfigError::Contract {
+            path: path.to_path_buf(),
+            contract: ContractRef::Index(n),
+            field: "id".into(),
+            message,
+        };
+        if rc.id.is_empty() {
+            return Err(id_error("must not be empty".into()));
+        }
+        if !rc
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(id_error(format!(
+                "{:?} is not a valid contract id (letters, digits, \"_\", \".\" and \"-\" only)",
+                rc.id
+            )));
+        }
+        if let Some(first) = ids.get(&rc.id) {
+            return Err(id_error(format!(
+                "duplicate contract id {:?} (also contracts[{first}])",
+                rc.id
+            )));
+        }
+        ids.insert(rc.id.clone(), n);
+        let id = rc.id.clone();
+        let contract = build_contract(rc).map_err(|(field, message)| ConfigError::Contract {
+            path: path.to_path_buf(),
+            contract: ContractRef::Id(id),
+            field,
+            message,
+        })?;
+        contracts.push(contract);
+    }
+
+    // A static target may belong to one contract only.
+    for (g, group) in static_targets.iter().enumerate() {
+        for (i, target) in group.targets.iter().enumerate() {
+            let labels = target_labels(target, &group.labels);
+            if let Err(m) = assign(&contracts, target, &labels) {
+                return Err(invalid(format!("targets[{g}].targets[{i}]"), m));
+            }
+        }
+    }
+
+    Ok(AggregatorConfig {
+        scrape_interval,
+        scrape_timeout,
+        grace,
+        body_limit_bytes,
+        static_targets,
+        file_sd,
+        contracts,
+    })
+}
+
+/// A duration as the user wrote it, or as the default, for messages.
+fn show(raw: Option<&str>, value: Duration) -> String {
+    match raw {
+        Some(s) => s.to_string(),
+        None => format!("{}ms (the default)", value.as_millis()),
+    }
+}
+
+/// Validates one contract whose id is already checked; errors are `(field, message)`.
+fn build_contract(rc: RawContract) -> Result<Contract, (String, String)> {
+    let err = |field: &str, message: String| (field.to_string(), message);
+
+    if rc.provider.trim().is_empty() {
+        return Err(err("provider", "must not be empty".into()));
+    }
+    let model = match &rc.model {
+        None => None,
+        Some(m) if m.is_empty() => {
+            return Err(err(
+                "model",
+                "must not be empty (leave it out to count every GPU model)".into(),
+            ))
+        }
+        Some(m) => Some(
+            Regex::new(m)
+                .map_err(|e| err("model", format!("invalid regex {m:?}: {}", regex_error(&e))))?,
+        ),
+    };
+    if !(rc.price_per_gpu_hour.is_finite() && rc.price_per_gpu_hour >= 0.0) {
+        return Err(err(
+            "price_per_gpu_hour",
+            format!(
+                "must be a finite number >= 0, got {}",
+                rc.price_per_gpu_hour
+            ),
+        ));
+    }
+    if !(rc.currency.len() == 3 && rc.currency.bytes().all(|b| b.is_ascii_uppercase())) {
+        return Err(err(
+            "currency",
+            format!(
+                "{:?} must be 3 uppercase letters (ISO 4217, e.g. \"USD\")",
+                rc.currency
+            ),
+        ));
+    }
+    let target_utilization = rc.target_utilization.unwrap_or(0.95);
+    if !(target_utilization > 0.0 && target_utilization <= 1.0) {
+        return Err(err(
+            "target_utilization",
+            format!("must be in (0, 1], got {target_utilization}"),
+        ));
+    }
+    let tz_name = rc.timezone.as_deref().unwrap_or("UTC");
+    let (tz, timezone_name) = calendar::time_zone(tz_name).map_err(|m| err("timezone", m))?;
+    let anchor_day = rc.billing_anchor_day.unwrap_or(1);
+    if !(1..=31).contains(&anchor_day) {
+        return Err(err(
+            "billing_anchor_day",
+            format!("must be between 1 and 31, got {anchor_day}"),
+        ));
+    }
+    let anchor_day = anchor_day as i8;
+
+    let spec =
+        |field: &str, raw: &RawTime| calendar::parse_time_spec(&raw.0).map_err(|m| err(field, m));
+    let start_spec = spec("start", &rc.start)?;
+    let start_ms = calendar::resolve(&tz, start_spec).map_err(|m| err("start", m))?;
+    let end_ms = match &rc.end {
+        None => None,
+        Some(raw) => {
+            let end_spec = spec("end", raw)?;
+            let end = calendar::resolve_end(&tz, end_spec).map_err(|m| err("end", m))?;
+            if end <= start_ms {
+                let what = if matches!(end_spec, TimeSpec::Date(_)) {
+                    " (an end date is inclusive)"
+                } else {
+                    ""
+                };
+                return Err(err(
+                    "end",
+                    format!("{:?} must be after start {:?}{what}", raw.0, rc.start.0),
+                ));
+            }
+            Some(end)
+        }
+    };
+
+    let selector = Selector::parse(&rc.selector).map_err(|m| err("selector", m))?;
+
+    if rc.ramp.is_empty() {
+        return Err(err(
+            "ramp",
+            "must not be empty (give at least one step, e.g. { from = \"2026-11-01\", gpus = 8 })"
+                .into(),
+        ));
+    }
+    // Resolve and check each step; then default every missing `until`.
+    let mut steps: Vec<(i64, Option<i64>, u64)> = Vec::with_capacity(rc.ramp.len());
+    for (i, step) in rc.ramp.iter().enumerate() {
+        let f = |name: &str| format!("ramp[{i}].{name}");
+        let from_spec = calendar::parse_time_spec(&step.from.0).map_err(|m| (f("from"), m))?;
+        let from = calendar::resolve(&tz, from_spec).map_err(|m| (f("from"), m))?;
+        let until = match &step.until {
+            None => None,
+            Some(raw) => {
+                let s = calendar::parse_time_spec(&raw.0).map_err(|m| (f("until"), m))?;
+                Some(calendar::resolve(&tz, s).map_err(|m| (f("until"), m))?)
+            }
+        };
+        let gpus = u64::try_from(step.gpus)
+            .map_err(|_| (f("gpus"), format!("must be >= 0, got {}", step.gpus)))?;
+        if let (Some(u), Some(raw)) = (until, &step.until) {
+            if u <= from {
+                return Err((
+                    f("until"),
+                    format!("{:?} must be after ramp[{i}].from {:?}", raw.0, step.from.0),
+                ));
+            }
+        }
+        if i > 0 {
+            let prev = &rc.ramp[i - 1];
+            let (prev_from, prev_until, _) = steps[i - 1];
+            if from <= prev_from {
+                return Err((
+                    f("from"),
+                    format!(
+                        "{:?} must be after ramp[{}].from {:?} (list steps in time order)",
+                        step.from.0,
+                        i - 1,
+                        prev.from.0
+                    ),
+                ));
+            }
+            if let (Some(pu), Some(raw)) = (prev_until, &prev.until) {
+                if pu > from {
+                    return Err((
+                        format!("ramp[{}].until", i - 1),
+                        format!(
+                            "{:?} is after ramp[{i}].from {:?}: steps must not overlap",
+                            raw.0, step.from.0
+                        ),
+                    ));
+                }
+            }
+        }
+        steps.push((from, until, gpus));
+    }
+    for i in 0..steps.len() {
+        if steps[i].1.is_none() {
+            steps[i].1 = steps.get(i + 1).map(|s| s.0).or(end_ms);
+        }
+    }
+    let ramp = calendar::clip_ramp(start_ms, end_ms, &steps);
+
+    Ok(Contract {
+        id: rc.id,
+        provider: rc.provider,
+        currency: rc.currency,
+        price_per_gpu_hour: rc.price_per_gpu_hour,
+        target_utilization,
+        usage_signal: match rc.usage_signal.unwrap_or(RawUsageSignal::Busy) {
+            RawUsageSignal::Busy => UsageSignal::Busy,
+            RawUsageSignal::Allocated => UsageSignal::Allocated,
+        },
+        timezone_name,
+        start_ms,
+        end_ms,
+        tz,
+        anchor_day,
+        ramp,
+        selector,
+        model,
+    })
+}
+
+/// `host:port` with a numeric port 1..=65535; the host is a DNS name / IPv4 address
+/// (`[A-Za-z0-9._-]+`) or a bracketed IPv6 address (`[::1]:9473`).
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    port_ok && host_ok
+}
+
+fn check_label_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        ));
+    }
+    if name.starts_with("__") {
+        return Err(format!(
+            "{name:?}: label names starting with \"__\" are reserved"
+        ));
+    }
+    if name == "instance" {
+        return Err(
+            "\"instance\" is reserved: the aggregator sets it to the target address".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Turns a toml error into "file:line:column: message" without the source excerpt.
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = e
+        .span()
+        .map(|span| {
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+                .chars()
+                .count()
+                + 1;
+            format!(":{line}:{col}")
+        })
+        .unwrap_or_default();
+    ConfigError::Syntax {
+        path: path.to_path_buf(),
+        location,
+        message: e.message().trim().replace('\n', " "),
+    }
+}
+
+/// Prometheus-style duration: `15s`, `500ms`, `1m30s`, `2h`, `0s` (units ms, s, m, h, d, w).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: expected e.g. 15s, 5m, 1m30s");
+    if s.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            "w" => Duration::from_secs(7 * 86_400),
+            _ => return Err(err()),
+        };
+        let part = unit
+            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+            .ok_or_else(err)?;
+        total = total.checked_add(part).ok_or_else(err)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+// ---- raw TOML shapes (every table denies unknown keys; no `flatten`) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    aggregator: Option<RawAggregator>,
+    #[serde(default)]
+    targets: Vec<RawTargetGroup>,
+    #[serde(default)]
+    file_sd: Vec<RawFileSd>,
+    #[serde(default)]
+    contracts: Vec<RawContract>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAggregator {
+    scrape_interval: Option<String>,
+    scrape_timeout: Option<String>,
+    grace: Option<String>,
+    body_limit_bytes: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetGroup {
+    targets: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSd {
+    files: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContract {
+    id: String,
+    provider: String,
+    model: Option<String>,
+    price_per_gpu_hour: f64,
+    currency: String,
+    target_utilization: Option<f64>,
+    timezone: Option<String>,
+    billing_anchor_day: Option<i64>,
+    start: RawTime,
+    end: Option<RawTime>,
+    usage_signal: Option<RawUsageSignal>,
+    selector: String,
+    ramp: Vec<RawStep>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawUsageSignal {
+    Busy,
+    Allocated,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    from: RawTime,
+    until: Option<RawTime>,
+    /// Signed, so a negative count reaches validation with a clear message.
+    gpus: i64,
+}
+
+/// A date or timestamp as written: a string, or a bare TOML date / offset date-time
+/// (`start = 2026-11-01` works as well as `start = "2026-11-01"`).
+struct RawTime(String);
+
+impl<'de> Deserialize<'de> for RawTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, Unexpected};
+        let expected = &"a date (\"YYYY-MM-DD\") or an RFC 3339 timestamp";
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(RawTime(s)),
+            toml::Value::Datetime(dt) => Ok(RawTime(dt.to_string())),
+            toml::Value::Integer(i) => Err(D::Error::invalid_type(Unexpected::Signed(i), expected)),
+            toml::Value::Float(f) => Err(D::Error::invalid_type(Unexpected::Float(f), expected)),
+            toml::Value::Boolean(b) => Err(D::Error::invalid_type(Unexpected::Bool(b), expected)),
+            toml::Value::Array(_) => Err(D::Error::invalid_type(Unexpected::Seq, expected)),
+            toml::Value::Table(_) => Err(D::Error::invalid_type(Unexpected::Map, expected)),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The contract model: the aggregator's TOML config and its validation, the billing calendar
+//! and ramps, and host selectors.
+//!
+//! Pure code: no I/O except reading the config file in [`load`], no clocks (times are passed
+//! in), no async. Times are `i64` milliseconds since the Unix epoch everywhere in this API;
+//! time zones, DST and calendar months are handled inside (with jiff's bundled tz database, so
+//! every host computes the same periods).
+//!
+//! # Which contract a target belongs to
+//!
+//! A target (an agent's `host:port`) is matched on its **target labels**: the labels of its
+//! `[[targets]]` group (or its file_sd entry) plus `instance` = the target address; build that
+//! map with [`target_labels`]. A contract's `selector` decides whether the target is the
+//! contract's; a target may belong to at most one contract ([`assign`]). The contract's
+//! optional `model` regex then filters GPUs on that host by the model name the agent reports.
+
+mod calendar;
+mod config;
+mod selector;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+
+pub use config::{
+    load, parse, AggregatorConfig, ConfigError, ContractRef, FileSd, TargetGroup,
+    DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE, DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT,
+};
+pub use selector::Selector;
+
+/// Which agent counter measures "used" for a contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsageSignal {
+    /// `commitmeter_gpu_busy_seconds_total`: utilization-weighted time (the default).
+    #[default]
+    Busy,
+    /// `commitmeter_gpu_allocated_seconds_total`: time with at least one compute process.
+    Allocated,
+}
+
+impl UsageSignal {
+    /// As written in the config: `busy` or `allocated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSignal::Busy => "busy",
+            UsageSignal::Allocated => "allocated",
+        }
+    }
+}
+
+/// One validated `[[contracts]]` entry.
+#[derive(Debug, Clone)]
+pub struct Contract {
+    /// `[a-zA-Z0-9_.-]+`, unique in the config.
+    pub id: String,
+    pub provider: String,
+    /// Three uppercase letters, e.g. `USD`.
+    pub currency: String,
+    /// Finite, >= 0.
+    pub price_per_gpu_hour: f64,
+    /// In (0, 1].
+    pub target_utilization: f64,
+    pub usage_signal: UsageSignal,
+    /// The canonical IANA name (`america/los_angeles` in the file becomes
+    /// `America/Los_Angeles`).
+    pub timezone_name: String,
+    /// First instant covered: a `start` date is local midnight in `timezone_name`.
+    pub start_ms: i64,
+    /// First instant no longer covered (exclusive); `None`: open-ended. An `end` date is
+    /// inclusive in the file, so this is the following local midnight.
+    pub end_ms: Option<i64>,
+    tz: jiff::tz::TimeZone,
+    anchor_day: i8,
+    /// Clipped to `[start_ms, end_ms)`, sorted, non-overlapping, no empty steps.
+    ramp: Vec<calendar::Step>,
+    selector: Selector,
+    model: Option<Regex>,
+}
+
+impl Contract {
+    /// Committed GPUs at `t_ms`: 0 outside `[start_ms, end_ms)` and outside every ramp step.
+    pub fn committed_gpus_at(&self, t_ms: i64) -> u64 {
+        calendar::gpus_at(&self.ramp, t_ms)
+    }
+
+    /// Exact `∫ committed GPUs dt` over `[from_ms, to_ms)` in GPU-milliseconds (0 when
+    /// `from_ms >= to_ms`), pro-rated to the millisecond across ramp steps, start and end.
+    /// Equals the sum of [`committed_gpus_at`](Self::committed_gpus_at) over every millisecond
+    /// of the span; saturates at `i64::MAX` (over 2.5 billion GPU-hours) instead of overflowing.
+    pub fn committed_gpu_ms(&self, from_ms: i64, to_ms: i64) -> i64 {
+        calendar::gpu_ms(&self.ramp, from_ms, to_ms)
+    }
+
+    /// `[start, end)` of the billing period containing `t_ms`: periods start at local midnight
+    /// (the first instant of the day) on `billing_anchor_day` of each month in the contract's
+    /// time zone, clamped to the month's last day (31 gives Feb 28/29, Apr 30, ...). Follows
+    /// DST: a Los Angeles period starts at 07:00 or 08:00 UTC. Defined for any instant, also
+    /// outside the contract's span (the caller clips with `start_ms`/`end_ms` if it wants).
+    pub fn billing_period(&self, t_ms: i64) -> (i64, i64) {
+        calendar::billing_period(&self.tz, self.anchor_day, t_ms)
+    }
+
+    /// Whether a target with these target labels (see [`target_labels`]) is selected. A
+    /// missing label matches as "", like Prometheus.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.matches(labels)
+    }
+
+    /// Whether a GPU model name (as reported by the agent, e.g. `NVIDIA H100 80GB HBM3`)
+    /// counts for this contract: the unanchored `model` regex, or true when there is none.
+    pub fn model_matches(&self, model: &str) -> bool {
+        self.model.as_ref().is_none_or(|re| re.is_match(model))
+    }
+
+    /// The ramp after clipping to the contract's span, for display: `(from_ms, until_ms,
+    /// gpus)`, `until_ms` exclusive, `None` when open-ended. Steps wholly outside the span are
+    /// left out; between steps (and outside them) nothing is committed.
+    pub fn ramp_steps(&self) -> Vec<(i64, Option<i64>, u64)> {
+        self.ramp
+            .iter()
+            .map(|s| (s.from, s.until, s.gpus))
+            .collect()
+    }
+
+    /// The parsed selector (its Display is the canonical `{name="value", ...}` form).
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+
+    /// The `model` pattern as written, if any.
+    pub fn model_pattern(&self) -> Option<&str> {
+        self.model.as_ref().map(Regex::as_str)
+    }
+
+    /// `billing_anchor_day`, 1..=31.
+    pub fn billing_anchor_day(&self) -> u8 {
+        self.anchor_day.unsigned_abs()
+    }
+}
+
+/// The labels a target is matched on: its group's labels plus `instance` = the target
+/// address (which wins over a group label of that name; the config rejects one anyway).
+pub fn target_labels(
+    target: &str,
+    group_labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels = group_labels.clone();
+    labels.insert("instance".to_string(), target.to_string());
+    labels
+}
+
+/// Which contract a target belongs to: `Ok(Some(index into contracts))`, `Ok(None)` when no
+/// contract selects it, or `Err` naming the target and every contract that selects it when
+/// there is more than one (a host may belong to one contract only). The aggregator calls this
+/// whenever file_sd targets change; [`parse`] calls it for every static target.
+///
+/// `labels` are the target labels ([`target_labels`]); when they lack `instance`, it is taken
+/// to be `target`.
+pub fn assign(
+    contracts: &[Contract],
+    target: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<usize>, String> {
+    let with_instance;
+    let labels = if labels.contains_key("instance") {
+        labels
+    } else {
+        with_instance = target_labels(target, labels);
+        &with_instance
+    };
+    let hits: Vec<usize> = contracts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.matches(labels))
+        .map(|(i, _)| i)
+        .collect();
+    match hits.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        many => Err(format!(
+            "target {target:?} is matched by more than one contract: {} (a host may belong to \
+             one contract only; narrow the selectors)",
+            many.iter()
+                .map(|&i| format!("{:?}", contracts[i].id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
