@@ -35,6 +35,30 @@ pub enum LogFormat {
 pub enum Command {
     /// Sample this host's GPUs through NVML and serve per-GPU counters on /metrics.
     Agent(AgentArgs),
+    /// Scrape agents, keep the contract ledger, serve contract metrics on /metrics.
+    Aggregator(AggregatorArgs),
+    /// Validate agent or aggregator config files and exit (status 1 on the first mistake).
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AggregatorArgs {
+    /// TOML file with targets and contracts.
+    #[arg(long = "config.file")]
+    pub config_file: PathBuf,
+    /// Address to serve /metrics on.
+    #[arg(long = "web.listen-address", default_value = ":9474")]
+    pub listen_address: String,
+    /// Directory of the ledger database (created if missing).
+    #[arg(long = "storage.path", default_value = "commitmeter-data")]
+    pub storage_path: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CheckConfigArgs {
+    /// Config files; each is recognised as an agent (`[labels]`) or aggregator file.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -121,7 +145,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.log_format, LogFormat::Json);
-        let Command::Agent(a) = cli.command;
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
         assert_eq!(a.listen_address, "127.0.0.1:1");
         assert_eq!(a.sample_interval, Duration::from_millis(250));
         assert_eq!(a.nvml_library, Some(PathBuf::from("/x.so")));

@@ -2,7 +2,10 @@
 //! left idle. The agent role turns NVML readings into per-GPU counters.
 
 pub mod agent;
+pub mod aggregator;
+pub mod check;
 pub mod cli;
+pub mod contract;
 pub mod http;
 pub mod ledger;
 pub mod logging;

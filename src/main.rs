@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use commitmeter::cli::{Cli, Command};
-use commitmeter::{agent, logging};
+use commitmeter::{agent, aggregator, check, logging};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -22,6 +22,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Config mistakes end the process here, before a socket or NVML is touched.
             let prepared = agent::prepare(args)?;
             runtime()?.block_on(agent::run(prepared, shutdown_signal()))?;
+        }
+        Command::Aggregator(args) => {
+            let prepared =
+                aggregator::prepare(&args.config_file, &args.listen_address, args.storage_path)?;
+            let clock = std::sync::Arc::new(aggregator::SystemClock);
+            runtime()?.block_on(aggregator::run(prepared, clock, shutdown_signal()))?;
+        }
+        Command::CheckConfig(args) => {
+            for file in &args.files {
+                println!("{}", check::check_file(file)?);
+            }
         }
     }
     Ok(())

@@ -173,6 +173,8 @@ pub struct Sealed {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ledger {
     contracts: usize,
+    /// The first minute this ledger accounts: earlier minutes are absent, not zero.
+    since: i64,
     /// Minutes before this one are sealed.
     sealed_through: i64,
     open: BTreeMap<i64, Vec<Open>>,
@@ -184,6 +186,7 @@ pub struct Ledger {
 /// Everything needed to resume after a crash, written atomically with sealed minutes.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
+    pub since: i64,
     pub sealed_through: i64,
     pub open: Vec<(i64, usize, Open)>,
     pub hosts: Vec<(String, HostState)>,
@@ -197,6 +200,7 @@ impl Ledger {
     pub fn new(contracts: usize, start_ms: i64) -> Self {
         Self {
             contracts,
+            since: minute_of(start_ms) + 1,
             sealed_through: minute_of(start_ms) + 1,
             open: BTreeMap::new(),
             hosts: HashMap::new(),
@@ -206,6 +210,7 @@ impl Ledger {
 
     pub fn restore(contracts: usize, snap: Snapshot) -> Self {
         let mut l = Self::new(contracts, 0);
+        l.since = snap.since;
         l.sealed_through = snap.sealed_through;
         for (minute, c, open) in snap.open {
             if c < contracts && minute >= l.sealed_through {
@@ -241,11 +246,17 @@ impl Ledger {
             .collect();
         hosts.sort_by(|a, b| a.0.cmp(&b.0));
         Snapshot {
+            since: self.since,
             sealed_through: self.sealed_through,
             open,
             hosts,
             late: self.late.clone(),
         }
+    }
+
+    /// The first minute this ledger accounts.
+    pub fn since(&self) -> i64 {
+        self.since
     }
 
     /// The first minute not yet sealed.

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use nvidia_ml::scenario::{Gpu, Scenario};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_commitmeter");
@@ -338,4 +339,72 @@ pub fn timeline_ms(scenario: &Scenario, at: Instant) -> u64 {
     let now_ms = scenario.now_ms();
     let back = Instant::now().saturating_duration_since(at).as_millis() as u64;
     now_ms.saturating_sub(back)
+}
+
+/// A running `commitmeter aggregator`, killed on drop.
+pub struct Aggregator {
+    pub child: Child,
+    pub addr: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Aggregator {
+    pub fn start(config: &Path, data: &Path) -> Aggregator {
+        let mut child = Command::new(BIN)
+            .arg("aggregator")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", data.display()))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg("--log.level=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start commitmeter aggregator");
+        let (addr, log) = follow_log(&mut child);
+        Aggregator { child, addr, log }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = http_get(&self.addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.metrics();
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,274 @@
+//! The aggregator's series. Names are a public contract: dashboards and alert rules
+//! read them. Counters move only when minutes seal, so they never go back.
+
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::contract::Contract;
+use crate::ledger::totals::Figures;
+use crate::ledger::Totals;
+
+/// The seven ledger figures, in the order of their series.
+pub const KINDS: [&str; 7] = [
+    "committed",
+    "delivered",
+    "used",
+    "idle",
+    "undelivered",
+    "unreported",
+    "overage",
+];
+
+pub fn kind_values(t: &Totals) -> [i64; 7] {
+    [
+        t.committed,
+        t.delivered,
+        t.used,
+        t.idle,
+        t.undelivered,
+        t.unreported,
+        t.overage,
+    ]
+}
+
+pub struct AggregatorMetrics {
+    pub registry: Registry,
+    pub totals: Vec<CounterVec>,
+    pub period: GaugeVec,
+    pub info: GaugeVec,
+    pub committed_gpus: GaugeVec,
+    pub target_utilization: GaugeVec,
+    pub period_start: GaugeVec,
+    pub period_end: GaugeVec,
+    pub utilization: GaugeVec,
+    pub idle_budget_remaining: GaugeVec,
+    pub projected_utilization: GaugeVec,
+    pub required_utilization: GaugeVec,
+    pub cost: GaugeVec,
+    pub late: CounterVec,
+    pub sealed_through: IntGauge,
+    pub since: IntGauge,
+    pub store_errors: IntCounterVec,
+    pub target_up: GaugeVec,
+    pub target_duration: GaugeVec,
+    pub target_gpus: GaugeVec,
+    pub target_errors: IntCounterVec,
+    pub targets_problems: IntGauge,
+}
+
+impl AggregatorMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+                let g = GaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let build = IntGauge::with_opts(
+            Opts::new(
+                "commitmeter_build_info",
+                "Build of the running commitmeter.",
+            )
+            .const_label("version", env!("CARGO_PKG_VERSION"))
+            .const_label("role", "aggregator"),
+        )?;
+        build.set(1);
+        registry.register(Box::new(build))?;
+
+        let mut totals = Vec::new();
+        for kind in KINDS {
+            let c = CounterVec::new(
+                Opts::new(
+                    format!("commitmeter_contract_{kind}_gpu_seconds_total"),
+                    format!("{kind} GPU-seconds of the contract over sealed ledger minutes."),
+                ),
+                &["contract"],
+            )?;
+            registry.register(Box::new(c.clone()))?;
+            totals.push(c);
+        }
+        let late = CounterVec::new(
+            Opts::new(
+                "commitmeter_ledger_late_gpu_seconds_total",
+                "GPU-seconds that arrived for already sealed minutes and were not counted.",
+            ),
+            &["contract", "kind"],
+        )?;
+        registry.register(Box::new(late.clone()))?;
+        let sealed_through = IntGauge::new(
+            "commitmeter_ledger_sealed_through_timestamp_seconds",
+            "Ledger minutes before this time are sealed and durable.",
+        )?;
+        registry.register(Box::new(sealed_through.clone()))?;
+        let since = IntGauge::new(
+            "commitmeter_ledger_since_timestamp_seconds",
+            "The ledger accounts minutes from this time on; earlier minutes are absent.",
+        )?;
+        registry.register(Box::new(since.clone()))?;
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "commitmeter_ledger_store_errors_total",
+                "Failed writes to the ledger database.",
+            ),
+            &["operation"],
+        )?;
+        registry.register(Box::new(store_errors.clone()))?;
+        let target_errors = IntCounterVec::new(
+            Opts::new(
+                "commitmeter_target_scrape_errors_total",
+                "Failed scrapes of an agent, by reason.",
+            ),
+            &["target", "reason"],
+        )?;
+        registry.register(Box::new(target_errors.clone()))?;
+        let targets_problems = IntGauge::new(
+            "commitmeter_targets_config_problems",
+            "Targets or file_sd files skipped at the last target refresh (see the log).",
+        )?;
+        registry.register(Box::new(targets_problems.clone()))?;
+
+        Ok(Self {
+            totals,
+            period: gauge(
+                "commitmeter_contract_period_gpu_seconds",
+                "Month-to-date GPU-seconds of the current billing period, by kind (sealed minutes).",
+                &["contract", "kind"],
+            )?,
+            info: gauge(
+                "commitmeter_contract_info",
+                "A contract and its terms.",
+                &["contract", "provider", "currency", "usage_signal", "timezone"],
+            )?,
+            committed_gpus: gauge(
+                "commitmeter_contract_committed_gpus",
+                "GPUs committed right now (the ramp step in force).",
+                &["contract"],
+            )?,
+            target_utilization: gauge(
+                "commitmeter_contract_target_utilization_ratio",
+                "Utilization the contract owner aims for; 1 minus this is the idle budget.",
+                &["contract"],
+            )?,
+            period_start: gauge(
+                "commitmeter_contract_period_start_timestamp_seconds",
+                "Start of the current billing period.",
+                &["contract"],
+            )?,
+            period_end: gauge(
+                "commitmeter_contract_period_end_timestamp_seconds",
+                "End of the current billing period.",
+                &["contract"],
+            )?,
+            utilization: gauge(
+                "commitmeter_contract_utilization_ratio",
+                "Month-to-date used (within commitment) / committed GPU-seconds.",
+                &["contract"],
+            )?,
+            idle_budget_remaining: gauge(
+                "commitmeter_contract_idle_budget_remaining_ratio",
+                "Share of the period's idle budget not yet spent (negative once overspent).",
+                &["contract"],
+            )?,
+            projected_utilization: gauge(
+                "commitmeter_contract_projected_utilization_ratio",
+                "Period-end utilization if the last 24 h pace of use continues.",
+                &["contract"],
+            )?,
+            required_utilization: gauge(
+                "commitmeter_contract_required_utilization_ratio",
+                "Utilization needed over the rest of the period to reach the target.",
+                &["contract"],
+            )?,
+            cost: gauge(
+                "commitmeter_contract_period_cost",
+                "Month-to-date cost in the contract's currency, by kind.",
+                &["contract", "currency", "kind"],
+            )?,
+            target_up: gauge(
+                "commitmeter_target_up",
+                "1 if the last scrape of the agent succeeded.",
+                &["target", "contract"],
+            )?,
+            target_duration: gauge(
+                "commitmeter_target_scrape_duration_seconds",
+                "Duration of the last scrape of the agent.",
+                &["target"],
+            )?,
+            target_gpus: gauge(
+                "commitmeter_target_gpus",
+                "GPUs the agent reported at its last successful scrape (after the model filter).",
+                &["target"],
+            )?,
+            late,
+            sealed_through,
+            since,
+            store_errors,
+            target_errors,
+            targets_problems,
+            registry,
+        })
+    }
+
+    /// Static series of a contract.
+    pub fn describe(&self, c: &Contract) {
+        self.info
+            .with_label_values(&[
+                &c.id,
+                &c.provider,
+                &c.currency,
+                c.usage_signal.as_str(),
+                &c.timezone_name,
+            ])
+            .set(1.0);
+        self.target_utilization
+            .with_label_values(&[&c.id])
+            .set(c.target_utilization);
+        for counter in &self.totals {
+            counter.with_label_values(&[&c.id]);
+        }
+    }
+
+    /// Adds GPU-ms to the all-time counters.
+    pub fn add_totals(&self, contract: &str, t: &Totals) {
+        for (counter, v) in self.totals.iter().zip(kind_values(t)) {
+            if v > 0 {
+                counter
+                    .with_label_values(&[contract])
+                    .inc_by(v as f64 / 1000.0);
+            }
+        }
+    }
+
+    pub fn set_period(&self, c: &Contract, start_ms: i64, end_ms: i64, t: &Totals, f: &Figures) {
+        let id = c.id.as_str();
+        for (kind, v) in KINDS.iter().zip(kind_values(t)) {
+            self.period
+                .with_label_values(&[id, kind])
+                .set(v as f64 / 1000.0);
+        }
+        self.period_start
+            .with_label_values(&[id])
+            .set(start_ms as f64 / 1000.0);
+        self.period_end
+            .with_label_values(&[id])
+            .set(end_ms as f64 / 1000.0);
+        let opt = |g: &GaugeVec, v: Option<f64>| match v {
+            Some(v) if v.is_finite() => g.with_label_values(&[id]).set(v),
+            _ => {
+                let _ = g.remove_label_values(&[id]);
+            }
+        };
+        opt(&self.utilization, f.utilization);
+        opt(&self.idle_budget_remaining, f.idle_budget_remaining);
+        opt(&self.projected_utilization, f.projected_utilization);
+        opt(&self.required_utilization, f.required_utilization);
+        for (kind, v) in [
+            ("committed", f.cost_committed),
+            ("used", f.cost_used),
+            ("idle", f.cost_idle),
+            ("undelivered", f.cost_undelivered),
+        ] {
+            self.cost.with_label_values(&[id, &c.currency, kind]).set(v);
+        }
+    }
+}

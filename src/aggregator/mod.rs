@@ -1,0 +1,490 @@
+//! The aggregator role: scrape agents → ledger → durable store → contract metrics.
+
+pub mod metrics;
+pub mod parse;
+pub mod scrape;
+pub mod store;
+pub mod targets;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::StatusCode;
+
+use crate::contract::{AggregatorConfig, Contract, UsageSignal};
+use crate::http::{self, Handler};
+use crate::ledger::totals::{figures, Running, Terms};
+use crate::ledger::{GpuCounters, Ledger, Sealed, MINUTE_MS};
+use metrics::AggregatorMetrics;
+use scrape::{GpuReport, Scraper};
+use store::Store;
+use targets::Target;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error(transparent)]
+    Config(#[from] crate::contract::ConfigError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Where time comes from: the system clock in production, a simulated one in the
+/// demo. The ledger only ever sees these milliseconds.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// Options of `commitmeter aggregator`, already validated.
+pub struct Prepared {
+    pub config: AggregatorConfig,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+pub fn prepare(
+    config_file: &std::path::Path,
+    listen: &str,
+    data_dir: PathBuf,
+) -> Result<Prepared, AggregatorError> {
+    let config = crate::contract::load(config_file)?;
+    let listen = http::parse_listen_address(listen)?;
+    Ok(Prepared {
+        config,
+        listen,
+        data_dir,
+    })
+}
+
+/// The ledger's in-memory side, behind one lock held only for short, CPU-only work.
+struct Books {
+    ledger: Ledger,
+    running: Vec<Running>,
+    /// Sealed minutes not yet durable: never exported until written.
+    pending: Vec<Sealed>,
+    late_exported: Vec<(i64, i64)>,
+}
+
+struct Shared {
+    contracts: Vec<Contract>,
+    ids: Vec<String>,
+    books: Mutex<Books>,
+    store: Mutex<Store>,
+    metrics: AggregatorMetrics,
+    clock: Arc<dyn Clock>,
+    grace_ms: i64,
+    ready: AtomicBool,
+}
+
+pub async fn run(
+    p: Prepared,
+    clock: Arc<dyn Clock>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AggregatorError> {
+    let cfg = p.config;
+    let store = Store::open(&p.data_dir)?;
+    let ids: Vec<String> = cfg.contracts.iter().map(|c| c.id.clone()).collect();
+    let now = clock.now_ms();
+    let ledger = match store.load(&ids)? {
+        Some(snap) => {
+            tracing::info!(
+                sealed_through = snap.sealed_through * 60,
+                hosts = snap.hosts.len(),
+                "ledger restored"
+            );
+            Ledger::restore(ids.len(), snap)
+        }
+        None => {
+            tracing::info!(path = %p.data_dir.display(), "new ledger");
+            Ledger::new(ids.len(), now)
+        }
+    };
+    let metrics = AggregatorMetrics::new()?;
+    let through_ms = ledger.sealed_through() * MINUTE_MS;
+    let mut running = Vec::new();
+    for c in &cfg.contracts {
+        let period = c.billing_period(through_ms);
+        let all_time = store.sums(&c.id, i64::MIN, i64::MAX)?;
+        let in_period = store.sums(&c.id, period.0.div_euclid(MINUTE_MS), i64::MAX)?;
+        let recent = store.minutes(
+            &c.id,
+            ledger.sealed_through() - 1440,
+            ledger.sealed_through(),
+        )?;
+        metrics.describe(c);
+        metrics.add_totals(&c.id, &all_time);
+        running.push(Running::new(all_time, period, in_period, recent));
+    }
+    let late_exported = ledger.late().to_vec();
+    for (c, (d, u)) in late_exported.iter().enumerate() {
+        metrics
+            .late
+            .with_label_values(&[&ids[c], "delivered"])
+            .inc_by(*d as f64 / 1000.0);
+        metrics
+            .late
+            .with_label_values(&[&ids[c], "used"])
+            .inc_by(*u as f64 / 1000.0);
+    }
+    let shared = Arc::new(Shared {
+        contracts: cfg.contracts.clone(),
+        ids,
+        books: Mutex::new(Books {
+            ledger,
+            running,
+            pending: Vec::new(),
+            late_exported,
+        }),
+        store: Mutex::new(store),
+        metrics,
+        clock,
+        grace_ms: cfg.grace.as_millis() as i64,
+        ready: AtomicBool::new(false),
+    });
+    {
+        let books = shared.books.lock().expect("books lock");
+        shared.metrics.since.set(books.ledger.since() * 60);
+        shared
+            .metrics
+            .sealed_through
+            .set(books.ledger.sealed_through() * 60);
+    }
+    shared.refresh_gauges();
+
+    let listener = http::bind(p.listen).await?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(p.listen), "serving /metrics");
+    let hup = Arc::new(AtomicBool::new(false));
+    spawn_sighup(hup.clone());
+    let scraping = tokio::spawn(scrape_loop(shared.clone(), cfg, hup));
+    http::serve(listener, handler(shared.clone()), shutdown).await;
+    scraping.abort();
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn spawn_sighup(flag: Arc<AtomicBool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: re-reading file_sd targets");
+                    flag.store(true, Ordering::Relaxed);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+    }
+}
+
+fn handler(shared: Arc<Shared>) -> Handler {
+    Arc::new(move |path: &str| {
+        match path {
+        "/metrics" => Some(crate::agent::render(&shared.metrics.registry)),
+        "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
+        "/-/ready" if shared.ready.load(Ordering::Relaxed) => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
+        "/-/ready" => Some(http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "first scrape round not finished\n",
+        )),
+        "/" => Some(http::text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            "<!doctype html><title>commitmeter aggregator</title><h1>commitmeter aggregator</h1><p><a href=\"/metrics\">/metrics</a></p>\n",
+        )),
+        _ => None,
+    }
+    })
+}
+
+/// Keeps the target list current: file_sd files re-read when they change or on SIGHUP.
+struct TargetSet {
+    targets: Arc<Vec<Target>>,
+    fingerprint: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+    cache: targets::SdCache,
+    loaded: bool,
+    up: HashMap<String, bool>,
+}
+
+impl TargetSet {
+    fn refresh(&mut self, shared: &Shared, cfg: &AggregatorConfig, forced: bool) {
+        let files = targets::sd_files(&cfg.file_sd);
+        let fp = targets::fingerprint(&files);
+        if !forced && self.loaded && fp == self.fingerprint {
+            return;
+        }
+        let first = !self.loaded;
+        self.loaded = true;
+        self.fingerprint = fp;
+        let (list, problems) = targets::build(
+            &shared.contracts,
+            &cfg.static_targets,
+            &files,
+            &mut self.cache,
+        );
+        for p in &problems {
+            tracing::error!(problem = %p, "target configuration");
+        }
+        shared.metrics.targets_problems.set(problems.len() as i64);
+        tracing::info!(targets = list.len(), first, "targets loaded");
+        let keep: HashSet<String> = list.iter().map(Target::key).collect();
+        {
+            let mut books = shared.books.lock().expect("books lock");
+            for old in self.targets.iter() {
+                if !keep.contains(&old.key()) {
+                    books.ledger.remove_host(&old.key());
+                    let key = old.key();
+                    let m = &shared.metrics;
+                    let _ = m
+                        .target_up
+                        .remove_label_values(&[&key, contract_label(shared, old)]);
+                    let _ = m.target_duration.remove_label_values(&[&key]);
+                    let _ = m.target_gpus.remove_label_values(&[&key]);
+                    self.up.remove(&key);
+                }
+            }
+        }
+        self.targets = Arc::new(list);
+    }
+}
+
+fn contract_label<'a>(shared: &'a Shared, t: &Target) -> &'a str {
+    t.contract.map_or("", |c| shared.ids[c].as_str())
+}
+
+async fn scrape_loop(shared: Arc<Shared>, cfg: AggregatorConfig, hup: Arc<AtomicBool>) {
+    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes);
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut set = TargetSet {
+        targets: Arc::new(Vec::new()),
+        fingerprint: Vec::new(),
+        cache: targets::SdCache::new(),
+        loaded: false,
+        up: HashMap::new(),
+    };
+    set.refresh(&shared, &cfg, true);
+    let mut tick = tokio::time::interval(cfg.scrape_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        set.refresh(&shared, &cfg, hup.swap(false, Ordering::Relaxed));
+        let mut jobs = tokio::task::JoinSet::new();
+        for i in 0..set.targets.len() {
+            let (shared, scraper, limit, targets) = (
+                shared.clone(),
+                scraper.clone(),
+                limit.clone(),
+                set.targets.clone(),
+            );
+            jobs.spawn(async move {
+                let _permit = limit.acquire().await;
+                let t = &targets[i];
+                let started = std::time::Instant::now();
+                let result = scraper.scrape(t).await;
+                let at_ms = shared.clock.now_ms();
+                let took = started.elapsed();
+                let up = shared.record(t, at_ms, took, &result);
+                (t.key(), up, result.err().map(|e| e.to_string()))
+            });
+        }
+        while let Some(done) = jobs.join_next().await {
+            let Ok((key, up, err)) = done else { continue };
+            // Log a target's state changes once, not every round.
+            if set.up.insert(key.clone(), up) != Some(up) {
+                match err {
+                    Some(e) => tracing::warn!(target = %key, error = %e, "scrape failed"),
+                    None => tracing::info!(target = %key, "scrape ok"),
+                }
+            }
+        }
+        shared.seal_and_commit().await;
+        shared.refresh_gauges();
+        shared.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// Feeds one scrape's result to the ledger and the target series. Returns up.
+    fn record(
+        &self,
+        t: &Target,
+        at_ms: i64,
+        took: Duration,
+        result: &Result<BTreeMap<String, GpuReport>, scrape::ScrapeError>,
+    ) -> bool {
+        let key = t.key();
+        let m = &self.metrics;
+        m.target_duration
+            .with_label_values(&[&key])
+            .set(took.as_secs_f64());
+        let up_series = m
+            .target_up
+            .with_label_values(&[&key, contract_label(self, t)]);
+        match result {
+            Ok(gpus) => {
+                up_series.set(1.0);
+                let Some(c) = t.contract else {
+                    m.target_gpus
+                        .with_label_values(&[&key])
+                        .set(gpus.len() as f64);
+                    return true;
+                };
+                let contract = &self.contracts[c];
+                let counters: BTreeMap<String, GpuCounters> = gpus
+                    .iter()
+                    .filter(|(_, g)| contract.model_matches(g.model.as_deref().unwrap_or("")))
+                    .map(|(uuid, g)| {
+                        let used = match contract.usage_signal {
+                            UsageSignal::Busy => g.busy,
+                            UsageSignal::Allocated => g.allocated,
+                        };
+                        (
+                            uuid.clone(),
+                            GpuCounters {
+                                observed: g.observed,
+                                used: used.unwrap_or(0.0),
+                            },
+                        )
+                    })
+                    .collect();
+                m.target_gpus
+                    .with_label_values(&[&key])
+                    .set(counters.len() as f64);
+                self.books
+                    .lock()
+                    .expect("books lock")
+                    .ledger
+                    .observe(&key, c, at_ms, counters);
+                true
+            }
+            Err(e) => {
+                up_series.set(0.0);
+                m.target_errors.with_label_values(&[&key, e.reason()]).inc();
+                false
+            }
+        }
+    }
+
+    /// Seals what is due and makes it and the ledger's snapshot durable; only durable
+    /// minutes reach the counters.
+    async fn seal_and_commit(self: &Arc<Self>) {
+        let now = self.clock.now_ms();
+        let (sealed, snap) = {
+            let mut books = self.books.lock().expect("books lock");
+            let contracts = &self.contracts;
+            let newly = books.ledger.seal(now, self.grace_ms, |c, a, b| {
+                contracts[c].committed_gpu_ms(a, b)
+            });
+            books.pending.extend(newly);
+            // The snapshot is written every round, not only when minutes seal: an agent
+            // that dies while the aggregator is down cannot restore what it reported
+            // since the last snapshot, so that window is kept to one scrape interval.
+            (books.pending.clone(), books.ledger.snapshot())
+        };
+        let me = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut store = me.store.lock().expect("store lock");
+            store
+                .commit(&me.ids, &sealed, &snap)
+                .map(|()| (sealed, snap))
+        })
+        .await;
+        let (sealed, snap) = match written {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write the ledger; sealed minutes kept in memory and retried");
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["commit"])
+                    .inc();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ledger writer failed");
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["commit"])
+                    .inc();
+                return;
+            }
+        };
+        let mut books = self.books.lock().expect("books lock");
+        books.pending.clear();
+        for s in &sealed {
+            let c = &self.contracts[s.contract];
+            let r = &mut books.running[s.contract];
+            if !r.add(s) {
+                r.roll(c.billing_period(s.minute * MINUTE_MS));
+                r.add(s);
+            }
+            self.metrics.add_totals(&c.id, &s.totals);
+        }
+        for (c, &(d, u)) in snap.late.iter().enumerate() {
+            let (pd, pu) = books.late_exported[c];
+            let id = &self.ids[c];
+            self.metrics
+                .late
+                .with_label_values(&[id, "delivered"])
+                .inc_by((d - pd).max(0) as f64 / 1000.0);
+            self.metrics
+                .late
+                .with_label_values(&[id, "used"])
+                .inc_by((u - pu).max(0) as f64 / 1000.0);
+            books.late_exported[c] = (d, u);
+        }
+        self.metrics.sealed_through.set(snap.sealed_through * 60);
+    }
+
+    /// Month-to-date gauges from the sealed, durable minutes.
+    fn refresh_gauges(&self) {
+        let now = self.clock.now_ms();
+        let books = self.books.lock().expect("books lock");
+        let through_ms = books.ledger.sealed_through() * MINUTE_MS;
+        let since_ms = books.ledger.since() * MINUTE_MS;
+        for (c, contract) in self.contracts.iter().enumerate() {
+            let r = &books.running[c];
+            // A ledger started mid-period accounts the period from its own start.
+            let (start, end) = (
+                r.period_start_ms.max(since_ms).min(r.period_end_ms),
+                r.period_end_ms,
+            );
+            let from = through_ms.clamp(start, end);
+            let terms = Terms {
+                committed_period: contract.committed_gpu_ms(start, end),
+                committed_remaining: contract.committed_gpu_ms(from, end),
+                remaining_ms: end - from,
+                target_utilization: contract.target_utilization,
+                price_per_gpu_hour: contract.price_per_gpu_hour,
+            };
+            self.metrics.set_period(
+                contract,
+                r.period_start_ms,
+                end,
+                &r.period,
+                &figures(r, &terms),
+            );
+            self.metrics
+                .committed_gpus
+                .with_label_values(&[&contract.id])
+                .set(contract.committed_gpus_at(now) as f64);
+        }
+    }
+}

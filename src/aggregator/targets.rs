@@ -1,0 +1,234 @@
+//! The set of agents to scrape: static groups from the config plus Prometheus
+//! file_sd JSON files, each target mapped to at most one contract.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::contract::{self, Contract, FileSd, TargetGroup};
+
+/// One agent to scrape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port`; also the `instance` label.
+    pub address: String,
+    /// Path of the metrics endpoint (`__metrics_path__` in file_sd, default `/metrics`).
+    pub metrics_path: String,
+    /// Labels the contract selectors match on (group labels + `instance`).
+    pub labels: BTreeMap<String, String>,
+    pub contract: Option<usize>,
+}
+
+impl Target {
+    /// The key the ledger knows this host by.
+    pub fn key(&self) -> String {
+        if self.metrics_path == "/metrics" {
+            self.address.clone()
+        } else {
+            format!("{}{}", self.address, self.metrics_path)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetsError {
+    #[error("file_sd {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SdGroup {
+    targets: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// The files the file_sd globs match now, sorted.
+pub fn sd_files(file_sd: &[FileSd]) -> Vec<PathBuf> {
+    let mut files = BTreeSet::new();
+    for sd in file_sd {
+        for pattern in &sd.files {
+            if let Ok(paths) = glob::glob(pattern) {
+                files.extend(paths.flatten());
+            }
+        }
+    }
+    files.into_iter().collect()
+}
+
+/// A cheap fingerprint of the file_sd files (names, sizes, mtimes) to notice changes.
+pub fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    files
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok();
+            (
+                p.clone(),
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            )
+        })
+        .collect()
+}
+
+/// Parses one file_sd JSON file: `[{"targets": ["host:port"], "labels": {...}}]`.
+pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsError> {
+    let err = |reason: String| TargetsError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let groups: Vec<SdGroup> = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, g) in groups.into_iter().enumerate() {
+        let mut labels = BTreeMap::new();
+        let mut path = "/metrics".to_string();
+        for (k, v) in g.labels {
+            if k == "__metrics_path__" {
+                if !v.starts_with('/') {
+                    return Err(err(format!(
+                        "[{i}].labels.__metrics_path__: must start with '/'"
+                    )));
+                }
+                path = v;
+            } else if k.starts_with("__") {
+                // Other meta labels are Prometheus's business, not a selector's.
+            } else if !crate::agent::config::is_label_name(&k) || k == "instance" {
+                return Err(err(format!("[{i}].labels: invalid label name {k:?}")));
+            } else {
+                labels.insert(k, v);
+            }
+        }
+        for t in &g.targets {
+            if !valid_address(t) {
+                return Err(err(format!("[{i}].targets: {t:?} is not host:port")));
+            }
+        }
+        out.push((
+            TargetGroup {
+                targets: g.targets,
+                labels,
+            },
+            path,
+        ));
+    }
+    Ok(out)
+}
+
+fn valid_address(t: &str) -> bool {
+    matches!(t.rsplit_once(':'), Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// The last good contents of each file_sd file: a file that turns unreadable or
+/// malformed keeps its previous targets, as Prometheus does, so a bad edit loses nothing.
+pub type SdCache = BTreeMap<PathBuf, Vec<(TargetGroup, String)>>;
+
+/// Builds the target list. Problems (unreadable files, a host matched by two
+/// contracts, a duplicate) keep that file's last good targets or skip that target,
+/// and are returned for logging.
+pub fn build(
+    contracts: &[Contract],
+    static_groups: &[TargetGroup],
+    sd_files: &[PathBuf],
+    cache: &mut SdCache,
+) -> (Vec<Target>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut groups: Vec<(TargetGroup, String)> = static_groups
+        .iter()
+        .map(|g| (g.clone(), "/metrics".to_string()))
+        .collect();
+    cache.retain(|path, _| sd_files.contains(path));
+    for f in sd_files {
+        match read_sd_file(f) {
+            Ok(g) => {
+                cache.insert(f.clone(), g);
+            }
+            Err(e) => {
+                let kept = cache.get(f).map_or(0, Vec::len);
+                problems.push(format!(
+                    "{e}; keeping its last good contents ({kept} groups)"
+                ));
+            }
+        }
+        if let Some(g) = cache.get(f) {
+            groups.extend(g.iter().cloned());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut targets = Vec::new();
+    for (g, path) in groups {
+        for address in g.targets {
+            let labels = contract::target_labels(&address, &g.labels);
+            let t = Target {
+                address,
+                metrics_path: path.clone(),
+                labels,
+                contract: None,
+            };
+            if !seen.insert(t.key()) {
+                problems.push(format!(
+                    "target {} listed twice; keeping the first",
+                    t.key()
+                ));
+                continue;
+            }
+            match contract::assign(contracts, &t.address, &t.labels) {
+                Ok(contract) => targets.push(Target { contract, ..t }),
+                Err(e) => problems.push(format!("{e}; target skipped")),
+            }
+        }
+    }
+    (targets, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_sd_groups_with_metrics_path_and_errors() {
+        let dir = std::env::temp_dir().join(format!("commitmeter-sd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(
+            &good,
+            r#"[{"targets":["a:1","b:2"],"labels":{"cluster":"x","__metrics_path__":"/agent/3/metrics"}}]"#,
+        )
+        .unwrap();
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"[{"targets":["nohost"]}]"#).unwrap();
+        let mut cache = SdCache::new();
+        let (targets, problems) = build(&[], &[], &[good.clone(), bad.clone()], &mut cache);
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[0].key(), "a:1/agent/3/metrics");
+        assert_eq!(
+            targets[0].labels.get("cluster").map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(
+            targets[0].labels.get("instance").map(String::as_str),
+            Some("a:1")
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("bad.json") && problems[0].contains("not host:port"),
+            "{problems:?}"
+        );
+        let files = sd_files(&[FileSd {
+            files: vec![format!("{}/*.json", dir.display())],
+        }]);
+        assert_eq!(files, vec![bad.clone(), good.clone()]);
+        // A bad edit keeps the file's last good targets.
+        std::fs::write(&good, "[{").unwrap();
+        let (targets, problems) = build(&[], &[], &[good], &mut cache);
+        assert_eq!(targets.len(), 2);
+        assert!(
+            problems[0].contains("keeping its last good contents (1 groups)"),
+            "{problems:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,396 @@
+//! Real agents on the fake NVML library, a real aggregator, SIGKILL mid-run: the
+//! sealed month-to-date totals still equal the fleet's ground truth.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const CONTRACT: &[(&str, &str)] = &[("contract", "lab")];
+
+fn counter(m: &Metrics, kind: &str) -> f64 {
+    m.get(
+        &format!("commitmeter_contract_{kind}_gpu_seconds_total"),
+        CONTRACT,
+    )
+    .unwrap_or_else(|| panic!("no {kind} counter"))
+}
+
+#[test]
+fn sigkill_mid_run_keeps_month_to_date_equal_to_ground_truth() {
+    // Two agents for the contract (4 GPUs at 60 %, 2 GPUs at 30 % of which one is
+    // lost after 50 s), one for no contract, one that hangs for good.
+    let a = Agent::start(
+        &Scenario {
+            gpus: (0..4).map(|_| Gpu::at_util(60)).collect(),
+            ..Scenario::default()
+        },
+        AgentOpts::default(),
+    );
+    let b = Agent::start(
+        &Scenario {
+            gpus: vec![
+                Gpu::at_util(30),
+                Gpu {
+                    lost_at_ms: Some(50_000),
+                    ..Gpu::at_util(30)
+                },
+            ],
+            ..Scenario::default()
+        },
+        AgentOpts::default(),
+    );
+    let other = Agent::start(&Scenario::default(), AgentOpts::default());
+    let doomed = Agent::start(
+        &Scenario {
+            gpus: vec![Gpu::at_util(100)],
+            ..Scenario::default()
+        },
+        AgentOpts::default(),
+    );
+    for agent in [&a, &b, &other, &doomed] {
+        agent.wait_ready(Duration::from_secs(20));
+    }
+    let dir = TempDir::new("aggregator");
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[aggregator]
+scrape_interval = "1s"
+scrape_timeout = "1s"
+grace = "0s"
+
+[[targets]]
+targets = ["{}", "{}", "{}"]
+labels = {{ provider = "acme", cluster = "east-1" }}
+
+[[targets]]
+targets = ["{}"]
+labels = {{ provider = "other" }}
+
+[[contracts]]
+id = "lab"
+provider = "acme"
+price_per_gpu_hour = 3.6
+currency = "USD"
+target_utilization = 0.9
+timezone = "Europe/Berlin"
+start = "2026-01-01"
+selector = '{{provider="acme"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
+"#,
+            a.addr, b.addr, doomed.addr, other.addr
+        ),
+    )
+    .unwrap();
+    let data = dir.path("data");
+    let agg = Aggregator::start(&config, &data);
+    let m = agg.wait_for(Duration::from_secs(20), "first round", |m| {
+        m.get("commitmeter_target_up", &[("target", &a.addr)]) == Some(1.0)
+    });
+    let since = m
+        .get("commitmeter_ledger_since_timestamp_seconds", &[])
+        .unwrap() as i64;
+    assert_eq!(
+        m.get(
+            "commitmeter_target_up",
+            &[("target", &other.addr), ("contract", "")]
+        ),
+        Some(1.0)
+    );
+
+    // Let the first minute seal, then kill the doomed agent and, mid-minute, the aggregator.
+    agg.wait_for(Duration::from_secs(150), "a sealed minute", |m| {
+        m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+            .unwrap() as i64
+            > since
+    });
+    std::thread::sleep(Duration::from_secs(20));
+    // SIGSTOP, not a kill: a hung host, and its port cannot be reused by another
+    // test's agent while the aggregator keeps trying it.
+    let pid = doomed.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let doomed_died_ms = now_unix_ms();
+    std::thread::sleep(Duration::from_secs(5));
+    let before = agg.metrics();
+    agg.kill9();
+    let agg = Aggregator::start(&config, &data);
+    assert!(
+        agg.log_text().contains("ledger restored") || {
+            std::thread::sleep(Duration::from_millis(500));
+            agg.log_text().contains("ledger restored")
+        }
+    );
+    let sealed_before = before
+        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+        .unwrap() as i64;
+    let m = agg.wait_for(
+        Duration::from_secs(90),
+        "the minute of the crash to seal",
+        |m| {
+            m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                .unwrap() as i64
+                > sealed_before
+        },
+    );
+    let through = m
+        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+        .unwrap() as i64;
+    // Counters never went back across the crash.
+    for kind in [
+        "committed",
+        "delivered",
+        "used",
+        "idle",
+        "undelivered",
+        "unreported",
+        "overage",
+    ] {
+        assert!(
+            counter(&m, kind) >= counter(&before, kind),
+            "{kind} went back"
+        );
+    }
+
+    // Ground truth over the sealed span [since, through).
+    let span = |agent: &Agent| {
+        let start = agent.sc.start_unix_ms.unwrap() as i64;
+        (
+            (since * 1000 - start).max(0) as u64,
+            (through * 1000 - start) as u64,
+        )
+    };
+    let (mut delivered, mut used) = (0.0, 0.0);
+    for agent in [&a, &b] {
+        let (from, to) = span(agent);
+        for g in 0..agent.sc.gpus.len() {
+            delivered += agent.sc.present_seconds(g, from, to);
+            used += agent.sc.busy_seconds(g, from, to);
+        }
+    }
+    let (from, _) = span(&doomed);
+    let died = (doomed_died_ms - doomed.sc.start_unix_ms.unwrap() as i64) as u64;
+    delivered += doomed.sc.present_seconds(0, from, died);
+    used += doomed.sc.busy_seconds(0, from, died);
+    let unreported_truth = (through * 1000 - doomed_died_ms) as f64 / 1000.0;
+    let seconds = (through - since) as f64;
+
+    // Within one scrape interval (1 s) plus one agent sample interval per GPU.
+    let tol = |truth: f64| 0.01 * truth + 7.0 * 1.5;
+    let report: Vec<String> = [
+        "committed",
+        "delivered",
+        "used",
+        "idle",
+        "undelivered",
+        "unreported",
+        "overage",
+    ]
+    .iter()
+    .map(|k| format!("{k}={:.1}", counter(&m, k)))
+    .collect();
+    let check = |kind: &str, truth: f64| {
+        let got = counter(&m, kind);
+        assert!(
+            (got - truth).abs() <= tol(truth),
+            "{kind}: ledger {got:.1}, ground truth {truth:.1} over {seconds} s; ledger: {}\n{}",
+            report.join(" "),
+            agg.log_text()
+        );
+    };
+    check("committed", 8.0 * seconds);
+    check("delivered", delivered);
+    check("used", used);
+    check("unreported", unreported_truth);
+    check("undelivered", 8.0 * seconds - delivered - unreported_truth);
+    check("idle", delivered - used);
+    assert_eq!(counter(&m, "overage"), 0.0);
+    // The identity, exactly (to the GPU-millisecond).
+    let lhs = counter(&m, "committed");
+    let rhs = counter(&m, "used") - counter(&m, "overage")
+        + counter(&m, "idle")
+        + counter(&m, "undelivered")
+        + counter(&m, "unreported");
+    assert!((lhs - rhs).abs() < 1e-6, "{lhs} != {rhs}");
+
+    // Month-to-date: everything sealed so far is in this billing period.
+    let mtd = |kind: &str| {
+        m.get(
+            "commitmeter_contract_period_gpu_seconds",
+            &[("contract", "lab"), ("kind", kind)],
+        )
+        .unwrap()
+    };
+    for kind in ["committed", "used", "idle", "undelivered", "unreported"] {
+        assert!((mtd(kind) - counter(&m, kind)).abs() < 1e-6, "{kind}");
+    }
+    let util = m
+        .get("commitmeter_contract_utilization_ratio", CONTRACT)
+        .unwrap();
+    assert!((util - (counter(&m, "used") / counter(&m, "committed"))).abs() < 1e-9);
+    let cost_used = m
+        .get(
+            "commitmeter_contract_period_cost",
+            &[("contract", "lab"), ("kind", "used")],
+        )
+        .unwrap();
+    assert!((cost_used - counter(&m, "used") / 3600.0 * 3.6).abs() < 1e-6);
+    assert_eq!(
+        m.get("commitmeter_contract_committed_gpus", CONTRACT),
+        Some(8.0)
+    );
+    assert_eq!(
+        m.get("commitmeter_target_up", &[("target", &doomed.addr)]),
+        Some(0.0)
+    );
+    drop(other);
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn config_mistakes_name_file_contract_and_field() {
+    let dir = TempDir::new("aggcfg");
+    let cases = [
+        (
+            "[[contracts]]\nid = \"x\"\nprovider = \"p\"\nprice_per_gpu_hour = 1.0\ncurrency = \"USD\"\nstart = \"2026-01-01\"\nselector = '{a=\"b\"}'\nramp = [{ from = \"2026-01-01\", gpus = -5 }]\n",
+            "contract \"x\": ramp[0].gpus",
+        ),
+        (
+            "[[contracts]]\nid = \"x\"\nprovider = \"p\"\nprice_per_gpu_hour = 1.0\ncurrency = \"USD\"\nstart = \"2026-01-01\"\ntimezone = \"Mars/Olympus\"\nselector = '{a=\"b\"}'\nramp = [{ from = \"2026-01-01\", gpus = 5 }]\n",
+            "contract \"x\": timezone",
+        ),
+        ("[aggregator]\nscrape_intervall = \"1s\"\n", "unknown field `scrape_intervall`"),
+    ];
+    for (text, expected) in cases {
+        let file = dir.path("aggregator.toml");
+        std::fs::write(&file, text).unwrap();
+        for args in [
+            vec!["check-config".to_string(), file.display().to_string()],
+            vec![
+                "aggregator".to_string(),
+                format!("--config.file={}", file.display()),
+                "--web.listen-address=127.0.0.1:0".to_string(),
+                format!("--storage.path={}", dir.path("data").display()),
+            ],
+        ] {
+            let out = std::process::Command::new(BIN)
+                .args(&args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&file.display().to_string()) && stderr.contains(expected),
+                "{args:?}: {stderr}"
+            );
+            assert!(!stderr.contains("serving"), "{stderr}");
+        }
+        // Nothing started: no ledger was created.
+        assert!(!dir.path("data").exists());
+    }
+    let ok = dir.path("agent.toml");
+    std::fs::write(&ok, "[labels]\ncluster = \"a\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", &ok.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("agent config OK"));
+}
+
+#[test]
+fn file_sd_changes_and_sighup_are_picked_up_and_a_bad_edit_loses_nothing() {
+    let a = Agent::start(&Scenario::default(), AgentOpts::default());
+    let b = Agent::start(&Scenario::default(), AgentOpts::default());
+    let dir = TempDir::new("filesd");
+    let sd_dir = dir.path("targets");
+    std::fs::create_dir_all(&sd_dir).unwrap();
+    let sd = sd_dir.join("gpus.json");
+    let write = |targets: &[&str]| {
+        let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        std::fs::write(
+            &sd,
+            format!(
+                r#"[{{"targets":[{}],"labels":{{"provider":"acme"}}}}]"#,
+                list.join(",")
+            ),
+        )
+        .unwrap();
+    };
+    write(&[&a.addr]);
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[aggregator]
+scrape_interval = "1s"
+scrape_timeout = "1s"
+
+[[file_sd]]
+files = ["{}/*.json"]
+
+[[contracts]]
+id = "lab"
+provider = "acme"
+price_per_gpu_hour = 1.0
+currency = "EUR"
+start = "2026-01-01"
+selector = '{{provider="acme"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
+"#,
+            sd_dir.display()
+        ),
+    )
+    .unwrap();
+    let agg = Aggregator::start(&config, &dir.path("data"));
+    let up = |m: &Metrics, t: &str| {
+        m.get(
+            "commitmeter_target_up",
+            &[("target", t), ("contract", "lab")],
+        )
+    };
+    agg.wait_for(Duration::from_secs(20), "agent a", |m| {
+        up(m, &a.addr) == Some(1.0)
+    });
+    // A change to the file is noticed without a signal.
+    write(&[&a.addr, &b.addr]);
+    agg.wait_for(
+        Duration::from_secs(20),
+        "agent b from the changed file",
+        |m| up(m, &b.addr) == Some(1.0),
+    );
+    // A broken edit keeps the last good targets and is reported.
+    std::fs::write(&sd, "[{\"targets\": [").unwrap();
+    let m = agg.wait_for(Duration::from_secs(20), "the problem gauge", |m| {
+        m.get("commitmeter_targets_config_problems", &[]) == Some(1.0)
+    });
+    assert_eq!(up(&m, &a.addr), Some(1.0));
+    assert_eq!(up(&m, &b.addr), Some(1.0));
+    assert!(agg.log_text().contains("keeping its last good contents"));
+    // Removing b; SIGHUP forces a re-read even when size and mtime look unchanged.
+    write(&[&a.addr]);
+    let pid = agg.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    agg.wait_for(Duration::from_secs(20), "b removed", |m| {
+        up(m, &b.addr).is_none()
+    });
+    assert!(agg.log_text().contains("SIGHUP"));
+}
