@@ -1,0 +1,183 @@
+//! Aggregator benchmark (not a timed test): `cargo bench --bench aggregator`.
+//!
+//! One process simulates N agents of 8 GPUs on loopback (one port, a metrics path per
+//! agent, listed in a file_sd file); the release aggregator scrapes them every 15 s
+//! into one contract. After a warm-up round, CPU time of all its threads
+//! (/proc/PID/task/*/schedstat) and RSS (/proc/PID/status) are read over
+//! `COMMITMETER_BENCH_SECS` (default 60) seconds. `COMMITMETER_BENCH_AGENTS` picks
+//! the fleet sizes (default "1000,10000").
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use common::*;
+
+/// An agent's exposition: the accounting counters plus the gauges the parser skips.
+fn exposition(agent: usize, elapsed: f64) -> String {
+    let mut s = String::with_capacity(16 * 1024);
+    s.push_str("# HELP commitmeter_gpu_info GPU identity.\n# TYPE commitmeter_gpu_info gauge\n");
+    for g in 0..8 {
+        let _ = writeln!(s, "commitmeter_gpu_info{{busy_source=\"samples\",gpu=\"{g}\",model=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:{g:02X}:00.0\",uuid=\"GPU-{agent:08}-{g}\"}} 1");
+    }
+    for (name, share) in [
+        ("commitmeter_gpu_observed_seconds_total", 1.0),
+        ("commitmeter_gpu_busy_seconds_total", 0.6),
+        ("commitmeter_gpu_allocated_seconds_total", 0.8),
+        ("commitmeter_gpu_energy_joules_total", 300.0),
+        ("commitmeter_gpu_utilization_ratio", 0.0),
+        ("commitmeter_gpu_memory_used_bytes", 0.0),
+        ("commitmeter_gpu_memory_total_bytes", 0.0),
+        ("commitmeter_gpu_power_watts", 0.0),
+        ("commitmeter_gpu_temperature_celsius", 0.0),
+        ("commitmeter_gpu_sm_clock_hertz", 0.0),
+    ] {
+        let _ = writeln!(s, "# HELP {name} x\n# TYPE {name} counter");
+        for g in 0..8 {
+            let _ = writeln!(
+                s,
+                "{name}{{gpu=\"{g}\",uuid=\"GPU-{agent:08}-{g}\"}} {}",
+                share * elapsed + 1.0
+            );
+        }
+    }
+    s
+}
+
+fn simulate(listener: std::net::TcpListener, start: Instant) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.spawn(async move {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let agent: usize = req
+                            .uri()
+                            .path()
+                            .split('/')
+                            .nth(2)
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        let body = exposition(agent, start.elapsed().as_secs_f64());
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                    },
+                );
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    std::mem::forget(rt);
+}
+
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn run(agents: usize, secs: u64) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    simulate(listener, Instant::now());
+    let dir = TempDir::new("bench-agg");
+    let sd = dir.path("agents.json");
+    let groups: Vec<String> = (0..agents)
+        .map(|i| format!(r#"{{"targets":["{addr}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#))
+        .collect();
+    std::fs::write(&sd, format!("[{}]", groups.join(","))).unwrap();
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[aggregator]
+scrape_interval = "15s"
+scrape_timeout = "10s"
+grace = "1m"
+
+[[file_sd]]
+files = ["{}"]
+
+[[contracts]]
+id = "sim"
+provider = "sim"
+price_per_gpu_hour = 2.0
+currency = "USD"
+start = "2026-01-01"
+selector = '{{provider="sim"}}'
+ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
+"#,
+            sd.display(),
+            agents * 8
+        ),
+    )
+    .unwrap();
+    let agg = Aggregator::start(&config, &dir.path("data"));
+    let pid = agg.child.id();
+    let up = |m: &Metrics| {
+        m.series("commitmeter_target_up")
+            .iter()
+            .filter(|(_, v)| *v == 1.0)
+            .count()
+    };
+    agg.wait_for(Duration::from_secs(60), "all targets up", |m| {
+        up(m) == agents
+    });
+    let cpu0 = cpu_ns(pid);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
+    let wall = start.elapsed().as_secs_f64();
+    let m = agg.metrics();
+    println!(
+        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {} kB, peak RSS {} kB, {} targets up",
+        cpu / wall * 100.0,
+        status_kb(pid, "VmRSS:"),
+        status_kb(pid, "VmHWM:"),
+        up(&m)
+    );
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs = std::env::var("COMMITMETER_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let sizes = std::env::var("COMMITMETER_BENCH_AGENTS").unwrap_or_else(|_| "1000,10000".into());
+    for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
+        run(n, secs);
+    }
+}
