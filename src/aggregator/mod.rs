@@ -430,11 +430,7 @@ impl Shared {
         books.pending.clear();
         for s in &sealed {
             let c = &self.contracts[s.contract];
-            let r = &mut books.running[s.contract];
-            if !r.add(s) {
-                r.roll(c.billing_period(s.minute * MINUTE_MS));
-                r.add(s);
-            }
+            books.running[s.contract].record(s, |t| c.billing_period(t));
             self.metrics.add_totals(&c.id, &s.totals);
         }
         for (c, &(d, u)) in snap.late.iter().enumerate() {
@@ -486,5 +482,54 @@ impl Shared {
                 .with_label_values(&[&contract.id])
                 .set(contract.committed_gpus_at(now) as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::split;
+
+    /// Sealed minutes crossing a Los Angeles month end roll the month-to-date figures
+    /// at local midnight (07:00 UTC in November, PDT), not at UTC midnight.
+    #[test]
+    fn month_to_date_rolls_at_local_midnight_across_dst() {
+        let text = r#"
+[[contracts]]
+id = "la"
+provider = "p"
+price_per_gpu_hour = 1.0
+currency = "USD"
+timezone = "America/Los_Angeles"
+start = "2026-10-01"
+selector = '{provider="p"}'
+ramp = [ { from = "2026-10-01", gpus = 10 } ]
+"#;
+        let cfg = crate::contract::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let c = &cfg.contracts[0];
+        // 2026-11-01T06:00Z is 23:00 PDT on Oct 31; local midnight is 07:00Z.
+        let first = 1_793_512_800_000 / MINUTE_MS; // 2026-11-01T06:00:00Z
+        let mut r = Running::new(
+            Default::default(),
+            c.billing_period(first * MINUTE_MS),
+            Default::default(),
+            vec![],
+        );
+        assert_eq!(r.period_end_ms, 1_793_516_400_000); // 2026-11-01T07:00:00Z
+        for minute in first..first + 120 {
+            let (a, b) = (minute * MINUTE_MS, (minute + 1) * MINUTE_MS);
+            let s = Sealed {
+                contract: 0,
+                minute,
+                totals: split(c.committed_gpu_ms(a, b), 600_000, 0, 300_000),
+            };
+            r.record(&s, |t| c.billing_period(t));
+        }
+        // One hour in the new (November) period, two hours all time.
+        assert_eq!(r.period_start_ms, 1_793_516_400_000);
+        assert_eq!(r.period_end_ms, 1_796_112_000_000); // 2026-12-01T08:00:00Z (PST)
+        assert_eq!(r.period.committed, 10 * 3_600_000);
+        assert_eq!(r.all_time.committed, 10 * 7_200_000);
+        assert_eq!(r.period.used, 60 * 300_000);
     }
 }

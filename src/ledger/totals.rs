@@ -70,6 +70,15 @@ impl Running {
         true
     }
 
+    /// Adds a sealed minute, first moving to the period that contains it when it lies
+    /// past the current one (`period_of` gives the billing period of an instant).
+    pub fn record(&mut self, s: &Sealed, period_of: impl Fn(i64) -> (i64, i64)) {
+        if !self.add(s) {
+            self.roll(period_of(s.minute * MINUTE_MS));
+            self.add(s);
+        }
+    }
+
     /// Moves to the next period, keeping all-time sums and the last day.
     pub fn roll(&mut self, period: (i64, i64)) {
         self.period_start_ms = period.0;
