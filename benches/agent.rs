@@ -56,25 +56,6 @@ fn render_cost() {
     );
 }
 
-fn proc_field(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU time of every thread of `pid`, in nanoseconds (schedstat's first field).
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn run_agent() {
     let secs: u64 = std::env::var("COMMITMETER_BENCH_SECS")
         .ok()
@@ -116,8 +97,8 @@ fn run_agent() {
         m.get("commitmeter_agent_polls_total", &[]).unwrap_or(0.0),
         cpu / wall * 100.0,
         cpu,
-        proc_field(pid, "VmRSS:"),
-        proc_field(pid, "VmHWM:"),
+        status_kb(pid, "VmRSS:"),
+        status_kb(pid, "VmHWM:"),
     );
 }
 

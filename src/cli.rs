@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::configfile::parse_duration;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "commitmeter",
@@ -77,42 +79,6 @@ pub struct AgentArgs {
     pub nvml_library: Option<PathBuf>,
 }
 
-/// Parses a Prometheus-style duration: `1s`, `500ms`, `1m30s`, `2h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?}: expected e.g. 1s, 500ms, 1m30s");
-    if s.is_empty() {
-        return Err(err());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-        if digits == 0 {
-            return Err(err());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            "w" => Duration::from_secs(7 * 86_400),
-            _ => return Err(err()),
-        };
-        let part = unit
-            .checked_mul(u32::try_from(n).map_err(|_| err())?)
-            .ok_or_else(err)?;
-        total = total.checked_add(part).ok_or_else(err)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
-
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
@@ -152,16 +118,5 @@ mod tests {
         assert_eq!(a.sample_interval, Duration::from_millis(250));
         assert_eq!(a.nvml_library, Some(PathBuf::from("/x.so")));
         assert!(Cli::try_parse_from(["commitmeter", "agent", "--sample.interval=10ms"]).is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "s", "1", "1x", "-1s", "1.5s", "99999999999s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 }

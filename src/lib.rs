@@ -5,6 +5,7 @@ pub mod agent;
 pub mod aggregator;
 pub mod check;
 pub mod cli;
+pub mod configfile;
 pub mod contract;
 pub mod http;
 pub mod ledger;

@@ -92,15 +92,7 @@ impl AgentConfig {
 
 /// Turns a toml error into "file:line:column: message" without the source excerpt.
 pub fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let location = e
-        .span()
-        .map(|span| {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!(":{line}:{col}")
-        })
-        .unwrap_or_default();
+    let location = crate::configfile::toml_location(text, e);
     ConfigError::Syntax {
         path: path.to_path_buf(),
         location,

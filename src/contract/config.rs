@@ -158,7 +158,8 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
     let agg = raw.aggregator.unwrap_or_default();
     let duration = |key: &str, value: &Option<String>, default: Duration| match value {
         None => Ok(default),
-        Some(s) => parse_duration(s).map_err(|m| invalid(format!("aggregator.{key}"), m)),
+        Some(s) => crate::configfile::parse_duration(s)
+            .map_err(|m| invalid(format!("aggregator.{key}"), m)),
     };
     let scrape_interval = duration(
         "scrape_interval",
@@ -552,63 +553,12 @@ fn check_label_name(name: &str) -> Result<(), String> {
 
 /// Turns a toml error into "file:line:column: message" without the source excerpt.
 fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let location = e
-        .span()
-        .map(|span| {
-            let mut start = span.start.min(text.len());
-            while !text.is_char_boundary(start) {
-                start -= 1;
-            }
-            let before = &text[..start];
-            let line = before.matches('\n').count() + 1;
-            let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
-                .chars()
-                .count()
-                + 1;
-            format!(":{line}:{col}")
-        })
-        .unwrap_or_default();
+    let location = crate::configfile::toml_location(text, e);
     ConfigError::Syntax {
         path: path.to_path_buf(),
         location,
         message: e.message().trim().replace('\n', " "),
     }
-}
-
-/// Prometheus-style duration: `15s`, `500ms`, `1m30s`, `2h`, `0s` (units ms, s, m, h, d, w).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?}: expected e.g. 15s, 5m, 1m30s");
-    if s.is_empty() {
-        return Err(err());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-        if digits == 0 {
-            return Err(err());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            "w" => Duration::from_secs(7 * 86_400),
-            _ => return Err(err()),
-        };
-        let part = unit
-            .checked_mul(u32::try_from(n).map_err(|_| err())?)
-            .ok_or_else(err)?;
-        total = total.checked_add(part).ok_or_else(err)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
 }
 
 // ---- raw TOML shapes (every table denies unknown keys; no `flatten`) ----

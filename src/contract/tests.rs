@@ -318,11 +318,11 @@ fn aggregator_mistakes() {
     assert_eq!(
         err("[aggregator]\nscrape_interval = \"15\"\n"),
         "aggregator.toml: aggregator.scrape_interval: invalid duration \"15\": expected e.g. \
-         15s, 5m, 1m30s"
+         15s, 500ms, 1m30s"
     );
     assert_eq!(
         err("[aggregator]\ngrace = \"-5m\"\n"),
-        "aggregator.toml: aggregator.grace: invalid duration \"-5m\": expected e.g. 15s, 5m, \
+        "aggregator.toml: aggregator.grace: invalid duration \"-5m\": expected e.g. 15s, 500ms, \
          1m30s"
     );
     assert_eq!(

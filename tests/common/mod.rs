@@ -162,19 +162,7 @@ impl Agent {
         what: &str,
         pred: impl Fn(&Metrics) -> bool,
     ) -> Metrics {
-        let deadline = Instant::now() + within;
-        loop {
-            let m = self.metrics();
-            if pred(&m) {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_metrics(&self.addr, &self.log, within, what, pred)
     }
 
     pub fn log_text(&self) -> String {
@@ -370,25 +358,14 @@ impl Aggregator {
         Metrics::parse(&body)
     }
 
+    /// Polls `/metrics` until `pred` holds.
     pub fn wait_for(
         &self,
         within: Duration,
         what: &str,
         pred: impl Fn(&Metrics) -> bool,
     ) -> Metrics {
-        let deadline = Instant::now() + within;
-        loop {
-            let m = self.metrics();
-            if pred(&m) {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_metrics(&self.addr, &self.log, within, what, pred)
     }
 
     pub fn log_text(&self) -> String {
@@ -407,4 +384,48 @@ impl Drop for Aggregator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `addr`'s `/metrics` until `pred` holds; on timeout fails with the process log.
+fn wait_for_metrics(
+    addr: &str,
+    log: &Mutex<Vec<String>>,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&Metrics) -> bool,
+) -> Metrics {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        let m = Metrics::parse(&body);
+        if pred(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            log.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// CPU time of every thread of `pid`, in nanoseconds (schedstat's first field). For benches.
+pub fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `VmHWM:`). For benches.
+pub fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
