@@ -44,6 +44,8 @@ pub struct AggregatorMetrics {
     pub projected_utilization: GaugeVec,
     pub required_utilization: GaugeVec,
     pub cost: GaugeVec,
+    pub price: GaugeVec,
+    pub tier_reachable: GaugeVec,
     pub late: CounterVec,
     pub sealed_through: IntGauge,
     pub since: IntGauge,
@@ -183,6 +185,16 @@ impl AggregatorMetrics {
                 "commitmeter_contract_period_cost",
                 "Month-to-date cost in the contract's currency, by kind.",
                 &["contract", "currency", "kind"],
+            )?,
+            price: gauge(
+                "commitmeter_contract_price_per_gpu_second",
+                "Price of one committed GPU-second in the contract's currency (× 3600 per GPU-hour).",
+                &["contract", "currency"],
+            )?,
+            tier_reachable: gauge(
+                "commitmeter_contract_burn_rate_tier_reachable",
+                "1 if the underuse burn-rate tier can fire for this contract's target and period, 0 if its threshold is above 100 % idle.",
+                &["contract", "tier"],
             )?,
             target_up: gauge(
                 "commitmeter_target_up",

@@ -129,6 +129,17 @@ pub async fn run(
             ledger.sealed_through(),
         )?;
         metrics.describe(c);
+        let period_s = (period.1 - period.0) as f64 / 1000.0;
+        for tier in crate::ledger::burn::TIERS {
+            if !tier.reachable(period_s, c.target_utilization) {
+                tracing::warn!(
+                    contract = %c.id,
+                    tier = tier.name,
+                    threshold = tier.threshold(period_s, c.target_utilization),
+                    "underuse burn-rate tier can never fire for this target (threshold above 100% idle); see docs/alerts"
+                );
+            }
+        }
         metrics.add_totals(&c.id, &all_time);
         running.push(Running::new(all_time, period, in_period, recent));
     }

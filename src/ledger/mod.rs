@@ -15,6 +15,7 @@
 //! - A minute seals `grace` after it ends. Sealed minutes never change; a delta that
 //!   reaches back into sealed minutes has that part dropped (and counted as late).
 
+pub mod burn;
 pub mod totals;
 
 use std::collections::{BTreeMap, HashMap};

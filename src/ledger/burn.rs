@@ -1,0 +1,100 @@
+//! Burn-rate tiers on the idle budget (after the SRE workbook's multi-window,
+//! multi-burn-rate alerts). A tier fires when the idle ratio over both its windows
+//! exceeds `f · P / w · B`: spending a fraction `f` of the period's idle budget
+//! `B = 1 − target` within the long window `w`, for a billing period of length `P`.
+//! The idle ratio cannot exceed 1, so a tier whose threshold is above 1 can never
+//! fire: the aggregator reports that instead of letting a page silently never come.
+
+/// One alerting tier; names match the `tier` label and the alert rules.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tier {
+    pub name: &'static str,
+    /// Share of the period's idle budget spent within `long_s`.
+    pub budget_fraction: f64,
+    pub long_s: f64,
+    pub short_s: f64,
+}
+
+pub const TIERS: [Tier; 4] = [
+    Tier {
+        name: "page_1h",
+        budget_fraction: 0.02,
+        long_s: 3600.0,
+        short_s: 300.0,
+    },
+    Tier {
+        name: "page_6h",
+        budget_fraction: 0.05,
+        long_s: 6.0 * 3600.0,
+        short_s: 1800.0,
+    },
+    Tier {
+        name: "ticket_1d",
+        budget_fraction: 0.10,
+        long_s: 86_400.0,
+        short_s: 2.0 * 3600.0,
+    },
+    Tier {
+        name: "ticket_3d",
+        budget_fraction: 0.10,
+        long_s: 3.0 * 86_400.0,
+        short_s: 6.0 * 3600.0,
+    },
+];
+
+impl Tier {
+    /// The burn rate factor `f · P / w` (14.4 for the fast page in a 30-day month).
+    pub fn factor(&self, period_s: f64) -> f64 {
+        self.budget_fraction * period_s / self.long_s
+    }
+
+    /// The idle ratio above which this tier fires.
+    pub fn threshold(&self, period_s: f64, target_utilization: f64) -> f64 {
+        self.factor(period_s) * (1.0 - target_utilization)
+    }
+
+    /// Whether the idle ratio (at most 1) can ever exceed the threshold.
+    pub fn reachable(&self, period_s: f64, target_utilization: f64) -> bool {
+        self.threshold(period_s, target_utilization) < 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DAY: f64 = 86_400.0;
+
+    #[test]
+    fn factors_follow_the_real_month_length() {
+        let fast = TIERS[0];
+        assert!((fast.factor(28.0 * DAY) - 13.44).abs() < 1e-9);
+        assert!((fast.factor(30.0 * DAY) - 14.4).abs() < 1e-9);
+        assert!((fast.factor(31.0 * DAY) - 14.88).abs() < 1e-9);
+        // T = 0.95 in a 30-day month: the fast page needs 72 % idle.
+        assert!((fast.threshold(30.0 * DAY, 0.95) - 0.72).abs() < 1e-9);
+        assert!(fast.reachable(30.0 * DAY, 0.95));
+        // T = 0.93: 14.4 × 0.07 = 1.008 > 1, the fast page can never fire.
+        assert!(!fast.reachable(30.0 * DAY, 0.93));
+        // The 3-day ticket (factor 1.03 in a 31-day month) is reachable unless the
+        // target is under 3.3 %.
+        assert!(TIERS[3].reachable(31.0 * DAY, 0.05));
+        assert!(!TIERS[3].reachable(31.0 * DAY, 0.0));
+    }
+
+    proptest! {
+        /// A higher target (smaller budget) never makes a tier unreachable, and a
+        /// shorter month never does either.
+        #[test]
+        fn reachability_is_monotonic(t in 0.0f64..1.0, dt in 0.0f64..0.5, days in 28u32..=31) {
+            let p = f64::from(days) * DAY;
+            for tier in TIERS {
+                if tier.reachable(p, t) {
+                    prop_assert!(tier.reachable(p, (t + dt).min(1.0)));
+                    prop_assert!(tier.reachable(28.0 * DAY, t));
+                }
+            }
+        }
+    }
+}
