@@ -41,6 +41,34 @@ pub enum Command {
     Aggregator(AggregatorArgs),
     /// Validate agent or aggregator config files and exit (status 1 on the first mistake).
     CheckConfig(CheckConfigArgs),
+    /// The whole pipeline on this machine, no GPU needed: a simulated fleet, the real
+    /// aggregator and ledger, on simulated time.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Address of the aggregator's status page and /metrics.
+    #[arg(long = "web.listen-address", default_value = "127.0.0.1:9474")]
+    pub listen_address: String,
+    /// How much faster than real time simulated time runs.
+    #[arg(long = "speed", default_value_t = 60.0, value_parser = parse_speed)]
+    pub speed: f64,
+    /// Which story the simulated fleet tells.
+    #[arg(long = "story", value_enum, default_value_t = crate::demo::sim::Story::Default)]
+    pub story: crate::demo::sim::Story,
+    /// Keep the ledger here instead of a temporary directory removed on exit.
+    #[arg(long = "data.dir")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=100_000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s}: the speed must be a number between 0.1 and 100000"
+        )),
+    }
 }
 
 #[derive(Debug, Args, Clone)]

@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod configfile;
 pub mod contract;
+pub mod demo;
 pub mod http;
 pub mod ledger;
 pub mod logging;

@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use commitmeter::cli::{Cli, Command};
-use commitmeter::{agent, aggregator, check, logging};
+use commitmeter::{agent, aggregator, check, demo, logging};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -28,6 +28,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 aggregator::prepare(&args.config_file, &args.listen_address, args.storage_path)?;
             let clock = std::sync::Arc::new(aggregator::SystemClock);
             runtime()?.block_on(aggregator::run(prepared, clock, shutdown_signal()))?;
+        }
+        Command::Demo(args) => {
+            let opts = demo::DemoOptions {
+                listen_address: args.listen_address,
+                speed: args.speed,
+                story: args.story,
+                data_dir: args.data_dir,
+            };
+            runtime()?.block_on(demo::run(opts, shutdown_signal()))?;
         }
         Command::CheckConfig(args) => {
             for file in &args.files {

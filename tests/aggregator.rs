@@ -88,6 +88,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     .unwrap();
     let data = dir.path("data");
     let agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(20));
     let m = agg.wait_for(Duration::from_secs(20), "first round", |m| {
         m.get("commitmeter_target_up", &[("target", &a.addr)]) == Some(1.0)
     });

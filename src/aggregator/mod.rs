@@ -98,6 +98,17 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AggregatorError> {
+    let listener = http::bind(p.listen).await?;
+    serve(p, listener, clock, shutdown).await
+}
+
+/// Runs on an already bound listener (the demo binds first to print its URLs).
+pub async fn serve(
+    p: Prepared,
+    listener: tokio::net::TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AggregatorError> {
     let cfg = p.config;
     let store = Store::open(&p.data_dir)?;
     let ids: Vec<String> = cfg.contracts.iter().map(|c| c.id.clone()).collect();
@@ -179,7 +190,6 @@ pub async fn run(
     }
     shared.refresh_gauges();
 
-    let listener = http::bind(p.listen).await?;
     tracing::info!(address = %listener.local_addr().unwrap_or(p.listen), "serving /metrics");
     let hup = Arc::new(AtomicBool::new(false));
     spawn_sighup(hup.clone());
@@ -325,6 +335,11 @@ async fn scrape_loop(shared: Arc<Shared>, cfg: AggregatorConfig, hup: Arc<Atomic
                     None => tracing::info!(target = %key, "scrape ok"),
                 }
             }
+        }
+        if !shared.ready.load(Ordering::Relaxed) {
+            let mut books = shared.books.lock().expect("books lock");
+            books.ledger.start_after(shared.clock.now_ms());
+            shared.metrics.since.set(books.ledger.since() * 60);
         }
         shared.seal_and_commit().await;
         shared.refresh_gauges();

@@ -255,6 +255,16 @@ impl Ledger {
         }
     }
 
+    /// Moves the start of a ledger that has sealed nothing yet to the minute after
+    /// `t_ms`: called after the first scrape round, so every host's baseline precedes
+    /// the first accounted minute (no artificial undelivered minute at the start).
+    pub fn start_after(&mut self, t_ms: i64) {
+        if self.sealed_through == self.since && self.open.is_empty() {
+            self.since = minute_of(t_ms) + 1;
+            self.sealed_through = self.since;
+        }
+    }
+
     /// The first minute this ledger accounts.
     pub fn since(&self) -> i64 {
         self.since

@@ -372,6 +372,19 @@ impl Aggregator {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Waits until the first scrape round has finished (`/-/ready`).
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while http_get(&self.addr, "/-/ready").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "aggregator not ready; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,317 @@
+//! `commitmeter demo`: the whole pipeline on one machine with no GPU. A simulated
+//! fleet serves agent expositions (through the agent's own metrics code) on
+//! simulated time; the real aggregator scrapes it into a real SQLite ledger on the
+//! same simulated clock. Only the source of time and of counters is simulated.
+
+pub mod sim;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hyper::StatusCode;
+
+use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuSeries};
+use crate::aggregator::{self, Clock, SystemClock};
+use crate::http;
+use sim::{Fleet, Story};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Aggregator(#[from] aggregator::AggregatorError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("demo data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub struct DemoOptions {
+    pub listen_address: String,
+    pub speed: f64,
+    pub story: Story,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Simulated time: `start_ms` plus `speed` times the real time elapsed.
+pub struct SimClock {
+    start_ms: i64,
+    real_start: Instant,
+    speed: f64,
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> i64 {
+        self.start_ms + (self.real_start.elapsed().as_secs_f64() * 1000.0 * self.speed) as i64
+    }
+}
+
+/// One simulated host's agent series, kept so updates never look labels up.
+struct HostSeries {
+    metrics: AgentMetrics,
+    gpus: Vec<GpuSeries>,
+}
+
+struct Sim {
+    fleet: Mutex<Fleet>,
+    hosts: Vec<HostSeries>,
+    clock: Arc<SimClock>,
+}
+
+impl Sim {
+    /// The exposition of host `i` at the current simulated time, or None if it is down.
+    fn render(
+        &self,
+        i: usize,
+    ) -> Option<hyper::Response<http_body_util::Full<hyper::body::Bytes>>> {
+        let mut fleet = self.fleet.lock().expect("fleet lock");
+        fleet.advance(self.clock.now_ms());
+        let host = fleet.hosts.get(i)?;
+        let series = &self.hosts[i];
+        if !host.reachable {
+            return Some(http::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "host down\n",
+            ));
+        }
+        let m = &series.metrics;
+        for (g, s) in host.gpus.iter().zip(&series.gpus) {
+            let raise = |c: &prometheus::Counter, to: f64| {
+                if to > c.get() {
+                    c.inc_by(to - c.get());
+                }
+            };
+            raise(&s.observed, g.observed_s);
+            raise(&s.busy, g.busy_s);
+            raise(
+                &m.allocated.with_label_values(&s.label_refs()),
+                g.allocated_s,
+            );
+            raise(&m.energy.with_label_values(&s.label_refs()), g.energy_j);
+            for &(code, n) in &g.xids {
+                let c = m
+                    .xid
+                    .with_label_values(&[&s.labels[0], &s.labels[1], &code.to_string()]);
+                raise(&c, n as f64);
+            }
+            s.up.set(if g.up { 1.0 } else { 0.0 });
+            let on = |v: f64| g.up.then_some(v);
+            m.set_gauge(GaugeKind::Utilization, s, on(g.utilization));
+            m.set_gauge(GaugeKind::MemoryTotal, s, on(85_899_345_920.0));
+            m.set_gauge(
+                GaugeKind::MemoryUsed,
+                s,
+                on(85_899_345_920.0 * 0.9 * g.utilization),
+            );
+            m.set_gauge(GaugeKind::Power, s, on(90.0 + 610.0 * g.utilization));
+            m.set_gauge(GaugeKind::PowerLimit, s, on(700.0));
+            m.set_gauge(GaugeKind::Temperature, s, on(35.0 + 40.0 * g.utilization));
+            m.set_gauge(GaugeKind::SmClock, s, on(1.98e9));
+            m.set_gauge(
+                GaugeKind::Processes,
+                s,
+                on(if g.utilization > 0.02 { 1.0 } else { 0.0 }),
+            );
+        }
+        Some(crate::agent::render(&m.registry))
+    }
+}
+
+/// The first instant of the simulation: the 2nd of this month at 00:00 UTC, so every
+/// contract's local billing period (New York, Los Angeles, Berlin) has begun.
+fn sim_start() -> i64 {
+    let utc = jiff::tz::TimeZone::UTC;
+    let today = utc.to_datetime(jiff::Timestamp::now()).date();
+    today
+        .first_of_month()
+        .tomorrow()
+        .ok()
+        .and_then(|d| utc.to_timestamp(d.at(0, 0, 0, 0)).ok())
+        .map_or_else(|| SystemClock.now_ms(), |t| t.as_millisecond())
+}
+
+fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+pub async fn run(
+    opts: DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DemoError> {
+    let listen = http::parse_listen_address(&opts.listen_address)?;
+    let (data_dir, temporary) = match &opts.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("commitmeter-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    let io = |source| DemoError::Io {
+        path: data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&data_dir).map_err(io)?;
+
+    let start_ms = sim_start();
+    let clock = Arc::new(SimClock {
+        start_ms,
+        real_start: Instant::now(),
+        speed: opts.speed,
+    });
+    let fleet = Fleet::new(opts.story, start_ms);
+    let contracts = fleet.contracts();
+
+    // The simulated agents, each with the agent's own metrics code.
+    let mut hosts = Vec::new();
+    for h in &fleet.hosts {
+        let labels = vec![
+            ("provider".to_string(), h.provider.to_string()),
+            ("cluster".to_string(), h.cluster.to_string()),
+            ("host".to_string(), h.name.clone()),
+        ];
+        let metrics = AgentMetrics::new(&labels)?;
+        metrics.nvml_up.set(1);
+        let gpus = h
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let s = metrics.gpu(i as u32, &g.uuid);
+                metrics
+                    .gpu_info
+                    .with_label_values(&[
+                        &s.labels[0],
+                        &g.uuid,
+                        g.model,
+                        &format!("00000000:{:02X}:00.0", 0x17 + i),
+                        "samples",
+                    ])
+                    .set(1.0);
+                s
+            })
+            .collect();
+        hosts.push(HostSeries { metrics, gpus });
+    }
+    let sim = Arc::new(Sim {
+        fleet: Mutex::new(fleet),
+        hosts,
+        clock: clock.clone(),
+    });
+    let agents_listener = http::bind(std::net::SocketAddr::new(listen.ip(), 0)).await?;
+    let agents_addr = agents_listener.local_addr().map_err(io)?;
+    let reach_ip = if listen.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        listen.ip().to_string()
+    };
+    let agents_target = format!("{reach_ip}:{}", agents_addr.port());
+
+    // file_sd for the aggregator (and for a Prometheus, if you point one at it).
+    let fleet_now = sim.fleet.lock().expect("fleet lock").hosts.clone();
+    let groups: Vec<String> = fleet_now
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            format!(
+                r#"{{"targets":["{agents_target}"],"labels":{{"provider":"{}","cluster":"{}","host":"{}","__metrics_path__":"/agent/{i}/metrics"}}}}"#,
+                h.provider, h.cluster, h.name
+            )
+        })
+        .collect();
+    let sd_path = data_dir.join("agents.json");
+    std::fs::write(&sd_path, format!("[\n{}\n]\n", groups.join(",\n"))).map_err(io)?;
+
+    let mut toml = String::from(
+        "# Written by `commitmeter demo`. Durations: scrape_interval is real time,\n\
+         # grace is simulated time (the ledger's clock).\n\
+         [aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"5m\"\n\n",
+    );
+    let _ = writeln!(
+        toml,
+        "[[file_sd]]\nfiles = [{:?}]\n",
+        sd_path.display().to_string()
+    );
+    for c in &contracts {
+        let ramp: Vec<String> = c
+            .ramp
+            .iter()
+            .map(|(h, gpus)| {
+                format!(
+                    "{{ from = \"{}\", gpus = {gpus} }}",
+                    rfc3339(start_ms + h * 3_600_000)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            toml,
+            "[[contracts]]\nid = \"{}\"\nprovider = \"{}\"\nprice_per_gpu_hour = {}\ncurrency = \"USD\"\ntarget_utilization = {}\ntimezone = \"{}\"\nstart = \"{}\"\nselector = '{{provider=\"{}\", cluster=\"{}\"}}'\nramp = [ {} ]\n",
+            c.id,
+            c.provider,
+            c.price_per_gpu_hour,
+            c.target,
+            c.timezone,
+            rfc3339(start_ms),
+            c.provider,
+            c.cluster,
+            ramp.join(", ")
+        );
+    }
+    let config_path = data_dir.join("aggregator.toml");
+    std::fs::write(&config_path, toml).map_err(io)?;
+    // The same validation as production: a mistake here is a bug in the demo.
+    let prepared = aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone())?;
+    let listener = http::bind(listen).await?;
+    let bound = listener.local_addr().map_err(io)?;
+    let shown = if bound.ip().is_unspecified() {
+        format!("127.0.0.1:{}", bound.port())
+    } else {
+        bound.to_string()
+    };
+
+    let agents_sim = sim.clone();
+    let agents_handler: http::Handler = Arc::new(move |path: &str| {
+        let rest = path.strip_prefix("/agent/")?;
+        let (i, tail) = rest.split_once('/')?;
+        if tail != "metrics" {
+            return None;
+        }
+        agents_sim.render(i.parse().ok()?)
+    });
+    let (stop_agents, agents_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agents = tokio::spawn(http::serve(agents_listener, agents_handler, async {
+        let _ = agents_stopped.await;
+    }));
+
+    println!(
+        "commitmeter demo: {} simulated hosts ({} GPUs), {} contracts, story {:?}, simulated time x{} from {}\n\
+         \x20 status page:       http://{shown}/\n\
+         \x20 contract metrics:  http://{shown}/metrics\n\
+         \x20 simulated agents:  http://{agents_target}/agent/0/metrics … (file_sd: {})\n\
+         \x20 ledger:            {}\n\
+         Ctrl-C to stop.",
+        fleet_now.len(),
+        fleet_now.iter().map(|h| h.gpus.len()).sum::<usize>(),
+        contracts.len(),
+        opts.story,
+        opts.speed,
+        rfc3339(start_ms),
+        sd_path.display(),
+        data_dir.join("ledger.sqlite3").display(),
+    );
+    let result = aggregator::serve(prepared, listener, clock, shutdown).await;
+    let _ = stop_agents.send(());
+    let _ = agents.await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result.map_err(DemoError::from)
+}
