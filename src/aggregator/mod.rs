@@ -3,6 +3,7 @@
 pub mod metrics;
 pub mod parse;
 pub mod scrape;
+pub mod status;
 pub mod store;
 pub mod targets;
 
@@ -91,6 +92,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     grace_ms: i64,
     ready: AtomicBool,
+    /// Per target key: its contract and whether its last scrape succeeded.
+    health: Mutex<HashMap<String, (Option<usize>, bool)>>,
 }
 
 pub async fn run(
@@ -179,6 +182,7 @@ pub async fn serve(
         clock,
         grace_ms: cfg.grace.as_millis() as i64,
         ready: AtomicBool::new(false),
+        health: Mutex::new(HashMap::new()),
     });
     {
         let books = shared.books.lock().expect("books lock");
@@ -216,11 +220,12 @@ fn spawn_sighup(flag: Arc<AtomicBool>) {
 }
 
 fn handler(shared: Arc<Shared>) -> Handler {
-    Arc::new(move |path: &str| {
-        match path {
+    Arc::new(move |path: &str| match path {
         "/metrics" => Some(crate::agent::render(&shared.metrics.registry)),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
-        "/-/ready" if shared.ready.load(Ordering::Relaxed) => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
+        "/-/ready" if shared.ready.load(Ordering::Relaxed) => {
+            Some(http::text(StatusCode::OK, "text/plain", "OK\n"))
+        }
         "/-/ready" => Some(http::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -229,10 +234,9 @@ fn handler(shared: Arc<Shared>) -> Handler {
         "/" => Some(http::text(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            "<!doctype html><title>commitmeter aggregator</title><h1>commitmeter aggregator</h1><p><a href=\"/metrics\">/metrics</a></p>\n",
+            status::render(&shared.status_view()),
         )),
         _ => None,
-    }
     })
 }
 
@@ -280,6 +284,7 @@ impl TargetSet {
                     let _ = m.target_duration.remove_label_values(&[&key]);
                     let _ = m.target_gpus.remove_label_values(&[&key]);
                     self.up.remove(&key);
+                    shared.health.lock().expect("health lock").remove(&key);
                 }
             }
         }
@@ -364,6 +369,10 @@ impl Shared {
         let up_series = m
             .target_up
             .with_label_values(&[&key, contract_label(self, t)]);
+        self.health
+            .lock()
+            .expect("health lock")
+            .insert(key.clone(), (t.contract, result.is_ok()));
         match result {
             Ok(gpus) => {
                 up_series.set(1.0);
@@ -475,6 +484,23 @@ impl Shared {
         self.metrics.sealed_through.set(snap.sealed_through * 60);
     }
 
+    /// The inputs of a contract's month-to-date figures. A ledger started mid-period
+    /// accounts the period from its own start.
+    fn terms(contract: &Contract, r: &Running, since_ms: i64, through_ms: i64) -> Terms {
+        let (start, end) = (
+            r.period_start_ms.max(since_ms).min(r.period_end_ms),
+            r.period_end_ms,
+        );
+        let from = through_ms.clamp(start, end);
+        Terms {
+            committed_period: contract.committed_gpu_ms(start, end),
+            committed_remaining: contract.committed_gpu_ms(from, end),
+            remaining_ms: end - from,
+            target_utilization: contract.target_utilization,
+            price_per_gpu_hour: contract.price_per_gpu_hour,
+        }
+    }
+
     /// Month-to-date gauges from the sealed, durable minutes.
     fn refresh_gauges(&self) {
         let now = self.clock.now_ms();
@@ -483,30 +509,66 @@ impl Shared {
         let since_ms = books.ledger.since() * MINUTE_MS;
         for (c, contract) in self.contracts.iter().enumerate() {
             let r = &books.running[c];
-            // A ledger started mid-period accounts the period from its own start.
-            let (start, end) = (
-                r.period_start_ms.max(since_ms).min(r.period_end_ms),
-                r.period_end_ms,
-            );
-            let from = through_ms.clamp(start, end);
-            let terms = Terms {
-                committed_period: contract.committed_gpu_ms(start, end),
-                committed_remaining: contract.committed_gpu_ms(from, end),
-                remaining_ms: end - from,
-                target_utilization: contract.target_utilization,
-                price_per_gpu_hour: contract.price_per_gpu_hour,
-            };
-            self.metrics.set_period(
-                contract,
-                r.period_start_ms,
-                end,
-                &r.period,
-                &figures(r, &terms),
-            );
+            let f = figures(r, &Self::terms(contract, r, since_ms, through_ms));
+            self.metrics
+                .set_period(contract, r.period_start_ms, r.period_end_ms, &r.period, &f);
             self.metrics
                 .committed_gpus
                 .with_label_values(&[&contract.id])
                 .set(contract.committed_gpus_at(now) as f64);
+        }
+    }
+
+    /// What the status page shows: the same figures as the gauges, plus the sealed
+    /// minutes of the period for burn rates and the chart.
+    fn status_view(&self) -> status::View {
+        let now_ms = self.clock.now_ms();
+        let (since_ms, through_ms, running) = {
+            let books = self.books.lock().expect("books lock");
+            (
+                books.ledger.since() * MINUTE_MS,
+                books.ledger.sealed_through() * MINUTE_MS,
+                books.running.clone(),
+            )
+        };
+        let health = self.health.lock().expect("health lock").clone();
+        let store = self.store.lock().expect("store lock");
+        let contracts = self
+            .contracts
+            .iter()
+            .zip(&running)
+            .enumerate()
+            .map(|(i, (c, r))| {
+                let from = r.period_start_ms.max(since_ms).div_euclid(MINUTE_MS);
+                let minutes = store
+                    .minutes(&c.id, from, through_ms.div_euclid(MINUTE_MS))
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "status page: cannot read the ledger");
+                        Vec::new()
+                    });
+                let mine = health.values().filter(|(ci, _)| *ci == Some(i));
+                let up = mine.clone().filter(|(_, up)| *up).count();
+                status::ContractView {
+                    id: c.id.clone(),
+                    provider: c.provider.clone(),
+                    currency: c.currency.clone(),
+                    timezone: c.timezone_name.clone(),
+                    target: c.target_utilization,
+                    committed_gpus_now: c.committed_gpus_at(now_ms),
+                    period: (r.period_start_ms, r.period_end_ms),
+                    mtd: r.period,
+                    figures: figures(r, &Self::terms(c, r, since_ms, through_ms)),
+                    minutes,
+                    targets_up: up,
+                    targets_down: mine.count() - up,
+                }
+            })
+            .collect();
+        status::View {
+            now_ms,
+            since_ms,
+            sealed_through_ms: through_ms,
+            contracts,
         }
     }
 }

@@ -98,3 +98,63 @@ mod tests {
         }
     }
 }
+
+/// Windows shown next to the alert tiers, in minutes.
+pub const WINDOWS: [(&str, usize); 7] = [
+    ("5m", 5),
+    ("30m", 30),
+    ("1h", 60),
+    ("2h", 120),
+    ("6h", 360),
+    ("1d", 1440),
+    ("3d", 4320),
+];
+
+/// Idle ratio over the last `window` sealed minutes (oldest first in `minutes`):
+/// a ratio of sums, never a mean of per-minute ratios, since commitments ramp.
+pub fn idle_ratio(minutes: &[(i64, super::Totals)], window: usize) -> Option<f64> {
+    let tail = &minutes[minutes.len().saturating_sub(window)..];
+    let committed: i64 = tail.iter().map(|(_, t)| t.committed).sum();
+    let idle: i64 = tail.iter().map(|(_, t)| t.idle).sum();
+    (committed > 0).then(|| idle as f64 / committed as f64)
+}
+
+/// The tiers whose long and short windows both burn above their threshold now.
+pub fn firing(minutes: &[(i64, super::Totals)], period_s: f64, target: f64) -> Vec<Tier> {
+    TIERS
+        .into_iter()
+        .filter(|t| {
+            let thr = t.threshold(period_s, target);
+            let over = |w: f64| idle_ratio(minutes, (w / 60.0) as usize).is_some_and(|r| r > thr);
+            t.reachable(period_s, target) && over(t.long_s) && over(t.short_s)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use crate::ledger::split;
+
+    #[test]
+    fn ratios_are_ratios_of_sums_and_tiers_need_both_windows() {
+        // An hour at 10 GPUs all idle, then 5 minutes at 20 GPUs all busy.
+        let mut m: Vec<(i64, crate::ledger::Totals)> =
+            (0..60).map(|i| (i, split(600, 600, 0, 0))).collect();
+        m.extend((60..65).map(|i| (i, split(1200, 1200, 0, 1200))));
+        assert_eq!(idle_ratio(&m, 5), Some(0.0));
+        let r = idle_ratio(&m, 60).unwrap();
+        assert!((r - 55.0 * 600.0 / (55.0 * 600.0 + 5.0 * 1200.0)).abs() < 1e-12);
+        // The 1h window burns, its 5m window does not: no fast page. (The slower
+        // tiers fire: on a history shorter than their windows they act early.)
+        let fast = |m: &[(i64, crate::ledger::Totals)]| {
+            firing(m, 30.0 * 86_400.0, 0.95)
+                .iter()
+                .any(|t| t.name == "page_1h")
+        };
+        assert!(!fast(&m));
+        m.extend((65..70).map(|i| (i, split(1200, 1200, 0, 0))));
+        assert!(fast(&m));
+        assert_eq!(idle_ratio(&[], 5), None);
+    }
+}

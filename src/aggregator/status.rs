@@ -1,0 +1,378 @@
+//! The built-in status page (`GET /`): per contract, the month so far in GPU-hours
+//! and money, utilization against target, projection, burn rates, the alerts that
+//! would be firing, and a chart of the month. Server-rendered HTML with inline SVG:
+//! no scripts, no external assets. Rendering is a pure function of [`View`].
+
+use std::fmt::Write as _;
+
+use crate::ledger::burn::{self, TIERS, WINDOWS};
+use crate::ledger::totals::Figures;
+use crate::ledger::{Totals, MINUTE_MS};
+
+/// Everything the page shows, gathered from the ledger under its lock.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub now_ms: i64,
+    pub since_ms: i64,
+    pub sealed_through_ms: i64,
+    pub contracts: Vec<ContractView>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ContractView {
+    pub id: String,
+    pub provider: String,
+    pub currency: String,
+    pub timezone: String,
+    pub target: f64,
+    pub committed_gpus_now: u64,
+    pub period: (i64, i64),
+    pub mtd: Totals,
+    pub figures: Figures,
+    /// Sealed minutes of the period so far, oldest first.
+    pub minutes: Vec<(i64, Totals)>,
+    pub targets_up: usize,
+    pub targets_down: usize,
+}
+
+/// An alert the shipped rules would be firing, judged on sealed minutes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WouldFire {
+    pub severity: &'static str,
+    pub what: String,
+}
+
+/// What would be firing for a contract, by the same definitions as `alerts/`.
+pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
+    let period_s = (c.period.1 - c.period.0) as f64 / 1000.0;
+    let mut out: Vec<WouldFire> = burn::firing(&c.minutes, period_s, c.target)
+        .into_iter()
+        .map(|t| WouldFire {
+            severity: if t.name.starts_with("page") { "page" } else { "ticket" },
+            what: format!(
+                "underuse: idle above {:.0}% over {} and its short window (spending {:.0}% of the idle budget)",
+                t.threshold(period_s, c.target) * 100.0,
+                duration(t.long_s),
+                t.budget_fraction * 100.0
+            ),
+        })
+        .collect();
+    let last_hour = &c.minutes[c.minutes.len().saturating_sub(60)..];
+    let committed: i64 = last_hour.iter().map(|(_, t)| t.committed).sum();
+    let undelivered: i64 = last_hour.iter().map(|(_, t)| t.undelivered).sum();
+    if committed > 0 && undelivered as f64 > 0.02 * committed as f64 {
+        out.push(WouldFire {
+            severity: "ticket",
+            what: format!(
+                "delivery shortfall: {:.1}% of committed GPU time undelivered over the last hour",
+                100.0 * undelivered as f64 / committed as f64
+            ),
+        });
+    }
+    if c.figures.idle_budget_remaining.is_some_and(|r| r <= 0.0) {
+        out.push(WouldFire {
+            severity: "ticket",
+            what: "idle budget of the period exhausted".into(),
+        });
+    }
+    if c.figures
+        .projected_utilization
+        .is_some_and(|p| p < c.target)
+    {
+        out.push(WouldFire {
+            severity: "ticket",
+            what: format!(
+                "projected month-end utilization {:.1}% below the {:.1}% target",
+                c.figures.projected_utilization.unwrap_or(0.0) * 100.0,
+                c.target * 100.0
+            ),
+        });
+    }
+    if c.targets_down > 0 {
+        out.push(WouldFire {
+            severity: "ticket",
+            what: format!("{} agent(s) not answering", c.targets_down),
+        });
+    }
+    out
+}
+
+fn duration(s: f64) -> String {
+    if s >= 86_400.0 {
+        format!("{}d", s / 86_400.0)
+    } else if s >= 3600.0 {
+        format!("{}h", s / 3600.0)
+    } else {
+        format!("{}m", s / 60.0)
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// 1234567.8 → "1,234,567.8" (one decimal).
+pub fn thousands(v: f64) -> String {
+    let s = format!("{:.1}", v.abs());
+    let (int, frac) = s.split_once('.').unwrap_or((&s, "0"));
+    let mut out = String::new();
+    for (i, ch) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    format!("{}{out}.{frac}", if v < 0.0 { "-" } else { "" })
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn iso(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_default()
+}
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1b1f24;background:#f6f7f9}\
+h1{font-size:20px;margin:0 0 4px}h2{font-size:17px;margin:0 0 8px}.sub{color:#57606a;margin-bottom:16px}\
+section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:16px;margin:0 0 16px}\
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;text-align:right;border-bottom:1px solid #eaeef2}\
+th{text-align:left;font-weight:600;color:#57606a}.grid{display:flex;gap:24px;flex-wrap:wrap}\
+.page{color:#fff;background:#cf222e;border-radius:3px;padding:0 6px}.ticket{color:#fff;background:#bf8700;border-radius:3px;padding:0 6px}\
+.ok{color:#1a7f37}.bad{color:#cf222e}.legend span{margin-right:14px}";
+
+pub fn render(v: &View) -> String {
+    let mut h = String::with_capacity(64 * 1024);
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>commitmeter</title>\
+         <meta name=viewport content=\"width=device-width\"><style>{STYLE}</style></head><body>\
+         <h1>commitmeter — contracts this billing period</h1>\
+         <div class=sub>Sealed ledger minutes through <b data-k=sealed_through data-ms={}>{}</b> (accounting since {}). \
+         Figures are month to date in GPU-hours; <a href=\"/metrics\">/metrics</a> has them as series.</div>",
+        v.sealed_through_ms,
+        iso(v.sealed_through_ms),
+        iso(v.since_ms)
+    );
+    if v.contracts.is_empty() {
+        h.push_str("<section>No contracts configured.</section>");
+    }
+    for c in &v.contracts {
+        contract(&mut h, c);
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+fn contract(h: &mut String, c: &ContractView) {
+    let id = esc(&c.id);
+    let hours = |ms: i64| thousands(ms as f64 / 3_600_000.0);
+    let money = |x: f64| format!("{} {}", thousands(x), esc(&c.currency));
+    let f = &c.figures;
+    let util_class = if f.utilization.is_some_and(|u| u >= c.target) {
+        "ok"
+    } else {
+        "bad"
+    };
+    let _ = write!(
+        h,
+        "<section data-contract=\"{id}\" data-period-start={} data-period-end={}><h2>{id} <small class=sub>{} · {} · {} GPUs committed now</small></h2>\
+         <div class=sub>Billing period {} → {} ({})</div><div class=grid><div><table>\
+         <tr><th></th><th>GPU-hours</th><th>cost</th></tr>\
+         <tr><th>committed</th><td data-k=committed>{}</td><td data-k=cost_committed>{}</td></tr>\
+         <tr><th>delivered</th><td data-k=delivered>{}</td><td></td></tr>\
+         <tr><th>used</th><td data-k=used>{}</td><td data-k=cost_used>{}</td></tr>\
+         <tr><th>idle</th><td data-k=idle>{}</td><td data-k=cost_idle>{}</td></tr>\
+         <tr><th>undelivered</th><td data-k=undelivered>{}</td><td data-k=cost_undelivered>{}</td></tr>\
+         <tr><th>unreported</th><td data-k=unreported>{}</td><td></td></tr>\
+         <tr><th>overage</th><td data-k=overage>{}</td><td></td></tr></table></div><div><table>\
+         <tr><th>utilization (month to date)</th><td class={util_class} data-k=utilization>{}</td></tr>\
+         <tr><th>target</th><td data-k=target>{}</td></tr>\
+         <tr><th>projected at period end</th><td data-k=projected>{}</td></tr>\
+         <tr><th>required for the rest</th><td data-k=required>{}</td></tr>\
+         <tr><th>idle budget remaining</th><td data-k=budget>{}</td></tr>\
+         <tr><th>agents up / down</th><td>{} / {}</td></tr></table></div><div><table><tr><th>burn rate</th>",
+        c.period.0,
+        c.period.1,
+        esc(&c.provider),
+        esc(&c.timezone),
+        c.committed_gpus_now,
+        iso(c.period.0),
+        iso(c.period.1),
+        esc(&c.timezone),
+        hours(c.mtd.committed),
+        money(f.cost_committed),
+        hours(c.mtd.delivered),
+        hours(c.mtd.used),
+        money(f.cost_used),
+        hours(c.mtd.idle),
+        money(f.cost_idle),
+        hours(c.mtd.undelivered),
+        money(f.cost_undelivered),
+        hours(c.mtd.unreported),
+        hours(c.mtd.overage),
+        pct(f.utilization),
+        pct(Some(c.target)),
+        pct(f.projected_utilization),
+        pct(f.required_utilization),
+        pct(f.idle_budget_remaining),
+        c.targets_up,
+        c.targets_down,
+    );
+    let budget = 1.0 - c.target;
+    for (name, _) in WINDOWS {
+        let _ = write!(h, "<th>{name}</th>");
+    }
+    h.push_str("</tr><tr><th>idle ratio / budget</th>");
+    for (name, minutes) in WINDOWS {
+        let r = burn::idle_ratio(&c.minutes, minutes);
+        let text = match (r, budget > 0.0) {
+            (Some(r), true) => format!("{:.2}", r / budget),
+            _ => "—".into(),
+        };
+        let _ = write!(h, "<td data-k=\"burn_{name}\">{text}</td>");
+    }
+    h.push_str("</tr></table>");
+    let period_s = (c.period.1 - c.period.0) as f64 / 1000.0;
+    let unreachable: Vec<&str> = TIERS
+        .iter()
+        .filter(|t| !t.reachable(period_s, c.target))
+        .map(|t| t.name)
+        .collect();
+    if !unreachable.is_empty() {
+        let _ = write!(
+            h,
+            "<div class=sub>Tiers that cannot fire at this target: {} (threshold above 100% idle).</div>",
+            unreachable.join(", ")
+        );
+    }
+    let alerts = would_fire(c);
+    h.push_str("<div><b>Alerts that would be firing:</b> ");
+    if alerts.is_empty() {
+        h.push_str("<span class=ok data-k=alerts>none</span>");
+    }
+    h.push_str("<ul data-k=alert-list>");
+    for a in &alerts {
+        let _ = write!(
+            h,
+            "<li><span class={0}>{0}</span> {1}</li>",
+            a.severity,
+            esc(&a.what)
+        );
+    }
+    h.push_str("</ul></div></div></div>");
+    chart(h, c);
+    h.push_str("</section>");
+}
+
+/// Average GPUs committed, delivered and used per hour of the month so far (per
+/// minute while the month is younger than six hours), from the first accounted
+/// minute to the last sealed one.
+fn chart(h: &mut String, c: &ContractView) {
+    let (w, ht, pad) = (960.0, 220.0, 40.0);
+    let (Some(first), Some(last)) = (c.minutes.first(), c.minutes.last()) else {
+        h.push_str("<div class=sub>No sealed minutes in this period yet.</div>");
+        return;
+    };
+    let (p0, p1) = (first.0 * MINUTE_MS, (last.0 + 1) * MINUTE_MS);
+    let span = (p1 - p0).max(1) as f64;
+    let bucket_ms: i64 = if p1 - p0 < 6 * 3_600_000 {
+        MINUTE_MS
+    } else {
+        3_600_000
+    };
+    let mut hours: Vec<(i64, Totals, i64)> = Vec::new();
+    for (m, t) in &c.minutes {
+        let hour = (m * MINUTE_MS - p0).div_euclid(bucket_ms);
+        match hours.last_mut() {
+            Some((hh, acc, n)) if *hh == hour => {
+                acc.add(t);
+                *n += 1;
+            }
+            _ => hours.push((hour, *t, 1)),
+        }
+    }
+    let gpus = |ms: i64, n: i64| ms as f64 / (n.max(1) * MINUTE_MS) as f64;
+    let max = hours
+        .iter()
+        .map(|(_, t, n)| gpus(t.committed.max(t.delivered), *n))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let x = |b: i64| pad + (b as f64 + 0.5) * bucket_ms as f64 / span * (w - 2.0 * pad);
+    let y = |g: f64| ht - pad / 2.0 - g / max * (ht - pad);
+    let line = |sel: &dyn Fn(&Totals) -> i64| -> String {
+        hours
+            .iter()
+            .map(|(hh, t, n)| format!("{:.1},{:.1}", x(*hh), y(gpus(sel(t), *n))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let _ = write!(
+        h,
+        "<svg viewBox=\"0 0 {w} {ht}\" width=\"100%\" role=img aria-label=\"GPUs over the month so far\">\
+         <rect x={pad} y={} width={} height={} fill=\"#fafbfc\" stroke=\"#d0d7de\"/>\
+         <text x=4 y={} font-size=11 fill=\"#57606a\">{:.0}</text><text x=4 y={} font-size=11 fill=\"#57606a\">0</text>\
+         <text x={pad} y={} font-size=11 fill=\"#57606a\">{}</text><text x={} y={} font-size=11 fill=\"#57606a\" text-anchor=end>{}</text>\
+         <polyline fill=none stroke=\"#8c959f\" stroke-dasharray=\"4 3\" stroke-width=2 points=\"{}\"/>\
+         <polyline fill=none stroke=\"#0969da\" stroke-width=2 points=\"{}\"/>\
+         <polyline fill=none stroke=\"#1a7f37\" stroke-width=2 points=\"{}\"/></svg>\
+         <div class=\"legend sub\"><span>average GPUs per bucket of the month so far:</span><span style=\"color:#8c959f\">- - committed</span>\
+         <span style=\"color:#0969da\">— delivered</span><span style=\"color:#1a7f37\">— used (within commitment)</span></div>",
+        pad / 2.0,
+        w - 2.0 * pad,
+        ht - pad,
+        pad / 2.0 + 10.0,
+        max,
+        ht - pad / 2.0,
+        ht - 2.0,
+        iso(p0),
+        w - pad,
+        ht - 2.0,
+        iso(p1),
+        line(&|t| t.committed),
+        line(&|t| t.delivered),
+        line(&|t| t.used_within()),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::split;
+
+    #[test]
+    fn numbers_are_grouped_and_html_is_escaped() {
+        assert_eq!(thousands(1_234_567.84), "1,234,567.8");
+        assert_eq!(thousands(0.0), "0.0");
+        assert_eq!(thousands(-1000.0), "-1,000.0");
+        let v = View {
+            contracts: vec![ContractView {
+                id: "a<b".into(),
+                currency: "USD".into(),
+                target: 0.95,
+                period: (0, 30 * 86_400_000),
+                mtd: split(3_600_000 * 10, 3_600_000 * 9, 0, 3_600_000 * 4),
+                minutes: (0..120)
+                    .map(|m| (m, split(600_000, 600_000, 0, 0)))
+                    .collect(),
+                ..ContractView::default()
+            }],
+            ..View::default()
+        };
+        let html = render(&v);
+        assert!(html.contains("a&lt;b") && !html.contains("a<b"));
+        assert!(html.contains("<td data-k=committed>10.0</td>"));
+        assert!(html.contains("<td data-k=idle>5.0</td>"));
+        assert!(html.contains("<polyline"));
+        // 10 GPUs idle for two hours: the fast page would fire.
+        assert!(would_fire(&v.contracts[0])
+            .iter()
+            .any(|a| a.severity == "page"));
+        assert!(!html.contains("<script"));
+    }
+}
