@@ -22,9 +22,12 @@ pub struct Target {
 }
 
 impl Target {
-    /// The key the ledger knows this host by.
+    /// The key the ledger and the `target` label know this host by: its `instance`
+    /// when file_sd set one (as Prometheus would show it), else `host:port[path]`.
     pub fn key(&self) -> String {
-        if self.metrics_path == "/metrics" {
+        if let Some(instance) = self.labels.get("instance").filter(|i| **i != self.address) {
+            instance.clone()
+        } else if self.metrics_path == "/metrics" {
             self.address.clone()
         } else {
             format!("{}{}", self.address, self.metrics_path)
@@ -96,7 +99,7 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsEr
                 path = v;
             } else if k.starts_with("__") {
                 // Other meta labels are Prometheus's business, not a selector's.
-            } else if !crate::agent::config::is_label_name(&k) || k == "instance" {
+            } else if !crate::agent::config::is_label_name(&k) {
                 return Err(err(format!("[{i}].labels: invalid label name {k:?}")));
             } else {
                 labels.insert(k, v);
@@ -161,7 +164,12 @@ pub fn build(
     let mut targets = Vec::new();
     for (g, path) in groups {
         for address in g.targets {
-            let labels = contract::target_labels(&address, &g.labels);
+            // An `instance` set in file_sd wins, as in Prometheus (one per group is
+            // only useful with one target per group).
+            let labels = match g.labels.get("instance") {
+                Some(_) => g.labels.clone(),
+                None => contract::target_labels(&address, &g.labels),
+            };
             let t = Target {
                 address,
                 metrics_path: path.clone(),
@@ -195,15 +203,18 @@ mod tests {
         let good = dir.join("good.json");
         std::fs::write(
             &good,
-            r#"[{"targets":["a:1","b:2"],"labels":{"cluster":"x","__metrics_path__":"/agent/3/metrics"}}]"#,
+            r#"[{"targets":["a:1","b:2"],"labels":{"cluster":"x","__metrics_path__":"/agent/3/metrics"}},
+                {"targets":["c:3"],"labels":{"instance":"gpu-07:9473","__metrics_path__":"/agent/7/metrics"}}]"#,
         )
         .unwrap();
         let bad = dir.join("bad.json");
         std::fs::write(&bad, r#"[{"targets":["nohost"]}]"#).unwrap();
         let mut cache = SdCache::new();
         let (targets, problems) = build(&[], &[], &[good.clone(), bad.clone()], &mut cache);
-        assert_eq!(targets.len(), 2);
+        assert_eq!(targets.len(), 3);
         assert_eq!(targets[0].key(), "a:1/agent/3/metrics");
+        assert_eq!(targets[2].key(), "gpu-07:9473");
+        assert_eq!(targets[2].address, "c:3");
         assert_eq!(
             targets[0].labels.get("cluster").map(String::as_str),
             Some("x")
@@ -224,9 +235,9 @@ mod tests {
         // A bad edit keeps the file's last good targets.
         std::fs::write(&good, "[{").unwrap();
         let (targets, problems) = build(&[], &[], &[good], &mut cache);
-        assert_eq!(targets.len(), 2);
+        assert_eq!(targets.len(), 3);
         assert!(
-            problems[0].contains("keeping its last good contents (1 groups)"),
+            problems[0].contains("keeping its last good contents (2 groups)"),
             "{problems:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -176,7 +176,6 @@ pub async fn run(
         let labels = vec![
             ("provider".to_string(), h.provider.to_string()),
             ("cluster".to_string(), h.cluster.to_string()),
-            ("host".to_string(), h.name.clone()),
         ];
         let metrics = AgentMetrics::new(&labels)?;
         metrics.nvml_up.set(1);
@@ -222,8 +221,8 @@ pub async fn run(
         .enumerate()
         .map(|(i, h)| {
             format!(
-                r#"{{"targets":["{agents_target}"],"labels":{{"provider":"{}","cluster":"{}","host":"{}","__metrics_path__":"/agent/{i}/metrics"}}}}"#,
-                h.provider, h.cluster, h.name
+                r#"{{"targets":["{agents_target}"],"labels":{{"instance":"{}:9473","provider":"{}","cluster":"{}","__metrics_path__":"/agent/{i}/metrics"}}}}"#,
+                h.name, h.provider, h.cluster
             )
         })
         .collect();

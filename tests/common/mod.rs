@@ -211,11 +211,11 @@ fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
     (addr, log)
 }
 
-/// A minimal HTTP/1.1 GET; returns status and body.
+/// A minimal HTTP/1.0 GET (no chunked bodies to decode); returns status and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     http_request(
         addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
     )
 }
 

@@ -1,0 +1,367 @@
+//! End to end on real software: `commitmeter demo` (simulated fleet, real aggregator
+//! and ledger on simulated time), a real Prometheus (Debian's `prometheus` package)
+//! scraping it on loopback with the shipped rule files, and every dashboard query.
+//!
+//! Time compression: the demo runs simulated time at 60x, so one real second is one
+//! simulated minute. The test copy of the rules divides every range, `offset` and `for:`
+//! duration by 60; ratios of counter increases do not care about the time scale, and
+//! the billing period length still comes from the (simulated) period gauges.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+struct Demo {
+    child: Child,
+    addr: String,
+    data: PathBuf,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_demo(story: &str, speed: u32, dir: &TempDir) -> Demo {
+    let data = dir.path("demo");
+    let mut child = Command::new(BIN)
+        .args([
+            "demo",
+            "--web.listen-address=127.0.0.1:0",
+            "--log.level=warn",
+        ])
+        .arg(format!("--story={story}"))
+        .arg(format!("--speed={speed}"))
+        .arg(format!("--data.dir={}", data.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start commitmeter demo");
+    let stdout = child.stdout.take().unwrap();
+    let mut addr = String::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(rest) = line.split("contract metrics:").nth(1) {
+            addr = rest
+                .trim()
+                .trim_start_matches("http://")
+                .trim_end_matches("/metrics")
+                .to_string();
+            break;
+        }
+    }
+    assert!(!addr.is_empty(), "the demo did not print its address");
+    Demo { child, addr, data }
+}
+
+/// Rewrites a duration like `5m` to a 60th of it, in seconds (at least 1s).
+fn compress(n: u64, unit: &str) -> String {
+    let secs = n * match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => 1,
+    };
+    format!("{}s", (secs / 60).max(1))
+}
+
+/// The shipped rule files, with every range selector and `for:` divided by 60.
+fn compressed_rules(dir: &TempDir) -> Vec<PathBuf> {
+    let range = regex::Regex::new(r"\[(\d+)([smhdw])\]").unwrap();
+    let for_ = regex::Regex::new(r"(?m)^(\s*for:\s*)(\d+)([smhdw])\s*$").unwrap();
+    let offset = regex::Regex::new(r"offset (\d+)([smhdw])\b").unwrap();
+    let mut out = Vec::new();
+    for path in rule_files() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = range.replace_all(&text, |c: &regex::Captures| {
+            format!("[{}]", compress(c[1].parse().unwrap(), &c[2]))
+        });
+        let text = for_.replace_all(&text, |c: &regex::Captures| {
+            format!("{}{}", &c[1], compress(c[2].parse().unwrap(), &c[3]))
+        });
+        let text = offset.replace_all(&text, |c: &regex::Captures| {
+            format!("offset {}", compress(c[1].parse().unwrap(), &c[2]))
+        });
+        let copy = dir.path(path.file_name().unwrap().to_str().unwrap());
+        std::fs::write(&copy, text.as_ref()).unwrap();
+        out.push(copy);
+    }
+    assert!(!out.is_empty(), "no rule files under alerts/");
+    out
+}
+
+fn rule_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("alerts"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yml" || e == "yaml")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains("alertmanager")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_prometheus(demo: &Demo, rules: &[PathBuf], dir: &TempDir) -> Prometheus {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let rule_list: Vec<String> = rules
+        .iter()
+        .map(|r| format!("  - {:?}", r.display().to_string()))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}\nscrape_configs:\n  \
+         - job_name: commitmeter-aggregator\n    static_configs:\n      - targets: [\"{}\"]\n  \
+         - job_name: commitmeter-agent\n    scrape_interval: 2s\n    scrape_timeout: 2s\n    file_sd_configs:\n      - files: [{:?}]\n        refresh_interval: 1s\n",
+        rule_list.join("\n"),
+        demo.addr,
+        demo.data.join("agents.json").display().to_string(),
+    );
+    let path = dir.path("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path("prometheus.log");
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("prometheus not found: install Debian's `prometheus` package (see .ci/run)");
+    let mut p = Prometheus { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(&p.addr).is_ok() && http_get(&p.addr, "/-/ready").0 == 200 {
+            return p;
+        }
+        let exited = p.child.try_wait().unwrap();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "prometheus did not become ready ({exited:?}):\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn api(p: &Prometheus, path: &str) -> serde_json::Value {
+    let (status, body) = http_get(&p.addr, path);
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn firing(p: &Prometheus) -> Vec<(String, String, String)> {
+    let v = api(p, "/api/v1/alerts");
+    v["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing")
+        .map(|a| {
+            let l = &a["labels"];
+            let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
+            (s("alertname"), s("severity"), s("contract"))
+        })
+        .collect()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn underuse_pages_through_prometheus() {
+    let dir = TempDir::new("e2e-underuse");
+    let demo = start_demo("underuse", 60, &dir);
+    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let f = firing(&prom);
+        let paged: Vec<_> = f
+            .iter()
+            .filter(|(_, sev, c)| sev == "page" && c == "acme-h100-east")
+            .collect();
+        if paged
+            .iter()
+            .any(|(name, _, _)| name.to_lowercase().contains("underuse"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no underuse page for acme-h100-east; firing: {f:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn a_healthy_fleet_fires_nothing() {
+    let dir = TempDir::new("e2e-healthy");
+    let demo = start_demo("healthy", 60, &dir);
+    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    // As long as the underuse test takes to page, and then some: 100 simulated minutes.
+    let until = Instant::now() + Duration::from_secs(100);
+    while Instant::now() < until {
+        let f = firing(&prom);
+        assert!(f.is_empty(), "alerts fired on a healthy fleet: {f:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // The rules did evaluate: the recording rules have data.
+    let v = api(
+        &prom,
+        "/api/v1/query?query=contract%3Acommitmeter_idle_ratio%3Arate5m",
+    );
+    assert!(!v["data"]["result"].as_array().unwrap().is_empty(), "{v}");
+}
+
+/// Every expression of every dashboard panel parses and returns data, against the
+/// default story (a host down, a lost GPU, XIDs, a ramp) at 600x.
+#[test]
+fn every_dashboard_query_returns_data() {
+    let dir = TempDir::new("e2e-dashboards");
+    let demo = start_demo("default", 600, &dir);
+    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    // 40 s at 600x is over 6 simulated hours: past the host outage, the lost GPU and the ramp.
+    std::thread::sleep(Duration::from_secs(40));
+    // On a loaded machine scrapes can time out: wait until Prometheus has every agent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api_query(&prom, "sum(up{job=\"commitmeter-agent\"}) >= 64") != Ok(1) {
+        assert!(Instant::now() < deadline, "agents not all up in Prometheus");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut exprs = Vec::new();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            collect_exprs(&v, &path, &mut exprs);
+        }
+    }
+    assert!(
+        exprs.len() > 10,
+        "too few dashboard queries: {}",
+        exprs.len()
+    );
+    let mut failures = Vec::new();
+    for (where_, expr) in &exprs {
+        let q = substitute(expr);
+        let v = api_query(&prom, &q);
+        match v {
+            Err(e) => failures.push(format!("{where_}: {q}: {e}")),
+            Ok(0) => failures.push(format!("{where_}: {q}: no data")),
+            Ok(_) => {}
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} queries failed:\n{}",
+        failures.len(),
+        exprs.len(),
+        failures.join("\n")
+    );
+}
+
+fn api_query(p: &Prometheus, q: &str) -> Result<usize, String> {
+    let (status, body) = http_get(&p.addr, &format!("/api/v1/query?query={}", urlencode(q)));
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    if status != 200 || v["status"] != "success" {
+        return Err(format!("HTTP {status}: {}", v["error"]));
+    }
+    Ok(match &v["data"]["result"] {
+        serde_json::Value::Array(a) => a.len(),
+        serde_json::Value::Null => 0,
+        _ => 1,
+    })
+}
+
+/// Grafana variables to what a test Prometheus understands.
+fn substitute(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("${__rate_interval}", "1m")
+        .replace("$__interval", "15s")
+        .replace("${__interval}", "15s")
+        .replace("$__range", "1h")
+        .replace("${__range}", "1h")
+        .replace("${contract:regex}", ".+")
+        .replace("${contract}", ".+")
+        .replace("$contract", ".+")
+        .replace("${instance:regex}", ".+")
+        .replace("${instance}", ".+")
+        .replace("$instance", ".+")
+        .replace("${cluster:regex}", ".+")
+        .replace("${cluster}", ".+")
+        .replace("$cluster", ".+")
+        .replace("${gpu:regex}", ".+")
+        .replace("${gpu}", ".+")
+        .replace("$gpu", ".+")
+}
+
+fn collect_exprs(v: &serde_json::Value, file: &Path, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let (Some(serde_json::Value::Array(targets)), Some(title)) =
+                (map.get("targets"), map.get("title"))
+            {
+                for t in targets {
+                    if let Some(expr) = t.get("expr").and_then(|e| e.as_str()) {
+                        let name = file.file_name().unwrap().to_string_lossy();
+                        out.push((
+                            format!("{name} / {}", title.as_str().unwrap_or("?")),
+                            expr.to_string(),
+                        ));
+                    }
+                }
+            }
+            for (k, child) in map {
+                if k != "targets" {
+                    collect_exprs(child, file, out);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|c| collect_exprs(c, file, out)),
+        _ => {}
+    }
+}
