@@ -79,6 +79,9 @@ pub struct AggregatorArgs {
     /// Address to serve /metrics on.
     #[arg(long = "web.listen-address", default_value = ":9474")]
     pub listen_address: String,
+    /// exporter-toolkit web config (YAML): TLS and basic auth for this listener.
+    #[arg(long = "web.config.file")]
+    pub web_config_file: Option<PathBuf>,
     /// Directory of the ledger database (created if missing).
     #[arg(long = "storage.path", default_value = "commitmeter-data")]
     pub storage_path: PathBuf,
@@ -99,6 +102,9 @@ pub struct AgentArgs {
     /// Address to serve /metrics on.
     #[arg(long = "web.listen-address", default_value = ":9473")]
     pub listen_address: String,
+    /// exporter-toolkit web config (YAML): TLS and basic auth for this listener.
+    #[arg(long = "web.config.file")]
+    pub web_config_file: Option<PathBuf>,
     /// How often NVML is sampled (e.g. `1s`, `500ms`).
     #[arg(long = "sample.interval", default_value = "1s", value_parser = parse_interval)]
     pub sample_interval: Duration,
@@ -135,6 +141,7 @@ mod tests {
             "--web.listen-address=127.0.0.1:1",
             "--sample.interval=250ms",
             "--nvml.library=/x.so",
+            "--web.config.file=/etc/commitmeter/web.yml",
             "--log.format=json",
         ])
         .unwrap();
@@ -145,6 +152,10 @@ mod tests {
         assert_eq!(a.listen_address, "127.0.0.1:1");
         assert_eq!(a.sample_interval, Duration::from_millis(250));
         assert_eq!(a.nvml_library, Some(PathBuf::from("/x.so")));
+        assert_eq!(
+            a.web_config_file,
+            Some(PathBuf::from("/etc/commitmeter/web.yml"))
+        );
         assert!(Cli::try_parse_from(["commitmeter", "agent", "--sample.interval=10ms"]).is_err());
     }
 }

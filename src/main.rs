@@ -24,8 +24,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(agent::run(prepared, shutdown_signal()))?;
         }
         Command::Aggregator(args) => {
-            let prepared =
-                aggregator::prepare(&args.config_file, &args.listen_address, args.storage_path)?;
+            let prepared = aggregator::prepare(
+                &args.config_file,
+                &args.listen_address,
+                args.storage_path,
+                args.web_config_file.as_deref(),
+            )?;
             let clock = std::sync::Arc::new(aggregator::SystemClock);
             runtime()?.block_on(aggregator::run(prepared, clock, shutdown_signal()))?;
         }

@@ -23,6 +23,8 @@ pub enum AgentError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    #[error(transparent)]
+    WebConfig(#[from] http::WebConfigError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot start the sampling thread: {0}")]
@@ -35,6 +37,7 @@ pub struct Prepared {
     args: AgentArgs,
     config: AgentConfig,
     listen: std::net::SocketAddr,
+    web: http::WebConfig,
 }
 
 pub fn prepare(args: AgentArgs) -> Result<Prepared, AgentError> {
@@ -43,10 +46,12 @@ pub fn prepare(args: AgentArgs) -> Result<Prepared, AgentError> {
         None => AgentConfig::default(),
     };
     let listen = http::parse_listen_address(&args.listen_address)?;
+    let web = http::WebConfig::from_flag(args.web_config_file.as_deref())?;
     Ok(Prepared {
         args,
         config,
         listen,
+        web,
     })
 }
 
@@ -57,7 +62,12 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let metrics = Arc::new(AgentMetrics::new(&p.config.labels)?);
     let listener = http::bind(p.listen).await?;
-    tracing::info!(address = %listener.local_addr().unwrap_or(p.listen), "serving /metrics");
+    tracing::info!(
+        address = %listener.local_addr().unwrap_or(p.listen),
+        tls = p.web.is_tls(),
+        basic_auth = p.web.has_auth(),
+        "serving /metrics"
+    );
     let status = Arc::new(Status::default());
     let sampler = Sampler::spawn(
         SamplerConfig {
@@ -67,7 +77,7 @@ pub async fn run(
         metrics.clone(),
         status.clone(),
     )?;
-    http::serve(listener, handler(metrics, status), shutdown).await;
+    http::serve_with(listener, handler(metrics, status), p.web, shutdown).await;
     tracing::info!("shutting down");
     tokio::task::spawn_blocking(move || sampler.stop())
         .await

@@ -32,6 +32,13 @@ pub enum AggregatorError {
     #[error(transparent)]
     Http(#[from] http::HttpError),
     #[error(transparent)]
+    WebConfig(#[from] http::WebConfigError),
+    #[error("{path}: scrape TLS: {source}")]
+    ScrapeTls {
+        path: PathBuf,
+        source: http::tls::TlsError,
+    },
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -58,19 +65,35 @@ pub struct Prepared {
     pub config: AggregatorConfig,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// TLS and basic auth of the listener (`--web.config.file`).
+    pub web: http::WebConfig,
+    /// The client side of scraping `https` targets.
+    pub scrape_tls: Arc<rustls::ClientConfig>,
 }
 
 pub fn prepare(
     config_file: &std::path::Path,
     listen: &str,
     data_dir: PathBuf,
+    web_config_file: Option<&std::path::Path>,
 ) -> Result<Prepared, AggregatorError> {
     let config = crate::contract::load(config_file)?;
     let listen = http::parse_listen_address(listen)?;
+    let web = http::WebConfig::from_flag(web_config_file)?;
+    if config.scrape.tls.insecure_skip_verify {
+        tracing::warn!("tls_insecure_skip_verify: agents' certificates are not checked");
+    }
+    let scrape_tls =
+        scrape::tls_config(&config.scrape).map_err(|source| AggregatorError::ScrapeTls {
+            path: config_file.to_path_buf(),
+            source,
+        })?;
     Ok(Prepared {
         config,
         listen,
         data_dir,
+        web,
+        scrape_tls,
     })
 }
 
@@ -194,11 +217,22 @@ pub async fn serve(
     }
     shared.refresh_gauges();
 
-    tracing::info!(address = %listener.local_addr().unwrap_or(p.listen), "serving /metrics");
+    tracing::info!(
+        address = %listener.local_addr().unwrap_or(p.listen),
+        tls = p.web.is_tls(),
+        basic_auth = p.web.has_auth(),
+        "serving /metrics"
+    );
     let hup = Arc::new(AtomicBool::new(false));
     spawn_sighup(hup.clone());
-    let scraping = tokio::spawn(scrape_loop(shared.clone(), cfg, hup));
-    http::serve(listener, handler(shared.clone()), shutdown).await;
+    let scraper = Scraper::new(
+        cfg.scrape_timeout,
+        cfg.body_limit_bytes,
+        p.scrape_tls,
+        &cfg.scrape,
+    );
+    let scraping = tokio::spawn(scrape_loop(shared.clone(), cfg, scraper, hup));
+    http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
     scraping.abort();
     tracing::info!("shutting down");
     Ok(())
@@ -264,6 +298,7 @@ impl TargetSet {
             &cfg.static_targets,
             &files,
             &mut self.cache,
+            cfg.scrape.scheme,
         );
         for p in &problems {
             tracing::error!(problem = %p, "target configuration");
@@ -296,8 +331,12 @@ fn contract_label<'a>(shared: &'a Shared, t: &Target) -> &'a str {
     t.contract.map_or("", |c| shared.ids[c].as_str())
 }
 
-async fn scrape_loop(shared: Arc<Shared>, cfg: AggregatorConfig, hup: Arc<AtomicBool>) {
-    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes);
+async fn scrape_loop(
+    shared: Arc<Shared>,
+    cfg: AggregatorConfig,
+    scraper: Scraper,
+    hup: Arc<AtomicBool>,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
     let mut set = TargetSet {
         targets: Arc::new(Vec::new()),

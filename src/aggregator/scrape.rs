@@ -1,17 +1,23 @@
-//! Scraping one agent: HTTP GET with a timeout and a body size cap, then the few
-//! series the ledger needs, parsed with our own exposition parser.
+//! Scraping one agent: HTTP(S) GET with a timeout and a body size cap, optionally with
+//! basic auth, then the few series the ledger needs, parsed with our own exposition parser.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
+use hyper::header::HeaderValue;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::parse;
 use super::targets::Target;
+use crate::contract::ScrapeClient;
+use crate::http::tls::{self, TlsError, Trust};
 
 /// What one GPU's series said.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,6 +32,8 @@ pub struct GpuReport {
 pub enum ScrapeError {
     #[error("connection failed: {0}")]
     Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("HTTP status {0}")]
@@ -43,6 +51,7 @@ impl ScrapeError {
     pub fn reason(&self) -> &'static str {
         match self {
             ScrapeError::Connect(_) => "connect",
+            ScrapeError::Tls(_) => "tls",
             ScrapeError::Timeout(_) => "timeout",
             ScrapeError::Status(_) => "http_status",
             ScrapeError::TooLarge(_) => "too_large",
@@ -52,26 +61,71 @@ impl ScrapeError {
     }
 }
 
+/// The TLS client config for `scrape`: built at start, since reading the system's CA
+/// store (when no `tls_ca_file` is given) is file I/O that can find nothing.
+pub fn tls_config(scrape: &ScrapeClient) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let trust = if scrape.tls.insecure_skip_verify {
+        Trust::InsecureSkipVerify
+    } else if let Some(roots) = &scrape.tls.ca {
+        Trust::Roots(roots.clone())
+    } else {
+        Trust::Native
+    };
+    let identity = scrape
+        .tls
+        .identity
+        .as_ref()
+        .map(|i| (i.chain.clone(), i.key.clone_key()));
+    Ok(Arc::new(tls::client_config(trust, identity)?))
+}
+
 #[derive(Clone)]
 pub struct Scraper {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     timeout: Duration,
     body_limit: usize,
+    /// `Basic …` from `basic_auth_username` and its password file.
+    authorization: Option<HeaderValue>,
 }
 
 impl Scraper {
-    pub fn new(timeout: Duration, body_limit: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+    /// `tls` is used for `https` targets ([`tls_config`]); `scrape` gives the server name
+    /// override and the credentials.
+    pub fn new(
+        timeout: Duration,
+        body_limit: usize,
+        tls: Arc<rustls::ClientConfig>,
+        scrape: &ScrapeClient,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        http.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http();
+        let builder = match &scrape.tls.server_name {
+            Some(name) => {
+                builder.with_server_name_resolver(FixedServerNameResolver::new(name.clone()))
+            }
+            None => builder,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(256)
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(builder.enable_http1().wrap_connector(http));
+        let authorization = scrape.basic_auth.as_ref().and_then(|a| {
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", a.username, a.password));
+            let mut v = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
         Self {
             client,
             timeout,
             body_limit,
+            authorization,
         }
     }
 
@@ -87,22 +141,33 @@ impl Scraper {
     }
 
     async fn fetch(&self, target: &Target) -> Result<Bytes, ScrapeError> {
-        let uri: hyper::Uri = format!("http://{}{}", target.address, target.metrics_path)
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| ScrapeError::Connect(e.to_string()))?;
-        let req = hyper::Request::get(uri)
+        let uri: hyper::Uri = format!(
+            "{}://{}{}",
+            target.scheme.as_str(),
+            target.address,
+            target.metrics_path
+        )
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| ScrapeError::Connect(e.to_string()))?;
+        let mut req = hyper::Request::get(uri)
             .header("accept", "text/plain;version=0.0.4")
             .header(
                 "user-agent",
                 concat!("commitmeter/", env!("CARGO_PKG_VERSION")),
-            )
+            );
+        if let Some(auth) = &self.authorization {
+            req = req.header(hyper::header::AUTHORIZATION, auth.clone());
+        }
+        let req = req
             .body(Empty::new())
             .map_err(|e| ScrapeError::Connect(e.to_string()))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| ScrapeError::Connect(error_chain(&e)))?;
+        let resp = self.client.request(req).await.map_err(|e| {
+            if tls::is_tls_error(&e) {
+                ScrapeError::Tls(error_chain(&e))
+            } else {
+                ScrapeError::Connect(error_chain(&e))
+            }
+        })?;
         if !resp.status().is_success() {
             return Err(ScrapeError::Status(resp.status().as_u16()));
         }
@@ -112,6 +177,7 @@ impl Scraper {
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 Err(ScrapeError::TooLarge(self.body_limit))
             }
+            Err(e) if tls::is_tls_error(&*e) => Err(ScrapeError::Tls(error_chain(&*e))),
             Err(e) => Err(ScrapeError::Body(e.to_string())),
         }
     }

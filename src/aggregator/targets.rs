@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::contract::{self, Contract, FileSd, TargetGroup};
+use crate::contract::{self, Contract, FileSd, Scheme, TargetGroup};
 
 /// One agent to scrape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct Target {
     pub address: String,
     /// Path of the metrics endpoint (`__metrics_path__` in file_sd, default `/metrics`).
     pub metrics_path: String,
+    /// `__scheme__` in file_sd, else the config's `scrape_scheme`.
+    pub scheme: Scheme,
     /// Labels the contract selectors match on (group labels + `instance`).
     pub labels: BTreeMap<String, String>,
     pub contract: Option<usize>,
@@ -77,8 +79,26 @@ pub fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)>
         .collect()
 }
 
+/// What a file_sd group's meta labels say about how to scrape it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdMeta {
+    /// `__metrics_path__`, default `/metrics`.
+    pub metrics_path: String,
+    /// `__scheme__`; `None`: the config's `scrape_scheme`.
+    pub scheme: Option<Scheme>,
+}
+
+impl Default for SdMeta {
+    fn default() -> Self {
+        Self {
+            metrics_path: "/metrics".into(),
+            scheme: None,
+        }
+    }
+}
+
 /// Parses one file_sd JSON file: `[{"targets": ["host:port"], "labels": {...}}]`.
-pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsError> {
+pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, SdMeta)>, TargetsError> {
     let err = |reason: String| TargetsError::File {
         path: path.to_path_buf(),
         reason,
@@ -88,7 +108,7 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsEr
     let mut out = Vec::new();
     for (i, g) in groups.into_iter().enumerate() {
         let mut labels = BTreeMap::new();
-        let mut path = "/metrics".to_string();
+        let mut meta = SdMeta::default();
         for (k, v) in g.labels {
             if k == "__metrics_path__" {
                 if !v.starts_with('/') {
@@ -96,7 +116,13 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsEr
                         "[{i}].labels.__metrics_path__: must start with '/'"
                     )));
                 }
-                path = v;
+                meta.metrics_path = v;
+            } else if k == "__scheme__" {
+                meta.scheme = Some(Scheme::parse(&v).ok_or_else(|| {
+                    err(format!(
+                        "[{i}].labels.__scheme__: {v:?} must be \"http\" or \"https\""
+                    ))
+                })?);
             } else if k.starts_with("__") {
                 // Other meta labels are Prometheus's business, not a selector's.
             } else if !crate::agent::config::is_label_name(&k) {
@@ -115,7 +141,7 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, String)>, TargetsEr
                 targets: g.targets,
                 labels,
             },
-            path,
+            meta,
         ));
     }
     Ok(out)
@@ -127,21 +153,22 @@ fn valid_address(t: &str) -> bool {
 
 /// The last good contents of each file_sd file: a file that turns unreadable or
 /// malformed keeps its previous targets, as Prometheus does, so a bad edit loses nothing.
-pub type SdCache = BTreeMap<PathBuf, Vec<(TargetGroup, String)>>;
+pub type SdCache = BTreeMap<PathBuf, Vec<(TargetGroup, SdMeta)>>;
 
-/// Builds the target list. Problems (unreadable files, a host matched by two
-/// contracts, a duplicate) keep that file's last good targets or skip that target,
-/// and are returned for logging.
+/// Builds the target list; `scheme` is for targets without `__scheme__`. Problems
+/// (unreadable files, a host matched by two contracts, a duplicate) keep that file's
+/// last good targets or skip that target, and are returned for logging.
 pub fn build(
     contracts: &[Contract],
     static_groups: &[TargetGroup],
     sd_files: &[PathBuf],
     cache: &mut SdCache,
+    scheme: Scheme,
 ) -> (Vec<Target>, Vec<String>) {
     let mut problems = Vec::new();
-    let mut groups: Vec<(TargetGroup, String)> = static_groups
+    let mut groups: Vec<(TargetGroup, SdMeta)> = static_groups
         .iter()
-        .map(|g| (g.clone(), "/metrics".to_string()))
+        .map(|g| (g.clone(), SdMeta::default()))
         .collect();
     cache.retain(|path, _| sd_files.contains(path));
     for f in sd_files {
@@ -162,7 +189,7 @@ pub fn build(
     }
     let mut seen = BTreeSet::new();
     let mut targets = Vec::new();
-    for (g, path) in groups {
+    for (g, meta) in groups {
         for address in g.targets {
             // An `instance` set in file_sd wins, as in Prometheus (one per group is
             // only useful with one target per group).
@@ -172,7 +199,8 @@ pub fn build(
             };
             let t = Target {
                 address,
-                metrics_path: path.clone(),
+                metrics_path: meta.metrics_path.clone(),
+                scheme: meta.scheme.unwrap_or(scheme),
                 labels,
                 contract: None,
             };
@@ -204,17 +232,25 @@ mod tests {
         std::fs::write(
             &good,
             r#"[{"targets":["a:1","b:2"],"labels":{"cluster":"x","__metrics_path__":"/agent/3/metrics"}},
-                {"targets":["c:3"],"labels":{"instance":"gpu-07:9473","__metrics_path__":"/agent/7/metrics"}}]"#,
+                {"targets":["c:3"],"labels":{"instance":"gpu-07:9473","__metrics_path__":"/agent/7/metrics","__scheme__":"https"}}]"#,
         )
         .unwrap();
         let bad = dir.join("bad.json");
         std::fs::write(&bad, r#"[{"targets":["nohost"]}]"#).unwrap();
         let mut cache = SdCache::new();
-        let (targets, problems) = build(&[], &[], &[good.clone(), bad.clone()], &mut cache);
+        let (targets, problems) = build(
+            &[],
+            &[],
+            &[good.clone(), bad.clone()],
+            &mut cache,
+            Scheme::Http,
+        );
         assert_eq!(targets.len(), 3);
         assert_eq!(targets[0].key(), "a:1/agent/3/metrics");
         assert_eq!(targets[2].key(), "gpu-07:9473");
         assert_eq!(targets[2].address, "c:3");
+        assert_eq!(targets[0].scheme, Scheme::Http);
+        assert_eq!(targets[2].scheme, Scheme::Https);
         assert_eq!(
             targets[0].labels.get("cluster").map(String::as_str),
             Some("x")
@@ -232,10 +268,31 @@ mod tests {
             files: vec![format!("{}/*.json", dir.display())],
         }]);
         assert_eq!(files, vec![bad.clone(), good.clone()]);
+        let bad_scheme = dir.join("bad-scheme.json");
+        std::fs::write(
+            &bad_scheme,
+            r#"[{"targets":["d:4"],"labels":{"__scheme__":"HTTPS"}}]"#,
+        )
+        .unwrap();
+        let (_, scheme_problems) = build(
+            &[],
+            &[],
+            std::slice::from_ref(&bad_scheme),
+            &mut SdCache::new(),
+            Scheme::Http,
+        );
+        assert!(
+            scheme_problems[0]
+                .contains("[0].labels.__scheme__: \"HTTPS\" must be \"http\" or \"https\""),
+            "{scheme_problems:?}"
+        );
+        std::fs::remove_file(&bad_scheme).unwrap();
         // A bad edit keeps the file's last good targets.
         std::fs::write(&good, "[{").unwrap();
-        let (targets, problems) = build(&[], &[], &[good], &mut cache);
+        let (targets, problems) = build(&[], &[], &[good], &mut cache, Scheme::Https);
         assert_eq!(targets.len(), 3);
+        // Without `__scheme__`, the configured default.
+        assert_eq!(targets[0].scheme, Scheme::Https);
         assert!(
             problems[0].contains("keeping its last good contents (2 groups)"),
             "{problems:?}"

@@ -45,6 +45,8 @@ pub struct AggregatorConfig {
     pub file_sd: Vec<FileSd>,
     /// `[[contracts]]`, in file order; ids are unique, and no static target is matched by two.
     pub contracts: Vec<Contract>,
+    /// How agents are reached: scheme, TLS and basic auth.
+    pub scrape: ScrapeClient,
 }
 
 /// What an empty file gives: defaults, no targets, no contracts.
@@ -58,7 +60,86 @@ impl Default for AggregatorConfig {
             static_targets: Vec::new(),
             file_sd: Vec::new(),
             contracts: Vec::new(),
+            scrape: ScrapeClient::default(),
         }
+    }
+}
+
+/// `http` or `https`: `scrape_scheme`, or a file_sd target's `__scheme__`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http" => Some(Scheme::Http),
+            "https" => Some(Scheme::Https),
+            _ => None,
+        }
+    }
+}
+
+/// The `[aggregator]` keys that say how agents are reached, files already read and checked.
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeClient {
+    /// For static targets and file_sd targets without `__scheme__`.
+    pub scheme: Scheme,
+    pub tls: ScrapeTls,
+    pub basic_auth: Option<BasicAuthCredentials>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeTls {
+    /// CA certificates of `tls_ca_file`; `None`: the system's.
+    pub ca: Option<rustls::RootCertStore>,
+    /// `tls_cert_file` and `tls_key_file`, checked to belong together.
+    pub identity: Option<ClientIdentity>,
+    /// `tls_server_name`: the name certificates are checked against instead of the host.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    pub insecure_skip_verify: bool,
+}
+
+/// A client certificate chain and its key.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// `basic_auth_username` and the contents of `basic_auth_password_file`.
+#[derive(Clone)]
+pub struct BasicAuthCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// Keeps the password out of logs and panics.
+impl fmt::Debug for BasicAuthCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BasicAuthCredentials")
+            .field("username", &self.username)
+            .field("password", &"<secret>")
+            .finish()
     }
 }
 
@@ -210,6 +291,9 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         },
     };
 
+    let scrape = scrape_client(path, &agg)
+        .map_err(|(key, message)| invalid(format!("aggregator.{key}"), message))?;
+
     // [[targets]]
     let mut seen_targets: HashMap<String, String> = HashMap::new();
     let mut static_targets = Vec::with_capacity(raw.targets.len());
@@ -329,6 +413,120 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         static_targets,
         file_sd,
         contracts,
+        scrape,
+    })
+}
+
+/// The scrape scheme, TLS and auth keys of `[aggregator]`. Files are read now, relative
+/// to the config file's directory (as Prometheus does), so an unreadable or malformed one
+/// stops the aggregator before it starts. Errors are `(key, message)`.
+fn scrape_client(path: &Path, agg: &RawAggregator) -> Result<ScrapeClient, (String, String)> {
+    use crate::http::tls;
+    let err = |key: &str, message: String| (key.to_string(), message);
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let file = |key: &str, value: &Option<String>| -> Result<Option<PathBuf>, (String, String)> {
+        match value.as_deref() {
+            None => Ok(None),
+            Some("") => Err(err(key, "must not be empty".into())),
+            Some(p) => Ok(Some(dir.join(p))),
+        }
+    };
+    let scheme = match agg.scrape_scheme.as_deref() {
+        None => Scheme::Http,
+        Some(s) => Scheme::parse(s).ok_or_else(|| {
+            err(
+                "scrape_scheme",
+                format!("{s:?} must be \"http\" or \"https\""),
+            )
+        })?,
+    };
+    let ca = match file("tls_ca_file", &agg.tls_ca_file)? {
+        None => None,
+        Some(p) => Some(tls::root_store(&p).map_err(|e| err("tls_ca_file", e.to_string()))?),
+    };
+    let identity = match (
+        file("tls_cert_file", &agg.tls_cert_file)?,
+        file("tls_key_file", &agg.tls_key_file)?,
+    ) {
+        (None, None) => None,
+        (Some(_), None) => return Err(err("tls_key_file", "required with tls_cert_file".into())),
+        (None, Some(_)) => return Err(err("tls_cert_file", "required with tls_key_file".into())),
+        (Some(cert), Some(key)) => {
+            let chain = tls::load_certs(&cert).map_err(|e| err("tls_cert_file", e.to_string()))?;
+            let key = tls::load_key(&key).map_err(|e| err("tls_key_file", e.to_string()))?;
+            // A trial client config checks that the key is usable and matches the certificate.
+            tls::client_config(
+                tls::Trust::Roots(rustls::RootCertStore::empty()),
+                Some((chain.clone(), key.clone_key())),
+            )
+            .map_err(|e| err("tls_key_file", format!("{e} (with tls_cert_file)")))?;
+            Some(ClientIdentity { chain, key })
+        }
+    };
+    let server_name = match agg.tls_server_name.as_deref() {
+        None => None,
+        Some(name) => Some(
+            rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|_| {
+                err(
+                    "tls_server_name",
+                    format!("{name:?} is not a DNS name or IP address"),
+                )
+            })?,
+        ),
+    };
+    let basic_auth = match (
+        &agg.basic_auth_username,
+        file("basic_auth_password_file", &agg.basic_auth_password_file)?,
+    ) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(err(
+                "basic_auth_password_file",
+                "required with basic_auth_username".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                "basic_auth_username",
+                "required with basic_auth_password_file".into(),
+            ))
+        }
+        (Some(user), Some(p)) => {
+            if user.is_empty() || user.contains(':') {
+                return Err(err(
+                    "basic_auth_username",
+                    format!("{user:?} must be non-empty and without ':'"),
+                ));
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                err(
+                    "basic_auth_password_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            // Surrounding whitespace (the file's final newline) is not part of the password.
+            let password = text.trim();
+            if password.is_empty() {
+                return Err(err(
+                    "basic_auth_password_file",
+                    format!("{} is empty", p.display()),
+                ));
+            }
+            Some(BasicAuthCredentials {
+                username: user.clone(),
+                password: password.to_string(),
+            })
+        }
+    };
+    Ok(ScrapeClient {
+        scheme,
+        tls: ScrapeTls {
+            ca,
+            identity,
+            server_name,
+            insecure_skip_verify: agg.tls_insecure_skip_verify.unwrap_or(false),
+        },
+        basic_auth,
     })
 }
 
@@ -582,6 +780,14 @@ struct RawAggregator {
     scrape_timeout: Option<String>,
     grace: Option<String>,
     body_limit_bytes: Option<i64>,
+    scrape_scheme: Option<String>,
+    tls_ca_file: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_server_name: Option<String>,
+    tls_insecure_skip_verify: Option<bool>,
+    basic_auth_username: Option<String>,
+    basic_auth_password_file: Option<String>,
 }
 
 #[derive(Deserialize)]

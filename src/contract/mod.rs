@@ -25,8 +25,9 @@ use std::collections::BTreeMap;
 use regex::Regex;
 
 pub use config::{
-    load, parse, AggregatorConfig, ConfigError, ContractRef, FileSd, TargetGroup,
-    DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE, DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT,
+    load, parse, AggregatorConfig, BasicAuthCredentials, ClientIdentity, ConfigError, ContractRef,
+    FileSd, Scheme, ScrapeClient, ScrapeTls, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
+    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT,
 };
 pub use selector::Selector;
 

@@ -207,7 +207,9 @@ fn unknown_keys_at_every_level() {
     assert_eq!(
         err("[aggregator]\nscrape_intervall = \"1s\"\n"),
         "aggregator.toml:2:1: unknown field `scrape_intervall`, expected one of \
-         `scrape_interval`, `scrape_timeout`, `grace`, `body_limit_bytes`"
+         `scrape_interval`, `scrape_timeout`, `grace`, `body_limit_bytes`, `scrape_scheme`, \
+         `tls_ca_file`, `tls_cert_file`, `tls_key_file`, `tls_server_name`, \
+         `tls_insecure_skip_verify`, `basic_auth_username`, `basic_auth_password_file`"
     );
     assert_eq!(
         err("[[targets]]\ntargets = [\"a:1\"]\nlabel = {}\n"),
@@ -350,6 +352,155 @@ fn aggregator_mistakes() {
     let cfg =
         ok("[aggregator]\nscrape_interval = \"10s\"\nscrape_timeout = \"10s\"\ngrace = \"0s\"\n");
     assert_eq!(cfg.scrape_timeout, cfg.scrape_interval);
+}
+
+/// A temporary directory with a CA, a client certificate and key, a key of another
+/// certificate, and a password file, for the scrape TLS and auth keys.
+struct ScrapeFiles(std::path::PathBuf);
+
+impl ScrapeFiles {
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("commitmeter-scrape-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["aggregator".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write("ca.crt", &ca.pem());
+        write("client.crt", &cert.pem());
+        write("client.key", &key.serialize_pem());
+        write(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        write("password", "s3cret\n");
+        write("empty", "\n");
+        Self(dir)
+    }
+
+    fn parse(&self, aggregator: &str) -> Result<AggregatorConfig, String> {
+        parse(
+            &self.0.join("aggregator.toml"),
+            &format!("[aggregator]\n{aggregator}"),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for ScrapeFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn scrape_scheme_tls_and_basic_auth() {
+    let f = ScrapeFiles::new("ok");
+    let c = ok("");
+    assert_eq!(c.scrape.scheme, Scheme::Http);
+    assert!(c.scrape.tls.ca.is_none() && c.scrape.basic_auth.is_none());
+    // Relative paths are taken from the config file's directory.
+    let c = f
+        .parse(
+            "scrape_scheme = \"https\"\ntls_ca_file = \"ca.crt\"\ntls_cert_file = \"client.crt\"\n\
+             tls_key_file = \"client.key\"\ntls_server_name = \"gpu-01.example\"\n\
+             basic_auth_username = \"scraper\"\nbasic_auth_password_file = \"password\"\n",
+        )
+        .unwrap();
+    assert_eq!(c.scrape.scheme, Scheme::Https);
+    assert_eq!(c.scrape.tls.ca.as_ref().map(|r| r.len()), Some(1));
+    assert!(c.scrape.tls.identity.is_some());
+    assert!(!c.scrape.tls.insecure_skip_verify);
+    let auth = c.scrape.basic_auth.as_ref().unwrap();
+    assert_eq!(
+        (auth.username.as_str(), auth.password.as_str()),
+        ("scraper", "s3cret")
+    );
+    assert!(!format!("{:?}", c.scrape).contains("s3cret"));
+    let c = f
+        .parse(&format!(
+            "tls_insecure_skip_verify = true\ntls_ca_file = {:?}\n",
+            f.0.join("ca.crt").display().to_string()
+        ))
+        .unwrap();
+    assert!(c.scrape.tls.insecure_skip_verify);
+}
+
+#[test]
+fn scrape_security_mistakes_name_the_file_and_the_key() {
+    let f = ScrapeFiles::new("mistakes");
+    let file = f.0.join("aggregator.toml").display().to_string();
+    let cases = [
+        (
+            "scrape_scheme = \"HTTPS\"",
+            "aggregator.scrape_scheme: \"HTTPS\" must be \"http\" or \"https\"",
+        ),
+        (
+            "tls_ca_file = \"missing.crt\"",
+            "aggregator.tls_ca_file: cannot read ",
+        ),
+        ("tls_ca_file = \"client.key\"", "aggregator.tls_ca_file: "),
+        (
+            "tls_ca_file = \"\"",
+            "aggregator.tls_ca_file: must not be empty",
+        ),
+        (
+            "tls_cert_file = \"client.crt\"",
+            "aggregator.tls_key_file: required with tls_cert_file",
+        ),
+        (
+            "tls_key_file = \"client.key\"",
+            "aggregator.tls_cert_file: required with tls_key_file",
+        ),
+        (
+            "tls_cert_file = \"client.crt\"\ntls_key_file = \"other.key\"",
+            "aggregator.tls_key_file: the private key does not belong to the certificate",
+        ),
+        (
+            "tls_cert_file = \"client.crt\"\ntls_key_file = \"ca.crt\"",
+            "aggregator.tls_key_file: ",
+        ),
+        (
+            "tls_server_name = \"not a name\"",
+            "aggregator.tls_server_name: \"not a name\" is not",
+        ),
+        (
+            "basic_auth_username = \"u\"",
+            "aggregator.basic_auth_password_file: required with basic_auth_username",
+        ),
+        (
+            "basic_auth_password_file = \"password\"",
+            "aggregator.basic_auth_username: required with basic_auth_password_file",
+        ),
+        (
+            "basic_auth_username = \"u\"\nbasic_auth_password_file = \"nope\"",
+            "aggregator.basic_auth_password_file: cannot read ",
+        ),
+        (
+            "basic_auth_username = \"u\"\nbasic_auth_password_file = \"empty\"",
+            "aggregator.basic_auth_password_file: ",
+        ),
+        (
+            "basic_auth_username = \"a:b\"\nbasic_auth_password_file = \"password\"",
+            "aggregator.basic_auth_username: \"a:b\" must be",
+        ),
+    ];
+    for (toml, want) in cases {
+        let e = f.parse(toml).unwrap_err();
+        assert!(e.starts_with(&format!("{file}: {want}")), "{toml}\n{e}");
+    }
+    assert!(f
+        .parse("tls_insecure_skip_verify = \"yes\"")
+        .unwrap_err()
+        .contains("invalid type"));
 }
 
 // ---------------------------------------------------------------- [[targets]] and [[file_sd]]

@@ -267,7 +267,7 @@ pub async fn run(
     let config_path = data_dir.join("aggregator.toml");
     std::fs::write(&config_path, toml).map_err(io)?;
     // The same validation as production: a mistake here is a bug in the demo.
-    let prepared = aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone())?;
+    let prepared = aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone(), None)?;
     let listener = http::bind(listen).await?;
     let bound = listener.local_addr().map_err(io)?;
     let shown = if bound.ip().is_unspecified() {

@@ -1,5 +1,12 @@
 //! A small HTTP/1.1 server shared by both roles: fixed routes, GET/HEAD only,
-//! header-read timeout against slow clients, one task per connection.
+//! header-read timeout against slow clients, one task per connection; TLS and basic
+//! auth when a web config file asks for them.
+
+pub mod auth;
+pub mod tls;
+pub mod webconfig;
+
+pub use webconfig::{WebConfig, WebConfigError};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,7 +16,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -87,9 +94,33 @@ fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "text/plain", "not found\n"))
 }
 
-/// Serves until `shutdown` completes. Connection errors are logged at debug level:
-/// a scraper hanging up is not the operator's problem.
+/// What a request without valid credentials gets, as from exporter-toolkit.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n");
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
+    r
+}
+
+/// The same limit as for reading request headers: a client that stalls the handshake
+/// holds a task and a socket, nothing more, and not for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Plain, open HTTP until `shutdown` completes.
 pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Future<Output = ()>) {
+    serve_with(listener, handler, WebConfig::default(), shutdown).await
+}
+
+/// Serves until `shutdown` completes, with the TLS and basic auth of `web`. Every path
+/// needs credentials when users are configured, health checks included, as in
+/// exporter-toolkit. Connection and handshake errors are logged at debug level: a
+/// scraper hanging up, or speaking plain HTTP to the TLS port, is its own problem.
+pub async fn serve_with(
+    listener: TcpListener,
+    handler: Handler,
+    web: WebConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -105,21 +136,47 @@ pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Futur
                 continue;
             }
         };
-        let handler = handler.clone();
+        let (handler, web) = (handler.clone(), web.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = respond(&handler, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection closed with error");
+            let Some(acceptor) = &web.tls else {
+                return connection(TokioIo::new(stream), handler, web.auth, peer).await;
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => connection(TokioIo::new(tls), handler, web.auth, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// One HTTP/1.1 connection, plain or TLS.
+async fn connection<I>(
+    io: I,
+    handler: Handler,
+    auth: Option<Arc<auth::BasicAuth>>,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (handler, auth) = (handler.clone(), auth.clone());
+        async move {
+            if let Some(auth) = auth {
+                if !auth.check(req.headers().get(AUTHORIZATION)).await {
+                    return Ok::<_, Infallible>(unauthorized());
+                }
+            }
+            Ok(respond(&handler, &req))
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .serve_connection(io, service);
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "connection closed with error");
     }
 }
 

@@ -338,12 +338,18 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub fn start(config: &Path, data: &Path) -> Aggregator {
+        Self::start_with(config, data, &[])
+    }
+
+    /// Starts it with more flags (e.g. `--web.config.file=…`).
+    pub fn start_with(config: &Path, data: &Path, extra_args: &[String]) -> Aggregator {
         let mut child = Command::new(BIN)
             .arg("aggregator")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.path={}", data.display()))
             .arg("--web.listen-address=127.0.0.1:0")
             .arg("--log.level=info")
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,446 @@
+//! `--web.config.file`: the YAML web config of Prometheus's exporter-toolkit, so one file
+//! format secures every exporter on a host.
+//!
+//! ```yaml
+//! tls_server_config:
+//!   cert_file: server.crt            # relative paths: from this file's directory
+//!   key_file: server.key
+//!   client_auth_type: RequireAndVerifyClientCert   # default NoClientCert
+//!   client_ca_file: ca.crt
+//!   min_version: TLS12               # default TLS12; max_version default TLS13
+//! basic_auth_users:
+//!   alice: $2y$10$...                # bcrypt hashes
+//! ```
+//!
+//! Everything is read and checked here, before a socket is opened: a mistake names the
+//! file and the key. Unknown keys are errors, including exporter-toolkit keys commitmeter
+//! does not implement (`http_server_config`, `cipher_suites`, …), so nothing is silently
+//! ignored. An empty file, or an empty `tls_server_config`, means plain HTTP.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::auth::BasicAuth;
+use super::tls::{self, ClientAuth, TlsVersion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebConfigError {
+    #[error("{path}: cannot read web config file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// YAML syntax and types, unknown keys: `file:line:column: message`.
+    #[error("{path}{location}: {message}")]
+    Syntax {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    /// A value that parses but cannot be used; `key` is e.g. `tls_server_config.cert_file`.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// What a listener does beyond plain, open HTTP. `default()` is plain and open.
+#[derive(Clone, Default)]
+pub struct WebConfig {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) auth: Option<Arc<BasicAuth>>,
+}
+
+impl std::fmt::Debug for WebConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebConfig")
+            .field("tls", &self.tls.is_some())
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+impl WebConfig {
+    /// Plain and open without a file, else [`WebConfig::load`].
+    pub fn from_flag(path: Option<&Path>) -> Result<Self, WebConfigError> {
+        path.map_or_else(|| Ok(Self::default()), Self::load)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, WebConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| WebConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as the file at `path`; the certificate files it names are read,
+    /// relative to `path`'s directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, WebConfigError> {
+        let raw: Option<RawWebConfig> =
+            serde_norway::from_str(text).map_err(|e| syntax_error(path, &e))?;
+        let raw = raw.unwrap_or_default();
+        let invalid = |key: &str, message: String| WebConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let resolve = |p: &str| dir.join(p);
+
+        let tls = match raw.tls_server_config.filter(RawTlsServer::is_set) {
+            None => None,
+            Some(t) => {
+                let cert_file = nonempty(&t.cert_file).ok_or_else(|| {
+                    invalid(
+                        "tls_server_config.cert_file",
+                        "required when tls_server_config is set".into(),
+                    )
+                })?;
+                let key_file = nonempty(&t.key_file).ok_or_else(|| {
+                    invalid(
+                        "tls_server_config.key_file",
+                        "required when tls_server_config is set".into(),
+                    )
+                })?;
+                let chain = tls::load_certs(&resolve(cert_file))
+                    .map_err(|e| invalid("tls_server_config.cert_file", e.to_string()))?;
+                let key = tls::load_key(&resolve(key_file))
+                    .map_err(|e| invalid("tls_server_config.key_file", e.to_string()))?;
+                let auth = t.client_auth_type.unwrap_or_default();
+                let ca_file = nonempty(&t.client_ca_file);
+                let roots =
+                    match (auth, ca_file) {
+                        (a, None) if a.verifies() => {
+                            return Err(invalid(
+                                "tls_server_config.client_ca_file",
+                                format!("required with client_auth_type {a:?}"),
+                            ))
+                        }
+                        (ClientAuth::NoClientCert, Some(_)) => {
+                            return Err(invalid(
+                                "tls_server_config.client_auth_type",
+                                "client_ca_file is set but client_auth_type is NoClientCert: \
+                             set RequireAndVerifyClientCert or VerifyClientCertIfGiven"
+                                    .into(),
+                            ))
+                        }
+                        (a, Some(_)) if !a.verifies() => {
+                            return Err(invalid(
+                                "tls_server_config.client_ca_file",
+                                format!(
+                                    "not used with client_auth_type {a:?}, which accepts any \
+                                 certificate: use RequireAndVerifyClientCert to check them"
+                                ),
+                            ))
+                        }
+                        (_, Some(ca)) => Some(tls::root_store(&resolve(ca)).map_err(|e| {
+                            invalid("tls_server_config.client_ca_file", e.to_string())
+                        })?),
+                        (_, None) => None,
+                    };
+                let min = t.min_version.unwrap_or(TlsVersion::TLS12);
+                let max = t.max_version.unwrap_or(TlsVersion::TLS13);
+                if max < TlsVersion::TLS12 {
+                    return Err(invalid(
+                        "tls_server_config.max_version",
+                        format!("{max:?}: only TLS12 and TLS13 are supported"),
+                    ));
+                }
+                if min > max {
+                    return Err(invalid(
+                        "tls_server_config.min_version",
+                        format!("{min:?} is above max_version {max:?}"),
+                    ));
+                }
+                let config = tls::server_config(chain, key, auth, roots, &tls::versions(min, max))
+                    .map_err(|e| {
+                        let key = match e {
+                            tls::TlsError::Verifier(_) => "tls_server_config.client_ca_file",
+                            _ => "tls_server_config.key_file",
+                        };
+                        invalid(key, format!("{e} (with cert_file {cert_file})"))
+                    })?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+        };
+
+        let users = raw.basic_auth_users.unwrap_or_default();
+        for (user, hash) in &users {
+            if user.is_empty() || user.contains(':') {
+                return Err(invalid(
+                    "basic_auth_users",
+                    format!("{user:?}: a user name must be non-empty and without ':'"),
+                ));
+            }
+            if hash.parse::<bcrypt::HashParts>().is_err() {
+                return Err(invalid(
+                    &format!("basic_auth_users.{user}"),
+                    format!(
+                        "not a bcrypt hash (expected $2y$10$ and 53 more characters; \
+                         `htpasswd -nBC 10 {user}` prints {user}:HASH)"
+                    ),
+                ));
+            }
+        }
+        let auth = (!users.is_empty()).then(|| Arc::new(BasicAuth::new(users)));
+        Ok(Self { tls, auth })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+}
+
+fn nonempty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|s| !s.is_empty())
+}
+
+/// `file:line:column: message`, the position taken out of serde_norway's message.
+fn syntax_error(path: &Path, e: &serde_norway::Error) -> WebConfigError {
+    let mut message = e.to_string();
+    let mut location = String::new();
+    if let Some(l) = e.location() {
+        location = format!(":{}:{}", l.line(), l.column());
+        let suffix = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_string();
+        }
+    }
+    WebConfigError::Syntax {
+        path: path.to_path_buf(),
+        location,
+        message,
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of tls_server_config and basic_auth_users"
+)]
+struct RawWebConfig {
+    tls_server_config: Option<RawTlsServer>,
+    basic_auth_users: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, expecting = "a mapping of TLS settings")]
+struct RawTlsServer {
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    client_auth_type: Option<ClientAuth>,
+    client_ca_file: Option<String>,
+    min_version: Option<TlsVersion>,
+    max_version: Option<TlsVersion>,
+}
+
+impl RawTlsServer {
+    /// exporter-toolkit serves plain HTTP for a `tls_server_config` with nothing in it.
+    fn is_set(&self) -> bool {
+        nonempty(&self.cert_file).is_some()
+            || nonempty(&self.key_file).is_some()
+            || nonempty(&self.client_ca_file).is_some()
+            || self.client_auth_type.is_some()
+            || self.min_version.is_some()
+            || self.max_version.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with a CA, a server certificate signed by it, and a second key.
+    struct Files(PathBuf);
+
+    impl Files {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "commitmeter-webconfig-{}-{tag}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .signed_by(&key, &ca, &ca_key)
+                .unwrap();
+            let other = rcgen::KeyPair::generate().unwrap();
+            std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+            std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+            std::fs::write(dir.join("other.key"), other.serialize_pem()).unwrap();
+            Self(dir)
+        }
+
+        fn parse(&self, yaml: &str) -> Result<WebConfig, String> {
+            WebConfig::parse(&self.0.join("web.yml"), yaml).map_err(|e| e.to_string())
+        }
+
+        fn file(&self) -> String {
+            self.0.join("web.yml").display().to_string()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn full_config_with_relative_paths() {
+        let f = Files::new("full");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let w = f
+            .parse(&format!(
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  \
+                 client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n  \
+                 min_version: TLS13\nbasic_auth_users:\n  alice: {hash}\n"
+            ))
+            .unwrap();
+        assert!(w.is_tls() && w.has_auth());
+        // Absolute paths work too; every client auth type is accepted.
+        for auth in ["RequestClientCert", "RequireAnyClientCert", "NoClientCert"] {
+            let w = f
+                .parse(&format!(
+                    "tls_server_config:\n  cert_file: {0}/server.crt\n  key_file: {0}/server.key\n  client_auth_type: {auth}\n",
+                    f.0.display()
+                ))
+                .unwrap();
+            assert!(w.is_tls() && !w.has_auth(), "{auth}");
+        }
+        let w = f
+            .parse("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n  min_version: TLS10\n")
+            .unwrap();
+        assert!(w.is_tls());
+    }
+
+    #[test]
+    fn empty_means_plain_http() {
+        let f = Files::new("empty");
+        for yaml in [
+            "",
+            "# nothing\n",
+            "tls_server_config:\n",
+            "tls_server_config: {}\nbasic_auth_users: {}\n",
+        ] {
+            let w = f.parse(yaml).unwrap();
+            assert!(!w.is_tls() && !w.has_auth(), "{yaml:?}");
+        }
+        let w = f
+            .parse(&format!(
+                "basic_auth_users:\n  bob: '{}'\n",
+                bcrypt::hash("x", 4).unwrap()
+            ))
+            .unwrap();
+        assert!(!w.is_tls() && w.has_auth());
+    }
+
+    #[test]
+    fn mistakes_name_the_file_and_the_key() {
+        let f = Files::new("mistakes");
+        let file = f.file();
+        let e = f
+            .parse("tls_server_config:\n  cert_fil: server.crt\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "{file}:2:3: tls_server_config: unknown field `cert_fil`"
+            )),
+            "{e}"
+        );
+        let e = f
+            .parse("http_server_config:\n  http2: false\n")
+            .unwrap_err();
+        assert!(e.contains("unknown field `http_server_config`"), "{e}");
+        let e = f
+            .parse("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireClientCert\n")
+            .unwrap_err();
+        assert!(e.starts_with(&format!("{file}:4:")), "{e}");
+        assert!(e.contains("RequireClientCert"), "{e}");
+        let cases = [
+            (
+                "tls_server_config:\n  key_file: server.key\n",
+                "tls_server_config.cert_file: required",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n",
+                "tls_server_config.key_file: required",
+            ),
+            (
+                "tls_server_config:\n  cert_file: missing.crt\n  key_file: server.key\n",
+                "tls_server_config.cert_file: cannot read",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.key\n  key_file: server.key\n",
+                "tls_server_config.cert_file: ",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.crt\n",
+                "tls_server_config.key_file: ",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: other.key\n",
+                "tls_server_config.key_file: the private key does not belong to the certificate",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n",
+                "tls_server_config.client_ca_file: required with client_auth_type RequireAndVerifyClientCert",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_ca_file: ca.crt\n",
+                "tls_server_config.client_auth_type: client_ca_file is set but client_auth_type is NoClientCert",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireAnyClientCert\n  client_ca_file: ca.crt\n",
+                "tls_server_config.client_ca_file: not used with client_auth_type RequireAnyClientCert",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: server.key\n",
+                "tls_server_config.client_ca_file: ",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  max_version: TLS11\n",
+                "tls_server_config.max_version: TLS11: only TLS12 and TLS13",
+            ),
+            (
+                "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  min_version: TLS13\n  max_version: TLS12\n",
+                "tls_server_config.min_version: TLS13 is above max_version TLS12",
+            ),
+            (
+                "basic_auth_users:\n  alice: plaintext\n",
+                "basic_auth_users.alice: not a bcrypt hash",
+            ),
+            (
+                "basic_auth_users:\n  'a:b': $2y$04$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users: \"a:b\": a user name",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = f.parse(yaml).unwrap_err();
+            assert!(e.starts_with(&format!("{file}: {want}")), "{yaml}\n{e}");
+        }
+        let e = WebConfig::load(Path::new("/nonexistent/web.yml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/web.yml: cannot read web config file"),
+            "{e}"
+        );
+    }
+}
