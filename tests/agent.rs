@@ -503,3 +503,81 @@ fn sigterm_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn sighup_reloads_host_labels_and_a_bad_file_keeps_them() {
+    let dir = TempDir::new("reload");
+    let cfg = dir.path("agent.toml");
+    std::fs::write(&cfg, "[labels]\nprovider = \"acme\"\n").unwrap();
+    let agent = Agent::start(
+        &Scenario::default(),
+        AgentOpts {
+            extra_args: vec![format!("--config.file={}", cfg.display())],
+            ..AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(20));
+    let hup = || {
+        let pid = agent.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    std::fs::write(&cfg, "[labels]\nprovider = \"beta\"\n").unwrap();
+    hup();
+    let m = agent.wait_for(Duration::from_secs(10), "new labels", |m| {
+        m.get("commitmeter_host_info", &[("provider", "beta")]) == Some(1.0)
+    });
+    assert_eq!(m.series("commitmeter_host_info").len(), 1);
+    assert_eq!(
+        m.get("commitmeter_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
+    std::fs::write(&cfg, "[labels]\nprovider = 7\n").unwrap();
+    hup();
+    let m = agent.wait_for(Duration::from_secs(10), "the failed reload", |m| {
+        m.get("commitmeter_config_last_reload_successful", &[]) == Some(0.0)
+    });
+    assert_eq!(
+        m.get("commitmeter_host_info", &[("provider", "beta")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.log_count("config reload failed"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(1.0));
+}
+
+#[test]
+fn oversized_and_slow_requests_are_cut_off_without_stalling_others() {
+    let agent = Agent::start(&Scenario::default(), AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    // 100 kB of headers: over the 64 kB buffer.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    assert_eq!(http_request(&agent.addr, &big).0, 431);
+    // A client that sends half a request and stalls is dropped after the 10 s header
+    // timeout; meanwhile everyone else is served.
+    use std::io::{Read, Write};
+    let mut slow = std::net::TcpStream::connect(&agent.addr).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(agent.get("/-/healthy").0, 200);
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(19),
+        "slow client never cut off"
+    );
+    assert_eq!(agent.get("/-/healthy").0, 200);
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -400,4 +400,88 @@ ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
         up(m, &b.addr).is_none()
     });
     assert!(agg.log_text().contains("SIGHUP"));
+}
+
+#[test]
+fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cleanly() {
+    let a = Agent::start(&Scenario::default(), AgentOpts::default());
+    let b = Agent::start(&Scenario::default(), AgentOpts::default());
+    let dir = TempDir::new("reload");
+    let config = dir.path("aggregator.toml");
+    let write = |targets: &[&str], price: f64| {
+        let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\n\n\
+                 [[targets]]\ntargets = [{}]\nlabels = {{ provider = \"acme\" }}\n\n\
+                 [[contracts]]\nid = \"lab\"\nprovider = \"acme\"\nprice_per_gpu_hour = {price:.1}\ncurrency = \"EUR\"\n\
+                 start = \"2026-01-01\"\nselector = '{{provider=\"acme\"}}'\nramp = [ {{ from = \"2026-01-01\", gpus = 4 }} ]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+    };
+    write(&[&a.addr], 1.0);
+    let mut agg = Aggregator::start(&config, &dir.path("data"));
+    agg.wait_ready(Duration::from_secs(20));
+    let pid = agg.child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let up = |m: &Metrics, t: &str| m.get("commitmeter_target_up", &[("target", t)]);
+    let gauge = |m: &Metrics, name: &str| m.get(name, &[]);
+
+    // A good reload adds a target at once.
+    write(&[&a.addr, &b.addr], 1.0);
+    signal("-HUP");
+    let m = agg.wait_for(Duration::from_secs(20), "b after reload", |m| {
+        up(m, &b.addr) == Some(1.0)
+    });
+    assert_eq!(
+        gauge(&m, "commitmeter_config_last_reload_successful"),
+        Some(1.0)
+    );
+    assert_eq!(gauge(&m, "commitmeter_config_restart_required"), Some(0.0));
+
+    // A bad reload keeps the running config, says so, and sets the metric.
+    std::fs::write(&config, "[aggregator]\nscrape_interval = 5\n").unwrap();
+    signal("-HUP");
+    let m = agg.wait_for(Duration::from_secs(20), "the failed reload", |m| {
+        gauge(m, "commitmeter_config_last_reload_successful") == Some(0.0)
+    });
+    assert_eq!(up(&m, &a.addr), Some(1.0));
+    assert_eq!(up(&m, &b.addr), Some(1.0));
+    assert!(
+        agg.log_text().contains("config reload failed"),
+        "{}",
+        agg.log_text()
+    );
+
+    // A contract change is accepted but applies at the next restart.
+    write(&[&a.addr, &b.addr], 2.0);
+    signal("-HUP");
+    agg.wait_for(Duration::from_secs(20), "restart required", |m| {
+        gauge(m, "commitmeter_config_restart_required") == Some(1.0)
+            && gauge(m, "commitmeter_config_last_reload_successful") == Some(1.0)
+    });
+
+    // SIGTERM: drains and exits 0.
+    signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = agg.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}\n{}", agg.log_text());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregator did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

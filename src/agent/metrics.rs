@@ -60,6 +60,9 @@ const GPU: &[&str] = &["gpu", "uuid"];
 /// Handles to every agent series, registered in one registry.
 pub struct AgentMetrics {
     pub registry: Registry,
+    /// `commitmeter_host_info`; replaced whole when SIGHUP brings new labels.
+    host: std::sync::Mutex<IntGauge>,
+    pub reload_ok: IntGauge,
     pub nvml_up: IntGauge,
     pub polls: IntCounter,
     pub nvml_errors: CounterVec,
@@ -103,16 +106,14 @@ impl AgentMetrics {
         build.set(1);
         reg(Box::new(build))?;
 
-        let mut host = Opts::new(
-            "commitmeter_host_info",
-            "Labels of this host from the agent's config file.",
-        );
-        for (k, v) in host_labels {
-            host = host.const_label(k.clone(), v.clone());
-        }
-        let host = IntGauge::with_opts(host)?;
-        host.set(1);
-        reg(Box::new(host))?;
+        let host = host_info(host_labels)?;
+        reg(Box::new(host.clone()))?;
+        let reload_ok = IntGauge::new(
+            "commitmeter_config_last_reload_successful",
+            "1 if the last read of the config file (at start or on SIGHUP) succeeded.",
+        )?;
+        reload_ok.set(1);
+        reg(Box::new(reload_ok.clone()))?;
 
         let nvml_up = IntGauge::new(
             "commitmeter_nvml_up",
@@ -192,6 +193,8 @@ impl AgentMetrics {
 
         Ok(Self {
             registry,
+            host: std::sync::Mutex::new(host),
+            reload_ok,
             nvml_up,
             polls,
             nvml_errors,
@@ -204,6 +207,16 @@ impl AgentMetrics {
             xid,
             gauges,
         })
+    }
+
+    /// Replaces the host labels (config reload): the old series goes, the new one comes.
+    pub fn set_host_labels(&self, labels: &[(String, String)]) -> Result<(), prometheus::Error> {
+        let new = host_info(labels)?;
+        let mut host = self.host.lock().expect("host lock");
+        let _ = self.registry.unregister(Box::new(host.clone()));
+        self.registry.register(Box::new(new.clone()))?;
+        *host = new;
+        Ok(())
     }
 
     /// Creates (or finds again, after a driver reload) the counters of one GPU.
@@ -243,4 +256,17 @@ impl AgentMetrics {
     pub fn nvml_error(&self, call: &str, error: &str) {
         self.nvml_errors.with_label_values(&[call, error]).inc();
     }
+}
+
+fn host_info(labels: &[(String, String)]) -> Result<IntGauge, prometheus::Error> {
+    let mut opts = Opts::new(
+        "commitmeter_host_info",
+        "Labels of this host from the agent's config file.",
+    );
+    for (k, v) in labels {
+        opts = opts.const_label(k.clone(), v.clone());
+    }
+    let g = IntGauge::with_opts(opts)?;
+    g.set(1);
+    Ok(g)
 }

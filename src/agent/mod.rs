@@ -55,6 +55,44 @@ pub fn prepare(args: AgentArgs) -> Result<Prepared, AgentError> {
     })
 }
 
+/// SIGHUP re-reads the config file: new host labels apply at once; a bad file keeps
+/// the running labels, logs why and sets `commitmeter_config_last_reload_successful 0`.
+fn spawn_reload(metrics: Arc<AgentMetrics>, config_file: Option<std::path::PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(path) = &config_file else {
+                tracing::info!("SIGHUP: no --config.file, nothing to reload");
+                continue;
+            };
+            let applied = AgentConfig::load(path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    metrics
+                        .set_host_labels(&c.labels)
+                        .map_err(|e| e.to_string())
+                });
+            match applied {
+                Ok(()) => {
+                    tracing::info!("config reloaded");
+                    metrics.reload_ok.set(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload failed; keeping the running labels");
+                    metrics.reload_ok.set(0);
+                }
+            }
+        }
+    });
+}
+
 /// Runs until `shutdown` completes.
 pub async fn run(
     p: Prepared,
@@ -77,6 +115,7 @@ pub async fn run(
         metrics.clone(),
         status.clone(),
     )?;
+    spawn_reload(metrics.clone(), p.args.config_file.clone());
     http::serve_with(listener, handler(metrics, status), p.web, shutdown).await;
     tracing::info!("shutting down");
     tokio::task::spawn_blocking(move || sampler.stop())

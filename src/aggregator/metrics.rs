@@ -55,6 +55,9 @@ pub struct AggregatorMetrics {
     pub target_gpus: GaugeVec,
     pub target_errors: IntCounterVec,
     pub targets_problems: IntGauge,
+    pub reload_ok: IntGauge,
+    pub reload_time: IntGauge,
+    pub restart_required: IntGauge,
 }
 
 impl AggregatorMetrics {
@@ -128,6 +131,21 @@ impl AggregatorMetrics {
             "Targets or file_sd files skipped at the last target refresh (see the log).",
         )?;
         registry.register(Box::new(targets_problems.clone()))?;
+        let reload_ok = IntGauge::new(
+            "commitmeter_config_last_reload_successful",
+            "1 if the last read of the config file (at start or on SIGHUP) succeeded.",
+        )?;
+        registry.register(Box::new(reload_ok.clone()))?;
+        let reload_time = IntGauge::new(
+            "commitmeter_config_last_reload_success_timestamp_seconds",
+            "When the config file was last read successfully.",
+        )?;
+        registry.register(Box::new(reload_time.clone()))?;
+        let restart_required = IntGauge::new(
+            "commitmeter_config_restart_required",
+            "1 if the config file on disk changes contracts or scrape settings, which apply only after a restart.",
+        )?;
+        registry.register(Box::new(restart_required.clone()))?;
 
         Ok(Self {
             totals,
@@ -217,6 +235,9 @@ impl AggregatorMetrics {
             store_errors,
             target_errors,
             targets_problems,
+            reload_ok,
+            reload_time,
+            restart_required,
             registry,
         })
     }

@@ -63,6 +63,8 @@ impl Clock for SystemClock {
 /// Options of `commitmeter aggregator`, already validated.
 pub struct Prepared {
     pub config: AggregatorConfig,
+    /// Re-read on SIGHUP.
+    pub config_file: PathBuf,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// TLS and basic auth of the listener (`--web.config.file`).
@@ -90,6 +92,7 @@ pub fn prepare(
         })?;
     Ok(Prepared {
         config,
+        config_file: config_file.to_path_buf(),
         listen,
         data_dir,
         web,
@@ -108,6 +111,8 @@ struct Books {
 
 struct Shared {
     contracts: Vec<Contract>,
+    /// The config the ledger and scraper were built from, to tell what a reload may change.
+    config_at_start: AggregatorConfig,
     ids: Vec<String>,
     books: Mutex<Books>,
     store: Mutex<Store>,
@@ -193,6 +198,7 @@ pub async fn serve(
     }
     let shared = Arc::new(Shared {
         contracts: cfg.contracts.clone(),
+        config_at_start: cfg.clone(),
         ids,
         books: Mutex::new(Books {
             ledger,
@@ -231,11 +237,63 @@ pub async fn serve(
         p.scrape_tls,
         &cfg.scrape,
     );
-    let scraping = tokio::spawn(scrape_loop(shared.clone(), cfg, scraper, hup));
+    shared.metrics.reload_ok.set(1);
+    shared.metrics.reload_time.set(SystemClock.now_ms() / 1000);
+    let scraping = tokio::spawn(scrape_loop(
+        shared.clone(),
+        cfg,
+        p.config_file,
+        scraper,
+        hup,
+    ));
     http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
     scraping.abort();
+    let _ = scraping.await;
+    // Not needed for correctness (every round is durable), but a clean stop leaves
+    // the freshest snapshot behind.
+    shared.seal_and_commit().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file with the same validation as at start. A bad file
+/// keeps the running config (error logged, `commitmeter_config_last_reload_successful 0`).
+/// Targets and file_sd apply at once; contracts and scrape settings shape the ledger
+/// and the client, so they apply at the next restart (`commitmeter_config_restart_required`).
+fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) {
+    let m = &shared.metrics;
+    let new = match crate::contract::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; keeping the running config");
+            m.reload_ok.set(0);
+            return;
+        }
+    };
+    let settings = |c: &AggregatorConfig| {
+        format!(
+            "{:?}",
+            (
+                c.scrape_interval,
+                c.scrape_timeout,
+                c.grace,
+                c.body_limit_bytes,
+                &c.scrape,
+                &c.contracts
+            )
+        )
+    };
+    let restart = settings(&new) != settings(&shared.config_at_start);
+    if restart {
+        tracing::warn!("config reloaded: contract or scrape setting changes apply after a restart");
+    } else {
+        tracing::info!("config reloaded");
+    }
+    m.restart_required.set(i64::from(restart));
+    cfg.static_targets = new.static_targets;
+    cfg.file_sd = new.file_sd;
+    m.reload_ok.set(1);
+    m.reload_time.set(SystemClock.now_ms() / 1000);
 }
 
 fn spawn_sighup(flag: Arc<AtomicBool>) {
@@ -244,7 +302,7 @@ fn spawn_sighup(flag: Arc<AtomicBool>) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: re-reading file_sd targets");
+                    tracing::info!("SIGHUP: re-reading the config file and file_sd targets");
                     flag.store(true, Ordering::Relaxed);
                 }
             });
@@ -333,7 +391,8 @@ fn contract_label<'a>(shared: &'a Shared, t: &Target) -> &'a str {
 
 async fn scrape_loop(
     shared: Arc<Shared>,
-    cfg: AggregatorConfig,
+    mut cfg: AggregatorConfig,
+    config_file: PathBuf,
     scraper: Scraper,
     hup: Arc<AtomicBool>,
 ) {
@@ -350,7 +409,11 @@ async fn scrape_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        set.refresh(&shared, &cfg, hup.swap(false, Ordering::Relaxed));
+        let hupped = hup.swap(false, Ordering::Relaxed);
+        if hupped {
+            reload(&shared, &mut cfg, &config_file);
+        }
+        set.refresh(&shared, &cfg, hupped);
         let mut jobs = tokio::task::JoinSet::new();
         for i in 0..set.targets.len() {
             let (shared, scraper, limit, targets) = (

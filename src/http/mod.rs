@@ -79,7 +79,27 @@ pub fn text(
     r
 }
 
+/// Scrapers and browsers send a few hundred bytes of headers; anything far larger is
+/// refused before it reaches a handler.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len();
+    if header_bytes > MAX_HEADER_BYTES {
+        let mut r = text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "text/plain",
+            "request headers too large\n",
+        );
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("close"));
+        return r;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -122,9 +142,14 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // On shutdown: stop accepting, let requests in flight finish (idle keep-alive
+    // connections close at once), and give up on stragglers after DRAIN_TIMEOUT.
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -136,19 +161,40 @@ pub async fn serve_with(
                 continue;
             }
         };
-        let (handler, web) = (handler.clone(), web.clone());
-        tokio::spawn(async move {
+        let (handler, web, draining) = (handler.clone(), web.clone(), draining.clone());
+        connections.spawn(async move {
             let Some(acceptor) = &web.tls else {
-                return connection(TokioIo::new(stream), handler, web.auth, peer).await;
+                return connection(TokioIo::new(stream), handler, web.auth, peer, draining).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => connection(TokioIo::new(tls), handler, web.auth, peer).await,
+                Ok(Ok(tls)) => {
+                    connection(TokioIo::new(tls), handler, web.auth, peer, draining).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
+    drop(listener);
+    let _ = drain.send(true);
+    let open = connections.len();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "closing connections that did not finish in time"
+        );
+        connections.abort_all();
+    } else if open > 0 {
+        tracing::debug!(connections = open, "connections drained");
+    }
 }
+
+/// How long shutdown waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One HTTP/1.1 connection, plain or TLS.
 async fn connection<I>(
@@ -156,6 +202,7 @@ async fn connection<I>(
     handler: Handler,
     auth: Option<Arc<auth::BasicAuth>>,
     peer: SocketAddr,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -175,7 +222,16 @@ async fn connection<I>(
         .header_read_timeout(Duration::from_secs(10))
         .max_buf_size(64 * 1024)
         .serve_connection(io, service);
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+            // Finish the request in flight, if any, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection closed with error");
     }
 }
