@@ -46,7 +46,7 @@ fn render_cost() {
     let start = Instant::now();
     let mut bytes = 0;
     for _ in 0..n {
-        let r = commitmeter::agent::render(&m.registry);
+        let r = commitmeter::http::metrics(&m.registry);
         bytes = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
     }
     let per = start.elapsed() / n;

@@ -9,7 +9,6 @@ pub mod sampler;
 use std::sync::Arc;
 
 use hyper::StatusCode;
-use prometheus::{Encoder, TextEncoder};
 
 use crate::cli::AgentArgs;
 use crate::http::{self, Handler};
@@ -127,7 +126,7 @@ pub async fn run(
 fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
     Arc::new(move |path: &str| {
         match path {
-        "/metrics" => Some(render(&metrics.registry)),
+        "/metrics" => Some(http::metrics(&metrics.registry)),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
         "/-/ready" if status.is_ready() => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
         "/-/ready" => Some(http::text(
@@ -143,27 +142,4 @@ fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
         _ => None,
     }
     })
-}
-
-/// Renders the registry in the Prometheus text format.
-pub fn render(
-    registry: &prometheus::Registry,
-) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
-    let encoder = TextEncoder::new();
-    let mut buf = Vec::with_capacity(16 * 1024);
-    match encoder.encode(&registry.gather(), &mut buf) {
-        Ok(()) => http::text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            buf,
-        ),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode metrics");
-            http::text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("{e}\n"),
-            )
-        }
-    }
 }

@@ -313,7 +313,7 @@ fn spawn_sighup(flag: Arc<AtomicBool>) {
 
 fn handler(shared: Arc<Shared>) -> Handler {
     Arc::new(move |path: &str| match path {
-        "/metrics" => Some(crate::agent::render(&shared.metrics.registry)),
+        "/metrics" => Some(http::metrics(&shared.metrics.registry)),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
         "/-/ready" if shared.ready.load(Ordering::Relaxed) => {
             Some(http::text(StatusCode::OK, "text/plain", "OK\n"))

@@ -120,7 +120,7 @@ impl Sim {
                 on(if g.utilization > 0.02 { 1.0 } else { 0.0 }),
             );
         }
-        Some(crate::agent::render(&m.registry))
+        Some(http::metrics(&m.registry))
     }
 }
 

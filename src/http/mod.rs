@@ -114,6 +114,28 @@ fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "text/plain", "not found\n"))
 }
 
+/// `/metrics`: a registry in the Prometheus text format (both roles and the demo's
+/// simulated agents).
+pub fn metrics(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
+    use prometheus::Encoder;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    match prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        Ok(()) => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            buf,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            )
+        }
+    }
+}
+
 /// What a request without valid credentials gets, as from exporter-toolkit.
 fn unauthorized() -> Response<Full<Bytes>> {
     let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n");
