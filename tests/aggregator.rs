@@ -145,15 +145,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
         .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
         .unwrap() as i64;
     // Counters never went back across the crash.
-    for kind in [
-        "committed",
-        "delivered",
-        "used",
-        "idle",
-        "undelivered",
-        "unreported",
-        "overage",
-    ] {
+    for kind in commitmeter::aggregator::metrics::KINDS {
         assert!(
             counter(&m, kind) >= counter(&before, kind),
             "{kind} went back"
@@ -185,18 +177,10 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
 
     // Within one scrape interval (1 s) plus one agent sample interval per GPU.
     let tol = |truth: f64| 0.01 * truth + 7.0 * 1.5;
-    let report: Vec<String> = [
-        "committed",
-        "delivered",
-        "used",
-        "idle",
-        "undelivered",
-        "unreported",
-        "overage",
-    ]
-    .iter()
-    .map(|k| format!("{k}={:.1}", counter(&m, k)))
-    .collect();
+    let report: Vec<String> = commitmeter::aggregator::metrics::KINDS
+        .iter()
+        .map(|k| format!("{k}={:.1}", counter(&m, k)))
+        .collect();
     // Derived figures carry the error of each measured one they are made of.
     let check = |kind: &str, truth: f64, tolerance: f64| {
         let got = counter(&m, kind);

@@ -94,15 +94,7 @@ fn the_status_page_in_chromium_shows_the_ledgers_figures() {
     for contract in ["acme-h100-east", "acme-h100-west", "borealis-h200"] {
         let at = dom.find(&format!("data-contract=\"{contract}\"")).unwrap();
         let start = attr(&dom, at, "data-period-start");
-        let kinds = [
-            "committed",
-            "delivered",
-            "used",
-            "idle",
-            "undelivered",
-            "unreported",
-            "overage",
-        ];
+        let kinds = commitmeter::aggregator::metrics::KINDS;
         let sql = format!(
             "SELECT {} FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3",
             kinds.map(|k| format!("COALESCE(SUM({k}), 0)")).join(", ")
