@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use common::*;
 
-fn chromium(args: &[&str]) -> std::process::Output {
+/// Headless Chromium with a profile of its own, so it never waits on another
+/// Chromium's profile lock.
+fn chromium(profile: &Path, args: &[&str]) -> std::process::Output {
     Command::new("chromium")
+        .arg(format!("--user-data-dir={}", profile.display()))
         .args([
             "--headless=new",
             "--no-sandbox",
@@ -77,7 +80,8 @@ fn the_status_page_in_chromium_shows_the_ledgers_figures() {
     // Past the simulated host outage, the lost GPU and the ramp (6 h at 600x).
     std::thread::sleep(Duration::from_secs(40));
 
-    let out = chromium(&["--dump-dom", &url]);
+    let profile = dir.path("chromium-profile");
+    let out = chromium(&profile, &["--dump-dom", &url]);
     let dom = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         dom.contains("data-contract"),
@@ -132,11 +136,14 @@ fn the_status_page_in_chromium_shows_the_ledgers_figures() {
 
     // The screenshot kept for the README (refreshed with COMMITMETER_UPDATE_SCREENSHOT=1).
     let shot = dir.path("status-page.png");
-    let out = chromium(&[
-        &format!("--screenshot={}", shot.display()),
-        "--window-size=1280,1500",
-        &url,
-    ]);
+    let out = chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1500",
+            &url,
+        ],
+    );
     assert!(
         shot.exists(),
         "no screenshot: {}",
