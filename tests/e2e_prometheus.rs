@@ -19,6 +19,16 @@ use common::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
+/// One demo and one Prometheus at a time: three pairs at once starve a 2-core CI
+/// machine until scrapes time out and "target down" alerts fire for the wrong reason.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct Demo {
     child: Child,
     addr: String,
@@ -219,6 +229,7 @@ fn urlencode(s: &str) -> String {
 
 #[test]
 fn underuse_pages_through_prometheus() {
+    let _serial = serial();
     let dir = TempDir::new("e2e-underuse");
     let demo = start_demo("underuse", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
@@ -245,6 +256,7 @@ fn underuse_pages_through_prometheus() {
 
 #[test]
 fn a_healthy_fleet_fires_nothing() {
+    let _serial = serial();
     let dir = TempDir::new("e2e-healthy");
     let demo = start_demo("healthy", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
@@ -267,6 +279,7 @@ fn a_healthy_fleet_fires_nothing() {
 /// default story (a host down, a lost GPU, XIDs, a ramp) at 600x.
 #[test]
 fn every_dashboard_query_returns_data() {
+    let _serial = serial();
     let dir = TempDir::new("e2e-dashboards");
     let demo = start_demo("default", 600, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
