@@ -149,7 +149,9 @@ pub fn figures(r: &Running, terms: &Terms) -> Figures {
     // is left of the period; use within the commitment cannot exceed what is committed.
     let (minutes, recent) = r.recent();
     let projected_utilization = if minutes > 0 && terms.committed_period > 0 {
-        let pace = recent.used_within() as f64 / (minutes as f64 * MINUTE_MS as f64);
+        // The pace of all use, not only use within the commitment: a commitment that
+        // ramps up absorbs today's overage, and `committed_remaining` caps it anyway.
+        let pace = recent.used as f64 / (minutes as f64 * MINUTE_MS as f64);
         let projected =
             (pace * terms.remaining_ms.max(0) as f64).min(terms.committed_remaining as f64);
         Some((used + projected) / terms.committed_period as f64)
