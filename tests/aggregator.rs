@@ -61,7 +61,7 @@ fn sigkill_mid_run_keeps_month_to_date_equal_to_ground_truth() {
 [aggregator]
 scrape_interval = "1s"
 scrape_timeout = "1s"
-grace = "0s"
+grace = "2s"
 
 [[targets]]
 targets = ["{}", "{}", "{}"]

@@ -47,6 +47,7 @@ pub struct AggregatorMetrics {
     pub price: GaugeVec,
     pub tier_reachable: GaugeVec,
     pub late: CounterVec,
+    pub rejected: CounterVec,
     pub sealed_through: IntGauge,
     pub since: IntGauge,
     pub store_errors: IntCounterVec,
@@ -100,6 +101,14 @@ impl AggregatorMetrics {
             &["contract", "kind"],
         )?;
         registry.register(Box::new(late.clone()))?;
+        let rejected = CounterVec::new(
+            Opts::new(
+                "commitmeter_ledger_rejected_gpu_seconds_total",
+                "GPU-seconds of agent readings not credited because they were physically impossible (booked unreported), by reason.",
+            ),
+            &["contract", "reason"],
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
         let sealed_through = IntGauge::new(
             "commitmeter_ledger_sealed_through_timestamp_seconds",
             "Ledger minutes before this time are sealed and durable.",
@@ -230,6 +239,7 @@ impl AggregatorMetrics {
                 &["target"],
             )?,
             late,
+            rejected,
             sealed_through,
             since,
             store_errors,
@@ -256,8 +266,15 @@ impl AggregatorMetrics {
         self.target_utilization
             .with_label_values(&[&c.id])
             .set(c.target_utilization);
+        self.price
+            .with_label_values(&[&c.id, &c.currency])
+            .set(c.price_per_gpu_hour / 3600.0);
         for counter in &self.totals {
             counter.with_label_values(&[&c.id]);
+        }
+        // Exported from the start (0), so an alert on their increase has a baseline.
+        for why in crate::ledger::Reject::ALL {
+            self.rejected.with_label_values(&[&c.id, why.as_str()]);
         }
     }
 

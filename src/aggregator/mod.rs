@@ -7,7 +7,7 @@ pub mod status;
 pub mod store;
 pub mod targets;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +19,9 @@ use hyper::StatusCode;
 use crate::contract::{AggregatorConfig, Contract, UsageSignal};
 use crate::http::{self, Handler};
 use crate::ledger::totals::{figures, Running, Terms};
-use crate::ledger::{GpuCounters, Ledger, Sealed, MINUTE_MS};
+use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, MINUTE_MS};
 use metrics::AggregatorMetrics;
-use scrape::{GpuReport, Scraper};
+use scrape::{HostReport, ScrapeError, Scraper};
 use store::Store;
 use targets::Target;
 
@@ -122,7 +122,12 @@ struct Shared {
     ready: AtomicBool,
     /// Per target key: its contract and whether its last scrape succeeded.
     health: Mutex<HashMap<String, (Option<usize>, bool)>>,
+    /// Per target key: when its rejected readings were last logged (at most every
+    /// [`REJECT_LOG_EVERY_MS`], so a hostile agent cannot flood the log).
+    rejections_logged: Mutex<HashMap<String, i64>>,
 }
+
+const REJECT_LOG_EVERY_MS: i64 = 600_000;
 
 pub async fn run(
     p: Prepared,
@@ -212,6 +217,7 @@ pub async fn serve(
         grace_ms: cfg.grace.as_millis() as i64,
         ready: AtomicBool::new(false),
         health: Mutex::new(HashMap::new()),
+        rejections_logged: Mutex::new(HashMap::new()),
     });
     {
         let books = shared.books.lock().expect("books lock");
@@ -258,42 +264,47 @@ pub async fn serve(
 
 /// SIGHUP: re-reads the config file with the same validation as at start. A bad file
 /// keeps the running config (error logged, `commitmeter_config_last_reload_successful 0`).
-/// Targets and file_sd apply at once; contracts and scrape settings shape the ledger
-/// and the client, so they apply at the next restart (`commitmeter_config_restart_required`).
-fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) {
+/// Targets, file_sd and how agents are reached (scheme, TLS, credentials, timeout, body
+/// limit) apply at once: the returned scraper replaces the running one. Contracts, the
+/// scrape interval and grace shape the ledger, so they apply at the next restart
+/// (`commitmeter_config_restart_required`).
+fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -> Option<Scraper> {
     let m = &shared.metrics;
-    let new = match crate::contract::load(path) {
+    let new = crate::contract::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|new| {
+            let tls = scrape::tls_config(&new.scrape)
+                .map_err(|e| format!("{}: scrape TLS: {e}", path.display()))?;
+            Ok((new, tls))
+        });
+    let (new, tls) = match new {
         Ok(new) => new,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; keeping the running config");
             m.reload_ok.set(0);
-            return;
+            return None;
         }
     };
-    let settings = |c: &AggregatorConfig| {
-        format!(
-            "{:?}",
-            (
-                c.scrape_interval,
-                c.scrape_timeout,
-                c.grace,
-                c.body_limit_bytes,
-                &c.scrape,
-                &c.contracts
-            )
-        )
-    };
+    let settings =
+        |c: &AggregatorConfig| format!("{:?}", (c.scrape_interval, c.grace, &c.contracts));
     let restart = settings(&new) != settings(&shared.config_at_start);
     if restart {
-        tracing::warn!("config reloaded: contract or scrape setting changes apply after a restart");
+        tracing::warn!(
+            "config reloaded: changes to contracts, scrape_interval or grace apply after a restart"
+        );
     } else {
         tracing::info!("config reloaded");
     }
     m.restart_required.set(i64::from(restart));
+    let scraper = Scraper::new(new.scrape_timeout, new.body_limit_bytes, tls, &new.scrape);
     cfg.static_targets = new.static_targets;
     cfg.file_sd = new.file_sd;
+    cfg.scrape = new.scrape;
+    cfg.scrape_timeout = new.scrape_timeout;
+    cfg.body_limit_bytes = new.body_limit_bytes;
     m.reload_ok.set(1);
     m.reload_time.set(SystemClock.now_ms() / 1000);
+    Some(scraper)
 }
 
 fn spawn_sighup(flag: Arc<AtomicBool>) {
@@ -351,37 +362,73 @@ impl TargetSet {
         let first = !self.loaded;
         self.loaded = true;
         self.fingerprint = fp;
-        let (list, problems) = targets::build(
+        let built = targets::build(
             &shared.contracts,
             &cfg.static_targets,
             &files,
             &mut self.cache,
             cfg.scrape.scheme,
         );
-        for p in &problems {
+        for p in &built.problems {
             tracing::error!(problem = %p, "target configuration");
         }
-        shared.metrics.targets_problems.set(problems.len() as i64);
-        tracing::info!(targets = list.len(), first, "targets loaded");
-        let keep: HashSet<String> = list.iter().map(Target::key).collect();
-        {
-            let mut books = shared.books.lock().expect("books lock");
-            for old in self.targets.iter() {
-                if !keep.contains(&old.key()) {
-                    books.ledger.remove_host(&old.key());
-                    let key = old.key();
-                    let m = &shared.metrics;
-                    let _ = m
-                        .target_up
-                        .remove_label_values(&[&key, contract_label(shared, old)]);
-                    let _ = m.target_duration.remove_label_values(&[&key]);
-                    let _ = m.target_gpus.remove_label_values(&[&key]);
-                    self.up.remove(&key);
-                    shared.health.lock().expect("health lock").remove(&key);
+        let m = &shared.metrics;
+        m.targets_problems.set(built.problems.len() as i64);
+        tracing::info!(
+            targets = built.targets.len(),
+            conflicts = built.conflicts.len(),
+            first,
+            "targets loaded"
+        );
+        let now: HashMap<String, Option<usize>> = built
+            .targets
+            .iter()
+            .map(|t| (t.key(), t.contract))
+            .collect();
+        for old in self.targets.iter() {
+            let key = old.key();
+            let moved = match now.get(&key) {
+                Some(c) if *c == old.contract => continue,
+                Some(_) => true,
+                None => false,
+            };
+            // Gone, or now another contract's: a series left behind would page forever.
+            let _ = m
+                .target_up
+                .remove_label_values(&[&key, contract_label(shared, old)]);
+            if !moved {
+                let _ = m.target_duration.remove_label_values(&[&key]);
+                let _ = m.target_gpus.remove_label_values(&[&key]);
+                for reason in ScrapeError::REASONS {
+                    let _ = m.target_errors.remove_label_values(&[&key, reason]);
                 }
+                self.up.remove(&key);
+                shared.health.lock().expect("health lock").remove(&key);
+                shared
+                    .rejections_logged
+                    .lock()
+                    .expect("rejections lock")
+                    .remove(&key);
             }
         }
-        self.targets = Arc::new(list);
+        // The ledger knows every configured target, conflicts included: one it cannot
+        // see is unreported capacity, never undelivered.
+        let mut configured: Vec<(String, Vec<usize>)> = built
+            .targets
+            .iter()
+            .filter_map(|t| t.contract.map(|c| (t.key(), vec![c])))
+            .collect();
+        configured.extend(built.conflicts);
+        let now_ms = shared.clock.now_ms();
+        shared
+            .books
+            .lock()
+            .expect("books lock")
+            .ledger
+            .configure(now_ms, &configured, |c, t| {
+                shared.contracts[c].billing_period(t).1
+            });
+        self.targets = Arc::new(built.targets);
     }
 }
 
@@ -407,11 +454,14 @@ async fn scrape_loop(
     set.refresh(&shared, &cfg, true);
     let mut tick = tokio::time::interval(cfg.scrape_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scraper = scraper;
     loop {
         tick.tick().await;
         let hupped = hup.swap(false, Ordering::Relaxed);
         if hupped {
-            reload(&shared, &mut cfg, &config_file);
+            if let Some(new) = reload(&shared, &mut cfg, &config_file) {
+                scraper = new;
+            }
         }
         set.refresh(&shared, &cfg, hupped);
         let mut jobs = tokio::task::JoinSet::new();
@@ -427,9 +477,9 @@ async fn scrape_loop(
                 let t = &targets[i];
                 let started = std::time::Instant::now();
                 let result = scraper.scrape(t).await;
-                let at_ms = shared.clock.now_ms();
+                let received_ms = shared.clock.now_ms();
                 let took = started.elapsed();
-                let up = shared.record(t, at_ms, took, &result);
+                let up = shared.record(t, received_ms, took, &result);
                 (t.key(), up, result.err().map(|e| e.to_string()))
             });
         }
@@ -438,8 +488,8 @@ async fn scrape_loop(
             // Log a target's state changes once, not every round.
             if set.up.insert(key.clone(), up) != Some(up) {
                 match err {
-                    Some(e) => tracing::warn!(target = %key, error = %e, "scrape failed"),
-                    None => tracing::info!(target = %key, "scrape ok"),
+                    Some(e) => tracing::warn!(scrape_target = %key, error = %e, "scrape failed"),
+                    None => tracing::info!(scrape_target = %key, "scrape ok"),
                 }
             }
         }
@@ -459,9 +509,9 @@ impl Shared {
     fn record(
         &self,
         t: &Target,
-        at_ms: i64,
+        received_ms: i64,
         took: Duration,
-        result: &Result<BTreeMap<String, GpuReport>, scrape::ScrapeError>,
+        result: &Result<HostReport, ScrapeError>,
     ) -> bool {
         let key = t.key();
         let m = &self.metrics;
@@ -475,48 +525,99 @@ impl Shared {
             .lock()
             .expect("health lock")
             .insert(key.clone(), (t.contract, result.is_ok()));
-        match result {
-            Ok(gpus) => {
-                up_series.set(1.0);
-                let Some(c) = t.contract else {
-                    m.target_gpus
-                        .with_label_values(&[&key])
-                        .set(gpus.len() as f64);
-                    return true;
-                };
-                let contract = &self.contracts[c];
-                let counters: BTreeMap<String, GpuCounters> = gpus
-                    .iter()
-                    .filter(|(_, g)| contract.model_matches(g.model.as_deref().unwrap_or("")))
-                    .map(|(uuid, g)| {
-                        let used = match contract.usage_signal {
-                            UsageSignal::Busy => g.busy,
-                            UsageSignal::Allocated => g.allocated,
-                        };
-                        (
-                            uuid.clone(),
-                            GpuCounters {
-                                observed: g.observed,
-                                used: used.unwrap_or(0.0),
-                            },
-                        )
-                    })
-                    .collect();
-                m.target_gpus
-                    .with_label_values(&[&key])
-                    .set(counters.len() as f64);
-                self.books
-                    .lock()
-                    .expect("books lock")
-                    .ledger
-                    .observe(&key, c, at_ms, counters);
-                true
-            }
+        let report = match result {
+            Ok(report) => report,
             Err(e) => {
                 up_series.set(0.0);
                 m.target_errors.with_label_values(&[&key, e.reason()]).inc();
-                false
+                return false;
             }
+        };
+        up_series.set(1.0);
+        let Some(c) = t.contract else {
+            m.target_gpus
+                .with_label_values(&[&key])
+                .set(report.gpus.len() as f64);
+            return true;
+        };
+        let contract = &self.contracts[c];
+        let gpus: BTreeMap<String, GpuCounters> = report
+            .gpus
+            .iter()
+            .filter(|(_, g)| contract.model_matches(g.model.as_deref().unwrap_or("")))
+            .map(|(uuid, g)| {
+                let used = match contract.usage_signal {
+                    UsageSignal::Busy => g.busy_ms,
+                    UsageSignal::Allocated => g.allocated_ms,
+                };
+                (
+                    uuid.clone(),
+                    GpuCounters {
+                        observed_ms: g.observed_ms,
+                        used_ms: used.unwrap_or(0),
+                    },
+                )
+            })
+            .collect();
+        m.target_gpus
+            .with_label_values(&[&key])
+            .set(gpus.len() as f64);
+        let reading = Reading {
+            received_ms,
+            agent_ms: report.round_ms,
+            agent_start_ms: report.start_ms,
+            sampled_ms: report.sampled_ms,
+            gpus,
+        };
+        let out = self
+            .books
+            .lock()
+            .expect("books lock")
+            .ledger
+            .observe(&key, c, reading);
+        self.note(&key, c, received_ms, &out);
+        true
+    }
+
+    /// Counts what the ledger rejected and tells the operator about a target's rejected
+    /// readings (at most every ten minutes per target), restarts and far-off clocks.
+    fn note(&self, key: &str, c: usize, now_ms: i64, out: &Outcome) {
+        let id = &self.ids[c];
+        for (why, ms) in &out.rejected {
+            self.metrics
+                .rejected
+                .with_label_values(&[id, why.as_str()])
+                .inc_by(*ms as f64 / 1000.0);
+        }
+        if !out.rejected.is_empty() {
+            let mut logged = self.rejections_logged.lock().expect("rejections lock");
+            let due = logged
+                .get(key)
+                .is_none_or(|&last| now_ms - last >= REJECT_LOG_EVERY_MS);
+            if due {
+                logged.insert(key.to_string(), now_ms);
+                let reasons: Vec<String> = out
+                    .rejected
+                    .iter()
+                    .map(|(why, ms)| format!("{}={:.3}s", why.as_str(), *ms as f64 / 1000.0))
+                    .collect();
+                tracing::warn!(
+                    scrape_target = %key,
+                    contract = %id,
+                    rejected = %reasons.join(","),
+                    "agent readings rejected as physically impossible; booked unreported (see commitmeter_ledger_rejected_gpu_seconds_total)"
+                );
+            }
+        }
+        if out.restarted {
+            tracing::info!(scrape_target = %key, contract = %id, "agent restarted; its new counters count from its process start");
+        }
+        if out.reanchored {
+            tracing::warn!(
+                scrape_target = %key,
+                tolerance_s = crate::ledger::host::CLOCK_TOLERANCE_MS / 1000,
+                "agent clock differs from the aggregator's by more than the tolerance; its readings are placed on the aggregator's clock"
+            );
         }
     }
 
@@ -618,6 +719,17 @@ impl Shared {
                 .committed_gpus
                 .with_label_values(&[&contract.id])
                 .set(contract.committed_gpus_at(now) as f64);
+            // Reachability depends on the period's length (28 to 31 days), so it follows
+            // the period the figures are in.
+            let period_s = (r.period_end_ms - r.period_start_ms) as f64 / 1000.0;
+            for tier in crate::ledger::burn::TIERS {
+                self.metrics
+                    .tier_reachable
+                    .with_label_values(&[&contract.id, tier.name])
+                    .set(f64::from(u8::from(
+                        tier.reachable(period_s, contract.target_utilization),
+                    )));
+            }
         }
     }
 
@@ -711,7 +823,7 @@ ramp = [ { from = "2026-10-01", gpus = 10 } ]
             let s = Sealed {
                 contract: 0,
                 minute,
-                totals: split(c.committed_gpu_ms(a, b), 600_000, 0, 300_000),
+                totals: split(c.committed_gpu_ms(a, b), 600_000, 300_000, 0, false),
             };
             r.record(&s, |t| c.billing_period(t));
         }

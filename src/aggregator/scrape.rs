@@ -19,14 +19,34 @@ use super::targets::Target;
 use crate::contract::ScrapeClient;
 use crate::http::tls::{self, TlsError, Trust};
 
-/// What one GPU's series said.
+/// What one GPU's series said, in whole milliseconds (each cumulative value rounded once).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuReport {
-    pub observed: f64,
-    pub busy: Option<f64>,
-    pub allocated: Option<f64>,
+    pub observed_ms: i64,
+    pub busy_ms: Option<i64>,
+    pub allocated_ms: Option<i64>,
     pub model: Option<String>,
 }
+
+/// What one agent's exposition said: its GPUs and the time its counters belong to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostReport {
+    /// `commitmeter_agent_last_round_timestamp_seconds`, ms.
+    pub round_ms: Option<i64>,
+    /// `process_start_time_seconds`, ms.
+    pub start_ms: Option<i64>,
+    /// `commitmeter_agent_sampled_seconds_total`, ms.
+    pub sampled_ms: Option<i64>,
+    /// By GPU UUID; a GPU counts once it has an observed-seconds counter.
+    pub gpus: BTreeMap<String, GpuReport>,
+}
+
+/// A counter above this many seconds (about 31,700 years) is not a GPU's.
+pub const MAX_COUNTER_SECONDS: f64 = 1e12;
+/// A timestamp after this (year 5138) is not a clock's.
+pub const MAX_TIMESTAMP_SECONDS: f64 = 1e11;
+/// More GPUs than this behind one target is not one host (MIG instances included).
+pub const MAX_GPUS_PER_TARGET: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
@@ -44,6 +64,12 @@ pub enum ScrapeError {
     Body(String),
     #[error("malformed exposition: {0}")]
     Parse(#[from] parse::ParseError),
+    #[error("invalid value: {0}")]
+    Invalid(String),
+    #[error("duplicate series: {0}")]
+    Duplicate(String),
+    #[error("{0} GPUs, more than one host has ({MAX_GPUS_PER_TARGET} at most)")]
+    TooManyGpus(usize),
 }
 
 impl ScrapeError {
@@ -57,8 +83,25 @@ impl ScrapeError {
             ScrapeError::TooLarge(_) => "too_large",
             ScrapeError::Body(_) => "body",
             ScrapeError::Parse(_) => "parse",
+            ScrapeError::Invalid(_) => "invalid_value",
+            ScrapeError::Duplicate(_) => "duplicate_series",
+            ScrapeError::TooManyGpus(_) => "too_many_gpus",
         }
     }
+
+    /// Every `reason` label, to drop a removed target's series.
+    pub const REASONS: [&'static str; 10] = [
+        "connect",
+        "tls",
+        "timeout",
+        "http_status",
+        "too_large",
+        "body",
+        "parse",
+        "invalid_value",
+        "duplicate_series",
+        "too_many_gpus",
+    ];
 }
 
 /// The TLS client config for `scrape`: built at start, since reading the system's CA
@@ -129,15 +172,12 @@ impl Scraper {
         }
     }
 
-    pub async fn scrape(
-        &self,
-        target: &Target,
-    ) -> Result<BTreeMap<String, GpuReport>, ScrapeError> {
+    pub async fn scrape(&self, target: &Target) -> Result<HostReport, ScrapeError> {
         let body = tokio::time::timeout(self.timeout, self.fetch(target))
             .await
             .map_err(|_| ScrapeError::Timeout(self.timeout))??;
         let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::Body(e.to_string()))?;
-        Ok(gpu_reports(text)?)
+        host_report(text)
     }
 
     async fn fetch(&self, target: &Target) -> Result<Bytes, ScrapeError> {
@@ -198,42 +238,108 @@ const OBSERVED: &str = "commitmeter_gpu_observed_seconds_total";
 const BUSY: &str = "commitmeter_gpu_busy_seconds_total";
 const ALLOCATED: &str = "commitmeter_gpu_allocated_seconds_total";
 const INFO: &str = "commitmeter_gpu_info";
+const ROUND: &str = "commitmeter_agent_last_round_timestamp_seconds";
+const SAMPLED: &str = "commitmeter_agent_sampled_seconds_total";
+const START: &str = "process_start_time_seconds";
 
-/// The per-GPU accounting series of an agent's exposition, keyed by GPU UUID. A GPU
-/// counts once it has an observed-seconds counter.
-pub fn gpu_reports(text: &str) -> Result<BTreeMap<String, GpuReport>, parse::ParseError> {
-    let mut gpus: BTreeMap<String, GpuReport> = BTreeMap::new();
+/// Seconds to whole ms, if the value can be a counter or clock reading at all.
+fn to_ms(name: &str, uuid: &str, value: f64, max: f64) -> Result<i64, ScrapeError> {
+    if value.is_finite() && (0.0..=max).contains(&value) {
+        Ok(crate::ledger::host::ms_from_seconds(value))
+    } else {
+        let of = if uuid.is_empty() {
+            String::new()
+        } else {
+            format!(" of GPU {uuid}")
+        };
+        Err(ScrapeError::Invalid(format!("{name}{of} = {value}")))
+    }
+}
+
+/// The accounting series of an agent's exposition. Anything that cannot be a real
+/// agent's (a non-finite, negative or absurd value, the same series twice, more GPUs than
+/// a host has) fails the whole scrape with a reason: the target is then unreported, and
+/// nothing it said reaches the ledger.
+pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
+    let mut report = HostReport::default();
     let mut models: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen: std::collections::HashSet<(&'static str, String)> = Default::default();
+    let mut failed: Option<ScrapeError> = None;
     parse::parse(
         text,
         |name| {
-            name.starts_with("commitmeter_gpu_")
-                && matches!(name, OBSERVED | BUSY | ALLOCATED | INFO)
+            (name.starts_with("commitmeter_") || name == START)
+                && matches!(
+                    name,
+                    OBSERVED | BUSY | ALLOCATED | INFO | ROUND | SAMPLED | START
+                )
         },
         |s| {
-            let Some(uuid) = s.label("uuid") else { return };
-            if s.name == INFO {
-                if let Some(model) = s.label("model") {
-                    models.insert(uuid.to_string(), model.to_string());
-                }
+            if failed.is_some() {
                 return;
             }
-            let g = gpus.entry(uuid.to_string()).or_default();
-            match s.name {
-                OBSERVED => g.observed = s.value,
-                BUSY => g.busy = Some(s.value),
-                ALLOCATED => g.allocated = Some(s.value),
-                _ => {}
+            let name: &'static str = match s.name {
+                OBSERVED => OBSERVED,
+                BUSY => BUSY,
+                ALLOCATED => ALLOCATED,
+                INFO => INFO,
+                ROUND => ROUND,
+                SAMPLED => SAMPLED,
+                _ => START,
+            };
+            let uuid = s.label("uuid").unwrap_or("");
+            if !seen.insert((name, uuid.to_string())) {
+                let of = if uuid.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{uuid={uuid:?}}}")
+                };
+                failed = Some(ScrapeError::Duplicate(format!("{name}{of}")));
+                return;
+            }
+            let result = match name {
+                ROUND => to_ms(name, "", s.value, MAX_TIMESTAMP_SECONDS)
+                    .map(|v| report.round_ms = Some(v)),
+                START => to_ms(name, "", s.value, MAX_TIMESTAMP_SECONDS)
+                    .map(|v| report.start_ms = Some(v)),
+                SAMPLED => to_ms(name, "", s.value, MAX_COUNTER_SECONDS)
+                    .map(|v| report.sampled_ms = Some(v)),
+                _ if uuid.is_empty() => Ok(()),
+                INFO => {
+                    if let Some(model) = s.label("model") {
+                        models.insert(uuid.to_string(), model.to_string());
+                    }
+                    Ok(())
+                }
+                _ => to_ms(name, uuid, s.value, MAX_COUNTER_SECONDS).map(|v| {
+                    let g = report.gpus.entry(uuid.to_string()).or_default();
+                    match name {
+                        OBSERVED => g.observed_ms = v,
+                        BUSY => g.busy_ms = Some(v),
+                        _ => g.allocated_ms = Some(v),
+                    }
+                }),
+            };
+            if let Err(e) = result {
+                failed = Some(e);
             }
         },
     )?;
-    gpus.retain(|_, g| g.observed.is_finite());
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    report
+        .gpus
+        .retain(|uuid, _| seen.contains(&(OBSERVED, uuid.clone())));
+    if report.gpus.len() > MAX_GPUS_PER_TARGET {
+        return Err(ScrapeError::TooManyGpus(report.gpus.len()));
+    }
     for (uuid, model) in models {
-        if let Some(g) = gpus.get_mut(&uuid) {
+        if let Some(g) = report.gpus.get_mut(&uuid) {
             g.model = Some(model);
         }
     }
-    Ok(gpus)
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -246,22 +352,57 @@ mod tests {
 # TYPE commitmeter_gpu_info gauge
 commitmeter_gpu_info{busy_source="samples",gpu="0",model="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:17:00.0",uuid="GPU-a"} 1
 commitmeter_gpu_observed_seconds_total{gpu="0",uuid="GPU-a"} 100.5
-commitmeter_gpu_busy_seconds_total{gpu="0",uuid="GPU-a"} 50
+commitmeter_gpu_busy_seconds_total{gpu="0",uuid="GPU-a"} 50.0004
 commitmeter_gpu_allocated_seconds_total{gpu="0",uuid="GPU-a"} 70
 commitmeter_gpu_observed_seconds_total{gpu="1",uuid="GPU-b"} 3
 commitmeter_gpu_power_watts{gpu="0",uuid="GPU-a"} 300
+commitmeter_agent_last_round_timestamp_seconds 1764547200.123
+commitmeter_agent_sampled_seconds_total 100.5
+process_start_time_seconds 1764547000.01
 "#;
-        let g = gpu_reports(text).unwrap();
+        let r = host_report(text).unwrap();
         assert_eq!(
-            g["GPU-a"],
+            r.gpus["GPU-a"],
             GpuReport {
-                observed: 100.5,
-                busy: Some(50.0),
-                allocated: Some(70.0),
+                observed_ms: 100_500,
+                busy_ms: Some(50_000),
+                allocated_ms: Some(70_000),
                 model: Some("NVIDIA H100 80GB HBM3".into())
             }
         );
-        assert_eq!(g["GPU-b"].busy, None);
-        assert!(gpu_reports("commitmeter_gpu_busy_seconds_total{uuid=\"x} 1\n").is_err());
+        assert_eq!(r.gpus["GPU-b"].busy_ms, None);
+        assert_eq!(
+            (r.round_ms, r.sampled_ms, r.start_ms),
+            (
+                Some(1_764_547_200_123),
+                Some(100_500),
+                Some(1_764_547_000_010)
+            )
+        );
+        assert!(host_report("commitmeter_gpu_busy_seconds_total{uuid=\"x} 1\n").is_err());
+    }
+
+    #[test]
+    fn hostile_expositions_fail_the_scrape_with_a_reason() {
+        let reason = |text: &str| host_report(text).unwrap_err().reason();
+        let g = |name: &str, v: &str| format!("{name}{{gpu=\"0\",uuid=\"GPU-a\"}} {v}\n");
+        for v in ["NaN", "+Inf", "-Inf", "-1", "1e300", "1e17"] {
+            assert_eq!(reason(&g(OBSERVED, v)), "invalid_value", "{v}");
+            assert_eq!(reason(&g(BUSY, v)), "invalid_value", "{v}");
+        }
+        assert_eq!(reason(&format!("{ROUND} NaN\n")), "invalid_value");
+        let twice = g(OBSERVED, "1") + &g(OBSERVED, "100");
+        assert_eq!(reason(&twice), "duplicate_series");
+        assert_eq!(
+            reason(&format!("{ROUND} 1\n{ROUND} 2\n")),
+            "duplicate_series"
+        );
+        let many: String = (0..=MAX_GPUS_PER_TARGET)
+            .map(|i| format!("{OBSERVED}{{uuid=\"GPU-{i}\"}} 1\n"))
+            .collect();
+        assert_eq!(reason(&many), "too_many_gpus");
+        // A series without a counter does not make a GPU.
+        let r = host_report(&g(BUSY, "5")).unwrap();
+        assert!(r.gpus.is_empty());
     }
 }

@@ -356,9 +356,9 @@ mod tests {
                 currency: "USD".into(),
                 target: 0.95,
                 period: (0, 30 * 86_400_000),
-                mtd: split(3_600_000 * 10, 3_600_000 * 9, 0, 3_600_000 * 4),
+                mtd: split(3_600_000 * 10, 3_600_000 * 9, 3_600_000 * 4, 0, false),
                 minutes: (0..120)
-                    .map(|m| (m, split(600_000, 600_000, 0, 0)))
+                    .map(|m| (m, split(600_000, 600_000, 0, 0, false)))
                     .collect(),
                 ..ContractView::default()
             }],

@@ -155,6 +155,16 @@ fn valid_address(t: &str) -> bool {
 /// malformed keeps its previous targets, as Prometheus does, so a bad edit loses nothing.
 pub type SdCache = BTreeMap<PathBuf, Vec<(TargetGroup, SdMeta)>>;
 
+/// The targets to scrape, and those left unscraped because several contracts select them
+/// (by key, with those contracts: each contract's ledger keeps them dark, unreported).
+#[derive(Debug, Default)]
+pub struct Built {
+    pub targets: Vec<Target>,
+    pub conflicts: Vec<(String, Vec<usize>)>,
+    /// For logging: unreadable files (their last good targets kept), duplicates, conflicts.
+    pub problems: Vec<String>,
+}
+
 /// Builds the target list; `scheme` is for targets without `__scheme__`. Problems
 /// (unreadable files, a host matched by two contracts, a duplicate) keep that file's
 /// last good targets or skip that target, and are returned for logging.
@@ -164,7 +174,7 @@ pub fn build(
     sd_files: &[PathBuf],
     cache: &mut SdCache,
     scheme: Scheme,
-) -> (Vec<Target>, Vec<String>) {
+) -> Built {
     let mut problems = Vec::new();
     let mut groups: Vec<(TargetGroup, SdMeta)> = static_groups
         .iter()
@@ -189,6 +199,7 @@ pub fn build(
     }
     let mut seen = BTreeSet::new();
     let mut targets = Vec::new();
+    let mut conflicts = Vec::new();
     for (g, meta) in groups {
         for address in g.targets {
             // An `instance` set in file_sd wins, as in Prometheus (one per group is
@@ -213,11 +224,19 @@ pub fn build(
             }
             match contract::assign(contracts, &t.address, &t.labels) {
                 Ok(contract) => targets.push(Target { contract, ..t }),
-                Err(e) => problems.push(format!("{e}; target skipped")),
+                Err(e) => {
+                    problems.push(format!("{e}; target skipped"));
+                    let hits = contract::selecting(contracts, &t.address, &t.labels);
+                    conflicts.push((t.key(), hits));
+                }
             }
         }
     }
-    (targets, problems)
+    Built {
+        targets,
+        conflicts,
+        problems,
+    }
 }
 
 #[cfg(test)]
@@ -238,7 +257,9 @@ mod tests {
         let bad = dir.join("bad.json");
         std::fs::write(&bad, r#"[{"targets":["nohost"]}]"#).unwrap();
         let mut cache = SdCache::new();
-        let (targets, problems) = build(
+        let Built {
+            targets, problems, ..
+        } = build(
             &[],
             &[],
             &[good.clone(), bad.clone()],
@@ -274,7 +295,10 @@ mod tests {
             r#"[{"targets":["d:4"],"labels":{"__scheme__":"HTTPS"}}]"#,
         )
         .unwrap();
-        let (_, scheme_problems) = build(
+        let Built {
+            problems: scheme_problems,
+            ..
+        } = build(
             &[],
             &[],
             std::slice::from_ref(&bad_scheme),
@@ -289,7 +313,9 @@ mod tests {
         std::fs::remove_file(&bad_scheme).unwrap();
         // A bad edit keeps the file's last good targets.
         std::fs::write(&good, "[{").unwrap();
-        let (targets, problems) = build(&[], &[], &[good], &mut cache, Scheme::Https);
+        let Built {
+            targets, problems, ..
+        } = build(&[], &[], &[good], &mut cache, Scheme::Https);
         assert_eq!(targets.len(), 3);
         // Without `__scheme__`, the configured default.
         assert_eq!(targets[0].scheme, Scheme::Https);

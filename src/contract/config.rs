@@ -28,6 +28,9 @@ pub const DEFAULT_SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 /// Default cap on a scraped body: 16 MiB.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 16 << 20;
+/// More GPUs than any fleet has: a ramp step above this is a typo, and would overflow the
+/// ledger's integer GPU-milliseconds within decades.
+pub const MAX_COMMITTED_GPUS: i64 = 10_000_000;
 
 /// The validated aggregator config.
 #[derive(Debug, Clone)]
@@ -35,7 +38,8 @@ pub struct AggregatorConfig {
     pub scrape_interval: Duration,
     /// Never longer than `scrape_interval`.
     pub scrape_timeout: Duration,
-    /// A ledger minute seals this long after it ends (may be zero).
+    /// A ledger minute seals this long after it ends; at least `scrape_interval +
+    /// scrape_timeout`, so the scrape that covers a minute has arrived before it seals.
     pub grace: Duration,
     /// Cap on a scraped body, > 0.
     pub body_limit_bytes: usize,
@@ -278,6 +282,17 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         ));
     }
     let grace = duration("grace", &agg.grace, DEFAULT_GRACE)?;
+    if grace < scrape_interval + scrape_timeout {
+        return Err(invalid(
+            "aggregator.grace".into(),
+            format!(
+                "{} must be >= scrape_interval + scrape_timeout ({}ms): a minute would seal \
+                 before the scrape that covers it arrives, and be booked unreported",
+                show(agg.grace.as_deref(), grace),
+                (scrape_interval + scrape_timeout).as_millis()
+            ),
+        ));
+    }
     let body_limit_bytes = match agg.body_limit_bytes {
         None => DEFAULT_BODY_LIMIT_BYTES,
         Some(n) => match usize::try_from(n) {
@@ -642,6 +657,15 @@ fn build_contract(rc: RawContract) -> Result<Contract, (String, String)> {
         };
         let gpus = u64::try_from(step.gpus)
             .map_err(|_| (f("gpus"), format!("must be >= 0, got {}", step.gpus)))?;
+        if step.gpus > MAX_COMMITTED_GPUS {
+            return Err((
+                f("gpus"),
+                format!(
+                    "{} is more than any fleet has (at most {MAX_COMMITTED_GPUS})",
+                    step.gpus
+                ),
+            ));
+        }
         if let (Some(u), Some(raw)) = (until, &step.until) {
             if u <= from {
                 return Err((

@@ -27,7 +27,7 @@ use regex::Regex;
 pub use config::{
     load, parse, AggregatorConfig, BasicAuthCredentials, ClientIdentity, ConfigError, ContractRef,
     FileSd, Scheme, ScrapeClient, ScrapeTls, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
-    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT,
+    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_COMMITTED_GPUS,
 };
 pub use selector::Selector;
 
@@ -164,19 +164,7 @@ pub fn assign(
     target: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<Option<usize>, String> {
-    let with_instance;
-    let labels = if labels.contains_key("instance") {
-        labels
-    } else {
-        with_instance = target_labels(target, labels);
-        &with_instance
-    };
-    let hits: Vec<usize> = contracts
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.matches(labels))
-        .map(|(i, _)| i)
-        .collect();
+    let hits = selecting(contracts, target, labels);
     match hits.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(*one)),
@@ -189,4 +177,25 @@ pub fn assign(
                 .join(", ")
         )),
     }
+}
+
+/// Every contract whose selector matches a target (see [`assign`] for `labels`).
+pub fn selecting(
+    contracts: &[Contract],
+    target: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<usize> {
+    let with_instance;
+    let labels = if labels.contains_key("instance") {
+        labels
+    } else {
+        with_instance = target_labels(target, labels);
+        &with_instance
+    };
+    contracts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.matches(labels))
+        .map(|(i, _)| i)
+        .collect()
 }

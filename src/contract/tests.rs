@@ -95,7 +95,7 @@ fn every_key_is_read() {
 [aggregator]
 scrape_interval = "30s"
 scrape_timeout = "20s"
-grace = "0s"
+grace = "50s"
 body_limit_bytes = 1024
 
 [[targets]]
@@ -125,7 +125,7 @@ ramp = [{ from = "2026-11-01", gpus = 8 }]
 "#);
     assert_eq!(cfg.scrape_interval, Duration::from_secs(30));
     assert_eq!(cfg.scrape_timeout, Duration::from_secs(20));
-    assert_eq!(cfg.grace, Duration::ZERO);
+    assert_eq!(cfg.grace, Duration::from_secs(50));
     assert_eq!(cfg.body_limit_bytes, 1024);
     assert_eq!(
         cfg.static_targets[0],
@@ -348,9 +348,16 @@ fn aggregator_mistakes() {
         err("[aggregator]\nbody_limit_bytes = 0\n"),
         "aggregator.toml: aggregator.body_limit_bytes: must be > 0, got 0"
     );
-    // Equal is fine, and so is a zero grace.
+    // A minute must not seal before the scrape covering it can have arrived.
+    assert_eq!(
+        err("[aggregator]\nscrape_interval = \"10s\"\nscrape_timeout = \"5s\"\ngrace = \"14s\"\n"),
+        "aggregator.toml: aggregator.grace: 14s must be >= scrape_interval + scrape_timeout \
+         (15000ms): a minute would seal before the scrape that covers it arrives, and be booked \
+         unreported"
+    );
+    // Equal is fine, for the timeout and for grace.
     let cfg =
-        ok("[aggregator]\nscrape_interval = \"10s\"\nscrape_timeout = \"10s\"\ngrace = \"0s\"\n");
+        ok("[aggregator]\nscrape_interval = \"10s\"\nscrape_timeout = \"10s\"\ngrace = \"20s\"\n");
     assert_eq!(cfg.scrape_timeout, cfg.scrape_interval);
 }
 
@@ -762,6 +769,10 @@ fn ramp_mistakes() {
         (
             "{ from = \"2026-11-01\", gpus = 50000 },\n{ from = \"2027-01-15\", gpus = -1 },",
             "ramp[1].gpus: must be >= 0, got -1",
+        ),
+        (
+            "{ from = \"2026-11-01\", gpus = 9223372036854775807 },",
+            "ramp[0].gpus: 9223372036854775807 is more than any fleet has (at most 10000000)",
         ),
         (
             "{ from = \"2026-11-01\", gpus = 50000 },\n{ from = \"2027-01-32\", gpus = 1 },",

@@ -140,8 +140,8 @@ mod window_tests {
     fn ratios_are_ratios_of_sums_and_tiers_need_both_windows() {
         // An hour at 10 GPUs all idle, then 5 minutes at 20 GPUs all busy.
         let mut m: Vec<(i64, crate::ledger::Totals)> =
-            (0..60).map(|i| (i, split(600, 600, 0, 0))).collect();
-        m.extend((60..65).map(|i| (i, split(1200, 1200, 0, 1200))));
+            (0..60).map(|i| (i, split(600, 600, 0, 0, false))).collect();
+        m.extend((60..65).map(|i| (i, split(1200, 1200, 1200, 0, false))));
         assert_eq!(idle_ratio(&m, 5), Some(0.0));
         let r = idle_ratio(&m, 60).unwrap();
         assert!((r - 55.0 * 600.0 / (55.0 * 600.0 + 5.0 * 1200.0)).abs() < 1e-12);
@@ -153,7 +153,7 @@ mod window_tests {
                 .any(|t| t.name == "page_1h")
         };
         assert!(!fast(&m));
-        m.extend((65..70).map(|i| (i, split(1200, 1200, 0, 0))));
+        m.extend((65..70).map(|i| (i, split(1200, 1200, 0, 0, false))));
         assert!(fast(&m));
         assert_eq!(idle_ratio(&[], 5), None);
     }

@@ -1,24 +1,27 @@
-//! The contract ledger: pure accounting from scraped per-GPU counters to sealed
-//! per-minute contract buckets. No I/O, no clocks, no tokio: callers pass times in.
+//! The contract ledger: pure accounting from agents' counters to sealed per-minute contract
+//! buckets. No I/O, no clocks, no tokio: callers pass times in.
 //!
 //! All amounts are integer GPU-milliseconds, so the identity
 //! `committed = used_within_commitment + idle + undelivered + unreported`
 //! holds exactly for every sealed minute and contract.
 //!
-//! How a scrape becomes minutes:
-//! - Between two scrapes of a host, each GPU's counter delta (a decrease is an agent
-//!   restart: the new value counts from 0, as Prometheus does) is spread over the
-//!   minutes the interval covers, in proportion to time ([`spread`]). An agent that was
-//!   unreachable for a while back-fills the minutes it missed: its counters kept counting.
-//! - The same interval marks the host's GPUs as *reported* for those minutes. GPUs of
-//!   a known host that no scrape covered are *unreported* (from its last GPU count).
-//! - A minute seals `grace` after it ends. Sealed minutes never change; a delta that
-//!   reaches back into sealed minutes has that part dropped (and counted as late).
+//! How readings become minutes:
+//! - [`host`] turns each host's readings into intervals of evidence on the agent's own time
+//!   scale: expected, watched (reported), delivered and used GPU-ms, physically possible.
+//! - Each interval is spread over the minutes it covers in proportion to time ([`apportion`]),
+//!   delivered in proportion to reported and used in proportion to delivered, so per host
+//!   and minute `used <= delivered <= reported <= expected`.
+//! - A minute seals `grace` after it ends ([`Ledger::seal`]): known hosts that did not report
+//!   add their GPUs to what was expected, and [`split`] divides the commitment by evidence.
+//!   Sealed minutes never change; what arrives later for them is counted as late.
 
 pub mod burn;
+pub mod host;
 pub mod totals;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub use host::{Checkpoint, GpuCounters, HostState, Interval, Outcome, Reading, Reject};
 
 pub const MINUTE_MS: i64 = 60_000;
 
@@ -27,39 +30,15 @@ pub fn minute_of(t_ms: i64) -> i64 {
     t_ms.div_euclid(MINUTE_MS)
 }
 
-/// Counter values of one GPU, in seconds, as scraped.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GpuCounters {
-    /// `commitmeter_gpu_observed_seconds_total`: delivered time.
-    pub observed: f64,
-    /// The contract's usage signal (busy or allocated seconds).
-    pub used: f64,
-}
-
-/// The last scrape of a host: the baseline for the next delta.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Checkpoint {
-    pub at_ms: i64,
-    pub gpus: BTreeMap<String, GpuCounters>,
-}
-
-/// What the ledger remembers about a host between scrapes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostState {
-    pub contract: usize,
-    /// When the host was first scraped for this contract: from then on, minutes it
-    /// does not report count as unreported.
-    pub known_since_ms: i64,
-    pub last: Checkpoint,
-}
-
-/// Running sums of one open minute of one contract.
+/// Running sums of one open minute of one contract, in GPU-ms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Open {
     pub delivered: i64,
     pub used: i64,
-    /// GPU-ms of capacity covered by scrape intervals (reported).
+    /// Capacity the agents watched (GPUs that answered or vanished under watch).
     pub reported: i64,
+    /// Capacity of known hosts over the intervals placed in this minute.
+    pub expected: i64,
 }
 
 /// The seven figures of a sealed minute, in GPU-milliseconds.
@@ -80,85 +59,93 @@ impl Totals {
         self.used - self.overage
     }
 
+    /// Adds another total; saturates rather than wraps (a figure near `i64::MAX` GPU-ms
+    /// is already nonsense, but it must never turn negative).
     pub fn add(&mut self, o: &Totals) {
-        self.committed += o.committed;
-        self.delivered += o.delivered;
-        self.used += o.used;
-        self.idle += o.idle;
-        self.undelivered += o.undelivered;
-        self.unreported += o.unreported;
-        self.overage += o.overage;
+        self.committed = self.committed.saturating_add(o.committed);
+        self.delivered = self.delivered.saturating_add(o.delivered);
+        self.used = self.used.saturating_add(o.used);
+        self.idle = self.idle.saturating_add(o.idle);
+        self.undelivered = self.undelivered.saturating_add(o.undelivered);
+        self.unreported = self.unreported.saturating_add(o.unreported);
+        self.overage = self.overage.saturating_add(o.overage);
     }
 }
 
-/// Splits one minute's commitment. Known facts come first: delivered capacity fills
-/// the commitment, then unreported capacity, and the rest was not delivered. Usage
-/// fills delivered capacity within the commitment; usage beyond it is overage.
-pub fn split(committed: i64, delivered: i64, unreported: i64, used: i64) -> Totals {
+/// Splits one minute's commitment by evidence.
+///
+/// Delivered capacity fills the commitment first. What is short of it is **unreported** as
+/// far as the aggregator could not see (`unseen`: known capacity not watched), or entirely
+/// when a target of unknown size was dark (`dark`): any shortfall could be that target's.
+/// Only the rest is **undelivered**: capacity watched and not there, or a fleet smaller than
+/// the commitment while every target reports. Usage fills delivered capacity within the
+/// commitment; usage beyond it is overage.
+pub fn split(committed: i64, delivered: i64, used: i64, unseen: i64, dark: bool) -> Totals {
     let committed = committed.max(0);
-    let (delivered, unreported, used) = (delivered.max(0), unreported.max(0), used.max(0));
+    let (delivered, used, unseen) = (delivered.max(0), used.max(0), unseen.max(0));
     let delivered_within = delivered.min(committed);
-    let unreported_within = unreported.min(committed - delivered_within);
+    let short = committed - delivered_within;
+    let unreported = if dark { short } else { unseen.min(short) };
     let used_within = used.min(delivered_within);
     Totals {
         committed,
         delivered,
         used,
         idle: delivered_within - used_within,
-        undelivered: committed - delivered_within - unreported_within,
-        unreported: unreported_within,
+        undelivered: short - unreported,
+        unreported,
         overage: used - used_within,
     }
 }
 
-/// Spreads `amount` over the minutes of `(from_ms, to_ms]` in proportion to the time
-/// each covers. Integer parts that sum to `amount` exactly (largest remainder).
-pub fn spread(from_ms: i64, to_ms: i64, amount: i64) -> Vec<(i64, i64)> {
-    if to_ms <= from_ms {
-        return Vec::new();
-    }
-    let span = i128::from(to_ms - from_ms);
-    let mut parts = Vec::new();
+/// The pieces of `[from_ms, to_ms)` in each minute: `(minute, ms)`.
+pub fn pieces(from_ms: i64, to_ms: i64) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
     let mut t = from_ms;
     while t < to_ms {
         let m = minute_of(t);
         let end = ((m + 1) * MINUTE_MS).min(to_ms);
-        parts.push((m, end - t));
+        out.push((m, end - t));
         t = end;
-    }
-    let mut out: Vec<(i64, i64)> = Vec::with_capacity(parts.len());
-    let mut rema: Vec<(i128, usize)> = Vec::with_capacity(parts.len());
-    let mut given = 0i64;
-    for (i, &(m, len)) in parts.iter().enumerate() {
-        let exact = i128::from(amount) * i128::from(len);
-        let share = exact.div_euclid(span) as i64;
-        rema.push((exact.rem_euclid(span), i));
-        given += share;
-        out.push((m, share));
-    }
-    // Hand out what floor division left, largest remainders first (ties: earliest).
-    rema.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for &(_, i) in rema.iter().take((amount - given) as usize) {
-        out[i].1 += 1;
     }
     out
 }
 
-fn to_ms(seconds: f64) -> i64 {
-    if seconds.is_finite() && seconds > 0.0 {
-        (seconds * 1000.0).round() as i64
-    } else {
-        0
+/// Divides `amount` in proportion to `weights`: integer parts that sum to `amount` exactly
+/// (largest remainder, ties to the earliest). When `amount <= Σ weights`, no part exceeds
+/// its weight, so a share of a share never exceeds the share. All zero weights: all zero.
+pub fn apportion(amount: i64, weights: &[i64]) -> Vec<i64> {
+    let total: i128 = weights.iter().map(|&w| i128::from(w.max(0))).sum();
+    if total == 0 || amount <= 0 {
+        return vec![0; weights.len()];
     }
+    let mut out = Vec::with_capacity(weights.len());
+    let mut rema: Vec<(i128, usize)> = Vec::with_capacity(weights.len());
+    let mut given = 0i64;
+    for (i, &w) in weights.iter().enumerate() {
+        let exact = i128::from(amount) * i128::from(w.max(0));
+        let share = (exact / total) as i64;
+        if exact % total != 0 {
+            rema.push((exact % total, i));
+        }
+        given += share;
+        out.push(share);
+    }
+    rema.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in rema.iter().take((amount - given) as usize) {
+        out[i] += 1;
+    }
+    out
 }
 
-/// Increase of a counter between two readings, Prometheus-style: a decrease is a reset.
-fn increase(prev: f64, now: f64) -> f64 {
-    if now >= prev {
-        now - prev
-    } else {
-        now
-    }
+/// Spreads `amount` over the minutes of `[from_ms, to_ms)` in proportion to time.
+pub fn spread(from_ms: i64, to_ms: i64, amount: i64) -> Vec<(i64, i64)> {
+    let p = pieces(from_ms, to_ms);
+    let lens: Vec<i64> = p.iter().map(|x| x.1).collect();
+    p.iter()
+        .map(|x| x.0)
+        .zip(apportion(amount, &lens))
+        .collect()
 }
 
 /// One contract's view of a sealed minute.
@@ -168,6 +155,9 @@ pub struct Sealed {
     pub minute: i64,
     pub totals: Totals,
 }
+
+/// A target and the contract it is accounted for.
+pub type TargetKey = (String, usize);
 
 /// The whole ledger's in-memory state. [`Ledger::snapshot`] and
 /// [`Ledger::restore`] move it to and from durable storage.
@@ -179,7 +169,8 @@ pub struct Ledger {
     /// Minutes before this one are sealed.
     sealed_through: i64,
     open: BTreeMap<i64, Vec<Open>>,
-    hosts: HashMap<String, HostState>,
+    /// Per (target, contract).
+    hosts: HashMap<TargetKey, HostState>,
     /// GPU-ms that arrived for sealed minutes, per contract (delivered, used).
     late: Vec<(i64, i64)>,
 }
@@ -190,7 +181,8 @@ pub struct Snapshot {
     pub since: i64,
     pub sealed_through: i64,
     pub open: Vec<(i64, usize, Open)>,
-    pub hosts: Vec<(String, HostState)>,
+    /// Sorted by target, then contract.
+    pub hosts: Vec<(String, usize, HostState)>,
     /// Per contract: (delivered, used) GPU-ms that arrived for sealed minutes.
     pub late: Vec<(i64, i64)>,
 }
@@ -223,7 +215,8 @@ impl Ledger {
         l.hosts = snap
             .hosts
             .into_iter()
-            .filter(|(_, h)| h.contract < contracts)
+            .filter(|(_, c, _)| *c < contracts)
+            .map(|(t, c, h)| ((t, c), h))
             .collect();
         for (c, late) in snap.late.into_iter().enumerate().take(contracts) {
             l.late[c] = late;
@@ -240,12 +233,12 @@ impl Ledger {
                 }
             }
         }
-        let mut hosts: Vec<(String, HostState)> = self
+        let mut hosts: Vec<(String, usize, HostState)> = self
             .hosts
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|((t, c), h)| (t.clone(), *c, h.clone()))
             .collect();
-        hosts.sort_by(|a, b| a.0.cmp(&b.0));
+        hosts.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         Snapshot {
             since: self.since,
             sealed_through: self.sealed_through,
@@ -255,12 +248,17 @@ impl Ledger {
         }
     }
 
-    /// Moves the start of a ledger that has sealed nothing yet to the minute after
-    /// `t_ms`: called after the first scrape round, so every host's baseline precedes
-    /// the first accounted minute (no artificial undelivered minute at the start).
+    /// Moves the start of a ledger that has sealed nothing yet to the minute after `t_ms`
+    /// and after every host's first reading: called after the first scrape round, so every
+    /// host's baseline precedes the first accounted minute.
     pub fn start_after(&mut self, t_ms: i64) {
         if self.sealed_through == self.since && self.open.is_empty() {
-            self.since = minute_of(t_ms) + 1;
+            let first = self
+                .hosts
+                .values()
+                .filter_map(|h| h.sized_since_ms)
+                .fold(t_ms, i64::max);
+            self.since = minute_of(first) + 1;
             self.sealed_through = self.since;
         }
     }
@@ -280,90 +278,109 @@ impl Ledger {
         &self.late
     }
 
-    pub fn host(&self, target: &str) -> Option<&HostState> {
-        self.hosts.get(target)
+    pub fn host(&self, target: &str, contract: usize) -> Option<&HostState> {
+        self.hosts.get(&(target.to_string(), contract))
     }
 
-    /// Records a successful scrape of `target`, whose GPUs (already filtered to the
-    /// contract's model) had these counters at `at_ms`.
-    pub fn observe(
+    /// The targets configured now, each with the contracts that select it: one contract
+    /// (scraped for it), or several (a conflict: never scraped, dark in each). A new
+    /// target is dark until its first reading with GPU series sizes it. A known target
+    /// that left a contract is retired: its GPUs stay expected (unreported) until
+    /// `retire_until(contract, now_ms)`; one that never reported is simply dropped.
+    pub fn configure(
         &mut self,
-        target: &str,
-        contract: usize,
-        at_ms: i64,
-        gpus: BTreeMap<String, GpuCounters>,
+        now_ms: i64,
+        targets: &[(String, Vec<usize>)],
+        retire_until: impl Fn(usize, i64) -> i64,
     ) {
+        let mut wanted: HashSet<TargetKey> = HashSet::new();
+        for (target, contracts) in targets {
+            for &c in contracts.iter().filter(|&&c| c < self.contracts) {
+                wanted.insert((target.clone(), c));
+            }
+        }
+        self.hosts.retain(|key, h| {
+            if wanted.contains(key) {
+                h.retired_until_ms = None;
+                return true;
+            }
+            if h.last.is_none() {
+                return false;
+            }
+            if h.retired_until_ms.is_none() {
+                h.retired_until_ms = Some(retire_until(key.1, now_ms).max(now_ms));
+            }
+            true
+        });
+        for key in wanted {
+            self.hosts
+                .entry(key)
+                .or_insert_with(|| HostState::new(now_ms));
+        }
+    }
+
+    /// Records a successful scrape of `target` for `contract`. Returns what was rejected
+    /// and noticed, for the operator; the ledger itself keeps only the evidence.
+    pub fn observe(&mut self, target: &str, contract: usize, reading: Reading) -> Outcome {
         if contract >= self.contracts {
-            return;
+            return Outcome::default();
         }
-        let now = Checkpoint { at_ms, gpus };
-        let state = match self.hosts.get_mut(target) {
-            Some(s) if s.contract == contract => s,
-            _ => {
-                // First sight, or the host moved to another contract: a baseline only.
-                self.hosts.insert(
-                    target.to_string(),
-                    HostState {
-                        contract,
-                        known_since_ms: at_ms,
-                        last: now,
-                    },
-                );
-                return;
-            }
-        };
-        if at_ms <= state.last.at_ms {
-            return;
+        let received = reading.received_ms;
+        let host = self
+            .hosts
+            .entry((target.to_string(), contract))
+            .or_insert_with(|| HostState::new(received));
+        host.retired_until_ms = None;
+        let out = host.read(reading);
+        if let Some(iv) = out.interval {
+            self.attribute(contract, &iv);
         }
-        let (mut delivered, mut used) = (0.0, 0.0);
-        for (uuid, c) in &now.gpus {
-            // A GPU not in the baseline (new series) only sets its own baseline.
-            if let Some(p) = state.last.gpus.get(uuid) {
-                delivered += increase(p.observed, c.observed);
-                used += increase(p.used, c.used);
-            }
-        }
-        let from = state.last.at_ms;
-        let gpus = now.gpus.len() as i64;
-        state.last = now;
-        let (delivered, used) = (to_ms(delivered), to_ms(used));
-        let reported = gpus * (at_ms - from);
-        self.attribute(contract, from, at_ms, delivered, used, reported);
+        out
     }
 
-    fn attribute(
-        &mut self,
-        contract: usize,
-        from: i64,
-        to: i64,
-        delivered: i64,
-        used: i64,
-        reported: i64,
-    ) {
-        let d = spread(from, to, delivered);
-        let u = spread(from, to, used);
-        let r = spread(from, to, reported);
-        for i in 0..d.len() {
-            let minute = d[i].0;
-            if minute < self.sealed_through {
-                self.late[contract].0 += d[i].1;
-                self.late[contract].1 += u[i].1;
+    fn attribute(&mut self, contract: usize, iv: &Interval) {
+        for (minute, len) in pieces(iv.from_ms, iv.to_ms) {
+            if let Some(o) = self.open_mut(contract, minute) {
+                o.expected = o
+                    .expected
+                    .saturating_add(iv.expected_gpus.saturating_mul(len));
+            }
+        }
+        let watched = pieces(iv.watched_from_ms, iv.to_ms);
+        let lens: Vec<i64> = watched.iter().map(|p| p.1).collect();
+        let reported = apportion(iv.reported, &lens);
+        let delivered = apportion(iv.delivered, &reported);
+        let used = apportion(iv.used, &delivered);
+        for (i, &(minute, _)) in watched.iter().enumerate() {
+            if minute < self.since {
                 continue;
             }
-            let n = self.contracts;
-            let o = &mut self
-                .open
-                .entry(minute)
-                .or_insert_with(|| vec![Open::default(); n])[contract];
-            o.delivered += d[i].1;
-            o.used += u[i].1;
-            o.reported += r[i].1;
+            if minute < self.sealed_through {
+                let late = &mut self.late[contract];
+                late.0 = late.0.saturating_add(delivered[i]);
+                late.1 = late.1.saturating_add(used[i]);
+                continue;
+            }
+            if let Some(o) = self.open_mut(contract, minute) {
+                o.reported = o.reported.saturating_add(reported[i]);
+                o.delivered = o.delivered.saturating_add(delivered[i]);
+                o.used = o.used.saturating_add(used[i]);
+            }
         }
     }
 
-    /// Forgets a host that is no longer a target: its GPUs stop counting as unreported.
-    pub fn remove_host(&mut self, target: &str) {
-        self.hosts.remove(target);
+    /// The open minute's sums, or `None` for a minute before the ledger or already sealed.
+    fn open_mut(&mut self, contract: usize, minute: i64) -> Option<&mut Open> {
+        if minute < self.sealed_through {
+            return None;
+        }
+        let n = self.contracts;
+        Some(
+            &mut self
+                .open
+                .entry(minute)
+                .or_insert_with(|| vec![Open::default(); n])[contract],
+        )
     }
 
     /// Seals every minute that ended at least `grace_ms` before `now_ms`.
@@ -374,33 +391,52 @@ impl Ledger {
         grace_ms: i64,
         committed: impl Fn(usize, i64, i64) -> i64,
     ) -> Vec<Sealed> {
-        let through = minute_of(now_ms - grace_ms.max(0)); // minutes < through have ended + grace
+        let through = minute_of(now_ms.saturating_sub(grace_ms.max(0)));
         let mut out = Vec::new();
         while self.sealed_through < through {
             let minute = self.sealed_through;
             let (m0, m1) = (minute * MINUTE_MS, (minute + 1) * MINUTE_MS);
-            let per = self
+            let mut per = self
                 .open
                 .remove(&minute)
                 .unwrap_or_else(|| vec![Open::default(); self.contracts]);
-            let mut expected = vec![0i64; self.contracts];
-            for h in self.hosts.values() {
-                let overlap = (m1 - h.known_since_ms.max(m0)).clamp(0, MINUTE_MS);
-                expected[h.contract] += h.last.gpus.len() as i64 * overlap;
+            let mut dark = vec![false; self.contracts];
+            let overlap = |a: i64, b: i64| (b.min(m1) - a.max(m0)).max(0);
+            for ((_, c), h) in &self.hosts {
+                // Known GPUs from the last reading on, until retired: expected, not watched.
+                if let Some(last) = &h.last {
+                    let tail = overlap(last.at_ms, h.retired_until_ms.unwrap_or(i64::MAX));
+                    per[*c].expected = per[*c]
+                        .expected
+                        .saturating_add(h.gpus().saturating_mul(tail));
+                }
+                if overlap(h.added_ms, h.sized_since_ms.unwrap_or(i64::MAX)) > 0 {
+                    dark[*c] = true;
+                }
             }
             for (c, o) in per.iter().enumerate() {
-                let unreported = (expected[c] - o.reported).max(0);
                 out.push(Sealed {
                     contract: c,
                     minute,
-                    totals: split(committed(c, m0, m1), o.delivered, unreported, o.used),
+                    totals: split(
+                        committed(c, m0, m1),
+                        o.delivered,
+                        o.used,
+                        o.expected.saturating_sub(o.reported),
+                        dark[c],
+                    ),
                 });
             }
             self.sealed_through += 1;
+            let sealed_ms = self.sealed_through * MINUTE_MS;
+            self.hosts
+                .retain(|_, h| h.retired_until_ms.is_none_or(|until| until > sealed_ms));
         }
         out
     }
 }
 
+#[cfg(test)]
+mod accuracy;
 #[cfg(test)]
 mod tests;

@@ -189,7 +189,7 @@ mod tests {
         Sealed {
             contract: 0,
             minute,
-            totals: split(committed, delivered, 0, used),
+            totals: split(committed, delivered, used, 0, false),
         }
     }
 

@@ -1,0 +1,321 @@
+//! One host's readings → one interval of evidence. Pure: the caller passes the times.
+//!
+//! An agent's counters move at its own sampling rounds, not when the aggregator happens to
+//! receive them. So a reading is placed at the agent's own time of its last round
+//! (`commitmeter_agent_last_round_timestamp_seconds`), shifted by a per-host offset that is
+//! 0 while the agent's clock agrees with the aggregator's within [`CLOCK_TOLERANCE_MS`] and is
+//! re-anchored to the receive time when it does not (a host whose clock is far off). Between
+//! two readings the host's GPUs were:
+//!
+//! - **expected** over the whole interval: the GPUs of the previous reading;
+//! - **watched** over the part the agent's sampler covered
+//!   (`commitmeter_agent_sampled_seconds_total`; after an agent restart, only the new
+//!   process's rounds): a GPU that answered, or one that vanished while the agent watched,
+//!   counts as reported; a GPU whose reading is rejected does not;
+//! - **delivered** and **used** by what their counters say, if physically possible: a time
+//!   counter cannot grow faster than the time watched, used cannot exceed delivered, a
+//!   running agent's counters never decrease, and an agent that keeps restarting is suspect.
+//!
+//! Delivered never exceeds the watched capacity of the GPUs whose readings were accepted, and
+//! used never exceeds delivered: a surplus (rounding, or an agent clock re-anchored mid-way)
+//! is carried to the host's next interval, up to [`CARRY_CAP_MS`] per GPU, instead of
+//! becoming phantom overage in one minute and phantom shortfall in the next.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// An agent clock further than this from the aggregator's (lag included) is re-anchored:
+/// its readings are placed on the aggregator's clock from then on.
+pub const CLOCK_TOLERANCE_MS: i64 = 30_000;
+/// Rounding slack between an agent's counters and its round time (both whole ms), per GPU.
+const EXACT_SLACK_MS: i64 = 2;
+/// An agent restart within this long of the previous one is suspect, not free credit.
+pub const RESTART_SUSPECT_MS: i64 = 300_000;
+/// The most surplus a host may carry to its next interval, per GPU.
+pub const CARRY_CAP_MS: i64 = CLOCK_TOLERANCE_MS;
+
+/// Whole milliseconds of an exposed seconds value: each cumulative value is rounded once,
+/// here, so differences of readings telescope and never drift. The scraper has already
+/// refused non-finite, negative and absurd values.
+pub fn ms_from_seconds(seconds: f64) -> i64 {
+    (seconds * 1000.0).round() as i64
+}
+
+/// Counter values of one GPU as scraped, in whole milliseconds (each cumulative value is
+/// rounded once, so differences telescope and never drift).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuCounters {
+    /// `commitmeter_gpu_observed_seconds_total`: delivered time.
+    pub observed_ms: i64,
+    /// The contract's usage signal (busy or allocated time).
+    pub used_ms: i64,
+}
+
+/// One successful scrape of a host, already checked for sanity by the scraper (finite,
+/// non-negative, bounded values; no duplicate series).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reading {
+    /// Aggregator clock when the response arrived.
+    pub received_ms: i64,
+    /// The agent's time of the round its counters include; `None` for exporters without it.
+    pub agent_ms: Option<i64>,
+    /// `process_start_time_seconds` of the agent: a change is a restart.
+    pub agent_start_ms: Option<i64>,
+    /// `commitmeter_agent_sampled_seconds_total`: how long the agent watched its GPUs.
+    pub sampled_ms: Option<i64>,
+    /// Per GPU UUID (after the contract's model filter). Empty: the target serves no GPU
+    /// series (another exporter, or NVML down since the agent started): not reporting.
+    pub gpus: BTreeMap<String, GpuCounters>,
+}
+
+/// The last reading accepted from a host: the baseline of the next interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Placement time (aggregator time scale).
+    pub at_ms: i64,
+    pub agent_ms: Option<i64>,
+    pub agent_start_ms: Option<i64>,
+    pub sampled_ms: Option<i64>,
+    pub gpus: BTreeMap<String, GpuCounters>,
+}
+
+/// What the ledger remembers about one target of one contract between readings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    /// When it became a target of the contract (aggregator clock).
+    pub added_ms: i64,
+    /// Placement time of its first reading with GPU series. Before that its size is
+    /// unknown, and while a target of unknown size is dark, no shortfall of the contract
+    /// can be told apart from it: everything short is unreported.
+    pub sized_since_ms: Option<i64>,
+    /// `Some` once sized.
+    pub last: Option<Checkpoint>,
+    /// Placement = agent time + this (0 while the agent's clock is within tolerance).
+    pub offset_ms: i64,
+    /// Surplus GPU-ms (delivered, used) carried to the next interval.
+    pub carry: [i64; 2],
+    /// Placement time of the last agent restart seen.
+    pub last_restart_ms: Option<i64>,
+    /// Set when the target left the contract's targets: its known GPUs stay expected
+    /// (unreported) until then, since removing a target is no evidence against the provider.
+    pub retired_until_ms: Option<i64>,
+}
+
+/// Why a GPU's reading was not credited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    /// A time counter grew faster than the time watched.
+    ExceedsElapsed,
+    /// Used (busy or allocated) grew faster than delivered.
+    UsedExceedsDelivered,
+    /// A counter of a running agent went down.
+    CounterDecrease,
+    /// The agent restarted again within [`RESTART_SUSPECT_MS`].
+    RepeatedRestart,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 4] = [
+        Reject::ExceedsElapsed,
+        Reject::UsedExceedsDelivered,
+        Reject::CounterDecrease,
+        Reject::RepeatedRestart,
+    ];
+
+    /// The `reason` label of `commitmeter_ledger_rejected_gpu_seconds_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::ExceedsElapsed => "exceeds_elapsed",
+            Reject::UsedExceedsDelivered => "used_exceeds_delivered",
+            Reject::CounterDecrease => "counter_decrease",
+            Reject::RepeatedRestart => "repeated_restart",
+        }
+    }
+}
+
+/// What one reading adds to the ledger, on the placement time scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    /// Expected capacity: `expected_gpus` over `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub expected_gpus: i64,
+    /// Reported capacity, delivered and used GPU-ms, all within `[watched_from_ms, to_ms)`.
+    pub watched_from_ms: i64,
+    pub reported: i64,
+    pub delivered: i64,
+    pub used: i64,
+}
+
+/// The result of one reading, for the ledger and for the operator.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub interval: Option<Interval>,
+    /// GPU-ms not credited, by reason: a rejected reading's watched time (booked
+    /// unreported), or a surplus beyond what the carry may hold.
+    pub rejected: Vec<(Reject, i64)>,
+    pub restarted: bool,
+    /// The agent's clock was off by more than the tolerance: placed on ours.
+    pub reanchored: bool,
+}
+
+impl HostState {
+    pub fn new(added_ms: i64) -> Self {
+        Self {
+            added_ms,
+            ..Self::default()
+        }
+    }
+
+    /// GPUs expected from this host now (0 until sized).
+    pub fn gpus(&self) -> i64 {
+        self.last.as_ref().map_or(0, |l| l.gpus.len() as i64)
+    }
+
+    /// Where a reading belongs in time; true when the offset had to be re-anchored.
+    fn place(&mut self, received_ms: i64, agent_ms: Option<i64>) -> (i64, bool) {
+        let Some(agent) = agent_ms else {
+            return (received_ms, false);
+        };
+        let at = agent.saturating_add(self.offset_ms);
+        if at.abs_diff(received_ms) <= CLOCK_TOLERANCE_MS as u64 {
+            return (at, false);
+        }
+        self.offset_ms = received_ms.saturating_sub(agent);
+        (received_ms, true)
+    }
+
+    /// Applies one reading. A reading with no GPU series, or one whose time did not
+    /// advance, changes nothing: its counters carry over to the next reading.
+    pub fn read(&mut self, r: Reading) -> Outcome {
+        let mut out = Outcome::default();
+        if r.gpus.is_empty() {
+            return out;
+        }
+        let (at, reanchored) = self.place(r.received_ms, r.agent_ms);
+        out.reanchored = reanchored;
+        let now = Checkpoint {
+            at_ms: at,
+            agent_ms: r.agent_ms,
+            agent_start_ms: r.agent_start_ms,
+            sampled_ms: r.sampled_ms,
+            gpus: r.gpus,
+        };
+        let Some(last) = self.last.take() else {
+            self.sized_since_ms = Some(at);
+            self.last = Some(now);
+            return out;
+        };
+        if at <= last.at_ms {
+            self.last = Some(last);
+            return out;
+        }
+
+        let decreased = || {
+            now.gpus.iter().any(|(uuid, c)| {
+                last.gpus
+                    .get(uuid)
+                    .is_some_and(|p| c.observed_ms < p.observed_ms || c.used_ms < p.used_ms)
+            })
+        };
+        let restarted = match (last.agent_start_ms, now.agent_start_ms) {
+            (Some(a), Some(b)) if a != b => true,
+            (Some(_), Some(_)) => false,
+            // Without a process start time, fall back on Prometheus's rule: a decrease.
+            _ => decreased(),
+        } || matches!((last.sampled_ms, now.sampled_ms), (Some(p), Some(n)) if n < p);
+        // The new process counted from its own start: before that nobody watched.
+        let from = match (restarted, now.agent_start_ms) {
+            (true, Some(start)) => start.saturating_add(self.offset_ms).clamp(last.at_ms, at),
+            _ => last.at_ms,
+        };
+        let len = at - from;
+        let watched = match (now.sampled_ms, last.sampled_ms) {
+            (Some(s), _) if restarted => s.clamp(0, len),
+            (Some(s), Some(p)) => s.saturating_sub(p).clamp(0, len),
+            _ => len,
+        };
+        // Counters and round time come from one clock in whole ms: only rounding separates
+        // them. Otherwise (no agent time, or re-anchored) the intervals differ by up to the
+        // clock tolerance.
+        let exact = !reanchored && now.agent_ms.is_some() && last.agent_ms.is_some();
+        let slack = |t: i64| {
+            t / 1000
+                + if exact {
+                    EXACT_SLACK_MS
+                } else {
+                    CLOCK_TOLERANCE_MS
+                }
+        };
+        let suspect = restarted
+            && self
+                .last_restart_ms
+                .is_some_and(|t| at - t < RESTART_SUSPECT_MS);
+        if restarted {
+            self.last_restart_ms = Some(at);
+            out.restarted = true;
+        }
+
+        let (mut accepted, mut vanished, mut sum_o, mut sum_u) = (0i64, 0i64, 0i64, 0i64);
+        for (uuid, p) in &last.gpus {
+            let Some(c) = now.gpus.get(uuid) else {
+                // Gone while the agent watched (it re-enumerated without it): not delivered.
+                vanished += 1;
+                continue;
+            };
+            let (d_o, d_u) = if restarted {
+                (c.observed_ms, c.used_ms)
+            } else {
+                (c.observed_ms - p.observed_ms, c.used_ms - p.used_ms)
+            };
+            let reject = if suspect {
+                Some(Reject::RepeatedRestart)
+            } else if d_o < 0 || d_u < 0 {
+                Some(Reject::CounterDecrease)
+            } else if d_o > watched + slack(watched) {
+                Some(Reject::ExceedsElapsed)
+            } else if d_u > d_o + d_o / 1000 + EXACT_SLACK_MS {
+                Some(Reject::UsedExceedsDelivered)
+            } else {
+                None
+            };
+            match reject {
+                Some(why) => out.rejected.push((why, watched)),
+                None => {
+                    accepted += 1;
+                    sum_o += d_o;
+                    sum_u += d_u;
+                }
+            }
+        }
+
+        let keep = accepted * CARRY_CAP_MS;
+        let avail_o = sum_o + self.carry[0];
+        let delivered = avail_o.min(accepted * watched);
+        let carry_o = (avail_o - delivered).min(keep);
+        let avail_u = sum_u + self.carry[1];
+        let used = avail_u.min(delivered);
+        let carry_u = (avail_u - used).min(keep);
+        for (why, dropped) in [
+            (Reject::ExceedsElapsed, avail_o - delivered - carry_o),
+            (Reject::UsedExceedsDelivered, avail_u - used - carry_u),
+        ] {
+            if dropped > 0 {
+                out.rejected.push((why, dropped));
+            }
+        }
+        self.carry = [carry_o, carry_u];
+        out.interval = Some(Interval {
+            from_ms: last.at_ms,
+            to_ms: at,
+            expected_gpus: last.gpus.len() as i64,
+            watched_from_ms: at - watched.min(len),
+            reported: (accepted + vanished) * watched,
+            delivered,
+            used,
+        });
+        self.last = Some(now);
+        out
+    }
+}
