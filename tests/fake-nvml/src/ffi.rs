@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-/// Device handles are these addresses plus the index: stable, non-null and
-/// easy to validate. Nobody dereferences them.
+/// Device handles are these addresses plus the scenario's GPU number (its NVML
+/// index unless a reload reordered them): stable, non-null and easy to validate.
+/// Nobody dereferences them.
 const DEVICE_BASE: usize = 0x0D3F_0000;
 /// Event set handles are this address plus a serial number.
 const EVENT_SET_BASE: usize = 0x0E5E_0000;
@@ -73,12 +74,24 @@ fn lock() -> MutexGuard<'static, State> {
 }
 
 /// Runs an entry point's body, mapping `Ok` to `SUCCESS` and a panic to
-/// `NVML_ERROR_UNKNOWN`.
+/// `NVML_ERROR_UNKNOWN`; while the scenario says the driver hangs, first blocks.
 fn guard(body: impl FnOnce() -> Res<()>) -> NvmlReturn {
+    hang_while_scripted();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => SUCCESS,
         Ok(Err(code)) => code,
         Err(_) => ERROR_UNKNOWN,
+    }
+}
+
+/// Blocks, without the lock, while the loaded scenario's driver hangs.
+fn hang_while_scripted() {
+    while lock()
+        .scenario
+        .as_ref()
+        .is_some_and(|s| s.hung_at(s.now_ms()))
+    {
+        std::thread::sleep(Duration::from_millis(WAIT_SLICE_MS));
     }
 }
 
@@ -158,8 +171,8 @@ impl State {
         Ok((scenario, now))
     }
 
-    /// Like [`Self::ready`], plus the index behind a valid handle of a GPU
-    /// that is not lost.
+    /// Like [`Self::ready`], plus the scenario's GPU number behind a valid
+    /// handle of a GPU that is not lost.
     fn device(&self, device: NvmlDevice) -> Res<(&Scenario, u64, usize)> {
         let (scenario, now) = self.ready()?;
         let index = device
@@ -315,14 +328,13 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     guard(|| {
         let st = lock();
         let (scenario, now) = st.ready()?;
-        let index = index as usize;
-        if index >= scenario.gpus.len() {
-            return Err(ERROR_INVALID_ARGUMENT);
-        }
-        if scenario.lost_at(index, now) {
+        let gpu = scenario
+            .gpu_at_index(st.generation, index as usize)
+            .ok_or(ERROR_INVALID_ARGUMENT)?;
+        if scenario.lost_at(gpu, now) {
             return Err(ERROR_GPU_IS_LOST);
         }
-        put(device, device_handle(index))
+        put(device, device_handle(gpu))
     })
 }
 
@@ -330,7 +342,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
 pub unsafe extern "C" fn nvmlDeviceGetIndex(device: NvmlDevice, index: *mut c_uint) -> NvmlReturn {
     guard(|| {
         let st = lock();
-        let (_, _, i) = st.device(device)?;
+        let (scenario, _, gpu) = st.device(device)?;
+        let i = scenario
+            .index_of_gpu(st.generation, gpu)
+            .ok_or(ERROR_INVALID_ARGUMENT)?;
         put(index, i as c_uint)
     })
 }

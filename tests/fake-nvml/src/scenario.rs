@@ -61,12 +61,25 @@ pub struct Scenario {
     pub start_unix_ms: Option<u64>,
     /// Driver utilization sample period (0 is treated as 1).
     pub sample_period_ms: u64,
+    /// How long the driver has been sampling before timeline zero, in the state of
+    /// zero: a machine whose driver was loaded before the agent starts has a full
+    /// sample buffer (0: the driver's first sample ends one period after zero).
+    pub sampled_before_ms: u64,
     /// How many recent samples the driver keeps.
     pub ring: usize,
     /// `nvmlInit_v2` answers `NVML_ERROR_DRIVER_NOT_LOADED` before this.
     pub init_fail_until_ms: u64,
     /// Driver reloads, as `[from, to)` windows.
     pub driver_down: Vec<[u64; 2]>,
+    /// NVML index order after each reload: entry `k` lists the scenario's GPU numbers
+    /// by NVML index once the `k + 1`-th `driver_down` window has begun (a permutation
+    /// of them). Missing entries keep the scenario's order. A GPU keeps its UUID, bus
+    /// id and script wherever it is enumerated.
+    pub reorder_on_reload: Vec<Vec<usize>>,
+    /// From then on every NVML call blocks (a hung driver), until `hang_until_ms`
+    /// if set.
+    pub hang_at_ms: Option<u64>,
+    pub hang_until_ms: Option<u64>,
     pub gpus: Vec<Gpu>,
 }
 
@@ -76,9 +89,13 @@ impl Default for Scenario {
         Self {
             start_unix_ms: None,
             sample_period_ms: 100,
+            sampled_before_ms: 0,
             ring: 120,
             init_fail_until_ms: 0,
             driver_down: Vec::new(),
+            reorder_on_reload: Vec::new(),
+            hang_at_ms: None,
+            hang_until_ms: None,
             gpus: vec![Gpu::default(), Gpu::default()],
         }
     }
@@ -102,6 +119,8 @@ pub struct Gpu {
     pub unsupported: Vec<String>,
     /// No samples are produced for periods with zero busy time, like real drivers.
     pub samples_dry_when_idle: bool,
+    /// The sample buffer stays empty (`NOT_FOUND`) even while busy: a broken driver.
+    pub samples_broken: bool,
     pub power_mw: u32,
     pub power_limit_mw: u32,
     pub memory_total_bytes: u64,
@@ -127,6 +146,7 @@ impl Default for Gpu {
             lost_at_ms: None,
             unsupported: Vec::new(),
             samples_dry_when_idle: false,
+            samples_broken: false,
             power_mw: 300_000,
             power_limit_mw: 700_000,
             memory_total_bytes: 85_899_345_920,
@@ -158,8 +178,8 @@ impl Gpu {
 /// One utilization sample as the driver would report it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DriverSample {
-    /// End of the sample's period, ms on the timeline.
-    pub t_ms: u64,
+    /// End of the sample's period, ms on the timeline (≤ 0 before it began).
+    pub t_ms: i64,
     /// What `nvmlDeviceGetSamples` reports: [`sample_timestamp_us`] of `t_ms`.
     pub timestamp_us: u64,
     /// Average utilization (percent) over `(t_ms - period, t_ms]`.
@@ -233,7 +253,42 @@ impl Scenario {
                 return Err(format!("gpus[{i}].unsupported: unknown capability {bad:?}"));
             }
         }
+        for (k, order) in scenario.reorder_on_reload.iter().enumerate() {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            if sorted != (0..scenario.gpus.len()).collect::<Vec<_>>() {
+                return Err(format!(
+                    "reorder_on_reload[{k}]: {order:?} is not an order of the {} GPUs",
+                    scenario.gpus.len()
+                ));
+            }
+        }
         Ok(scenario)
+    }
+
+    /// One GPU, idle with a dry sample buffer, then a blip of one 1/6 s sample period
+    /// at 100 % (at 3 s), idle again, then 70 % busy for 3 s (from 5 s), then idle:
+    /// the first sample after a dry stretch describes one period, not the gap. Steps
+    /// sit on multiples of the period, so the samples sum to [`Self::busy_seconds`]
+    /// exactly: 0.166 + 0.7 × 2.988 s.
+    pub fn dry_then_busy() -> Self {
+        const P: u64 = 166;
+        Self {
+            sample_period_ms: P,
+            gpus: vec![Gpu {
+                util: vec![
+                    [0, 0],
+                    [18 * P, 100],
+                    [19 * P, 0],
+                    [30 * P, 70],
+                    [48 * P, 0],
+                ],
+                processes: vec![[0, 0], [30 * P, 1], [48 * P, 0]],
+                samples_dry_when_idle: true,
+                ..Gpu::default()
+            }],
+            ..Self::default()
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -297,6 +352,28 @@ impl Scenario {
     /// How many `driver_down` windows have begun by `t` (a driver "generation").
     pub fn reloads_begun(&self, t_ms: u64) -> usize {
         self.driver_down.iter().filter(|w| w[0] <= t_ms).count()
+    }
+
+    /// The scenario GPU at NVML index `index` in driver generation `generation`.
+    pub fn gpu_at_index(&self, generation: usize, index: usize) -> Option<usize> {
+        match generation
+            .checked_sub(1)
+            .and_then(|k| self.reorder_on_reload.get(k))
+        {
+            Some(order) => order.get(index).copied(),
+            None => (index < self.gpus.len()).then_some(index),
+        }
+    }
+
+    /// The NVML index of scenario GPU `gpu` in driver generation `generation`.
+    pub fn index_of_gpu(&self, generation: usize, gpu: usize) -> Option<usize> {
+        (0..self.gpus.len()).find(|&i| self.gpu_at_index(generation, i) == Some(gpu))
+    }
+
+    /// Whether NVML calls block at `t` ([`Self::hang_at_ms`]).
+    pub fn hung_at(&self, t_ms: u64) -> bool {
+        self.hang_at_ms.is_some_and(|from| t_ms >= from)
+            && self.hang_until_ms.is_none_or(|until| t_ms < until)
     }
 
     /// Whether GPU `gpu` has been lost by `t`.
@@ -453,15 +530,17 @@ impl Scenario {
     /// The samples the driver holds at `now` that are newer than
     /// `after_timestamp_us`, oldest first.
     ///
-    /// A sample ends at every `t_k = k × period` (k ≥ 1, `t_k <= now`) and
+    /// A sample ends at every `t_k = k × period` (k ≥ 1, `t_k <= now`; and
+    /// k ≤ 0 back to `sampled_before_ms`, at the utilization of zero) and
     /// averages the busy time (as in [`Self::busy_pct_ms`]) over
     /// `(t_{k-1}, t_k]`, rounded to the nearest percent; so summing
     /// `value × period` gives [`Self::busy_seconds`], exactly when steps sit on
     /// multiples of the period. No sample ends while the driver is down or
     /// after the GPU was lost; none for idle periods when
-    /// `samples_dry_when_idle`. Only the newest `ring` are kept.
+    /// `samples_dry_when_idle`, none at all when `samples_broken`. Only the
+    /// newest `ring` are kept.
     pub fn samples(&self, gpu: usize, now_ms: u64, after_timestamp_us: u64) -> Vec<DriverSample> {
-        let Some(g) = self.gpus.get(gpu) else {
+        let Some(g) = self.gpus.get(gpu).filter(|g| !g.samples_broken) else {
             return Vec::new();
         };
         let period = self.period_ms();
@@ -489,11 +568,28 @@ impl Scenario {
             }
             let value = (busy + u128::from(period / 2)) / u128::from(period);
             out.push(DriverSample {
-                t_ms: t,
+                t_ms: t as i64,
                 timestamp_us: sample_timestamp_us(t),
                 value: value.min(100) as u32,
             });
             k -= 1;
+        }
+        // Before zero, in the state of zero: ends at 0, −period, … (k ≤ 0).
+        let value = self.util_at(gpu, 0);
+        if k == 0 && self.present_at(gpu, 0) && !(value == 0 && g.samples_dry_when_idle) {
+            let mut back = 0;
+            while back < self.sampled_before_ms && out.len() < self.ring {
+                let timestamp_us = SAMPLE_TIMESTAMP_BASE_US - back * 1000;
+                if timestamp_us <= after_timestamp_us {
+                    break;
+                }
+                out.push(DriverSample {
+                    t_ms: -(back as i64),
+                    timestamp_us,
+                    value,
+                });
+                back += period;
+            }
         }
         out.reverse();
         out
@@ -526,6 +622,83 @@ mod tests {
         assert_eq!(sparse.sample_period_ms, 100);
         assert_eq!(sparse.gpus[0].power_mw, 300_000);
         assert_eq!(sparse.util_at(0, 5), 70);
+    }
+
+    #[test]
+    fn reorder_and_hang() {
+        let mut s = Scenario {
+            driver_down: vec![[100, 200], [300, 400]],
+            reorder_on_reload: vec![vec![2, 0, 1]],
+            hang_at_ms: Some(1000),
+            hang_until_ms: Some(2000),
+            gpus: vec![Gpu::default(), Gpu::default(), Gpu::default()],
+            ..Scenario::default()
+        };
+        assert_eq!(s.gpu_at_index(0, 0), Some(0));
+        assert_eq!(s.gpu_at_index(1, 0), Some(2));
+        assert_eq!(s.index_of_gpu(1, 2), Some(0));
+        assert_eq!(s.index_of_gpu(1, 0), Some(1));
+        // No entry for the second reload: the scenario's order again.
+        assert_eq!(s.gpu_at_index(2, 0), Some(0));
+        assert_eq!(s.gpu_at_index(0, 3), None);
+        assert!(!s.hung_at(999) && s.hung_at(1000) && s.hung_at(1999) && !s.hung_at(2000));
+        s.hang_until_ms = None;
+        assert!(s.hung_at(u64::MAX));
+        assert!(Scenario::from_json(&s.to_json()).is_ok());
+        s.reorder_on_reload = vec![vec![0, 0, 1]];
+        assert!(Scenario::from_json(&s.to_json())
+            .unwrap_err()
+            .contains("reorder_on_reload[0]"));
+    }
+
+    #[test]
+    fn a_driver_sampling_before_zero_has_a_ring_at_zero() {
+        let mut s = Scenario {
+            sampled_before_ms: 1_000,
+            ring: 5,
+            gpus: vec![Gpu::at_util(40)],
+            ..Scenario::default()
+        };
+        let at_zero: Vec<(i64, u32)> = s
+            .samples(0, 50, 0)
+            .iter()
+            .map(|x| (x.t_ms, x.value))
+            .collect();
+        assert_eq!(
+            at_zero,
+            vec![(-400, 40), (-300, 40), (-200, 40), (-100, 40), (0, 40)]
+        );
+        let later: Vec<i64> = s.samples(0, 250, 0).iter().map(|x| x.t_ms).collect();
+        assert_eq!(later, vec![-200, -100, 0, 100, 200]);
+        // The cursor applies across zero.
+        let newer = s.samples(0, 250, sample_timestamp_us(0));
+        assert_eq!(
+            newer.iter().map(|x| x.t_ms).collect::<Vec<_>>(),
+            vec![100, 200]
+        );
+        s.gpus[0] = Gpu {
+            samples_dry_when_idle: true,
+            ..Gpu::at_util(0)
+        };
+        assert!(s.samples(0, 50, 0).is_empty());
+        s.gpus[0] = Gpu {
+            samples_broken: true,
+            ..Gpu::at_util(90)
+        };
+        assert!(s.samples(0, 5_000, 0).is_empty());
+    }
+
+    #[test]
+    fn dry_then_busy_ground_truth() {
+        let s = Scenario::dry_then_busy();
+        assert!((s.busy_seconds(0, 0, 100_000) - (0.166 + 0.7 * 2.988)).abs() < 1e-9);
+        // Dry before the blip, one sample for it, dry until the busy stretch.
+        let early: Vec<i64> = s.samples(0, 4_900, 0).iter().map(|x| x.t_ms).collect();
+        assert_eq!(early, vec![19 * 166]);
+        let all = s.samples(0, 100_000, 0);
+        assert_eq!(all.len(), 1 + 18);
+        let sum: u64 = all.iter().map(|x| u64::from(x.value) * 166).sum();
+        assert_eq!(u128::from(sum), s.busy_pct_ms(0, 0, 100_000));
     }
 
     #[test]
@@ -657,15 +830,15 @@ mod tests {
             }],
             ..Scenario::default()
         };
-        let ring: Vec<u64> = s.samples(0, 1450, 0).iter().map(|x| x.t_ms).collect();
+        let ring: Vec<i64> = s.samples(0, 1450, 0).iter().map(|x| x.t_ms).collect();
         // (1200, 1300] lies in the window but ends as the driver is back.
         assert_eq!(ring, vec![700, 800, 900, 1300, 1400]);
-        let lost: Vec<u64> = s.samples(0, 9999, 0).iter().map(|x| x.t_ms).collect();
+        let lost: Vec<i64> = s.samples(0, 9999, 0).iter().map(|x| x.t_ms).collect();
         assert_eq!(lost, vec![5600, 5700, 5800, 5900, 6000]);
         s.gpus[0].samples_dry_when_idle = true;
         s.ring = 100;
-        let dry: Vec<u64> = s.samples(0, 5200, 0).iter().map(|x| x.t_ms).collect();
-        let mut expected: Vec<u64> = (1..=9).map(|k| k * 100).collect();
+        let dry: Vec<i64> = s.samples(0, 5200, 0).iter().map(|x| x.t_ms).collect();
+        let mut expected: Vec<i64> = (1..=9).map(|k| k * 100).collect();
         expected.extend((14..=20).map(|k| k * 100));
         expected.extend([5100, 5200]);
         assert_eq!(dry, expected);

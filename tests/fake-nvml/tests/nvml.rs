@@ -399,3 +399,47 @@ fn old_driver_lacks_new_symbols() {
     assert!(missing(d.running_compute_processes_count().map(drop)));
     assert!(missing(d.memory_info().map(drop)));
 }
+
+#[test]
+fn reload_can_enumerate_in_another_order() {
+    let s = Scenario {
+        driver_down: vec![[300, 600]],
+        reorder_on_reload: vec![vec![1, 0]],
+        ..scenario(vec![Gpu::at_util(20), Gpu::at_util(80)])
+    };
+    let fake = FakeLib::new("reorder", &s);
+    let before = fake.init().unwrap();
+    let d0 = before.device_by_index(0).unwrap();
+    assert_eq!(d0.uuid().unwrap(), s.uuid(0));
+    assert_eq!(d0.index().unwrap(), 0);
+    drop(before);
+    fake.sleep_until(650);
+    let after = fake.init().unwrap();
+    let d0 = after.device_by_index(0).unwrap();
+    let d1 = after.device_by_index(1).unwrap();
+    assert_eq!(d0.uuid().unwrap(), s.uuid(1));
+    assert_eq!(d0.index().unwrap(), 0);
+    assert_eq!(d0.pci_info().unwrap().bus_id, s.pci_bus_id(1));
+    assert_eq!(d0.utilization_rates().unwrap().gpu, 80);
+    assert_eq!(d1.uuid().unwrap(), s.uuid(0));
+    assert_eq!(d1.index().unwrap(), 1);
+    assert_eq!(d1.utilization_rates().unwrap().gpu, 20);
+}
+
+#[test]
+fn a_hung_driver_blocks_every_call_until_it_recovers() {
+    let s = Scenario {
+        hang_at_ms: Some(300),
+        hang_until_ms: Some(900),
+        ..scenario(vec![Gpu::default()])
+    };
+    let fake = FakeLib::new("hang", &s);
+    let nvml = fake.init().unwrap();
+    let d = nvml.device_by_index(0).unwrap();
+    assert!(d.uuid().is_ok());
+    fake.sleep_until(350);
+    let rates = d.utilization_rates();
+    let back = s.now_ms();
+    assert!(back >= 900, "returned at {back} ms, inside the hang");
+    assert_eq!(rates.unwrap().gpu, 50);
+}
