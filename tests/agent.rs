@@ -19,6 +19,14 @@ fn assert_close(what: &str, measured: f64, truth: f64, per_second: f64) {
     );
 }
 
+/// The instant of the last completed round on the scenario's timeline.
+fn last_round_ms(sc: &Scenario, m: &Metrics) -> u64 {
+    let ts = m
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .expect("no round completed");
+    ((ts * 1000.0).round() as u64).saturating_sub(sc.start_unix_ms.unwrap())
+}
+
 fn eight_gpus() -> Scenario {
     let mut gpus: Vec<Gpu> = [0, 10, 25, 50, 75, 100]
         .into_iter()
@@ -42,6 +50,8 @@ fn eight_gpus() -> Scenario {
     gpus[1].energy_reset_at_ms = Some(3_500);
     Scenario {
         gpus,
+        // A running machine: the driver was sampling before the agent started.
+        sampled_before_ms: 10_000,
         ..Scenario::default()
     }
 }
@@ -55,7 +65,9 @@ fn eight_gpus_match_ground_truth_and_a_lost_gpu_stops_accruing() {
     let until = 7_000.max(ready + 5_000);
     std::thread::sleep(Duration::from_millis(until.saturating_sub(sc.now_ms())));
     let m = agent.metrics();
-    let end = sc.now_ms();
+    // The counters stand as of the last round, whose instant the agent exports.
+    let end = last_round_ms(sc, &m);
+    assert!(end + 600 >= sc.now_ms(), "last round at {end} ms");
 
     assert_eq!(m.get("commitmeter_nvml_up", &[]), Some(1.0));
     for gpu in 0..8 {
@@ -212,10 +224,33 @@ fn exposition_passes_promtool_check_metrics() {
         out.status.success() && report.trim().is_empty(),
         "promtool: {report}\n{body}"
     );
-    // Every series carries the prefix.
+    // Every series carries the prefix, but the process collector's, which tells
+    // one agent process from the next.
     for line in body.lines().filter(|l| !l.starts_with('#')) {
-        assert!(line.starts_with("commitmeter_"), "{line}");
+        assert!(
+            line.starts_with("commitmeter_") || line.starts_with("process_"),
+            "{line}"
+        );
     }
+    let m = Metrics::parse(&body);
+    let start = m.get("process_start_time_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - 60.0 < start && start <= now, "{start} vs {now}");
+    let last_round = m
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .unwrap();
+    assert!(
+        start - 1.0 <= last_round && last_round <= now,
+        "{last_round}"
+    );
+    assert!(
+        m.get("commitmeter_agent_sampled_seconds_total", &[])
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]
@@ -580,4 +615,334 @@ fn oversized_and_slow_requests_are_cut_off_without_stalling_others() {
         "slow client never cut off"
     );
     assert_eq!(agent.get("/-/healthy").0, 200);
+}
+
+/// The first sample after a dry buffer describes one driver sample period, not the
+/// gap since the sample before it; a dry poll is idle time and nothing is counted
+/// twice. The scenario ends idle, so every sample has been read and integrated by the
+/// time of the scrape, and the counter must equal the exact ground truth (2.2576 s)
+/// up to the default period's guess for the blip (+0.7 ms) and float noise.
+///
+/// The code before this test (busy fraction weighted by the whole gap since the
+/// previous sample, times the poll's elapsed time; the utilization rate on dry polls)
+/// fails it: 3.4466 s, 3.4495 s and 3.4503 s in three runs, +1.19 s (+53 %).
+#[test]
+fn a_blip_after_a_dry_buffer_counts_one_sample_period() {
+    let agent = Agent::start(&Scenario::dry_then_busy(), AgentOpts::default());
+    let sc = &agent.sc;
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(20)));
+    assert!(
+        ready < 2_500,
+        "ready at {ready} ms, after the dry start: the machine is too slow for this test"
+    );
+    // The busy stretch ends at 7.968 s; then idle rounds settle the carry.
+    let m = agent.wait_for(
+        Duration::from_secs(30),
+        "the end of the busy stretch",
+        |_| sc.now_ms() >= 9_500,
+    );
+    let busy = m.gpu("commitmeter_gpu_busy_seconds_total", 0).unwrap();
+    let observed = m.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap();
+    let truth = sc.busy_seconds(0, 0, sc.now_ms());
+    assert!((truth - 2.2576).abs() < 1e-9);
+    eprintln!("busy {busy:.4} s, ground truth {truth:.4} s");
+    assert!(
+        (busy - truth).abs() <= 0.002,
+        "busy {busy:.4} s, ground truth {truth:.4} s; log:\n{}",
+        agent.log_text()
+    );
+    assert!(busy <= observed);
+    assert_eq!(
+        m.get(
+            "commitmeter_gpu_info",
+            &[("gpu", "0"), ("busy_source", "samples")]
+        ),
+        Some(1.0)
+    );
+}
+
+/// Rounds are atomic for scrapes: every scrape sees, for each GPU healthy all along,
+/// exactly as much observed time as sampled time (the same round instants), and the
+/// round timestamp moved by exactly the sampled time.
+#[test]
+fn every_scrape_sees_whole_rounds_on_one_clock() {
+    let sc = Scenario {
+        gpus: (0..8).map(|i| Gpu::at_util(10 * i)).collect(),
+        ..Scenario::default()
+    };
+    let agent = Agent::start(
+        &sc,
+        AgentOpts {
+            interval: "100ms",
+            ..AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(20));
+    let first = agent.metrics();
+    let ts0 = first
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .unwrap();
+    let sampled0 = first
+        .get("commitmeter_agent_sampled_seconds_total", &[])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut scrapes, mut last_ts) = (0, ts0);
+    while Instant::now() < deadline {
+        let m = agent.metrics();
+        let ts = m
+            .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+            .unwrap();
+        let sampled = m
+            .get("commitmeter_agent_sampled_seconds_total", &[])
+            .unwrap();
+        assert!(
+            ts >= last_ts,
+            "the round timestamp went back: {last_ts} → {ts}"
+        );
+        // Whole milliseconds on both sides.
+        assert!(
+            ((ts - ts0) - (sampled - sampled0)).abs() < 1e-6,
+            "{ts} {sampled}"
+        );
+        for gpu in 0..8 {
+            let observed = m
+                .gpu("commitmeter_gpu_observed_seconds_total", gpu)
+                .unwrap();
+            assert_eq!(observed, sampled, "gpu {gpu}: a scrape saw half a round");
+            let ms = observed * 1000.0;
+            assert!((ms - ms.round()).abs() < 1e-6, "{observed}");
+        }
+        last_ts = ts;
+        scrapes += 1;
+    }
+    assert!(last_ts - ts0 > 2.0, "rounds stopped? {ts0} → {last_ts}");
+    assert!(scrapes > 20, "{scrapes} scrapes");
+}
+
+fn ready_status(agent: &Agent) -> (u16, String) {
+    agent.get("/-/ready")
+}
+
+/// A driver that hangs blocks the sampling thread inside NVML: `/-/ready` turns 503
+/// with the reason once the last round is older than max_gap (5 s here), the round
+/// timestamp stops, `/metrics` keeps answering, and SIGTERM still ends the agent.
+#[test]
+fn a_hung_driver_makes_the_agent_unready_and_freezes_its_round_timestamp() {
+    let sc = Scenario {
+        hang_at_ms: Some(1_500),
+        ..Scenario::default()
+    };
+    let mut agent = Agent::start(&sc, AgentOpts::default());
+    let ready = timeline_ms(&agent.sc, agent.wait_ready(Duration::from_secs(20)));
+    assert!(ready < 1_500, "ready at {ready} ms, after the hang began");
+    // The last round ends before 1.5 s; 5 s later the agent is no longer ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let (status, body) = ready_status(&agent);
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still ready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let unready = agent.sc.now_ms();
+    assert!(reason.contains("sampling stalled"), "{reason}");
+    let frozen = agent.metrics();
+    let ts = frozen
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .unwrap();
+    let last = last_round_ms(&agent.sc, &frozen);
+    assert!(
+        last < 1_550,
+        "last round at {last} ms, after the hang began"
+    );
+    assert!(
+        unready >= last + 5_000,
+        "unready at {unready} ms, last round at {last} ms: sooner than max_gap"
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    let started = Instant::now();
+    let later = agent.metrics();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        later.get("commitmeter_agent_last_round_timestamp_seconds", &[]),
+        Some(ts)
+    );
+    assert_eq!(
+        later.get("commitmeter_agent_polls_total", &[]),
+        frozen.get("commitmeter_agent_polls_total", &[])
+    );
+    assert_eq!(later.get("commitmeter_nvml_up", &[]), Some(1.0));
+    assert_eq!(ready_status(&agent).0, 503);
+    assert_eq!(agent.get("/-/healthy").0, 200);
+    assert_eq!(
+        agent.log_count("sampling stalled"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    // SIGTERM: the stuck thread is left behind, the process exits 0.
+    let pid = agent.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// After a hang the agent resumes: ready again, and neither the sampled span nor a
+/// GPU's observed time counts the hang (a gap over max_gap); each healthy GPU's
+/// observed time equals the sampled time exactly.
+#[test]
+fn sampling_resumes_after_a_hang_without_counting_it() {
+    let sc = Scenario {
+        hang_at_ms: Some(1_500),
+        hang_until_ms: Some(8_000),
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let sc = &agent.sc;
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(20)));
+    assert!(ready < 1_500, "ready at {ready} ms, after the hang began");
+    let stalled = agent.wait_for(Duration::from_secs(20), "the stall", |_| {
+        ready_status(&agent).0 == 503
+    });
+    let m = agent.wait_for(Duration::from_secs(20), "sampling to resume", |m| {
+        sc.now_ms() >= 9_500
+            && m.get("commitmeter_agent_polls_total", &[])
+                > stalled.get("commitmeter_agent_polls_total", &[])
+    });
+    assert_eq!(ready_status(&agent).0, 200);
+    let sampled = m
+        .get("commitmeter_agent_sampled_seconds_total", &[])
+        .unwrap();
+    // Watched from ready until 1.5 s and from 8 s on: the hang is not in it.
+    let watched = (1_500 - ready) as f64 / 1000.0 + (sc.now_ms() - 8_000) as f64 / 1000.0;
+    assert!(
+        sampled <= watched + 0.1,
+        "sampled {sampled} s, watched at most {watched} s"
+    );
+    for gpu in 0..2 {
+        assert_eq!(
+            m.gpu("commitmeter_gpu_observed_seconds_total", gpu),
+            Some(sampled),
+            "gpu {gpu}"
+        );
+    }
+    assert_eq!(
+        agent.log_count("sampling resumed"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+}
+
+/// A driver reload that enumerates the GPUs in another order: every series of a GPU
+/// keeps the `gpu` label of the index at which the agent first saw its UUID, info
+/// included, and the counters go on under the same series.
+#[test]
+fn gpu_labels_stay_with_the_uuid_when_a_reload_reorders_the_gpus() {
+    let sc = Scenario {
+        driver_down: vec![[1_500, 2_200]],
+        reorder_on_reload: vec![vec![1, 0]],
+        sampled_before_ms: 10_000,
+        gpus: vec![Gpu::at_util(20), Gpu::at_util(80)],
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let sc = &agent.sc;
+    agent.wait_ready(Duration::from_secs(20));
+    agent.wait_for(Duration::from_secs(10), "the driver reload", |m| {
+        m.get("commitmeter_nvml_up", &[]) == Some(0.0)
+    });
+    agent.wait_for(Duration::from_secs(10), "NVML back after the reload", |m| {
+        m.get("commitmeter_nvml_up", &[]) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(2_000));
+    let m = agent.metrics();
+    assert_eq!(m.series("commitmeter_gpu_info").len(), 2);
+    for gpu in 0..2 {
+        let uuid = sc.uuid(gpu);
+        let label = gpu.to_string();
+        let want = [("gpu", label.as_str()), ("uuid", uuid.as_str())];
+        let info = [
+            ("gpu", label.as_str()),
+            ("uuid", uuid.as_str()),
+            ("pci_bus_id", &sc.pci_bus_id(gpu)),
+        ];
+        assert_eq!(m.get("commitmeter_gpu_info", &info), Some(1.0), "gpu {gpu}");
+        assert_eq!(m.get("commitmeter_gpu_up", &want), Some(1.0), "gpu {gpu}");
+        let observed = m
+            .get("commitmeter_gpu_observed_seconds_total", &want)
+            .unwrap();
+        let busy = m.get("commitmeter_gpu_busy_seconds_total", &want).unwrap();
+        assert!(observed > 1.5, "gpu {gpu}: {observed}");
+        // The counters of each UUID kept its own load across the reload.
+        let load = [0.2, 0.8][gpu];
+        assert!(
+            (busy / observed - load).abs() < 0.005,
+            "gpu {gpu}: busy/observed {}",
+            busy / observed
+        );
+        for name in [
+            "commitmeter_gpu_up",
+            "commitmeter_gpu_observed_seconds_total",
+            "commitmeter_gpu_utilization_ratio",
+        ] {
+            assert_eq!(m.series(name).len(), 2, "{name}");
+        }
+    }
+    assert!(agent.log_count("GPU present") >= 4, "{}", agent.log_text());
+}
+
+/// A sample buffer that stays empty while the GPU is busy is broken, not dry: once the
+/// utilization rate has said busy at every read for longer than max_gap (5 s here)
+/// without a sample, the agent counts busy time from the rate and says so in
+/// `busy_source`. What passed before the switch is lost, as idle.
+#[test]
+fn a_sample_buffer_empty_while_busy_gives_way_to_the_rate() {
+    let sc = Scenario {
+        gpus: vec![
+            Gpu {
+                samples_broken: true,
+                ..Gpu::at_util(60)
+            },
+            Gpu::at_util(60),
+        ],
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    let info = |m: &Metrics, gpu: &str, source: &str| {
+        m.get(
+            "commitmeter_gpu_info",
+            &[("gpu", gpu), ("busy_source", source)],
+        )
+    };
+    let m = agent.wait_for(Duration::from_secs(20), "the switch to the rate", |m| {
+        info(m, "0", "utilization_rates") == Some(1.0)
+    });
+    assert_eq!(info(&m, "1", "samples"), Some(1.0));
+    assert_eq!(m.series("commitmeter_gpu_info").len(), 2);
+    let busy = |m: &Metrics| m.gpu("commitmeter_gpu_busy_seconds_total", 0).unwrap();
+    let observed = |m: &Metrics| m.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let later = agent.metrics();
+    let ratio = (busy(&later) - busy(&m)) / (observed(&later) - observed(&m));
+    assert!((ratio - 0.6).abs() < 1e-9, "{ratio}");
+    assert_eq!(
+        agent.log_count("the sample buffer stays empty"),
+        1,
+        "{}",
+        agent.log_text()
+    );
 }

@@ -8,33 +8,28 @@
 //!   (delivered) time. A lost reading, an NVML outage or a gap longer than
 //!   `max_gap` breaks the chain: the next healthy reading only sets a new baseline,
 //!   so nothing unseen is ever claimed as delivered.
-//! - *Busy* time is the observed interval times the busy fraction of that interval
-//!   (from the driver's sample buffer, else from utilization rates), so
+//! - *Busy* time comes from the driver's sample buffer, integrated on the driver's
+//!   timeline by [`SampleIntegrator`] (each span once), or else from utilization rates
+//!   times the observed interval. A round never adds more busy than observed time, so
 //!   `busy <= observed` always holds.
 //! - *Allocated* time is observed time during which at least one compute process ran.
 //! - *Energy* follows the driver's millijoule counter; a decrease is a counter reset
 //!   (driver reload) and, as Prometheus does for counters, the new value counts from 0.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// How busy a GPU was over the interval that ends at a reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Busy {
-    /// Fraction in `[0, 1]` derived from the driver's utilization sample buffer.
+    /// Busy seconds newly integrated from the driver's sample buffer
+    /// ([`SampleIntegrator::poll`]).
     Samples(f64),
-    /// Fraction in `[0, 1]` from `nvmlDeviceGetUtilizationRates` (the last 1/6–1 s only).
+    /// Fraction in `[0, 1]` from `nvmlDeviceGetUtilizationRates` (the last 1/6–1 s only),
+    /// applied to the whole interval: the fallback where samples are unsupported.
     Rates(f64),
     /// Neither source answered: busy time is not accrued for this interval.
     Unknown,
-}
-
-impl Busy {
-    fn fraction(self) -> Option<f64> {
-        match self {
-            Busy::Samples(f) | Busy::Rates(f) => Some(clamp_fraction(f)),
-            Busy::Unknown => None,
-        }
-    }
 }
 
 /// One reading of a GPU that answered NVML.
@@ -56,6 +51,12 @@ pub struct Increment {
     pub energy_j: f64,
 }
 
+/// Sample busy time a round may hold back for the next ones. A round's share of the
+/// driver timeline exceeds its observed time only while the clock mapping settles (by
+/// at most a sample period and the driver's publishing delay): two periods of 1 s is
+/// ample, and a bound keeps a broken driver clock from piling up busy time.
+const MAX_BUSY_CARRY_S: f64 = 2.0;
+
 /// Running counters of one GPU, identified by UUID elsewhere.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuAccount {
@@ -68,6 +69,8 @@ pub struct GpuAccount {
     /// Last energy counter value seen, kept across breaks: the driver counter keeps
     /// counting while we are not looking, and that energy was really spent.
     energy_baseline_mj: Option<u64>,
+    /// Sample busy seconds beyond a round's observed time, added in later rounds.
+    busy_carry_s: f64,
 }
 
 impl GpuAccount {
@@ -75,18 +78,30 @@ impl GpuAccount {
     /// sampler, a suspended host) are not counted as observed.
     pub fn healthy(&mut self, at: Duration, reading: &Reading, max_gap: Duration) -> Increment {
         let mut inc = Increment::default();
-        if let Some(prev) = self.last_healthy {
-            let elapsed = at.saturating_sub(prev);
-            if elapsed <= max_gap {
+        let chained = self
+            .last_healthy
+            .map(|prev| at.saturating_sub(prev))
+            .filter(|elapsed| *elapsed <= max_gap);
+        match chained {
+            Some(elapsed) => {
                 let secs = elapsed.as_secs_f64();
                 inc.observed_s = secs;
-                if let Some(f) = reading.busy.fraction() {
-                    inc.busy_s = f * secs;
-                }
+                inc.busy_s = match reading.busy {
+                    Busy::Samples(s) => {
+                        let due = clamp_seconds(s) + self.busy_carry_s;
+                        let now = due.min(secs);
+                        self.busy_carry_s = (due - now).min(MAX_BUSY_CARRY_S);
+                        now
+                    }
+                    Busy::Rates(f) => clamp_fraction(f) * secs,
+                    Busy::Unknown => 0.0,
+                };
                 if reading.processes.is_some_and(|n| n > 0) {
                     inc.allocated_s = secs;
                 }
             }
+            // A new baseline: busy integrated over time nobody observed is dropped.
+            None => self.busy_carry_s = 0.0,
         }
         if let Some(now_mj) = reading.energy_mj {
             inc.energy_j = match self.energy_baseline_mj {
@@ -109,11 +124,17 @@ impl GpuAccount {
     /// observed, and the next healthy reading starts a new chain.
     pub fn interrupted(&mut self) {
         self.last_healthy = None;
+        self.busy_carry_s = 0.0;
     }
 
     /// Whether the next healthy reading will accrue time.
     pub fn is_chained(&self) -> bool {
         self.last_healthy.is_some()
+    }
+
+    /// Sample busy seconds integrated but not yet added (at most [`MAX_BUSY_CARRY_S`]).
+    pub fn busy_carry_s(&self) -> f64 {
+        self.busy_carry_s
     }
 }
 
@@ -126,43 +147,178 @@ pub struct Sample {
     pub percent: f64,
 }
 
-/// Integrates the samples newer than `cursor` into a busy fraction.
+/// The sample period assumed until spacing has been seen (the usual 1/6 s).
+pub const DEFAULT_PERIOD_US: u64 = 166_667;
+/// No product samples less often than once a second.
+pub const MAX_PERIOD_US: u64 = 1_000_000;
+/// Guards against a degenerate spacing (two samples a microsecond apart).
+const MIN_PERIOD_US: u64 = 1_000;
+
+/// Time the driver describes as busy: `(start, end]` at `fraction`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Span {
+    start: i128,
+    end: i128,
+    fraction: f64,
+}
+
+/// Integrates one GPU's utilization samples into busy seconds, in one NVML session.
 ///
-/// Each sample covers the time since the one before it (the first since `cursor`),
-/// so the fraction is the time-weighted mean of the samples. Returns the fraction
-/// (`None` when there is nothing to weigh) and the new cursor. Samples at or before
-/// the cursor are ignored, so a reading can never be counted twice.
-pub fn busy_fraction(cursor: Option<u64>, samples: &[Sample]) -> (Option<f64>, Option<u64>) {
-    let mut sorted: Vec<Sample> = samples
-        .iter()
-        .copied()
-        .filter(|s| cursor.is_none_or(|c| s.timestamp_us > c))
-        .collect();
-    sorted.sort_by_key(|s| s.timestamp_us);
-    sorted.dedup_by_key(|s| s.timestamp_us);
-    let new_cursor = sorted.last().map(|s| s.timestamp_us).or(cursor);
-    let mut prev = cursor;
-    let (mut weight, mut busy) = (0u128, 0f64);
-    for s in &sorted {
-        if let Some(p) = prev {
-            let dt = s.timestamp_us - p;
-            weight += u128::from(dt);
-            busy += dt as f64 * clamp_fraction(s.percent / 100.0);
-        }
-        prev = Some(s.timestamp_us);
+/// A sample describes one driver sample period, the one ending at its timestamp; on
+/// idle GPUs the buffer may hold no samples at all (it runs dry). So a sample covers
+/// at most one period after the sample before it, and the rest of a gap is idle. The
+/// period is estimated per GPU as the smallest spacing seen twice in a row (gaps do
+/// not repeat; the default 1/6 s holds until then; never above 1 s).
+///
+/// Busy time is counted on the driver's timeline up to a *frontier*: this reading's
+/// instant mapped onto driver time, less one period. Every sample that can describe
+/// time before the frontier is in the buffer by then, so each span is counted once,
+/// whole, when it is complete; a span older than the frontier (a late or re-read
+/// sample) was already accounted, as busy or idle, and is not counted again. The
+/// mapping offset is the largest `newest sample − agent time` seen, so the frontier
+/// advances exactly as the agent's clock does and a constant load yields exactly
+/// `load × observed`.
+#[derive(Debug, Clone, Default)]
+pub struct SampleIntegrator {
+    /// Timestamp of the newest sample read: NVML's `lastSeenTimeStamp`.
+    cursor: Option<u64>,
+    period_us: Option<u64>,
+    /// The latest spacing between consecutive samples.
+    last_spacing_us: Option<u64>,
+    /// Driver µs minus agent µs, the largest seen.
+    offset_us: Option<i128>,
+    /// Driver time through which busy time has been counted.
+    frontier_us: Option<i128>,
+    /// Agent µs of the previous poll.
+    last_poll_us: Option<i128>,
+    /// Spans not wholly behind the frontier yet, oldest first.
+    pending: VecDeque<Span>,
+}
+
+impl SampleIntegrator {
+    /// The cursor to hand to `nvmlDeviceGetSamples`.
+    pub fn cursor(&self) -> Option<u64> {
+        self.cursor
     }
-    let fraction = if weight > 0 {
-        Some(clamp_fraction(busy / weight as f64))
-    } else if cursor.is_none() && !sorted.is_empty() {
-        // No cursor yet: weigh the samples equally (only a first reading does this,
-        // and a first reading accrues no time anyway).
-        Some(clamp_fraction(
-            sorted.iter().map(|s| s.percent / 100.0).sum::<f64>() / sorted.len() as f64,
-        ))
-    } else {
-        None
-    };
-    (fraction, new_cursor)
+
+    /// The sample period in use (estimated, or the default).
+    pub fn period_us(&self) -> u64 {
+        self.period_us.unwrap_or(DEFAULT_PERIOD_US)
+    }
+
+    /// Driver time through which busy time has been counted, once known.
+    pub fn frontier_us(&self) -> Option<i128> {
+        self.frontier_us
+    }
+
+    /// Takes the samples one read returned at agent time `at` (in any order, already
+    /// seen ones included: they are ignored) and returns the busy seconds between the
+    /// previous frontier and the new one. Until a sample has been seen there is no
+    /// frontier; the first samples are counted from the previous poll on (a buffer
+    /// that was empty then held nothing busy before it), or, on a first poll, only set
+    /// the frontier.
+    pub fn poll(&mut self, at: Duration, samples: &[Sample]) -> f64 {
+        let mut new: Vec<Sample> = samples
+            .iter()
+            .copied()
+            .filter(|s| self.cursor.is_none_or(|c| s.timestamp_us > c))
+            .collect();
+        new.sort_by_key(|s| s.timestamp_us);
+        new.dedup_by_key(|s| s.timestamp_us);
+        self.learn_period(&new);
+        let period = i128::from(self.period_us());
+        let mut prev = self.cursor.map(i128::from);
+        for s in &new {
+            let end = i128::from(s.timestamp_us);
+            let start = prev.map_or(end - period, |p| p.max(end - period));
+            self.pending.push_back(Span {
+                start,
+                end,
+                fraction: clamp_fraction(s.percent / 100.0),
+            });
+            prev = Some(end);
+        }
+        let at_us = at.as_micros() as i128;
+        let previous_poll = self.last_poll_us.replace(at_us);
+        if let Some(newest) = new.last() {
+            self.cursor = Some(newest.timestamp_us);
+            let offset = i128::from(newest.timestamp_us) - at_us;
+            self.offset_us = Some(self.offset_us.map_or(offset, |o| o.max(offset)));
+        }
+        let Some(offset) = self.offset_us else {
+            return 0.0;
+        };
+        let target = at_us + offset - period;
+        let from = self
+            .frontier_us
+            .or(previous_poll.map(|p| p + offset - period))
+            .unwrap_or(target);
+        let to = from.max(target);
+        self.frontier_us = Some(to);
+        let mut busy_us = 0.0;
+        for span in &self.pending {
+            let overlap = span.end.min(to) - span.start.max(from);
+            if overlap > 0 {
+                busy_us += overlap as f64 * span.fraction;
+            }
+        }
+        while self.pending.front().is_some_and(|s| s.end <= to) {
+            self.pending.pop_front();
+        }
+        busy_us / 1e6
+    }
+
+    /// Lowers the period estimate to any spacing seen twice in a row (within 2 %),
+    /// the spacing from the cursor and from the previous read included: a regular
+    /// driver repeats its period, while the gaps of a dry buffer rarely repeat, so a
+    /// gap never passes for the period (which would weigh the next sample after a gap
+    /// by up to a second).
+    fn learn_period(&mut self, new: &[Sample]) {
+        let mut prev = self.cursor;
+        for s in new {
+            if let Some(p) = prev {
+                let spacing = s.timestamp_us - p;
+                if let Some(last) = self.last_spacing_us {
+                    let (lo, hi) = (last.min(spacing), last.max(spacing));
+                    if hi * 50 <= lo * 51 {
+                        let seen = lo.clamp(MIN_PERIOD_US, MAX_PERIOD_US);
+                        self.period_us = Some(self.period_us.map_or(seen, |p| p.min(seen)));
+                    }
+                }
+                self.last_spacing_us = Some(spacing);
+            }
+            prev = Some(s.timestamp_us);
+        }
+    }
+}
+
+/// Tells a broken sample buffer from an idle GPU's dry one. A dry buffer is idle time
+/// only because the utilization rate agrees: a rate reports the last sample period,
+/// and a busy period yields a sample. A buffer that gives nothing for longer than a
+/// limit while the rate says busy at every read is broken, and the rate must stand in.
+#[derive(Debug, Clone, Default)]
+pub struct DryBufferWatch {
+    busy_since: Option<Duration>,
+}
+
+impl DryBufferWatch {
+    /// One read at `at`: whether it brought new samples and whether the rate said
+    /// busy. True once nothing came for longer than `limit` with the rate busy at
+    /// every read.
+    pub fn broken(
+        &mut self,
+        at: Duration,
+        new_samples: bool,
+        rate_busy: bool,
+        limit: Duration,
+    ) -> bool {
+        if new_samples || !rate_busy {
+            self.busy_since = None;
+            return false;
+        }
+        let since = *self.busy_since.get_or_insert(at);
+        at.saturating_sub(since) > limit
+    }
 }
 
 fn clamp_fraction(f: f64) -> f64 {
@@ -170,6 +326,14 @@ fn clamp_fraction(f: f64) -> f64 {
         0.0
     } else {
         f.clamp(0.0, 1.0)
+    }
+}
+
+fn clamp_seconds(s: f64) -> f64 {
+    if s.is_nan() {
+        0.0
+    } else {
+        s.max(0.0)
     }
 }
 
@@ -182,7 +346,7 @@ mod tests {
 
     fn reading(busy: f64, processes: u32, energy_mj: u64) -> Reading {
         Reading {
-            busy: Busy::Samples(busy),
+            busy: Busy::Rates(busy),
             processes: Some(processes),
             energy_mj: Some(energy_mj),
         }
@@ -255,60 +419,247 @@ mod tests {
         );
     }
 
-    #[test]
-    fn samples_are_weighted_by_the_time_they_cover() {
-        let samples = [
-            Sample {
-                timestamp_us: 1_100,
-                percent: 100.0,
-            },
-            Sample {
-                timestamp_us: 1_400,
-                percent: 0.0,
-            },
-        ];
-        // 100 µs at 100 %, then 300 µs at 0 %.
-        let (f, c) = busy_fraction(Some(1_000), &samples);
-        assert_eq!(f, Some(0.25));
-        assert_eq!(c, Some(1_400));
-        // Re-reading the same buffer adds nothing and keeps the cursor.
-        assert_eq!(busy_fraction(c, &samples), (None, Some(1_400)));
+    fn sampled(seconds: f64) -> Reading {
+        Reading {
+            busy: Busy::Samples(seconds),
+            processes: None,
+            energy_mj: None,
+        }
     }
 
-    fn arb_samples() -> impl Strategy<Value = Vec<(u64, u8)>> {
-        prop::collection::vec((1u64..1_000_000, 0u8..=100), 0..50)
+    #[test]
+    fn sample_busy_beyond_a_round_waits_for_the_next_and_dies_with_the_chain() {
+        let mut a = GpuAccount::default();
+        a.healthy(s(0), &sampled(0.3), GAP);
+        assert_eq!(a.busy_s, 0.0, "a baseline drops what it integrated");
+        assert_eq!(a.healthy(s(500), &sampled(0.6), GAP).busy_s, 0.5);
+        assert!((a.busy_carry_s() - 0.1).abs() < 1e-12);
+        let inc = a.healthy(s(1000), &sampled(0.2), GAP);
+        assert!((inc.busy_s - 0.3).abs() < 1e-12);
+        assert_eq!(a.busy_carry_s(), 0.0);
+        a.healthy(s(1500), &sampled(0.9), GAP);
+        a.interrupted();
+        assert_eq!(a.busy_carry_s(), 0.0);
+        a.healthy(s(2000), &sampled(0.0), GAP);
+        assert_eq!(a.healthy(s(2500), &sampled(0.0), GAP).busy_s, 0.0);
+    }
+
+    const BASE_US: u64 = 1_000_000_000_000;
+
+    fn sample(at_us: u64, percent: u32) -> Sample {
+        Sample {
+            timestamp_us: BASE_US + at_us,
+            percent: f64::from(percent),
+        }
+    }
+
+    /// Polls `integ` and `acct` at `at_ms` with the samples the driver shows by then.
+    fn poll(
+        integ: &mut SampleIntegrator,
+        acct: &mut GpuAccount,
+        at_ms: u64,
+        ring: &[Sample],
+    ) -> Increment {
+        let visible: Vec<Sample> = ring
+            .iter()
+            .copied()
+            .filter(|x| x.timestamp_us <= BASE_US + at_ms * 1000)
+            .collect();
+        let busy = integ.poll(s(at_ms), &visible);
+        let inc = acct.healthy(s(at_ms), &sampled(busy), GAP);
+        assert!(inc.busy_s <= inc.observed_s, "{inc:?}");
+        inc
+    }
+
+    /// The bug this integrator replaces: after a dry buffer the first sample was
+    /// weighted by the whole gap, so a 1/6 s blip read as a mostly busy second.
+    #[test]
+    fn a_blip_after_a_dry_buffer_counts_one_period() {
+        let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
+        // Idle and dry for 10 s, then one 1/6 s period at 100 % ending at 10.2 s.
+        let ring = [sample(10_200_000, 100)];
+        for at in (0..=15_000).step_by(1000) {
+            poll(&mut integ, &mut acct, at + 50, &ring);
+        }
+        assert!((acct.busy_s - 1.0 / 6.0).abs() < 1e-6, "{}", acct.busy_s);
+        // With the period known, a blip after a gap is one period, not the default.
+        let ring: Vec<Sample> = (1..=20)
+            .map(|k| sample(k * 100_000, 50))
+            .chain([sample(5_000_000, 100)])
+            .collect();
+        let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
+        for at in (0..=8_000).step_by(500) {
+            poll(&mut integ, &mut acct, at + 1_950, &ring);
+        }
+        assert_eq!(integ.period_us(), 100_000);
+        // The baseline at 1.95 s sets the frontier one period behind the newest
+        // sample (1.9 s): 0.2 s of the 50 % run after it, then the blip's one period.
+        assert!(
+            (acct.busy_s - (0.2 * 0.5 + 0.1)).abs() < 1e-9,
+            "{}",
+            acct.busy_s
+        );
+    }
+
+    #[test]
+    fn a_constant_load_adds_exactly_load_times_observed_every_round() {
+        let ring: Vec<Sample> = (1..=200).map(|k| sample(k * 100_000, 40)).collect();
+        let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
+        poll(&mut integ, &mut acct, 1_237, &ring);
+        for at in (1..=30).map(|k| 1_237 + k * 500) {
+            let inc = poll(&mut integ, &mut acct, at, &ring);
+            assert!((inc.busy_s - 0.4 * inc.observed_s).abs() < 1e-12, "{inc:?}");
+        }
+    }
+
+    #[test]
+    fn samples_read_again_or_behind_the_frontier_add_nothing() {
+        let ring: Vec<Sample> = (1..=50).map(|k| sample(k * 100_000, 100)).collect();
+        let mut integ = SampleIntegrator::default();
+        integ.poll(s(2_000), &ring[..20]);
+        let busy = integ.poll(s(3_000), &ring[..30]);
+        assert!((busy - 1.0).abs() < 1e-12, "{busy}");
+        // The same ring again, in another order: nothing new.
+        let mut shuffled = ring[..30].to_vec();
+        shuffled.reverse();
+        assert_eq!(integ.poll(s(3_000), &shuffled), 0.0);
+        // A late sample timestamped before the frontier: that span was accounted.
+        let late = [sample(2_850_000, 100)];
+        assert_eq!(integ.poll(s(3_000), &late), 0.0);
+        assert_eq!(integ.cursor(), Some(BASE_US + 3_000_000));
+    }
+
+    #[test]
+    fn the_period_is_the_smallest_spacing_seen_twice_in_a_row() {
+        let mut integ = SampleIntegrator::default();
+        assert_eq!(integ.period_us(), DEFAULT_PERIOD_US);
+        // One sample, then one after a gap: a single spacing proves nothing.
+        integ.poll(s(0), &[sample(0, 10)]);
+        integ.poll(s(0), &[sample(3_000_000, 10)]);
+        assert_eq!(integ.period_us(), DEFAULT_PERIOD_US);
+        // A gap, then a regular run: the repeated spacing is the period.
+        integ.poll(
+            s(0),
+            &[
+                sample(5_000_000, 10),
+                sample(5_250_000, 10),
+                sample(5_500_000, 10),
+            ],
+        );
+        assert_eq!(integ.period_us(), 250_000);
+        // Gaps that happen to repeat never raise it.
+        integ.poll(s(0), &[sample(8_000_000, 10), sample(10_500_000, 10)]);
+        assert_eq!(integ.period_us(), 250_000);
+        // A slow product sampled once a second, read one sample at a time: the
+        // spacing repeats across reads.
+        let mut slow = SampleIntegrator::default();
+        for k in 0..3 {
+            slow.poll(s(k * 1000), &[sample(k * 1_000_000, 10)]);
+        }
+        assert_eq!(slow.period_us(), 1_000_000);
+        // Repeated spacings longer than a second are gaps, or a second at most.
+        let mut slower = SampleIntegrator::default();
+        slower.poll(
+            s(0),
+            &[sample(0, 1), sample(3_000_000, 1), sample(6_000_000, 1)],
+        );
+        assert_eq!(slower.period_us(), MAX_PERIOD_US);
+    }
+
+    #[test]
+    fn a_buffer_dry_while_the_rate_says_busy_is_broken_after_the_limit() {
+        let limit = Duration::from_secs(5);
+        let mut w = DryBufferWatch::default();
+        // Idle and dry: fine for ever.
+        for t in 0..20 {
+            assert!(!w.broken(s(t * 1000), false, false, limit));
+        }
+        // Busy and dry for 5 s, then a sample: fine (a lagging buffer).
+        for t in 20..=25 {
+            assert!(!w.broken(s(t * 1000), false, true, limit));
+        }
+        assert!(!w.broken(s(26_000), true, true, limit));
+        // One idle read restarts the count.
+        assert!(!w.broken(s(27_000), false, true, limit));
+        assert!(!w.broken(s(31_000), false, false, limit));
+        for t in 32..=37 {
+            assert!(!w.broken(s(t * 1000), false, true, limit));
+        }
+        assert!(w.broken(s(37_001), false, true, limit));
+    }
+
+    fn arb_loads() -> impl Strategy<Value = Vec<Option<u8>>> {
+        prop::collection::vec(prop::option::weighted(0.6, 0u8..=100), 1..150)
     }
 
     proptest! {
-        /// However the driver's samples are split across polls, the integrated busy
-        /// time (fraction × covered time) is the same: nothing lost, nothing twice.
+        /// The busy seconds the agent adds to its counter, over any schedule of polls,
+        /// are the exact busy integral of the driver's sample stream between the first
+        /// and the last frontier (less what waits in the carry): dry stretches, blips,
+        /// publishing delays and re-read rings included. And no round adds more busy
+        /// than observed time.
         #[test]
-        fn splitting_polls_never_loses_or_repeats_samples(
-            steps in arb_samples(),
-            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+        fn busy_added_is_the_exact_integral_of_the_sample_stream(
+            period_ms in 20u64..=1000,
+            dry in any::<bool>(),
+            loads in arb_loads(),
+            gaps_ms in prop::collection::vec(50u64..=3000, 1..80),
+            first_lag in 0.0f64..1.0,
+            delay in 0.0f64..0.5,
         ) {
-            let mut t = 10u64;
-            let all: Vec<Sample> = steps.iter().map(|&(dt, p)| {
-                t += dt;
-                Sample { timestamp_us: t, percent: f64::from(p) }
-            }).collect();
-            let whole: f64 = {
-                let (f, _) = busy_fraction(Some(10), &all);
-                f.unwrap_or(0.0) * (t - 10) as f64
+            let p = period_ms * 1000;
+            let delay_us = (delay * p as f64) as u64;
+            // Three busy periods first, so the period is known from the first read;
+            // then the scripted loads (None: idle), then idle for good.
+            let mut values: Vec<Option<u8>> = vec![Some(50); 3];
+            values.extend(&loads);
+            let value = |k: u64| -> Option<u8> {
+                values.get(k as usize - 1).copied().flatten()
             };
-            let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(all.len() + 1)).collect();
-            ends.push(all.len());
-            ends.sort();
-            let mut cursor = Some(10u64);
-            let mut split = 0.0;
-            for end in ends {
-                // Each poll sees the whole ring up to `end`, old samples included.
-                let (f, c) = busy_fraction(cursor, &all[..end]);
-                let covered = c.unwrap() - cursor.unwrap();
-                split += f.unwrap_or(0.0) * covered as f64;
-                cursor = c;
+            // Samples end at k × p; an idle period has none when the buffer runs dry.
+            let horizon = values.len() as u64 + gaps_ms.iter().sum::<u64>() * 1000 / p + 3;
+            let ring: Vec<(u64, Sample)> = (1..=horizon)
+                .filter_map(|k| {
+                    let v = value(k);
+                    (v.is_some() || !dry).then(|| {
+                        (k * p + delay_us, Sample {
+                            timestamp_us: BASE_US + k * p,
+                            percent: f64::from(v.unwrap_or(0)),
+                        })
+                    })
+                })
+                .collect();
+            let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
+            let mut at_us = 3 * p + delay_us + (first_lag * p as f64) as u64;
+            at_us -= at_us % 1000;
+            let mut frontier0 = None;
+            for gap in std::iter::once(0).chain(gaps_ms.iter().copied()) {
+                at_us += gap * 1000;
+                // The whole ring the driver has published by now, every time.
+                let visible: Vec<Sample> = ring
+                    .iter()
+                    .filter(|(published, _)| *published <= at_us)
+                    .map(|(_, x)| *x)
+                    .collect();
+                let at = Duration::from_micros(at_us);
+                let busy = integ.poll(at, &visible);
+                let inc = acct.healthy(at, &sampled(busy), GAP);
+                prop_assert!(inc.busy_s <= inc.observed_s + 1e-12, "{inc:?}");
+                frontier0 = frontier0.or(integ.frontier_us());
             }
-            prop_assert!((whole - split).abs() <= 1e-6 * (1.0 + whole.abs()), "{whole} vs {split}");
+            let (from, to) = (frontier0.unwrap() - i128::from(BASE_US), integ.frontier_us().unwrap() - i128::from(BASE_US));
+            let mut truth_us = 0.0;
+            for k in 1..=horizon {
+                let (start, end) = (i128::from((k - 1) * p), i128::from(k * p));
+                let overlap = end.min(to) - start.max(from);
+                if overlap > 0 {
+                    truth_us += overlap as f64 * f64::from(value(k).unwrap_or(0)) / 100.0;
+                }
+            }
+            let truth = truth_us / 1e6;
+            let counted = acct.busy_s + acct.busy_carry_s();
+            prop_assert!((counted - truth).abs() <= 1e-9 * (1.0 + truth), "{counted} vs {truth}");
+            prop_assert!(acct.busy_s <= acct.observed_s + 1e-9);
         }
 
         /// For any sequence of readings, breaks and gaps: counters only grow,
@@ -317,7 +668,7 @@ mod tests {
         #[test]
         fn counters_are_monotonic_and_bounded(
             events in prop::collection::vec(
-                (0u64..3000, prop::option::of((0.0f64..=1.0, 0u32..3, 0u64..10_000))), 1..100)
+                (0u64..3000, prop::option::of((0.0f64..=1.0, 0u32..3, 0u64..10_000, 0u8..3))), 1..100)
         ) {
             let mut a = GpuAccount::default();
             let mut now = 0u64;
@@ -326,9 +677,16 @@ mod tests {
                 now += dt;
                 let before = a.clone();
                 match ev {
-                    Some((busy, procs, de)) => {
+                    Some((busy, procs, de, source)) => {
                         energy += de;
-                        a.healthy(s(now), &reading(busy, procs, energy), GAP);
+                        let mut r = reading(busy, procs, energy);
+                        r.busy = match source {
+                            0 => Busy::Rates(busy),
+                            // Up to three seconds of integrated samples in one round.
+                            1 => Busy::Samples(busy * 3.0),
+                            _ => Busy::Unknown,
+                        };
+                        a.healthy(s(now), &r, GAP);
                     }
                     None => a.interrupted(),
                 }
@@ -339,6 +697,7 @@ mod tests {
                 prop_assert!(a.busy_s <= a.observed_s + 1e-9);
                 prop_assert!(a.allocated_s <= a.observed_s + 1e-9);
                 prop_assert!(a.observed_s <= now as f64 / 1000.0 + 1e-9);
+                prop_assert!(a.busy_carry_s() <= MAX_BUSY_CARRY_S);
             }
             // A monotonic energy counter is reproduced exactly (first value is the baseline).
             prop_assert!(a.energy_j <= energy as f64 / 1000.0 + 1e-9);

@@ -1,6 +1,10 @@
 //! The agent's Prometheus series. Names are a public contract: dashboards, alerts
 //! and the aggregator's scraper depend on them.
 
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockWriteGuard};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
 use prometheus::{Counter, CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
 
 /// Per-GPU gauge families; a child exists only while the GPU answers and the
@@ -57,14 +61,59 @@ impl GaugeKind {
 
 const GPU: &[&str] = &["gpu", "uuid"];
 
+/// A gauge without labels that is absent from the exposition until first set: a
+/// value of 0 would be a made-up reading.
+pub struct LateGauge {
+    vec: GaugeVec,
+    child: OnceLock<Gauge>,
+}
+
+impl LateGauge {
+    fn new(name: &str, help: &str) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            vec: GaugeVec::new(Opts::new(name, help), &[])?,
+            child: OnceLock::new(),
+        })
+    }
+
+    pub fn set(&self, value: f64) {
+        self.child
+            .get_or_init(|| self.vec.with_label_values::<&str>(&[]))
+            .set(value);
+    }
+
+    /// `None` until first set.
+    pub fn get(&self) -> Option<f64> {
+        self.child.get().map(Gauge::get)
+    }
+}
+
 /// Handles to every agent series, registered in one registry.
+///
+/// The `gpu` label of a GPU is the NVML index at which this process first saw its
+/// UUID, on every series of that GPU (info, up, counters, gauges, XIDs), for the life
+/// of the process: after a driver reload that enumerates GPUs in another order the
+/// series stay joined by `{gpu, uuid}`; the current slot is in `pci_bus_id`.
 pub struct AgentMetrics {
     pub registry: Registry,
+    /// Write-held while a sampling round applies its updates, read-held while
+    /// `/metrics` renders: a scrape sees whole rounds only.
+    round: RwLock<()>,
     /// `commitmeter_host_info`; replaced whole when SIGHUP brings new labels.
     host: std::sync::Mutex<IntGauge>,
     pub reload_ok: IntGauge,
     pub nvml_up: IntGauge,
     pub polls: IntCounter,
+    /// `commitmeter_agent_last_round_timestamp_seconds`: wall time of the last round
+    /// completed with NVML up, on the agent's start-anchored monotonic clock (so it
+    /// never goes backwards and two values differ by exactly the time between them).
+    /// Absent before the first round.
+    pub last_round: LateGauge,
+    /// `commitmeter_agent_sampled_seconds_total`: the span over which the agent
+    /// watched its GPUs, i.e. the time between consecutive completed rounds of one NVML
+    /// session when at most `max_gap` apart (the rule of observed time); a healthy
+    /// GPU's observed time grows by exactly as much in the same round.
+    pub sampled: Counter,
     pub nvml_errors: CounterVec,
     pub gpu_info: GaugeVec,
     pub gpu_up: GaugeVec,
@@ -125,6 +174,16 @@ impl AgentMetrics {
             "Sampling rounds completed with NVML up.",
         )?;
         reg(Box::new(polls.clone()))?;
+        let last_round = LateGauge::new(
+            "commitmeter_agent_last_round_timestamp_seconds",
+            "Wall time of the last sampling round completed with NVML up (agent start plus monotonic time, ms resolution).",
+        )?;
+        reg(Box::new(last_round.vec.clone()))?;
+        let sampled = Counter::new(
+            "commitmeter_agent_sampled_seconds_total",
+            "Time between consecutive completed sampling rounds of one NVML session, when at most max(5 x interval, 5 s) apart.",
+        )?;
+        reg(Box::new(sampled.clone()))?;
         let nvml_errors = CounterVec::new(
             Opts::new(
                 "commitmeter_nvml_errors_total",
@@ -193,10 +252,13 @@ impl AgentMetrics {
 
         Ok(Self {
             registry,
+            round: RwLock::new(()),
             host: std::sync::Mutex::new(host),
             reload_ok,
             nvml_up,
             polls,
+            last_round,
+            sampled,
             nvml_errors,
             gpu_info,
             gpu_up,
@@ -207,6 +269,27 @@ impl AgentMetrics {
             xid,
             gauges,
         })
+    }
+
+    /// Registers the `process_*` series (`process_start_time_seconds` tells one agent
+    /// process from the next): for the real agent only, not for the demo's simulated
+    /// agents that share one process.
+    pub fn register_process_collector(&self) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+    }
+
+    /// Held while a sampling round applies its updates.
+    pub fn round(&self) -> RwLockWriteGuard<'_, ()> {
+        // A panic while applying a round ends the agent; until then, keep serving.
+        self.round.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The `/metrics` response, never half a round.
+    pub fn render(&self) -> hyper::Response<Full<Bytes>> {
+        let _round = self.round.read().unwrap_or_else(PoisonError::into_inner);
+        crate::http::metrics(&self.registry)
     }
 
     /// Replaces the host labels (config reload): the old series goes, the new one comes.

@@ -7,6 +7,7 @@ pub mod nvml;
 pub mod sampler;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::StatusCode;
 
@@ -14,7 +15,7 @@ use crate::cli::AgentArgs;
 use crate::http::{self, Handler};
 use config::AgentConfig;
 use metrics::AgentMetrics;
-use sampler::{Sampler, SamplerConfig, Status};
+use sampler::{AgentClock, Readiness, Sampler, SamplerConfig, SamplerError, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -26,8 +27,8 @@ pub enum AgentError {
     WebConfig(#[from] http::WebConfigError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot start the sampling thread: {0}")]
-    Thread(#[from] std::io::Error),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
 }
 
 /// Everything the agent needs that can fail because of the user's input, checked
@@ -92,12 +93,20 @@ fn spawn_reload(metrics: Arc<AgentMetrics>, config_file: Option<std::path::PathB
     });
 }
 
-/// Runs until `shutdown` completes.
+/// How long a stop waits for the sampling thread, which may be stuck in NVML.
+const SAMPLER_STOP_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` completes, or fails when the sampling thread dies: counters
+/// that no longer move must not be served as if they did, so the process exits
+/// non-zero and its service manager restarts it.
 pub async fn run(
     p: Prepared,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // The wall clock is read here, once: round timestamps count on from it.
+    let clock = AgentClock::start();
     let metrics = Arc::new(AgentMetrics::new(&p.config.labels)?);
+    metrics.register_process_collector()?;
     let listener = http::bind(p.listen).await?;
     tracing::info!(
         address = %listener.local_addr().unwrap_or(p.listen),
@@ -105,35 +114,76 @@ pub async fn run(
         basic_auth = p.web.has_auth(),
         "serving /metrics"
     );
-    let status = Arc::new(Status::default());
-    let sampler = Sampler::spawn(
-        SamplerConfig {
-            interval: p.args.sample_interval,
-            library: p.args.nvml_library.clone(),
-        },
-        metrics.clone(),
-        status.clone(),
-    )?;
+    let cfg = SamplerConfig {
+        interval: p.args.sample_interval,
+        library: p.args.nvml_library.clone(),
+    };
+    let status = Arc::new(Status::new(clock, cfg.max_gap()));
+    let mut sampler = Sampler::spawn(cfg, clock, metrics.clone(), status.clone())?;
     spawn_reload(metrics.clone(), p.args.config_file.clone());
-    http::serve_with(listener, handler(metrics, status), p.web, shutdown).await;
+    let watchdog = tokio::spawn(log_stalls(status.clone()));
+    let mut died = None;
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            end = sampler.ended() => died = Some(end),
+        }
+    };
+    http::serve_with(listener, handler(metrics, status), p.web, stop).await;
+    watchdog.abort();
+    if let Some(end) = died {
+        return Err(end.err().unwrap_or(SamplerError::Exited).into());
+    }
     tracing::info!("shutting down");
-    tokio::task::spawn_blocking(move || sampler.stop())
-        .await
-        .ok();
+    sampler.stop(SAMPLER_STOP_PATIENCE).await?;
     Ok(())
+}
+
+/// Logs when rounds stop completing (a hung NVML call) and when they resume.
+async fn log_stalls(status: Arc<Status>) {
+    let mut stalled = false;
+    let mut tick = tokio::time::interval(status.max_gap() / 5);
+    loop {
+        tick.tick().await;
+        match status.readiness() {
+            Readiness::Stalled(since) if !stalled => {
+                stalled = true;
+                tracing::error!(
+                    since_s = since.as_secs_f64(),
+                    "sampling stalled: no round completed; counters are frozen"
+                );
+            }
+            Readiness::Ready if stalled => {
+                stalled = false;
+                tracing::info!("sampling resumed");
+            }
+            _ => {}
+        }
+    }
 }
 
 fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
     Arc::new(move |path: &str| {
         match path {
-        "/metrics" => Some(http::metrics(&metrics.registry)),
+        "/metrics" => Some(metrics.render()),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
-        "/-/ready" if status.is_ready() => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
-        "/-/ready" => Some(http::text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "NVML not sampled yet (see commitmeter_nvml_up)\n",
-        )),
+        "/-/ready" => Some(match status.readiness() {
+            Readiness::Ready => http::text(StatusCode::OK, "text/plain", "OK\n"),
+            Readiness::NotSampled => http::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "NVML not sampled yet (see commitmeter_nvml_up)\n",
+            ),
+            Readiness::Stalled(since) => http::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "sampling stalled: no round completed for {:.1} s (more than {} s; see commitmeter_agent_last_round_timestamp_seconds)\n",
+                    since.as_secs_f64(),
+                    status.max_gap().as_secs_f64()
+                ),
+            ),
+        }),
         "/" => Some(http::text(
             StatusCode::OK,
             "text/html; charset=utf-8",

@@ -4,13 +4,14 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::time::Duration;
 
 use nvml_wrapper::enum_wrappers::device::{Clock, Sampling, TemperatureSensor};
 use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 
-use super::accrue::{self, Busy, Reading};
+use super::accrue::{self, Busy, Reading, SampleIntegrator};
 
 /// Loads and initializes NVML. Without a path the dynamic loader looks up
 /// `libnvidia-ml.so.1`, so `LD_LIBRARY_PATH` works as users expect.
@@ -118,10 +119,22 @@ impl Caps {
     }
 }
 
+/// What the sample buffer gave in one read.
+#[derive(Debug, Clone, Default)]
+pub enum SampleRead {
+    /// Samples newer than the cursor (none when the buffer ran dry).
+    New(Vec<accrue::Sample>),
+    /// The call failed this time: the next read picks up where this one would have.
+    Missed,
+    /// The GPU or driver has no sample buffer.
+    #[default]
+    Unsupported,
+}
+
 /// Everything read from one GPU in one round.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub busy: Option<Busy>,
+    pub samples: SampleRead,
     pub utilization: Option<f64>,
     pub processes: Option<u32>,
     pub energy_mj: Option<u64>,
@@ -134,9 +147,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn reading(&self) -> Reading {
+    /// The reading for the accounting. Samples go through the GPU's integrator, taken
+    /// at the round's instant `at`; a dry buffer is idle time, never the utilization
+    /// rate (which describes one period, not the interval, and would count twice what
+    /// the samples report later). Without a buffer, the rate stands for the interval.
+    pub fn reading(&self, at: Duration, caps: &Caps, integrator: &mut SampleIntegrator) -> Reading {
+        let busy = match &self.samples {
+            // A buffer found broken this round: the rate from now on.
+            SampleRead::New(_) if !caps.samples => {
+                self.utilization.map_or(Busy::Unknown, Busy::Rates)
+            }
+            SampleRead::New(samples) => Busy::Samples(integrator.poll(at, samples)),
+            // The frontier waits: the next read's samples cover this round too.
+            SampleRead::Missed => Busy::Samples(0.0),
+            SampleRead::Unsupported => self.utilization.map_or(Busy::Unknown, Busy::Rates),
+        };
         Reading {
-            busy: self.busy.unwrap_or(Busy::Unknown),
+            busy,
             processes: self.processes,
             energy_mj: self.energy_mj,
         }
@@ -151,12 +178,12 @@ pub enum ReadError {
 }
 
 /// Reads one GPU. `cursor` is the driver timestamp of the newest utilization sample
-/// already integrated. `on_error` is told about every failed call that is not a
-/// missing capability (the caller counts them).
+/// already taken. `on_error` is told about every failed call that is not a missing
+/// capability (the caller counts them).
 pub fn read(
     dev: &Device<'_>,
     caps: &mut Caps,
-    cursor: &mut Option<u64>,
+    cursor: Option<u64>,
     on_error: &mut dyn FnMut(&'static str, &NvmlError),
 ) -> Result<Snapshot, ReadError> {
     let mut snap = Snapshot::default();
@@ -192,29 +219,24 @@ pub fn read(
     let samples = call!(
         samples,
         "samples",
-        match dev.samples(Sampling::GpuUtilization, *cursor) {
+        match dev.samples(Sampling::GpuUtilization, cursor) {
             // NVML's "not found" means "no samples newer than the cursor".
             Err(NvmlError::NotFound) => Ok(Vec::new()),
             other => other,
         }
     );
-    snap.busy = match samples {
-        Some(samples) => {
-            let samples: Vec<accrue::Sample> = samples
+    snap.samples = match samples {
+        Some(samples) => SampleRead::New(
+            samples
                 .iter()
                 .map(|s| accrue::Sample {
                     timestamp_us: s.timestamp,
                     percent: sample_percent(&s.value),
                 })
-                .collect();
-            let (fraction, next) = accrue::busy_fraction(*cursor, &samples);
-            *cursor = next;
-            // The buffer runs dry while a GPU idles; cross-check with the rates.
-            Some(Busy::Samples(
-                fraction.unwrap_or_else(|| snap.utilization.unwrap_or(0.0)),
-            ))
-        }
-        None => snap.utilization.map(Busy::Rates),
+                .collect(),
+        ),
+        None if caps.samples => SampleRead::Missed,
+        None => SampleRead::Unsupported,
     };
 
     snap.processes = call!(

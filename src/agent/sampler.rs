@@ -1,23 +1,37 @@
 //! The sampling loop: NVML → readings → counters, once per interval, on its own
 //! thread (NVML calls block). It never exits on a driver or GPU fault: it reports
 //! the fault as a metric, logs each state change once, and retries with backoff.
+//!
+//! A round reads every GPU without holding any lock, takes one instant, then applies
+//! all of its updates under the metrics' write lock, so a scrape sees whole rounds.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use prometheus::Counter;
+use tokio::sync::watch;
 
-use super::accrue::GpuAccount;
+use super::accrue::{DryBufferWatch, GpuAccount, SampleIntegrator};
 use super::metrics::{AgentMetrics, GaugeKind, GpuSeries};
-use super::nvml::{self, Caps, Fault, Identity, ReadError};
+use super::nvml::{self, Caps, Fault, Identity, ReadError, SampleRead, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    #[error("cannot start the sampling thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the sampling thread panicked: {0}")]
+    Panicked(String),
+    #[error("the sampling thread stopped on its own")]
+    Exited,
+}
 
 #[derive(Debug, Clone)]
 pub struct SamplerConfig {
@@ -26,46 +40,188 @@ pub struct SamplerConfig {
 }
 
 impl SamplerConfig {
-    /// A gap between readings longer than this is not counted as observed time.
-    fn max_gap(&self) -> Duration {
+    /// A gap between readings longer than this is not counted as observed time, and
+    /// a sampler whose last round is older than this is not ready.
+    pub fn max_gap(&self) -> Duration {
         (self.interval * 5).max(Duration::from_secs(5))
     }
 }
 
-/// Shared with the HTTP side: whether a full round has been sampled.
-#[derive(Default)]
+/// The agent's clock: the wall clock read once at start, plus monotonic time since.
+/// Never re-anchored, so round timestamps never go backwards and two of them differ
+/// by exactly the monotonic time between the rounds.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentClock {
+    origin: Instant,
+    wall_ms: u64,
+}
+
+impl AgentClock {
+    pub fn start() -> Self {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            origin: Instant::now(),
+            wall_ms,
+        }
+    }
+
+    /// Whole milliseconds of monotonic time since the start.
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Unix seconds of the instant `ms` after the start.
+    pub fn wall_seconds(&self, ms: u64) -> f64 {
+        (self.wall_ms + ms) as f64 / 1000.0
+    }
+}
+
+/// Shared with the HTTP side: whether rounds are being completed.
 pub struct Status {
-    ready: AtomicBool,
+    clock: AgentClock,
+    max_gap: Duration,
+    /// A round completed in the current NVML session.
+    sampling: AtomicBool,
+    last_round_ms: AtomicU64,
+}
+
+/// What `/-/ready` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// NVML is down, or no round has completed since it came up.
+    NotSampled,
+    /// The last round completed this long ago, more than `max_gap`: the sampler is
+    /// stuck (a hung NVML call), and its counters have stopped.
+    Stalled(Duration),
 }
 
 impl Status {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+    pub fn new(clock: AgentClock, max_gap: Duration) -> Self {
+        Self {
+            clock,
+            max_gap,
+            sampling: AtomicBool::new(false),
+            last_round_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        if !self.sampling.load(Ordering::Acquire) {
+            return Readiness::NotSampled;
+        }
+        let last = self.last_round_ms.load(Ordering::Acquire);
+        let since = Duration::from_millis(self.clock.now_ms().saturating_sub(last));
+        if since > self.max_gap {
+            Readiness::Stalled(since)
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    pub fn max_gap(&self) -> Duration {
+        self.max_gap
+    }
+
+    fn round_done(&self, at_ms: u64) {
+        self.last_round_ms.store(at_ms, Ordering::Release);
+        self.sampling.store(true, Ordering::Release);
+    }
+
+    fn session_ended(&self) {
+        self.sampling.store(false, Ordering::Release);
+    }
+}
+
+/// A thread whose end is reported, a panic included, so that the process can exit
+/// instead of serving frozen counters.
+pub struct Supervised {
+    ended: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// Runs `body` on a thread named `name` under `catch_unwind`; a panic is logged and
+/// reported by [`Supervised::ended`].
+pub fn supervise(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<Supervised, SamplerError> {
+    let (report, ended) = watch::channel(None);
+    let thread = name.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(body))
+                .map_err(|panic| panic_message(panic.as_ref()));
+            if let Err(message) = &outcome {
+                tracing::error!(%thread, error = %message, "thread panicked; the agent exits so that its service manager restarts it");
+            }
+            report.send_replace(Some(outcome));
+        })
+        .map_err(SamplerError::Spawn)?;
+    Ok(Supervised { ended })
+}
+
+impl Supervised {
+    /// Waits for the thread to end: `Ok` if its body returned, else the panic.
+    pub async fn ended(&mut self) -> Result<(), SamplerError> {
+        let outcome = match self.ended.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone(),
+            Err(_) => Some(Err("the thread ended without a report".into())),
+        };
+        outcome.unwrap_or(Ok(())).map_err(SamplerError::Panicked)
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
     }
 }
 
 pub struct Sampler {
     stop: mpsc::Sender<()>,
-    thread: JoinHandle<()>,
+    thread: Supervised,
 }
 
 impl Sampler {
     pub fn spawn(
         cfg: SamplerConfig,
+        clock: AgentClock,
         metrics: Arc<AgentMetrics>,
         status: Arc<Status>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SamplerError> {
         let (stop, stopped) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("nvml-sampler".into())
-            .spawn(move || Loop::new(cfg, metrics, status, stopped).run())?;
+        let thread = supervise("nvml-sampler", move || {
+            Loop::new(cfg, clock, metrics, status, stopped).run()
+        })?;
         Ok(Self { stop, thread })
     }
 
-    /// Stops sampling and waits for the thread (at most one NVML round).
-    pub fn stop(self) {
+    /// Completes when the sampling thread ends; before [`Self::stop`] it only ends by
+    /// panicking.
+    pub async fn ended(&mut self) -> Result<(), SamplerError> {
+        self.thread.ended().await
+    }
+
+    /// Stops sampling and waits for the thread, at most `patience`: a thread stuck in
+    /// an NVML call is left to the end of the process.
+    pub async fn stop(mut self, patience: Duration) -> Result<(), SamplerError> {
         let _ = self.stop.send(());
-        let _ = self.thread.join();
+        match tokio::time::timeout(patience, self.thread.ended()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(
+                    "the sampling thread did not stop (stuck in an NVML call?); exiting without it"
+                );
+                Ok(())
+            }
+        }
     }
 }
 
@@ -95,6 +251,7 @@ impl Backoff {
 /// A GPU as known across driver sessions, keyed by UUID.
 struct Gpu {
     account: GpuAccount,
+    /// Labelled with the index at which the process first saw the UUID.
     series: GpuSeries,
     allocated: Option<Counter>,
     energy: Option<Counter>,
@@ -105,9 +262,10 @@ struct Gpu {
 /// One index in the current driver session.
 struct Slot {
     index: u32,
-    uuid: Option<String>,
+    identity: Option<Identity>,
     caps: Caps,
-    cursor: Option<u64>,
+    samples: SampleIntegrator,
+    dry: DryBufferWatch,
     lost_logged: bool,
 }
 
@@ -116,12 +274,23 @@ enum End {
     Driver(NvmlError),
 }
 
+/// What one round read, applied at once under the write lock.
+#[derive(Default)]
+struct Round {
+    /// Per slot read this round: its snapshot, or `None` when it did not answer.
+    outcomes: Vec<(usize, Option<Snapshot>)>,
+    /// XID events: UUID, the index to label an unknown GPU with, code.
+    xids: Vec<(String, String, String)>,
+    /// Failed NVML calls: call, error label.
+    errors: Vec<(&'static str, String)>,
+}
+
 struct Loop {
     cfg: SamplerConfig,
+    clock: AgentClock,
     metrics: Arc<AgentMetrics>,
     status: Arc<Status>,
     stopped: mpsc::Receiver<()>,
-    origin: Instant,
     gpus: HashMap<String, Gpu>,
     last_nvml_error: Option<String>,
 }
@@ -129,16 +298,17 @@ struct Loop {
 impl Loop {
     fn new(
         cfg: SamplerConfig,
+        clock: AgentClock,
         metrics: Arc<AgentMetrics>,
         status: Arc<Status>,
         stopped: mpsc::Receiver<()>,
     ) -> Self {
         Self {
             cfg,
+            clock,
             metrics,
             status,
             stopped,
-            origin: Instant::now(),
             gpus: HashMap::new(),
             last_nvml_error: None,
         }
@@ -163,12 +333,16 @@ impl Loop {
                     self.metrics.nvml_up.set(1);
                     let driver = lib.sys_driver_version().unwrap_or_default();
                     tracing::info!(driver_version = %driver, "NVML initialized");
-                    let end = self.session(&lib);
-                    self.metrics.nvml_up.set(0);
-                    self.status.ready.store(false, Ordering::Relaxed);
-                    for gpu in self.gpus.values_mut() {
-                        mark_down(&self.metrics, gpu);
+                    let (end, errors) = self.session(&lib);
+                    {
+                        let _round = self.metrics.round();
+                        self.count_errors(&errors);
+                        self.metrics.nvml_up.set(0);
+                        for gpu in self.gpus.values_mut() {
+                            mark_down(&self.metrics, gpu);
+                        }
                     }
+                    self.status.session_ended();
                     match end {
                         End::Stop => return,
                         End::Driver(e) => e,
@@ -189,18 +363,20 @@ impl Loop {
         }
     }
 
-    /// Samples until the driver fails or a stop is asked for.
-    fn session(&mut self, lib: &Nvml) -> End {
+    /// Samples until the driver fails or a stop is asked for; returns why, with the
+    /// failed calls of the unfinished round.
+    fn session(&mut self, lib: &Nvml) -> (End, Vec<(&'static str, String)>) {
         let count = match lib.device_count() {
             Ok(n) => n,
-            Err(e) => return End::Driver(e),
+            Err(e) => return (End::Driver(e), Vec::new()),
         };
         let mut slots: Vec<Slot> = (0..count)
             .map(|index| Slot {
                 index,
-                uuid: None,
+                identity: None,
                 caps: Caps::default(),
-                cursor: None,
+                samples: SampleIntegrator::default(),
+                dry: DryBufferWatch::default(),
                 lost_logged: false,
             })
             .collect();
@@ -214,22 +390,27 @@ impl Loop {
             }
         };
         let mut registered = vec![false; count as usize];
+        let mut last_round: Option<u64> = None;
         let mut next = Instant::now();
         loop {
-            for (slot, dev) in slots.iter_mut().zip(devices.iter_mut()) {
+            // NVML first, without any lock: a slow or hung call never blocks a scrape.
+            let mut round = Round::default();
+            for (i, (slot, dev)) in slots.iter_mut().zip(devices.iter_mut()).enumerate() {
                 if dev.is_none() {
-                    match lib.device_by_index(slot.index) {
-                        Ok(d) => match self.adopt(slot, &d) {
-                            Ok(()) => *dev = Some(d),
-                            Err(e) if nvml::classify(&e) == Fault::Driver => return End::Driver(e),
-                            Err(e) => {
-                                self.lost(slot, &e);
-                                continue;
-                            }
-                        },
-                        Err(e) if nvml::classify(&e) == Fault::Driver => return End::Driver(e),
+                    let found = lib
+                        .device_by_index(slot.index)
+                        .and_then(|d| nvml::identify(&d).map(|id| (d, id)));
+                    match found {
+                        Ok((d, id)) => {
+                            adopt(slot, id);
+                            *dev = Some(d);
+                        }
+                        Err(e) if nvml::classify(&e) == Fault::Driver => {
+                            return (End::Driver(e), round.errors)
+                        }
                         Err(e) => {
-                            self.lost(slot, &e);
+                            lost(slot, &e);
+                            round.outcomes.push((i, None));
                             continue;
                         }
                     }
@@ -251,22 +432,35 @@ impl Loop {
                         };
                     }
                 }
-                match self.poll(slot, d) {
-                    Ok(()) => {}
-                    Err(ReadError::Driver(e)) => return End::Driver(e),
+                let errors = &mut round.errors;
+                let read = nvml::read(d, &mut slot.caps, slot.samples.cursor(), &mut |call, e| {
+                    errors.push((call, nvml::error_label(e)));
+                });
+                match read {
+                    Ok(snap) => round.outcomes.push((i, Some(snap))),
+                    Err(ReadError::Driver(e)) => return (End::Driver(e), round.errors),
                     Err(ReadError::Lost(e)) => {
-                        self.lost(slot, &e);
+                        lost(slot, &e);
                         *dev = None;
+                        round.outcomes.push((i, None));
                     }
                 }
             }
             if let Some(set) = &events {
-                if let Err(e) = self.drain_events(set) {
-                    return End::Driver(e);
+                if let Err(e) = self.drain_events(set, &mut round) {
+                    return (End::Driver(e), round.errors);
                 }
             }
-            self.metrics.polls.inc();
-            self.status.ready.store(true, Ordering::Relaxed);
+
+            // One instant for the whole round, then every update at once.
+            let at = self.clock.now_ms();
+            {
+                let metrics = self.metrics.clone();
+                let _round = metrics.round();
+                self.apply(&mut slots, round, at, last_round);
+            }
+            last_round = Some(at);
+            self.status.round_done(at);
 
             // Fixed-rate schedule; after a stall, resume from now rather than burst.
             next += self.cfg.interval;
@@ -275,104 +469,115 @@ impl Loop {
                 next = now + self.cfg.interval;
             }
             if self.sleep_until(next) {
-                return End::Stop;
+                return (End::Stop, Vec::new());
             }
         }
     }
 
-    /// Binds an index of this session to a GPU known by UUID (new or seen before).
-    fn adopt(&mut self, slot: &mut Slot, dev: &Device<'_>) -> Result<(), NvmlError> {
-        let id = nvml::identify(dev)?;
-        if slot.uuid.as_deref() != Some(id.uuid.as_str()) {
-            slot.caps = Caps::default();
-            slot.cursor = None;
+    /// Applies a round read at `at` (ms on the agent's clock); the caller holds the
+    /// write lock.
+    fn apply(&mut self, slots: &mut [Slot], round: Round, at: u64, last_round: Option<u64>) {
+        let max_gap = self.cfg.max_gap();
+        let at_d = Duration::from_millis(at);
+        for (i, snap) in round.outcomes {
+            let slot = &mut slots[i];
+            if let Some(SampleRead::New(new)) = snap.as_ref().map(|s| &s.samples) {
+                let rate_busy = snap.as_ref().and_then(|s| s.utilization) > Some(0.0);
+                if slot.dry.broken(at_d, !new.is_empty(), rate_busy, max_gap) {
+                    tracing::warn!(
+                        gpu = slot.index,
+                        "the sample buffer stays empty while the utilization rate says busy; counting busy time from the rate"
+                    );
+                    slot.caps.samples = false;
+                }
+            }
+            let Some(id) = &slot.identity else { continue };
+            let gpu = self.gpus.entry(id.uuid.clone()).or_insert_with(|| Gpu {
+                account: GpuAccount::default(),
+                series: self.metrics.gpu(slot.index, &id.uuid),
+                allocated: None,
+                energy: None,
+                info: Vec::new(),
+                up: false,
+            });
+            set_info(&self.metrics, gpu, id, slot.caps.busy_source());
+            let Some(snap) = snap else {
+                mark_down(&self.metrics, gpu);
+                continue;
+            };
+            if !gpu.up {
+                gpu.up = true;
+                gpu.series.up.set(1.0);
+            }
+            let reading = snap.reading(at_d, &slot.caps, &mut slot.samples);
+            let inc = gpu.account.healthy(at_d, &reading, max_gap);
+            gpu.series.observed.inc_by(inc.observed_s);
+            gpu.series.busy.inc_by(inc.busy_s);
+            if snap.processes.is_some() {
+                let c = gpu.allocated.get_or_insert_with(|| {
+                    self.metrics
+                        .allocated
+                        .with_label_values(&gpu.series.label_refs())
+                });
+                c.inc_by(inc.allocated_s);
+            }
+            if snap.energy_mj.is_some() {
+                let c = gpu.energy.get_or_insert_with(|| {
+                    self.metrics
+                        .energy
+                        .with_label_values(&gpu.series.label_refs())
+                });
+                c.inc_by(inc.energy_j);
+            }
+            let m = &self.metrics;
+            let s = &gpu.series;
+            m.set_gauge(GaugeKind::Utilization, s, snap.utilization);
+            m.set_gauge(GaugeKind::MemoryUsed, s, snap.memory_used.map(|b| b as f64));
+            m.set_gauge(
+                GaugeKind::MemoryTotal,
+                s,
+                snap.memory_total.map(|b| b as f64),
+            );
+            m.set_gauge(GaugeKind::Power, s, snap.power_w);
+            m.set_gauge(GaugeKind::PowerLimit, s, snap.power_limit_w);
+            m.set_gauge(GaugeKind::Temperature, s, snap.temperature_c);
+            m.set_gauge(GaugeKind::SmClock, s, snap.sm_clock_hz);
+            m.set_gauge(GaugeKind::Processes, s, snap.processes.map(f64::from));
         }
-        slot.uuid = Some(id.uuid.clone());
-        slot.lost_logged = false;
-        let gpu = self.gpus.entry(id.uuid.clone()).or_insert_with(|| Gpu {
-            account: GpuAccount::default(),
-            series: self.metrics.gpu(slot.index, &id.uuid),
-            allocated: None,
-            energy: None,
-            info: Vec::new(),
-            up: false,
-        });
-        set_info(&self.metrics, gpu, slot.index, &id, slot.caps.busy_source());
-        tracing::info!(gpu = slot.index, uuid = %id.uuid, model = %id.model, "GPU present");
-        Ok(())
+        for (uuid, index, code) in &round.xids {
+            // The GPU's own label when known, so the XID joins its other series.
+            let gpu = self
+                .gpus
+                .get(uuid)
+                .map_or(index.as_str(), |g| g.series.labels[0].as_str());
+            self.metrics
+                .xid
+                .with_label_values(&[gpu, uuid.as_str(), code.as_str()])
+                .inc();
+        }
+        self.count_errors(&round.errors);
+        // Same rule and same arithmetic as a GPU's observed time.
+        let gap = last_round
+            .map(|prev| Duration::from_millis(at.saturating_sub(prev)))
+            .filter(|gap| *gap <= max_gap)
+            .unwrap_or_default();
+        self.metrics.sampled.inc_by(gap.as_secs_f64());
+        self.metrics.polls.inc();
+        self.metrics.last_round.set(self.clock.wall_seconds(at));
     }
 
-    fn lost(&mut self, slot: &mut Slot, e: &NvmlError) {
-        if let Some(gpu) = slot.uuid.as_ref().and_then(|u| self.gpus.get_mut(u)) {
-            mark_down(&self.metrics, gpu);
+    fn count_errors(&self, errors: &[(&'static str, String)]) {
+        for (call, error) in errors {
+            self.metrics.nvml_error(call, error);
         }
-        if !slot.lost_logged {
-            tracing::error!(gpu = slot.index, uuid = slot.uuid.as_deref().unwrap_or(""), error = %e, "GPU not answering; accrual stopped");
-            slot.lost_logged = true;
-        }
-    }
-
-    fn poll(&mut self, slot: &mut Slot, dev: &Device<'_>) -> Result<(), ReadError> {
-        let source = slot.caps.busy_source();
-        let metrics = &self.metrics;
-        let snap = nvml::read(dev, &mut slot.caps, &mut slot.cursor, &mut |call, e| {
-            metrics.nvml_error(call, &nvml::error_label(e));
-        })?;
-        let at = self.origin.elapsed();
-        let Some(gpu) = slot.uuid.as_ref().and_then(|u| self.gpus.get_mut(u)) else {
-            return Ok(());
-        };
-        if source != slot.caps.busy_source() {
-            let mut labels = gpu.info.clone();
-            labels[4] = slot.caps.busy_source().to_string();
-            let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-            let old: Vec<&str> = gpu.info.iter().map(String::as_str).collect();
-            let _ = self.metrics.gpu_info.remove_label_values(&old);
-            self.metrics.gpu_info.with_label_values(&l).set(1.0);
-            gpu.info = labels;
-        }
-        if !gpu.up {
-            gpu.up = true;
-            gpu.series.up.set(1.0);
-        }
-        let inc = gpu.account.healthy(at, &snap.reading(), self.cfg.max_gap());
-        gpu.series.observed.inc_by(inc.observed_s);
-        gpu.series.busy.inc_by(inc.busy_s);
-        if snap.processes.is_some() {
-            let c = gpu.allocated.get_or_insert_with(|| {
-                self.metrics
-                    .allocated
-                    .with_label_values(&gpu.series.label_refs())
-            });
-            c.inc_by(inc.allocated_s);
-        }
-        if snap.energy_mj.is_some() {
-            let c = gpu.energy.get_or_insert_with(|| {
-                self.metrics
-                    .energy
-                    .with_label_values(&gpu.series.label_refs())
-            });
-            c.inc_by(inc.energy_j);
-        }
-        let m = &self.metrics;
-        let s = &gpu.series;
-        m.set_gauge(GaugeKind::Utilization, s, snap.utilization);
-        m.set_gauge(GaugeKind::MemoryUsed, s, snap.memory_used.map(|b| b as f64));
-        m.set_gauge(
-            GaugeKind::MemoryTotal,
-            s,
-            snap.memory_total.map(|b| b as f64),
-        );
-        m.set_gauge(GaugeKind::Power, s, snap.power_w);
-        m.set_gauge(GaugeKind::PowerLimit, s, snap.power_limit_w);
-        m.set_gauge(GaugeKind::Temperature, s, snap.temperature_c);
-        m.set_gauge(GaugeKind::SmClock, s, snap.sm_clock_hz);
-        m.set_gauge(GaugeKind::Processes, s, snap.processes.map(f64::from));
-        Ok(())
     }
 
     /// Takes every pending XID event without blocking.
-    fn drain_events(&mut self, set: &nvml_wrapper::event::EventSet<'_>) -> Result<(), NvmlError> {
+    fn drain_events(
+        &mut self,
+        set: &nvml_wrapper::event::EventSet<'_>,
+        round: &mut Round,
+    ) -> Result<(), NvmlError> {
         loop {
             match set.wait(0) {
                 Ok(ev) => {
@@ -386,24 +591,15 @@ impl Loop {
                             "unknown".into()
                         }
                     };
-                    let index = self
-                        .gpus
-                        .get(&uuid)
-                        .map(|g| g.series.labels[0].clone())
-                        .or_else(|| ev.device.index().ok().map(|i| i.to_string()))
-                        .unwrap_or_default();
+                    let index = ev.device.index().map(|i| i.to_string()).unwrap_or_default();
                     tracing::warn!(gpu = %index, uuid = %uuid, xid = %code, "XID error");
-                    self.metrics
-                        .xid
-                        .with_label_values(&[&index, &uuid, &code])
-                        .inc();
+                    round.xids.push((uuid, index, code));
                 }
                 Err(NvmlError::Timeout) => return Ok(()),
                 Err(e) => match nvml::classify(&e) {
                     Fault::Driver => return Err(e),
                     _ => {
-                        self.metrics
-                            .nvml_error("event_wait", &nvml::error_label(&e));
+                        round.errors.push(("event_wait", nvml::error_label(&e)));
                         return Ok(());
                     }
                 },
@@ -412,23 +608,47 @@ impl Loop {
     }
 }
 
-fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, index: u32, id: &Identity, busy_source: &str) {
-    let labels = vec![
-        index.to_string(),
-        id.uuid.clone(),
-        id.model.clone(),
-        id.pci_bus_id.clone(),
-        busy_source.to_string(),
-    ];
-    if gpu.info != labels {
-        if !gpu.info.is_empty() {
-            let old: Vec<&str> = gpu.info.iter().map(String::as_str).collect();
-            let _ = metrics.gpu_info.remove_label_values(&old);
-        }
-        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-        metrics.gpu_info.with_label_values(&l).set(1.0);
-        gpu.info = labels;
+/// Binds an index of this session to a GPU (new, or seen before under its UUID).
+/// Sample integration starts afresh: what the buffer holds from before is not
+/// observed time.
+fn adopt(slot: &mut Slot, id: Identity) {
+    if slot.identity.as_ref().map(|i| &i.uuid) != Some(&id.uuid) {
+        slot.caps = Caps::default();
     }
+    slot.samples = SampleIntegrator::default();
+    slot.dry = DryBufferWatch::default();
+    tracing::info!(gpu = slot.index, uuid = %id.uuid, model = %id.model, "GPU present");
+    slot.identity = Some(id);
+    slot.lost_logged = false;
+}
+
+fn lost(slot: &mut Slot, e: &NvmlError) {
+    if !slot.lost_logged {
+        let uuid = slot.identity.as_ref().map_or("", |i| i.uuid.as_str());
+        tracing::error!(gpu = slot.index, uuid, error = %e, "GPU not answering; accrual stopped");
+        slot.lost_logged = true;
+    }
+}
+
+/// Keeps `commitmeter_gpu_info` in step with the GPU's identity and busy source,
+/// under the GPU's own `gpu` label.
+fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, id: &Identity, busy_source: &str) {
+    let current = [
+        gpu.series.labels[0].as_str(),
+        id.uuid.as_str(),
+        id.model.as_str(),
+        id.pci_bus_id.as_str(),
+        busy_source,
+    ];
+    if gpu.info.iter().map(String::as_str).eq(current) {
+        return;
+    }
+    if !gpu.info.is_empty() {
+        let old: Vec<&str> = gpu.info.iter().map(String::as_str).collect();
+        let _ = metrics.gpu_info.remove_label_values(&old);
+    }
+    metrics.gpu_info.with_label_values(&current).set(1.0);
+    gpu.info = current.iter().map(|s| s.to_string()).collect();
 }
 
 fn mark_down(metrics: &AgentMetrics, gpu: &mut Gpu) {
@@ -449,5 +669,68 @@ mod tests {
         assert_eq!(steps, [1, 2, 4, 8, 16, 32, 60, 60]);
         b.reset();
         assert_eq!(b.step().as_secs(), 1);
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_panicking_thread_ends_in_the_panic_error() {
+        let mut thread = supervise("test-panics", || panic!("boom in round 3")).unwrap();
+        match block_on(thread.ended()) {
+            Err(SamplerError::Panicked(message)) => assert_eq!(message, "boom in round 3"),
+            other => panic!("expected the panic, got {other:?}"),
+        }
+        let mut formatted = supervise("test-panics", || {
+            let round = 4;
+            panic!("boom in round {round}")
+        })
+        .unwrap();
+        let err = block_on(formatted.ended()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the sampling thread panicked: boom in round 4"
+        );
+    }
+
+    #[test]
+    fn a_thread_that_returns_ends_ok_and_can_be_awaited_again() {
+        let mut thread = supervise("test-returns", || {}).unwrap();
+        assert!(block_on(thread.ended()).is_ok());
+        assert!(block_on(thread.ended()).is_ok());
+    }
+
+    #[test]
+    fn readiness_goes_stale_after_max_gap() {
+        let status = Status::new(AgentClock::start(), Duration::from_millis(50));
+        assert_eq!(status.readiness(), Readiness::NotSampled);
+        status.round_done(status.clock.now_ms());
+        assert_eq!(status.readiness(), Readiness::Ready);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            matches!(status.readiness(), Readiness::Stalled(d) if d > Duration::from_millis(50))
+        );
+        status.round_done(status.clock.now_ms());
+        assert_eq!(status.readiness(), Readiness::Ready);
+        status.session_ended();
+        assert_eq!(status.readiness(), Readiness::NotSampled);
+    }
+
+    #[test]
+    fn round_timestamps_differ_by_monotonic_time_exactly() {
+        let clock = AgentClock::start();
+        let (a, b) = (clock.now_ms(), clock.now_ms() + 1234);
+        let diff = clock.wall_seconds(b) - clock.wall_seconds(a);
+        assert!((diff - 1.234).abs() < 1e-6, "{diff}");
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((clock.wall_seconds(clock.now_ms()) - unix).abs() < 1.0);
     }
 }
