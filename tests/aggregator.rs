@@ -1,5 +1,7 @@
-//! Real agents on the fake NVML library, a real aggregator, SIGKILL mid-run: the
-//! sealed month-to-date totals still equal the fleet's ground truth.
+//! Real agents on the fake NVML library and a real aggregator: SIGKILL mid-run leaves the
+//! sealed month-to-date totals equal to the fleet's ground truth; our own mistakes (a wrong
+//! port, another exporter on the port) are unreported, never undelivered; a hostile agent's
+//! impossible counters are rejected and counted while the honest hosts' figures stay exact.
 
 mod common;
 
@@ -303,7 +305,7 @@ fn config_mistakes_name_file_contract_and_field() {
 }
 
 #[test]
-fn file_sd_changes_and_sighup_are_picked_up_and_a_bad_edit_loses_nothing() {
+fn file_sd_changes_and_sighup_are_picked_up_a_bad_edit_loses_nothing_and_no_series_goes_stale() {
     let a = Agent::start(&Scenario::default(), AgentOpts::default());
     let b = Agent::start(&Scenario::default(), AgentOpts::default());
     let dir = TempDir::new("filesd");
@@ -342,18 +344,28 @@ currency = "EUR"
 start = "2026-01-01"
 selector = '{{provider="acme"}}'
 ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
+
+[[contracts]]
+id = "lab2"
+provider = "acme"
+price_per_gpu_hour = 1.0
+currency = "EUR"
+start = "2026-01-01"
+selector = '{{provider="acme2"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
 "#,
             sd_dir.display()
         ),
     )
     .unwrap();
     let agg = Aggregator::start(&config, &dir.path("data"));
-    let up = |m: &Metrics, t: &str| {
+    let up_in = |m: &Metrics, t: &str, contract: &str| {
         m.get(
             "commitmeter_target_up",
-            &[("target", t), ("contract", "lab")],
+            &[("target", t), ("contract", contract)],
         )
     };
+    let up = |m: &Metrics, t: &str| up_in(m, t, "lab");
     agg.wait_for(Duration::from_secs(20), "agent a", |m| {
         up(m, &a.addr) == Some(1.0)
     });
@@ -380,10 +392,41 @@ ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
         .status()
         .unwrap()
         .success());
-    agg.wait_for(Duration::from_secs(20), "b removed", |m| {
+    let m = agg.wait_for(Duration::from_secs(20), "b removed", |m| {
         up(m, &b.addr).is_none()
     });
     assert!(agg.log_text().contains("SIGHUP"));
+    for series in [
+        "commitmeter_target_scrape_duration_seconds",
+        "commitmeter_target_gpus",
+    ] {
+        assert_eq!(m.get(series, &[("target", &b.addr)]), None, "{series}");
+    }
+    // A target that moves to another contract leaves no series behind under the old one.
+    std::fs::write(
+        &sd,
+        format!(
+            r#"[{{"targets":["{}"],"labels":{{"provider":"acme"}}}},{{"targets":["{}"],"labels":{{"provider":"acme2"}}}}]"#,
+            a.addr, b.addr
+        ),
+    )
+    .unwrap();
+    agg.wait_for(Duration::from_secs(20), "b under lab2", |m| {
+        up_in(m, &b.addr, "lab2") == Some(1.0)
+    });
+    std::fs::write(
+        &sd,
+        format!(
+            r#"[{{"targets":["{}"],"labels":{{"provider":"acme2"}}}}]"#,
+            a.addr
+        ),
+    )
+    .unwrap();
+    let m = agg.wait_for(Duration::from_secs(20), "a moved to lab2", |m| {
+        up_in(m, &a.addr, "lab2") == Some(1.0)
+    });
+    assert_eq!(up_in(&m, &a.addr, "lab"), None);
+    assert_eq!(up_in(&m, &b.addr, "lab2"), None);
 }
 
 #[test]
@@ -469,3 +512,252 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+// ---- What each figure proves ----
+
+/// The sealed span `[since, through)` in seconds, once `minutes` whole minutes sealed.
+fn sealed_span(agg: &Aggregator, minutes: i64) -> (Metrics, i64, i64) {
+    let m = agg.wait_for(Duration::from_secs(30), "the ledger's start", |m| {
+        m.get("commitmeter_ledger_since_timestamp_seconds", &[])
+            .is_some_and(|s| s > 0.0)
+    });
+    let since = m
+        .get("commitmeter_ledger_since_timestamp_seconds", &[])
+        .unwrap() as i64;
+    let m = agg.wait_for(
+        Duration::from_secs(60 * minutes as u64 + 120),
+        "minutes to seal",
+        |m| {
+            m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                .unwrap() as i64
+                >= since + 60 * minutes
+        },
+    );
+    let through = m
+        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+        .unwrap() as i64;
+    (m, since, through)
+}
+
+fn of(m: &Metrics, contract: &str, kind: &str) -> f64 {
+    m.get(
+        &format!("commitmeter_contract_{kind}_gpu_seconds_total"),
+        &[("contract", contract)],
+    )
+    .unwrap_or_else(|| panic!("no {kind} counter of {contract}"))
+}
+
+/// Delivered and busy seconds of an honest agent's GPUs over `[since, through)`.
+fn truth(agent: &Agent, since: i64, through: i64) -> (f64, f64) {
+    let start = agent.sc.start_unix_ms.unwrap() as i64;
+    let (from, to) = (
+        (since * 1000 - start).max(0) as u64,
+        (through * 1000 - start) as u64,
+    );
+    (0..agent.sc.gpus.len()).fold((0.0, 0.0), |(d, u), g| {
+        (
+            d + agent.sc.present_seconds(g, from, to),
+            u + agent.sc.busy_seconds(g, from, to),
+        )
+    })
+}
+
+#[test]
+fn our_mistakes_are_unreported_and_a_hostile_agent_is_rejected() {
+    let honest = |util| {
+        Agent::start(
+            &Scenario {
+                gpus: vec![Gpu::at_util(util), Gpu::at_util(util)],
+                ..Scenario::default()
+            },
+            AgentOpts::default(),
+        )
+    };
+    let a = honest(50);
+    let b = honest(80);
+    // Another exporter on an agent's port: 200, but no GPU series.
+    let other = Exporter::start(|_| "node_load1 0.5\nup 1\n".into());
+    let wrong_port = closed_port();
+    // Hostile agents: a value no counter can hold; a counter racing 10^6 s per scrape next
+    // to busy 50x observed; counters that go down every other scrape; one UUID twice.
+    let absurd = Exporter::start(|_| {
+        "commitmeter_gpu_observed_seconds_total{gpu=\"0\",uuid=\"GPU-x\"} 1e300\n".into()
+    });
+    let racing = Exporter::start(|n| {
+        format!(
+            "commitmeter_gpu_observed_seconds_total{{gpu=\"0\",uuid=\"GPU-r0\"}} {}\n\
+             commitmeter_gpu_busy_seconds_total{{gpu=\"0\",uuid=\"GPU-r0\"}} 0\n\
+             commitmeter_gpu_observed_seconds_total{{gpu=\"1\",uuid=\"GPU-r1\"}} {n}\n\
+             commitmeter_gpu_busy_seconds_total{{gpu=\"1\",uuid=\"GPU-r1\"}} {}\n",
+            n as f64 * 1e6,
+            n * 50
+        )
+    });
+    let flapping = Exporter::start(|n| {
+        let v = if n % 2 == 0 { 1000 + n } else { n };
+        format!(
+            "commitmeter_gpu_observed_seconds_total{{gpu=\"0\",uuid=\"GPU-f\"}} {v}\n\
+             commitmeter_gpu_busy_seconds_total{{gpu=\"0\",uuid=\"GPU-f\"}} {v}\n"
+        )
+    });
+    let twice = Exporter::start(|n| {
+        format!(
+            "commitmeter_gpu_observed_seconds_total{{gpu=\"0\",uuid=\"GPU-t\"}} {n}\n\
+             commitmeter_gpu_observed_seconds_total{{gpu=\"1\",uuid=\"GPU-t\"}} {}\n",
+            100 * n
+        )
+    });
+    for agent in [&a, &b] {
+        agent.wait_ready(Duration::from_secs(20));
+    }
+    let dir = TempDir::new("evidence");
+    let config = dir.path("aggregator.toml");
+    let list = |t: &[&str]| {
+        t.iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[aggregator]
+scrape_interval = "1s"
+scrape_timeout = "1s"
+grace = "2s"
+
+[[targets]]
+targets = [{}]
+labels = {{ provider = "mistakes" }}
+
+[[targets]]
+targets = [{}]
+labels = {{ provider = "hostile" }}
+
+[[contracts]]
+id = "mistakes"
+provider = "p"
+price_per_gpu_hour = 1.0
+currency = "USD"
+start = "2026-01-01"
+selector = '{{provider="mistakes"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
+
+[[contracts]]
+id = "hostile"
+provider = "p"
+price_per_gpu_hour = 1.0
+currency = "USD"
+start = "2026-01-01"
+selector = '{{provider="hostile"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
+"#,
+            list(&[&a.addr, &wrong_port, &other.addr]),
+            list(&[
+                &b.addr,
+                &absurd.addr,
+                &racing.addr,
+                &flapping.addr,
+                &twice.addr
+            ]),
+        ),
+    )
+    .unwrap();
+    let data = dir.path("data");
+    let agg = Aggregator::start(&config, &data);
+    let (m, since, through) = sealed_span(&agg, 2);
+    let seconds = (through - since) as f64;
+    let log = agg.log_text();
+
+    // Our mistakes: the wrong port and the other exporter could be the missing capacity,
+    // so everything short of the commitment is unreported, nothing undelivered.
+    let (delivered, used) = truth(&a, since, through);
+    let tol = TOLERANCE_PER_GPU_S * 2.0;
+    let got = of(&m, "mistakes", "delivered");
+    assert!(
+        (got - delivered).abs() <= tol,
+        "delivered {got} vs {delivered}\n{log}"
+    );
+    let got = of(&m, "mistakes", "used");
+    assert!((got - used).abs() <= tol, "used {got} vs {used}\n{log}");
+    assert_eq!(of(&m, "mistakes", "undelivered"), 0.0, "{log}");
+    let unreported = of(&m, "mistakes", "unreported");
+    assert!(
+        (unreported - (8.0 * seconds - of(&m, "mistakes", "delivered"))).abs() < 1e-6,
+        "unreported {unreported} over {seconds} s\n{log}"
+    );
+    assert_eq!(
+        m.get("commitmeter_target_up", &[("target", &wrong_port)]),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.get("commitmeter_target_gpus", &[("target", &other.addr)]),
+        Some(0.0)
+    );
+
+    // The hostile agents: only the honest host's time is credited.
+    let (delivered, used) = truth(&b, since, through);
+    let got = of(&m, "hostile", "delivered");
+    assert!(
+        (got - delivered).abs() <= tol,
+        "delivered {got} vs {delivered}\n{log}"
+    );
+    let got = of(&m, "hostile", "used");
+    assert!((got - used).abs() <= tol, "used {got} vs {used}\n{log}");
+    assert_eq!(of(&m, "hostile", "overage"), 0.0);
+    assert_eq!(of(&m, "hostile", "undelivered"), 0.0);
+    let rejected = |reason: &str| {
+        m.get(
+            "commitmeter_ledger_rejected_gpu_seconds_total",
+            &[("contract", "hostile"), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    for reason in [
+        "exceeds_elapsed",
+        "used_exceeds_delivered",
+        "repeated_restart",
+    ] {
+        assert!(rejected(reason) > 0.0, "{reason}: {}", rejected(reason));
+    }
+    let errors = |t: &str, reason: &str| {
+        m.get(
+            "commitmeter_target_scrape_errors_total",
+            &[("target", t), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(errors(&absurd.addr, "invalid_value") > 0.0);
+    assert!(errors(&twice.addr, "duplicate_series") > 0.0);
+    assert!(
+        log.contains("agent readings rejected as physically impossible"),
+        "{log}"
+    );
+    // Rate-limited: one line per target, not one per scrape.
+    assert!(log.matches("agent readings rejected").count() <= 2, "{log}");
+
+    // Nothing it said can keep the aggregator from starting again.
+    let before = agg.metrics();
+    let pid = agg.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut agg = agg;
+    let status = agg.child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", agg.log_text());
+    let agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(20));
+    let after = agg.metrics();
+    for kind in commitmeter::aggregator::metrics::KINDS {
+        assert!(of(&after, "hostile", kind) >= of(&before, "hostile", kind));
+    }
+    assert!(agg.log_text().contains("ledger restored"));
+}
+
+/// What the design can promise per GPU over a sealed span, against the fake driver's exact
+/// timeline: counters are read at sampling rounds (500 ms here), so a GPU's delivered and
+/// busy time at the span's edges can be off by one round.
+const TOLERANCE_PER_GPU_S: f64 = 0.5;

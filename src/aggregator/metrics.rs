@@ -1,6 +1,11 @@
 //! The aggregator's series. Names are a public contract: dashboards and alert rules
 //! read them. Counters move only when minutes seal, so they never go back.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::contract::Contract;
@@ -30,9 +35,119 @@ pub fn kind_values(t: &Totals) -> [i64; 7] {
     ]
 }
 
+/// The all-time ledger counters (the seven kinds, and late GPU-seconds), rendered from the
+/// ledger's integer GPU-ms at each scrape: exact, and identical after a restart (restored
+/// from the same sums), where adding float increments would drift by an ulp and could seem
+/// to go back.
+#[derive(Clone)]
+pub struct LedgerCounters {
+    values: Arc<Mutex<BTreeMap<String, ContractCounts>>>,
+    kinds: Vec<Desc>,
+    late: Desc,
+}
+
+/// Per contract: all-time totals and late (delivered, used) GPU-ms.
+type ContractCounts = (Totals, (i64, i64));
+
+impl LedgerCounters {
+    fn new() -> Result<Self, prometheus::Error> {
+        let kinds = KINDS
+            .iter()
+            .map(|kind| {
+                Desc::new(
+                    format!("commitmeter_contract_{kind}_gpu_seconds_total"),
+                    format!("{kind} GPU-seconds of the contract over sealed ledger minutes."),
+                    vec!["contract".into()],
+                    Default::default(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let late = Desc::new(
+            "commitmeter_ledger_late_gpu_seconds_total".into(),
+            "GPU-seconds that arrived for already sealed minutes and were not counted.".into(),
+            vec!["contract".into(), "kind".into()],
+            Default::default(),
+        )?;
+        Ok(Self {
+            values: Arc::new(Mutex::new(BTreeMap::new())),
+            kinds,
+            late,
+        })
+    }
+
+    pub fn set(&self, contract: &str, all_time: &Totals, late: (i64, i64)) {
+        self.values
+            .lock()
+            .expect("ledger counters lock")
+            .insert(contract.to_string(), (*all_time, late));
+    }
+}
+
+fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, &str)>, i64)>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(MetricType::COUNTER);
+    family.set_metric(
+        samples
+            .into_iter()
+            .map(|(labels, ms)| {
+                let pairs = labels
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let mut p = proto::LabelPair::default();
+                        p.set_name(k.to_string());
+                        p.set_value(v.to_string());
+                        p
+                    })
+                    .collect();
+                let mut m = proto::Metric::from_label(pairs);
+                let mut c = proto::Counter::default();
+                c.set_value(ms as f64 / 1000.0);
+                m.set_counter(c);
+                m
+            })
+            .collect(),
+    );
+    family
+}
+
+impl Collector for LedgerCounters {
+    fn desc(&self) -> Vec<&Desc> {
+        self.kinds.iter().chain([&self.late]).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let values = self.values.lock().expect("ledger counters lock");
+        let mut out: Vec<MetricFamily> = self
+            .kinds
+            .iter()
+            .enumerate()
+            .map(|(i, desc)| {
+                let samples = values
+                    .iter()
+                    .map(|(id, (t, _))| (vec![("contract", id.as_str())], kind_values(t)[i]))
+                    .collect();
+                counter_family(desc, samples)
+            })
+            .collect();
+        let late = values
+            .iter()
+            .flat_map(|(id, (_, (d, u)))| {
+                [
+                    (vec![("contract", id.as_str()), ("kind", "delivered")], *d),
+                    (vec![("contract", id.as_str()), ("kind", "used")], *u),
+                ]
+            })
+            .collect();
+        out.push(counter_family(&self.late, late));
+        out
+    }
+}
+
 pub struct AggregatorMetrics {
     pub registry: Registry,
-    pub totals: Vec<CounterVec>,
+    pub ledger: LedgerCounters,
     pub period: GaugeVec,
     pub info: GaugeVec,
     pub committed_gpus: GaugeVec,
@@ -46,7 +161,6 @@ pub struct AggregatorMetrics {
     pub cost: GaugeVec,
     pub price: GaugeVec,
     pub tier_reachable: GaugeVec,
-    pub late: CounterVec,
     pub rejected: CounterVec,
     pub sealed_through: IntGauge,
     pub since: IntGauge,
@@ -81,26 +195,8 @@ impl AggregatorMetrics {
         build.set(1);
         registry.register(Box::new(build))?;
 
-        let mut totals = Vec::new();
-        for kind in KINDS {
-            let c = CounterVec::new(
-                Opts::new(
-                    format!("commitmeter_contract_{kind}_gpu_seconds_total"),
-                    format!("{kind} GPU-seconds of the contract over sealed ledger minutes."),
-                ),
-                &["contract"],
-            )?;
-            registry.register(Box::new(c.clone()))?;
-            totals.push(c);
-        }
-        let late = CounterVec::new(
-            Opts::new(
-                "commitmeter_ledger_late_gpu_seconds_total",
-                "GPU-seconds that arrived for already sealed minutes and were not counted.",
-            ),
-            &["contract", "kind"],
-        )?;
-        registry.register(Box::new(late.clone()))?;
+        let ledger = LedgerCounters::new()?;
+        registry.register(Box::new(ledger.clone()))?;
         let rejected = CounterVec::new(
             Opts::new(
                 "commitmeter_ledger_rejected_gpu_seconds_total",
@@ -157,7 +253,6 @@ impl AggregatorMetrics {
         registry.register(Box::new(restart_required.clone()))?;
 
         Ok(Self {
-            totals,
             period: gauge(
                 "commitmeter_contract_period_gpu_seconds",
                 "Month-to-date GPU-seconds of the current billing period, by kind (sealed minutes).",
@@ -238,7 +333,7 @@ impl AggregatorMetrics {
                 "GPUs the agent reported at its last successful scrape (after the model filter).",
                 &["target"],
             )?,
-            late,
+            ledger,
             rejected,
             sealed_through,
             since,
@@ -269,23 +364,9 @@ impl AggregatorMetrics {
         self.price
             .with_label_values(&[&c.id, &c.currency])
             .set(c.price_per_gpu_hour / 3600.0);
-        for counter in &self.totals {
-            counter.with_label_values(&[&c.id]);
-        }
         // Exported from the start (0), so an alert on their increase has a baseline.
         for why in crate::ledger::Reject::ALL {
             self.rejected.with_label_values(&[&c.id, why.as_str()]);
-        }
-    }
-
-    /// Adds GPU-ms to the all-time counters.
-    pub fn add_totals(&self, contract: &str, t: &Totals) {
-        for (counter, v) in self.totals.iter().zip(kind_values(t)) {
-            if v > 0 {
-                counter
-                    .with_label_values(&[contract])
-                    .inc_by(v as f64 / 1000.0);
-            }
         }
     }
 

@@ -106,7 +106,6 @@ struct Books {
     running: Vec<Running>,
     /// Sealed minutes not yet durable: never exported until written.
     pending: Vec<Sealed>,
-    late_exported: Vec<(i64, i64)>,
 }
 
 struct Shared {
@@ -187,19 +186,13 @@ pub async fn serve(
                 );
             }
         }
-        metrics.add_totals(&c.id, &all_time);
+        let late = ledger
+            .late()
+            .get(running.len())
+            .copied()
+            .unwrap_or_default();
+        metrics.ledger.set(&c.id, &all_time, late);
         running.push(Running::new(all_time, period, in_period, recent));
-    }
-    let late_exported = ledger.late().to_vec();
-    for (c, (d, u)) in late_exported.iter().enumerate() {
-        metrics
-            .late
-            .with_label_values(&[&ids[c], "delivered"])
-            .inc_by(*d as f64 / 1000.0);
-        metrics
-            .late
-            .with_label_values(&[&ids[c], "used"])
-            .inc_by(*u as f64 / 1000.0);
     }
     let shared = Arc::new(Shared {
         contracts: cfg.contracts.clone(),
@@ -209,7 +202,6 @@ pub async fn serve(
             ledger,
             running,
             pending: Vec::new(),
-            late_exported,
         }),
         store: Mutex::new(store),
         metrics,
@@ -669,20 +661,12 @@ impl Shared {
         for s in &sealed {
             let c = &self.contracts[s.contract];
             books.running[s.contract].record(s, |t| c.billing_period(t));
-            self.metrics.add_totals(&c.id, &s.totals);
         }
-        for (c, &(d, u)) in snap.late.iter().enumerate() {
-            let (pd, pu) = books.late_exported[c];
-            let id = &self.ids[c];
+        for (c, contract) in self.contracts.iter().enumerate() {
+            let late = snap.late.get(c).copied().unwrap_or_default();
             self.metrics
-                .late
-                .with_label_values(&[id, "delivered"])
-                .inc_by((d - pd).max(0) as f64 / 1000.0);
-            self.metrics
-                .late
-                .with_label_values(&[id, "used"])
-                .inc_by((u - pu).max(0) as f64 / 1000.0);
-            books.late_exported[c] = (d, u);
+                .ledger
+                .set(&contract.id, &books.running[c].all_time, late);
         }
         self.metrics.sealed_through.set(snap.sealed_through * 60);
     }
