@@ -48,6 +48,12 @@ pub enum AggregatorError {
 /// demo. The ledger only ever sees these milliseconds.
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
+
+    /// A real duration in this clock's milliseconds (a simulated clock runs faster), for
+    /// the tolerances that are about real delays.
+    fn scale(&self, real: Duration) -> i64 {
+        real.as_millis() as i64
+    }
 }
 
 pub struct SystemClock;
@@ -161,7 +167,10 @@ pub async fn serve(
             tracing::info!(path = %p.data_dir.display(), "new ledger");
             Ledger::new(ids.len(), now)
         }
-    };
+    }
+    .with_clock_tolerance(clock.scale(Duration::from_millis(
+        crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
+    )));
     let metrics = AggregatorMetrics::new()?;
     let through_ms = ledger.sealed_through() * MINUTE_MS;
     let mut running = Vec::new();
@@ -607,7 +616,7 @@ impl Shared {
         if out.reanchored {
             tracing::warn!(
                 scrape_target = %key,
-                tolerance_s = crate::ledger::host::CLOCK_TOLERANCE_MS / 1000,
+                tolerance_ms = self.books.lock().expect("books lock").ledger.clock_tolerance_ms(),
                 "agent clock differs from the aggregator's by more than the tolerance; its readings are placed on the aggregator's clock"
             );
         }

@@ -50,6 +50,10 @@ impl Clock for SimClock {
     fn now_ms(&self) -> i64 {
         self.start_ms + (self.real_start.elapsed().as_secs_f64() * 1000.0 * self.speed) as i64
     }
+
+    fn scale(&self, real: std::time::Duration) -> i64 {
+        (real.as_secs_f64() * 1000.0 * self.speed) as i64
+    }
 }
 
 /// One simulated host's agent series, kept so updates never look labels up.
@@ -82,12 +86,16 @@ impl Sim {
             ));
         }
         let m = &series.metrics;
+        let raise = |c: &prometheus::Counter, to: f64| {
+            if to > c.get() {
+                c.inc_by(to - c.get());
+            }
+        };
+        // The counters below are the fleet's at `t_ms`: the round they belong to, watched
+        // since the simulation started.
+        m.last_round.set(fleet.t_ms as f64 / 1000.0);
+        raise(&m.sampled, (fleet.t_ms - fleet.start_ms) as f64 / 1000.0);
         for (g, s) in host.gpus.iter().zip(&series.gpus) {
-            let raise = |c: &prometheus::Counter, to: f64| {
-                if to > c.get() {
-                    c.inc_by(to - c.get());
-                }
-            };
             raise(&s.observed, g.observed_s);
             raise(&s.busy, g.busy_s);
             raise(
@@ -179,6 +187,13 @@ pub async fn run(
         ];
         let metrics = AgentMetrics::new(&labels)?;
         metrics.nvml_up.set(1);
+        // Each simulated agent runs from the start of the simulation.
+        let started = prometheus::Gauge::new(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+        )?;
+        started.set(start_ms as f64 / 1000.0);
+        metrics.registry.register(Box::new(started))?;
         let gpus = h
             .gpus
             .iter()

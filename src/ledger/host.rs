@@ -3,7 +3,8 @@
 //! An agent's counters move at its own sampling rounds, not when the aggregator happens to
 //! receive them. So a reading is placed at the agent's own time of its last round
 //! (`commitmeter_agent_last_round_timestamp_seconds`), shifted by a per-host offset that is
-//! 0 while the agent's clock agrees with the aggregator's within [`CLOCK_TOLERANCE_MS`] and is
+//! 0 while the agent's clock agrees with the aggregator's within the clock tolerance
+//! ([`CLOCK_TOLERANCE_MS`] on the system clock) and is
 //! re-anchored to the receive time when it does not (a host whose clock is far off). Between
 //! two readings the host's GPUs were:
 //!
@@ -18,7 +19,7 @@
 //!
 //! Delivered never exceeds the watched capacity of the GPUs whose readings were accepted, and
 //! used never exceeds delivered: a surplus (rounding, or an agent clock re-anchored mid-way)
-//! is carried to the host's next interval, up to [`CARRY_CAP_MS`] per GPU, instead of
+//! is carried to the host's next interval, up to the clock tolerance per GPU, instead of
 //! becoming phantom overage in one minute and phantom shortfall in the next.
 
 use std::collections::BTreeMap;
@@ -26,14 +27,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// An agent clock further than this from the aggregator's (lag included) is re-anchored:
-/// its readings are placed on the aggregator's clock from then on.
+/// its readings are placed on the aggregator's clock from then on. Also the most surplus
+/// a host may carry to its next interval, per GPU. (On the system clock; a simulated clock
+/// scales it.)
 pub const CLOCK_TOLERANCE_MS: i64 = 30_000;
 /// Rounding slack between an agent's counters and its round time (both whole ms), per GPU.
 const EXACT_SLACK_MS: i64 = 2;
 /// An agent restart within this long of the previous one is suspect, not free credit.
 pub const RESTART_SUSPECT_MS: i64 = 300_000;
-/// The most surplus a host may carry to its next interval, per GPU.
-pub const CARRY_CAP_MS: i64 = CLOCK_TOLERANCE_MS;
 
 /// Whole milliseconds of an exposed seconds value: each cumulative value is rounded once,
 /// here, so differences of readings telescope and never drift. The scraper has already
@@ -174,26 +175,27 @@ impl HostState {
     }
 
     /// Where a reading belongs in time; true when the offset had to be re-anchored.
-    fn place(&mut self, received_ms: i64, agent_ms: Option<i64>) -> (i64, bool) {
+    fn place(&mut self, received_ms: i64, agent_ms: Option<i64>, tolerance_ms: i64) -> (i64, bool) {
         let Some(agent) = agent_ms else {
             return (received_ms, false);
         };
         let at = agent.saturating_add(self.offset_ms);
-        if at.abs_diff(received_ms) <= CLOCK_TOLERANCE_MS as u64 {
+        if at.abs_diff(received_ms) <= tolerance_ms.max(0) as u64 {
             return (at, false);
         }
         self.offset_ms = received_ms.saturating_sub(agent);
         (received_ms, true)
     }
 
-    /// Applies one reading. A reading with no GPU series, or one whose time did not
-    /// advance, changes nothing: its counters carry over to the next reading.
-    pub fn read(&mut self, r: Reading) -> Outcome {
+    /// Applies one reading, with the clock tolerance in the ledger's time. A reading with
+    /// no GPU series, or one whose time did not advance, changes nothing: its counters
+    /// carry over to the next reading.
+    pub fn read(&mut self, r: Reading, tolerance_ms: i64) -> Outcome {
         let mut out = Outcome::default();
         if r.gpus.is_empty() {
             return out;
         }
-        let (at, reanchored) = self.place(r.received_ms, r.agent_ms);
+        let (at, reanchored) = self.place(r.received_ms, r.agent_ms, tolerance_ms);
         out.reanchored = reanchored;
         let now = Checkpoint {
             at_ms: at,
@@ -240,14 +242,7 @@ impl HostState {
         // them. Otherwise (no agent time, or re-anchored) the intervals differ by up to the
         // clock tolerance.
         let exact = !reanchored && now.agent_ms.is_some() && last.agent_ms.is_some();
-        let slack = |t: i64| {
-            t / 1000
-                + if exact {
-                    EXACT_SLACK_MS
-                } else {
-                    CLOCK_TOLERANCE_MS
-                }
-        };
+        let slack = |t: i64| t / 1000 + if exact { EXACT_SLACK_MS } else { tolerance_ms };
         let suspect = restarted
             && self
                 .last_restart_ms
@@ -290,7 +285,7 @@ impl HostState {
             }
         }
 
-        let keep = accepted * CARRY_CAP_MS;
+        let keep = accepted * tolerance_ms;
         let avail_o = sum_o + self.carry[0];
         let delivered = avail_o.min(accepted * watched);
         let carry_o = (avail_o - delivered).min(keep);

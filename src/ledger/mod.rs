@@ -173,6 +173,8 @@ pub struct Ledger {
     hosts: HashMap<TargetKey, HostState>,
     /// GPU-ms that arrived for sealed minutes, per contract (delivered, used).
     late: Vec<(i64, i64)>,
+    /// How far an agent's clock may stray, in this ledger's time (see [`host`]).
+    clock_tolerance_ms: i64,
 }
 
 /// Everything needed to resume after a crash, written atomically with sealed minutes.
@@ -198,7 +200,19 @@ impl Ledger {
             open: BTreeMap::new(),
             hosts: HashMap::new(),
             late: vec![(0, 0); contracts],
+            clock_tolerance_ms: host::CLOCK_TOLERANCE_MS,
         }
+    }
+
+    /// Sets how far an agent's clock may stray before it is re-anchored, in the ledger's
+    /// time: a simulated clock running faster than real time scales it.
+    pub fn with_clock_tolerance(mut self, ms: i64) -> Self {
+        self.clock_tolerance_ms = ms;
+        self
+    }
+
+    pub fn clock_tolerance_ms(&self) -> i64 {
+        self.clock_tolerance_ms
     }
 
     pub fn restore(contracts: usize, snap: Snapshot) -> Self {
@@ -331,7 +345,7 @@ impl Ledger {
             .entry((target.to_string(), contract))
             .or_insert_with(|| HostState::new(received));
         host.retired_until_ms = None;
-        let out = host.read(reading);
+        let out = host.read(reading, self.clock_tolerance_ms);
         if let Some(iv) = out.interval {
             self.attribute(contract, &iv);
         }
