@@ -1,6 +1,7 @@
 //! Agent benchmark (not a timed test): `cargo bench --bench agent`.
 //!
-//! 1. The cost of one `/metrics` render for 8 GPUs, in process.
+//! 1. The cost of one `/metrics` render for 8 GPUs, in process, under the round lock
+//!    as the agent serves it: without and with the `process_*` collector.
 //! 2. The real release binary on the fake NVML library with 8 GPUs at 1 Hz for
 //!    `COMMITMETER_BENCH_SECS` (default 60) seconds, scraped every 15 s like
 //!    Prometheus would: RSS (current and peak) from /proc/PID/status and CPU
@@ -14,12 +15,18 @@ use std::time::{Duration, Instant};
 use commitmeter::agent::metrics::{AgentMetrics, GaugeKind};
 use common::*;
 
-fn render_cost() {
+fn render_cost(process: bool) {
     let m = AgentMetrics::new(&[
         ("provider".into(), "acme".into()),
         ("cluster".into(), "east".into()),
     ])
     .unwrap();
+    if process {
+        m.register_process_collector().unwrap();
+    }
+    m.polls.inc();
+    m.sampled.inc_by(123.0);
+    m.last_round.set(1.8e9);
     for i in 0..8u32 {
         let uuid = format!("GPU-bench-{i:032}");
         let s = m.gpu(i, &uuid);
@@ -46,12 +53,13 @@ fn render_cost() {
     let start = Instant::now();
     let mut bytes = 0;
     for _ in 0..n {
-        let r = commitmeter::http::metrics(&m.registry);
+        let r = m.render();
         bytes = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
     }
     let per = start.elapsed() / n;
     println!(
-        "render: 8 GPUs, {bytes} bytes, {:.1} µs per /metrics render (mean of {n})",
+        "render: 8 GPUs{}, {bytes} bytes, {:.1} µs per /metrics render (mean of {n})",
+        if process { " + process_*" } else { "" },
         per.as_secs_f64() * 1e6
     );
 }
@@ -107,6 +115,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    render_cost();
+    render_cost(false);
+    render_cost(true);
     run_agent();
 }
