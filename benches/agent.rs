@@ -22,7 +22,7 @@ fn render_cost(process: bool) {
     ])
     .unwrap();
     if process {
-        m.register_process_collector().unwrap();
+        m.register_process_collector(1_800_000_000_000).unwrap();
     }
     m.polls.inc();
     m.sampled.inc_by(123.0);

@@ -515,30 +515,6 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
 
 // ---- What each figure proves ----
 
-/// The sealed span `[since, through)` in seconds, once `minutes` whole minutes sealed.
-fn sealed_span(agg: &Aggregator, minutes: i64) -> (Metrics, i64, i64) {
-    let m = agg.wait_for(Duration::from_secs(30), "the ledger's start", |m| {
-        m.get("commitmeter_ledger_since_timestamp_seconds", &[])
-            .is_some_and(|s| s > 0.0)
-    });
-    let since = m
-        .get("commitmeter_ledger_since_timestamp_seconds", &[])
-        .unwrap() as i64;
-    let m = agg.wait_for(
-        Duration::from_secs(60 * minutes as u64 + 120),
-        "minutes to seal",
-        |m| {
-            m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
-                .unwrap() as i64
-                >= since + 60 * minutes
-        },
-    );
-    let through = m
-        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
-        .unwrap() as i64;
-    (m, since, through)
-}
-
 fn of(m: &Metrics, contract: &str, kind: &str) -> f64 {
     m.get(
         &format!("commitmeter_contract_{kind}_gpu_seconds_total"),
@@ -563,7 +539,7 @@ fn truth(agent: &Agent, since: i64, through: i64) -> (f64, f64) {
 }
 
 #[test]
-fn our_mistakes_are_unreported_and_a_hostile_agent_is_rejected() {
+fn our_mistakes_are_unreported_a_hostile_agent_is_rejected_and_a_masked_restart_loses_nothing() {
     let honest = |util| {
         Agent::start(
             &Scenario {
@@ -612,6 +588,19 @@ fn our_mistakes_are_unreported_and_a_hostile_agent_is_rejected() {
     }
     let dir = TempDir::new("evidence");
     let config = dir.path("aggregator.toml");
+    // The restart contract's host comes through file_sd, behind a stable instance name.
+    let sd = dir.path("restart.json");
+    std::fs::write(&sd, "[]").unwrap();
+    let instance = "gpu-host-1:9473";
+    let place_restart_host = |addr: &str| {
+        std::fs::write(
+            &sd,
+            format!(
+                r#"[{{"targets":["{addr}"],"labels":{{"instance":"{instance}","provider":"restart"}}}}]"#
+            ),
+        )
+        .unwrap();
+    };
     let list = |t: &[&str]| {
         t.iter()
             .map(|t| format!("\"{t}\""))
@@ -625,7 +614,7 @@ fn our_mistakes_are_unreported_and_a_hostile_agent_is_rejected() {
 [aggregator]
 scrape_interval = "1s"
 scrape_timeout = "1s"
-grace = "2s"
+grace = "10s"
 
 [[targets]]
 targets = [{}]
@@ -634,6 +623,18 @@ labels = {{ provider = "mistakes" }}
 [[targets]]
 targets = [{}]
 labels = {{ provider = "hostile" }}
+
+[[file_sd]]
+files = ["{}"]
+
+[[contracts]]
+id = "restart"
+provider = "p"
+price_per_gpu_hour = 1.0
+currency = "USD"
+start = "2026-01-01"
+selector = '{{provider="restart"}}'
+ramp = [ {{ from = "2026-01-01", gpus = 2 }} ]
 
 [[contracts]]
 id = "mistakes"
@@ -661,14 +662,115 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
                 &flapping.addr,
                 &twice.addr
             ]),
+            sd.display(),
         ),
     )
     .unwrap();
     let data = dir.path("data");
     let agg = Aggregator::start(&config, &data);
-    let (m, since, through) = sealed_span(&agg, 2);
-    let seconds = (through - since) as f64;
+
+    // A masked restart: the first process is read once, young, and dies; the second runs
+    // longer before its first reading, so its counters are past the old ones and no
+    // counter ever goes down. Its process start time tells the ledger it restarted, so
+    // it credits all the new process counted, not the difference.
+    let m = agg.wait_for(Duration::from_secs(30), "the ledger's start", |m| {
+        m.get("commitmeter_ledger_since_timestamp_seconds", &[])
+            .is_some_and(|s| s > 0.0)
+    });
+    let since = m
+        .get("commitmeter_ledger_since_timestamp_seconds", &[])
+        .unwrap() as i64;
+    while now_unix_ms() < since * 1000 + 1000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let twin = Scenario {
+        gpus: vec![Gpu::at_util(60), Gpu::at_util(60)],
+        ..Scenario::default()
+    };
+    let first = Agent::start(&twin, AgentOpts::default());
+    // Counted something already, so a ledger that took the difference would lose it.
+    first.wait_for(Duration::from_secs(20), "the first process counting", |m| {
+        m.gpu("commitmeter_gpu_observed_seconds_total", 0)
+            .is_some_and(|s| s >= 0.5)
+    });
+    place_restart_host(&first.addr);
+    agg.wait_for(Duration::from_secs(20), "the first process read", |m| {
+        m.get("commitmeter_target_up", &[("target", instance)]) == Some(1.0)
+    });
+    let old_age = first.sc.now_ms();
+    drop(first);
+    let second = Agent::start(
+        &Scenario {
+            // Its sampling hangs after 30 s: the counters freeze, still served, so the
+            // test knows the last values the aggregator can read.
+            hang_at_ms: Some(30_000),
+            ..twin.clone()
+        },
+        AgentOpts::default(),
+    );
+    second.wait_ready(Duration::from_secs(20));
+    while second.sc.now_ms() < old_age + 3_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    place_restart_host(&second.addr);
+    while second.sc.now_ms() < 32_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let frozen = second.metrics();
+    let last_round = frozen
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .unwrap() as i64;
+    let sum = |name: &str| {
+        frozen
+            .series(name)
+            .iter()
+            .map(|(_, v)| (v * 1000.0).round() / 1000.0)
+            .sum::<f64>()
+    };
+    let (counted, busy) = (
+        sum("commitmeter_gpu_observed_seconds_total"),
+        sum("commitmeter_gpu_busy_seconds_total"),
+    );
+    let m = agg.wait_for(
+        Duration::from_secs(200),
+        "the frozen counters to seal, and two minutes",
+        |m| {
+            m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                .unwrap() as i64
+                >= (last_round / 60 + 1) * 60
+                && m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                    .unwrap() as i64
+                    >= since + 120
+        },
+    );
+    let through = m
+        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+        .unwrap() as i64;
     let log = agg.log_text();
+    // What the new process counted before its first reading may reach into minutes
+    // already sealed: it is then counted as late, not lost.
+    let late = |kind: &str| {
+        m.get(
+            "commitmeter_ledger_late_gpu_seconds_total",
+            &[("contract", "restart"), ("kind", kind)],
+        )
+        .unwrap()
+    };
+    let got = of(&m, "restart", "delivered") + late("delivered");
+    assert!(
+        (got - counted).abs() <= 0.004,
+        "delivered {got}, the new process counted {counted}\n{log}"
+    );
+    let got = of(&m, "restart", "used") + late("used");
+    assert!(
+        (got - busy).abs() <= 0.004,
+        "used {got}, the new process counted {busy} busy\n{log}"
+    );
+    // The restart gap and the silence after the hang are unreported, nothing undelivered.
+    assert_eq!(of(&m, "restart", "undelivered"), 0.0, "{log}");
+    assert!(log.contains("agent restarted"), "{log}");
+
+    let seconds = (through - since) as f64;
 
     // Our mistakes: the wrong port and the other exporter could be the missing capacity,
     // so everything short of the commitment is unreported, nothing undelivered.

@@ -273,11 +273,21 @@ impl AgentMetrics {
 
     /// Registers the `process_*` series (`process_start_time_seconds` tells one agent
     /// process from the next): for the real agent only, not for the demo's simulated
-    /// agents that share one process.
-    pub fn register_process_collector(&self) -> Result<(), prometheus::Error> {
-        self.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
+    /// agents that share one process. `started_unix_ms` is when this process read the
+    /// wall clock its round timestamps count from.
+    pub fn register_process_collector(
+        &self,
+        started_unix_ms: u64,
+    ) -> Result<(), prometheus::Error> {
+        let start = Gauge::new(
+            START_TIME,
+            "Start time of the process since unix epoch in seconds.",
+        )?;
+        start.set(started_unix_ms as f64 / 1000.0);
+        self.registry.register(Box::new(ProcessSeries {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+            start,
+        }))
     }
 
     /// Held while a sampling round applies its updates.
@@ -352,4 +362,38 @@ fn host_info(labels: &[(String, String)]) -> Result<IntGauge, prometheus::Error>
     let g = IntGauge::with_opts(opts)?;
     g.set(1);
     Ok(g)
+}
+
+const START_TIME: &str = "process_start_time_seconds";
+
+/// The process collector's series, with `process_start_time_seconds` to the millisecond:
+/// the collector's has whole seconds, so an agent that restarts within the second it
+/// started would look like the same process, and its restart could go unnoticed.
+struct ProcessSeries {
+    inner: prometheus::process_collector::ProcessCollector,
+    start: Gauge,
+}
+
+impl prometheus::core::Collector for ProcessSeries {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d: Vec<_> = self
+            .inner
+            .desc()
+            .into_iter()
+            .filter(|d| d.fq_name != START_TIME)
+            .collect();
+        d.extend(self.start.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut m: Vec<_> = self
+            .inner
+            .collect()
+            .into_iter()
+            .filter(|f| f.name() != START_TIME)
+            .collect();
+        m.extend(self.start.collect());
+        m
+    }
 }

@@ -106,7 +106,7 @@ pub async fn run(
     // The wall clock is read here, once: round timestamps count on from it.
     let clock = AgentClock::start();
     let metrics = Arc::new(AgentMetrics::new(&p.config.labels)?);
-    metrics.register_process_collector()?;
+    metrics.register_process_collector(clock.started_unix_ms())?;
     let listener = http::bind(p.listen).await?;
     tracing::info!(
         address = %listener.local_addr().unwrap_or(p.listen),

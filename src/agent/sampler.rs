@@ -67,6 +67,11 @@ impl AgentClock {
         }
     }
 
+    /// The wall clock at the start, in Unix milliseconds.
+    pub fn started_unix_ms(&self) -> u64 {
+        self.wall_ms
+    }
+
     /// Whole milliseconds of monotonic time since the start.
     pub fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64

@@ -414,7 +414,14 @@ impl Ledger {
                 .open
                 .remove(&minute)
                 .unwrap_or_else(|| vec![Open::default(); self.contracts]);
-            let mut dark = vec![false; self.contracts];
+            // A contract without a single target for some of the minute was not monitored
+            // then: dark.
+            let mut dark = vec![true; self.contracts];
+            for ((_, c), h) in &self.hosts {
+                if h.added_ms <= m0 {
+                    dark[*c] = false;
+                }
+            }
             let overlap = |a: i64, b: i64| (b.min(m1) - a.max(m0)).max(0);
             for ((_, c), h) in &self.hosts {
                 // Known GPUs from the last reading on, until retired: expected, not watched.

@@ -230,6 +230,7 @@ fn an_agent_that_keeps_restarting_is_suspect() {
 #[test]
 fn a_gpu_seen_then_lost_under_watch_is_undelivered() {
     let mut l = Ledger::new(1, 0);
+    l.configure(0, &[("h".into(), vec![0])], |_, _| i64::MAX);
     l.observe("h", 0, at(60_000, &[("a", 0, 0), ("b", 0, 0)]));
     // b's counter stops (lost): watched, not delivered.
     l.observe("h", 0, at(120_000, &[("a", 60_000, 0), ("b", 0, 0)]));
@@ -282,6 +283,20 @@ fn our_own_mistakes_are_unreported_never_undelivered() {
     let sealed = l.seal(120_000, 0, each(3));
     assert_eq!(sealed[0].totals.unreported, 2 * M);
     assert_eq!(sealed[0].totals.undelivered, 0);
+    // Contract 1 loses its only (conflicted) target: nothing is monitored, so nothing
+    // short of its commitment is evidence either.
+    assert_eq!(sealed[1].totals.unreported, 3 * M);
+    // Nor before its first target arrives, even for part of a minute.
+    let mut fresh = Ledger::new(1, -M);
+    fresh.configure(30_000, &[("h".into(), vec![0])], |_, _| i64::MAX);
+    fresh.observe("h", 0, at(30_000, &[("g", 30_000, 0)]));
+    fresh.observe("h", 0, at(120_000, &[("g", 120_000, 0)]));
+    let first = fresh.seal(120_000, 0, each(1));
+    assert_eq!(
+        (first[0].totals.unreported, first[0].totals.undelivered),
+        (30_000, 0)
+    );
+    assert_eq!(first[1].totals.delivered, M);
     // Once every target reports, a fleet smaller than the commitment is undelivered.
     l.configure(120_000, &[("h1".into(), vec![0])], |_, _| i64::MAX);
     l.observe("h1", 0, at(180_000, &[("g", 180_000, 0)]));
