@@ -223,6 +223,8 @@ impl AggregatorMetrics {
             &["operation"],
         )?;
         registry.register(Box::new(store_errors.clone()))?;
+        // Exported from the start: a failed write is an increase, not a new series.
+        store_errors.with_label_values(&["commit"]);
         let target_errors = IntCounterVec::new(
             Opts::new(
                 "commitmeter_target_scrape_errors_total",
