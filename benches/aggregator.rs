@@ -22,9 +22,18 @@ use hyper_util::rt::TokioIo;
 
 use common::*;
 
-/// An agent's exposition: the accounting counters plus the gauges the parser skips.
-fn exposition(agent: usize, elapsed: f64) -> String {
+/// An agent's exposition: the accounting counters, the round time they belong to, plus the
+/// gauges the parser skips. `start_unix` is when the simulated agents started.
+fn exposition(agent: usize, start_unix: f64, elapsed: f64) -> String {
     let mut s = String::with_capacity(16 * 1024);
+    let _ = writeln!(
+        s,
+        "commitmeter_agent_last_round_timestamp_seconds {:.3}\n\
+         commitmeter_agent_sampled_seconds_total {:.3}\n\
+         process_start_time_seconds {start_unix:.3}",
+        start_unix + elapsed,
+        elapsed
+    );
     s.push_str("# HELP commitmeter_gpu_info GPU identity.\n# TYPE commitmeter_gpu_info gauge\n");
     for g in 0..8 {
         let _ = writeln!(s, "commitmeter_gpu_info{{busy_source=\"samples\",gpu=\"{g}\",model=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:{g:02X}:00.0\",uuid=\"GPU-{agent:08}-{g}\"}} 1");
@@ -45,8 +54,8 @@ fn exposition(agent: usize, elapsed: f64) -> String {
         for g in 0..8 {
             let _ = writeln!(
                 s,
-                "{name}{{gpu=\"{g}\",uuid=\"GPU-{agent:08}-{g}\"}} {}",
-                share * elapsed + 1.0
+                "{name}{{gpu=\"{g}\",uuid=\"GPU-{agent:08}-{g}\"}} {:.3}",
+                share * elapsed
             );
         }
     }
@@ -54,6 +63,11 @@ fn exposition(agent: usize, elapsed: f64) -> String {
 }
 
 fn simulate(listener: std::net::TcpListener, start: Instant) {
+    let start_unix = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64)
+        / 1000.0;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -76,7 +90,9 @@ fn simulate(listener: std::net::TcpListener, start: Instant) {
                             .nth(2)
                             .and_then(|n| n.parse().ok())
                             .unwrap_or(0);
-                        let body = exposition(agent, start.elapsed().as_secs_f64());
+                        // Whole ms, as a real agent's rounds.
+                        let elapsed = (start.elapsed().as_millis() as f64) / 1000.0;
+                        let body = exposition(agent, start_unix, elapsed);
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     },
                 );
@@ -142,8 +158,13 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
     let wall = start.elapsed().as_secs_f64();
     let m = agg.metrics();
+    let rejected: f64 = m
+        .series("commitmeter_ledger_rejected_gpu_seconds_total")
+        .iter()
+        .map(|(_, v)| v)
+        .sum();
     println!(
-        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {} kB, peak RSS {} kB, {} targets up",
+        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {} kB, peak RSS {} kB, {} targets up, {rejected} GPU-s rejected",
         cpu / wall * 100.0,
         status_kb(pid, "VmRSS:"),
         status_kb(pid, "VmHWM:"),
