@@ -876,3 +876,84 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
 /// exact timeline: the counters are placed at the agent's own round times, so only the
 /// rounding of seconds to ms remains.
 const TOLERANCE_PER_GPU_S: f64 = 0.005;
+
+/// The top-level keys of one JSON object, in order (a duplicate stays visible, where a
+/// JSON parser would keep only the last).
+fn top_level_keys(line: &str) -> Vec<String> {
+    let (mut depth, mut keys, mut chars) = (0, Vec::new(), line.chars().peekable());
+    let mut expect_key = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '{' | '[' => {
+                depth += 1;
+                expect_key = c == '{' && depth == 1;
+            }
+            '}' | ']' => depth -= 1,
+            ',' if depth == 1 => expect_key = true,
+            '"' => {
+                let mut s = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        c => s.push(c),
+                    }
+                }
+                if expect_key {
+                    keys.push(s);
+                    expect_key = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    keys
+}
+
+#[test]
+fn json_log_lines_have_one_key_per_field() {
+    let dir = TempDir::new("jsonlog");
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\n\n\
+             [[targets]]\ntargets = [\"{}\"]\n",
+            closed_port()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .arg("aggregator")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", dir.path("data").display()))
+        .args(["--web.listen-address=127.0.0.1:0", "--log.format=json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read until the failed scrape is logged (the line that names the target).
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        let done = line.contains("scrape failed");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let failed = lines.last().cloned().unwrap_or_default();
+    assert!(failed.contains("scrape failed"), "{lines:?}");
+    assert!(top_level_keys(&failed).contains(&"scrape_target".to_string()));
+    for line in &lines {
+        let keys = top_level_keys(line);
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(keys.len(), unique.len(), "a key twice in {line}");
+    }
+}

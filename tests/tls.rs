@@ -551,4 +551,16 @@ fn aggregator_scrapes_a_tls_agent_with_basic_auth() {
         "{}",
         a_untrusted.log_text()
     );
+
+    // The password file is fixed: SIGHUP applies it at once, no restart needed.
+    std::fs::write(pki.path("wrong-password"), format!("{PASSWORD}\n")).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &a_wrong.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let m = a_wrong.wait_for(within, "the new password applied", |m| {
+        up(m, &addr) == Some(1.0)
+    });
+    assert_eq!(m.get("commitmeter_config_restart_required", &[]), Some(0.0));
 }

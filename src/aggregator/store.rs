@@ -628,4 +628,47 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_contract_renamed_between_restarts_is_unreported_until_seen_again() {
+        let dir = scratch("renamed");
+        let mut ledger = Ledger::new(1, 0);
+        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
+        ledger.observe("h:1", 0, reading(60_000, 0));
+        ledger.observe("h:1", 0, reading(120_000, 60_000));
+        let sealed = ledger.seal(120_000, 0, |_, a, b| b - a);
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .commit(&["old".to_string()], &sealed, &ledger.snapshot())
+            .unwrap();
+        // Restarted with the contract renamed: its hosts are new targets of "new", dark
+        // until read. The minutes the aggregator did not see are nobody's evidence.
+        let snap = store.load(&["new".to_string()]).unwrap().unwrap();
+        assert!(snap.hosts.is_empty());
+        let mut ledger = Ledger::restore(1, snap);
+        ledger.configure(300_000, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
+        ledger.observe("h:1", 0, reading(300_000, 240_000));
+        ledger.observe("h:1", 0, reading(360_000, 300_000));
+        let sealed = ledger.seal(360_000, 0, |_, a, b| b - a);
+        let kinds: Vec<(i64, i64, i64)> = sealed
+            .iter()
+            .map(|s| {
+                (
+                    s.totals.delivered,
+                    s.totals.unreported,
+                    s.totals.undelivered,
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, 60_000, 0),
+                (0, 60_000, 0),
+                (0, 60_000, 0),
+                (60_000, 0, 0)
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
