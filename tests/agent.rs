@@ -522,12 +522,8 @@ fn sigterm_stops_cleanly() {
     let agent = Agent::start(&Scenario::default(), AgentOpts::default());
     agent.wait_ready(Duration::from_secs(20));
     let mut agent = agent;
-    let pid = agent.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = agent.child.id();
+    signal(pid, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = agent.child.try_wait().unwrap() {
@@ -553,12 +549,8 @@ fn sighup_reloads_host_labels_and_a_bad_file_keeps_them() {
     );
     agent.wait_ready(Duration::from_secs(20));
     let hup = || {
-        let pid = agent.child.id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success());
+        let pid = agent.child.id();
+        signal(pid, "-HUP");
     };
     std::fs::write(&cfg, "[labels]\nprovider = \"beta\"\n").unwrap();
     hup();
@@ -782,12 +774,8 @@ fn a_hung_driver_makes_the_agent_unready_and_freezes_its_round_timestamp() {
         agent.log_text()
     );
     // SIGTERM: the stuck thread is left behind, the process exits 0.
-    let pid = agent.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = agent.child.id();
+    signal(pid, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = agent.child.try_wait().unwrap() {

@@ -114,12 +114,8 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     std::thread::sleep(Duration::from_secs(20));
     // SIGSTOP, not a kill: a hung host, and its port cannot be reused by another
     // test's agent while the aggregator keeps trying it.
-    let pid = doomed.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = doomed.child.id();
+    signal(pid, "-STOP");
     let doomed_died_ms = now_unix_ms();
     std::thread::sleep(Duration::from_secs(5));
     let before = agg.metrics();
@@ -347,25 +343,11 @@ scrape_timeout = "1s"
 [[file_sd]]
 files = ["{}/*.json"]
 
-[[contracts]]
-id = "lab"
-provider = "acme"
-price_per_gpu_hour = 1.0
-currency = "EUR"
-start = "2026-01-01"
-selector = '{{provider="acme"}}'
-ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
-
-[[contracts]]
-id = "lab2"
-provider = "acme"
-price_per_gpu_hour = 1.0
-currency = "EUR"
-start = "2026-01-01"
-selector = '{{provider="acme2"}}'
-ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
-"#,
-            sd_dir.display()
+{}
+{}"#,
+            sd_dir.display(),
+            contract_toml("lab", r#"{provider="acme"}"#, 4),
+            contract_toml("lab2", r#"{provider="acme2"}"#, 4),
         ),
     )
     .unwrap();
@@ -397,12 +379,8 @@ ramp = [ {{ from = "2026-01-01", gpus = 4 }} ]
     assert!(agg.log_text().contains("keeping its last good contents"));
     // Removing b; SIGHUP forces a re-read even when size and mtime look unchanged.
     write(&[&a.addr]);
-    let pid = agg.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = agg.child.id();
+    signal(pid, "-HUP");
     let m = agg.wait_for(Duration::from_secs(20), "b removed", |m| {
         up(m, &b.addr).is_none()
     });
@@ -463,20 +441,13 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
     write(&[&a.addr], 1.0);
     let mut agg = Aggregator::start(&config, &dir.path("data"));
     agg.wait_ready(Duration::from_secs(20));
-    let pid = agg.child.id().to_string();
-    let signal = |sig: &str| {
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let pid = agg.child.id();
     let up = |m: &Metrics, t: &str| m.get("commitmeter_target_up", &[("target", t)]);
     let gauge = |m: &Metrics, name: &str| m.get(name, &[]);
 
     // A good reload adds a target at once.
     write(&[&a.addr, &b.addr], 1.0);
-    signal("-HUP");
+    signal(pid, "-HUP");
     let m = agg.wait_for(Duration::from_secs(20), "b after reload", |m| {
         up(m, &b.addr) == Some(1.0)
     });
@@ -488,7 +459,7 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
 
     // A bad reload keeps the running config, says so, and sets the metric.
     std::fs::write(&config, "[aggregator]\nscrape_interval = 5\n").unwrap();
-    signal("-HUP");
+    signal(pid, "-HUP");
     let m = agg.wait_for(Duration::from_secs(20), "the failed reload", |m| {
         gauge(m, "commitmeter_config_last_reload_successful") == Some(0.0)
     });
@@ -502,14 +473,14 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
 
     // A contract change is accepted but applies at the next restart.
     write(&[&a.addr, &b.addr], 2.0);
-    signal("-HUP");
+    signal(pid, "-HUP");
     agg.wait_for(Duration::from_secs(20), "restart required", |m| {
         gauge(m, "commitmeter_config_restart_required") == Some(1.0)
             && gauge(m, "commitmeter_config_last_reload_successful") == Some(1.0)
     });
 
     // SIGTERM: drains and exits 0.
-    signal("-TERM");
+    signal(pid, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = agg.child.try_wait().unwrap() {
@@ -638,33 +609,9 @@ labels = {{ provider = "hostile" }}
 [[file_sd]]
 files = ["{}"]
 
-[[contracts]]
-id = "restart"
-provider = "p"
-price_per_gpu_hour = 1.0
-currency = "USD"
-start = "2026-01-01"
-selector = '{{provider="restart"}}'
-ramp = [ {{ from = "2026-01-01", gpus = 2 }} ]
-
-[[contracts]]
-id = "mistakes"
-provider = "p"
-price_per_gpu_hour = 1.0
-currency = "USD"
-start = "2026-01-01"
-selector = '{{provider="mistakes"}}'
-ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
-
-[[contracts]]
-id = "hostile"
-provider = "p"
-price_per_gpu_hour = 1.0
-currency = "USD"
-start = "2026-01-01"
-selector = '{{provider="hostile"}}'
-ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
-"#,
+{}
+{}
+{}"#,
             list(&[&a.addr, &wrong_port, &other.addr]),
             list(&[
                 &b.addr,
@@ -674,6 +621,9 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
                 &twice.addr
             ]),
             sd.display(),
+            contract_toml("restart", r#"{provider="restart"}"#, 2),
+            contract_toml("mistakes", r#"{provider="mistakes"}"#, 8),
+            contract_toml("hostile", r#"{provider="hostile"}"#, 8),
         ),
     )
     .unwrap();
@@ -854,12 +804,8 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
 
     // Nothing it said can keep the aggregator from starting again.
     let before = agg.metrics();
-    let pid = agg.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = agg.child.id();
+    signal(pid, "-TERM");
     let mut agg = agg;
     let status = agg.child.wait().unwrap();
     assert!(status.success(), "{status:?}\n{}", agg.log_text());

@@ -554,11 +554,7 @@ fn aggregator_scrapes_a_tls_agent_with_basic_auth() {
 
     // The password file is fixed: SIGHUP applies it at once, no restart needed.
     std::fs::write(pki.path("wrong-password"), format!("{PASSWORD}\n")).unwrap();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &a_wrong.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(a_wrong.child.id(), "-HUP");
     let m = a_wrong.wait_for(within, "the new password applied", |m| {
         up(m, &addr) == Some(1.0)
     });

@@ -265,10 +265,10 @@ pub async fn serve(
 
 /// SIGHUP: re-reads the config file with the same validation as at start. A bad file
 /// keeps the running config (error logged, `commitmeter_config_last_reload_successful 0`).
-/// Targets, file_sd and how agents are reached (scheme, TLS, credentials, timeout, body
-/// limit) apply at once: the returned scraper replaces the running one. Contracts, the
-/// scrape interval and grace shape the ledger, so they apply at the next restart
-/// (`commitmeter_config_restart_required`).
+/// Targets, file_sd and how agents are reached (scheme, TLS files, credentials) apply at
+/// once: the returned scraper replaces the running one. Contracts and the scrape timing
+/// (interval, timeout, grace, body limit) shape the ledger and the scrape loop, so they apply
+/// at the next restart (`commitmeter_config_restart_required`).
 fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -> Option<Scraper> {
     let m = &shared.metrics;
     let new = crate::contract::load(path)
@@ -286,23 +286,31 @@ fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -
             return None;
         }
     };
-    let settings =
-        |c: &AggregatorConfig| format!("{:?}", (c.scrape_interval, c.grace, &c.contracts));
+    let settings = |c: &AggregatorConfig| {
+        format!(
+            "{:?}",
+            (
+                c.scrape_interval,
+                c.scrape_timeout,
+                c.grace,
+                c.body_limit_bytes,
+                &c.contracts
+            )
+        )
+    };
     let restart = settings(&new) != settings(&shared.config_at_start);
     if restart {
         tracing::warn!(
-            "config reloaded: changes to contracts, scrape_interval or grace apply after a restart"
+            "config reloaded: changes to contracts or scrape timing apply after a restart"
         );
     } else {
         tracing::info!("config reloaded");
     }
     m.restart_required.set(i64::from(restart));
-    let scraper = Scraper::new(new.scrape_timeout, new.body_limit_bytes, tls, &new.scrape);
+    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes, tls, &new.scrape);
     cfg.static_targets = new.static_targets;
     cfg.file_sd = new.file_sd;
     cfg.scrape = new.scrape;
-    cfg.scrape_timeout = new.scrape_timeout;
-    cfg.body_limit_bytes = new.body_limit_bytes;
     m.reload_ok.set(1);
     m.reload_time.set(SystemClock.now_ms() / 1000);
     Some(scraper)
@@ -597,10 +605,13 @@ impl Shared {
                 .is_none_or(|&last| now_ms - last >= REJECT_LOG_EVERY_MS);
             if due {
                 logged.insert(key.to_string(), now_ms);
-                let reasons: Vec<String> = out
-                    .rejected
+                let mut by_reason: BTreeMap<&str, i64> = BTreeMap::new();
+                for (why, ms) in &out.rejected {
+                    *by_reason.entry(why.as_str()).or_default() += ms;
+                }
+                let reasons: Vec<String> = by_reason
                     .iter()
-                    .map(|(why, ms)| format!("{}={:.3}s", why.as_str(), *ms as f64 / 1000.0))
+                    .map(|(why, ms)| format!("{why}={:.3}s", *ms as f64 / 1000.0))
                     .collect();
                 tracing::warn!(
                     scrape_target = %key,

@@ -507,3 +507,22 @@ pub fn closed_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }
+
+/// Sends `signal` (`-HUP`, `-TERM`, `-STOP`, …) to process `pid` with kill(1).
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// A `[[contracts]]` table committing `gpus` from 2026-01-01 on to the targets `selector`
+/// matches, at 1 USD per GPU-hour.
+pub fn contract_toml(id: &str, selector: &str, gpus: u64) -> String {
+    format!(
+        "[[contracts]]\nid = \"{id}\"\nprovider = \"p\"\nprice_per_gpu_hour = 1.0\n\
+         currency = \"USD\"\nstart = \"2026-01-01\"\nselector = '{selector}'\n\
+         ramp = [ {{ from = \"2026-01-01\", gpus = {gpus} }} ]\n"
+    )
+}
