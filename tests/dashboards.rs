@@ -6,6 +6,9 @@
 //! to defined variables, with `=~"$var"` matchers so multi-value variables keep working.
 //! `dashboards/README.md` says which substitutions turn an expr into plain PromQL.
 
+mod common;
+
+use common::expand_series;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -63,11 +66,8 @@ fn dashboards() -> Vec<(String, Value)> {
         .collect()
 }
 
-/// Series names documented in README.md: every `commitmeter_…` name in a code span, with the
-/// tables' shorthands expanded: `commitmeter_contract_{a,b}_gpu_seconds_total{contract}` (braces
-/// followed by more name are alternatives, trailing braces are labels) and
-/// `` `commitmeter_gpu_utilization_ratio`, `_memory_used_bytes` `` (a span starting with `_` continues the
-/// `commitmeter_<word>` prefix of the previous name on the line).
+/// Series names documented in README.md: every `commitmeter_…` name in a code span, with
+/// the tables' shorthands expanded ([`expand_series`]).
 fn readme_series(readme: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut fenced = false;
@@ -79,52 +79,19 @@ fn readme_series(readme: &str) -> BTreeSet<String> {
         if fenced {
             continue;
         }
-        let mut previous: Option<String> = None;
         for span in line.split('`').skip(1).step_by(2) {
-            let span = match (span.strip_prefix('_'), &previous) {
-                (Some(_), Some(prev)) => format!("{}{span}", family_prefix(prev)),
-                _ => span.to_string(),
-            };
-            for expanded in expand_braces(&span) {
+            for expanded in expand_series(span) {
                 let name: String = expanded
                     .chars()
                     .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
                     .collect();
                 if name.starts_with("commitmeter_") && !name.ends_with('_') {
-                    previous = Some(name.clone());
                     names.insert(name);
                 }
             }
         }
     }
     names
-}
-
-/// `commitmeter_gpu_utilization_ratio` → `commitmeter_gpu`.
-fn family_prefix(name: &str) -> &str {
-    let rest = &name["commitmeter_".len()..];
-    match rest.find('_') {
-        Some(i) => &name[.."commitmeter_".len() + i],
-        None => name,
-    }
-}
-
-fn expand_braces(span: &str) -> Vec<String> {
-    let Some(open) = span.find('{') else {
-        return vec![span.to_string()];
-    };
-    let Some(close) = span[open..].find('}').map(|i| open + i) else {
-        return vec![span[..open].to_string()];
-    };
-    let (head, inner, tail) = (&span[..open], &span[open + 1..close], &span[close + 1..]);
-    if tail.starts_with(|c: char| c == '_' || c.is_ascii_lowercase()) {
-        inner
-            .split(',')
-            .flat_map(|alt| expand_braces(&format!("{head}{}{tail}", alt.trim())))
-            .collect()
-    } else {
-        vec![head.to_string()]
-    }
 }
 
 fn allowed_series() -> BTreeSet<String> {

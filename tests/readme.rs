@@ -14,23 +14,6 @@ fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
 }
 
-/// `a_{b,c}_d{x,y}` → `a_b_d`, `a_c_d`: a brace group after a `_` is a set of alternatives
-/// for the rest of the name; one after a whole name is its label set.
-fn expand(token: &str) -> Vec<String> {
-    let Some(open) = token.find('{') else {
-        return vec![token.to_string()];
-    };
-    let close = open + token[open..].find('}').expect("unclosed brace");
-    let (head, tail) = (&token[..open], &token[close + 1..]);
-    if !head.ends_with('_') {
-        return vec![head.to_string()];
-    }
-    token[open + 1..close]
-        .split(',')
-        .flat_map(|alt| expand(&format!("{head}{alt}{tail}")))
-        .collect()
-}
-
 /// The series named in the first column of the tables under `### Series` in `section`.
 fn documented(text: &str, section: &str) -> BTreeSet<String> {
     let start = text.find(section).unwrap_or_else(|| panic!("no {section}"));
@@ -46,7 +29,7 @@ fn documented(text: &str, section: &str) -> BTreeSet<String> {
         let first = line.split('|').nth(1).unwrap_or("");
         for token in first.split('`').skip(1).step_by(2) {
             if token.starts_with("commitmeter_") || token.starts_with("process_") {
-                out.extend(expand(token));
+                out.extend(expand_series(token));
             }
         }
     }
@@ -70,18 +53,18 @@ fn compare(role: &str, documented: &BTreeSet<String>, exported: &BTreeSet<String
 #[test]
 fn expansion_reads_alternatives_and_drops_label_sets() {
     assert_eq!(
-        expand("commitmeter_contract_{a,b}_total{contract}"),
+        expand_series("commitmeter_contract_{a,b}_total{contract}"),
         [
             "commitmeter_contract_a_total",
             "commitmeter_contract_b_total"
         ]
     );
-    assert_eq!(expand("x{gpu,uuid}"), ["x"]);
+    assert_eq!(expand_series("x{gpu,uuid}"), ["x"]);
     assert_eq!(
-        expand("commitmeter_host_info{<labels>}"),
+        expand_series("commitmeter_host_info{<labels>}"),
         ["commitmeter_host_info"]
     );
-    assert_eq!(expand("p_{a,b}"), ["p_a", "p_b"]);
+    assert_eq!(expand_series("p_{a,b}{gpu,uuid}"), ["p_a", "p_b"]);
 }
 
 #[test]

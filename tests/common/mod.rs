@@ -526,3 +526,24 @@ pub fn contract_toml(id: &str, selector: &str, gpus: u64) -> String {
          ramp = [ {{ from = \"2026-01-01\", gpus = {gpus} }} ]\n"
     )
 }
+
+/// Expands the README's series shorthands: a brace group after a `_`, or followed by more
+/// name, is a set of alternatives (`commitmeter_contract_{a,b}_gpu_seconds_total`,
+/// `process_{a,b}`); one after a whole name is its label set (`…_total{contract}`).
+pub fn expand_series(span: &str) -> Vec<String> {
+    let Some(open) = span.find('{') else {
+        return vec![span.to_string()];
+    };
+    let Some(close) = span[open..].find('}').map(|i| open + i) else {
+        return vec![span[..open].to_string()];
+    };
+    let (head, inner, tail) = (&span[..open], &span[open + 1..close], &span[close + 1..]);
+    if head.ends_with('_') || tail.starts_with(|c: char| c == '_' || c.is_ascii_lowercase()) {
+        inner
+            .split(',')
+            .flat_map(|alt| expand_series(&format!("{head}{}{tail}", alt.trim())))
+            .collect()
+    } else {
+        vec![head.to_string()]
+    }
+}
