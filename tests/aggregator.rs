@@ -535,7 +535,7 @@ fn our_mistakes_are_unreported_a_hostile_agent_is_rejected_and_a_masked_restart_
     let b = honest(80);
     // Another exporter on an agent's port: 200, but no GPU series.
     let other = Exporter::start(|_| "node_load1 0.5\nup 1\n".into());
-    let wrong_port = closed_port();
+    let (_held, wrong_port) = silent_port();
     // Hostile agents: a value no counter can hold; a counter racing 10^6 s per scrape next
     // to busy 50x observed; counters that go down every other scrape; one UUID twice.
     let absurd = Exporter::start(|_| {
@@ -861,13 +861,14 @@ fn top_level_keys(line: &str) -> Vec<String> {
 #[test]
 fn json_log_lines_have_one_key_per_field() {
     let dir = TempDir::new("jsonlog");
+    let (_held, wrong_port) = silent_port();
     let config = dir.path("aggregator.toml");
     std::fs::write(
         &config,
         format!(
             "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\n\n\
              [[targets]]\ntargets = [\"{}\"]\n",
-            closed_port()
+            wrong_port
         ),
     )
     .unwrap();

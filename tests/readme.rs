@@ -96,13 +96,30 @@ fn every_agent_series_in_the_readme_is_exported_and_every_exported_one_documente
 fn every_aggregator_series_in_the_readme_is_exported_and_every_exported_one_documented() {
     // The demo runs the real aggregator: at 600x, minutes seal within seconds (defining
     // every month-to-date ratio) and a simulated host goes down (a scrape error series).
-    let port = closed_port();
     let mut demo = Command::new(BIN)
-        .args(["demo", "--speed", "600", "--web.listen-address", &port])
-        .stdout(Stdio::null())
+        .args([
+            "demo",
+            "--speed",
+            "600",
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // It prints where it serves: "  contract metrics:  http://127.0.0.1:PORT/metrics".
+    let port = std::io::BufRead::lines(std::io::BufReader::new(demo.stdout.take().unwrap()))
+        .map_while(Result::ok)
+        .find_map(|l| {
+            let url = l.split("contract metrics:").nth(1)?.trim().to_string();
+            Some(
+                url.trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_string(),
+            )
+        })
+        .expect("the demo's address");
     let deadline = Instant::now() + Duration::from_secs(90);
     let want = [
         "commitmeter_contract_utilization_ratio",
@@ -110,12 +127,8 @@ fn every_aggregator_series_in_the_readme_is_exported_and_every_exported_one_docu
         "commitmeter_target_scrape_errors_total",
     ];
     let body = loop {
-        let body = std::net::TcpStream::connect(&port)
-            .ok()
-            .map(|_| http_get(&port, "/metrics"))
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, b)| b)
-            .unwrap_or_default();
+        let (status, body) = http_get(&port, "/metrics");
+        assert_eq!(status, 200, "{body}");
         let names = exported(&body);
         if want.iter().all(|w| names.contains(*w)) {
             break body;

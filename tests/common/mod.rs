@@ -502,10 +502,13 @@ impl Drop for Exporter {
     }
 }
 
-/// A loopback address nothing listens on (bound, then released).
-pub fn closed_port() -> String {
+/// A loopback address that accepts connections and never answers (a wrong port). The
+/// listener is returned so the port stays taken: a released port could be handed to
+/// another test's agent.
+pub fn silent_port() -> (std::net::TcpListener, String) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    let addr = l.local_addr().unwrap().to_string();
+    (l, addr)
 }
 
 /// Sends `signal` (`-HUP`, `-TERM`, `-STOP`, …) to process `pid` with kill(1).
