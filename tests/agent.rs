@@ -522,17 +522,8 @@ fn sigterm_stops_cleanly() {
     let agent = Agent::start(&Scenario::default(), AgentOpts::default());
     agent.wait_ready(Duration::from_secs(20));
     let mut agent = agent;
-    let pid = agent.child.id();
-    signal(pid, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            assert!(status.success(), "{status:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = terminate(&mut agent.child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
@@ -774,17 +765,8 @@ fn a_hung_driver_makes_the_agent_unready_and_freezes_its_round_timestamp() {
         agent.log_text()
     );
     // SIGTERM: the stuck thread is left behind, the process exits 0.
-    let pid = agent.child.id();
-    signal(pid, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            assert!(status.success(), "{status:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "agent did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = terminate(&mut agent.child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
 }
 
 /// After a hang the agent resumes: ready again, and neither the sampled span nor a

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -480,19 +480,8 @@ fn sighup_reloads_targets_a_bad_reload_keeps_the_old_config_and_sigterm_stops_cl
     });
 
     // SIGTERM: drains and exits 0.
-    signal(pid, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = agg.child.try_wait().unwrap() {
-            assert!(status.success(), "{status:?}\n{}", agg.log_text());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "aggregator did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let status = terminate(&mut agg.child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", agg.log_text());
 }
 
 // ---- What each figure proves ----
@@ -804,10 +793,8 @@ files = ["{}"]
 
     // Nothing it said can keep the aggregator from starting again.
     let before = agg.metrics();
-    let pid = agg.child.id();
-    signal(pid, "-TERM");
     let mut agg = agg;
-    let status = agg.child.wait().unwrap();
+    let status = terminate(&mut agg.child, Duration::from_secs(20));
     assert!(status.success(), "{status:?}\n{}", agg.log_text());
     let agg = Aggregator::start(&config, &data);
     agg.wait_ready(Duration::from_secs(20));

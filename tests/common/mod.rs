@@ -550,3 +550,19 @@ pub fn expand_series(span: &str) -> Vec<String> {
         vec![head.to_string()]
     }
 }
+
+/// SIGTERM, then waits up to `within` for the process to exit; its exit status.
+pub fn terminate(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    signal(child.id(), "-TERM");
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "did not exit within {within:?} of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
