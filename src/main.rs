@@ -21,7 +21,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             // Config mistakes end the process here, before a socket or NVML is touched.
             let prepared = agent::prepare(args)?;
-            runtime()?.block_on(agent::run(prepared, shutdown_signal()))?;
+            run_to_end(agent::run(prepared, shutdown_signal()))?;
         }
         Command::Aggregator(args) => {
             let prepared = aggregator::prepare(
@@ -31,7 +31,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.web_config_file.as_deref(),
             )?;
             let clock = std::sync::Arc::new(aggregator::SystemClock);
-            runtime()?.block_on(aggregator::run(prepared, clock, shutdown_signal()))?;
+            run_to_end(aggregator::run(prepared, clock, shutdown_signal()))?;
         }
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
@@ -40,7 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 story: args.story,
                 data_dir: args.data_dir,
             };
-            runtime()?.block_on(demo::run(opts, shutdown_signal()))?;
+            run_to_end(demo::run(opts, shutdown_signal()))?;
         }
         Command::CheckConfig(args) => {
             for file in &args.files {
@@ -51,11 +51,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs a role on a multi-threaded runtime: serving, scraping and rendering proceed
+/// side by side, so one slow client, target or page cannot stall the rest. At the end,
+/// blocking work that is still stuck (a hung disk, a FIFO) is abandoned after a few
+/// seconds instead of holding the process.
+fn run_to_end<T, E>(role: impl std::future::Future<Output = Result<T, E>>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
-        .context("cannot start the async runtime")
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(role);
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    Ok(result?)
 }
 
 /// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

@@ -165,6 +165,8 @@ pub struct AggregatorMetrics {
     pub sealed_through: IntGauge,
     pub since: IntGauge,
     pub store_errors: IntCounterVec,
+    pub pending: IntGauge,
+    pub write_ok: IntGauge,
     pub target_up: GaugeVec,
     pub target_duration: GaugeVec,
     pub target_gpus: GaugeVec,
@@ -225,6 +227,16 @@ impl AggregatorMetrics {
         registry.register(Box::new(store_errors.clone()))?;
         // Exported from the start: a failed write is an increase, not a new series.
         store_errors.with_label_values(&["commit"]);
+        let pending = IntGauge::new(
+            "commitmeter_ledger_pending_minutes",
+            "Sealed contract-minutes waiting in memory to be written to the ledger database (not yet in the counters).",
+        )?;
+        registry.register(Box::new(pending.clone()))?;
+        let write_ok = IntGauge::new(
+            "commitmeter_ledger_last_write_successful",
+            "1 if the last write of the ledger database succeeded; 0 while it cannot be written (the aggregator is then not ready).",
+        )?;
+        registry.register(Box::new(write_ok.clone()))?;
         let target_errors = IntCounterVec::new(
             Opts::new(
                 "commitmeter_target_scrape_errors_total",
@@ -340,6 +352,8 @@ impl AggregatorMetrics {
             sealed_through,
             since,
             store_errors,
+            pending,
+            write_ok,
             target_errors,
             targets_problems,
             reload_ok,

@@ -11,15 +11,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use hyper::body::Bytes;
 use hyper::StatusCode;
 
 use crate::contract::{AggregatorConfig, Contract, UsageSignal};
 use crate::http::{self, Handler};
 use crate::ledger::totals::{figures, Running, Terms};
-use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, MINUTE_MS};
+use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, MINUTE_MS};
 use metrics::AggregatorMetrics;
 use scrape::{HostReport, ScrapeError, Scraper};
 use store::Store;
@@ -42,6 +43,10 @@ pub enum AggregatorError {
     Store(#[from] store::StoreError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot start the ledger writer thread: {0}")]
+    Writer(std::io::Error),
+    #[error("reading the ledger at start: {0}")]
+    Task(String),
 }
 
 /// Where time comes from: the system clock in production, a simulated one in the
@@ -110,8 +115,57 @@ pub fn prepare(
 struct Books {
     ledger: Ledger,
     running: Vec<Running>,
+    /// Per contract, the durable sealed minutes of its current billing period, oldest
+    /// first: the status page is built from these and never reads the database.
+    minutes: Vec<Vec<(i64, Totals)>>,
     /// Sealed minutes not yet durable: never exported until written.
     pending: Vec<Sealed>,
+    /// Minutes before this one are sealed and durable (the ledger's own `sealed_through`
+    /// runs ahead by the pending minutes).
+    durable_through: i64,
+}
+
+/// At most this many days of sealed minutes per contract wait in memory for a disk that
+/// cannot be written; past that, minutes stay open in the ledger (sealed once the disk
+/// is back), so memory grows by a few hundred bytes per contract and minute, no more.
+const MAX_PENDING_DAYS: usize = 7;
+
+/// Whether the ledger database keeps up. Readiness fails while it does not.
+#[derive(Default)]
+struct Durability {
+    /// When the write in flight was handed to the writer thread (real time).
+    in_flight_since: Option<Instant>,
+    /// The last write failed and none has succeeded since.
+    failing: bool,
+    /// When a failing write was last logged (at most every [`REJECT_LOG_EVERY_MS`]).
+    logged: Option<Instant>,
+}
+
+/// The ledger database on a thread of its own: a slow or hung disk stalls this thread
+/// only, never the threads that serve `/metrics` and scrape.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<WriteJob>,
+}
+
+struct WriteJob {
+    sealed: Vec<Sealed>,
+    snap: Snapshot,
+    done: tokio::sync::oneshot::Sender<Result<(), store::StoreError>>,
+}
+
+impl Writer {
+    fn spawn(mut store: Store, ids: Vec<String>) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                for job in queue {
+                    let written = store.commit(&ids, &job.sealed, &job.snap);
+                    let _ = job.done.send(written);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
 }
 
 struct Shared {
@@ -120,11 +174,20 @@ struct Shared {
     config_at_start: AggregatorConfig,
     ids: Vec<String>,
     books: Mutex<Books>,
-    store: Mutex<Store>,
+    writer: Writer,
+    durability: Mutex<Durability>,
+    /// A write in flight for longer than this (real time) fails readiness: the disk hangs.
+    write_deadline: Duration,
     metrics: AggregatorMetrics,
     clock: Arc<dyn Clock>,
     grace_ms: i64,
-    ready: AtomicBool,
+    /// The first scrape round has finished.
+    first_round: AtomicBool,
+    /// The status page, rendered in the background after each round; `GET /` serves
+    /// this copy, so any number of viewers costs one render per round.
+    status_page: RwLock<Bytes>,
+    rendering: AtomicBool,
+    render_again: AtomicBool,
     /// Per target key: its contract and whether its last scrape succeeded.
     health: Mutex<HashMap<String, (Option<usize>, bool)>>,
     /// Per target key: when its rejected readings were last logged (at most every
@@ -143,17 +206,21 @@ pub async fn run(
     serve(p, listener, clock, shutdown).await
 }
 
-/// Runs on an already bound listener (the demo binds first to print its URLs).
-pub async fn serve(
-    p: Prepared,
-    listener: tokio::net::TcpListener,
-    clock: Arc<dyn Clock>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AggregatorError> {
-    let cfg = p.config;
-    let store = Store::open(&p.data_dir)?;
-    let ids: Vec<String> = cfg.contracts.iter().map(|c| c.id.clone()).collect();
-    let now = clock.now_ms();
+/// What the database holds at start, read before anything is served.
+struct Restored {
+    store: Store,
+    ledger: Ledger,
+    running: Vec<Running>,
+    minutes: Vec<Vec<(i64, Totals)>>,
+}
+
+fn restore(
+    data_dir: &std::path::Path,
+    contracts: &[Contract],
+    now_ms: i64,
+) -> Result<Restored, store::StoreError> {
+    let store = Store::open(data_dir)?;
+    let ids: Vec<String> = contracts.iter().map(|c| c.id.clone()).collect();
     let ledger = match store.load(&ids)? {
         Some(snap) => {
             tracing::info!(
@@ -164,27 +231,58 @@ pub async fn serve(
             Ledger::restore(ids.len(), snap)
         }
         None => {
-            tracing::info!(path = %p.data_dir.display(), "new ledger");
-            Ledger::new(ids.len(), now)
+            tracing::info!(path = %data_dir.display(), "new ledger");
+            Ledger::new(ids.len(), now_ms)
         }
-    }
-    .with_clock_tolerance(clock.scale(Duration::from_millis(
-        crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
-    )));
-    let metrics = AggregatorMetrics::new()?;
-    let through_ms = ledger.sealed_through() * MINUTE_MS;
+    };
+    let through = ledger.sealed_through();
     let mut running = Vec::new();
-    for c in &cfg.contracts {
-        let period = c.billing_period(through_ms);
+    let mut minutes = Vec::new();
+    for c in contracts {
+        let period = c.billing_period(through * MINUTE_MS);
         let all_time = store.sums(&c.id, i64::MIN, i64::MAX)?;
         let in_period = store.sums(&c.id, period.0.div_euclid(MINUTE_MS), i64::MAX)?;
-        let recent = store.minutes(
-            &c.id,
-            ledger.sealed_through() - 1440,
-            ledger.sealed_through(),
-        )?;
+        let recent = store.minutes(&c.id, through - 1440, through)?;
+        let from = period
+            .0
+            .max(ledger.since() * MINUTE_MS)
+            .div_euclid(MINUTE_MS);
+        minutes.push(store.minutes(&c.id, from, through)?);
+        running.push(Running::new(all_time, period, in_period, recent));
+    }
+    Ok(Restored {
+        store,
+        ledger,
+        running,
+        minutes,
+    })
+}
+
+/// Runs on an already bound listener (the demo binds first to print its URLs).
+pub async fn serve(
+    p: Prepared,
+    listener: tokio::net::TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AggregatorError> {
+    let cfg = p.config;
+    let ids: Vec<String> = cfg.contracts.iter().map(|c| c.id.clone()).collect();
+    let now = clock.now_ms();
+    let restored = {
+        let (dir, contracts) = (p.data_dir.clone(), cfg.contracts.clone());
+        tokio::task::spawn_blocking(move || restore(&dir, &contracts, now))
+            .await
+            .map_err(|e| AggregatorError::Task(e.to_string()))??
+    };
+    let ledger = restored
+        .ledger
+        .with_clock_tolerance(clock.scale(Duration::from_millis(
+            crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
+        )));
+    let metrics = AggregatorMetrics::new()?;
+    for (c, r) in cfg.contracts.iter().zip(&restored.running) {
         metrics.describe(c);
-        let period_s = (period.1 - period.0) as f64 / 1000.0;
+        let period_s = (r.period_end_ms - r.period_start_ms) as f64 / 1000.0;
         for tier in crate::ledger::burn::TIERS {
             if !tier.reachable(period_s, c.target_utilization) {
                 tracing::warn!(
@@ -195,28 +293,36 @@ pub async fn serve(
                 );
             }
         }
-        let late = ledger
-            .late()
-            .get(running.len())
-            .copied()
-            .unwrap_or_default();
-        metrics.ledger.set(&c.id, &all_time, late);
-        running.push(Running::new(all_time, period, in_period, recent));
     }
+    for (i, c) in cfg.contracts.iter().enumerate() {
+        let late = ledger.late().get(i).copied().unwrap_or_default();
+        metrics
+            .ledger
+            .set(&c.id, &restored.running[i].all_time, late);
+    }
+    let writer = Writer::spawn(restored.store, ids.clone()).map_err(AggregatorError::Writer)?;
+    let durable_through = ledger.sealed_through();
     let shared = Arc::new(Shared {
         contracts: cfg.contracts.clone(),
         config_at_start: cfg.clone(),
         ids,
         books: Mutex::new(Books {
             ledger,
-            running,
+            running: restored.running,
+            minutes: restored.minutes,
             pending: Vec::new(),
+            durable_through,
         }),
-        store: Mutex::new(store),
+        writer,
+        durability: Mutex::new(Durability::default()),
+        write_deadline: cfg.scrape_interval.max(Duration::from_secs(30)),
         metrics,
         clock,
         grace_ms: cfg.grace.as_millis() as i64,
-        ready: AtomicBool::new(false),
+        first_round: AtomicBool::new(false),
+        status_page: RwLock::new(Bytes::new()),
+        rendering: AtomicBool::new(false),
+        render_again: AtomicBool::new(false),
         health: Mutex::new(HashMap::new()),
         rejections_logged: Mutex::new(HashMap::new()),
     });
@@ -228,7 +334,10 @@ pub async fn serve(
             .sealed_through
             .set(books.ledger.sealed_through() * 60);
     }
+    shared.metrics.write_ok.set(1);
     shared.refresh_gauges();
+    *shared.status_page.write().expect("status page lock") =
+        Bytes::from(status::render(&shared.status_view()));
 
     tracing::info!(
         address = %listener.local_addr().unwrap_or(p.listen),
@@ -256,9 +365,7 @@ pub async fn serve(
     http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
     scraping.abort();
     let _ = scraping.await;
-    // Not needed for correctness (every round is durable), but a clean stop leaves
-    // the freshest snapshot behind.
-    shared.seal_and_commit().await;
+    shared.final_write().await;
     tracing::info!("shutting down");
     Ok(())
 }
@@ -331,22 +438,19 @@ fn spawn_sighup(flag: Arc<AtomicBool>) {
     }
 }
 
+/// Every route answers from memory: nothing here waits for the disk or a target.
 fn handler(shared: Arc<Shared>) -> Handler {
     Arc::new(move |path: &str| match path {
         "/metrics" => Some(http::metrics(&shared.metrics.registry)),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
-        "/-/ready" if shared.ready.load(Ordering::Relaxed) => {
-            Some(http::text(StatusCode::OK, "text/plain", "OK\n"))
-        }
-        "/-/ready" => Some(http::text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "first scrape round not finished\n",
-        )),
+        "/-/ready" => Some(match shared.unready() {
+            None => http::text(StatusCode::OK, "text/plain", "OK\n"),
+            Some(why) => http::text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+        }),
         "/" => Some(http::text(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            status::render(&shared.status_view()),
+            shared.status_page.read().expect("status page lock").clone(),
         )),
         _ => None,
     })
@@ -358,7 +462,6 @@ struct TargetSet {
     fingerprint: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
     cache: targets::SdCache,
     loaded: bool,
-    up: HashMap<String, bool>,
 }
 
 impl TargetSet {
@@ -411,7 +514,6 @@ impl TargetSet {
                 for reason in ScrapeError::REASONS {
                     let _ = m.target_errors.remove_label_values(&[&key, reason]);
                 }
-                self.up.remove(&key);
                 shared.health.lock().expect("health lock").remove(&key);
                 shared
                     .rejections_logged
@@ -445,41 +547,110 @@ fn contract_label<'a>(shared: &'a Shared, t: &Target) -> &'a str {
     t.contract.map_or("", |c| shared.ids[c].as_str())
 }
 
+/// What a target refresh works on: owned by a blocking thread while it reads the config
+/// and file_sd files, so a hung file system or a FIFO stalls that thread, not the loop.
+struct Refresh {
+    set: TargetSet,
+    cfg: AggregatorConfig,
+    /// A new scraper when SIGHUP changed how agents are reached.
+    scraper: Option<Scraper>,
+}
+
+/// How long a round waits for a target refresh before scraping the last known targets.
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
+
 async fn scrape_loop(
     shared: Arc<Shared>,
-    mut cfg: AggregatorConfig,
+    cfg: AggregatorConfig,
     config_file: PathBuf,
     scraper: Scraper,
     hup: Arc<AtomicBool>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
-    let mut set = TargetSet {
-        targets: Arc::new(Vec::new()),
-        fingerprint: Vec::new(),
-        cache: targets::SdCache::new(),
-        loaded: false,
-        up: HashMap::new(),
-    };
-    set.refresh(&shared, &cfg, true);
+    let budget = scrape::BodyBudget::for_limit(cfg.body_limit_bytes);
+    let mut scraper = scraper.with_budget(budget.clone());
     let mut tick = tokio::time::interval(cfg.scrape_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut scraper = scraper;
+    let mut idle = Some(Refresh {
+        set: TargetSet {
+            targets: Arc::new(Vec::new()),
+            fingerprint: Vec::new(),
+            cache: targets::SdCache::new(),
+            loaded: false,
+        },
+        cfg,
+        scraper: None,
+    });
+    let mut running: Option<tokio::task::JoinHandle<Refresh>> = None;
+    let mut targets: Arc<Vec<Target>> = Arc::new(Vec::new());
+    let mut log = RoundLog::default();
+    let mut slow_refresh_logged = false;
     loop {
         tick.tick().await;
-        let hupped = hup.swap(false, Ordering::Relaxed);
-        if hupped {
-            if let Some(new) = reload(&shared, &mut cfg, &config_file) {
-                scraper = new;
+        if let Some(mut r) = idle.take() {
+            let hupped = hup.swap(false, Ordering::Relaxed);
+            let (sh, path) = (shared.clone(), config_file.clone());
+            running = Some(tokio::task::spawn_blocking(move || {
+                if hupped {
+                    r.scraper = reload(&sh, &mut r.cfg, &path);
+                }
+                r.set.refresh(&sh, &r.cfg, hupped);
+                r
+            }));
+        }
+        if let Some(job) = running.as_mut() {
+            // The first round needs its targets; later ones go on with the last list.
+            let wait = if log.rounds == 0 {
+                Duration::MAX
+            } else {
+                REFRESH_WAIT
+            };
+            match tokio::time::timeout(wait, job).await {
+                Ok(Ok(mut r)) => {
+                    if let Some(new) = r.scraper.take() {
+                        scraper = new.with_budget(budget.clone());
+                    }
+                    targets = r.set.targets.clone();
+                    idle = Some(r);
+                    running = None;
+                    if slow_refresh_logged {
+                        tracing::info!("target refresh finished");
+                        slow_refresh_logged = false;
+                    }
+                }
+                Ok(Err(e)) => {
+                    // A bug, not a fault of the files: start over from the config at start.
+                    tracing::error!(error = %e, "target refresh failed; reloading targets from scratch");
+                    idle = Some(Refresh {
+                        set: TargetSet {
+                            targets: targets.clone(),
+                            fingerprint: Vec::new(),
+                            cache: targets::SdCache::new(),
+                            loaded: false,
+                        },
+                        cfg: shared.config_at_start.clone(),
+                        scraper: None,
+                    });
+                    running = None;
+                }
+                Err(_) => {
+                    if !slow_refresh_logged {
+                        tracing::warn!(
+                            "reading the config or file_sd files is taking long (hung file system?); scraping the last known targets meanwhile"
+                        );
+                        slow_refresh_logged = true;
+                    }
+                }
             }
         }
-        set.refresh(&shared, &cfg, hupped);
+        let started = std::time::Instant::now();
         let mut jobs = tokio::task::JoinSet::new();
-        for i in 0..set.targets.len() {
+        for i in 0..targets.len() {
             let (shared, scraper, limit, targets) = (
                 shared.clone(),
                 scraper.clone(),
                 limit.clone(),
-                set.targets.clone(),
+                targets.clone(),
             );
             jobs.spawn(async move {
                 let _permit = limit.acquire().await;
@@ -488,32 +659,142 @@ async fn scrape_loop(
                 let result = scraper.scrape(t).await;
                 let received_ms = shared.clock.now_ms();
                 let took = started.elapsed();
-                let up = shared.record(t, received_ms, took, &result);
-                (t.key(), up, result.err().map(|e| e.to_string()))
+                shared.record(t, received_ms, took, &result);
+                (t.key(), result.err().map(|e| (e.reason(), e.to_string())))
             });
         }
+        let mut outcomes = Vec::with_capacity(targets.len());
         while let Some(done) = jobs.join_next().await {
-            let Ok((key, up, err)) = done else { continue };
-            // Log a target's state changes once, not every round.
-            if set.up.insert(key.clone(), up) != Some(up) {
-                match err {
-                    Some(e) => tracing::warn!(scrape_target = %key, error = %e, "scrape failed"),
-                    None => tracing::info!(scrape_target = %key, "scrape ok"),
-                }
+            if let Ok(outcome) = done {
+                outcomes.push(outcome);
             }
         }
-        if !shared.ready.load(Ordering::Relaxed) {
+        log.round(outcomes, started.elapsed());
+        if !shared.first_round.load(Ordering::Relaxed) {
             let mut books = shared.books.lock().expect("books lock");
             books.ledger.start_after(shared.clock.now_ms());
             shared.metrics.since.set(books.ledger.since() * 60);
         }
-        shared.seal_and_commit().await;
+        shared.seal_due();
+        shared.start_write();
         shared.refresh_gauges();
-        shared.ready.store(true, Ordering::Relaxed);
+        shared.first_round.store(true, Ordering::Relaxed);
+        shared.render_status();
+    }
+}
+
+/// What the scrape loop logs: state changes of targets (a few lines per round at most)
+/// and a summary of the round when it differs from the last one, or every ten minutes.
+/// Never a line per target per round, whatever the fleet does.
+#[derive(Default)]
+struct RoundLog {
+    rounds: u64,
+    /// Per target: `None` up, else the reason of its last failure.
+    state: HashMap<String, Option<&'static str>>,
+    last_summary: Option<(usize, usize, String)>,
+    summary_at: Option<Instant>,
+}
+
+/// State-change lines per round; the rest are counted in the round's summary.
+const STATE_LINES_PER_ROUND: usize = 10;
+const SUMMARY_EVERY: Duration = Duration::from_secs(600);
+
+impl RoundLog {
+    fn round(&mut self, outcomes: Vec<(String, Option<(&'static str, String)>)>, took: Duration) {
+        let first = self.rounds == 0;
+        self.rounds += 1;
+        let mut lines = 0;
+        let mut unlogged = 0;
+        let mut changed = 0;
+        let mut down_by: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut seen = HashMap::with_capacity(outcomes.len());
+        for (key, failure) in outcomes {
+            let now = failure.as_ref().map(|(reason, _)| *reason);
+            if let Some(reason) = now {
+                *down_by.entry(reason).or_default() += 1;
+            }
+            let before = self.state.get(&key).copied();
+            // A target's first scrape is news only when it fails.
+            let news = match before {
+                None => now.is_some(),
+                Some(b) => b != now,
+            };
+            if news {
+                changed += 1;
+                if lines < STATE_LINES_PER_ROUND {
+                    lines += 1;
+                    match &failure {
+                        Some((reason, e)) => {
+                            tracing::warn!(scrape_target = %key, reason = %reason, error = %e, "scrape failed")
+                        }
+                        None => tracing::info!(scrape_target = %key, "scrape ok again"),
+                    }
+                } else {
+                    unlogged += 1;
+                }
+            }
+            seen.insert(key, now);
+        }
+        self.state = seen;
+        let down: usize = down_by.values().sum();
+        let up = self.state.len() - down;
+        let reasons = down_by
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let summary = (up, down, reasons);
+        let due = self
+            .summary_at
+            .is_none_or(|at| at.elapsed() >= SUMMARY_EVERY);
+        if first || changed > 0 || due || self.last_summary.as_ref() != Some(&summary) {
+            tracing::info!(
+                targets = up + down,
+                up,
+                down,
+                down_by_reason = %summary.2,
+                changed,
+                changes_not_logged = unlogged,
+                took_ms = took.as_millis() as u64,
+                "scrape round"
+            );
+            self.summary_at = Some(Instant::now());
+        } else {
+            tracing::debug!(
+                targets = up + down,
+                up,
+                down,
+                took_ms = took.as_millis() as u64,
+                "scrape round"
+            );
+        }
+        self.last_summary = Some(summary);
     }
 }
 
 impl Shared {
+    /// Why the aggregator is not ready, if it is not: before the first round, while the
+    /// ledger cannot be written, or while a write hangs.
+    fn unready(&self) -> Option<String> {
+        if !self.first_round.load(Ordering::Relaxed) {
+            return Some("first scrape round not finished\n".into());
+        }
+        let d = self.durability.lock().expect("durability lock");
+        if d.failing {
+            return Some(
+                "the ledger cannot be written (see the log); sealed minutes are kept in memory\n"
+                    .into(),
+            );
+        }
+        match d.in_flight_since {
+            Some(at) if at.elapsed() > self.write_deadline => Some(format!(
+                "a ledger write has not finished for {} s (is the disk hung?)\n",
+                at.elapsed().as_secs()
+            )),
+            _ => None,
+        }
+    }
+
     /// Feeds one scrape's result to the ledger and the target series. Returns up.
     fn record(
         &self,
@@ -633,62 +914,181 @@ impl Shared {
         }
     }
 
-    /// Seals what is due and makes it and the ledger's snapshot durable; only durable
-    /// minutes reach the counters.
-    async fn seal_and_commit(self: &Arc<Self>) {
+    /// Seals the minutes that are due into `pending` (CPU only), unless [`MAX_PENDING_DAYS`]
+    /// of them already wait for the disk.
+    fn seal_due(&self) {
         let now = self.clock.now_ms();
+        let mut books = self.books.lock().expect("books lock");
+        if books.pending.len() >= MAX_PENDING_DAYS * 1440 * self.contracts.len().max(1) {
+            return;
+        }
+        let contracts = &self.contracts;
+        let newly = books.ledger.seal(now, self.grace_ms, |c, a, b| {
+            contracts[c].committed_gpu_ms(a, b)
+        });
+        books.pending.extend(newly);
+        self.metrics.pending.set(books.pending.len() as i64);
+    }
+
+    /// Hands the pending minutes and the ledger's snapshot to the writer thread, unless a
+    /// write is still in flight (a slow disk: the next write carries everything). The
+    /// snapshot goes every round, not only when minutes seal: an agent that dies while
+    /// the aggregator is down cannot restore what it reported since the last snapshot.
+    fn start_write(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        {
+            let mut d = self.durability.lock().expect("durability lock");
+            if d.in_flight_since.is_some() {
+                return None;
+            }
+            d.in_flight_since = Some(Instant::now());
+        }
         let (sealed, snap) = {
-            let mut books = self.books.lock().expect("books lock");
-            let contracts = &self.contracts;
-            let newly = books.ledger.seal(now, self.grace_ms, |c, a, b| {
-                contracts[c].committed_gpu_ms(a, b)
-            });
-            books.pending.extend(newly);
-            // The snapshot is written every round, not only when minutes seal: an agent
-            // that dies while the aggregator is down cannot restore what it reported
-            // since the last snapshot, so that window is kept to one scrape interval.
+            let books = self.books.lock().expect("books lock");
             (books.pending.clone(), books.ledger.snapshot())
         };
+        let (n, late, through) = (sealed.len(), snap.late.clone(), snap.sealed_through);
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let sent = self.writer.jobs.send(WriteJob { sealed, snap, done });
         let me = self.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let mut store = me.store.lock().expect("store lock");
-            store
-                .commit(&me.ids, &sealed, &snap)
-                .map(|()| (sealed, snap))
-        })
-        .await;
-        let (sealed, snap) = match written {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot write the ledger; sealed minutes kept in memory and retried");
-                self.metrics
-                    .store_errors
-                    .with_label_values(&["commit"])
-                    .inc();
-                return;
+        Some(tokio::spawn(async move {
+            let written = match sent {
+                Ok(()) => outcome
+                    .await
+                    .map_err(|_| "the ledger writer thread is gone".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                Err(_) => Err("the ledger writer thread is gone".to_string()),
+            };
+            me.finish_write(n, &late, through, written);
+        }))
+    }
+
+    /// Applies a finished write: only now do its minutes reach the counters.
+    fn finish_write(
+        self: &Arc<Self>,
+        n: usize,
+        late: &[(i64, i64)],
+        through: i64,
+        written: Result<(), String>,
+    ) {
+        {
+            let mut d = self.durability.lock().expect("durability lock");
+            d.in_flight_since = None;
+            match &written {
+                Ok(()) if d.failing => {
+                    d.failing = false;
+                    d.logged = None;
+                    tracing::info!(
+                        minutes = n,
+                        "the ledger is written again; pending minutes are durable"
+                    );
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    let due = d.logged.is_none_or(|at| {
+                        at.elapsed() >= Duration::from_millis(REJECT_LOG_EVERY_MS as u64)
+                    });
+                    if due {
+                        tracing::error!(error = %e, pending_minutes = n, "cannot write the ledger; sealed minutes kept in memory and retried every round");
+                        d.logged = Some(Instant::now());
+                    }
+                    d.failing = true;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "ledger writer failed");
-                self.metrics
-                    .store_errors
-                    .with_label_values(&["commit"])
-                    .inc();
-                return;
-            }
-        };
-        let mut books = self.books.lock().expect("books lock");
-        books.pending.clear();
-        for s in &sealed {
+        }
+        if written.is_err() {
+            self.metrics.write_ok.set(0);
+            self.metrics
+                .store_errors
+                .with_label_values(&["commit"])
+                .inc();
+            return;
+        }
+        self.metrics.write_ok.set(1);
+        let mut guard = self.books.lock().expect("books lock");
+        let books = &mut *guard;
+        for s in books.pending.drain(..n) {
             let c = &self.contracts[s.contract];
-            books.running[s.contract].record(s, |t| c.billing_period(t));
+            let r = &mut books.running[s.contract];
+            r.record(&s, |t| c.billing_period(t));
+            let minutes = &mut books.minutes[s.contract];
+            let start = r.period_start_ms.div_euclid(MINUTE_MS);
+            if minutes.first().is_some_and(|(m, _)| *m < start) {
+                minutes.retain(|(m, _)| *m >= start);
+            }
+            if s.minute >= start {
+                minutes.push((s.minute, s.totals));
+            }
         }
         for (c, contract) in self.contracts.iter().enumerate() {
-            let late = snap.late.get(c).copied().unwrap_or_default();
+            let late = late.get(c).copied().unwrap_or_default();
             self.metrics
                 .ledger
                 .set(&contract.id, &books.running[c].all_time, late);
         }
-        self.metrics.sealed_through.set(snap.sealed_through * 60);
+        books.durable_through = through;
+        self.metrics.sealed_through.set(through * 60);
+        self.metrics.pending.set(books.pending.len() as i64);
+        drop(guard);
+        // The month-to-date gauges and the page move with the counters.
+        self.refresh_gauges();
+        if n > 0 {
+            self.render_status();
+        }
+    }
+
+    /// At shutdown: waits for a write in flight, then writes once more, so a clean stop
+    /// leaves the freshest snapshot. A hung disk does not hold the process: after
+    /// [`FINAL_WRITE_WAIT`] it stops anyway (open minutes are recovered from the agents'
+    /// cumulative counters at the next start).
+    async fn final_write(self: &Arc<Self>) {
+        let deadline = Instant::now() + FINAL_WRITE_WAIT;
+        loop {
+            if self
+                .durability
+                .lock()
+                .expect("durability lock")
+                .in_flight_since
+                .is_none()
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "a ledger write did not finish before shutdown; stopping without it"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.seal_due();
+        if let Some(job) = self.start_write() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, job).await.is_err() {
+                tracing::warn!(
+                    "the last ledger write did not finish before shutdown; stopping without it"
+                );
+            }
+        }
+    }
+
+    /// Renders the status page on a blocking thread, one render at a time; a request for
+    /// a render while one runs makes that one run once more.
+    fn render_status(self: &Arc<Self>) {
+        self.render_again.store(true, Ordering::Release);
+        if self.rendering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || loop {
+            me.render_again.store(false, Ordering::Release);
+            let html = Bytes::from(status::render(&me.status_view()));
+            *me.status_page.write().expect("status page lock") = html;
+            me.rendering.store(false, Ordering::Release);
+            if !me.render_again.load(Ordering::Acquire) || me.rendering.swap(true, Ordering::AcqRel)
+            {
+                break;
+            }
+        });
     }
 
     /// The inputs of a contract's month-to-date figures. A ledger started mid-period
@@ -712,7 +1112,7 @@ impl Shared {
     fn refresh_gauges(&self) {
         let now = self.clock.now_ms();
         let books = self.books.lock().expect("books lock");
-        let through_ms = books.ledger.sealed_through() * MINUTE_MS;
+        let through_ms = books.durable_through * MINUTE_MS;
         let since_ms = books.ledger.since() * MINUTE_MS;
         for (c, contract) in self.contracts.iter().enumerate() {
             let r = &books.running[c];
@@ -738,32 +1138,27 @@ impl Shared {
     }
 
     /// What the status page shows: the same figures as the gauges, plus the sealed
-    /// minutes of the period for burn rates and the chart.
+    /// minutes of the period for burn rates and the chart, all from memory.
     fn status_view(&self) -> status::View {
         let now_ms = self.clock.now_ms();
-        let (since_ms, through_ms, running) = {
+        let (since_ms, through_ms, running, minutes) = {
             let books = self.books.lock().expect("books lock");
             (
                 books.ledger.since() * MINUTE_MS,
-                books.ledger.sealed_through() * MINUTE_MS,
+                // Durable minutes only, as the counters: a write in flight is not shown.
+                books.durable_through * MINUTE_MS,
                 books.running.clone(),
+                books.minutes.clone(),
             )
         };
         let health = self.health.lock().expect("health lock").clone();
-        let store = self.store.lock().expect("store lock");
         let contracts = self
             .contracts
             .iter()
-            .zip(&running)
+            .zip(running)
+            .zip(minutes)
             .enumerate()
-            .map(|(i, (c, r))| {
-                let from = r.period_start_ms.max(since_ms).div_euclid(MINUTE_MS);
-                let minutes = store
-                    .minutes(&c.id, from, through_ms.div_euclid(MINUTE_MS))
-                    .unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "status page: cannot read the ledger");
-                        Vec::new()
-                    });
+            .map(|(i, ((c, r), minutes))| {
                 let mine = health.values().filter(|(ci, _)| *ci == Some(i));
                 let up = mine.clone().filter(|(_, up)| *up).count();
                 status::ContractView {
@@ -775,7 +1170,7 @@ impl Shared {
                     committed_gpus_now: c.committed_gpus_at(now_ms),
                     period: (r.period_start_ms, r.period_end_ms),
                     mtd: r.period,
-                    figures: figures(r, &Self::terms(c, r, since_ms, through_ms)),
+                    figures: figures(&r, &Self::terms(c, &r, since_ms, through_ms)),
                     minutes,
                     targets_up: up,
                     targets_down: mine.count() - up,
@@ -790,6 +1185,9 @@ impl Shared {
         }
     }
 }
+
+/// How long shutdown waits for the last ledger write.
+const FINAL_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
@@ -122,6 +122,39 @@ pub fn tls_config(scrape: &ScrapeClient) -> Result<Arc<rustls::ClientConfig>, Tl
     Ok(Arc::new(tls::client_config(trust, identity)?))
 }
 
+/// The bytes of response bodies all scrapes may hold at once, so that many large or
+/// slow targets cannot add up to unbounded memory (each is capped by `body_limit_bytes`
+/// on its own). The first [`FREE_BODY_BYTES`] of each body are outside the budget: a real
+/// agent's exposition (about 15 kB) never waits for it, whatever other targets do.
+#[derive(Clone)]
+pub struct BodyBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total: usize,
+}
+
+/// Per body, bytes that do not count against the [`BodyBudget`].
+pub const FREE_BODY_BYTES: usize = 256 * 1024;
+
+impl BodyBudget {
+    /// Four bodies at the limit, and at least 64 MiB.
+    pub fn for_limit(body_limit: usize) -> Self {
+        Self::new(body_limit.saturating_mul(4).max(64 << 20))
+    }
+
+    pub fn new(bytes: usize) -> Self {
+        let kib = (bytes / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(kib)),
+            total: kib * 1024,
+        }
+    }
+
+    /// Bytes of the budget in use now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.kib.available_permits() * 1024
+    }
+}
+
 #[derive(Clone)]
 pub struct Scraper {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
@@ -129,7 +162,18 @@ pub struct Scraper {
     body_limit: usize,
     /// `Basic …` from `basic_auth_username` and its password file.
     authorization: Option<HeaderValue>,
+    budget: BodyBudget,
 }
+
+/// A body held in one buffer (never a second copy), with its share of the budget.
+struct Body {
+    bytes: Vec<u8>,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Bodies up to this size are parsed on the scrape's own task (a few hundred µs at most);
+/// larger ones on a blocking thread, so a 16 MiB body never stalls the runtime.
+const PARSE_INLINE_BYTES: usize = 256 * 1024;
 
 impl Scraper {
     /// `tls` is used for `https` targets ([`tls_config`]); `scrape` gives the server name
@@ -169,18 +213,36 @@ impl Scraper {
             timeout,
             body_limit,
             authorization,
+            budget: BodyBudget::for_limit(body_limit),
         }
     }
 
-    pub async fn scrape(&self, target: &Target) -> Result<HostReport, ScrapeError> {
-        let body = tokio::time::timeout(self.timeout, self.fetch(target))
-            .await
-            .map_err(|_| ScrapeError::Timeout(self.timeout))??;
-        let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::Body(e.to_string()))?;
-        host_report(text)
+    /// Shares one budget among scrapers (a SIGHUP replaces the scraper while scrapes of
+    /// the old one may still be reading).
+    pub fn with_budget(mut self, budget: BodyBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
-    async fn fetch(&self, target: &Target) -> Result<Bytes, ScrapeError> {
+    /// Fetches and parses within the scrape timeout: a body that is slow to arrive or
+    /// slow to parse is a timeout, like a slow connection.
+    pub async fn scrape(&self, target: &Target) -> Result<HostReport, ScrapeError> {
+        tokio::time::timeout(self.timeout, async {
+            let body = self.fetch(target).await?;
+            if body.bytes.len() <= PARSE_INLINE_BYTES {
+                return parse_body(&body.bytes);
+            }
+            // Parsing is linear; on a blocking thread it stalls neither serving nor the
+            // other scrapes. The budget is held until the body is dropped there.
+            tokio::task::spawn_blocking(move || parse_body(&body.bytes))
+                .await
+                .map_err(|e| ScrapeError::Body(format!("parser failed: {e}")))?
+        })
+        .await
+        .map_err(|_| ScrapeError::Timeout(self.timeout))?
+    }
+
+    async fn fetch(&self, target: &Target) -> Result<Body, ScrapeError> {
         let uri: hyper::Uri = format!(
             "{}://{}{}",
             target.scheme.as_str(),
@@ -211,16 +273,69 @@ impl Scraper {
         if !resp.status().is_success() {
             return Err(ScrapeError::Status(resp.status().as_u16()));
         }
-        let limited = Limited::new(resp.into_body(), self.body_limit);
-        match limited.collect().await {
-            Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(ScrapeError::TooLarge(self.body_limit))
-            }
-            Err(e) if tls::is_tls_error(&*e) => Err(ScrapeError::Tls(error_chain(&*e))),
-            Err(e) => Err(ScrapeError::Body(e.to_string())),
+        let declared = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.body_limit) {
+            return Err(ScrapeError::TooLarge(self.body_limit));
         }
+        let mut body = resp.into_body();
+        let mut out = Body {
+            bytes: Vec::with_capacity(declared.unwrap_or(0).min(FREE_BODY_BYTES)),
+            _budget: None,
+        };
+        let mut held_kib = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if tls::is_tls_error(&e) {
+                    ScrapeError::Tls(error_chain(&e))
+                } else {
+                    ScrapeError::Body(e.to_string())
+                }
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = out.bytes.len() + data.len();
+            if len > self.body_limit {
+                return Err(ScrapeError::TooLarge(self.body_limit));
+            }
+            if len > out.bytes.capacity() {
+                // Grow as Vec would (doubling), or to the declared length, and take that
+                // capacity from the budget before allocating it.
+                let cap = declared
+                    .filter(|&d| d >= len)
+                    .unwrap_or(len.max(out.bytes.capacity() * 2))
+                    .min(self.body_limit);
+                let need_kib = cap.saturating_sub(FREE_BODY_BYTES).div_ceil(1024);
+                if need_kib > held_kib {
+                    let more = u32::try_from(need_kib - held_kib)
+                        .map_err(|_| ScrapeError::TooLarge(self.body_limit))?;
+                    let permit = self
+                        .budget
+                        .kib
+                        .clone()
+                        .acquire_many_owned(more)
+                        .await
+                        .map_err(|_| ScrapeError::Body("body budget closed".into()))?;
+                    match &mut out._budget {
+                        Some(p) => p.merge(permit),
+                        None => out._budget = Some(permit),
+                    }
+                    held_kib = need_kib;
+                }
+                out.bytes.reserve_exact(cap - out.bytes.len());
+            }
+            out.bytes.extend_from_slice(&data);
+        }
+        Ok(out)
     }
+}
+
+fn parse_body(bytes: &[u8]) -> Result<HostReport, ScrapeError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ScrapeError::Body(e.to_string()))?;
+    host_report(text)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

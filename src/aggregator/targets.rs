@@ -97,13 +97,34 @@ impl Default for SdMeta {
     }
 }
 
+/// 64 MiB: about 500,000 targets with labels.
+pub const MAX_SD_FILE_BYTES: u64 = 64 << 20;
+
 /// Parses one file_sd JSON file: `[{"targets": ["host:port"], "labels": {...}}]`.
 pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, SdMeta)>, TargetsError> {
     let err = |reason: String| TargetsError::File {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    // A glob can match a FIFO, a device or a directory: opening a FIFO would block until
+    // a writer appears, so only regular files (after symlinks) of a sane size are read.
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file; skipped".into()));
+    }
+    if meta.len() > MAX_SD_FILE_BYTES {
+        return Err(err(format!(
+            "{} bytes, more than a file_sd file has ({MAX_SD_FILE_BYTES} at most)",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_SD_FILE_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| err(e.to_string()))?;
+    }
     let groups: Vec<SdGroup> = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
     for (i, g) in groups.into_iter().enumerate() {
