@@ -63,7 +63,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig(args) => {
             for file in &args.files {
-                println!("{}", check::check_file(file)?);
+                let checked = check::check_file(file, args.kind)?;
+                println!("{}", checked.summary);
+                for line in &checked.details {
+                    println!("{line}");
+                }
+                for w in &checked.warnings {
+                    eprintln!("commitmeter: warning: {w}");
+                }
             }
         }
     }
