@@ -519,3 +519,38 @@ fn gzip_and_oversized_heads_get_their_own_reasons() {
     );
     assert!(!log.contains("invalid utf-8"), "{log}");
 }
+
+/// A flapping GPU (2,000 XIDs in two seconds) is counted in full on `/metrics`, but logs one
+/// line: its first XID; repeats are summarized at most every 5 minutes per GPU.
+#[test]
+fn a_flapping_gpu_cannot_flood_the_log_with_xids() {
+    let xids: Vec<[u64; 2]> = (0..2_000u64).map(|i| [500 + i, 79 + i % 2]).collect();
+    let scenario = Scenario {
+        gpus: vec![
+            Gpu {
+                xids,
+                ..Gpu::at_util(50)
+            },
+            Gpu {
+                xids: vec![[1_000, 13]],
+                ..Gpu::at_util(10)
+            },
+        ],
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&scenario, AgentOpts::default());
+    let total = |m: &Metrics| -> f64 {
+        m.series("commitmeter_gpu_xid_errors_total")
+            .iter()
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let m = agent.wait_for(Duration::from_secs(30), "2,001 XIDs counted", |m| {
+        total(m) >= 2_001.0
+    });
+    assert_eq!(total(&m), 2_001.0);
+    let lines = agent.log_count("XID error");
+    eprintln!("2,001 XIDs on two GPUs: {lines} log lines");
+    // One per GPU: the flapping one's first and the other's only.
+    assert_eq!(lines, 2, "{}", agent.log_text());
+}
