@@ -38,7 +38,7 @@ pub struct CheckError {
     pub kind: Kind,
     pub why: String,
     #[source]
-    pub error: Problem,
+    pub error: Box<Problem>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +153,7 @@ pub fn check_file(path: &Path, explicit: Option<Kind>) -> Result<Checked, CheckE
     let fail = |error: Problem| CheckError {
         kind,
         why: why.clone(),
-        error,
+        error: Box::new(error),
     };
     match kind {
         Kind::Web => {

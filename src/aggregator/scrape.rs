@@ -456,11 +456,12 @@ process_start_time_seconds 1764547000.01
             "response is gzip-encoded; the aggregator asks for identity"
         );
         // gzip sent without a header is named by its magic bytes, not "invalid UTF-8".
-        let gz = [0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe];
+        let gz = vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe];
         let e = utf8_error(&gz, std::str::from_utf8(&gz).unwrap_err());
         assert_eq!(e.reason(), "body");
         assert!(e.to_string().contains("gzip-encoded"), "{e}");
-        let e = utf8_error(b"m 1\n\xff", std::str::from_utf8(b"m 1\n\xff").unwrap_err());
+        let bad = b"m 1\n\xff".to_vec();
+        let e = utf8_error(&bad, std::str::from_utf8(&bad).unwrap_err());
         assert!(e.to_string().starts_with("reading body: not UTF-8"), "{e}");
         assert!(ScrapeError::REASONS.contains(&ScrapeError::HeadTooLarge.reason()));
 
