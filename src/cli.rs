@@ -89,9 +89,13 @@ pub struct AggregatorArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct CheckConfigArgs {
-    /// Config files; each is recognised as an agent (`[labels]`) or aggregator file.
+    /// Config files. Without `--kind`, a `.yml` file is a web config, a TOML file an
+    /// aggregator or agent file by its tables, else by its name, else an agent file.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Check every file as this kind instead of guessing.
+    #[arg(long = "kind", value_enum)]
+    pub kind: Option<crate::check::Kind>,
 }
 
 #[derive(Debug, Args, Clone)]

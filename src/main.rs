@@ -9,10 +9,29 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("commitmeter: {e:#}");
+            eprintln!("commitmeter: {}", chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", like anyhow's `{:#}`, but a cause whose text the
+/// previous message already contains is left out: most of our errors print their source
+/// themselves, and "No such file or directory (os error 2)" twice helps nobody.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut prev = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if !prev.contains(&m) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&m);
+        }
+        prev = m;
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,7 +63,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig(args) => {
             for file in &args.files {
-                println!("{}", check::check_file(file)?);
+                let checked = check::check_file(file, args.kind)?;
+                println!("{}", checked.summary);
+                for line in &checked.details {
+                    println!("{line}");
+                }
+                for w in &checked.warnings {
+                    eprintln!("commitmeter: warning: {w}");
+                }
             }
         }
     }

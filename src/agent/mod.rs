@@ -5,6 +5,7 @@ pub mod config;
 pub mod metrics;
 pub mod nvml;
 pub mod sampler;
+pub mod xidlog;
 
 use std::sync::Arc;
 use std::time::Duration;

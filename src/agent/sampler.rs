@@ -298,6 +298,8 @@ struct Loop {
     stopped: mpsc::Receiver<()>,
     gpus: HashMap<String, Gpu>,
     last_nvml_error: Option<String>,
+    /// XID lines: a GPU's first at once, then a summary per GPU every 5 minutes at most.
+    xid_log: super::xidlog::XidLog,
 }
 
 impl Loop {
@@ -316,6 +318,7 @@ impl Loop {
             stopped,
             gpus: HashMap::new(),
             last_nvml_error: None,
+            xid_log: Default::default(),
         }
     }
 
@@ -455,6 +458,14 @@ impl Loop {
                 if let Err(e) = self.drain_events(set, &mut round) {
                     return (End::Driver(e), round.errors);
                 }
+            }
+            for l in self.xid_log.flush(Instant::now()) {
+                tracing::warn!(
+                    uuid = %l.uuid,
+                    count = l.held_back,
+                    xids = %l.codes,
+                    "XID errors since this GPU's last XID line (at most one line per GPU every 5 minutes)"
+                );
             }
 
             // One instant for the whole round, then every update at once.
@@ -597,7 +608,9 @@ impl Loop {
                         }
                     };
                     let index = ev.device.index().map(|i| i.to_string()).unwrap_or_default();
-                    tracing::warn!(gpu = %index, uuid = %uuid, xid = %code, "XID error");
+                    if self.xid_log.event(&uuid, &code, Instant::now()) {
+                        tracing::warn!(gpu = %index, uuid = %uuid, xid = %code, "XID error");
+                    }
                     round.xids.push((uuid, index, code));
                 }
                 Err(NvmlError::Timeout) => return Ok(()),

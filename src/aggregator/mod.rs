@@ -91,6 +91,11 @@ pub fn prepare(
     web_config_file: Option<&std::path::Path>,
 ) -> Result<Prepared, AggregatorError> {
     let config = crate::contract::load(config_file)?;
+    // Implausible values and contracts no target can count for: logged, not refused.
+    let targets = crate::check::targets_report(config_file, &config);
+    for w in config.warnings.iter().chain(&targets.warnings) {
+        tracing::warn!(warning = %w, "implausible configuration");
+    }
     let listen = http::parse_listen_address(listen)?;
     let web = http::WebConfig::from_flag(web_config_file)?;
     if config.scrape.tls.insecure_skip_verify {

@@ -33,8 +33,21 @@
 //!   and a finite literal that overflows to infinity is an error (Go's `ErrRange`).
 //! - The timestamp is an optional base-10 int64 of milliseconds; anything after it is an
 //!   error.
+//! - A series has at most [`MAX_LABELS`] labels, and error messages are cut to a few hundred
+//!   bytes. Parsing is linear in the body's size whatever the body holds (a line of a million
+//!   labels, millions of tiny lines, megabyte label values or escapes), so a hostile agent
+//!   costs at most what its body size (capped by `body_limit_bytes`) allows.
 
 use std::borrow::Cow;
+
+/// Most labels one series may carry. An agent's series have a handful (a GPU's `gpu`,
+/// `uuid`, `model`, ...), Prometheus's own `label_limit` is usually set in the tens; a line
+/// with more is hostile or broken and fails the scrape instead of costing memory and time.
+pub const MAX_LABELS: usize = 256;
+
+/// Label sets up to this size are checked for duplicates by a scan (fastest for the few
+/// labels real series have); larger ones through a hash set.
+const SCAN_LABELS: usize = 16;
 
 /// One sample line of a wanted metric, borrowing from the scraped body.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,7 +163,7 @@ impl<'a> Line<'a> {
     fn err(&self, message: impl Into<String>) -> ParseError {
         ParseError {
             line: self.line,
-            message: message.into(),
+            message: clip(message.into()),
         }
     }
 
@@ -243,6 +256,7 @@ impl<'a> Line<'a> {
 
     /// Parses label pairs after `{` up to and including `}`.
     fn labels(&mut self, labels: &mut Vec<(&'a str, Cow<'a, str>)>) -> Result<(), ParseError> {
+        let mut names: Option<std::collections::HashSet<&'a str>> = None;
         loop {
             self.skip_blanks();
             // `}` here closes `{}` or follows a trailing comma.
@@ -281,8 +295,23 @@ impl<'a> Line<'a> {
             }
             self.pos += 1;
             let value = self.label_value(label)?;
-            if labels.iter().any(|(n, _)| *n == label) {
+            // A scan while the set is small (every real series); past that, a hash set, so
+            // that a hostile line with thousands of labels costs linear time, not quadratic.
+            let duplicate = if labels.len() < SCAN_LABELS {
+                labels.iter().any(|(n, _)| *n == label)
+            } else {
+                let names = names.get_or_insert_with(|| {
+                    let mut set = std::collections::HashSet::with_capacity(2 * SCAN_LABELS);
+                    set.extend(labels.iter().map(|(n, _)| *n));
+                    set
+                });
+                !names.insert(label)
+            };
+            if duplicate {
                 return Err(self.err(format!("duplicate label {label}")));
+            }
+            if labels.len() == MAX_LABELS {
+                return Err(self.err(format!("more than {MAX_LABELS} labels in one series")));
             }
             labels.push((label, value));
 
@@ -450,6 +479,23 @@ fn find_value_special(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
+}
+
+/// Longest error message kept: a message quotes tokens from the body, and a hostile body's
+/// token can be megabytes long; the message goes to logs and the status page.
+const MAX_MESSAGE: usize = 300;
+
+/// `message`, cut to [`MAX_MESSAGE`] bytes (on a char boundary) with `…` when longer.
+fn clip(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 /// The character at `pos` for error messages, or "end of line"/"end of input".
@@ -886,6 +932,169 @@ commitmeter_nvml_up 1
         let e = parse("a 1\nb 2\nc\nd 4\n", |_| true, |s| got.push(s.name)).unwrap_err();
         assert_eq!(e.line, 3);
         assert_eq!(got, vec!["a", "b"]);
+    }
+
+    /// Hostile bodies of one shape, `n` bytes or just over.
+    fn hostile(shape: &str, n: usize) -> String {
+        let mut s = String::with_capacity(n + 64);
+        match shape {
+            // One series with as many labels as fit.
+            "labels" => {
+                s.push_str("m{");
+                let mut i = 0;
+                while s.len() < n {
+                    s.push_str(&format!("l{i}=\"\","));
+                    i += 1;
+                }
+                s.push_str("} 1\n");
+            }
+            // The most labels a series may have, on every line, so the duplicate check
+            // runs on every label through the hash set.
+            "max_labels" => {
+                let mut line = String::from("m{");
+                for i in 0..MAX_LABELS {
+                    line.push_str(&format!("l{i}=\"v\","));
+                }
+                line.push_str("} 1\n");
+                while s.len() < n {
+                    s.push_str(&line);
+                }
+            }
+            "tiny_lines" => {
+                while s.len() < n {
+                    s.push_str("m 1\n");
+                }
+            }
+            "long_value" => {
+                s.push_str("m{a=\"");
+                s.push_str(&"x".repeat(n));
+                s.push_str("\"} 1\n");
+            }
+            "escapes" => {
+                s.push_str("m{a=\"");
+                while s.len() < n {
+                    s.push_str("\\\\\\\"\\n\\q");
+                }
+                s.push_str("\"} 1\n");
+            }
+            "long_token" => {
+                s.push_str("m ");
+                s.push_str(&"9".repeat(n));
+                s.push_str("x\n");
+            }
+            "unwanted" => {
+                s.push_str("skipped{");
+                let mut i = 0;
+                while s.len() < n {
+                    s.push_str(&format!("l{i}=\"\","));
+                    i += 1;
+                }
+                s.push_str("} 1\nm 1\n");
+            }
+            _ => unreachable!("{shape}"),
+        }
+        s
+    }
+
+    /// Hostile 16 MiB bodies fail (or pass) with the right error, in time linear in their
+    /// size: each shape is timed at 1 MiB and 8 MiB and the figures are printed (run with
+    /// `--nocapture`); the assertion on time is only a generous bound against the
+    /// quadratic behaviour this replaced (a 1 MB line of labels took 13 s).
+    #[test]
+    fn hostile_bodies_parse_in_linear_time() {
+        let run = |body: &str| {
+            let mut samples = 0usize;
+            let mut labels = 0usize;
+            let t = std::time::Instant::now();
+            let r = parse(
+                body,
+                |n| n == "m",
+                |s| {
+                    samples += 1;
+                    labels += s.labels.len();
+                },
+            );
+            (r, samples, labels, t.elapsed())
+        };
+        let big = 16 << 20;
+        for shape in [
+            "labels",
+            "max_labels",
+            "tiny_lines",
+            "long_value",
+            "escapes",
+            "long_token",
+            "unwanted",
+        ] {
+            let body = hostile(shape, big);
+            let (r, samples, labels, took) = run(&body);
+            match shape {
+                "labels" => {
+                    let e = r.unwrap_err();
+                    assert_eq!(e.line, 1);
+                    assert_eq!(
+                        e.message,
+                        format!("more than {MAX_LABELS} labels in one series")
+                    );
+                }
+                "max_labels" => {
+                    r.unwrap();
+                    assert!(samples > 1000, "{samples}");
+                    assert_eq!(labels, samples * MAX_LABELS);
+                }
+                "tiny_lines" => {
+                    r.unwrap();
+                    assert_eq!(samples, big / 4);
+                }
+                "long_value" | "escapes" => {
+                    r.unwrap();
+                    assert_eq!(samples, 1);
+                    assert!(labels == 1);
+                }
+                "long_token" => {
+                    let e = r.unwrap_err();
+                    assert!(e.message.starts_with("invalid value \"999"), "{e}");
+                    assert!(e.message.len() <= MAX_MESSAGE + 3, "{}", e.message.len());
+                }
+                "unwanted" => {
+                    r.unwrap();
+                    assert_eq!(samples, 1);
+                }
+                _ => unreachable!(),
+            }
+            let (_, _, _, t1) = run(&hostile(shape, 1 << 20));
+            let (_, _, _, t8) = run(&hostile(shape, 8 << 20));
+            eprintln!(
+                "parse {shape:>10}: 1 MiB {:>7.1} ms, 8 MiB {:>7.1} ms (ratio {:.1}), 16 MiB {:>7.1} ms",
+                t1.as_secs_f64() * 1e3,
+                t8.as_secs_f64() * 1e3,
+                t8.as_secs_f64() / t1.as_secs_f64().max(1e-9),
+                took.as_secs_f64() * 1e3
+            );
+            assert!(
+                took < std::time::Duration::from_secs(60),
+                "{shape}: {took:?}"
+            );
+        }
+        // A duplicate among many labels is still found, by the hash set.
+        let mut line = String::from("m{");
+        for i in 0..100 {
+            line.push_str(&format!("l{i}=\"\","));
+        }
+        line.push_str("l42=\"again\"} 1\n");
+        assert_eq!(err(&line).message, "duplicate label l42");
+        // Exactly MAX_LABELS labels pass; one more fails.
+        let labels_line = |n: usize| {
+            let mut l = String::from("m{");
+            for i in 0..n {
+                l.push_str(&format!("l{i}=\"\","));
+            }
+            l + "} 1\n"
+        };
+        assert_eq!(one(&labels_line(MAX_LABELS)).labels.len(), MAX_LABELS);
+        assert!(err(&labels_line(MAX_LABELS + 1))
+            .message
+            .starts_with("more than"));
     }
 
     #[test]

@@ -62,6 +62,13 @@ pub enum ScrapeError {
     TooLarge(usize),
     #[error("reading body: {0}")]
     Body(String),
+    /// A `Content-Encoding` the aggregator did not ask for (it sends
+    /// `Accept-Encoding: identity`); reason `body`.
+    #[error("response is {0}-encoded; the aggregator asks for identity")]
+    Encoded(String),
+    /// hyper's limit on the status line and headers; reason `too_large`.
+    #[error("response head (status line and headers) larger than the client accepts")]
+    HeadTooLarge,
     #[error("malformed exposition: {0}")]
     Parse(#[from] parse::ParseError),
     #[error("invalid value: {0}")]
@@ -80,8 +87,8 @@ impl ScrapeError {
             ScrapeError::Tls(_) => "tls",
             ScrapeError::Timeout(_) => "timeout",
             ScrapeError::Status(_) => "http_status",
-            ScrapeError::TooLarge(_) => "too_large",
-            ScrapeError::Body(_) => "body",
+            ScrapeError::TooLarge(_) | ScrapeError::HeadTooLarge => "too_large",
+            ScrapeError::Body(_) | ScrapeError::Encoded(_) => "body",
             ScrapeError::Parse(_) => "parse",
             ScrapeError::Invalid(_) => "invalid_value",
             ScrapeError::Duplicate(_) => "duplicate_series",
@@ -253,6 +260,7 @@ impl Scraper {
         .map_err(|e: hyper::http::uri::InvalidUri| ScrapeError::Connect(e.to_string()))?;
         let mut req = hyper::Request::get(uri)
             .header("accept", "text/plain;version=0.0.4")
+            .header("accept-encoding", "identity")
             .header(
                 "user-agent",
                 concat!("commitmeter/", env!("CARGO_PKG_VERSION")),
@@ -263,16 +271,15 @@ impl Scraper {
         let req = req
             .body(Empty::new())
             .map_err(|e| ScrapeError::Connect(e.to_string()))?;
-        let resp = self.client.request(req).await.map_err(|e| {
-            if tls::is_tls_error(&e) {
-                ScrapeError::Tls(error_chain(&e))
-            } else {
-                ScrapeError::Connect(error_chain(&e))
-            }
-        })?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| request_error(&e))?;
         if !resp.status().is_success() {
             return Err(ScrapeError::Status(resp.status().as_u16()));
         }
+        check_encoding(resp.headers())?;
         let declared = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -291,7 +298,7 @@ impl Scraper {
                 if tls::is_tls_error(&e) {
                     ScrapeError::Tls(error_chain(&e))
                 } else {
-                    ScrapeError::Body(e.to_string())
+                    ScrapeError::Body(error_chain(&e))
                 }
             })?;
             let Ok(data) = frame.into_data() else {
@@ -334,16 +341,69 @@ impl Scraper {
 }
 
 fn parse_body(bytes: &[u8]) -> Result<HostReport, ScrapeError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| ScrapeError::Body(e.to_string()))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| utf8_error(bytes, e))?;
     host_report(text)
 }
 
+/// Why a request got no response: TLS, a response head over hyper's limit, or else the
+/// connection (refused, reset, closed early, not HTTP).
+fn request_error(e: &(dyn std::error::Error + 'static)) -> ScrapeError {
+    if tls::is_tls_error(e) {
+        return ScrapeError::Tls(error_chain(e));
+    }
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            return ScrapeError::HeadTooLarge;
+        }
+        next = err.source();
+    }
+    ScrapeError::Connect(error_chain(e))
+}
+
+/// Refuses a body in an encoding other than identity: decoding it is not ours to do, and
+/// reading gzip as text would only report "invalid UTF-8".
+fn check_encoding(headers: &hyper::HeaderMap) -> Result<(), ScrapeError> {
+    for value in headers.get_all(hyper::header::CONTENT_ENCODING) {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let encoding = value.trim();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            let mut shown: String = encoding.chars().take(40).collect();
+            if shown.len() < encoding.len() {
+                shown.push('…');
+            }
+            return Err(ScrapeError::Encoded(shown));
+        }
+    }
+    Ok(())
+}
+
+/// A body that is not UTF-8: gzip (by its magic bytes, sent without `Content-Encoding`)
+/// is named as such, anything else reported with the offset of the first bad byte.
+fn utf8_error(body: &[u8], e: std::str::Utf8Error) -> ScrapeError {
+    if body.starts_with(&[0x1f, 0x8b]) {
+        ScrapeError::Encoded("gzip".into())
+    } else {
+        ScrapeError::Body(format!("not UTF-8: {e}"))
+    }
+}
+
+/// `e` and its sources joined by ": ", leaving out a source whose message the previous one
+/// already contains (many errors print their cause themselves).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
+    let mut last = s.clone();
     let mut src = e.source();
     while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let m = inner.to_string();
+        if !last.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        last = m;
         src = inner.source();
     }
     s
@@ -495,6 +555,42 @@ process_start_time_seconds 1764547000.01
             )
         );
         assert!(host_report("commitmeter_gpu_busy_seconds_total{uuid=\"x} 1\n").is_err());
+    }
+
+    #[test]
+    fn encoded_bodies_and_repeated_causes() {
+        let mut h = hyper::HeaderMap::new();
+        assert!(check_encoding(&h).is_ok());
+        h.insert("content-encoding", HeaderValue::from_static("identity"));
+        assert!(check_encoding(&h).is_ok());
+        h.insert("content-encoding", HeaderValue::from_static("gzip"));
+        let e = check_encoding(&h).unwrap_err();
+        assert_eq!(e.reason(), "body");
+        assert_eq!(
+            e.to_string(),
+            "response is gzip-encoded; the aggregator asks for identity"
+        );
+        // gzip sent without a header is named by its magic bytes, not "invalid UTF-8".
+        let gz = vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0xfe];
+        let e = utf8_error(&gz, std::str::from_utf8(&gz).unwrap_err());
+        assert_eq!(e.reason(), "body");
+        assert!(e.to_string().contains("gzip-encoded"), "{e}");
+        let bad = b"m 1\n\xff".to_vec();
+        let e = utf8_error(&bad, std::str::from_utf8(&bad).unwrap_err());
+        assert!(e.to_string().starts_with("reading body: not UTF-8"), "{e}");
+        assert!(ScrapeError::REASONS.contains(&ScrapeError::HeadTooLarge.reason()));
+
+        // A source whose message its parent already printed is not printed again.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "outer: disk on fire");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Plain(#[source] std::io::Error);
+        let e = Plain(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "outer: disk on fire");
     }
 
     #[test]

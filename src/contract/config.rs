@@ -28,6 +28,25 @@ pub const DEFAULT_SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 /// Default cap on a scraped body: 16 MiB.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 16 << 20;
+/// Bounds on `[aggregator]` values: outside them a value is a typo or cannot work, and the
+/// aggregator refuses to start. Within them, [`AggregatorConfig::warnings`] notes the
+/// implausible.
+///
+/// `scrape_interval`: at least 1 s (below that an agent's own 1 s sampling has nothing new),
+/// at most 1 h (the ledger books minutes; an hour between readings is not metering).
+pub const SCRAPE_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+/// `scrape_timeout`: at least 100 ms, enough for a loopback TLS handshake and a body.
+pub const MIN_SCRAPE_TIMEOUT: Duration = Duration::from_millis(100);
+/// `grace`: minutes stay open in memory this long, and the contract metrics lag by it; a
+/// week is already more than any outage worth waiting for.
+pub const MAX_GRACE: Duration = Duration::from_secs(7 * 86_400);
+/// `body_limit_bytes`: 1 KiB (an agent with one GPU needs a few) to 256 MiB (over a
+/// thousand times what a 64-GPU host serves).
+pub const BODY_LIMIT_RANGE: (usize, usize) = (1 << 10, 256 << 20);
+/// `price_per_gpu_hour`: above this it is a typo (or a price in the wrong unit); the
+/// ledger's money series would lose their precision long before.
+pub const MAX_PRICE_PER_GPU_HOUR: f64 = 1e6;
 /// More GPUs than any fleet has: a ramp step above this is a typo, and would overflow the
 /// ledger's integer GPU-milliseconds within decades.
 pub const MAX_COMMITTED_GPUS: i64 = 10_000_000;
@@ -51,6 +70,9 @@ pub struct AggregatorConfig {
     pub contracts: Vec<Contract>,
     /// How agents are reached: scheme, TLS and basic auth.
     pub scrape: ScrapeClient,
+    /// Implausible but possible values, one line each naming file and key, for the
+    /// aggregator to log at start and `check-config` to print.
+    pub warnings: Vec<String>,
 }
 
 /// What an empty file gives: defaults, no targets, no contracts.
@@ -65,6 +87,7 @@ impl Default for AggregatorConfig {
             file_sd: Vec::new(),
             contracts: Vec::new(),
             scrape: ScrapeClient::default(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -251,11 +274,37 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         &agg.scrape_interval,
         DEFAULT_SCRAPE_INTERVAL,
     )?;
+    let mut warnings = Vec::new();
+    let warn = |warnings: &mut Vec<String>, field: &str, message: String| {
+        warnings.push(format!("{}: {field}: {message}", path.display()))
+    };
+    let (lo, hi) = SCRAPE_INTERVAL_RANGE;
     if scrape_interval.is_zero() {
         return Err(invalid(
             "aggregator.scrape_interval".into(),
             "must be > 0".into(),
         ));
+    }
+    if scrape_interval < lo || scrape_interval > hi {
+        return Err(invalid(
+            "aggregator.scrape_interval".into(),
+            format!(
+                "{} is outside 1s..=1h: below a second the agents (sampling every second) \
+                 have nothing new, above an hour the ledger's minutes are guesses",
+                show(agg.scrape_interval.as_deref(), scrape_interval)
+            ),
+        ));
+    }
+    if scrape_interval > Duration::from_secs(300) {
+        warn(
+            &mut warnings,
+            "aggregator.scrape_interval",
+            format!(
+                "{} is long: a target that goes down is noticed, and its minutes booked, \
+                 only this long after",
+                show(agg.scrape_interval.as_deref(), scrape_interval)
+            ),
+        );
     }
     let scrape_timeout = match &agg.scrape_timeout {
         None => DEFAULT_SCRAPE_TIMEOUT.min(scrape_interval),
@@ -269,6 +318,15 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         return Err(invalid(
             "aggregator.scrape_timeout".into(),
             "must be > 0".into(),
+        ));
+    }
+    if scrape_timeout < MIN_SCRAPE_TIMEOUT {
+        return Err(invalid(
+            "aggregator.scrape_timeout".into(),
+            format!(
+                "{} must be >= 100ms: no scrape completes in less",
+                show(agg.scrape_timeout.as_deref(), scrape_timeout)
+            ),
         ));
     }
     if scrape_timeout > scrape_interval {
@@ -293,18 +351,59 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
             ),
         ));
     }
+    if grace > MAX_GRACE {
+        return Err(invalid(
+            "aggregator.grace".into(),
+            format!(
+                "{} must be <= 7d: minutes stay open in memory, and the contract metrics lag, \
+                 this long",
+                show(agg.grace.as_deref(), grace)
+            ),
+        ));
+    }
+    if grace > Duration::from_secs(3600) {
+        warn(
+            &mut warnings,
+            "aggregator.grace",
+            format!(
+                "{} is long: the contract metrics lag by it, and that many minutes are kept \
+                 in memory",
+                show(agg.grace.as_deref(), grace)
+            ),
+        );
+    }
+    let (min_body, max_body) = BODY_LIMIT_RANGE;
     let body_limit_bytes = match agg.body_limit_bytes {
         None => DEFAULT_BODY_LIMIT_BYTES,
         Some(n) => match usize::try_from(n) {
-            Ok(n) if n > 0 => n,
-            _ => {
+            Ok(n) if n > 0 && (min_body..=max_body).contains(&n) => n,
+            _ if n <= 0 => {
                 return Err(invalid(
                     "aggregator.body_limit_bytes".into(),
                     format!("must be > 0, got {n}"),
                 ))
             }
+            _ => {
+                return Err(invalid(
+                    "aggregator.body_limit_bytes".into(),
+                    format!(
+                        "{n} is outside {min_body}..={max_body} (1 KiB to 256 MiB; an agent \
+                         with 8 GPUs serves about 30 KB)"
+                    ),
+                ))
+            }
         },
     };
+    if body_limit_bytes < 64 << 10 {
+        warn(
+            &mut warnings,
+            "aggregator.body_limit_bytes",
+            format!(
+                "{body_limit_bytes} is small: a host with many GPUs or MIG instances serves more, \
+                 and its scrapes would fail as too_large"
+            ),
+        );
+    }
 
     let scrape = scrape_client(path, &agg)
         .map_err(|(key, message)| invalid(format!("aggregator.{key}"), message))?;
@@ -401,12 +500,22 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         }
         ids.insert(rc.id.clone(), n);
         let id = rc.id.clone();
-        let contract = build_contract(rc).map_err(|(field, message)| ConfigError::Contract {
-            path: path.to_path_buf(),
-            contract: ContractRef::Id(id),
-            field,
-            message,
+        let mut contract_warnings = Vec::new();
+        let contract = build_contract(rc, &mut contract_warnings).map_err(|(field, message)| {
+            ConfigError::Contract {
+                path: path.to_path_buf(),
+                contract: ContractRef::Id(id),
+                field,
+                message,
+            }
         })?;
+        for (field, message) in contract_warnings {
+            warnings.push(format!(
+                "{}: {}: {field}: {message}",
+                path.display(),
+                ContractRef::Id(contract.id.clone())
+            ));
+        }
         contracts.push(contract);
     }
 
@@ -429,6 +538,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         file_sd,
         contracts,
         scrape,
+        warnings,
     })
 }
 
@@ -553,8 +663,12 @@ fn show(raw: Option<&str>, value: Duration) -> String {
     }
 }
 
-/// Validates one contract whose id is already checked; errors are `(field, message)`.
-fn build_contract(rc: RawContract) -> Result<Contract, (String, String)> {
+/// Validates one contract whose id is already checked; errors are `(field, message)`, and
+/// so are the implausible values pushed to `warnings`.
+fn build_contract(
+    rc: RawContract,
+    warnings: &mut Vec<(String, String)>,
+) -> Result<Contract, (String, String)> {
     let err = |field: &str, message: String| (field.to_string(), message);
 
     if rc.provider.trim().is_empty() {
@@ -579,6 +693,19 @@ fn build_contract(rc: RawContract) -> Result<Contract, (String, String)> {
             format!(
                 "must be a finite number >= 0, got {}",
                 rc.price_per_gpu_hour
+            ),
+        ));
+    }
+    if rc.price_per_gpu_hour > MAX_PRICE_PER_GPU_HOUR {
+        return Err(err(
+            "price_per_gpu_hour",
+            format!(
+                "{} is more than any GPU-hour costs (at most {MAX_PRICE_PER_GPU_HOUR})",
+                if rc.price_per_gpu_hour >= 1e15 {
+                    format!("{:e}", rc.price_per_gpu_hour)
+                } else {
+                    rc.price_per_gpu_hour.to_string()
+                }
             ),
         ));
     }
@@ -708,6 +835,26 @@ fn build_contract(rc: RawContract) -> Result<Contract, (String, String)> {
         }
     }
     let ramp = calendar::clip_ramp(start_ms, end_ms, &steps);
+    let span = match &rc.end {
+        Some(end) => format!("{:?}–{:?}", rc.start.0, end.0),
+        None => format!("from {:?}", rc.start.0),
+    };
+    if ramp.is_empty() {
+        return Err(err(
+            "ramp",
+            format!("no step overlaps the contract's span ({span}): it can never commit a GPU"),
+        ));
+    }
+    for (i, &(from, until, _)) in steps.iter().enumerate() {
+        let before = until.is_some_and(|u| u <= start_ms);
+        let after = end_ms.is_some_and(|e| from >= e);
+        if before || after {
+            warnings.push((
+                format!("ramp[{i}]"),
+                format!("lies wholly outside the contract's span ({span}); it never counts"),
+            ));
+        }
+    }
 
     Ok(Contract {
         id: rc.id,

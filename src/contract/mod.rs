@@ -29,6 +29,9 @@ pub use config::{
     FileSd, Scheme, ScrapeClient, ScrapeTls, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
     DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_COMMITTED_GPUS,
 };
+pub use config::{
+    BODY_LIMIT_RANGE, MAX_GRACE, MAX_PRICE_PER_GPU_HOUR, MIN_SCRAPE_TIMEOUT, SCRAPE_INTERVAL_RANGE,
+};
 pub use selector::Selector;
 
 /// Which agent counter measures "used" for a contract.

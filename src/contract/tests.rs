@@ -1142,3 +1142,144 @@ proptest! {
         prop_assert_eq!(sum, c.committed_gpu_ms(first, t));
     }
 }
+
+// ---------------------------------------------------------------- careless values
+
+#[test]
+fn careless_aggregator_values_are_refused_naming_the_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "scrape_interval = \"1ms\"",
+            "aggregator.scrape_interval: 1ms is outside 1s..=1h",
+        ),
+        (
+            "scrape_interval = \"999ms\"",
+            "aggregator.scrape_interval: 999ms is outside 1s..=1h",
+        ),
+        (
+            "scrape_interval = \"99999999h\"",
+            "aggregator.scrape_interval: 99999999h is outside 1s..=1h",
+        ),
+        (
+            "scrape_interval = \"1h1s\"\ngrace = \"2h\"",
+            "aggregator.scrape_interval: 1h1s is outside 1s..=1h",
+        ),
+        (
+            "scrape_timeout = \"99ms\"",
+            "aggregator.scrape_timeout: 99ms must be >= 100ms",
+        ),
+        (
+            "grace = \"100000w\"",
+            "aggregator.grace: 100000w must be <= 7d",
+        ),
+        ("grace = \"7d1s\"", "aggregator.grace: 7d1s must be <= 7d"),
+        (
+            "body_limit_bytes = 9223372036854775807",
+            "aggregator.body_limit_bytes: 9223372036854775807 is outside 1024..=268435456",
+        ),
+        (
+            "body_limit_bytes = 268435457",
+            "aggregator.body_limit_bytes: 268435457 is outside 1024..=268435456",
+        ),
+        (
+            "body_limit_bytes = 1023",
+            "aggregator.body_limit_bytes: 1023 is outside 1024..=268435456",
+        ),
+        (
+            "body_limit_bytes = -1",
+            "aggregator.body_limit_bytes: must be > 0, got -1",
+        ),
+    ];
+    for (keys, want) in cases {
+        let e = err(&format!("[aggregator]\n{keys}\n"));
+        assert!(
+            e.starts_with(&format!("aggregator.toml: {want}")),
+            "{keys}: {e}"
+        );
+    }
+    // The bounds themselves are accepted.
+    let cfg = ok(
+        "[aggregator]\nscrape_interval = \"1h\"\nscrape_timeout = \"100ms\"\n\
+                  grace = \"7d\"\nbody_limit_bytes = 268435456\n",
+    );
+    assert_eq!(cfg.scrape_interval, SCRAPE_INTERVAL_RANGE.1);
+    assert_eq!(cfg.scrape_timeout, MIN_SCRAPE_TIMEOUT);
+    assert_eq!(cfg.grace, MAX_GRACE);
+    assert_eq!(cfg.body_limit_bytes, BODY_LIMIT_RANGE.1);
+    let cfg = ok("[aggregator]\nscrape_interval = \"1s\"\nbody_limit_bytes = 1024\n");
+    assert_eq!(cfg.body_limit_bytes, BODY_LIMIT_RANGE.0);
+}
+
+#[test]
+fn careless_contract_values_are_refused_naming_the_key() {
+    for (from, to, want) in [
+        (
+            "price_per_gpu_hour = 2.10",
+            "price_per_gpu_hour = 1e308",
+            "price_per_gpu_hour: 1e308 is more than any GPU-hour costs (at most 1000000)",
+        ),
+        (
+            "price_per_gpu_hour = 2.10",
+            "price_per_gpu_hour = 1000000.01",
+            "price_per_gpu_hour: 1000000.01 is more than any GPU-hour costs (at most 1000000)",
+        ),
+        // Every step before the start: the contract can never commit a GPU.
+        (
+            "ramp = [\n  { from = \"2026-11-01\", gpus = 50000 },\n  { from = \"2027-01-15\", gpus = 100000 },\n]",
+            "ramp = [ { from = \"2025-01-01\", until = \"2025-06-01\", gpus = 8 } ]",
+            "ramp: no step overlaps the contract's span (\"2026-11-01\"–\"2027-10-31\"): it can never commit a GPU",
+        ),
+        // Every step after the end.
+        (
+            "ramp = [\n  { from = \"2026-11-01\", gpus = 50000 },\n  { from = \"2027-01-15\", gpus = 100000 },\n]",
+            "ramp = [ { from = \"2027-11-01\", gpus = 8 } ]",
+            "ramp: no step overlaps the contract's span",
+        ),
+    ] {
+        let e = err(&base_with(from, to));
+        assert!(e.starts_with(&format!("{C}: {want}")), "{to}: {e}");
+    }
+    assert_eq!(
+        contract(&base_with(
+            "price_per_gpu_hour = 2.10",
+            "price_per_gpu_hour = 1e6"
+        ))
+        .price_per_gpu_hour,
+        MAX_PRICE_PER_GPU_HOUR
+    );
+}
+
+#[test]
+fn implausible_values_are_warned_not_refused() {
+    assert!(ok(BASE).warnings.is_empty(), "{:?}", ok(BASE).warnings);
+    assert!(ok("").warnings.is_empty());
+    let cfg = ok(
+        "[aggregator]\nscrape_interval = \"10m\"\nscrape_timeout = \"10s\"\n\
+                  grace = \"2d\"\nbody_limit_bytes = 4096\n",
+    );
+    let w = cfg.warnings.join("\n");
+    assert_eq!(cfg.warnings.len(), 3, "{w}");
+    assert!(
+        w.contains("aggregator.toml: aggregator.scrape_interval: 10m is long"),
+        "{w}"
+    );
+    assert!(
+        w.contains("aggregator.toml: aggregator.grace: 2d is long"),
+        "{w}"
+    );
+    assert!(
+        w.contains("aggregator.toml: aggregator.body_limit_bytes: 4096 is small"),
+        "{w}"
+    );
+    // One step outside the span: it never counts, but the others do.
+    let cfg = ok(&base_with(
+        "{ from = \"2026-11-01\", gpus = 50000 },",
+        "{ from = \"2026-01-01\", until = \"2026-06-01\", gpus = 1 },\n  { from = \"2026-11-01\", gpus = 50000 },",
+    ));
+    assert_eq!(
+        cfg.warnings,
+        vec![format!(
+            "{C}: ramp[0]: lies wholly outside the contract's span (\"2026-11-01\"–\"2027-10-31\"); it never counts"
+        )]
+    );
+}
