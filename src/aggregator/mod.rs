@@ -320,7 +320,7 @@ pub async fn serve(
         }),
         writer,
         durability: Mutex::new(Durability::default()),
-        write_deadline: cfg.scrape_interval.max(Duration::from_secs(30)),
+        write_deadline: (cfg.scrape_interval * 3).max(Duration::from_secs(10)),
         metrics,
         clock,
         grace_ms: cfg.grace.as_millis() as i64,
