@@ -253,7 +253,8 @@ pub async fn serve(
         scraper,
         hup,
     ));
-    http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
+    let served = http::ServerMetrics::register(&shared.metrics.registry)?;
+    http::serve_with(listener, handler(shared.clone()), p.web, served, shutdown).await;
     scraping.abort();
     let _ = scraping.await;
     // Not needed for correctness (every round is durable), but a clean stop leaves
