@@ -165,6 +165,38 @@ fn two_thousand_idle_connections_do_not_lock_out_a_scraper() {
 }
 
 #[test]
+fn an_idle_keep_alive_connection_is_closed_after_10_s() {
+    let dir = TempDir::new("keepalive");
+    let agent = agent(&dir, None, &[]);
+    let mut s = TcpStream::connect(&agent.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // The answer (a small body with content-length), then nothing until the server closes.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1);
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    s.read_exact(&mut vec![0u8; length]).unwrap();
+    let answered = Instant::now();
+    assert_eq!(s.read(&mut byte).unwrap(), 0, "closed, nothing more sent");
+    let idle = answered.elapsed();
+    eprintln!("an idle keep-alive connection was closed after {idle:.2?}");
+    assert!(
+        idle >= Duration::from_secs(9) && idle < Duration::from_secs(20),
+        "{idle:?}"
+    );
+}
+
+#[test]
 fn under_a_low_descriptor_limit_the_longest_idle_connections_give_way() {
     let dir = TempDir::new("lowfd");
     let mut agent = agent(&dir, Some(512), &[]);

@@ -186,8 +186,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// therefore also the keep-alive idle timeout (hyper counts both from the same instant).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a connection closed to make room (or at shutdown, see [`DRAIN_TIMEOUT`]) may
-/// take to finish writing a response: a client that does not read holds nothing longer.
+/// How long a connection shed to make room may take to finish writing a response it had
+/// started: a client that does not read its answer holds the descriptor no longer.
 const SHED_GRACE: Duration = Duration::from_secs(5);
 
 /// Accept failures are retried after 5 ms, doubling to 1 s (as Go's net/http does).
