@@ -150,6 +150,7 @@ fn units_declare_the_deployment_contract() {
         ("DevicePolicy", "closed"),
         ("DeviceAllow", "char-nvidia-frontend rw"),
         ("DeviceAllow", "char-nvidia rw"),
+        ("LimitNOFILE", "16384"),
         ("WantedBy", "multi-user.target"),
     ] {
         assert_has(&a, unit, k, v);
@@ -188,6 +189,7 @@ fn units_declare_the_deployment_contract() {
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
         ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("LimitNOFILE", "65536"),
         ("WantedBy", "multi-user.target"),
     ] {
         assert_has(&g, unit, k, v);

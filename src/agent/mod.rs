@@ -130,7 +130,8 @@ pub async fn run(
             end = sampler.ended() => died = Some(end),
         }
     };
-    http::serve_with(listener, handler(metrics, status), p.web, stop).await;
+    let served = http::ServerMetrics::register(&metrics.registry)?;
+    http::serve_with(listener, handler(metrics, status), p.web, served, stop).await;
     watchdog.abort();
     if let Some(end) = died {
         return Err(end.err().unwrap_or(SamplerError::Exited).into());

@@ -367,7 +367,8 @@ pub async fn serve(
         scraper,
         hup,
     ));
-    http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
+    let served = http::ServerMetrics::register(&shared.metrics.registry)?;
+    http::serve_with(listener, handler(shared.clone()), p.web, served, shutdown).await;
     scraping.abort();
     let _ = scraping.await;
     shared.final_write().await;

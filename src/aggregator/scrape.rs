@@ -204,9 +204,15 @@ impl Scraper {
             }
             None => builder,
         };
+        // A target is scraped once at a time, so one idle connection per agent is all a
+        // reuse needs: 10,000 agents hold at most 10,000 descriptors, inside the half of
+        // the limit the server leaves to scrapes (http::conns::max_connections). Agents
+        // close a connection idle for http::HEADER_READ_TIMEOUT (10 s); the pool drops it
+        // at half that, so a scrape never goes out on a connection the agent is closing at
+        // that instant (with longer scrape intervals every scrape connects anew).
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(256)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(crate::http::HEADER_READ_TIMEOUT / 2)
             .build(builder.enable_http1().wrap_connector(http));
         let authorization = scrape.basic_auth.as_ref().and_then(|a| {
             let token = base64::engine::general_purpose::STANDARD

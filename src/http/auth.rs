@@ -2,30 +2,56 @@
 //!
 //! bcrypt at cost 10 takes 50–100 ms of CPU, so a scraper every 15 s would cost more than
 //! the agent itself: successful checks are remembered, as exporter-toolkit does, keyed by
-//! a salted SHA-256 of user and password (the password itself is never kept). Misses run
-//! on the blocking pool, one at a time, so wrong passwords can neither stall the server's
-//! single-threaded runtime nor take every core.
+//! a salted SHA-256 of user and password (the password itself is never kept).
+//!
+//! Misses are hashed on one dedicated thread, never on the runtime's, behind a queue of
+//! [`QUEUE`]: a check that finds it full is answered at once ([`Verdict::Busy`], 429), so
+//! wrong passwords can neither stall the server nor take every core, and a correct login
+//! waits for at most [`QUEUE`] hashes, never for a crowd. The thread is not the runtime's:
+//! a hash in progress does not hold up shutdown (the process exits under it).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine;
 use hyper::header::HeaderValue;
-use tokio::sync::Semaphore;
 
 /// How many successful (user, password) pairs are remembered; the oldest goes first.
 pub const CACHE_SIZE: usize = 64;
 
+/// Checks waiting for the bcrypt thread, besides the one it is hashing.
+pub const QUEUE: usize = 4;
+
+/// The outcome of [`BasicAuth::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Not checked: the queue was full.
+    Busy,
+}
+
+/// One bcrypt comparison for the thread.
+struct Job {
+    hash: Arc<str>,
+    password: Vec<u8>,
+    /// Whether a match means anything (an unknown user is hashed against the decoy).
+    known: bool,
+    reply: tokio::sync::oneshot::Sender<bool>,
+}
+
 /// Users and their bcrypt hashes, already checked to parse.
 pub struct BasicAuth {
-    users: BTreeMap<String, String>,
+    users: BTreeMap<String, Arc<str>>,
     /// Hashed against when the user is unknown, so the answer takes as long as for a
     /// known user with a wrong password.
-    decoy: String,
+    decoy: Arc<str>,
     /// Random per process, so a cache key reveals nothing outside it.
     salt: [u8; 32],
     cache: Mutex<VecDeque<[u8; 32]>>,
-    bcrypt_slots: Arc<Semaphore>,
+    /// The bcrypt thread's queue, started on the first miss (`check-config` starts none).
+    jobs: OnceLock<Option<SyncSender<Job>>>,
 }
 
 impl std::fmt::Debug for BasicAuth {
@@ -39,7 +65,13 @@ impl std::fmt::Debug for BasicAuth {
 impl BasicAuth {
     /// `users` is not empty and every hash is a valid bcrypt hash (see the web config).
     pub fn new(users: BTreeMap<String, String>) -> Self {
-        let decoy = users.values().next().cloned().unwrap_or_default();
+        let users: BTreeMap<String, Arc<str>> =
+            users.into_iter().map(|(u, h)| (u, Arc::from(h))).collect();
+        let decoy = users
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""));
         let mut salt = [0u8; 32];
         // No randomness (never seen on Linux) only makes the keys predictable, not wrong.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
@@ -48,34 +80,48 @@ impl BasicAuth {
             decoy,
             salt,
             cache: Mutex::new(VecDeque::with_capacity(CACHE_SIZE)),
-            bcrypt_slots: Arc::new(Semaphore::new(1)),
+            jobs: OnceLock::new(),
         }
     }
 
     /// Whether an `Authorization` header carries a known user and that user's password.
-    pub async fn check(self: &Arc<Self>, header: Option<&HeaderValue>) -> bool {
+    pub async fn check(&self, header: Option<&HeaderValue>) -> Verdict {
         let Some((user, password)) = header.and_then(parse_basic) else {
-            return false;
+            return Verdict::Denied;
         };
         let key = self.key(&user, &password);
         if self.cached(&key) {
-            return true;
+            return Verdict::Allowed;
         }
-        let Ok(_slot) = self.bcrypt_slots.clone().acquire_owned().await else {
-            return false;
+        let Some(jobs) = self.jobs.get_or_init(start_bcrypt_thread) else {
+            return Verdict::Denied;
         };
-        let me = self.clone();
-        let ok = tokio::task::spawn_blocking(move || me.verify(&user, &password))
-            .await
-            .unwrap_or(false);
-        if ok {
-            self.remember(key);
+        let (hash, known) = match self.users.get(&user) {
+            Some(h) => (h.clone(), true),
+            None => (self.decoy.clone(), false),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            hash,
+            password,
+            known,
+            reply,
+        };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Verdict::Busy,
+            Err(TrySendError::Disconnected(_)) => return Verdict::Denied,
         }
-        ok
+        if answer.await.unwrap_or(false) {
+            self.remember(key);
+            Verdict::Allowed
+        } else {
+            Verdict::Denied
+        }
     }
 
     fn remember(&self, key: [u8; 32]) {
-        let mut cache = self.cache.lock().expect("auth cache lock");
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if !cache.contains(&key) {
             if cache.len() >= CACHE_SIZE {
                 cache.pop_front();
@@ -84,7 +130,7 @@ impl BasicAuth {
         }
     }
 
-    /// The bcrypt comparison itself, with no cache.
+    /// The bcrypt comparison itself, with no cache and no queue.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
@@ -107,12 +153,40 @@ impl BasicAuth {
     }
 
     fn cached(&self, key: &[u8; 32]) -> bool {
-        self.cache.lock().expect("auth cache lock").contains(key)
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
     }
 
     /// Entries in the cache (for tests).
     pub fn cache_len(&self) -> usize {
-        self.cache.lock().expect("auth cache lock").len()
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The bcrypt thread: one, so wrong passwords take at most one core. It ends when the
+/// [`BasicAuth`] holding its queue is dropped; a hash in progress at exit is abandoned.
+fn start_bcrypt_thread() -> Option<SyncSender<Job>> {
+    let (tx, rx) = sync_channel::<Job>(QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("bcrypt".into())
+        .spawn(move || {
+            for job in rx {
+                // The client left (timed out, hung up, shutdown): nobody needs the answer.
+                if job.reply.is_closed() {
+                    continue;
+                }
+                let matched = bcrypt::verify(&job.password, &job.hash).unwrap_or(false);
+                let _ = job.reply.send(matched && job.known);
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the bcrypt thread; every login is refused");
+            None
+        }
     }
 }
 
@@ -147,31 +221,37 @@ mod tests {
         Arc::new(BasicAuth::new(users))
     }
 
+    impl BasicAuth {
+        async fn ok(&self, header: Option<&HeaderValue>) -> bool {
+            self.check(header).await == Verdict::Allowed
+        }
+    }
+
     #[tokio::test]
     async fn right_password_passes_and_is_cached() {
         let a = auth();
-        assert!(a.check(Some(&header("alice", "s3cret"))).await);
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
         assert_eq!(a.cache_len(), 1);
         // A second check is a cache hit: nothing new is added.
-        assert!(a.check(Some(&header("alice", "s3cret"))).await);
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
         assert_eq!(a.cache_len(), 1);
-        assert!(a.check(Some(&header("bob", "hunter2"))).await);
+        assert!(a.ok(Some(&header("bob", "hunter2"))).await);
         assert_eq!(a.cache_len(), 2);
     }
 
     #[tokio::test]
     async fn wrong_or_missing_credentials_fail_and_are_not_cached() {
         let a = auth();
-        assert!(!a.check(None).await);
-        assert!(!a.check(Some(&header("alice", "S3cret"))).await);
+        assert!(!a.ok(None).await);
+        assert!(!a.ok(Some(&header("alice", "S3cret"))).await);
         // Bob's password is not Alice's, nor is Alice's cached success Bob's.
-        assert!(a.check(Some(&header("alice", "s3cret"))).await);
-        assert!(!a.check(Some(&header("bob", "s3cret"))).await);
-        assert!(!a.check(Some(&header("mallory", "s3cret"))).await);
-        assert!(!a.check(Some(&HeaderValue::from_static("Bearer abc"))).await);
-        assert!(!a.check(Some(&HeaderValue::from_static("Basic !!!"))).await);
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
+        assert!(!a.ok(Some(&header("bob", "s3cret"))).await);
+        assert!(!a.ok(Some(&header("mallory", "s3cret"))).await);
+        assert!(!a.ok(Some(&HeaderValue::from_static("Bearer abc"))).await);
+        assert!(!a.ok(Some(&HeaderValue::from_static("Basic !!!"))).await);
         assert!(
-            !a.check(Some(&HeaderValue::from_static("Basic YWxpY2U=")))
+            !a.ok(Some(&HeaderValue::from_static("Basic YWxpY2U=")))
                 .await
         ); // "alice", no colon
         assert_eq!(a.cache_len(), 1);
@@ -188,6 +268,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_queue_answers_busy_at_once_and_the_cache_still_passes() {
+        // A slow user: cost 12 (a second in a debug build, 0.2 s in release) keeps the
+        // thread on the first check while the others queue up behind it.
+        let mut users = BTreeMap::new();
+        let slow = bcrypt::hash("x", 4).unwrap().replacen("$04$", "$12$", 1);
+        users.insert("slow".to_string(), slow);
+        users.insert("alice".to_string(), bcrypt::hash("s3cret", 4).unwrap());
+        let a = Arc::new(BasicAuth::new(users));
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
+        let checks: Vec<_> = (0..QUEUE + 3)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.check(Some(&header("slow", "wrong"))).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Remembered logins do not wait behind the queue.
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
+        // At most one hashing and QUEUE waiting: the others are already answered, Busy.
+        let mut busy = 0;
+        for c in checks {
+            if c.is_finished() {
+                assert_eq!(c.await.unwrap(), Verdict::Busy);
+                busy += 1;
+            } else {
+                c.abort();
+            }
+        }
+        assert!(busy >= 2, "{busy} answered at once");
+    }
+
+    #[tokio::test]
     async fn the_cache_is_bounded() {
         let a = auth();
         // Distinct passwords cannot all be right; fill the cache directly.
@@ -195,7 +307,7 @@ mod tests {
             a.remember(a.key("alice", format!("p{i}").as_bytes()));
         }
         assert_eq!(a.cache_len(), CACHE_SIZE);
-        assert!(a.check(Some(&header("alice", "s3cret"))).await);
+        assert!(a.ok(Some(&header("alice", "s3cret"))).await);
         assert_eq!(a.cache_len(), CACHE_SIZE);
         assert!(a.cached(&a.key("alice", b"s3cret")));
         assert!(!a.cached(&a.key("alice", b"p0")));

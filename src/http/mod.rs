@@ -1,11 +1,14 @@
 //! A small HTTP/1.1 server shared by both roles: fixed routes, GET/HEAD only,
-//! header-read timeout against slow clients, one task per connection; TLS and basic
-//! auth when a web config file asks for them.
+//! header-read timeout against slow clients, one task per connection, a bound on open
+//! connections below the descriptor limit; TLS and basic auth when a web config file asks
+//! for them.
 
 pub mod auth;
+pub mod conns;
 pub mod tls;
 pub mod webconfig;
 
+pub use conns::ServerMetrics;
 pub use webconfig::{WebConfig, WebConfigError};
 
 use std::convert::Infallible;
@@ -16,7 +19,9 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -61,7 +66,10 @@ pub fn parse_listen_address(addr: &str) -> Result<SocketAddr, HttpError> {
         .ok_or_else(|| bad("host name resolves to no address"))
 }
 
+/// Binds `addr`. The first bind in a process also raises its descriptor limit (see
+/// [`conns::fd_limit`]), before anything opens many.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    conns::fd_limit();
     TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })
@@ -144,30 +152,96 @@ fn unauthorized() -> Response<Full<Bytes>> {
     r
 }
 
+/// What a request gets, at once, when the bcrypt queue is full: the credentials were not
+/// checked, so it says neither yes nor no.
+fn too_many_requests() -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "text/plain",
+        "Too Many Requests: credentials are being checked for other clients; retry\n",
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// A request still waiting for its credentials to be checked when shutdown begins.
+fn shutting_down() -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        "shutting down\n",
+    );
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// The same limit as for reading request headers: a client that stalls the handshake
 /// holds a task and a socket, nothing more, and not for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Plain, open HTTP until `shutdown` completes.
+/// A client has this long to send a request's headers, counted from when the server is
+/// ready for them: on a new connection and between requests on a kept-alive one. It is
+/// therefore also the keep-alive idle timeout (hyper counts both from the same instant).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection shed to make room may take to finish writing a response it had
+/// started: a client that does not read its answer holds the descriptor no longer.
+const SHED_GRACE: Duration = Duration::from_secs(5);
+
+/// Accept failures are retried after 5 ms, doubling to 1 s (as Go's net/http does).
+fn accept_backoff(failures: u32) -> Duration {
+    let ms = 5u64 << failures.saturating_sub(1).min(8);
+    Duration::from_millis(ms.min(1000))
+}
+
+/// Errors that concern one connection only (it was reset before it was accepted):
+/// nothing to back off from.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+/// Plain, open HTTP until `shutdown` completes, reporting nowhere (the demo's agents).
 pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Future<Output = ()>) {
-    serve_with(listener, handler, WebConfig::default(), shutdown).await
+    serve_with(
+        listener,
+        handler,
+        WebConfig::default(),
+        ServerMetrics::unregistered(),
+        shutdown,
+    )
+    .await
 }
 
 /// Serves until `shutdown` completes, with the TLS and basic auth of `web`. Every path
 /// needs credentials when users are configured, health checks included, as in
 /// exporter-toolkit. Connection and handshake errors are logged at debug level: a
 /// scraper hanging up, or speaking plain HTTP to the TLS port, is its own problem.
+///
+/// At most [`conns::max_connections`] connections are open (see [`conns`]); a failing
+/// `accept` (out of descriptors) closes the longest-idle connection, backs off and is
+/// logged once until accepts succeed again.
 pub async fn serve_with(
     listener: TcpListener,
     handler: Handler,
     web: WebConfig,
+    metrics: ServerMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let fd_limit = conns::fd_limit();
+    let tracker = conns::Tracker::new(conns::max_connections(fd_limit), metrics.clone());
     // On shutdown: stop accepting, let requests in flight finish (idle keep-alive
     // connections close at once), and give up on stragglers after DRAIN_TIMEOUT.
     let (drain, draining) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    // Since when, and how often, accept has been failing.
+    let mut failing: Option<(std::time::Instant, u32)> = None;
     loop {
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
@@ -176,26 +250,76 @@ pub async fn serve_with(
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(e) if is_per_connection(&e) => {
+                tracing::debug!(error = %e, "connection lost before accept");
                 continue;
             }
-        };
-        let (handler, web, draining) = (handler.clone(), web.clone(), draining.clone());
-        connections.spawn(async move {
-            let Some(acceptor) = &web.tls else {
-                return connection(TokioIo::new(stream), handler, web.auth, peer, draining).await;
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    connection(TokioIo::new(tls), handler, web.auth, peer, draining).await
+            Err(e) => {
+                metrics.accept_errors.inc();
+                let (_, failures) = failing.get_or_insert_with(|| {
+                    tracing::warn!(
+                        error = %e,
+                        connections = tracker.open(),
+                        max_connections = tracker.max(),
+                        fd_limit,
+                        "cannot accept connections; retrying with backoff \
+                         (logged once until accepts succeed again)"
+                    );
+                    (std::time::Instant::now(), 0)
+                });
+                *failures += 1;
+                // Out of descriptors: one idle connection closed is one more accepted.
+                tracker.shed_one();
+                let delay = accept_backoff(*failures);
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(delay) => continue,
                 }
+            }
+        };
+        if let Some((since, failures)) = failing.take() {
+            tracing::info!(
+                failures,
+                seconds = since.elapsed().as_secs_f64(),
+                "accepting connections again"
+            );
+        }
+        let at_bound = tracker.open() >= tracker.max();
+        let Some(slot) = tracker.admit() else {
+            // Every open connection is answering a request: refuse this one at once.
+            drop(stream);
+            continue;
+        };
+        let conn = Conn {
+            handler: handler.clone(),
+            auth: web.auth.clone(),
+            metrics: metrics.clone(),
+            slot: Arc::new(slot),
+            peer,
+            draining: draining.clone(),
+        };
+        let tls = web.tls.clone();
+        connections.spawn(async move {
+            let Some(acceptor) = tls else {
+                return conn.serve(TokioIo::new(stream)).await;
+            };
+            let mut draining = conn.draining.clone();
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                _ = conn.slot.close.notified() => return,
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            match handshake {
+                Ok(Ok(tls)) => conn.serve(TokioIo::new(tls)).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+        if at_bound {
+            // Let the shed connection's task close its socket before the next accept, so
+            // a flood of new connections cannot outrun the descriptors being freed.
+            tokio::task::yield_now().await;
+        }
     }
     drop(listener);
     let _ = drain.send(true);
@@ -218,43 +342,92 @@ pub async fn serve_with(
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One HTTP/1.1 connection, plain or TLS.
-async fn connection<I>(
-    io: I,
+/// One accepted connection and what serving it needs.
+struct Conn {
     handler: Handler,
     auth: Option<Arc<auth::BasicAuth>>,
+    metrics: ServerMetrics,
+    slot: Arc<conns::Slot>,
     peer: SocketAddr,
-    mut draining: tokio::sync::watch::Receiver<bool>,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req: Request<Incoming>| {
-        let (handler, auth) = (handler.clone(), auth.clone());
-        async move {
-            if let Some(auth) = auth {
-                if !auth.check(req.headers().get(AUTHORIZATION)).await {
-                    return Ok::<_, Infallible>(unauthorized());
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 on `io`, plain or TLS, until the client leaves, the connection is
+    /// shed (see [`conns`]) or shutdown.
+    async fn serve<I>(self, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let Conn {
+            handler,
+            auth,
+            metrics,
+            slot,
+            peer,
+            mut draining,
+        } = self;
+        let close = slot.close.clone();
+        let stop = draining.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let (handler, auth, metrics, slot) =
+                (handler.clone(), auth.clone(), metrics.clone(), slot.clone());
+            let mut stop = stop.clone();
+            async move {
+                let _busy = slot.busy();
+                if let Some(auth) = auth {
+                    let verdict = tokio::select! {
+                        v = auth.check(req.headers().get(AUTHORIZATION)) => v,
+                        // A check still queued or hashing never holds up shutdown.
+                        _ = stop.wait_for(|d| *d) => return Ok(shutting_down()),
+                    };
+                    match verdict {
+                        auth::Verdict::Allowed => {}
+                        auth::Verdict::Denied => {
+                            metrics.auth_failures.with_label_values(&["invalid"]).inc();
+                            return Ok(unauthorized());
+                        }
+                        auth::Verdict::Busy => {
+                            metrics
+                                .auth_failures
+                                .with_label_values(&["throttled"])
+                                .inc();
+                            return Ok(too_many_requests());
+                        }
+                    }
+                }
+                Ok::<_, Infallible>(respond(&handler, &req))
+            }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(64 * 1024)
+            // A client that half-closes after its request (shutdown(SHUT_WR)) still gets
+            // the answer; without this hyper may close first.
+            .half_close(true)
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+                // Finish the request in flight, if any, then close.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = close.notified() => {
+                // Shed to make room: idle, so this closes at once, unless a response is
+                // still being written.
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(SHED_GRACE, conn).await {
+                    Ok(r) => r,
+                    Err(_) => return,
                 }
             }
-            Ok(respond(&handler, &req))
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection closed with error");
         }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024)
-        .serve_connection(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
-            // Finish the request in flight, if any, then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection closed with error");
     }
 }
 

@@ -178,12 +178,25 @@ impl WebConfig {
                     format!("{user:?}: a user name must be non-empty and without ':'"),
                 ));
             }
-            if hash.parse::<bcrypt::HashParts>().is_err() {
+            let Ok(parts) = hash.parse::<bcrypt::HashParts>() else {
                 return Err(invalid(
                     &format!("basic_auth_users.{user}"),
                     format!(
                         "not a bcrypt hash (expected $2y$10$ and 53 more characters; \
                          `htpasswd -nBC 10 {user}` prints {user}:HASH)"
+                    ),
+                ));
+            };
+            let cost = parts.get_cost();
+            if !BCRYPT_COSTS.contains(&cost) {
+                return Err(invalid(
+                    &format!("basic_auth_users.{user}"),
+                    format!(
+                        "bcrypt cost {cost} is outside {}..={}: {}; hash the password again, \
+                         e.g. `htpasswd -nBC 10 {user}`",
+                        BCRYPT_COSTS.start(),
+                        BCRYPT_COSTS.end(),
+                        cost_problem(cost)
                     ),
                 ));
             }
@@ -199,6 +212,40 @@ impl WebConfig {
     pub fn has_auth(&self) -> bool {
         self.auth.is_some()
     }
+}
+
+/// The bcrypt costs accepted in `basic_auth_users`.
+///
+/// exporter-toolkit checks each hash with Go's `bcrypt.Cost`, which accepts 4 to 31
+/// (`bcrypt.MinCost`, `bcrypt.MaxCost`); beyond 31 no bcrypt can verify it, so every login
+/// would fail with 401. But the cost is exponential: about 70 ms at 10 on a current core,
+/// doubling with each step, so 31 is some 40 hours of CPU for one uncached login. 16 is
+/// about 5 s, already half the default scrape timeout; above it a login could outlast
+/// the scrape that needs it. The floor is bcrypt's own (4).
+pub const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=16;
+
+/// Why a bcrypt cost outside [`BCRYPT_COSTS`] cannot be used, for the error message.
+fn cost_problem(cost: u32) -> String {
+    if cost < 4 {
+        return "bcrypt's smallest cost is 4, so no bcrypt can check this hash and every \
+                login would be refused"
+            .into();
+    }
+    if cost > 31 {
+        return "bcrypt's largest cost is 31, so no bcrypt can check this hash and every \
+                login would be refused"
+            .into();
+    }
+    // ~70 ms at cost 10, doubling per step.
+    let seconds = 0.07 * f64::from(1u32 << (cost - 10).min(21));
+    let took = if seconds >= 7200.0 {
+        format!("about {:.0} hours", seconds / 3600.0)
+    } else if seconds >= 120.0 {
+        format!("about {:.0} minutes", seconds / 60.0)
+    } else {
+        format!("about {seconds:.0} s")
+    };
+    format!("each uncached login would take {took} of CPU")
 }
 
 fn nonempty(s: &Option<String>) -> Option<&str> {
@@ -332,6 +379,20 @@ mod tests {
     }
 
     #[test]
+    fn bcrypt_costs_4_to_16_are_accepted() {
+        let f = Files::new("costs");
+        // The costs are only parsed here: nothing is hashed.
+        for cost in ["04", "10", "16"] {
+            let w = f
+                .parse(&format!(
+                    "basic_auth_users:\n  carol: $2y${cost}$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n"
+                ))
+                .unwrap();
+            assert!(w.has_auth(), "{cost}");
+        }
+    }
+
+    #[test]
     fn empty_means_plain_http() {
         let f = Files::new("empty");
         for yaml in [
@@ -430,6 +491,26 @@ mod tests {
             (
                 "basic_auth_users:\n  'a:b': $2y$04$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
                 "basic_auth_users: \"a:b\": a user name",
+            ),
+            (
+                "basic_auth_users:\n  carol: $2y$99$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users.carol: bcrypt cost 99 is outside 4..=16: bcrypt's largest cost is 31",
+            ),
+            (
+                "basic_auth_users:\n  carol: $2y$32$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users.carol: bcrypt cost 32 is outside 4..=16: bcrypt's largest cost is 31",
+            ),
+            (
+                "basic_auth_users:\n  carol: $2y$31$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users.carol: bcrypt cost 31 is outside 4..=16: each uncached login would take about 41 hours of CPU",
+            ),
+            (
+                "basic_auth_users:\n  carol: $2y$17$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users.carol: bcrypt cost 17 is outside 4..=16: each uncached login would take about 9 s of CPU",
+            ),
+            (
+                "basic_auth_users:\n  carol: $2y$03$4gCQ3BBkE6HRfMH9DrHfJulFfcrNBDF3GhCmYkxz3SBzTFIOGSVXm\n",
+                "basic_auth_users.carol: bcrypt cost 3 is outside 4..=16: bcrypt's smallest cost is 4",
             ),
         ];
         for (yaml, want) in cases {
