@@ -1,7 +1,8 @@
 use anyhow::Context;
 use clap::Parser;
 
-use commitmeter::cli::{Cli, Command};
+use commitmeter::aggregator::store;
+use commitmeter::cli::{Cli, Command, LedgerCommand};
 use commitmeter::{agent, aggregator, check, demo, logging};
 
 fn main() -> std::process::ExitCode {
@@ -24,12 +25,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(agent::run(prepared, shutdown_signal()))?;
         }
         Command::Aggregator(args) => {
-            let prepared = aggregator::prepare(
+            let mut prepared = aggregator::prepare(
                 &args.config_file,
                 &args.listen_address,
                 args.storage_path,
                 args.web_config_file.as_deref(),
             )?;
+            prepared.storage = store::StoreOptions {
+                role: store::Role::Aggregator,
+                create_new: args.storage.create_new,
+                discard_future: args.storage.discard_future_minutes,
+                host_checkpoint_interval: args.storage.host_checkpoint_interval,
+            };
             let clock = std::sync::Arc::new(aggregator::SystemClock);
             runtime()?.block_on(aggregator::run(prepared, clock, shutdown_signal()))?;
         }
@@ -41,6 +48,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: args.data_dir,
             };
             runtime()?.block_on(demo::run(opts, shutdown_signal()))?;
+        }
+        Command::Ledger(LedgerCommand::Backup(args)) => {
+            let done = store::backup(&args.storage_path, &args.output, args.timeout)?;
+            println!("{done}");
         }
         Command::CheckConfig(args) => {
             for file in &args.files {

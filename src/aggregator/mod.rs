@@ -77,6 +77,8 @@ pub struct Prepared {
     pub web: http::WebConfig,
     /// The client side of scraping `https` targets.
     pub scrape_tls: Arc<rustls::ClientConfig>,
+    /// How the ledger directory is opened (`--storage.*` flags; the demo's role).
+    pub storage: store::StoreOptions,
 }
 
 pub fn prepare(
@@ -103,6 +105,7 @@ pub fn prepare(
         data_dir,
         web,
         scrape_tls,
+        storage: store::StoreOptions::default(),
     })
 }
 
@@ -151,7 +154,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AggregatorError> {
     let cfg = p.config;
-    let store = Store::open(&p.data_dir)?;
+    let mut store = Store::open_with(&p.data_dir, &p.storage)?;
+    if p.storage.role == store::Role::Aggregator {
+        // The demo's clock is simulated: a reused demo ledger is "in the future" of it.
+        store.check_clock(clock.now_ms())?;
+    }
     let ids: Vec<String> = cfg.contracts.iter().map(|c| c.id.clone()).collect();
     let now = clock.now_ms();
     let ledger = match store.load(&ids)? {
@@ -259,6 +266,9 @@ pub async fn serve(
     // Not needed for correctness (every round is durable), but a clean stop leaves
     // the freshest snapshot behind.
     shared.seal_and_commit().await;
+    if let Err(e) = shared.store.lock().expect("store lock").flush() {
+        tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host");
+    }
     tracing::info!("shutting down");
     Ok(())
 }
