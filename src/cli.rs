@@ -127,7 +127,7 @@ pub struct StorageArgs {
     /// How often the hosts' checkpoints (their last counters) are written; sealed and
     /// open minutes are written every round. `0s`: every round. A crash between two
     /// checkpoints re-baselines every host (README, "What a crash costs").
-    #[arg(long = "storage.host-checkpoint-interval", default_value = "10m", value_parser = parse_checkpoint_interval)]
+    #[arg(long = "storage.host-checkpoint-interval", default_value = "1h", value_parser = parse_checkpoint_interval)]
     pub host_checkpoint_interval: Duration,
 }
 

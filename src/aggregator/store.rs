@@ -43,7 +43,7 @@ pub const BACKUP_DONE: &str = "backup.done";
 pub const FUTURE_TOLERANCE_MS: i64 = 10 * 60_000;
 
 /// Default of `--storage.host-checkpoint-interval`.
-pub const DEFAULT_HOST_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(600);
+pub const DEFAULT_HOST_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -57,10 +57,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("ledger directory lock {path}: {source}; the ledger directory must be writable (read-only storage?)")]
+    #[error("ledger directory lock {path}: {error}; the ledger directory must be writable (read-only storage?)")]
     LockFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("ledger directory {dir} is in use by another commitmeter ({holder}; lock file {lock}); stop it first, or give this one its own directory")]
     Locked {
@@ -184,9 +184,9 @@ impl DirLock {
             source,
         })?;
         let path = dir.join(LOCK_FILE);
-        let lock_err = |source| StoreError::LockFile {
+        let lock_err = |error| StoreError::LockFile {
             path: path.clone(),
-            source,
+            error,
         };
         let mut file = OpenOptions::new()
             .read(true)
