@@ -57,6 +57,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("ledger database {path}: cannot read it: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("ledger directory lock {path}: {error}; the ledger directory must be writable (read-only storage?)")]
     LockFile {
         path: PathBuf,
@@ -368,18 +373,21 @@ fn inspect(path: &Path) -> Result<Found, StoreError> {
                 match f.read(&mut head[n..]) {
                     Ok(0) => break,
                     Ok(k) => n += k,
-                    Err(e) => {
-                        return Err(sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+                    Err(error) => {
+                        return Err(StoreError::Read {
+                            path: path.to_path_buf(),
+                            error,
+                        })
                     }
                 }
             }
             n
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
-        Err(e) => {
-            return Err(StoreError::Dir {
+        Err(error) => {
+            return Err(StoreError::Read {
                 path: path.to_path_buf(),
-                source: e,
+                error,
             })
         }
     };
@@ -633,15 +641,7 @@ impl Store {
                 })
             }
             Ok(existing) => existing,
-            Err(e)
-                if opts.create_new
-                    && !matches!(
-                        e,
-                        StoreError::Marker { .. }
-                            | StoreError::Sqlite { .. }
-                            | StoreError::Dir { .. }
-                    ) =>
-            {
+            Err(e @ (StoreError::Lost { .. } | StoreError::Foreign { .. })) if opts.create_new => {
                 let aside = move_aside(dir)?;
                 tracing::warn!(path = %path.display(), moved_to = %aside.display(), reason = %e, "--storage.create-new: the old ledger files were moved aside; starting a new ledger");
                 None
