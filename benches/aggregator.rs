@@ -6,8 +6,9 @@
 //! (/proc/PID/task/*/schedstat), RSS (/proc/PID/status) and bytes written to storage
 //! (`write_bytes` of /proc/PID/io) are read over `COMMITMETER_BENCH_SECS` (default 60)
 //! seconds. Then SIGTERM: the bytes of the clean stop are the hosts' checkpoint (written
-//! once an hour while running), so bytes per hour = the window's rate + one stop. `COMMITMETER_BENCH_AGENTS` picks
-//! the fleet sizes (default "1000,10000").
+//! once an hour while running), so bytes per hour = the window's rate + one stop.
+//! `COMMITMETER_BENCH_AGENTS` picks the fleet sizes (default "1000,10000");
+//! `COMMITMETER_BENCH_ARGS` adds aggregator flags.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -143,7 +144,11 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
         ),
     )
     .unwrap();
-    let agg = Aggregator::start(&config, &dir.path("data"));
+    // More aggregator flags, e.g. `--storage.host-checkpoint-interval=0s`.
+    let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let agg = Aggregator::start_with(&config, &dir.path("data"), &extra);
     let pid = agg.child.id();
     let up = |m: &Metrics| {
         m.series("commitmeter_target_up")
