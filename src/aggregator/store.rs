@@ -1377,6 +1377,9 @@ fn backup_into(conn: &Connection, output: &Path) -> Result<u64, StoreError> {
     if output.exists() {
         return Err(err("the file exists; choose a new name".into()));
     }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    }
     let tmp = output.with_extension("partial");
     let _ = std::fs::remove_file(&tmp);
     conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
