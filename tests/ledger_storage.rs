@@ -524,3 +524,84 @@ fn a_backup_taken_while_running_opens_as_the_same_ledger() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("was not running"));
     assert!(stopped.exists());
 }
+
+#[test]
+fn a_full_disk_mid_run_is_an_error_not_a_signal_and_writing_resumes_when_space_returns() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        eprintln!("not root: cannot mount a small tmpfs to fill; skipped");
+        return;
+    }
+    let a = agent();
+    let dir = TempDir::new("full");
+    let config = config(&dir, &a.addr);
+    let data = dir.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount a tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(20));
+    let errors = |m: &Metrics| {
+        m.get(
+            "commitmeter_ledger_store_errors_total",
+            &[("operation", "commit")],
+        )
+        .unwrap_or(0.0)
+    };
+    // Fill the disk.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let m = agg.wait_for(Duration::from_secs(30), "failed commits", |m| {
+        errors(m) >= 3.0
+    });
+    let failed = errors(&m);
+    let t0 = Instant::now();
+    let (status, _) = http_get(&agg.addr, "/metrics");
+    eprintln!(
+        "disk full: {failed} failed commits, GET /metrics {status} in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(status, 200);
+    assert!(
+        agg.child.id() > 0 && std::fs::metadata(format!("/proc/{}", agg.child.id())).is_ok(),
+        "the aggregator died"
+    );
+    // Space returns: the pending minutes are written and sealing goes on.
+    std::fs::remove_file(&filler).unwrap();
+    let through = sealed_through(&m);
+    let mut agg = agg;
+    let m = agg.wait_for(Duration::from_secs(150), "commits again", |m| {
+        sealed_through(m) > through
+    });
+    eprintln!(
+        "after space returned: sealed through {} (was {through}), {} failed commits in all",
+        sealed_through(&m),
+        errors(&m)
+    );
+    assert!(
+        agg.child.try_wait().unwrap().is_none(),
+        "the aggregator exited"
+    );
+}

@@ -1941,4 +1941,39 @@ mod tests {
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A commit that fails midway (here: a conflicting sealed minute after a new one)
+    /// leaves nothing of itself; the retry with the same sealed minutes then succeeds.
+    #[test]
+    fn a_failed_commit_leaves_nothing_and_its_retry_writes_the_same_minutes() {
+        let dir = scratch("rollback");
+        let ids = vec!["a".to_string()];
+        let t = |used: i64| split(60_000, 60_000, used, 0, false);
+        let minute = |m: i64, used: i64| Sealed {
+            contract: 0,
+            minute: m,
+            totals: t(used),
+        };
+        let mut ledger = Ledger::new(1, 0);
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .commit(&ids, &[minute(1, 10)], &ledger.snapshot())
+            .unwrap();
+        ledger.seal(5 * MINUTE_MS, 0, |_, _, _| 0);
+        let err = store.commit(&ids, &[minute(2, 20), minute(1, 11)], &ledger.snapshot());
+        assert!(err.is_err());
+        assert_eq!(store.minutes("a", 0, 10).unwrap(), vec![(1, t(10))]);
+        let through: i64 = meta_value(&store.conn, "sealed_through").unwrap().unwrap();
+        assert_eq!(through, 1, "the failed commit's snapshot was not written");
+        // The writer retries what is pending: the minute written before and the new one.
+        store
+            .commit(&ids, &[minute(1, 10), minute(2, 20)], &ledger.snapshot())
+            .unwrap();
+        assert_eq!(
+            store.minutes("a", 0, 10).unwrap(),
+            vec![(1, t(10)), (2, t(20))]
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
