@@ -263,8 +263,8 @@ pub async fn serve(
     http::serve_with(listener, handler(shared.clone()), p.web, shutdown).await;
     scraping.abort();
     let _ = scraping.await;
-    // Not needed for correctness (every round is durable), but a clean stop leaves
-    // the freshest snapshot behind.
+    // A clean stop leaves the freshest snapshot and every host's checkpoint behind (they
+    // are written only hourly while running), so a restart resumes every host exactly.
     shared.seal_and_commit().await;
     if let Err(e) = shared.store.lock().expect("store lock").flush() {
         tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host");
