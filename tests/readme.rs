@@ -189,7 +189,13 @@ fn every_flag_in_the_readme_exists() {
         "--workspace",
     ];
     let mut help = String::new();
-    for role in ["agent", "aggregator", "demo", "check-config", "ledger backup"] {
+    for role in [
+        "agent",
+        "aggregator",
+        "demo",
+        "check-config",
+        "ledger backup",
+    ] {
         let args: Vec<&str> = role.split(' ').chain(["--help"]).collect();
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert!(out.status.success(), "{role} --help");
