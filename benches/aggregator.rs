@@ -3,9 +3,12 @@
 //! One process simulates N agents of 8 GPUs on loopback (one port, a metrics path per
 //! agent, listed in a file_sd file); the release aggregator scrapes them every 15 s
 //! into one contract. After a warm-up round, CPU time of all its threads
-//! (/proc/PID/task/*/schedstat) and RSS (/proc/PID/status) are read over
-//! `COMMITMETER_BENCH_SECS` (default 60) seconds. `COMMITMETER_BENCH_AGENTS` picks
-//! the fleet sizes (default "1000,10000").
+//! (/proc/PID/task/*/schedstat), RSS (/proc/PID/status) and bytes written to storage
+//! (`write_bytes` of /proc/PID/io) are read over `COMMITMETER_BENCH_SECS` (default 60)
+//! seconds. Then SIGTERM: the bytes of the clean stop are the hosts' checkpoint (written
+//! once an hour while running), so bytes per hour = the window's rate + one stop.
+//! `COMMITMETER_BENCH_AGENTS` picks the fleet sizes (default "1000,10000");
+//! `COMMITMETER_BENCH_ARGS` adds aggregator flags.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -141,7 +144,11 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
         ),
     )
     .unwrap();
-    let agg = Aggregator::start(&config, &dir.path("data"));
+    // More aggregator flags, e.g. `--storage.host-checkpoint-interval=0s`.
+    let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let agg = Aggregator::start_with(&config, &dir.path("data"), &extra);
     let pid = agg.child.id();
     let up = |m: &Metrics| {
         m.series("commitmeter_target_up")
@@ -153,9 +160,11 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
         up(m) == agents
     });
     let cpu0 = cpu_ns(pid);
+    let written0 = write_bytes(pid).unwrap();
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
+    let written = write_bytes(pid).unwrap() - written0;
     let wall = start.elapsed().as_secs_f64();
     let m = agg.metrics();
     let rejected: f64 = m
@@ -163,13 +172,41 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
         .iter()
         .map(|(_, v)| v)
         .sum();
+    let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    // The clean stop writes every host's checkpoint: its bytes, read until the process
+    // is gone (the last reading before exit).
+    let mut agg = agg;
+    let before_stop = write_bytes(pid).unwrap();
+    signal(pid, "-TERM");
+    let mut at_stop = before_stop;
+    while let Some(b) = write_bytes(pid) {
+        at_stop = at_stop.max(b);
+        if agg.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stop = at_stop - before_stop;
+    let per_min = written as f64 / wall * 60.0;
     println!(
-        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {} kB, peak RSS {} kB, {} targets up, {rejected} GPU-s rejected",
+        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {rss} kB, peak RSS {hwm} kB, {} targets up, {rejected} GPU-s rejected; \
+         written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min)",
         cpu / wall * 100.0,
-        status_kb(pid, "VmRSS:"),
-        status_kb(pid, "VmHWM:"),
-        up(&m)
+        up(&m),
+        per_min / 1e6,
+        stop as f64 / 1e6,
+        (per_min * 60.0 + stop as f64) / 1e6,
+        (per_min * 60.0 + stop as f64) / 60.0 / 1e6,
     );
+}
+
+/// `write_bytes` of /proc/PID/io: bytes this process caused to be written to storage;
+/// `None` once it is gone.
+fn write_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:")?.trim().parse().ok())
 }
 
 fn main() {

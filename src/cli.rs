@@ -44,6 +44,29 @@ pub enum Command {
     /// The whole pipeline on this machine, no GPU needed: a simulated fleet, the real
     /// aggregator and ledger, on simulated time.
     Demo(DemoArgs),
+    /// Operations on a ledger directory (`ledger backup`).
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Write a consistent copy of the ledger to a new file, while it runs or not.
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BackupArgs {
+    /// Directory of the ledger (the aggregator's `--storage.path`, or the demo's `--data.dir`).
+    #[arg(long = "storage.path", default_value = "commitmeter-data")]
+    pub storage_path: PathBuf,
+    /// The backup file to create (must not exist). A running aggregator writes it
+    /// itself, so it must be a path the service may write (e.g. under --storage.path).
+    #[arg(long = "output")]
+    pub output: PathBuf,
+    /// How long to wait for a running aggregator to write the backup.
+    #[arg(long = "timeout", default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -85,6 +108,41 @@ pub struct AggregatorArgs {
     /// Directory of the ledger database (created if missing).
     #[arg(long = "storage.path", default_value = "commitmeter-data")]
     pub storage_path: PathBuf,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// How the ledger directory is opened.
+#[derive(Debug, Args, Clone)]
+pub struct StorageArgs {
+    /// Start a new, empty ledger where the old one is lost (missing, empty, foreign, or
+    /// its WAL lost): the old files are moved to `replaced-<time>/` in the directory.
+    /// Refused where a valid ledger is.
+    #[arg(long = "storage.create-new")]
+    pub create_new: bool,
+    /// Drop minutes sealed after now (a clock that ran ahead, then was corrected);
+    /// without it such a ledger is refused at start.
+    #[arg(long = "storage.discard-future-minutes")]
+    pub discard_future_minutes: bool,
+    /// How often the hosts' checkpoints (their last counters) are written; sealed and
+    /// open minutes are written every round. `0s`: every round. A crash between two
+    /// checkpoints re-baselines every host (README, "What a crash costs").
+    #[arg(long = "storage.host-checkpoint-interval", default_value = "1h", value_parser = parse_checkpoint_interval)]
+    pub host_checkpoint_interval: Duration,
+}
+
+fn parse_checkpoint_interval(s: &str) -> Result<Duration, String> {
+    let d = if s == "0" {
+        Duration::ZERO
+    } else {
+        parse_duration(s)?
+    };
+    if d > Duration::from_secs(86_400) {
+        return Err(format!(
+            "{s}: the host checkpoint interval must be at most 24h"
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args, Clone)]

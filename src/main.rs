@@ -1,7 +1,8 @@
 use anyhow::Context;
 use clap::Parser;
 
-use commitmeter::cli::{Cli, Command};
+use commitmeter::aggregator::store;
+use commitmeter::cli::{Cli, Command, LedgerCommand};
 use commitmeter::{agent, aggregator, check, demo, logging};
 
 fn main() -> std::process::ExitCode {
@@ -43,12 +44,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_to_end(agent::run(prepared, shutdown_signal()))?;
         }
         Command::Aggregator(args) => {
-            let prepared = aggregator::prepare(
+            let mut prepared = aggregator::prepare(
                 &args.config_file,
                 &args.listen_address,
                 args.storage_path,
                 args.web_config_file.as_deref(),
             )?;
+            prepared.storage = store::StoreOptions {
+                role: store::Role::Aggregator,
+                create_new: args.storage.create_new,
+                discard_future: args.storage.discard_future_minutes,
+                host_checkpoint_interval: args.storage.host_checkpoint_interval,
+            };
             let clock = std::sync::Arc::new(aggregator::SystemClock);
             run_to_end(aggregator::run(prepared, clock, shutdown_signal()))?;
         }
@@ -60,6 +67,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: args.data_dir,
             };
             run_to_end(demo::run(opts, shutdown_signal()))?;
+        }
+        Command::Ledger(LedgerCommand::Backup(args)) => {
+            let done = store::backup(&args.storage_path, &args.output, args.timeout)?;
+            println!("{done}");
         }
         Command::CheckConfig(args) => {
             for file in &args.files {

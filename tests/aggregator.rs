@@ -89,7 +89,10 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     )
     .unwrap();
     let data = dir.path("data");
-    let agg = Aggregator::start(&config, &data);
+    // Host checkpoints every round: the mode in which kill -9 costs nothing (with the
+    // default hourly checkpoints, hosts re-baseline after a crash; tests/ledger_storage.rs).
+    let every_round = ["--storage.host-checkpoint-interval=0s".to_string()];
+    let agg = Aggregator::start_with(&config, &data, &every_round);
     agg.wait_ready(Duration::from_secs(20));
     let m = agg.wait_for(Duration::from_secs(20), "first round", |m| {
         m.get("commitmeter_target_up", &[("target", &a.addr)]) == Some(1.0)
@@ -120,7 +123,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     std::thread::sleep(Duration::from_secs(5));
     let before = agg.metrics();
     agg.kill9();
-    let agg = Aggregator::start(&config, &data);
+    let agg = Aggregator::start_with(&config, &data, &every_round);
     assert!(
         agg.log_text().contains("ledger restored") || {
             std::thread::sleep(Duration::from_millis(500));

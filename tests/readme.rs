@@ -189,8 +189,15 @@ fn every_flag_in_the_readme_exists() {
         "--workspace",
     ];
     let mut help = String::new();
-    for role in ["agent", "aggregator", "demo", "check-config"] {
-        let out = Command::new(BIN).args([role, "--help"]).output().unwrap();
+    for role in [
+        "agent",
+        "aggregator",
+        "demo",
+        "check-config",
+        "ledger backup",
+    ] {
+        let args: Vec<&str> = role.split(' ').chain(["--help"]).collect();
+        let out = Command::new(BIN).args(&args).output().unwrap();
         assert!(out.status.success(), "{role} --help");
         help.push_str(&String::from_utf8_lossy(&out.stdout));
     }

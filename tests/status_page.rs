@@ -88,7 +88,21 @@ fn the_status_page_in_chromium_shows_the_ledgers_figures() {
         "chromium rendered no contract: {dom}"
     );
     let through_ms = attr(&dom, 0, "data-ms");
-    let ledger = rusqlite::Connection::open(data.join("ledger.sqlite3")).unwrap();
+    // The running demo holds its database exclusively: read a backup it writes (sealed
+    // minutes never change, so the backup holds every minute the page showed).
+    let backup = dir.path("backup.sqlite3");
+    let out = Command::new(BIN)
+        .args(["ledger", "backup", "--timeout=30s"])
+        .arg(format!("--storage.path={}", data.display()))
+        .arg(format!("--output={}", backup.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ledger backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ledger = rusqlite::Connection::open(&backup).unwrap();
     let since: i64 = ledger
         .query_row("SELECT value FROM meta WHERE key = 'since'", [], |r| {
             r.get(0)

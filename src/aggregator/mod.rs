@@ -82,6 +82,8 @@ pub struct Prepared {
     pub web: http::WebConfig,
     /// The client side of scraping `https` targets.
     pub scrape_tls: Arc<rustls::ClientConfig>,
+    /// How the ledger directory is opened (`--storage.*` flags; the demo's role).
+    pub storage: store::StoreOptions,
 }
 
 pub fn prepare(
@@ -113,6 +115,7 @@ pub fn prepare(
         data_dir,
         web,
         scrape_tls,
+        storage: store::StoreOptions::default(),
     })
 }
 
@@ -152,10 +155,18 @@ struct Writer {
     jobs: std::sync::mpsc::Sender<WriteJob>,
 }
 
-struct WriteJob {
-    sealed: Vec<Sealed>,
-    snap: Snapshot,
-    done: tokio::sync::oneshot::Sender<Result<(), store::StoreError>>,
+type Done = tokio::sync::oneshot::Sender<Result<(), store::StoreError>>;
+
+enum WriteJob {
+    /// Sealed minutes and the ledger's snapshot, in one transaction.
+    Commit {
+        sealed: Vec<Sealed>,
+        snap: Snapshot,
+        done: Done,
+    },
+    /// At a clean stop: the host checkpoints not yet written (they are written only every
+    /// `--storage.host-checkpoint-interval` while running).
+    Flush { done: Done },
 }
 
 impl Writer {
@@ -165,8 +176,14 @@ impl Writer {
             .name("ledger-writer".into())
             .spawn(move || {
                 for job in queue {
-                    let written = store.commit(&ids, &job.sealed, &job.snap);
-                    let _ = job.done.send(written);
+                    match job {
+                        WriteJob::Commit { sealed, snap, done } => {
+                            let _ = done.send(store.commit(&ids, &sealed, &snap));
+                        }
+                        WriteJob::Flush { done } => {
+                            let _ = done.send(store.flush());
+                        }
+                    }
                 }
             })?;
         Ok(Self { jobs })
@@ -221,10 +238,15 @@ struct Restored {
 
 fn restore(
     data_dir: &std::path::Path,
+    options: &store::StoreOptions,
     contracts: &[Contract],
     now_ms: i64,
 ) -> Result<Restored, store::StoreError> {
-    let store = Store::open(data_dir)?;
+    let mut store = Store::open_with(data_dir, options)?;
+    if options.role == store::Role::Aggregator {
+        // The demo's clock is simulated: a reused demo ledger is "in the future" of it.
+        store.check_clock(now_ms)?;
+    }
     let ids: Vec<String> = contracts.iter().map(|c| c.id.clone()).collect();
     let ledger = match store.load(&ids)? {
         Some(snap) => {
@@ -275,7 +297,8 @@ pub async fn serve(
     let now = clock.now_ms();
     let restored = {
         let (dir, contracts) = (p.data_dir.clone(), cfg.contracts.clone());
-        tokio::task::spawn_blocking(move || restore(&dir, &contracts, now))
+        let options = p.storage.clone();
+        tokio::task::spawn_blocking(move || restore(&dir, &options, &contracts, now))
             .await
             .map_err(|e| AggregatorError::Task(e.to_string()))??
     };
@@ -938,8 +961,7 @@ impl Shared {
 
     /// Hands the pending minutes and the ledger's snapshot to the writer thread, unless a
     /// write is still in flight (a slow disk: the next write carries everything). The
-    /// snapshot goes every round, not only when minutes seal: an agent that dies while
-    /// the aggregator is down cannot restore what it reported since the last snapshot.
+    /// store writes open minutes every round and host checkpoints when they are due.
     fn start_write(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut d = self.durability.lock().expect("durability lock");
@@ -954,7 +976,10 @@ impl Shared {
         };
         let (n, late, through) = (sealed.len(), snap.late.clone(), snap.sealed_through);
         let (done, outcome) = tokio::sync::oneshot::channel();
-        let sent = self.writer.jobs.send(WriteJob { sealed, snap, done });
+        let sent = self
+            .writer
+            .jobs
+            .send(WriteJob::Commit { sealed, snap, done });
         let me = self.clone();
         Some(tokio::spawn(async move {
             let written = match sent {
@@ -1073,7 +1098,19 @@ impl Shared {
                 tracing::warn!(
                     "the last ledger write did not finish before shutdown; stopping without it"
                 );
+                return;
             }
+        }
+        // Every host's checkpoint, so a restart resumes every host from its counters.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.writer.jobs.send(WriteJob::Flush { done }).is_err() {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, flushed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host"),
+            _ => tracing::warn!("host checkpoints not written before shutdown; the next start re-baselines every host"),
         }
     }
 

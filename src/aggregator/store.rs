@@ -1,20 +1,49 @@
-//! The durable ledger: SQLite (WAL, synchronous=FULL). Sealed minutes and the
-//! ledger's snapshot are written in one transaction, so after `kill -9` the ledger
-//! resumes exactly from its last commit and the agents' counters fill in the rest.
+//! The durable ledger: SQLite (WAL, synchronous=FULL, exclusive locking). Sealed minutes,
+//! open minutes and late sums are written every round in one transaction; the hosts'
+//! checkpoints (their last counters) only every `--storage.host-checkpoint-interval`
+//! and at a clean stop, since they are most of the bytes. A restart after a crash finds
+//! host checkpoints older than the minutes: those hosts re-baseline (see [`Store::load`]).
+//!
+//! The directory is guarded: `lock` (flock, held for the process's life, naming its
+//! holder) keeps a second writer out, and `ledger.id` (written when a ledger is created)
+//! tells a lost or replaced `ledger.sqlite3` from a first start.
 
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::ledger::{HostState, Open, Sealed, Snapshot, Totals};
+use crate::ledger::{minute_of, HostState, Open, Sealed, Snapshot, Totals, MINUTE_MS};
 
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// No stored figure of one minute can exceed this many GPU-ms (about 18 million GPUs of
 /// a minute each); a row above it, or a negative one, is corruption.
 pub const MAX_MINUTE_GPU_MS: i64 = 1 << 50;
+
+/// The database file inside `--storage.path`.
+pub const DB_FILE: &str = "ledger.sqlite3";
+/// The identity marker written beside it when a ledger is created.
+pub const MARKER_FILE: &str = "ledger.id";
+/// flock(2)ed for the process's life; its content names the holder.
+pub const LOCK_FILE: &str = "lock";
+/// Written by `commitmeter ledger backup` for the running process to answer.
+pub const BACKUP_REQUEST: &str = "backup.request";
+/// The running process's answer to a backup request.
+pub const BACKUP_DONE: &str = "backup.done";
+
+/// How far past now a ledger may be sealed before it is refused: a minute seals `grace`
+/// after it ends, so a sane ledger is sealed through a minute in the past.
+pub const FUTURE_TOLERANCE_MS: i64 = 10 * 60_000;
+
+/// Default of `--storage.host-checkpoint-interval`.
+pub const DEFAULT_HOST_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +56,45 @@ pub enum StoreError {
     Dir {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("ledger database {path}: cannot read it: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("ledger directory lock {path}: {error}; the ledger directory must be writable (read-only storage?)")]
+    LockFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("ledger directory {dir} is in use by another commitmeter ({holder}; lock file {lock}); stop it first, or give this one its own directory")]
+    Locked {
+        dir: PathBuf,
+        lock: PathBuf,
+        holder: String,
+    },
+    #[error("{path}: {reason}")]
+    Marker { path: PathBuf, reason: String },
+    #[error("ledger database {path}: {what}, but {marker} says ledger {id} (created {created}) lived here; refusing to start a new ledger in its place silently. Restore it from a backup (README, \"Backup and restore\"), or start a new, empty ledger with --storage.create-new (the old files are moved to a replaced-<time> directory beside it)")]
+    Lost {
+        path: PathBuf,
+        what: String,
+        marker: PathBuf,
+        id: String,
+        created: String,
+    },
+    #[error("ledger database {path}: {what}: not a commitmeter ledger; refusing to touch it. Point --storage.path elsewhere, or start a new ledger with --storage.create-new (the file is moved to a replaced-<time> directory beside it)")]
+    Foreign { path: PathBuf, what: String },
+    #[error("--storage.create-new: {path} holds a valid ledger ({id}); refusing to replace it. Move the directory away yourself to start over")]
+    Valid { path: PathBuf, id: String },
+    #[error("ledger directory {dir}: {reason}")]
+    Kind { dir: PathBuf, reason: String },
+    #[error("ledger database {path}: sealed through {sealed} but the clock says {now}: a clock that ran ahead sealed minutes in the future, and nothing would seal until it is that time again. Fix the clock, or start once with --storage.discard-future-minutes to drop the {count} minutes sealed after now")]
+    Future {
+        path: PathBuf,
+        sealed: String,
+        now: String,
+        count: i64,
     },
     #[error(
         "ledger database {path}: corrupt host state of {target} (contract {contract}): {reason}"
@@ -47,11 +115,386 @@ pub enum StoreError {
     },
     #[error("ledger database {path}: schema version {found} is newer than this commitmeter understands ({SCHEMA_VERSION}); upgrade commitmeter")]
     Newer { path: PathBuf, found: i64 },
+    #[error("ledger backup to {output}: {reason}")]
+    Backup { output: PathBuf, reason: String },
 }
+
+/// Who opens a ledger directory: recorded in the lock file and the ledger's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Aggregator,
+    Demo,
+    /// `commitmeter ledger backup` of a stopped ledger.
+    Backup,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Aggregator => "aggregator",
+            Role::Demo => "demo",
+            Role::Backup => "ledger backup",
+        }
+    }
+}
+
+/// How a ledger directory is opened (the `--storage.*` flags).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub role: Role,
+    /// `--storage.create-new`: replace a lost, empty or foreign ledger with a new one.
+    pub create_new: bool,
+    /// `--storage.discard-future-minutes`: drop minutes sealed after now.
+    pub discard_future: bool,
+    /// `--storage.host-checkpoint-interval`: how often hosts' checkpoints are written
+    /// (zero: every commit).
+    pub host_checkpoint_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            role: Role::Aggregator,
+            create_new: false,
+            discard_future: false,
+            host_checkpoint_interval: DEFAULT_HOST_CHECKPOINT_INTERVAL,
+        }
+    }
+}
+
+/// The exclusive lock on a ledger directory, released when the process ends (or this
+/// is dropped); the kernel drops it on `kill -9` too, so no stale lock outlives its holder.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map_or_else(|_| String::new(), |t| t.to_string())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl DirLock {
+    /// Takes `dir/lock` or says who holds it.
+    pub fn acquire(dir: &Path, role: Role) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.join(DB_FILE),
+            source,
+        })?;
+        let path = dir.join(LOCK_FILE);
+        let lock_err = |error| StoreError::LockFile {
+            path: path.clone(),
+            error,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().replace('\n', ", "))
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "a process that has not written its name yet".into());
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    lock: path,
+                    holder,
+                });
+            }
+            Err(e) => return Err(lock_err(e.into())),
+        }
+        let me = format!(
+            "pid {}\nhost {}\nrole commitmeter {}\nstarted {}\n",
+            std::process::id(),
+            hostname(),
+            role.as_str(),
+            now_rfc3339()
+        );
+        file.set_len(0)
+            .and_then(|()| file.write_all(me.as_bytes()))
+            .map_err(lock_err)?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// The identity of a ledger, kept in `ledger.id` and in the database's `meta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    id: u64,
+    demo: bool,
+    created: String,
+}
+
+impl Identity {
+    fn new(role: Role) -> Self {
+        let mut b = [0u8; 8];
+        let id = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        };
+        Self {
+            id,
+            demo: role == Role::Demo,
+            created: now_rfc3339(),
+        }
+    }
+
+    fn id_str(&self) -> String {
+        format!("{:016x}", self.id)
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.demo {
+            "demo"
+        } else {
+            "aggregator"
+        }
+    }
+
+    fn read_marker(dir: &Path) -> Result<Option<Self>, StoreError> {
+        let path = dir.join(MARKER_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Marker {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let field = |key: &str| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+            })
+        };
+        let bad = |reason: &str| {
+            StoreError::Marker {
+            path: path.clone(),
+            reason: format!("{reason}; it should hold the id, creation time and kind of the ledger beside it (restore it from a backup, or remove it to adopt the ledger.sqlite3 beside it)"),
+        }
+        };
+        let id = field("id")
+            .and_then(|s| u64::from_str_radix(&s, 16).ok())
+            .ok_or_else(|| bad("no valid `id`"))?;
+        let demo = match field("kind").as_deref() {
+            Some("demo") => true,
+            Some("aggregator") => false,
+            _ => return Err(bad("no valid `kind` (aggregator or demo)")),
+        };
+        Ok(Some(Self {
+            id,
+            demo,
+            created: field("created").unwrap_or_default(),
+        }))
+    }
+
+    /// Written atomically (temporary file, fsync, rename, fsync of the directory).
+    fn write_marker(&self, dir: &Path) -> Result<(), StoreError> {
+        let path = dir.join(MARKER_FILE);
+        let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
+        let text = format!(
+            "# commitmeter ledger identity: the ledger.sqlite3 beside this file must carry this id.\n\
+             # Do not delete it: it is how commitmeter tells a lost ledger from a first start.\n\
+             id = \"{}\"\ncreated = \"{}\"\nkind = \"{}\"\n",
+            self.id_str(),
+            self.created,
+            self.kind()
+        );
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| StoreError::Marker {
+            path,
+            reason: format!("cannot write: {e}"),
+        })
+    }
+}
+
+/// What is at the database's path before it is opened for writing.
+enum Found {
+    Absent,
+    Empty,
+    NotSqlite,
+    /// A SQLite file with no commitmeter `meta` table: `Some(tables)` (0: empty).
+    OtherSqlite(i64),
+    /// A commitmeter ledger without an identity (older versions, or one whose first
+    /// writes were lost with its WAL).
+    NoIdentity,
+    Ledger(Identity),
+}
+
+fn sqlite_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    // Exclusive locking before the first access keeps the WAL index in heap memory
+    // instead of a mmapped -shm file (no SIGBUS when the disk fails), and no mmap I/O.
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    conn.pragma_update(None, "mmap_size", 0)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn meta_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn inspect(path: &Path) -> Result<Found, StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 16];
+    let n = match File::open(path) {
+        Ok(mut f) => {
+            use std::io::Read as _;
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(error) => {
+                        return Err(StoreError::Read {
+                            path: path.to_path_buf(),
+                            error,
+                        })
+                    }
+                }
+            }
+            n
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
+        Err(error) => {
+            return Err(StoreError::Read {
+                path: path.to_path_buf(),
+                error,
+            })
+        }
+    };
+    if n == 0 {
+        return Ok(Found::Empty);
+    }
+    if &head[..n] != b"SQLite format 3\0" {
+        return Ok(Found::NotSqlite);
+    }
+    let conn = sqlite_conn(path).map_err(sql)?;
+    let tables: rusqlite::Result<i64> = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    );
+    let tables = match tables {
+        Ok(t) => t,
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            return Ok(Found::NotSqlite)
+        }
+        Err(e) => return Err(sql(e)),
+    };
+    let has_meta: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    if has_meta == 0 {
+        return Ok(Found::OtherSqlite(tables));
+    }
+    let Some(id) = meta_value(&conn, "ledger_id").map_err(sql)? else {
+        return Ok(Found::NoIdentity);
+    };
+    let demo = meta_value(&conn, "demo").map_err(sql)?.unwrap_or(0) != 0;
+    let created = meta_value(&conn, "created")
+        .map_err(sql)?
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Ok(Found::Ledger(Identity {
+        id: id as u64,
+        demo,
+        created,
+    }))
+}
+
+/// Moves a ledger's files into `dir/replaced-<time>/` (for `--storage.create-new`).
+fn move_aside(dir: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y%m%dT%H%M%SZ")
+        .to_string();
+    let aside = dir.join(format!("replaced-{stamp}"));
+    let io = |source| StoreError::Dir {
+        path: aside.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&aside).map_err(io)?;
+    for name in [
+        DB_FILE.to_string(),
+        format!("{DB_FILE}-wal"),
+        format!("{DB_FILE}-shm"),
+        format!("{DB_FILE}-journal"),
+        MARKER_FILE.to_string(),
+    ] {
+        match std::fs::rename(dir.join(&name), aside.join(&name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(aside)
+}
+
+/// What the last commit wrote (for tests and the log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Whether the hosts' checkpoints were written.
+    pub hosts_checkpointed: bool,
+    /// Host rows inserted or updated (only those whose state changed).
+    pub host_rows_written: usize,
+    pub host_rows_deleted: usize,
+}
+
+/// A snapshot's host states: (target, contract index, state).
+type HostRows = Vec<(String, usize, HostState)>;
 
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    dir: PathBuf,
+    opts: StoreOptions,
+    _lock: DirLock,
+    /// Commits so far (meta `commit_seq`); `hosts_seq` is the commit whose hosts are stored.
+    seq: i64,
+    /// When the hosts' checkpoints were last written by this process.
+    hosts_written_at: Option<Instant>,
+    /// Hash of each stored host row's state, once this process has written them all.
+    written: Option<HashMap<(String, String), u64>>,
+    /// The host states of the last commit when they were not written with it: written at
+    /// the next checkpoint, or by [`Store::flush`] at a clean stop.
+    unwritten: Option<(Vec<String>, HostRows)>,
+    last: CommitStats,
+    checkpoint_failing: bool,
 }
 
 const SCHEMA: &str = "
@@ -72,6 +515,7 @@ CREATE TABLE IF NOT EXISTS hosts (
     PRIMARY KEY (target, contract)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late (
     contract TEXT PRIMARY KEY, delivered INTEGER NOT NULL, used INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS contracts (id TEXT PRIMARY KEY) WITHOUT ROWID;
 ";
 
 /// Version 1 (before agent time, expected capacity and per-contract host states): open
@@ -136,23 +580,96 @@ fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 impl Store {
-    /// Opens (or creates) `dir/ledger.sqlite3`, migrating an older schema.
+    /// Opens (or creates) `dir/ledger.sqlite3` as the aggregator, with default options.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let path = dir.join("ledger.sqlite3");
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        Self::open_with(dir, &StoreOptions::default())
+    }
+
+    /// Locks `dir`, checks that the database there is the ledger `ledger.id` names (or
+    /// that there is none yet), and opens it, migrating an older schema.
+    pub fn open_with(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        let path = dir.join(DB_FILE);
+        let lock = DirLock::acquire(dir, opts.role)?;
+        let marker = Identity::read_marker(dir)?;
+        let marker_path = dir.join(MARKER_FILE);
+        let found = inspect(&path)?;
+        let lost = |m: &Identity, what: &str| StoreError::Lost {
             path: path.clone(),
-            source,
-        })?;
+            what: what.to_string(),
+            marker: marker_path.clone(),
+            id: m.id_str(),
+            created: m.created.clone(),
+        };
+        // What this directory holds: `Ok(Some)` a ledger to open, `Ok(None)` nothing yet.
+        let verdict: Result<Option<Identity>, StoreError> = match (&marker, found) {
+            (None, Found::Absent | Found::Empty | Found::OtherSqlite(0)) => Ok(None),
+            (None, Found::Ledger(id)) => {
+                id.write_marker(dir)?;
+                tracing::info!(path = %path.display(), ledger = %id.id_str(), marker = %marker_path.display(), "ledger found without its identity marker (restored or copied): marker written");
+                Ok(Some(id))
+            }
+            (None, Found::NoIdentity) => Ok(Some(Identity::new(opts.role))),
+            (None, Found::NotSqlite) => Err(StoreError::Foreign {
+                path: path.clone(),
+                what: "not a SQLite database".into(),
+            }),
+            (None, Found::OtherSqlite(n)) => Err(StoreError::Foreign {
+                path: path.clone(),
+                what: format!("another application's SQLite database ({n} tables, no commitmeter meta table)"),
+            }),
+            (Some(m), Found::Absent) => Err(lost(m, "the file is missing")),
+            (Some(m), Found::Empty) => Err(lost(m, "the file is empty (0 bytes)")),
+            (Some(m), Found::NotSqlite) => Err(lost(m, "the file is not a SQLite database")),
+            (Some(m), Found::OtherSqlite(_)) => {
+                Err(lost(m, "the file is another SQLite database, not a commitmeter ledger"))
+            }
+            (Some(m), Found::NoIdentity) => Err(lost(
+                m,
+                "the file carries no ledger identity: its first writes were lost (its -wal file deleted after a crash?)",
+            )),
+            (Some(m), Found::Ledger(id)) if id.id != m.id => Err(lost(
+                m,
+                &format!("the file is another ledger ({}, created {})", id.id_str(), id.created),
+            )),
+            (Some(_), Found::Ledger(id)) => Ok(Some(id)),
+        };
+        let identity = match verdict {
+            Ok(Some(id)) if opts.create_new => {
+                return Err(StoreError::Valid {
+                    path: path.clone(),
+                    id: id.id_str(),
+                })
+            }
+            Ok(existing) => existing,
+            Err(e @ (StoreError::Lost { .. } | StoreError::Foreign { .. })) if opts.create_new => {
+                let aside = move_aside(dir)?;
+                tracing::warn!(path = %path.display(), moved_to = %aside.display(), reason = %e, "--storage.create-new: the old ledger files were moved aside; starting a new ledger");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(id) = &identity {
+            let refuse = match (opts.role, id.demo) {
+                (Role::Demo, false) => Some("it holds a production (aggregator) ledger; `commitmeter demo --data.dir` only uses a demo's ledger or an empty directory"),
+                (Role::Aggregator, true) => Some("it holds a ledger written by `commitmeter demo` (simulated time and fleet); the aggregator refuses it. Use another --storage.path"),
+                _ => None,
+            };
+            if let Some(reason) = refuse {
+                return Err(StoreError::Kind {
+                    dir: dir.to_path_buf(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
+
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(sql)?;
+        let mut conn = sqlite_conn(&path).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
         let has_meta: bool = conn
             .query_row(
@@ -163,15 +680,13 @@ impl Store {
             .map_err(sql)?
             > 0;
         let version: Option<i64> = if has_meta {
-            conn.query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?
+            meta_value(&conn, "schema_version").map_err(sql)?
         } else {
             None
+        };
+        let (identity, created) = match identity {
+            Some(id) => (id, false),
+            None => (Identity::new(opts.role), true),
         };
         let tx = conn.transaction().map_err(sql)?;
         match version {
@@ -186,15 +701,135 @@ impl Store {
                 tracing::info!(path = %path.display(), from = 1, to = SCHEMA_VERSION, "migrating the ledger database");
                 migrate_v1(&tx).map_err(sql)?;
             }
-            None => tx.execute_batch(SCHEMA).map_err(sql)?,
+            None => {}
         }
+        // Every table is `IF NOT EXISTS`: creates a new ledger, and adds version 3's.
+        tx.execute_batch(SCHEMA).map_err(sql)?;
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
             params![SCHEMA_VERSION],
         )
         .map_err(sql)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?1), ('demo', ?2), ('created', ?3)",
+            params![
+                identity.id as i64,
+                i64::from(identity.demo),
+                jiff::Timestamp::now().as_second()
+            ],
+        )
+        .map_err(sql)?;
         tx.commit().map_err(sql)?;
-        Ok(Self { conn, path })
+        let seq = meta_value(&conn, "commit_seq").map_err(sql)?.unwrap_or(0);
+        let mut store = Self {
+            conn,
+            path: path.clone(),
+            dir: dir.to_path_buf(),
+            opts: opts.clone(),
+            _lock: lock,
+            seq,
+            hosts_written_at: None,
+            written: None,
+            unwritten: None,
+            last: CommitStats::default(),
+            checkpoint_failing: false,
+        };
+        // The identity is in the main file before the marker names it: a ledger never
+        // lives only in its WAL.
+        store.checkpoint_wal();
+        if created || marker.is_none() {
+            identity.write_marker(dir)?;
+        }
+        if created {
+            tracing::info!(path = %path.display(), ledger = %identity.id_str(), kind = identity.kind(), "new ledger created");
+        }
+        Ok(store)
+    }
+
+    /// Copies the WAL into the main file and truncates it, so the database file alone
+    /// holds every commit (a deleted WAL loses at most the commit in flight).
+    fn checkpoint_wal(&mut self) {
+        let r: rusqlite::Result<i64> =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
+        match r {
+            Ok(0) => {
+                if self.checkpoint_failing {
+                    tracing::info!(path = %self.path.display(), "ledger WAL checkpoints work again");
+                }
+                self.checkpoint_failing = false;
+            }
+            Ok(_) | Err(_) if self.checkpoint_failing => {}
+            Ok(_) => {
+                self.checkpoint_failing = true;
+                tracing::warn!(path = %self.path.display(), "ledger WAL checkpoint could not complete; retried after each commit");
+            }
+            Err(e) => {
+                self.checkpoint_failing = true;
+                tracing::warn!(path = %self.path.display(), error = %e, "ledger WAL checkpoint failed; retried after each commit");
+            }
+        }
+    }
+
+    /// Refuses a ledger sealed through a minute beyond now (plus [`FUTURE_TOLERANCE_MS`]),
+    /// or with `--storage.discard-future-minutes` drops the minutes sealed from now on,
+    /// the open minutes and the hosts' checkpoints (taken on the wrong clock), logged.
+    pub fn check_clock(&mut self, now_ms: i64) -> Result<(), StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let Some(through) = meta_value(&self.conn, "sealed_through").map_err(sql)? else {
+            return Ok(());
+        };
+        if through.saturating_mul(MINUTE_MS) <= now_ms.saturating_add(FUTURE_TOLERANCE_MS) {
+            return Ok(());
+        }
+        let first = minute_of(now_ms);
+        let count: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(DISTINCT minute) FROM minutes WHERE minute >= ?1",
+                [first],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        let at = |ms: i64| {
+            jiff::Timestamp::from_millisecond(ms)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        };
+        if !self.opts.discard_future {
+            return Err(StoreError::Future {
+                path: self.path.clone(),
+                sealed: at(through.saturating_mul(MINUTE_MS)),
+                now: at(now_ms),
+                count,
+            });
+        }
+        let since = meta_value(&self.conn, "since")
+            .map_err(sql)?
+            .unwrap_or(first);
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute("DELETE FROM minutes WHERE minute >= ?1", [first])
+            .map_err(sql)?;
+        tx.execute("DELETE FROM open_minutes", []).map_err(sql)?;
+        tx.execute("DELETE FROM hosts", []).map_err(sql)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2), ('hosts_seq', ?3)",
+            params![first, since.min(first), self.seq],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        self.checkpoint_wal();
+        tracing::warn!(
+            path = %self.path.display(),
+            discarded_minutes = count,
+            from = %at(first * MINUTE_MS),
+            was_sealed_through = %at(through * MINUTE_MS),
+            "--storage.discard-future-minutes: dropped the minutes sealed in the future; counters of the contracts go down by their figures, and every host re-baselines (dark until read)"
+        );
+        Ok(())
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -259,8 +894,15 @@ impl Store {
     }
 
     /// The snapshot of the last commit, for the contracts in `ids` (by position);
-    /// `None` for a new database. Checks the stored figures first.
+    /// `None` for a new database. Checks the stored figures first, and records `ids` as
+    /// the ledger's contracts (logging a change).
+    ///
+    /// Host checkpoints older than the last commit (a crash between two host
+    /// checkpoints) are not used as baselines: their counters are from before minutes
+    /// that were sealed since, so each such host re-baselines at its next reading, dark
+    /// (its contract's shortfall unreported) until then. Nothing is counted twice.
     pub fn load(&self, ids: &[String]) -> Result<Option<Snapshot>, StoreError> {
+        self.record_contracts(ids)?;
         let sealed_through: Option<i64> = self
             .conn
             .query_row(
@@ -351,6 +993,22 @@ impl Store {
             }
             snap.hosts.push((target, contract, state));
         }
+        let seq = |key| meta_value(&self.conn, key).map_err(|e| self.err(e));
+        if let (Some(commit), Some(hosts)) = (seq("commit_seq")?, seq("hosts_seq")?) {
+            if commit != hosts && !snap.hosts.is_empty() {
+                for (_, _, h) in &mut snap.hosts {
+                    h.last = None;
+                    h.sized_since_ms = None;
+                    h.carry = [0, 0];
+                }
+                tracing::warn!(
+                    path = %self.path.display(),
+                    hosts = snap.hosts.len(),
+                    commits_behind = commit - hosts,
+                    "the aggregator did not stop cleanly: host checkpoints are older than the sealed minutes, so each host re-baselines at its next reading; until then its contract's shortfall is unreported"
+                );
+            }
+        }
         let mut stmt = self
             .conn
             .prepare("SELECT contract, delivered, used FROM late")
@@ -367,13 +1025,58 @@ impl Store {
         Ok(Some(snap))
     }
 
-    /// Writes newly sealed minutes and the snapshot that follows them, atomically.
+    /// Records the contract ids this ledger is kept for, logging ids that appeared or
+    /// disappeared since the last start (a renamed contract is both: its old id's hosts
+    /// are not restored, and the new id's targets are dark until read).
+    fn record_contracts(&self, ids: &[String]) -> Result<(), StoreError> {
+        let stored: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM contracts ORDER BY id")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?
+        };
+        let gone: Vec<&String> = stored.iter().filter(|s| !ids.contains(s)).collect();
+        let new: Vec<&String> = ids.iter().filter(|i| !stored.contains(i)).collect();
+        if !stored.is_empty() && (!gone.is_empty() || !new.is_empty()) {
+            tracing::warn!(
+                path = %self.path.display(),
+                removed = ?gone,
+                added = ?new,
+                "the configured contracts differ from the ledger's: sealed minutes of removed ids stay in the ledger but are no longer served, their hosts are not restored, and added ids start dark (unreported) until their targets are read; a renamed contract is both"
+            );
+        }
+        if stored.is_empty() || !gone.is_empty() || !new.is_empty() {
+            let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+            tx.execute("DELETE FROM contracts", [])
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                tx.execute("INSERT OR IGNORE INTO contracts (id) VALUES (?1)", [id])
+                    .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes newly sealed minutes, the open minutes and the late sums, atomically and
+    /// durably (`Ok`: on disk). The hosts' checkpoints go with it when due (every
+    /// `--storage.host-checkpoint-interval`), and then only the rows that changed.
+    /// A sealed minute written again with the same figures (a retry after an error that
+    /// hid a successful commit) is accepted; with other figures it fails the commit.
     pub fn commit(
         &mut self,
         ids: &[String],
         sealed: &[Sealed],
         snap: &Snapshot,
     ) -> Result<(), StoreError> {
+        let interval = self.opts.host_checkpoint_interval;
+        let due = interval.is_zero()
+            || self
+                .hosts_written_at
+                .is_none_or(|t| t.elapsed() >= interval);
+        let seq = self.seq + 1;
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -384,23 +1087,45 @@ impl Store {
             let mut ins = tx
                 .prepare_cached(
                     "INSERT INTO minutes (contract, minute, committed, delivered, used, idle, undelivered, unreported, overage)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (contract, minute) DO NOTHING",
                 )
                 .map_err(sql)?;
             for s in sealed {
                 let t = &s.totals;
-                ins.execute(params![
-                    ids[s.contract],
-                    s.minute,
-                    t.committed,
-                    t.delivered,
-                    t.used,
-                    t.idle,
-                    t.undelivered,
-                    t.unreported,
-                    t.overage
-                ])
-                .map_err(sql)?;
+                let n = ins
+                    .execute(params![
+                        ids[s.contract],
+                        s.minute,
+                        t.committed,
+                        t.delivered,
+                        t.used,
+                        t.idle,
+                        t.undelivered,
+                        t.unreported,
+                        t.overage
+                    ])
+                    .map_err(sql)?;
+                if n == 0 {
+                    let stored = tx
+                        .query_row(
+                            "SELECT committed, delivered, used, idle, undelivered, unreported, overage
+                             FROM minutes WHERE contract = ?1 AND minute = ?2",
+                            params![ids[s.contract], s.minute],
+                            row_totals,
+                        )
+                        .map_err(sql)?;
+                    if stored != *t {
+                        return Err(StoreError::Inconsistent {
+                            path: path.clone(),
+                            contract: ids[s.contract].clone(),
+                            minute: s.minute,
+                            at: jiff::Timestamp::from_second(s.minute.saturating_mul(60))
+                                .map(|t| t.to_string())
+                                .unwrap_or_default(),
+                            reason: "sealed again with other figures than those stored".into(),
+                        });
+                    }
+                }
             }
             tx.execute("DELETE FROM open_minutes", []).map_err(sql)?;
             let mut ins = tx
@@ -417,14 +1142,6 @@ impl Store {
                 ])
                 .map_err(sql)?;
             }
-            tx.execute("DELETE FROM hosts", []).map_err(sql)?;
-            let mut ins = tx
-                .prepare_cached("INSERT INTO hosts (target, contract, state) VALUES (?1, ?2, ?3)")
-                .map_err(sql)?;
-            for (target, c, h) in &snap.hosts {
-                let json = serde_json::to_string(h).expect("host state serializes");
-                ins.execute(params![target, ids[*c], json]).map_err(sql)?;
-            }
             let mut ins = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO late (contract, delivered, used) VALUES (?1, ?2, ?3)",
@@ -434,12 +1151,106 @@ impl Store {
                 ins.execute(params![ids[c], d, u]).map_err(sql)?;
             }
             tx.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2)",
-                params![snap.sealed_through, snap.since],
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2), ('commit_seq', ?3)",
+                params![snap.sealed_through, snap.since, seq],
             )
             .map_err(sql)?;
         }
-        tx.commit().map_err(sql)
+        let hosts = if due {
+            Some(write_hosts(
+                &tx,
+                &path,
+                self.written.as_ref(),
+                ids,
+                &snap.hosts,
+                seq,
+            )?)
+        } else {
+            None
+        };
+        tx.commit().map_err(sql)?;
+        self.seq = seq;
+        self.last = CommitStats::default();
+        match hosts {
+            Some((written, stats)) => {
+                self.written = Some(written);
+                self.hosts_written_at = Some(Instant::now());
+                self.unwritten = None;
+                self.last = stats;
+            }
+            None => self.unwritten = Some((ids.to_vec(), snap.hosts.clone())),
+        }
+        self.checkpoint_wal();
+        self.serve_backup_request();
+        Ok(())
+    }
+
+    /// What the last successful commit wrote.
+    pub fn last_commit(&self) -> CommitStats {
+        self.last
+    }
+
+    /// Writes the hosts' checkpoints of the last commit if they were not written with
+    /// it: at a clean stop, so a restart resumes every host from its counters.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        let Some((ids, hosts)) = self.unwritten.take() else {
+            return Ok(());
+        };
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let (written, stats) =
+            write_hosts(&tx, &path, self.written.as_ref(), &ids, &hosts, self.seq)?;
+        tx.commit().map_err(sql)?;
+        self.written = Some(written);
+        self.hosts_written_at = Some(Instant::now());
+        self.last = stats;
+        self.checkpoint_wal();
+        tracing::info!(
+            hosts = hosts.len(),
+            rows_written = stats.host_rows_written,
+            "host checkpoints written at stop"
+        );
+        Ok(())
+    }
+
+    /// Answers `commitmeter ledger backup` (a request file in the directory): runs
+    /// between commits, on the thread that writes the ledger.
+    fn serve_backup_request(&mut self) {
+        let request = self.dir.join(BACKUP_REQUEST);
+        let Ok(text) = std::fs::read_to_string(&request) else {
+            return;
+        };
+        let _ = std::fs::remove_file(&request);
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.to_string()))
+        };
+        let (Some(id), Some(output)) = (field("id="), field("output=")) else {
+            tracing::warn!(path = %request.display(), "ignored a malformed backup request");
+            return;
+        };
+        let output = PathBuf::from(output);
+        let started = Instant::now();
+        let answer = match backup_into(&self.conn, &output) {
+            Ok(bytes) => {
+                tracing::info!(output = %output.display(), bytes, ms = started.elapsed().as_millis() as u64, "ledger backed up");
+                format!("id={id}\nok={bytes}\n")
+            }
+            Err(e) => {
+                tracing::warn!(output = %output.display(), error = %e, "ledger backup failed");
+                format!("id={id}\nerror={e}\n")
+            }
+        };
+        let tmp = self.dir.join(format!("{BACKUP_DONE}.tmp"));
+        if let Err(e) = std::fs::write(&tmp, answer)
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join(BACKUP_DONE)))
+        {
+            tracing::warn!(error = %e, "cannot answer a backup request");
+        }
     }
 
     /// Sums of sealed minutes `[from, to)` of a contract.
@@ -481,6 +1292,202 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host");
+        }
+    }
+}
+
+fn row_hash(state: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    state.hash(&mut h);
+    h.finish()
+}
+
+type Written = HashMap<(String, String), u64>;
+
+/// Writes the host rows that differ from `written` (all of them when `None`) and deletes
+/// the ones gone; marks them as the checkpoint of commit `seq`.
+fn write_hosts(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    written: Option<&Written>,
+    ids: &[String],
+    hosts: &[(String, usize, HostState)],
+    seq: i64,
+) -> Result<(Written, CommitStats), StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stats = CommitStats {
+        hosts_checkpointed: true,
+        ..CommitStats::default()
+    };
+    let mut now: Written = HashMap::with_capacity(hosts.len());
+    if written.is_none() {
+        stats.host_rows_deleted = tx.execute("DELETE FROM hosts", []).map_err(sql)?;
+    }
+    {
+        let mut up = tx
+            .prepare_cached(
+                "INSERT INTO hosts (target, contract, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (target, contract) DO UPDATE SET state = excluded.state",
+            )
+            .map_err(sql)?;
+        for (target, c, h) in hosts {
+            let json = serde_json::to_string(h).expect("host state serializes");
+            let key = (target.clone(), ids[*c].clone());
+            let hash = row_hash(&json);
+            if written.and_then(|w| w.get(&key)) != Some(&hash) {
+                up.execute(params![target, ids[*c], json]).map_err(sql)?;
+                stats.host_rows_written += 1;
+            }
+            now.insert(key, hash);
+        }
+    }
+    if let Some(w) = written {
+        let mut del = tx
+            .prepare_cached("DELETE FROM hosts WHERE target = ?1 AND contract = ?2")
+            .map_err(sql)?;
+        for key in w.keys().filter(|k| !now.contains_key(*k)) {
+            stats.host_rows_deleted += del.execute(params![key.0, key.1]).map_err(sql)?;
+        }
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('hosts_seq', ?1)",
+        [seq],
+    )
+    .map_err(sql)?;
+    Ok((now, stats))
+}
+
+/// `VACUUM INTO` a temporary file beside `output`, fsynced, then renamed: a backup is
+/// either whole or absent. Returns its size.
+fn backup_into(conn: &Connection, output: &Path) -> Result<u64, StoreError> {
+    let err = |reason: String| StoreError::Backup {
+        output: output.to_path_buf(),
+        reason,
+    };
+    if output.exists() {
+        return Err(err("the file exists; choose a new name".into()));
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    }
+    let tmp = output.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
+        .map_err(|e| err(e.to_string()))?;
+    let finish = || -> std::io::Result<u64> {
+        let f = File::open(&tmp)?;
+        f.sync_all()?;
+        let len = f.metadata()?.len();
+        std::fs::rename(&tmp, output)?;
+        if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(len)
+    };
+    finish().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e.to_string())
+    })
+}
+
+/// `commitmeter ledger backup`: a consistent copy of the ledger in `dir` at `output`.
+/// A stopped ledger is copied here (under its lock); a running aggregator or demo is
+/// asked to write it between two commits (a request file it checks after each commit),
+/// so the copy never waits on or blocks its writer for longer than the copy itself.
+/// Returns what was done, for the operator.
+pub fn backup(dir: &Path, output: &Path, timeout: Duration) -> Result<String, StoreError> {
+    let output = if output.is_absolute() {
+        output.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(output))
+            .unwrap_or_else(|_| output.to_path_buf())
+    };
+    let err = |reason: String| StoreError::Backup {
+        output: output.clone(),
+        reason,
+    };
+    if output.exists() {
+        return Err(err("the file exists; choose a new name".into()));
+    }
+    if !dir.join(DB_FILE).exists() {
+        return Err(err(format!("no ledger at {}", dir.join(DB_FILE).display())));
+    }
+    match DirLock::acquire(dir, Role::Backup) {
+        Ok(_lock) => {
+            let path = dir.join(DB_FILE);
+            let Found::Ledger(id) = inspect(&path)? else {
+                return Err(err(format!(
+                    "{} is not a commitmeter ledger with an identity; start the aggregator on it once to see why",
+                    path.display()
+                )));
+            };
+            let conn = sqlite_conn(&path).map_err(|source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
+            let bytes = backup_into(&conn, &output)?;
+            Ok(format!(
+                "ledger {} backed up to {} ({bytes} bytes; the ledger was not running)",
+                id.id_str(),
+                output.display()
+            ))
+        }
+        Err(StoreError::Locked { holder, .. }) => {
+            let request_id = Identity::new(Role::Backup).id_str();
+            let done = dir.join(BACKUP_DONE);
+            let _ = std::fs::remove_file(&done);
+            let tmp = dir.join(format!("{BACKUP_REQUEST}.tmp"));
+            let request = dir.join(BACKUP_REQUEST);
+            std::fs::write(
+                &tmp,
+                format!("id={request_id}\noutput={}\n", output.display()),
+            )
+            .and_then(|()| std::fs::rename(&tmp, &request))
+            .map_err(|e| {
+                err(format!(
+                    "cannot write the request {} for the running commitmeter ({holder}): {e}; run this as the user the service runs as",
+                    request.display()
+                ))
+            })?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&done) {
+                    if text.contains(&format!("id={request_id}\n")) {
+                        let _ = std::fs::remove_file(&done);
+                        if let Some(bytes) = text.lines().find_map(|l| l.strip_prefix("ok=")) {
+                            return Ok(format!(
+                                "ledger backed up to {} ({bytes} bytes) by the running commitmeter ({holder})",
+                                output.display()
+                            ));
+                        }
+                        let why = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("error="))
+                            .unwrap_or("no reason given");
+                        return Err(err(format!("the running commitmeter failed: {why}")));
+                    }
+                }
+                if Instant::now() >= deadline {
+                    let _ = std::fs::remove_file(&request);
+                    return Err(err(format!(
+                        "the running commitmeter ({holder}) did not answer within {timeout:?}; it writes a backup after its next ledger commit (every scrape interval): is it failing to write its ledger? (see its log and commitmeter_store_errors_total)"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -546,9 +1553,19 @@ mod tests {
             split(60_000, 60_000, 20_000, 0, false)
         );
         assert_eq!(store.minutes("b", 0, 10).unwrap().len(), 1);
-        // A sealed minute is written once: writing it again fails the whole commit.
+        // A sealed minute is written once: a retry with the same figures (a commit whose
+        // success was hidden by an error) is accepted, other figures fail the commit.
         let mut store = store;
-        assert!(store.commit(&ids, &sealed, &ledger.snapshot()).is_err());
+        store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
+        let mut other = sealed.clone();
+        other[1].totals.used += 1;
+        other[1].totals.idle -= 1;
+        let err = store
+            .commit(&ids, &other, &ledger.snapshot())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sealed again with other figures"), "{err}");
+        assert_eq!(store.minutes("b", 0, 10).unwrap()[0].1, sealed[1].totals);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -669,6 +1686,294 @@ mod tests {
                 (60_000, 0, 0)
             ]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn host_reading(t: i64, gpus: usize, observed_ms: i64) -> Reading {
+        Reading {
+            received_ms: t,
+            agent_ms: Some(t),
+            agent_start_ms: Some(0),
+            sampled_ms: Some(t),
+            gpus: (0..gpus)
+                .map(|g| {
+                    (
+                        format!("GPU-{g}"),
+                        GpuCounters {
+                            observed_ms,
+                            used_ms: observed_ms / 2,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn opts(interval: Duration) -> StoreOptions {
+        StoreOptions {
+            host_checkpoint_interval: interval,
+            ..StoreOptions::default()
+        }
+    }
+
+    #[test]
+    fn host_checkpoints_write_only_changed_rows_and_only_when_due() {
+        let dir = scratch("incremental");
+        let ids = vec!["a".to_string()];
+        let mut ledger = Ledger::new(1, 0);
+        let hosts: Vec<(String, Vec<usize>)> =
+            (0..50).map(|i| (format!("h{i}:1"), vec![0])).collect();
+        ledger.configure(0, &hosts, |_, _| i64::MAX);
+        for (h, _) in &hosts {
+            ledger.observe(h, 0, host_reading(60_000, 8, 0));
+        }
+        let mut store = Store::open_with(&dir, &opts(Duration::ZERO)).unwrap();
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert_eq!(store.last_commit().host_rows_written, 50);
+        // One host read again: one row written.
+        ledger.observe("h7:1", 0, host_reading(75_000, 8, 15_000));
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert_eq!(
+            store.last_commit(),
+            CommitStats {
+                hosts_checkpointed: true,
+                host_rows_written: 1,
+                host_rows_deleted: 0
+            }
+        );
+        // Nothing changed: nothing written.
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert_eq!(store.last_commit().host_rows_written, 0);
+        // A host removed from the ledger: its row deleted.
+        ledger.configure(80_000, &hosts[1..], |_, _| 0);
+        ledger.seal(200_000, 0, |_, _, _| 0);
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert_eq!(store.last_commit().host_rows_deleted, 1);
+        drop(store);
+
+        // With an interval, rounds in between write no host rows; a clean stop does.
+        let mut store = Store::open_with(&dir, &opts(Duration::from_secs(3600))).unwrap();
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert_eq!(snap.hosts.len(), 49);
+        let mut ledger = Ledger::restore(1, snap);
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert!(
+            store.last_commit().hosts_checkpointed,
+            "first commit of a process"
+        );
+        for (h, _) in &hosts[1..] {
+            ledger.observe(h, 0, host_reading(230_000, 8, 170_000));
+        }
+        let sealed = ledger.seal(230_000, 0, |_, _, _| 0);
+        store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
+        assert_eq!(store.last_commit(), CommitStats::default());
+        let stored: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM hosts WHERE state LIKE '%170000%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 0);
+        drop(store);
+        let store = Store::open(&dir).unwrap();
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert_eq!(Ledger::restore(1, snap), {
+            let mut l = ledger.clone();
+            l = l.with_clock_tolerance(crate::ledger::host::CLOCK_TOLERANCE_MS);
+            l
+        });
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A crash between two host checkpoints: the restored hosts re-baseline, so nothing
+    /// is counted twice, and the minutes until their next reading are unreported.
+    #[test]
+    fn a_crash_between_host_checkpoints_counts_nothing_twice() {
+        let dir = scratch("crash");
+        let ids = vec!["a".to_string()];
+        let committed = |_: usize, a: i64, b: i64| (b - a) * 2;
+        let mut ledger = Ledger::new(1, 0);
+        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
+        ledger.observe("h:1", 0, host_reading(60_000, 2, 0));
+        ledger.start_after(60_000);
+        let mut store = Store::open_with(&dir, &opts(Duration::from_secs(3600))).unwrap();
+        store.commit(&ids, &[], &ledger.snapshot()).unwrap();
+        assert!(store.last_commit().hosts_checkpointed);
+        // Rounds every 15 s for 3 minutes, sealing as they go; host rows are not written.
+        let mut t = 60_000;
+        while t < 240_000 {
+            t += 15_000;
+            ledger.observe("h:1", 0, host_reading(t, 2, t - 60_000));
+            let sealed = ledger.seal(t, 5_000, committed);
+            store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
+            assert!(!store.last_commit().hosts_checkpointed);
+        }
+        // kill -9: nothing more is written.
+        store.unwritten = None;
+        drop(store);
+
+        let store = Store::open(&dir).unwrap();
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert!(snap.hosts[0].2.last.is_none(), "stale baseline dropped");
+        let mut ledger = Ledger::restore(1, snap);
+        let mut store = store;
+        // Back 30 s after the crash; the host delivered all along.
+        for t in [270_000, 285_000, 300_000, 420_000] {
+            ledger.observe("h:1", 0, host_reading(t, 2, t - 60_000));
+            let sealed = ledger.seal(t, 5_000, committed);
+            store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
+        }
+        let all = store.minutes("a", 0, i64::MAX).unwrap();
+        assert_eq!(ledger.late()[0], (0, 0), "nothing arrived twice as late");
+        for (minute, t) in &all {
+            assert!(t.delivered <= 120_000, "minute {minute}: {t:?}");
+            assert_eq!(
+                t.committed,
+                t.used - t.overage + t.idle + t.undelivered + t.unreported
+            );
+        }
+        // Before the crash: full delivery; the crash's minute: short, unreported (the
+        // host re-baselined); after the first reading: full again.
+        let by: HashMap<i64, Totals> = all.into_iter().collect();
+        assert_eq!(by[&2].delivered, 120_000);
+        assert_eq!(by[&3].delivered, 120_000);
+        assert!(
+            by[&4].delivered < 120_000 && by[&4].undelivered == 0 && by[&4].unreported > 0,
+            "{:?}",
+            by[&4]
+        );
+        assert_eq!(by[&5].delivered, 120_000);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_naming_the_holder() {
+        let dir = scratch("lock");
+        let store = Store::open(&dir).unwrap();
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id()))
+                && err.contains("role commitmeter aggregator")
+                && err.contains(&dir.join(LOCK_FILE).display().to_string()),
+            "{err}"
+        );
+        drop(store);
+        assert!(Store::open(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lost_or_foreign_ledger_is_refused_and_create_new_moves_it_aside() {
+        let dir = scratch("identity");
+        drop(Store::open(&dir).unwrap());
+        let db = dir.join(DB_FILE);
+        let create = StoreOptions {
+            create_new: true,
+            ..StoreOptions::default()
+        };
+        let err = Store::open_with(&dir, &create).err().unwrap().to_string();
+        assert!(err.contains("holds a valid ledger"), "{err}");
+        std::fs::write(&db, b"").unwrap();
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains("the file is empty (0 bytes)") && err.contains("--storage.create-new"),
+            "{err}"
+        );
+        std::fs::remove_file(&db).unwrap();
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("the file is missing"), "{err}");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("another SQLite database"), "{err}");
+        drop(Store::open_with(&dir, &create).unwrap());
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("replaced-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(
+            aside[0].path().join(DB_FILE).exists() && aside[0].path().join(MARKER_FILE).exists()
+        );
+        assert!(Store::open(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ledger_sealed_in_the_future_is_refused_or_its_future_minutes_discarded() {
+        let dir = scratch("future");
+        let ids = vec!["a".to_string()];
+        let now = 1_000 * MINUTE_MS;
+        let mut ledger = Ledger::new(1, now);
+        // A clock one day ahead sealed a day of minutes.
+        let sealed = ledger.seal(now + 86_400_000, 0, |_, a, b| b - a);
+        let mut store = Store::open(&dir).unwrap();
+        store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
+        let err = store.check_clock(now).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "sealed through 1970-01-02T16:40:00Z but the clock says 1970-01-01T16:40:00Z"
+            ) && err.contains("--storage.discard-future-minutes"),
+            "{err}"
+        );
+        assert!(store.check_clock(now + 86_400_000).is_ok());
+        drop(store);
+        let mut store = Store::open_with(
+            &dir,
+            &StoreOptions {
+                discard_future: true,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        store.check_clock(now).unwrap();
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert_eq!(snap.sealed_through, 1000);
+        assert!(store.minutes("a", 1000, i64::MAX).unwrap().is_empty());
+        assert!(store.check_clock(now).is_ok());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A commit that fails midway (here: a conflicting sealed minute after a new one)
+    /// leaves nothing of itself; the retry with the same sealed minutes then succeeds.
+    #[test]
+    fn a_failed_commit_leaves_nothing_and_its_retry_writes_the_same_minutes() {
+        let dir = scratch("rollback");
+        let ids = vec!["a".to_string()];
+        let t = |used: i64| split(60_000, 60_000, used, 0, false);
+        let minute = |m: i64, used: i64| Sealed {
+            contract: 0,
+            minute: m,
+            totals: t(used),
+        };
+        let mut ledger = Ledger::new(1, 0);
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .commit(&ids, &[minute(1, 10)], &ledger.snapshot())
+            .unwrap();
+        ledger.seal(5 * MINUTE_MS, 0, |_, _, _| 0);
+        let err = store.commit(&ids, &[minute(2, 20), minute(1, 11)], &ledger.snapshot());
+        assert!(err.is_err());
+        assert_eq!(store.minutes("a", 0, 10).unwrap(), vec![(1, t(10))]);
+        let through: i64 = meta_value(&store.conn, "sealed_through").unwrap().unwrap();
+        assert_eq!(through, 1, "the failed commit's snapshot was not written");
+        // The writer retries what is pending: the minute written before and the new one.
+        store
+            .commit(&ids, &[minute(1, 10), minute(2, 20)], &ledger.snapshot())
+            .unwrap();
+        assert_eq!(
+            store.minutes("a", 0, 10).unwrap(),
+            vec![(1, t(10)), (2, t(20))]
+        );
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

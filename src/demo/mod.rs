@@ -13,6 +13,7 @@ use std::time::Instant;
 use hyper::StatusCode;
 
 use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuSeries};
+use crate::aggregator::store::{Role, Store, StoreOptions};
 use crate::aggregator::{self, Clock, SystemClock};
 use crate::http;
 use sim::{Fleet, Story};
@@ -168,6 +169,14 @@ pub async fn run(
         source,
     };
     std::fs::create_dir_all(&data_dir).map_err(io)?;
+    // Before writing anything there: refuse a directory another commitmeter holds, or a
+    // ledger that is not a demo's (a production ledger's checkpoints must never be
+    // overwritten by a simulated fleet).
+    let storage = StoreOptions {
+        role: Role::Demo,
+        ..StoreOptions::default()
+    };
+    drop(Store::open_with(&data_dir, &storage).map_err(aggregator::AggregatorError::from)?);
 
     let start_ms = sim_start();
     let clock = Arc::new(SimClock {
@@ -282,7 +291,9 @@ pub async fn run(
     let config_path = data_dir.join("aggregator.toml");
     std::fs::write(&config_path, toml).map_err(io)?;
     // The same validation as production: a mistake here is a bug in the demo.
-    let prepared = aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone(), None)?;
+    let mut prepared =
+        aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone(), None)?;
+    prepared.storage = storage;
     let listener = http::bind(listen).await?;
     let bound = listener.local_addr().map_err(io)?;
     let shown = if bound.ip().is_unspecified() {
