@@ -166,6 +166,15 @@ struct State {
     idle: BTreeMap<u64, u64>,
     /// Connections shed since the bound was last reached, while it still is.
     shedding: Option<u64>,
+    /// Shed connections whose task has not closed its socket yet: they still hold a
+    /// descriptor, so they still count against the bound (plus [`closing_slack`]).
+    closing: std::collections::HashSet<u64>,
+}
+
+/// How far shed connections still closing may take the descriptors in use beyond the
+/// bound: a burst of new clients sheds faster than the shed tasks run and close.
+fn closing_slack(max: usize) -> usize {
+    (max / 4).max(1)
 }
 
 struct Entry {
@@ -212,6 +221,12 @@ impl Tracker {
     /// to close and gives up its place; `None` (refuse it) when every one is busy.
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut s = self.lock();
+        if s.open.len() + s.closing.len() >= self.max + closing_slack(self.max) {
+            // Shed connections have not closed yet: wait for them rather than run out
+            // of descriptors; this one is refused at once.
+            self.metrics.shed.inc();
+            return None;
+        }
         if s.open.len() >= self.max {
             let shed = Self::shed_locked(&mut s);
             self.metrics.shed.inc();
@@ -268,12 +283,14 @@ impl Tracker {
         if let Some(entry) = s.open.remove(&id) {
             // A stored permit: the connection closes even if it is not waiting yet.
             entry.close.notify_one();
+            s.closing.insert(id);
         }
         true
     }
 
     fn leave(&self, id: u64) {
         let mut s = self.lock();
+        s.closing.remove(&id);
         if let Some(entry) = s.open.remove(&id) {
             if let Some(stamp) = entry.idle_stamp {
                 s.idle.remove(&stamp);
