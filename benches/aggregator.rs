@@ -8,7 +8,9 @@
 //! seconds. Then SIGTERM: the bytes of the clean stop are the hosts' checkpoint (written
 //! once an hour while running), so bytes per hour = the window's rate + one stop.
 //! `COMMITMETER_BENCH_AGENTS` picks the fleet sizes (default "1000,10000");
-//! `COMMITMETER_BENCH_ARGS` adds aggregator flags.
+//! `COMMITMETER_BENCH_ARGS` adds aggregator flags. `COMMITMETER_BENCH_DOWN_PERCENT=10` makes
+//! that share of the agents answer 503, a different share every 15 s (the worst churn for
+//! the log), and reports the aggregator's log lines per minute.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -65,7 +67,7 @@ fn exposition(agent: usize, start_unix: f64, elapsed: f64) -> String {
     s
 }
 
-fn simulate(listener: std::net::TcpListener, start: Instant) {
+fn simulate(listener: std::net::TcpListener, start: Instant, down_percent: usize) {
     let start_unix = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -95,6 +97,12 @@ fn simulate(listener: std::net::TcpListener, start: Instant) {
                             .unwrap_or(0);
                         // Whole ms, as a real agent's rounds.
                         let elapsed = (start.elapsed().as_millis() as f64) / 1000.0;
+                        let window = start.elapsed().as_secs() as usize / 15;
+                        if down_percent > 0 && (agent + window) % (100 / down_percent) == 0 {
+                            let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok::<_, Infallible>(r);
+                        }
                         let body = exposition(agent, start_unix, elapsed);
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     },
@@ -108,10 +116,10 @@ fn simulate(listener: std::net::TcpListener, start: Instant) {
     std::mem::forget(rt);
 }
 
-fn run(agents: usize, secs: u64) {
+fn run(agents: usize, secs: u64, down_percent: usize) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    simulate(listener, Instant::now());
+    simulate(listener, Instant::now(), down_percent);
     let dir = TempDir::new("bench-agg");
     let sd = dir.path("agents.json");
     let groups: Vec<String> = (0..agents)
@@ -156,9 +164,10 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
             .filter(|(_, v)| *v == 1.0)
             .count()
     };
-    agg.wait_for(Duration::from_secs(60), "all targets up", |m| {
-        up(m) == agents
+    agg.wait_for(Duration::from_secs(60), "all targets scraped", |m| {
+        m.series("commitmeter_target_up").len() == agents && (down_percent > 0 || up(m) == agents)
     });
+    let lines0 = agg.log.lock().unwrap().len();
     let cpu0 = cpu_ns(pid);
     let written0 = write_bytes(pid).unwrap();
     let start = Instant::now();
@@ -166,6 +175,7 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
     let written = write_bytes(pid).unwrap() - written0;
     let wall = start.elapsed().as_secs_f64();
+    let lines = agg.log.lock().unwrap().len() - lines0;
     let m = agg.metrics();
     let rejected: f64 = m
         .series("commitmeter_ledger_rejected_gpu_seconds_total")
@@ -190,13 +200,15 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
     let per_min = written as f64 / wall * 60.0;
     println!(
         "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {rss} kB, peak RSS {hwm} kB, {} targets up, {rejected} GPU-s rejected; \
-         written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min)",
+         written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
+         {down_percent}% down (rotating every 15 s): {:.1} log lines/min",
         cpu / wall * 100.0,
         up(&m),
         per_min / 1e6,
         stop as f64 / 1e6,
         (per_min * 60.0 + stop as f64) / 1e6,
         (per_min * 60.0 + stop as f64) / 60.0 / 1e6,
+        lines as f64 / wall * 60.0,
     );
 }
 
@@ -218,7 +230,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let sizes = std::env::var("COMMITMETER_BENCH_AGENTS").unwrap_or_else(|_| "1000,10000".into());
+    let down_percent = std::env::var("COMMITMETER_BENCH_DOWN_PERCENT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0usize)
+        .min(100);
     for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
-        run(n, secs);
+        run(n, secs, down_percent);
     }
 }
