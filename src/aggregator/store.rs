@@ -45,9 +45,21 @@ pub const FUTURE_TOLERANCE_MS: i64 = 10 * 60_000;
 /// Default of `--storage.host-checkpoint-interval`.
 pub const DEFAULT_HOST_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// SQLite's own words, and for a value of the wrong type (a REAL where the ledger writes
+/// integers) what that means: the file was not written by commitmeter.
+fn describe(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::InvalidColumnType(_, name, ty) => format!(
+            "{e}: column {name:?} holds a {ty} value where commitmeter writes integers, so this \
+             is not a ledger commitmeter wrote (restore a backup, or move the file away)"
+        ),
+        _ => e.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("ledger database {path}: {source}")]
+    #[error("ledger database {path}: {}", describe(.source))]
     Sqlite {
         path: PathBuf,
         source: rusqlite::Error,
@@ -1641,6 +1653,27 @@ mod tests {
         assert!(
             err.contains("contract \"acme\", minute 29333333 (2025-10-09T")
                 && err.contains("a negative figure"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_says_the_file_is_not_a_ledger_commitmeter_wrote() {
+        let dir = scratch("real");
+        let ids = vec!["acme".to_string()];
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .commit(&ids, &[], &Ledger::new(1, 0).snapshot())
+            .unwrap();
+        store
+            .conn
+            .execute("UPDATE late SET delivered = 0.5", [])
+            .unwrap();
+        let err = store.load(&ids).unwrap_err().to_string();
+        assert!(
+            err.contains("column \"delivered\" holds a Real value")
+                && err.contains("not a ledger commitmeter wrote"),
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
