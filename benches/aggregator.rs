@@ -167,6 +167,9 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
     agg.wait_for(Duration::from_secs(60), "all targets scraped", |m| {
         m.series("commitmeter_target_up").len() == agents && (down_percent > 0 || up(m) == agents)
     });
+    // The write after the first round holds every host's first checkpoint (then hourly):
+    // let it land before the window opens.
+    std::thread::sleep(Duration::from_secs(20));
     let lines0 = agg.log.lock().unwrap().len();
     let cpu0 = cpu_ns(pid);
     let written0 = write_bytes(pid).unwrap();
