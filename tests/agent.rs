@@ -517,6 +517,57 @@ fn config_mistakes_exit_non_zero_before_serving() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--web.listen-address \"nowhere\""));
 }
 
+/// `:PORT` listens on every interface, IPv6 and IPv4, as a Go exporter's does: one
+/// agent started with `:0` answers on 127.0.0.1 and on [::1] (where the machine has an
+/// IPv6 loopback).
+#[test]
+fn colon_port_answers_on_ipv4_and_ipv6_loopback() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "agent",
+            "--web.listen-address=:0",
+            "--nvml.library=/nonexistent.so",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("address=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let logged = rx.recv_timeout(Duration::from_secs(30));
+    let result = std::panic::catch_unwind(|| {
+        let logged = logged.expect("the agent did not log its address");
+        let bound: std::net::SocketAddr = logged.parse().expect("a socket address");
+        let port = bound.port();
+        let mut reach = vec![format!("127.0.0.1:{port}")];
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert_eq!(logged, format!("[::]:{port}"));
+            reach.push(format!("[::1]:{port}"));
+        } else {
+            eprintln!("no IPv6 loopback on this machine: checking 127.0.0.1 only");
+        }
+        for addr in reach {
+            assert_eq!(http_get(&addr, "/-/healthy").0, 200, "{addr}");
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
 #[test]
 fn sigterm_stops_cleanly() {
     let agent = Agent::start(&Scenario::default(), AgentOpts::default());

@@ -13,7 +13,7 @@ pub use webconfig::{WebConfig, WebConfigError};
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -42,15 +42,16 @@ pub enum HttpError {
 /// A route's answer: built synchronously from in-memory state.
 pub type Handler = Arc<dyn Fn(&str) -> Option<Response<Full<Bytes>>> + Send + Sync>;
 
-/// Parses an exporter-style listen address: `:9473` (all IPv4 interfaces),
-/// `127.0.0.1:9473`, `[::1]:9473` or `localhost:9473`.
+/// Parses an exporter-style listen address: `:9473` (every interface, IPv6 and IPv4:
+/// `[::]:9473`, bound dual-stack by [`bind`]), `127.0.0.1:9473`, `[::1]:9473` or
+/// `localhost:9473`.
 pub fn parse_listen_address(addr: &str) -> Result<SocketAddr, HttpError> {
     let bad = |reason: &str| HttpError::Address {
         addr: addr.to_string(),
         reason: reason.to_string(),
     };
     let full = if addr.starts_with(':') {
-        format!("0.0.0.0{addr}")
+        format!("[::]{addr}")
     } else {
         addr.to_string()
     };
@@ -66,13 +67,57 @@ pub fn parse_listen_address(addr: &str) -> Result<SocketAddr, HttpError> {
         .ok_or_else(|| bad("host name resolves to no address"))
 }
 
+/// How many connections the kernel queues before they are accepted (as mio, and so
+/// tokio's `TcpListener::bind`, asks for).
+const BACKLOG: u32 = 1024;
+
 /// Binds `addr`. The first bind in a process also raises its descriptor limit (see
 /// [`conns::fd_limit`]), before anything opens many.
+///
+/// The IPv6 unspecified address (`[::]:PORT`, what `:PORT` means) listens on IPv6 and
+/// IPv4 at once, with `IPV6_V6ONLY` off whatever the system default, as a Go exporter's
+/// `:PORT` does. Where IPv6 is unavailable (disabled in the kernel) it falls back to
+/// `0.0.0.0:PORT`, and says so in the log. Any other address is bound as written.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     conns::fd_limit();
+    if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        match bind_dual_stack(addr) {
+            Ok(listener) => return Ok(listener),
+            // The port is taken, or not ours to take: IPv4 alone would fail the same way.
+            Err(source)
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                return Err(HttpError::Bind { addr, source });
+            }
+            Err(error) => {
+                let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+                tracing::info!(
+                    %error,
+                    address = %v4,
+                    "IPv6 is unavailable here; listening on IPv4 only"
+                );
+                return TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| HttpError::Bind { addr: v4, source });
+            }
+        }
+    }
     TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// `[::]:PORT` with `IPV6_V6ONLY` off: IPv4 clients arrive as IPv4-mapped addresses.
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v6()?;
+    socket2::SockRef::from(&socket).set_only_v6(false)?;
+    // As TcpListener::bind does on Unix: a restart need not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 pub fn text(
@@ -439,7 +484,16 @@ mod tests {
     fn listen_addresses_in_exporter_style() {
         assert_eq!(
             parse_listen_address(":9473").unwrap(),
+            "[::]:9473".parse().unwrap()
+        );
+        // Explicit addresses keep their meaning.
+        assert_eq!(
+            parse_listen_address("0.0.0.0:9473").unwrap(),
             "0.0.0.0:9473".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_address("[::]:9473").unwrap(),
+            "[::]:9473".parse().unwrap()
         );
         assert_eq!(
             parse_listen_address("127.0.0.1:1").unwrap(),
@@ -455,5 +509,45 @@ mod tests {
             .is_loopback());
         assert!(parse_listen_address("9473").is_err());
         assert!(parse_listen_address(":99999").is_err());
+    }
+
+    /// Whether this machine has an IPv6 loopback to test against.
+    fn ipv6_loopback() -> bool {
+        std::net::TcpListener::bind("[::1]:0").is_ok()
+    }
+
+    #[tokio::test]
+    async fn all_interfaces_answer_on_ipv4_and_ipv6() {
+        let listener = bind(parse_listen_address(":0").unwrap()).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut reach = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))];
+        if ipv6_loopback() {
+            assert!(listener.local_addr().unwrap().is_ipv6());
+            reach.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+        } else {
+            eprintln!("no IPv6 loopback on this machine: checking IPv4 only");
+        }
+        for to in reach {
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(to), listener.accept());
+            client.unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+            accepted.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn explicit_addresses_bind_only_what_they_say() {
+        let v4 = bind(parse_listen_address("127.0.0.1:0").unwrap())
+            .await
+            .unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+        if !ipv6_loopback() {
+            eprintln!("no IPv6 loopback on this machine: skipping [::1]");
+            return;
+        }
+        let v6 = bind(parse_listen_address("[::1]:0").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(v6.local_addr().unwrap().ip(), Ipv6Addr::LOCALHOST);
     }
 }
