@@ -83,13 +83,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
         match bind_dual_stack(addr) {
             Ok(listener) => return Ok(listener),
-            // The port is taken, or not ours to take: IPv4 alone would fail the same way.
-            Err(source)
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
-                ) =>
-            {
+            Err(source) if !ipv6_unavailable(&source) => {
                 return Err(HttpError::Bind { addr, source });
             }
             Err(error) => {
@@ -108,6 +102,16 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// Whether a failed dual-stack bind means "no IPv6 here" (no IPv6 sockets, no IPv6
+/// address, the option refused), so that IPv4 alone is worth trying. A port that is taken,
+/// or not ours to take, would fail the same way on IPv4: that is reported as it is.
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+    )
 }
 
 /// `[::]:PORT` with `IPV6_V6ONLY` off: IPv4 clients arrive as IPv4-mapped addresses.
@@ -509,6 +513,16 @@ mod tests {
             .is_loopback());
         assert!(parse_listen_address("9473").is_err());
         assert!(parse_listen_address(":99999").is_err());
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_falls_back_to_ipv4() {
+        use std::io::{Error, ErrorKind};
+        // EAFNOSUPPORT (97 on Linux): the kernel was booted with ipv6.disable=1.
+        assert!(ipv6_unavailable(&Error::from_raw_os_error(97)));
+        assert!(ipv6_unavailable(&Error::from(ErrorKind::AddrNotAvailable)));
+        assert!(!ipv6_unavailable(&Error::from(ErrorKind::AddrInUse)));
+        assert!(!ipv6_unavailable(&Error::from(ErrorKind::PermissionDenied)));
     }
 
     /// Whether this machine has an IPv6 loopback to test against.
