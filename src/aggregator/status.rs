@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use crate::ledger::alerts;
 use crate::ledger::burn::{self, TIERS, WINDOWS};
 use crate::ledger::totals::Figures;
 use crate::ledger::{Totals, MINUTE_MS};
@@ -35,20 +36,23 @@ pub struct ContractView {
     pub targets_down: usize,
 }
 
-/// An alert the shipped rules would be firing, judged on sealed minutes.
+/// A contract alert the shipped rules would be firing, judged on sealed minutes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WouldFire {
     pub severity: &'static str,
     pub what: String,
 }
 
-/// What would be firing for a contract, by the same definitions as `alerts/`.
+/// The contract alerts of `alerts/` that would be firing for a contract, by the
+/// thresholds of [`crate::ledger::alerts`] and [`TIERS`] (which the rules test holds to
+/// the rule file), judged now, without the rules' `for` delays. Host and pipeline alerts
+/// are not judged here.
 pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
     let period_s = (c.period.1 - c.period.0) as f64 / 1000.0;
     let mut out: Vec<WouldFire> = burn::firing(&c.minutes, period_s, c.target)
         .into_iter()
         .map(|t| WouldFire {
-            severity: if t.name.starts_with("page") { "page" } else { "ticket" },
+            severity: t.severity.as_str(),
             what: format!(
                 "underuse: idle above {:.0}% over {} and its short window (spending {:.0}% of the idle budget)",
                 t.threshold(period_s, c.target) * 100.0,
@@ -57,44 +61,55 @@ pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
             ),
         })
         .collect();
-    let last_hour = &c.minutes[c.minutes.len().saturating_sub(60)..];
-    let committed: i64 = last_hour.iter().map(|(_, t)| t.committed).sum();
-    let undelivered: i64 = last_hour.iter().map(|(_, t)| t.undelivered).sum();
-    if committed > 0 && undelivered as f64 > 0.02 * committed as f64 {
+    let shortfall = alerts::DELIVERY_SHORTFALL;
+    if let Some(r) = shortfall
+        .ratio_over(&c.minutes, shortfall.long_s)
+        .filter(|r| *r > shortfall.ratio)
+    {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: shortfall.severity.as_str(),
             what: format!(
-                "delivery shortfall: {:.1}% of committed GPU time undelivered over the last hour",
-                100.0 * undelivered as f64 / committed as f64
+                "delivery shortfall: {:.1}% of committed GPU time undelivered over the last {}",
+                100.0 * r,
+                window_words(shortfall.long_s)
             ),
         });
     }
-    if c.figures.idle_budget_remaining.is_some_and(|r| r <= 0.0) {
+    if c.figures
+        .idle_budget_remaining
+        .is_some_and(|r| r <= alerts::IDLE_BUDGET_EXHAUSTED_AT)
+    {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::IDLE_BUDGET_EXHAUSTED.severity.as_str(),
             what: "idle budget of the period exhausted".into(),
         });
     }
-    if c.figures
-        .projected_utilization
-        .is_some_and(|p| p < c.target)
-    {
+    if let Some(p) = c.figures.projected_utilization.filter(|p| *p < c.target) {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::PROJECTED_TARGET_MISS.severity.as_str(),
             what: format!(
                 "projected month-end utilization {:.1}% below the {:.1}% target",
-                c.figures.projected_utilization.unwrap_or(0.0) * 100.0,
+                p * 100.0,
                 c.target * 100.0
             ),
         });
     }
     if c.targets_down > 0 {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::TARGET_DOWN.severity.as_str(),
             what: format!("{} agent(s) not answering", c.targets_down),
         });
     }
     out
+}
+
+/// "hour" for 3600 s, else the short form ("30m", "6h").
+fn window_words(s: f64) -> String {
+    if s == 3600.0 {
+        "hour".into()
+    } else {
+        duration(s)
+    }
 }
 
 fn duration(s: f64) -> String {
@@ -374,5 +389,51 @@ mod tests {
             .iter()
             .any(|a| a.severity == "page"));
         assert!(!html.contains("<script"));
+    }
+
+    #[test]
+    fn contract_conditions_use_the_ledger_thresholds() {
+        // An hour at 100 GPUs all busy, `lost` of them undelivered.
+        let view = |lost: i64| ContractView {
+            target: 0.9,
+            period: (0, 30 * 86_400_000),
+            minutes: (0..60)
+                .map(|m| {
+                    let d = 100 - lost;
+                    (m, split(100 * 60_000, d * 60_000, d * 60_000, 0, false))
+                })
+                .collect(),
+            ..ContractView::default()
+        };
+        let shortfall = |c: &ContractView| {
+            would_fire(c)
+                .into_iter()
+                .filter(|a| a.what.starts_with("delivery shortfall"))
+                .collect::<Vec<_>>()
+        };
+        assert!(shortfall(&view(2)).is_empty(), "2 % is not above 2 %");
+        let three = shortfall(&view(3));
+        assert_eq!(three.len(), 1);
+        assert_eq!(three[0].severity, "ticket");
+        assert!(three[0].what.contains("3.0%") && three[0].what.ends_with("last hour"));
+
+        let mut c = view(0);
+        assert!(would_fire(&c).is_empty());
+        c.figures.idle_budget_remaining = Some(0.0);
+        c.figures.projected_utilization = Some(0.85);
+        c.targets_down = 2;
+        let all: Vec<String> = would_fire(&c).into_iter().map(|a| a.what).collect();
+        assert_eq!(
+            all,
+            [
+                "idle budget of the period exhausted",
+                "projected month-end utilization 85.0% below the 90.0% target",
+                "2 agent(s) not answering"
+            ]
+        );
+        c.figures.idle_budget_remaining = Some(0.01);
+        c.figures.projected_utilization = Some(0.9);
+        c.targets_down = 0;
+        assert!(would_fire(&c).is_empty());
     }
 }
