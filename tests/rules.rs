@@ -446,8 +446,8 @@ fn alertmanager_example_passes_amtool() {
 // ---- The Rust thresholds and the rules agree -------------------------------------------
 
 use commitmeter::ledger::alerts::{
-    Condition, RatioAlert, DELIVERY_SHORTFALL, IDLE_BUDGET_EXHAUSTED, IDLE_BUDGET_EXHAUSTED_AT,
-    PROJECTED_TARGET_MISS, TARGET_DOWN,
+    Condition, RatioAlert, IDLE_BUDGET_EXHAUSTED, IDLE_BUDGET_EXHAUSTED_AT, PROJECTED_TARGET_MISS,
+    RATIO_ALERTS, TARGET_DOWN,
 };
 use commitmeter::ledger::burn::{Tier, TIERS};
 use serde_norway::Value;
@@ -681,8 +681,9 @@ fn prom_duration(s: f64) -> String {
     }
 }
 
-fn check_ratio_alert(rules: &[Rule], a: &RatioAlert, series: &str, diffs: &mut Diffs) {
+fn check_ratio_alert(rules: &[Rule], a: &RatioAlert, diffs: &mut Diffs) {
     let what = a.alert;
+    let series = format!("contract:commitmeter_{}_ratio", a.kind_name);
     let Some(rule) = alert_rule(rules, a.alert, diffs, what) else {
         return;
     };
@@ -693,7 +694,7 @@ fn check_ratio_alert(rules: &[Rule], a: &RatioAlert, series: &str, diffs: &mut D
         Some(a.severity.as_str()),
     );
     diffs.check(what, "for (s)", rule.for_s, 0.0);
-    let windows = windows_of(&rule.expr, series);
+    let windows = windows_of(&rule.expr, &series);
     let mut seen: Vec<f64> = windows.iter().map(|w| w.0).collect();
     seen.sort_by(f64::total_cmp);
     diffs.check(
@@ -762,12 +763,9 @@ fn rust_thresholds_and_the_rules_agree() {
             }
         }
     }
-    check_ratio_alert(
-        &rules,
-        &DELIVERY_SHORTFALL,
-        "contract:commitmeter_undelivered_ratio",
-        &mut diffs,
-    );
+    for a in &RATIO_ALERTS {
+        check_ratio_alert(&rules, a, &mut diffs);
+    }
     if let Some(expr) = check_condition(
         &rules,
         &IDLE_BUDGET_EXHAUSTED,

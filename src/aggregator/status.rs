@@ -61,19 +61,19 @@ pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
             ),
         })
         .collect();
-    let shortfall = alerts::DELIVERY_SHORTFALL;
-    if let Some(r) = shortfall
-        .ratio_over(&c.minutes, shortfall.long_s)
-        .filter(|r| *r > shortfall.ratio)
-    {
-        out.push(WouldFire {
-            severity: shortfall.severity.as_str(),
-            what: format!(
-                "delivery shortfall: {:.1}% of committed GPU time undelivered over the last {}",
-                100.0 * r,
-                window_words(shortfall.long_s)
-            ),
-        });
+    for a in alerts::RATIO_ALERTS {
+        if let Some(r) = a.firing(&c.minutes) {
+            out.push(WouldFire {
+                severity: a.severity.as_str(),
+                what: format!(
+                    "{}: {:.1}% of committed GPU time {} over the last {}",
+                    a.summary,
+                    100.0 * r,
+                    a.kind_name,
+                    window_words(a.long_s)
+                ),
+            });
+        }
     }
     if c.figures
         .idle_budget_remaining
@@ -103,10 +103,12 @@ pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
     out
 }
 
-/// "hour" for 3600 s, else the short form ("30m", "6h").
+/// "hour" for 3600 s, "30 minutes" below it, else the short form ("6h").
 fn window_words(s: f64) -> String {
     if s == 3600.0 {
         "hour".into()
+    } else if s < 3600.0 {
+        format!("{} minutes", s / 60.0)
     } else {
         duration(s)
     }
@@ -416,6 +418,27 @@ mod tests {
         assert_eq!(three.len(), 1);
         assert_eq!(three[0].severity, "ticket");
         assert!(three[0].what.contains("3.0%") && three[0].what.ends_with("last hour"));
+        // Like the rule, the short window must be over too: a shortfall that ended five
+        // minutes ago no longer fires.
+        let mut healed = view(3);
+        for (_, t) in healed.minutes.iter_mut().skip(55) {
+            *t = split(100 * 60_000, 100 * 60_000, 100 * 60_000, 0, false);
+        }
+        assert!(shortfall(&healed).is_empty());
+        // 15 % undelivered: the major page as well as the ticket.
+        let major: Vec<&str> = would_fire(&view(15)).iter().map(|a| a.severity).collect();
+        assert_eq!(major, ["page", "ticket"]);
+        // 6 % of the capacity unseen: unreported, not undelivered.
+        let mut blind = view(6);
+        for (_, t) in blind.minutes.iter_mut() {
+            *t = split(100 * 60_000, 94 * 60_000, 94 * 60_000, 6 * 60_000, false);
+        }
+        let fired = would_fire(&blind);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(
+            fired[0].what,
+            "capacity unreported: 6.0% of committed GPU time unreported over the last hour"
+        );
 
         let mut c = view(0);
         assert!(would_fire(&c).is_empty());

@@ -36,9 +36,26 @@ pub struct RatioAlert {
     pub ratio: f64,
     pub long_s: f64,
     pub short_s: f64,
-    /// The kind of GPU time whose share of committed time is watched.
+    /// The kind of GPU time whose share of committed time is watched, and its name (the
+    /// `contract:commitmeter_<name>_ratio:rate<window>` series of the recording rules).
     pub kind: fn(&Totals) -> i64,
+    pub kind_name: &'static str,
+    /// What the status page calls it.
+    pub summary: &'static str,
 }
+
+/// Page: more than 10 % of the committed GPU time undelivered over the last 30 minutes
+/// (and its 5-minute window).
+pub const DELIVERY_SHORTFALL_MAJOR: RatioAlert = RatioAlert {
+    alert: "CommitmeterDeliveryShortfallMajor",
+    severity: Severity::Page,
+    ratio: 0.10,
+    long_s: 1800.0,
+    short_s: 300.0,
+    kind: |t| t.undelivered,
+    kind_name: "undelivered",
+    summary: "major delivery shortfall",
+};
 
 /// Ticket: more than 2 % of the committed GPU time undelivered over the last hour (and
 /// its 5-minute window): SLA evidence.
@@ -49,7 +66,29 @@ pub const DELIVERY_SHORTFALL: RatioAlert = RatioAlert {
     long_s: 3600.0,
     short_s: 300.0,
     kind: |t| t.undelivered,
+    kind_name: "undelivered",
+    summary: "delivery shortfall",
 };
+
+/// Ticket: more than 5 % of the committed GPU time unreported (hosts no scrape covered)
+/// over the last hour (and its 5-minute window).
+pub const CAPACITY_UNREPORTED: RatioAlert = RatioAlert {
+    alert: "CommitmeterCapacityUnreported",
+    severity: Severity::Ticket,
+    ratio: 0.05,
+    long_s: 3600.0,
+    short_s: 300.0,
+    kind: |t| t.unreported,
+    kind_name: "unreported",
+    summary: "capacity unreported",
+};
+
+/// The ratio alerts, in the order of the rule file.
+pub const RATIO_ALERTS: [RatioAlert; 3] = [
+    DELIVERY_SHORTFALL_MAJOR,
+    DELIVERY_SHORTFALL,
+    CAPACITY_UNREPORTED,
+];
 
 /// A condition on the month-to-date figures, held for `for_s` before the rule fires.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,5 +134,11 @@ impl RatioAlert {
         let committed: i64 = tail.iter().map(|(_, t)| t.committed).sum();
         let part: i64 = tail.iter().map(|(_, t)| (self.kind)(t)).sum();
         (committed > 0).then(|| part as f64 / committed as f64)
+    }
+
+    /// The long window's share when both windows exceed the ratio (the rule fires).
+    pub fn firing(&self, minutes: &[(i64, Totals)]) -> Option<f64> {
+        let over = |w: f64| self.ratio_over(minutes, w).filter(|r| *r > self.ratio);
+        over(self.short_s).and(over(self.long_s))
     }
 }
