@@ -1,7 +1,8 @@
 //! The built-in status page (`GET /`): per contract, the month so far in GPU-hours
-//! and money, utilization against target, projection, burn rates, the alerts that
-//! would be firing, and a chart of the month. Server-rendered HTML with inline SVG:
-//! no scripts, no external assets. Rendering is a pure function of [`View`].
+//! and money, utilization against target, projection, burn rates, the contract alerts
+//! (underuse, budget, delivery, agents down) that would be firing, and a chart of the
+//! month. Server-rendered HTML with inline SVG: no scripts, no external assets.
+//! Rendering is a pure function of [`View`].
 
 use std::fmt::Write as _;
 
@@ -46,7 +47,7 @@ pub struct WouldFire {
 /// The contract alerts of `alerts/` that would be firing for a contract, by the
 /// thresholds of [`crate::ledger::alerts`] and [`TIERS`] (which the rules test holds to
 /// the rule file), judged now, without the rules' `for` delays. Host and pipeline alerts
-/// are not judged here.
+/// other than the contract's agents down are not judged here.
 pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
     let period_s = (c.period.1 - c.period.0) as f64 / 1000.0;
     let mut out: Vec<WouldFire> = burn::firing(&c.minutes, period_s, c.target)
@@ -269,7 +270,7 @@ fn contract(h: &mut String, c: &ContractView) {
         );
     }
     let alerts = would_fire(c);
-    h.push_str("<div><b>Alerts that would be firing:</b> ");
+    h.push_str("<div><b>Contract alerts that would be firing:</b> ");
     if alerts.is_empty() {
         h.push_str("<span class=ok data-k=alerts>none</span>");
     }
@@ -282,7 +283,11 @@ fn contract(h: &mut String, c: &ContractView) {
             esc(&a.what)
         );
     }
-    h.push_str("</ul></div></div></div>");
+    h.push_str(
+        "</ul><div class=sub>The underuse, budget and delivery rules of alerts/ and the \
+         contract's agents down, judged on sealed minutes without the rules' <code>for</code> \
+         delays; other host and pipeline alerts are left to Prometheus.</div></div></div></div>",
+    );
     chart(h, c);
     h.push_str("</section>");
 }
