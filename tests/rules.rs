@@ -4,9 +4,14 @@
 //! that exist in the repository, and the example Alertmanager configuration (with `amtool`,
 //! when installed).
 //!
+//! It also holds the Rust side of the contract alerts to the rules: the burn-rate tiers of
+//! `ledger::burn::TIERS` and the thresholds of `ledger::alerts` (which the status page's
+//! "would fire" list uses) must match the alerts' windows, threshold factors, ratios, `for`
+//! and severities, read from the YAML with serde_norway.
+//!
 //! promtool comes from Debian's `prometheus` package, amtool from `prometheus-alertmanager`.
-//! The YAML is read with plain line scanning (no YAML parser among the dependencies): it
-//! relies on block-style YAML as written in `alerts/`.
+//! The older checks read the YAML with plain line scanning: they rely on block-style YAML as
+//! written in `alerts/`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -435,5 +440,367 @@ fn alertmanager_example_passes_amtool() {
         "amtool check-config {} failed:\n{}",
         rel(&config),
         output_text(&out)
+    );
+}
+
+// ---- The Rust thresholds and the rules agree -------------------------------------------
+
+use commitmeter::ledger::alerts::{
+    Condition, RatioAlert, IDLE_BUDGET_EXHAUSTED, IDLE_BUDGET_EXHAUSTED_AT, PROJECTED_TARGET_MISS,
+    RATIO_ALERTS, TARGET_DOWN,
+};
+use commitmeter::ledger::burn::{Tier, TIERS};
+use serde_norway::Value;
+
+/// A rule of `alerts/*.yml`, parsed as YAML: its alert or record name, labels, `for` and
+/// expression.
+struct Rule {
+    alert: Option<String>,
+    record: Option<String>,
+    expr: String,
+    for_s: f64,
+    labels: BTreeMap<String, String>,
+}
+
+fn parsed_rules() -> Vec<Rule> {
+    let mut out = Vec::new();
+    for file in rule_files() {
+        let doc: Value = serde_norway::from_str(&read(&file))
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", rel(&file)));
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        for group in doc["groups"].as_sequence().into_iter().flatten() {
+            for rule in group["rules"].as_sequence().into_iter().flatten() {
+                let labels = rule
+                    .get("labels")
+                    .and_then(Value::as_mapping)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                    .collect();
+                out.push(Rule {
+                    alert: text(rule.get("alert")),
+                    record: text(rule.get("record")),
+                    expr: text(rule.get("expr")).unwrap_or_default(),
+                    for_s: text(rule.get("for")).map_or(0.0, |d| seconds(&d)),
+                    labels,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A Prometheus duration of one unit ("5m", "1h", "3d") in seconds.
+fn seconds(d: &str) -> f64 {
+    let split = d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len());
+    let n: f64 = d[..split]
+        .parse()
+        .unwrap_or_else(|_| panic!("duration {d:?}"));
+    n * match &d[split..] {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        "w" => 7.0 * 86_400.0,
+        unit => panic!("duration {d:?}: unit {unit:?}"),
+    }
+}
+
+/// Differences between the Rust side and the rules, one line each: "what: field: rules X,
+/// Rust Y".
+#[derive(Default)]
+struct Diffs(Vec<String>);
+
+impl Diffs {
+    fn check<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        what: &str,
+        field: &str,
+        rules: T,
+        rust: T,
+    ) {
+        if rules != rust {
+            self.0
+                .push(format!("{what}: {field}: rules {rules:?}, Rust {rust:?}"));
+        }
+    }
+}
+
+fn alert_rule<'a>(
+    rules: &'a [Rule],
+    name: &str,
+    diffs: &mut Diffs,
+    what: &str,
+) -> Option<&'a Rule> {
+    let found = rules.iter().find(|r| r.alert.as_deref() == Some(name));
+    if found.is_none() {
+        diffs.0.push(format!("{what}: no alert {name} in alerts/"));
+    }
+    found
+}
+
+/// `series` windows and `> threshold` comparisons in an expression: every
+/// `{series}:rate{window}` with the number it is compared to (`None` when not `> n`).
+fn windows_of(expr: &str, series: &str) -> Vec<(f64, Option<f64>)> {
+    let re = regex::Regex::new(&format!(
+        r"{}:rate(\w+)(?:\s*>\s*([0-9.]+)(?:\s|$))?",
+        regex::escape(series)
+    ))
+    .unwrap();
+    re.captures_iter(expr)
+        .map(|c| {
+            (
+                seconds(&c[1]),
+                c.get(2).map(|n| n.as_str().parse().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// The recorded idle-ratio threshold of a tier, `f * period / w * budget` as the rules
+/// write it, evaluated for a period `period_s` and an idle budget `budget`.
+fn recorded_threshold(expr: &str, period_s: f64, budget: f64) -> Result<f64, String> {
+    let mut tokens = expr.split_whitespace();
+    let operand = |t: Option<&str>| -> Result<f64, String> {
+        match t {
+            Some("contract:commitmeter_period_seconds") => Ok(period_s),
+            Some("contract:commitmeter_idle_budget_ratio") => Ok(budget),
+            Some(n) => n
+                .parse()
+                .map_err(|_| format!("cannot read {n:?} in {expr:?}")),
+            None => Err(format!("{expr:?} ends with an operator")),
+        }
+    };
+    let mut value = operand(tokens.next())?;
+    while let Some(op) = tokens.next() {
+        let rhs = operand(tokens.next())?;
+        match op {
+            "*" => value *= rhs,
+            "/" => value /= rhs,
+            _ => {
+                return Err(format!(
+                    "operator {op:?} in {expr:?}: only * and / are read"
+                ))
+            }
+        }
+    }
+    Ok(value)
+}
+
+fn check_tier(rules: &[Rule], t: &Tier, diffs: &mut Diffs) {
+    let what = format!("tier {} ({})", t.name, t.alert);
+    if let Some(a) = alert_rule(rules, t.alert, diffs, &what) {
+        diffs.check(
+            &what,
+            "tier label",
+            a.labels.get("tier").map(String::as_str),
+            Some(t.name),
+        );
+        diffs.check(
+            &what,
+            "severity",
+            a.labels.get("severity").map(String::as_str),
+            Some(t.severity.as_str()),
+        );
+        diffs.check(&what, "for (s)", a.for_s, t.for_s);
+        let windows = windows_of(&a.expr, "contract:commitmeter_idle_ratio");
+        let long = windows.iter().map(|w| w.0).fold(f64::NAN, f64::max);
+        let short = windows.iter().map(|w| w.0).fold(f64::NAN, f64::min);
+        diffs.check(&what, "number of windows", windows.len(), 2);
+        diffs.check(&what, "long window (s)", long, t.long_s);
+        diffs.check(&what, "short window (s)", short, t.short_s);
+        let compared: BTreeSet<&str> = a
+            .expr
+            .match_indices("contract:commitmeter_idle_ratio_threshold{tier=\"")
+            .map(|(i, m)| {
+                let rest = &a.expr[i + m.len()..];
+                &rest[..rest.find('"').unwrap_or(0)]
+            })
+            .collect();
+        diffs.check(
+            &what,
+            "thresholds compared to",
+            compared,
+            BTreeSet::from([t.name]),
+        );
+        // The recording rules behind both windows average over that window.
+        for (w, _) in windows {
+            let name = format!("contract:commitmeter_idle_ratio:rate{}", prom_duration(w));
+            match rules.iter().find(|r| r.record.as_deref() == Some(&name)) {
+                None => diffs.0.push(format!("{what}: no recording rule {name}")),
+                Some(r) => diffs.check(
+                    &what,
+                    &format!("{name} range"),
+                    r.expr.matches(&format!("[{}]", prom_duration(w))).count(),
+                    2,
+                ),
+            }
+        }
+    }
+    let recorded: Vec<&Rule> = rules
+        .iter()
+        .filter(|r| {
+            r.record.as_deref() == Some("contract:commitmeter_idle_ratio_threshold")
+                && r.labels.get("tier").map(String::as_str) == Some(t.name)
+        })
+        .collect();
+    let [r] = recorded[..] else {
+        diffs.0.push(format!(
+            "{what}: {} recorded contract:commitmeter_idle_ratio_threshold{{tier=\"{}\"}} (want one)",
+            recorded.len(),
+            t.name
+        ));
+        return;
+    };
+    // f · P / w · B for a short and a long month, a tight and a loose budget.
+    for (days, target) in [(28.0, 0.95), (31.0, 0.7)] {
+        let period_s = days * 86_400.0;
+        match recorded_threshold(&r.expr, period_s, 1.0 - target) {
+            Err(e) => diffs.0.push(format!("{what}: recorded threshold: {e}")),
+            Ok(v) if (v - t.threshold(period_s, target)).abs() > 1e-9 => diffs.0.push(format!(
+                "{what}: threshold factor (budget fraction x period / window): rules `{}` gives \
+                 factor {:.4} for a {days}-day period, Rust {} x P / {} s gives {:.4}",
+                r.expr.trim(),
+                v / (1.0 - target),
+                t.budget_fraction,
+                t.long_s,
+                t.factor(period_s)
+            )),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn prom_duration(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        _ if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
+fn check_ratio_alert(rules: &[Rule], a: &RatioAlert, diffs: &mut Diffs) {
+    let what = a.alert;
+    let series = format!("contract:commitmeter_{}_ratio", a.kind_name);
+    let Some(rule) = alert_rule(rules, a.alert, diffs, what) else {
+        return;
+    };
+    diffs.check(
+        what,
+        "severity",
+        rule.labels.get("severity").map(String::as_str),
+        Some(a.severity.as_str()),
+    );
+    diffs.check(what, "for (s)", rule.for_s, 0.0);
+    let windows = windows_of(&rule.expr, &series);
+    let mut seen: Vec<f64> = windows.iter().map(|w| w.0).collect();
+    seen.sort_by(f64::total_cmp);
+    diffs.check(
+        what,
+        &format!("{series} windows (s)"),
+        seen,
+        vec![a.short_s, a.long_s],
+    );
+    for (w, ratio) in windows {
+        diffs.check(
+            what,
+            &format!("ratio over {}", prom_duration(w)),
+            ratio,
+            Some(a.ratio),
+        );
+    }
+}
+
+fn check_condition(
+    rules: &[Rule],
+    c: &Condition,
+    expr_has: &[&str],
+    diffs: &mut Diffs,
+) -> Option<String> {
+    let rule = alert_rule(rules, c.alert, diffs, c.alert)?;
+    diffs.check(
+        c.alert,
+        "severity",
+        rule.labels.get("severity").map(String::as_str),
+        Some(c.severity.as_str()),
+    );
+    diffs.check(c.alert, "for (s)", rule.for_s, c.for_s);
+    for needle in expr_has {
+        if !rule.expr.contains(needle) {
+            diffs.0.push(format!(
+                "{}: expr does not contain {needle:?}: {}",
+                c.alert,
+                rule.expr.trim()
+            ));
+        }
+    }
+    Some(rule.expr.clone())
+}
+
+#[test]
+fn rust_thresholds_and_the_rules_agree() {
+    let rules = parsed_rules();
+    let mut diffs = Diffs::default();
+    for t in &TIERS {
+        check_tier(&rules, t, &mut diffs);
+    }
+    // Every tier the rules know is a Rust tier.
+    let rust: BTreeSet<&str> = TIERS.iter().map(|t| t.name).collect();
+    for r in &rules {
+        if let Some(tier) = r.labels.get("tier") {
+            if !rust.contains(tier.as_str()) {
+                let name = r
+                    .alert
+                    .as_ref()
+                    .or(r.record.as_ref())
+                    .cloned()
+                    .unwrap_or_default();
+                diffs.0.push(format!(
+                    "rule {name}: tier {tier} is not in ledger::burn::TIERS"
+                ));
+            }
+        }
+    }
+    for a in &RATIO_ALERTS {
+        check_ratio_alert(&rules, a, &mut diffs);
+    }
+    if let Some(expr) = check_condition(
+        &rules,
+        &IDLE_BUDGET_EXHAUSTED,
+        &["commitmeter_contract_idle_budget_remaining_ratio"],
+        &mut diffs,
+    ) {
+        let at = expr
+            .rsplit_once("<=")
+            .and_then(|(_, n)| n.trim().parse::<f64>().ok());
+        diffs.check(
+            IDLE_BUDGET_EXHAUSTED.alert,
+            "remaining at or below",
+            at,
+            Some(IDLE_BUDGET_EXHAUSTED_AT),
+        );
+    }
+    check_condition(
+        &rules,
+        &PROJECTED_TARGET_MISS,
+        &[
+            "commitmeter_contract_projected_utilization_ratio",
+            "< on (contract)",
+            "commitmeter_contract_target_utilization_ratio",
+        ],
+        &mut diffs,
+    );
+    check_condition(
+        &rules,
+        &TARGET_DOWN,
+        &["commitmeter_target_up == 0"],
+        &mut diffs,
+    );
+    assert!(
+        diffs.0.is_empty(),
+        "the Rust alert thresholds (src/ledger/burn.rs, src/ledger/alerts.rs) and alerts/*.yml disagree:\n{}",
+        diffs.0.join("\n")
     );
 }

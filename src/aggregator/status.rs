@@ -1,10 +1,12 @@
 //! The built-in status page (`GET /`): per contract, the month so far in GPU-hours
-//! and money, utilization against target, projection, burn rates, the alerts that
-//! would be firing, and a chart of the month. Server-rendered HTML with inline SVG:
-//! no scripts, no external assets. Rendering is a pure function of [`View`].
+//! and money, utilization against target, projection, burn rates, the contract alerts
+//! (underuse, budget, delivery, agents down) that would be firing, and a chart of the
+//! month. Server-rendered HTML with inline SVG: no scripts, no external assets.
+//! Rendering is a pure function of [`View`].
 
 use std::fmt::Write as _;
 
+use crate::ledger::alerts;
 use crate::ledger::burn::{self, TIERS, WINDOWS};
 use crate::ledger::totals::Figures;
 use crate::ledger::{Totals, MINUTE_MS};
@@ -35,20 +37,23 @@ pub struct ContractView {
     pub targets_down: usize,
 }
 
-/// An alert the shipped rules would be firing, judged on sealed minutes.
+/// A contract alert the shipped rules would be firing, judged on sealed minutes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WouldFire {
     pub severity: &'static str,
     pub what: String,
 }
 
-/// What would be firing for a contract, by the same definitions as `alerts/`.
+/// The contract alerts of `alerts/` that would be firing for a contract, by the
+/// thresholds of [`crate::ledger::alerts`] and [`TIERS`] (which the rules test holds to
+/// the rule file), judged now, without the rules' `for` delays. Host and pipeline alerts
+/// other than the contract's agents down are not judged here.
 pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
     let period_s = (c.period.1 - c.period.0) as f64 / 1000.0;
     let mut out: Vec<WouldFire> = burn::firing(&c.minutes, period_s, c.target)
         .into_iter()
         .map(|t| WouldFire {
-            severity: if t.name.starts_with("page") { "page" } else { "ticket" },
+            severity: t.severity.as_str(),
             what: format!(
                 "underuse: idle above {:.0}% over {} and its short window (spending {:.0}% of the idle budget)",
                 t.threshold(period_s, c.target) * 100.0,
@@ -57,44 +62,57 @@ pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
             ),
         })
         .collect();
-    let last_hour = &c.minutes[c.minutes.len().saturating_sub(60)..];
-    let committed: i64 = last_hour.iter().map(|(_, t)| t.committed).sum();
-    let undelivered: i64 = last_hour.iter().map(|(_, t)| t.undelivered).sum();
-    if committed > 0 && undelivered as f64 > 0.02 * committed as f64 {
-        out.push(WouldFire {
-            severity: "ticket",
-            what: format!(
-                "delivery shortfall: {:.1}% of committed GPU time undelivered over the last hour",
-                100.0 * undelivered as f64 / committed as f64
-            ),
-        });
+    for a in alerts::RATIO_ALERTS {
+        if let Some(r) = a.firing(&c.minutes) {
+            out.push(WouldFire {
+                severity: a.severity.as_str(),
+                what: format!(
+                    "{}: {:.1}% of committed GPU time {} over the last {}",
+                    a.summary,
+                    100.0 * r,
+                    a.kind_name,
+                    window_words(a.long_s)
+                ),
+            });
+        }
     }
-    if c.figures.idle_budget_remaining.is_some_and(|r| r <= 0.0) {
+    if c.figures
+        .idle_budget_remaining
+        .is_some_and(|r| r <= alerts::IDLE_BUDGET_EXHAUSTED_AT)
+    {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::IDLE_BUDGET_EXHAUSTED.severity.as_str(),
             what: "idle budget of the period exhausted".into(),
         });
     }
-    if c.figures
-        .projected_utilization
-        .is_some_and(|p| p < c.target)
-    {
+    if let Some(p) = c.figures.projected_utilization.filter(|p| *p < c.target) {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::PROJECTED_TARGET_MISS.severity.as_str(),
             what: format!(
                 "projected month-end utilization {:.1}% below the {:.1}% target",
-                c.figures.projected_utilization.unwrap_or(0.0) * 100.0,
+                p * 100.0,
                 c.target * 100.0
             ),
         });
     }
     if c.targets_down > 0 {
         out.push(WouldFire {
-            severity: "ticket",
+            severity: alerts::TARGET_DOWN.severity.as_str(),
             what: format!("{} agent(s) not answering", c.targets_down),
         });
     }
     out
+}
+
+/// "hour" for 3600 s, "30 minutes" below it, else the short form ("6h").
+fn window_words(s: f64) -> String {
+    if s == 3600.0 {
+        "hour".into()
+    } else if s < 3600.0 {
+        format!("{} minutes", s / 60.0)
+    } else {
+        duration(s)
+    }
 }
 
 fn duration(s: f64) -> String {
@@ -252,7 +270,7 @@ fn contract(h: &mut String, c: &ContractView) {
         );
     }
     let alerts = would_fire(c);
-    h.push_str("<div><b>Alerts that would be firing:</b> ");
+    h.push_str("<div><b>Contract alerts that would be firing:</b> ");
     if alerts.is_empty() {
         h.push_str("<span class=ok data-k=alerts>none</span>");
     }
@@ -265,7 +283,11 @@ fn contract(h: &mut String, c: &ContractView) {
             esc(&a.what)
         );
     }
-    h.push_str("</ul></div></div></div>");
+    h.push_str(
+        "</ul><div class=sub>The underuse, budget and delivery rules of alerts/ and the \
+         contract's agents down, judged on sealed minutes without the rules' <code>for</code> \
+         delays; other host and pipeline alerts are left to Prometheus.</div></div></div></div>",
+    );
     chart(h, c);
     h.push_str("</section>");
 }
@@ -374,5 +396,72 @@ mod tests {
             .iter()
             .any(|a| a.severity == "page"));
         assert!(!html.contains("<script"));
+    }
+
+    #[test]
+    fn contract_conditions_use_the_ledger_thresholds() {
+        // An hour at 100 GPUs all busy, `lost` of them undelivered.
+        let view = |lost: i64| ContractView {
+            target: 0.9,
+            period: (0, 30 * 86_400_000),
+            minutes: (0..60)
+                .map(|m| {
+                    let d = 100 - lost;
+                    (m, split(100 * 60_000, d * 60_000, d * 60_000, 0, false))
+                })
+                .collect(),
+            ..ContractView::default()
+        };
+        let shortfall = |c: &ContractView| {
+            would_fire(c)
+                .into_iter()
+                .filter(|a| a.what.starts_with("delivery shortfall"))
+                .collect::<Vec<_>>()
+        };
+        assert!(shortfall(&view(2)).is_empty(), "2 % is not above 2 %");
+        let three = shortfall(&view(3));
+        assert_eq!(three.len(), 1);
+        assert_eq!(three[0].severity, "ticket");
+        assert!(three[0].what.contains("3.0%") && three[0].what.ends_with("last hour"));
+        // Like the rule, the short window must be over too: a shortfall that ended five
+        // minutes ago no longer fires.
+        let mut healed = view(3);
+        for (_, t) in healed.minutes.iter_mut().skip(55) {
+            *t = split(100 * 60_000, 100 * 60_000, 100 * 60_000, 0, false);
+        }
+        assert!(shortfall(&healed).is_empty());
+        // 15 % undelivered: the major page as well as the ticket.
+        let major: Vec<&str> = would_fire(&view(15)).iter().map(|a| a.severity).collect();
+        assert_eq!(major, ["page", "ticket"]);
+        // 6 % of the capacity unseen: unreported, not undelivered.
+        let mut blind = view(6);
+        for (_, t) in blind.minutes.iter_mut() {
+            *t = split(100 * 60_000, 94 * 60_000, 94 * 60_000, 6 * 60_000, false);
+        }
+        let fired = would_fire(&blind);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(
+            fired[0].what,
+            "capacity unreported: 6.0% of committed GPU time unreported over the last hour"
+        );
+
+        let mut c = view(0);
+        assert!(would_fire(&c).is_empty());
+        c.figures.idle_budget_remaining = Some(0.0);
+        c.figures.projected_utilization = Some(0.85);
+        c.targets_down = 2;
+        let all: Vec<String> = would_fire(&c).into_iter().map(|a| a.what).collect();
+        assert_eq!(
+            all,
+            [
+                "idle budget of the period exhausted",
+                "projected month-end utilization 85.0% below the 90.0% target",
+                "2 agent(s) not answering"
+            ]
+        );
+        c.figures.idle_budget_remaining = Some(0.01);
+        c.figures.projected_utilization = Some(0.9);
+        c.targets_down = 0;
+        assert!(would_fire(&c).is_empty());
     }
 }

@@ -5,40 +5,63 @@
 //! The idle ratio cannot exceed 1, so a tier whose threshold is above 1 can never
 //! fire: the aggregator reports that instead of letting a page silently never come.
 
-/// One alerting tier; names match the `tier` label and the alert rules.
+use super::alerts::Severity;
+
+/// One alerting tier; names match the `tier` label and the alert rules
+/// (`tests/rules.rs` checks every field against `alerts/`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tier {
+    /// The `tier` label of the alert and of its recorded threshold.
     pub name: &'static str,
+    /// The `alert:` name in `alerts/commitmeter-alerts.yml`.
+    pub alert: &'static str,
+    pub severity: Severity,
     /// Share of the period's idle budget spent within `long_s`.
     pub budget_fraction: f64,
+    /// The long window `w`, in seconds.
     pub long_s: f64,
+    /// The short window that must burn too (so the alert resets soon after the burn stops).
     pub short_s: f64,
+    /// The rule's `for:` (none: the short window already debounces).
+    pub for_s: f64,
 }
 
 pub const TIERS: [Tier; 4] = [
     Tier {
         name: "page_1h",
+        alert: "CommitmeterUnderuseBurn1h",
+        severity: Severity::Page,
         budget_fraction: 0.02,
         long_s: 3600.0,
         short_s: 300.0,
+        for_s: 0.0,
     },
     Tier {
         name: "page_6h",
+        alert: "CommitmeterUnderuseBurn6h",
+        severity: Severity::Page,
         budget_fraction: 0.05,
         long_s: 6.0 * 3600.0,
         short_s: 1800.0,
+        for_s: 0.0,
     },
     Tier {
         name: "ticket_1d",
+        alert: "CommitmeterUnderuseBurn1d",
+        severity: Severity::Ticket,
         budget_fraction: 0.10,
         long_s: 86_400.0,
         short_s: 2.0 * 3600.0,
+        for_s: 0.0,
     },
     Tier {
         name: "ticket_3d",
+        alert: "CommitmeterUnderuseBurn3d",
+        severity: Severity::Ticket,
         budget_fraction: 0.10,
         long_s: 3.0 * 86_400.0,
         short_s: 6.0 * 3600.0,
+        for_s: 0.0,
     },
 ];
 

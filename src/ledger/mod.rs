@@ -15,6 +15,7 @@
 //!   add their GPUs to what was expected, and [`split`] divides the commitment by evidence.
 //!   Sealed minutes never change; what arrives later for them is counted as late.
 
+pub mod alerts;
 pub mod burn;
 pub mod host;
 pub mod totals;
