@@ -5,6 +5,7 @@ pub mod agent;
 pub mod aggregator;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod configfile;
 pub mod contract;
 pub mod demo;

@@ -56,7 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 discard_future: args.storage.discard_future_minutes,
                 host_checkpoint_interval: args.storage.host_checkpoint_interval,
             };
-            let clock = std::sync::Arc::new(aggregator::SystemClock);
+            let clock = std::sync::Arc::new(commitmeter::clock::SystemClock);
             run_to_end(aggregator::run(prepared, clock, shutdown_signal()))?;
         }
         Command::Demo(args) => {

@@ -2,6 +2,10 @@
 //! running agent or aggregator, and every series they export is documented; every flag it
 //! mentions exists; every config key it documents is one the parser knows.
 
+// Tests read the clock and open SQLite as they please: clippy.toml keeps that to
+// src/clock.rs and src/aggregator/store.rs in the product only.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -168,6 +172,17 @@ fn every_aggregator_series_in_the_readme_is_exported_and_every_exported_one_docu
         std::thread::sleep(Duration::from_millis(500));
     };
     drop(demo);
+    // One exposition, one clock: the config's reload time is on the demo's simulated
+    // clock like the ledger's (which starts on the 2nd of the month, days from real time
+    // on all but a few hours of a month), read just before the first round.
+    let m = Metrics::parse(&body);
+    let at = |name: &str| m.get(name, &[]).unwrap_or_else(|| panic!("no {name}"));
+    let reload = at("commitmeter_config_last_reload_success_timestamp_seconds");
+    let since = at("commitmeter_ledger_since_timestamp_seconds");
+    assert!(
+        reload <= since && since - reload < 6.0 * 3600.0,
+        "the reload time {reload} is not on the ledger's clock (ledger since {since})"
+    );
     compare(
         "aggregator",
         &documented(&readme(), "## The aggregator"),

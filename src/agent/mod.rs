@@ -13,10 +13,11 @@ use std::time::Duration;
 use hyper::StatusCode;
 
 use crate::cli::AgentArgs;
+use crate::clock::AgentClock;
 use crate::http::{self, Handler};
 use config::AgentConfig;
 use metrics::AgentMetrics;
-use sampler::{AgentClock, Readiness, Sampler, SamplerConfig, SamplerError, Status};
+use sampler::{Readiness, Sampler, SamplerConfig, SamplerError, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

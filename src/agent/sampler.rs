@@ -11,13 +11,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use prometheus::Counter;
 use tokio::sync::watch;
+
+use crate::clock::{self, AgentClock};
 
 use super::accrue::{DryBufferWatch, GpuAccount, SampleIntegrator};
 use super::metrics::{AgentMetrics, GaugeKind, GpuSeries};
@@ -44,42 +46,6 @@ impl SamplerConfig {
     /// a sampler whose last round is older than this is not ready.
     pub fn max_gap(&self) -> Duration {
         (self.interval * 5).max(Duration::from_secs(5))
-    }
-}
-
-/// The agent's clock: the wall clock read once at start, plus monotonic time since.
-/// Never re-anchored, so round timestamps never go backwards and two of them differ
-/// by exactly the monotonic time between the rounds.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentClock {
-    origin: Instant,
-    wall_ms: u64,
-}
-
-impl AgentClock {
-    pub fn start() -> Self {
-        let wall_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            origin: Instant::now(),
-            wall_ms,
-        }
-    }
-
-    /// The wall clock at the start, in Unix milliseconds.
-    pub fn started_unix_ms(&self) -> u64 {
-        self.wall_ms
-    }
-
-    /// Whole milliseconds of monotonic time since the start.
-    pub fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// Unix seconds of the instant `ms` after the start.
-    pub fn wall_seconds(&self, ms: u64) -> f64 {
-        (self.wall_ms + ms) as f64 / 1000.0
     }
 }
 
@@ -324,7 +290,7 @@ impl Loop {
 
     /// Sleeps until `deadline`; true when asked to stop.
     fn sleep_until(&self, deadline: Instant) -> bool {
-        let wait = deadline.saturating_duration_since(Instant::now());
+        let wait = deadline.saturating_duration_since(clock::monotonic_now());
         !matches!(
             self.stopped.recv_timeout(wait),
             Err(RecvTimeoutError::Timeout)
@@ -365,7 +331,7 @@ impl Loop {
                 self.metrics.nvml_error("init", &nvml::error_label(&error));
                 self.last_nvml_error = Some(msg);
             }
-            if self.sleep_until(Instant::now() + backoff.step()) {
+            if self.sleep_until(clock::monotonic_now() + backoff.step()) {
                 return;
             }
         }
@@ -399,7 +365,7 @@ impl Loop {
         };
         let mut registered = vec![false; count as usize];
         let mut last_round: Option<u64> = None;
-        let mut next = Instant::now();
+        let mut next = clock::monotonic_now();
         loop {
             // NVML first, without any lock: a slow or hung call never blocks a scrape.
             let mut round = Round::default();
@@ -459,7 +425,7 @@ impl Loop {
                     return (End::Driver(e), round.errors);
                 }
             }
-            for l in self.xid_log.flush(Instant::now()) {
+            for l in self.xid_log.flush(clock::monotonic_now()) {
                 tracing::warn!(
                     uuid = %l.uuid,
                     count = l.held_back,
@@ -480,7 +446,7 @@ impl Loop {
 
             // Fixed-rate schedule; after a stall, resume from now rather than burst.
             next += self.cfg.interval;
-            let now = Instant::now();
+            let now = clock::monotonic_now();
             if next < now {
                 next = now + self.cfg.interval;
             }
@@ -608,7 +574,7 @@ impl Loop {
                         }
                     };
                     let index = ev.device.index().map(|i| i.to_string()).unwrap_or_default();
-                    if self.xid_log.event(&uuid, &code, Instant::now()) {
+                    if self.xid_log.event(&uuid, &code, clock::monotonic_now()) {
                         tracing::warn!(gpu = %index, uuid = %uuid, xid = %code, "XID error");
                     }
                     round.xids.push((uuid, index, code));
@@ -737,18 +703,5 @@ mod tests {
         assert_eq!(status.readiness(), Readiness::Ready);
         status.session_ended();
         assert_eq!(status.readiness(), Readiness::NotSampled);
-    }
-
-    #[test]
-    fn round_timestamps_differ_by_monotonic_time_exactly() {
-        let clock = AgentClock::start();
-        let (a, b) = (clock.now_ms(), clock.now_ms() + 1234);
-        let diff = clock.wall_seconds(b) - clock.wall_seconds(a);
-        assert!((diff - 1.234).abs() < 1e-6, "{diff}");
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        assert!((clock.wall_seconds(clock.now_ms()) - unix).abs() < 1.0);
     }
 }

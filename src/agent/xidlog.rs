@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_flapping_gpu_gets_one_line_then_a_summary_per_window() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::monotonic_now();
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         let mut log = XidLog::new(Duration::from_secs(300));
         let mut lines = 0;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Bytes;
 use hyper::StatusCode;
 
+use crate::clock::{self, Clock};
 use crate::contract::{AggregatorConfig, Contract, UsageSignal};
 use crate::http::{self, Handler};
 use crate::ledger::totals::{figures, Running, Terms};
@@ -47,28 +48,6 @@ pub enum AggregatorError {
     Writer(std::io::Error),
     #[error("reading the ledger at start: {0}")]
     Task(String),
-}
-
-/// Where time comes from: the system clock in production, a simulated one in the
-/// demo. The ledger only ever sees these milliseconds.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> i64;
-
-    /// A real duration in this clock's milliseconds (a simulated clock runs faster), for
-    /// the tolerances that are about real delays.
-    fn scale(&self, real: Duration) -> i64 {
-        real.as_millis() as i64
-    }
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-    }
 }
 
 /// Options of `commitmeter aggregator`, already validated.
@@ -382,7 +361,9 @@ pub async fn serve(
         &cfg.scrape,
     );
     shared.metrics.reload_ok.set(1);
-    shared.metrics.reload_time.set(SystemClock.now_ms() / 1000);
+    // On the ledger's clock, like every timestamp of this exposition (the demo's is
+    // simulated): the config was read "now" as the books see it.
+    shared.metrics.reload_time.set(shared.clock.now_ms() / 1000);
     let scraping = tokio::spawn(scrape_loop(
         shared.clone(),
         cfg,
@@ -448,7 +429,7 @@ fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -
     cfg.file_sd = new.file_sd;
     cfg.scrape = new.scrape;
     m.reload_ok.set(1);
-    m.reload_time.set(SystemClock.now_ms() / 1000);
+    m.reload_time.set(shared.clock.now_ms() / 1000);
     Some(scraper)
 }
 
@@ -672,7 +653,7 @@ async fn scrape_loop(
                 }
             }
         }
-        let started = std::time::Instant::now();
+        let started = clock::monotonic_now();
         let mut jobs = tokio::task::JoinSet::new();
         for i in 0..targets.len() {
             let (shared, scraper, limit, targets) = (
@@ -684,10 +665,10 @@ async fn scrape_loop(
             jobs.spawn(async move {
                 let _permit = limit.acquire().await;
                 let t = &targets[i];
-                let started = std::time::Instant::now();
+                let started = clock::monotonic_now();
                 let result = scraper.scrape(t).await;
                 let received_ms = shared.clock.now_ms();
-                let took = started.elapsed();
+                let took = clock::elapsed(started);
                 shared.record(t, received_ms, took, &result);
                 (t.key(), result.err().map(|e| (e.reason(), e.to_string())))
             });
@@ -698,7 +679,7 @@ async fn scrape_loop(
                 outcomes.push(outcome);
             }
         }
-        log.round(outcomes, started.elapsed());
+        log.round(outcomes, clock::elapsed(started));
         if !shared.first_round.load(Ordering::Relaxed) {
             let mut books = shared.books.lock().expect("books lock");
             books.ledger.start_after(shared.clock.now_ms());
@@ -775,7 +756,7 @@ impl RoundLog {
         let summary = (up, down, reasons);
         let due = self
             .summary_at
-            .is_none_or(|at| at.elapsed() >= SUMMARY_EVERY);
+            .is_none_or(|at| clock::elapsed(at) >= SUMMARY_EVERY);
         if first || changed > 0 || due || self.last_summary.as_ref() != Some(&summary) {
             tracing::info!(
                 targets = up + down,
@@ -787,7 +768,7 @@ impl RoundLog {
                 took_ms = took.as_millis() as u64,
                 "scrape round"
             );
-            self.summary_at = Some(Instant::now());
+            self.summary_at = Some(clock::monotonic_now());
         } else {
             tracing::debug!(
                 targets = up + down,
@@ -816,9 +797,9 @@ impl Shared {
             );
         }
         match d.in_flight_since {
-            Some(at) if at.elapsed() > self.write_deadline => Some(format!(
+            Some(at) if clock::elapsed(at) > self.write_deadline => Some(format!(
                 "a ledger write has not finished for {} s (is the disk hung?)\n",
-                at.elapsed().as_secs()
+                clock::elapsed(at).as_secs()
             )),
             _ => None,
         }
@@ -968,7 +949,7 @@ impl Shared {
             if d.in_flight_since.is_some() {
                 return None;
             }
-            d.in_flight_since = Some(Instant::now());
+            d.in_flight_since = Some(clock::monotonic_now());
         }
         let (sealed, snap) = {
             let books = self.books.lock().expect("books lock");
@@ -1016,11 +997,11 @@ impl Shared {
                 Ok(()) => {}
                 Err(e) => {
                     let due = d.logged.is_none_or(|at| {
-                        at.elapsed() >= Duration::from_millis(REJECT_LOG_EVERY_MS as u64)
+                        clock::elapsed(at) >= Duration::from_millis(REJECT_LOG_EVERY_MS as u64)
                     });
                     if due {
                         tracing::error!(error = %e, pending_minutes = n, "cannot write the ledger; sealed minutes kept in memory and retried every round");
-                        d.logged = Some(Instant::now());
+                        d.logged = Some(clock::monotonic_now());
                     }
                     d.failing = true;
                 }
@@ -1072,7 +1053,7 @@ impl Shared {
     /// [`FINAL_WRITE_WAIT`] it stops anyway (open minutes are recovered from the agents'
     /// cumulative counters at the next start).
     async fn final_write(self: &Arc<Self>) {
-        let deadline = Instant::now() + FINAL_WRITE_WAIT;
+        let deadline = clock::monotonic_now() + FINAL_WRITE_WAIT;
         loop {
             if self
                 .durability
@@ -1083,7 +1064,7 @@ impl Shared {
             {
                 break;
             }
-            if Instant::now() >= deadline {
+            if clock::monotonic_now() >= deadline {
                 tracing::warn!(
                     "a ledger write did not finish before shutdown; stopping without it"
                 );
@@ -1093,7 +1074,7 @@ impl Shared {
         }
         self.seal_due();
         if let Some(job) = self.start_write() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(clock::monotonic_now());
             if tokio::time::timeout(left, job).await.is_err() {
                 tracing::warn!(
                     "the last ledger write did not finish before shutdown; stopping without it"
@@ -1106,7 +1087,7 @@ impl Shared {
         if self.writer.jobs.send(WriteJob::Flush { done }).is_err() {
             return;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(clock::monotonic_now());
         match tokio::time::timeout(left, flushed).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host"),

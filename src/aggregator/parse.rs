@@ -1005,7 +1005,7 @@ commitmeter_nvml_up 1
         let run = |body: &str| {
             let mut samples = 0usize;
             let mut labels = 0usize;
-            let t = std::time::Instant::now();
+            let t = crate::clock::monotonic_now();
             let r = parse(
                 body,
                 |n| n == "m",
@@ -1014,7 +1014,7 @@ commitmeter_nvml_up 1
                     labels += s.labels.len();
                 },
             );
-            (r, samples, labels, t.elapsed())
+            (r, samples, labels, crate::clock::elapsed(t))
         };
         let big = 16 << 20;
         for shape in [

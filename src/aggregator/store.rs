@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::clock;
 use crate::ledger::{minute_of, HostState, Open, Sealed, Snapshot, Totals, MINUTE_MS};
 
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
@@ -181,8 +182,10 @@ pub struct DirLock {
     _file: File,
 }
 
+/// Provenance stamps of ledger files are this machine's wall clock, not the ledger's
+/// (the demo's simulated clock never names a file or dates a ledger).
 fn now_rfc3339() -> String {
-    jiff::Timestamp::now()
+    clock::wall_now()
         .round(jiff::Unit::Second)
         .map_or_else(|_| String::new(), |t| t.to_string())
 }
@@ -255,9 +258,8 @@ impl Identity {
         let mut b = [0u8; 8];
         let id = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
             Ok(()) => u64::from_le_bytes(b),
-            Err(_) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64),
+            // No system randomness: the wall clock's nanoseconds instead.
+            Err(_) => clock::wall_now().as_nanosecond() as u64,
         };
         Self {
             id,
@@ -356,6 +358,9 @@ enum Found {
     Ledger(Identity),
 }
 
+/// The one place a SQLite database is opened (`clippy.toml` disallows
+/// `Connection::open*` elsewhere): every connection gets the same locking and pragmas.
+#[allow(clippy::disallowed_methods)]
 fn sqlite_conn(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     // Exclusive locking before the first access keeps the WAL index in heap memory
@@ -452,9 +457,7 @@ fn inspect(path: &Path) -> Result<Found, StoreError> {
 
 /// Moves a ledger's files into `dir/replaced-<time>/` (for `--storage.create-new`).
 fn move_aside(dir: &Path) -> Result<PathBuf, StoreError> {
-    let stamp = jiff::Timestamp::now()
-        .strftime("%Y%m%dT%H%M%SZ")
-        .to_string();
+    let stamp = clock::wall_now().strftime("%Y%m%dT%H%M%SZ").to_string();
     let aside = dir.join(format!("replaced-{stamp}"));
     let io = |source| StoreError::Dir {
         path: aside.clone(),
@@ -727,7 +730,7 @@ impl Store {
             params![
                 identity.id as i64,
                 i64::from(identity.demo),
-                jiff::Timestamp::now().as_second()
+                clock::wall_now().as_second()
             ],
         )
         .map_err(sql)?;
@@ -1087,7 +1090,7 @@ impl Store {
         let due = interval.is_zero()
             || self
                 .hosts_written_at
-                .is_none_or(|t| t.elapsed() >= interval);
+                .is_none_or(|t| clock::elapsed(t) >= interval);
         let seq = self.seq + 1;
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite {
@@ -1186,7 +1189,7 @@ impl Store {
         match hosts {
             Some((written, stats)) => {
                 self.written = Some(written);
-                self.hosts_written_at = Some(Instant::now());
+                self.hosts_written_at = Some(clock::monotonic_now());
                 self.unwritten = None;
                 self.last = stats;
             }
@@ -1218,7 +1221,7 @@ impl Store {
             write_hosts(&tx, &path, self.written.as_ref(), &ids, &hosts, self.seq)?;
         tx.commit().map_err(sql)?;
         self.written = Some(written);
-        self.hosts_written_at = Some(Instant::now());
+        self.hosts_written_at = Some(clock::monotonic_now());
         self.last = stats;
         self.checkpoint_wal();
         tracing::info!(
@@ -1246,10 +1249,10 @@ impl Store {
             return;
         };
         let output = PathBuf::from(output);
-        let started = Instant::now();
+        let started = clock::monotonic_now();
         let answer = match backup_into(&self.conn, &output) {
             Ok(bytes) => {
-                tracing::info!(output = %output.display(), bytes, ms = started.elapsed().as_millis() as u64, "ledger backed up");
+                tracing::info!(output = %output.display(), bytes, ms = clock::elapsed(started).as_millis() as u64, "ledger backed up");
                 format!("id={id}\nok={bytes}\n")
             }
             Err(e) => {
@@ -1472,7 +1475,7 @@ pub fn backup(dir: &Path, output: &Path, timeout: Duration) -> Result<String, St
                     request.display()
                 ))
             })?;
-            let deadline = Instant::now() + timeout;
+            let deadline = clock::monotonic_now() + timeout;
             loop {
                 if let Ok(text) = std::fs::read_to_string(&done) {
                     if text.contains(&format!("id={request_id}\n")) {
@@ -1490,7 +1493,7 @@ pub fn backup(dir: &Path, output: &Path, timeout: Duration) -> Result<String, St
                         return Err(err(format!("the running commitmeter failed: {why}")));
                     }
                 }
-                if Instant::now() >= deadline {
+                if clock::monotonic_now() >= deadline {
                     let _ = std::fs::remove_file(&request);
                     return Err(err(format!(
                         "the running commitmeter ({holder}) did not answer within {timeout:?}; it writes a backup after its next ledger commit (every scrape interval): is it failing to write its ledger? (see its log and commitmeter_store_errors_total)"
@@ -1515,7 +1518,9 @@ fn row_totals(r: &rusqlite::Row<'_>) -> rusqlite::Result<Totals> {
     })
 }
 
+// The tests open the database themselves to see what is on disk.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::ledger::{split, GpuCounters, Ledger, Reading};

@@ -13,8 +13,9 @@ use std::time::Instant;
 use hyper::StatusCode;
 
 use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuSeries};
+use crate::aggregator;
 use crate::aggregator::store::{Role, Store, StoreOptions};
-use crate::aggregator::{self, Clock, SystemClock};
+use crate::clock::{self, Clock};
 use crate::http;
 use sim::{Fleet, Story};
 
@@ -49,7 +50,7 @@ pub struct SimClock {
 
 impl Clock for SimClock {
     fn now_ms(&self) -> i64 {
-        self.start_ms + (self.real_start.elapsed().as_secs_f64() * 1000.0 * self.speed) as i64
+        self.start_ms + (clock::elapsed(self.real_start).as_secs_f64() * 1000.0 * self.speed) as i64
     }
 
     fn scale(&self, real: std::time::Duration) -> i64 {
@@ -137,13 +138,14 @@ impl Sim {
 /// contract's local billing period (New York, Los Angeles, Berlin) has begun.
 fn sim_start() -> i64 {
     let utc = jiff::tz::TimeZone::UTC;
-    let today = utc.to_datetime(jiff::Timestamp::now()).date();
+    let now = clock::wall_now();
+    let today = utc.to_datetime(now).date();
     today
         .first_of_month()
         .tomorrow()
         .ok()
         .and_then(|d| utc.to_timestamp(d.at(0, 0, 0, 0)).ok())
-        .map_or_else(|| SystemClock.now_ms(), |t| t.as_millisecond())
+        .map_or_else(|| now.as_millisecond(), |t| t.as_millisecond())
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -181,7 +183,7 @@ pub async fn run(
     let start_ms = sim_start();
     let clock = Arc::new(SimClock {
         start_ms,
-        real_start: Instant::now(),
+        real_start: clock::monotonic_now(),
         speed: opts.speed,
     });
     let fleet = Fleet::new(opts.story, start_ms);

@@ -314,7 +314,7 @@ pub async fn serve_with(
                         "cannot accept connections; retrying with backoff \
                          (logged once until accepts succeed again)"
                     );
-                    (std::time::Instant::now(), 0)
+                    (crate::clock::monotonic_now(), 0)
                 });
                 *failures += 1;
                 // Out of descriptors: one idle connection closed is one more accepted.
@@ -329,7 +329,7 @@ pub async fn serve_with(
         if let Some((since, failures)) = failing.take() {
             tracing::info!(
                 failures,
-                seconds = since.elapsed().as_secs_f64(),
+                seconds = crate::clock::elapsed(since).as_secs_f64(),
                 "accepting connections again"
             );
         }
