@@ -37,6 +37,25 @@ struct Demo {
     child: Child,
     addr: String,
     data: PathBuf,
+    /// The demo's standard error (warnings and errors), for a failure's message.
+    log: PathBuf,
+}
+
+impl Demo {
+    /// Whether the demo still runs, and the end of its log: what a failure needs to say.
+    fn state(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(None) => "running".to_string(),
+            Ok(Some(s)) => format!("exited: {s}"),
+            Err(e) => format!("unknown: {e}"),
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        format!(
+            "demo {status}; its log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
 }
 
 impl Drop for Demo {
@@ -58,7 +77,7 @@ fn start_demo(story: &str, speed: u32, dir: &TempDir) -> Demo {
         .arg(format!("--speed={speed}"))
         .arg(format!("--data.dir={}", data.display()))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path("demo.log")).unwrap())
         .spawn()
         .expect("start commitmeter demo");
     let stdout = child.stdout.take().unwrap();
@@ -74,7 +93,12 @@ fn start_demo(story: &str, speed: u32, dir: &TempDir) -> Demo {
         }
     }
     assert!(!addr.is_empty(), "the demo did not print its address");
-    Demo { child, addr, data }
+    Demo {
+        child,
+        addr,
+        data,
+        log: dir.path("demo.log"),
+    }
 }
 
 /// Rewrites a duration like `5m` to a 60th of it, in seconds (at least 1s).
@@ -235,7 +259,7 @@ fn urlencode(s: &str) -> String {
 fn underuse_pages_through_prometheus() {
     let _serial = serial();
     let dir = TempDir::new("e2e-underuse");
-    let demo = start_demo("underuse", 60, &dir);
+    let mut demo = start_demo("underuse", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -252,7 +276,8 @@ fn underuse_pages_through_prometheus() {
         }
         assert!(
             Instant::now() < deadline,
-            "no underuse page for acme-h100-east; firing: {f:?}"
+            "no underuse page for acme-h100-east; firing: {f:?}\n{}",
+            demo.state()
         );
         std::thread::sleep(Duration::from_secs(2));
     }
