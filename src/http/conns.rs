@@ -154,6 +154,8 @@ pub(crate) struct Tracker {
     max: usize,
     metrics: ServerMetrics,
     state: Mutex<State>,
+    /// Notified when a shed connection has closed its socket.
+    pub(crate) closed: Notify,
 }
 
 #[derive(Default)]
@@ -202,6 +204,7 @@ impl Tracker {
             max,
             metrics,
             state: Mutex::new(State::default()),
+            closed: Notify::new(),
         })
     }
 
@@ -222,9 +225,8 @@ impl Tracker {
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut s = self.lock();
         if s.open.len() + s.closing.len() >= self.max + closing_slack(self.max) {
-            // Shed connections have not closed yet: wait for them rather than run out
-            // of descriptors; this one is refused at once.
-            self.metrics.shed.inc();
+            // Shed connections have not closed yet (the accept loop waits for them first,
+            // see `saturated`): rather than run out of descriptors, refuse this one.
             return None;
         }
         if s.open.len() >= self.max {
@@ -288,9 +290,19 @@ impl Tracker {
         true
     }
 
+    /// Whether shed connections still closing hold every descriptor the bound and its
+    /// slack allow: a new connection should wait for [`Tracker::closed`].
+    pub(crate) fn saturated(&self) -> bool {
+        let s = self.lock();
+        !s.closing.is_empty()
+            && s.open.len() + s.closing.len() >= self.max + closing_slack(self.max)
+    }
+
     fn leave(&self, id: u64) {
         let mut s = self.lock();
-        s.closing.remove(&id);
+        if s.closing.remove(&id) {
+            self.closed.notify_waiters();
+        }
         if let Some(entry) = s.open.remove(&id) {
             if let Some(stamp) = entry.idle_stamp {
                 s.idle.remove(&stamp);
@@ -382,7 +394,7 @@ mod tests {
         let _e_busy = _e.busy();
         let _f_busy = _f.busy();
         assert!(t.admit().is_none());
-        assert_eq!(t.metrics.shed.get(), 5);
+        assert_eq!(t.metrics.shed.get(), 4);
         assert_eq!(t.open(), 3);
         drop(_c_busy);
         drop(c);

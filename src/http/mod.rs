@@ -333,6 +333,21 @@ pub async fn serve_with(
                 "accepting connections again"
             );
         }
+        // Connections shed for earlier newcomers may not have closed their sockets yet:
+        // wait a little for them rather than refuse a client or run out of descriptors.
+        let wait_until = crate::clock::monotonic_now() + Duration::from_secs(1);
+        loop {
+            let closed = tracker.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if !tracker.saturated() {
+                break;
+            }
+            let left = wait_until.saturating_duration_since(crate::clock::monotonic_now());
+            if left.is_zero() || tokio::time::timeout(left, closed).await.is_err() {
+                break;
+            }
+        }
         let at_bound = tracker.open() >= tracker.max();
         let Some(slot) = tracker.admit() else {
             // Every open connection is answering a request: refuse this one at once.
