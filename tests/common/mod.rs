@@ -187,7 +187,7 @@ impl Drop for Agent {
 }
 
 /// Reads the child's stderr on a thread; returns the address it logged it serves on.
-fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
+pub fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
