@@ -683,7 +683,7 @@ fn prom_duration(s: f64) -> String {
 
 fn check_ratio_alert(rules: &[Rule], a: &RatioAlert, diffs: &mut Diffs) {
     let what = a.alert;
-    let series = format!("contract:commitmeter_{}_ratio", a.kind_name);
+    let series = format!("contract:commitmeter_{}_ratio", a.kind);
     let Some(rule) = alert_rule(rules, a.alert, diffs, what) else {
         return;
     };

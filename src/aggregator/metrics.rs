@@ -10,30 +10,10 @@ use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::contract::Contract;
 use crate::ledger::totals::Figures;
-use crate::ledger::Totals;
+use crate::ledger::{Kind, Totals};
 
-/// The seven ledger figures, in the order of their series.
-pub const KINDS: [&str; 7] = [
-    "committed",
-    "delivered",
-    "used",
-    "idle",
-    "undelivered",
-    "unreported",
-    "overage",
-];
-
-pub fn kind_values(t: &Totals) -> [i64; 7] {
-    [
-        t.committed,
-        t.delivered,
-        t.used,
-        t.idle,
-        t.undelivered,
-        t.unreported,
-        t.overage,
-    ]
-}
+/// The names of the ledger kinds, in the order of their series (see [`Kind`]).
+pub const KINDS: [&str; Kind::COUNT] = Kind::NAMES;
 
 /// The all-time ledger counters (the seven kinds, and late GPU-seconds), rendered from the
 /// ledger's integer GPU-ms at each scrape: exact, and identical after a restart (restored
@@ -51,7 +31,7 @@ type ContractCounts = (Totals, (i64, i64));
 
 impl LedgerCounters {
     fn new() -> Result<Self, prometheus::Error> {
-        let kinds = KINDS
+        let kinds = Kind::ALL
             .iter()
             .map(|kind| {
                 Desc::new(
@@ -122,11 +102,11 @@ impl Collector for LedgerCounters {
         let mut out: Vec<MetricFamily> = self
             .kinds
             .iter()
-            .enumerate()
-            .map(|(i, desc)| {
+            .zip(Kind::ALL)
+            .map(|(desc, kind)| {
                 let samples = values
                     .iter()
-                    .map(|(id, (t, _))| (vec![("contract", id.as_str())], kind_values(t)[i]))
+                    .map(|(id, (t, _))| (vec![("contract", id.as_str())], t[kind]))
                     .collect();
                 counter_family(desc, samples)
             })
@@ -388,10 +368,10 @@ impl AggregatorMetrics {
 
     pub fn set_period(&self, c: &Contract, start_ms: i64, end_ms: i64, t: &Totals, f: &Figures) {
         let id = c.id.as_str();
-        for (kind, v) in KINDS.iter().zip(kind_values(t)) {
+        for kind in Kind::ALL {
             self.period
-                .with_label_values(&[id, kind])
-                .set(v as f64 / 1000.0);
+                .with_label_values(&[id, kind.name()])
+                .set(t[kind] as f64 / 1000.0);
         }
         self.period_start
             .with_label_values(&[id])
@@ -409,13 +389,12 @@ impl AggregatorMetrics {
         opt(&self.idle_budget_remaining, f.idle_budget_remaining);
         opt(&self.projected_utilization, f.projected_utilization);
         opt(&self.required_utilization, f.required_utilization);
-        for (kind, v) in [
-            ("committed", f.cost_committed),
-            ("used", f.cost_used),
-            ("idle", f.cost_idle),
-            ("undelivered", f.cost_undelivered),
-        ] {
-            self.cost.with_label_values(&[id, &c.currency, kind]).set(v);
+        for kind in Kind::ALL {
+            if let Some(v) = f.cost(kind) {
+                self.cost
+                    .with_label_values(&[id, &c.currency, kind.name()])
+                    .set(v);
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use crate::ledger::alerts;
 use crate::ledger::burn::{self, TIERS, WINDOWS};
 use crate::ledger::totals::Figures;
-use crate::ledger::{Totals, MINUTE_MS};
+use crate::ledger::{Kind, Totals, MINUTE_MS};
 
 /// Everything the page shows, gathered from the ledger under its lock.
 #[derive(Debug, Clone, Default)]
@@ -70,7 +70,7 @@ pub fn would_fire(c: &ContractView) -> Vec<WouldFire> {
                     "{}: {:.1}% of committed GPU time {} over the last {}",
                     a.summary,
                     100.0 * r,
-                    a.kind_name,
+                    a.kind,
                     window_words(a.long_s)
                 ),
             });
@@ -201,20 +201,7 @@ fn contract(h: &mut String, c: &ContractView) {
         h,
         "<section data-contract=\"{id}\" data-period-start={} data-period-end={}><h2>{id} <small class=sub>{} · {} · {} GPUs committed now</small></h2>\
          <div class=sub>Billing period {} → {} ({})</div><div class=grid><div><table>\
-         <tr><th></th><th>GPU-hours</th><th>cost</th></tr>\
-         <tr><th>committed</th><td data-k=committed>{}</td><td data-k=cost_committed>{}</td></tr>\
-         <tr><th>delivered</th><td data-k=delivered>{}</td><td></td></tr>\
-         <tr><th>used</th><td data-k=used>{}</td><td data-k=cost_used>{}</td></tr>\
-         <tr><th>idle</th><td data-k=idle>{}</td><td data-k=cost_idle>{}</td></tr>\
-         <tr><th>undelivered</th><td data-k=undelivered>{}</td><td data-k=cost_undelivered>{}</td></tr>\
-         <tr><th>unreported</th><td data-k=unreported>{}</td><td></td></tr>\
-         <tr><th>overage</th><td data-k=overage>{}</td><td></td></tr></table></div><div><table>\
-         <tr><th>utilization (month to date)</th><td class={util_class} data-k=utilization>{}</td></tr>\
-         <tr><th>target</th><td data-k=target>{}</td></tr>\
-         <tr><th>projected at period end</th><td data-k=projected>{}</td></tr>\
-         <tr><th>required for the rest</th><td data-k=required>{}</td></tr>\
-         <tr><th>idle budget remaining</th><td data-k=budget>{}</td></tr>\
-         <tr><th>agents up / down</th><td>{} / {}</td></tr></table></div><div><table><tr><th>burn rate</th>",
+         <tr><th></th><th>GPU-hours</th><th>cost</th></tr>",
         c.period.0,
         c.period.1,
         esc(&c.provider),
@@ -223,17 +210,29 @@ fn contract(h: &mut String, c: &ContractView) {
         iso(c.period.0),
         iso(c.period.1),
         esc(&c.timezone),
-        hours(c.mtd.committed),
-        money(f.cost_committed),
-        hours(c.mtd.delivered),
-        hours(c.mtd.used),
-        money(f.cost_used),
-        hours(c.mtd.idle),
-        money(f.cost_idle),
-        hours(c.mtd.undelivered),
-        money(f.cost_undelivered),
-        hours(c.mtd.unreported),
-        hours(c.mtd.overage),
+    );
+    for kind in Kind::ALL {
+        let _ = write!(
+            h,
+            "<tr><th>{kind}</th><td data-k={kind}>{}</td>",
+            hours(c.mtd[kind])
+        );
+        match f.cost(kind) {
+            Some(cost) => {
+                let _ = write!(h, "<td data-k=cost_{kind}>{}</td></tr>", money(cost));
+            }
+            None => h.push_str("<td></td></tr>"),
+        }
+    }
+    let _ = write!(
+        h,
+        "</table></div><div><table>\
+         <tr><th>utilization (month to date)</th><td class={util_class} data-k=utilization>{}</td></tr>\
+         <tr><th>target</th><td data-k=target>{}</td></tr>\
+         <tr><th>projected at period end</th><td data-k=projected>{}</td></tr>\
+         <tr><th>required for the rest</th><td data-k=required>{}</td></tr>\
+         <tr><th>idle budget remaining</th><td data-k=budget>{}</td></tr>\
+         <tr><th>agents up / down</th><td>{} / {}</td></tr></table></div><div><table><tr><th>burn rate</th>",
         pct(f.utilization),
         pct(Some(c.target)),
         pct(f.projected_utilization),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::clock;
-use crate::ledger::{minute_of, HostState, Open, Sealed, Snapshot, Totals, MINUTE_MS};
+use crate::ledger::{minute_of, HostState, Kind, Open, Sealed, Snapshot, Totals, MINUTE_MS};
 
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
@@ -857,22 +857,23 @@ impl Store {
     /// Refuses a ledger whose stored minutes cannot be the ledger's own: a negative or
     /// out-of-range figure, or one that breaks the identity.
     fn check(&self) -> Result<(), StoreError> {
+        let figures = kind_columns(str::to_string);
         let bad: Option<(String, i64, String)> = self
             .conn
             .query_row(
-                "SELECT contract, minute, CASE
-                    WHEN min(committed, delivered, used, idle, undelivered, unreported, overage) < 0
-                        THEN 'a negative figure'
-                    WHEN max(committed, delivered, used, idle, undelivered, unreported, overage) > ?1
-                        THEN 'a figure out of range'
+                &format!(
+                    "SELECT contract, minute, CASE
+                    WHEN min({figures}) < 0 THEN 'a negative figure'
+                    WHEN max({figures}) > ?1 THEN 'a figure out of range'
                     WHEN overage > used THEN 'overage above used'
                     ELSE 'committed != used - overage + idle + undelivered + unreported' END
                  FROM minutes
-                 WHERE min(committed, delivered, used, idle, undelivered, unreported, overage) < 0
-                    OR max(committed, delivered, used, idle, undelivered, unreported, overage) > ?1
+                 WHERE min({figures}) < 0
+                    OR max({figures}) > ?1
                     OR overage > used
                     OR committed != used - overage + idle + undelivered + unreported
-                 LIMIT 1",
+                 LIMIT 1"
+                ),
                 params![MAX_MINUTE_GPU_MS],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
@@ -1099,32 +1100,29 @@ impl Store {
         };
         let tx = self.conn.transaction().map_err(sql)?;
         {
+            let figures = kind_columns(str::to_string);
             let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO minutes (contract, minute, committed, delivered, used, idle, undelivered, unreported, overage)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (contract, minute) DO NOTHING",
-                )
+                .prepare_cached(&format!(
+                    "INSERT INTO minutes (contract, minute, {figures})
+                     VALUES (?1, ?2, {}) ON CONFLICT (contract, minute) DO NOTHING",
+                    (3..3 + Kind::COUNT)
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
                 .map_err(sql)?;
             for s in sealed {
                 let t = &s.totals;
-                let n = ins
-                    .execute(params![
-                        ids[s.contract],
-                        s.minute,
-                        t.committed,
-                        t.delivered,
-                        t.used,
-                        t.idle,
-                        t.undelivered,
-                        t.unreported,
-                        t.overage
-                    ])
-                    .map_err(sql)?;
+                let values = t.values();
+                let mut row: Vec<&dyn rusqlite::ToSql> = vec![&ids[s.contract], &s.minute];
+                row.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
+                let n = ins.execute(&*row).map_err(sql)?;
                 if n == 0 {
                     let stored = tx
                         .query_row(
-                            "SELECT committed, delivered, used, idle, undelivered, unreported, overage
-                             FROM minutes WHERE contract = ?1 AND minute = ?2",
+                            &format!(
+                                "SELECT {figures} FROM minutes WHERE contract = ?1 AND minute = ?2"
+                            ),
                             params![ids[s.contract], s.minute],
                             row_totals,
                         )
@@ -1277,10 +1275,10 @@ impl Store {
     ) -> Result<Totals, StoreError> {
         self.conn
             .query_row(
-                "SELECT COALESCE(SUM(committed),0), COALESCE(SUM(delivered),0), COALESCE(SUM(used),0),
-                        COALESCE(SUM(idle),0), COALESCE(SUM(undelivered),0), COALESCE(SUM(unreported),0),
-                        COALESCE(SUM(overage),0)
-                 FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3",
+                &format!(
+                    "SELECT {} FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3",
+                    kind_columns(|c| format!("COALESCE(SUM({c}),0)"))
+                ),
                 params![contract, from_minute, to_minute],
                 row_totals,
             )
@@ -1296,14 +1294,15 @@ impl Store {
     ) -> Result<Vec<(i64, Totals)>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT committed, delivered, used, idle, undelivered, unreported, overage, minute
-                 FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute",
-            )
+            .prepare_cached(&format!(
+                "SELECT {}, minute FROM minutes
+                 WHERE contract = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute",
+                kind_columns(str::to_string)
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![contract, from_minute, to_minute], |r| {
-                Ok((r.get(7)?, row_totals(r)?))
+                Ok((r.get(Kind::COUNT)?, row_totals(r)?))
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
@@ -1506,16 +1505,20 @@ pub fn backup(dir: &Path, output: &Path, timeout: Duration) -> Result<String, St
     }
 }
 
+/// The `minutes` table's figure columns, one per kind in the order of [`Kind::ALL`] (the
+/// column names are the kinds' names), each as `expr` writes it, comma-separated: the
+/// `SELECT` list that [`row_totals`] reads.
+fn kind_columns(expr: impl Fn(&str) -> String) -> String {
+    Kind::ALL.map(|k| expr(k.name())).join(", ")
+}
+
+/// The figures of a row whose first columns are [`kind_columns`].
 fn row_totals(r: &rusqlite::Row<'_>) -> rusqlite::Result<Totals> {
-    Ok(Totals {
-        committed: r.get(0)?,
-        delivered: r.get(1)?,
-        used: r.get(2)?,
-        idle: r.get(3)?,
-        undelivered: r.get(4)?,
-        unreported: r.get(5)?,
-        overage: r.get(6)?,
-    })
+    let mut t = Totals::default();
+    for (i, k) in Kind::ALL.into_iter().enumerate() {
+        t[k] = r.get(i)?;
+    }
+    Ok(t)
 }
 
 // The tests open the database themselves to see what is on disk.
@@ -1583,6 +1586,27 @@ mod tests {
             .to_string();
         assert!(err.contains("sealed again with other figures"), "{err}");
         assert_eq!(store.minutes("b", 0, 10).unwrap()[0].1, sealed[1].totals);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The `minutes` table has one column per kind, named and ordered as [`Kind::ALL`]:
+    /// a new kind needs its column in `SCHEMA`, a `SCHEMA_VERSION` bump and a migration.
+    #[test]
+    fn the_minutes_table_has_a_column_per_kind() {
+        let dir = scratch("kind-columns");
+        let store = Store::open(&dir).unwrap();
+        let columns: Vec<String> = store
+            .conn
+            .prepare("SELECT name FROM pragma_table_info('minutes') ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut want = vec!["contract", "minute"];
+        want.extend(Kind::NAMES);
+        assert_eq!(columns, want);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

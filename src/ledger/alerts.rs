@@ -6,7 +6,7 @@
 //! Changing a threshold means changing it here and in the rule file (and its unit tests in
 //! `alerts/tests/`); the rules test says which field of which alert differs.
 
-use super::Totals;
+use super::{Kind, Totals};
 
 /// The `severity` label of an alert: who is woken up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +36,9 @@ pub struct RatioAlert {
     pub ratio: f64,
     pub long_s: f64,
     pub short_s: f64,
-    /// The kind of GPU time whose share of committed time is watched, and its name (the
-    /// `contract:commitmeter_<name>_ratio:rate<window>` series of the recording rules).
-    pub kind: fn(&Totals) -> i64,
-    pub kind_name: &'static str,
+    /// The kind of GPU time whose share of committed time is watched (the
+    /// `contract:commitmeter_<kind>_ratio:rate<window>` series of the recording rules).
+    pub kind: Kind,
     /// What the status page calls it.
     pub summary: &'static str,
 }
@@ -52,8 +51,7 @@ pub const DELIVERY_SHORTFALL_MAJOR: RatioAlert = RatioAlert {
     ratio: 0.10,
     long_s: 1800.0,
     short_s: 300.0,
-    kind: |t| t.undelivered,
-    kind_name: "undelivered",
+    kind: Kind::Undelivered,
     summary: "major delivery shortfall",
 };
 
@@ -65,8 +63,7 @@ pub const DELIVERY_SHORTFALL: RatioAlert = RatioAlert {
     ratio: 0.02,
     long_s: 3600.0,
     short_s: 300.0,
-    kind: |t| t.undelivered,
-    kind_name: "undelivered",
+    kind: Kind::Undelivered,
     summary: "delivery shortfall",
 };
 
@@ -78,8 +75,7 @@ pub const CAPACITY_UNREPORTED: RatioAlert = RatioAlert {
     ratio: 0.05,
     long_s: 3600.0,
     short_s: 300.0,
-    kind: |t| t.unreported,
-    kind_name: "unreported",
+    kind: Kind::Unreported,
     summary: "capacity unreported",
 };
 
@@ -132,7 +128,7 @@ impl RatioAlert {
     pub fn ratio_over(&self, minutes: &[(i64, Totals)], window_s: f64) -> Option<f64> {
         let tail = &minutes[minutes.len().saturating_sub((window_s / 60.0) as usize)..];
         let committed: i64 = tail.iter().map(|(_, t)| t.committed).sum();
-        let part: i64 = tail.iter().map(|(_, t)| (self.kind)(t)).sum();
+        let part: i64 = tail.iter().map(|(_, t)| t[self.kind]).sum();
         (committed > 0).then(|| part as f64 / committed as f64)
     }
 

@@ -18,11 +18,13 @@
 pub mod alerts;
 pub mod burn;
 pub mod host;
+pub mod kind;
 pub mod totals;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub use host::{Checkpoint, GpuCounters, HostState, Interval, Outcome, Reading, Reject};
+pub use kind::{Kind, Totals};
 
 pub const MINUTE_MS: i64 = 60_000;
 
@@ -40,37 +42,6 @@ pub struct Open {
     pub reported: i64,
     /// Capacity of known hosts over the intervals placed in this minute.
     pub expected: i64,
-}
-
-/// The seven figures of a sealed minute, in GPU-milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Totals {
-    pub committed: i64,
-    pub delivered: i64,
-    pub used: i64,
-    pub idle: i64,
-    pub undelivered: i64,
-    pub unreported: i64,
-    pub overage: i64,
-}
-
-impl Totals {
-    /// Used GPU-time that counts against the commitment.
-    pub fn used_within(&self) -> i64 {
-        self.used - self.overage
-    }
-
-    /// Adds another total; saturates rather than wraps (a figure near `i64::MAX` GPU-ms
-    /// is already nonsense, but it must never turn negative).
-    pub fn add(&mut self, o: &Totals) {
-        self.committed = self.committed.saturating_add(o.committed);
-        self.delivered = self.delivered.saturating_add(o.delivered);
-        self.used = self.used.saturating_add(o.used);
-        self.idle = self.idle.saturating_add(o.idle);
-        self.undelivered = self.undelivered.saturating_add(o.undelivered);
-        self.unreported = self.unreported.saturating_add(o.unreported);
-        self.overage = self.overage.saturating_add(o.overage);
-    }
 }
 
 /// Splits one minute's commitment by evidence.

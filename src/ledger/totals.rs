@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Sealed, Totals, MINUTE_MS};
+use super::{Kind, Sealed, Totals, MINUTE_MS};
 
 const HOUR_MS: f64 = 3_600_000.0;
 const DAY_MINUTES: usize = 24 * 60;
@@ -92,14 +92,17 @@ impl Running {
 }
 
 fn negate(t: &Totals) -> Totals {
-    Totals {
-        committed: -t.committed,
-        delivered: -t.delivered,
-        used: -t.used,
-        idle: -t.idle,
-        undelivered: -t.undelivered,
-        unreported: -t.unreported,
-        overage: -t.overage,
+    Totals::from_fn(|k| -t[k])
+}
+
+/// The GPU-ms of a kind that the contract's price applies to, or `None` for a kind that
+/// has no cost: what was paid for (committed) and where it went (used within the
+/// commitment, idle, undelivered). Delivered, unreported and overage are not priced.
+pub fn billed(t: &Totals, kind: Kind) -> Option<i64> {
+    match kind {
+        Kind::Committed | Kind::Idle | Kind::Undelivered => Some(t[kind]),
+        Kind::Used => Some(t.used_within()),
+        Kind::Delivered | Kind::Unreported | Kind::Overage => None,
     }
 }
 
@@ -111,10 +114,16 @@ pub struct Figures {
     pub idle_budget_remaining: Option<f64>,
     pub projected_utilization: Option<f64>,
     pub required_utilization: Option<f64>,
-    pub cost_committed: f64,
-    pub cost_used: f64,
-    pub cost_idle: f64,
-    pub cost_undelivered: f64,
+    /// Month-to-date cost per kind ([`billed`] GPU-ms at the contract's price); `None`
+    /// for a kind that has no cost. Read it with [`Figures::cost`].
+    pub costs: [Option<f64>; Kind::COUNT],
+}
+
+impl Figures {
+    /// The month-to-date cost of a kind, or `None` when the kind has no cost.
+    pub fn cost(&self, kind: Kind) -> Option<f64> {
+        self.costs[kind as usize]
+    }
 }
 
 /// Inputs besides the sealed totals: the commitment over the whole period and over
@@ -170,10 +179,7 @@ pub fn figures(r: &Running, terms: &Terms) -> Figures {
         idle_budget_remaining,
         projected_utilization,
         required_utilization,
-        cost_committed: cost(p.committed),
-        cost_used: cost(p.used_within()),
-        cost_idle: cost(p.idle),
-        cost_undelivered: cost(p.undelivered),
+        costs: Kind::ALL.map(|k| billed(p, k).map(cost)),
     }
 }
 
@@ -216,10 +222,14 @@ mod tests {
         assert!((f.projected_utilization.unwrap() - 0.6).abs() < 1e-12);
         // Need 270 GPU-days, have 6: 264 over 290 committed remaining.
         assert!((f.required_utilization.unwrap() - 264.0 / 290.0).abs() < 1e-12);
-        assert!((f.cost_committed - 10.0 * 24.0 * 2.0).abs() < 1e-9);
-        assert!((f.cost_used - 6.0 * 24.0 * 2.0).abs() < 1e-9);
-        assert!((f.cost_idle - 2.0 * 24.0 * 2.0).abs() < 1e-9);
-        assert!((f.cost_undelivered - 2.0 * 24.0 * 2.0).abs() < 1e-9);
+        let cost = |k| f.cost(k).expect("a priced kind");
+        assert!((cost(Kind::Committed) - 10.0 * 24.0 * 2.0).abs() < 1e-9);
+        assert!((cost(Kind::Used) - 6.0 * 24.0 * 2.0).abs() < 1e-9);
+        assert!((cost(Kind::Idle) - 2.0 * 24.0 * 2.0).abs() < 1e-9);
+        assert!((cost(Kind::Undelivered) - 2.0 * 24.0 * 2.0).abs() < 1e-9);
+        for k in [Kind::Delivered, Kind::Unreported, Kind::Overage] {
+            assert_eq!(f.cost(k), None);
+        }
         // The next period's first minute is refused until the caller rolls over.
         assert!(!r.add(&sealed(30 * 1440, 10 * M, 10 * M, 10 * M)));
         r.roll((period_ms, 2 * period_ms));
