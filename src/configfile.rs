@@ -88,8 +88,7 @@ pub enum BadLabelName {
 /// add the names their own role sets (`instance`, …).
 pub fn check_label_name(name: &str) -> Result<(), BadLabelName> {
     let mut chars = name.chars();
-    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let valid = chars.next().is_some_and(is_label_start) && chars.all(is_label_char);
     if !valid {
         Err(BadLabelName::Syntax)
     } else if name.starts_with("__") {
@@ -97,6 +96,16 @@ pub fn check_label_name(name: &str) -> Result<(), BadLabelName> {
     } else {
         Ok(())
     }
+}
+
+/// Whether `c` may begin a label name: `[a-zA-Z_]`.
+pub fn is_label_start(c: char) -> bool {
+    c.is_ascii_alphabetic() || c == '_'
+}
+
+/// Whether `c` may follow the first character of a label name: `[a-zA-Z0-9_]`.
+pub fn is_label_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
 }
 
 /// `host:port` with a numeric port 1..=65535; the host is a DNS name / IPv4 address

@@ -262,6 +262,17 @@ pub fn build(
 mod tests {
     use super::*;
 
+    /// The targets of one file_sd file alone, no contracts, scheme `http`.
+    fn build_one(file: &Path) -> Built {
+        build(
+            &[],
+            &[],
+            std::slice::from_ref(&file.to_path_buf()),
+            &mut SdCache::new(),
+            Scheme::Http,
+        )
+    }
+
     #[test]
     fn file_sd_groups_with_metrics_path_and_errors() {
         let dir = std::env::temp_dir().join(format!("commitmeter-sd-{}", std::process::id()));
@@ -317,13 +328,7 @@ mod tests {
         let Built {
             problems: scheme_problems,
             ..
-        } = build(
-            &[],
-            &[],
-            std::slice::from_ref(&bad_scheme),
-            &mut SdCache::new(),
-            Scheme::Http,
-        );
+        } = build_one(&bad_scheme);
         assert!(
             scheme_problems[0]
                 .contains("[0].labels.__scheme__: \"HTTPS\" must be \"http\" or \"https\""),
@@ -377,13 +382,7 @@ mod tests {
         // A bad entry skips its file (last good contents kept), never fails the refresh.
         let Built {
             targets, problems, ..
-        } = build(
-            &[],
-            &[],
-            std::slice::from_ref(&file),
-            &mut SdCache::new(),
-            Scheme::Http,
-        );
+        } = build_one(&file);
         assert!(targets.is_empty() && problems.len() == 1, "{problems:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
