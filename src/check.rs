@@ -43,12 +43,12 @@ pub struct CheckError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
+    /// Any config file, or a file it names.
     #[error(transparent)]
-    Agent(#[from] crate::agent::config::ConfigError),
+    File(#[from] crate::configfile::ConfigError),
+    /// A mistake in an aggregator file's contracts.
     #[error(transparent)]
     Aggregator(#[from] crate::contract::ConfigError),
-    #[error(transparent)]
-    Web(#[from] crate::http::webconfig::WebConfigError),
     /// file_sd files the aggregator would log as unusable, or targets it would skip.
     #[error("{path}: {problems}")]
     Targets { path: PathBuf, problems: String },
@@ -181,6 +181,9 @@ pub fn check_file(path: &Path, explicit: Option<Kind>) -> Result<Checked, CheckE
         }
         Kind::Aggregator => {
             let c = crate::contract::load(path).map_err(|e| fail(e.into()))?;
+            // The files it names, read as the aggregator reads them when it starts.
+            crate::aggregator::scrape::ScrapeClient::load(path, &c.scrape)
+                .map_err(|e| fail(e.into()))?;
             let report = targets_report(path, &c);
             if !report.problems.is_empty() {
                 return Err(fail(Problem::Targets {

@@ -44,18 +44,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_to_end(agent::run(prepared, shutdown_signal()))?;
         }
         Command::Aggregator(args) => {
-            let mut prepared = aggregator::prepare(
-                &args.config_file,
-                &args.listen_address,
-                args.storage_path,
-                args.web_config_file.as_deref(),
-            )?;
-            prepared.storage = store::StoreOptions {
-                role: store::Role::Aggregator,
-                create_new: args.storage.create_new,
-                discard_future: args.storage.discard_future_minutes,
-                host_checkpoint_interval: args.storage.host_checkpoint_interval,
-            };
+            // Config mistakes end the process here, before the ledger or a socket is touched.
+            let prepared = aggregator::prepare(args)?;
             let clock = std::sync::Arc::new(commitmeter::clock::SystemClock);
             run_to_end(aggregator::run(prepared, clock, shutdown_signal()))?;
         }

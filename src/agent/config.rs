@@ -11,30 +11,12 @@
 //! reported with the file and the key before anything starts.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read config file: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}{location}: {message}")]
-    Syntax {
-        path: PathBuf,
-        location: String,
-        message: String,
-    },
-    #[error("{path}: [labels] key `{key}`: {reason}")]
-    Label {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
-}
+pub use crate::configfile::ConfigError;
+use crate::configfile::{check_label_name, BadLabelName};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -53,30 +35,28 @@ struct Raw {
 const RESERVED: &[&str] = &["job", "instance", "le", "quantile"];
 
 impl AgentConfig {
+    /// Reads the file, then [`parse`](Self::parse)s it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &crate::configfile::read(path, "config file")?)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| syntax_error(path, text, &e))?;
+        let raw: Raw =
+            toml::from_str(text).map_err(|e| crate::configfile::toml_error(path, text, &e))?;
         let mut labels = Vec::new();
         for (key, value) in raw.labels {
-            let bad = |reason: &str| ConfigError::Label {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                reason: reason.to_string(),
-            };
-            if !is_label_name(&key) {
-                return Err(bad(
-                    "not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
-                ));
-            }
-            if key.starts_with("__") {
-                return Err(bad("names starting with `__` are reserved by Prometheus"));
+            let bad =
+                |reason: &str| ConfigError::invalid(path, format!("[labels] key `{key}`"), reason);
+            match check_label_name(&key) {
+                Ok(()) => {}
+                Err(BadLabelName::Syntax) => {
+                    return Err(bad(
+                        "not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+                    ))
+                }
+                Err(BadLabelName::Reserved) => {
+                    return Err(bad("names starting with `__` are reserved by Prometheus"))
+                }
             }
             if RESERVED.contains(&key.as_str()) {
                 return Err(bad("reserved: Prometheus sets this label itself"));
@@ -88,22 +68,6 @@ impl AgentConfig {
         }
         Ok(Self { labels })
     }
-}
-
-/// Turns a toml error into "file:line:column: message" without the source excerpt.
-pub fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let location = crate::configfile::toml_location(text, e);
-    ConfigError::Syntax {
-        path: path.to_path_buf(),
-        location,
-        message: e.message().trim().to_string(),
-    }
-}
-
-pub fn is_label_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

@@ -21,12 +21,11 @@ use sampler::{Readiness, Sampler, SamplerConfig, SamplerError, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The agent's config file or the web config.
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] crate::configfile::ConfigError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
-    #[error(transparent)]
-    WebConfig(#[from] http::WebConfigError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
@@ -42,6 +41,9 @@ pub struct Prepared {
     web: http::WebConfig,
 }
 
+/// Reads and checks everything the command line names, as [`crate::aggregator::prepare`]
+/// does for the aggregator: the config file (parsed without I/O), the listen address and
+/// the web config with the files it names.
 pub fn prepare(args: AgentArgs) -> Result<Prepared, AgentError> {
     let config = match &args.config_file {
         Some(path) => AgentConfig::load(path)?,

@@ -33,8 +33,9 @@ pub enum AggregatorError {
     Config(#[from] crate::contract::ConfigError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    /// The web config, or a file the aggregator config names (TLS, password).
     #[error(transparent)]
-    WebConfig(#[from] http::WebConfigError),
+    ConfigFile(#[from] crate::configfile::ConfigError),
     #[error("{path}: scrape TLS: {source}")]
     ScrapeTls {
         path: PathBuf,
@@ -50,7 +51,7 @@ pub enum AggregatorError {
     Task(String),
 }
 
-/// Options of `commitmeter aggregator`, already validated.
+/// Options of `commitmeter aggregator`, already validated, with the files they name read.
 pub struct Prepared {
     pub config: AggregatorConfig,
     /// Re-read on SIGHUP.
@@ -59,42 +60,49 @@ pub struct Prepared {
     pub data_dir: PathBuf,
     /// TLS and basic auth of the listener (`--web.config.file`).
     pub web: http::WebConfig,
+    /// How agents are reached: the config's scrape settings with their files read.
+    pub scrape: scrape::ScrapeClient,
     /// The client side of scraping `https` targets.
     pub scrape_tls: Arc<rustls::ClientConfig>,
     /// How the ledger directory is opened (`--storage.*` flags; the demo's role).
     pub storage: store::StoreOptions,
 }
 
-pub fn prepare(
-    config_file: &std::path::Path,
-    listen: &str,
-    data_dir: PathBuf,
-    web_config_file: Option<&std::path::Path>,
-) -> Result<Prepared, AggregatorError> {
-    let config = crate::contract::load(config_file)?;
+/// Reads and checks everything the command line names, as [`crate::agent::prepare`] does
+/// for the agent: the config file (parsed without I/O), then the files it names, the
+/// listen address and the web config. Nothing is bound or opened yet.
+pub fn prepare(args: crate::cli::AggregatorArgs) -> Result<Prepared, AggregatorError> {
+    let config_file = args.config_file;
+    let config = crate::contract::load(&config_file)?;
+    let scrape = scrape::ScrapeClient::load(&config_file, &config.scrape)?;
     // Implausible values and contracts no target can count for: logged, not refused.
-    let targets = crate::check::targets_report(config_file, &config);
+    let targets = crate::check::targets_report(&config_file, &config);
     for w in config.warnings.iter().chain(&targets.warnings) {
         tracing::warn!(warning = %w, "implausible configuration");
     }
-    let listen = http::parse_listen_address(listen)?;
-    let web = http::WebConfig::from_flag(web_config_file)?;
-    if config.scrape.tls.insecure_skip_verify {
+    let listen = http::parse_listen_address(&args.listen_address)?;
+    let web = http::WebConfig::from_flag(args.web_config_file.as_deref())?;
+    if scrape.tls.insecure_skip_verify {
         tracing::warn!("tls_insecure_skip_verify: agents' certificates are not checked");
     }
-    let scrape_tls =
-        scrape::tls_config(&config.scrape).map_err(|source| AggregatorError::ScrapeTls {
-            path: config_file.to_path_buf(),
-            source,
-        })?;
+    let scrape_tls = scrape::tls_config(&scrape).map_err(|source| AggregatorError::ScrapeTls {
+        path: config_file.clone(),
+        source,
+    })?;
     Ok(Prepared {
         config,
-        config_file: config_file.to_path_buf(),
+        config_file,
         listen,
-        data_dir,
+        data_dir: args.storage_path,
         web,
+        scrape,
         scrape_tls,
-        storage: store::StoreOptions::default(),
+        storage: store::StoreOptions {
+            role: store::Role::Aggregator,
+            create_new: args.storage.create_new,
+            discard_future: args.storage.discard_future_minutes,
+            host_checkpoint_interval: args.storage.host_checkpoint_interval,
+        },
     })
 }
 
@@ -358,7 +366,7 @@ pub async fn serve(
         cfg.scrape_timeout,
         cfg.body_limit_bytes,
         p.scrape_tls,
-        &cfg.scrape,
+        &p.scrape,
     );
     shared.metrics.reload_ok.set(1);
     // On the ledger's clock, like every timestamp of this exposition (the demo's is
@@ -391,11 +399,13 @@ fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -
     let new = crate::contract::load(path)
         .map_err(|e| e.to_string())
         .and_then(|new| {
-            let tls = scrape::tls_config(&new.scrape)
+            let client =
+                scrape::ScrapeClient::load(path, &new.scrape).map_err(|e| e.to_string())?;
+            let tls = scrape::tls_config(&client)
                 .map_err(|e| format!("{}: scrape TLS: {e}", path.display()))?;
-            Ok((new, tls))
+            Ok((new, client, tls))
         });
-    let (new, tls) = match new {
+    let (new, client, tls) = match new {
         Ok(new) => new,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; keeping the running config");
@@ -424,7 +434,7 @@ fn reload(shared: &Shared, cfg: &mut AggregatorConfig, path: &std::path::Path) -
         tracing::info!("config reloaded");
     }
     m.restart_required.set(i64::from(restart));
-    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes, tls, &new.scrape);
+    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes, tls, &client);
     cfg.static_targets = new.static_targets;
     cfg.file_sd = new.file_sd;
     cfg.scrape = new.scrape;

@@ -2,6 +2,8 @@
 //! basic auth, then the few series the ledger needs, parsed with our own exposition parser.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +18,8 @@ use hyper_util::rt::TokioExecutor;
 
 use super::parse;
 use super::targets::Target;
-use crate::contract::ScrapeClient;
+use crate::configfile::ConfigError;
+use crate::contract::{Scheme, ScrapeSettings};
 use crate::http::tls::{self, TlsError, Trust};
 
 /// What one GPU's series said, in whole milliseconds (each cumulative value rounded once).
@@ -109,6 +112,128 @@ impl ScrapeError {
         "duplicate_series",
         "too_many_gpus",
     ];
+}
+
+/// How agents are reached, with the files the config names read and checked: built when
+/// the aggregator is prepared and on each reload, from the config's [`ScrapeSettings`].
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeClient {
+    /// For static targets and file_sd targets without `__scheme__`.
+    pub scheme: Scheme,
+    pub tls: ScrapeTls,
+    pub basic_auth: Option<BasicAuthCredentials>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeTls {
+    /// CA certificates of `tls_ca_file`; `None`: the system's.
+    pub ca: Option<rustls::RootCertStore>,
+    /// `tls_cert_file` and `tls_key_file`, checked to belong together.
+    pub identity: Option<ClientIdentity>,
+    /// `tls_server_name`: the name certificates are checked against instead of the host.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    pub insecure_skip_verify: bool,
+}
+
+/// A client certificate chain and its key.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// `basic_auth_username` and the contents of `basic_auth_password_file`.
+#[derive(Clone)]
+pub struct BasicAuthCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// Keeps the password out of logs and panics.
+impl fmt::Debug for BasicAuthCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BasicAuthCredentials")
+            .field("username", &self.username)
+            .field("password", &"<secret>")
+            .finish()
+    }
+}
+
+impl ScrapeClient {
+    /// Reads the CA, client certificate and key, and password files `settings` names (of
+    /// the config file `config_file`), so an unreadable or malformed one stops the
+    /// aggregator before it starts and fails a reload. Errors name the config file and
+    /// the key (`aggregator.tls_ca_file`).
+    pub fn load(config_file: &Path, settings: &ScrapeSettings) -> Result<Self, ConfigError> {
+        let err = |key: &str, message: String| {
+            ConfigError::invalid(config_file, format!("aggregator.{key}"), message)
+        };
+        let ca = match &settings.tls_ca_file {
+            None => None,
+            Some(p) => Some(tls::root_store(p).map_err(|e| err("tls_ca_file", e.to_string()))?),
+        };
+        let identity = match &settings.tls_identity {
+            None => None,
+            Some(files) => {
+                let chain = tls::load_certs(&files.cert)
+                    .map_err(|e| err("tls_cert_file", e.to_string()))?;
+                let key =
+                    tls::load_key(&files.key).map_err(|e| err("tls_key_file", e.to_string()))?;
+                // A trial client config checks that the key is usable and matches the
+                // certificate.
+                tls::client_config(
+                    Trust::Roots(rustls::RootCertStore::empty()),
+                    Some((chain.clone(), key.clone_key())),
+                )
+                .map_err(|e| err("tls_key_file", format!("{e} (with tls_cert_file)")))?;
+                Some(ClientIdentity { chain, key })
+            }
+        };
+        let basic_auth = match &settings.basic_auth {
+            None => None,
+            Some(auth) => {
+                let p = &auth.password_file;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    err(
+                        "basic_auth_password_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                // Surrounding whitespace (the file's final newline) is not part of the
+                // password.
+                let password = text.trim();
+                if password.is_empty() {
+                    return Err(err(
+                        "basic_auth_password_file",
+                        format!("{} is empty", p.display()),
+                    ));
+                }
+                Some(BasicAuthCredentials {
+                    username: auth.username.clone(),
+                    password: password.to_string(),
+                })
+            }
+        };
+        Ok(Self {
+            scheme: settings.scheme,
+            tls: ScrapeTls {
+                ca,
+                identity,
+                server_name: settings.tls_server_name.clone(),
+                insecure_skip_verify: settings.tls_insecure_skip_verify,
+            },
+            basic_auth,
+        })
+    }
 }
 
 /// The TLS client config for `scrape`: built at start, since reading the system's CA

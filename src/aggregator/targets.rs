@@ -146,15 +146,17 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, SdMeta)>, TargetsEr
                 })?);
             } else if k.starts_with("__") {
                 // Other meta labels are Prometheus's business, not a selector's.
-            } else if !crate::agent::config::is_label_name(&k) {
+            } else if crate::configfile::check_label_name(&k).is_err() {
                 return Err(err(format!("[{i}].labels: invalid label name {k:?}")));
             } else {
                 labels.insert(k, v);
             }
         }
         for t in &g.targets {
-            if !valid_address(t) {
-                return Err(err(format!("[{i}].targets: {t:?} is not host:port")));
+            if !crate::configfile::is_host_port(t) {
+                return Err(err(format!(
+                    "[{i}].targets: {t:?} is not host:port with a numeric port"
+                )));
             }
         }
         out.push((
@@ -166,10 +168,6 @@ pub fn read_sd_file(path: &Path) -> Result<Vec<(TargetGroup, SdMeta)>, TargetsEr
         ));
     }
     Ok(out)
-}
-
-fn valid_address(t: &str) -> bool {
-    matches!(t.rsplit_once(':'), Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// The last good contents of each file_sd file: a file that turns unreadable or
@@ -264,6 +262,17 @@ pub fn build(
 mod tests {
     use super::*;
 
+    /// The targets of one file_sd file alone, no contracts, scheme `http`.
+    fn build_one(file: &Path) -> Built {
+        build(
+            &[],
+            &[],
+            std::slice::from_ref(&file.to_path_buf()),
+            &mut SdCache::new(),
+            Scheme::Http,
+        )
+    }
+
     #[test]
     fn file_sd_groups_with_metrics_path_and_errors() {
         let dir = std::env::temp_dir().join(format!("commitmeter-sd-{}", std::process::id()));
@@ -319,13 +328,7 @@ mod tests {
         let Built {
             problems: scheme_problems,
             ..
-        } = build(
-            &[],
-            &[],
-            std::slice::from_ref(&bad_scheme),
-            &mut SdCache::new(),
-            Scheme::Http,
-        );
+        } = build_one(&bad_scheme);
         assert!(
             scheme_problems[0]
                 .contains("[0].labels.__scheme__: \"HTTPS\" must be \"http\" or \"https\""),
@@ -344,6 +347,43 @@ mod tests {
             problems[0].contains("keeping its last good contents (2 groups)"),
             "{problems:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn file_sd_targets_and_labels_are_checked_like_static_ones() {
+        let dir =
+            std::env::temp_dir().join(format!("commitmeter-sd-strict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sd.json");
+        // The same host:port check as `[[targets]]`: port 1..=65535, IPv6 in brackets.
+        for (target, ok) in [
+            ("[::1]:9473", true),
+            ("gpu-a:65535", true),
+            ("gpu-a:0", false),
+            ("::1:9473", false),
+            ("gpu a:9473", false),
+        ] {
+            std::fs::write(&file, format!(r#"[{{"targets":[{target:?}]}}]"#)).unwrap();
+            let got = read_sd_file(&file).map_err(|e| e.to_string());
+            assert_eq!(got.is_ok(), ok, "{target}: {got:?}");
+            if !ok {
+                assert!(got.unwrap_err().ends_with(&format!(
+                    "[0].targets: {target:?} is not host:port with a numeric port"
+                )),);
+            }
+        }
+        std::fs::write(&file, r#"[{"targets":["a:1"],"labels":{"rack-7":"x"}}]"#).unwrap();
+        let e = read_sd_file(&file).unwrap_err().to_string();
+        assert!(
+            e.ends_with("[0].labels: invalid label name \"rack-7\""),
+            "{e}"
+        );
+        // A bad entry skips its file (last good contents kept), never fails the refresh.
+        let Built {
+            targets, problems, ..
+        } = build_one(&file);
+        assert!(targets.is_empty() && problems.len() == 1, "{problems:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,6 +5,11 @@
 //! problem) and the field; TOML syntax and type errors (including unknown keys, at any level)
 //! name the file, line and column instead.
 //!
+//! Parsing is pure: the files the config names (CA, client certificate and key, password)
+//! are resolved against the config file's directory but not read here. The aggregator reads
+//! them where it is prepared (`aggregator::scrape::ScrapeClient::load`), as does
+//! `check-config`, with errors in the same shape.
+//!
 //! A config without `[[contracts]]` is valid: the aggregator then scrapes and reports
 //! delivery and usage, but nothing is committed.
 
@@ -68,8 +73,8 @@ pub struct AggregatorConfig {
     pub file_sd: Vec<FileSd>,
     /// `[[contracts]]`, in file order; ids are unique, and no static target is matched by two.
     pub contracts: Vec<Contract>,
-    /// How agents are reached: scheme, TLS and basic auth.
-    pub scrape: ScrapeClient,
+    /// How agents are reached: scheme, TLS and basic auth, files not yet read.
+    pub scrape: ScrapeSettings,
     /// Implausible but possible values, one line each naming file and key, for the
     /// aggregator to log at start and `check-config` to print.
     pub warnings: Vec<String>,
@@ -86,7 +91,7 @@ impl Default for AggregatorConfig {
             static_targets: Vec::new(),
             file_sd: Vec::new(),
             contracts: Vec::new(),
-            scrape: ScrapeClient::default(),
+            scrape: ScrapeSettings::default(),
             warnings: Vec::new(),
         }
     }
@@ -117,57 +122,36 @@ impl Scheme {
     }
 }
 
-/// The `[aggregator]` keys that say how agents are reached, files already read and checked.
+/// The `[aggregator]` keys that say how agents are reached, as written: file paths
+/// resolved against the config file's directory (as Prometheus does), not read.
 #[derive(Debug, Clone, Default)]
-pub struct ScrapeClient {
+pub struct ScrapeSettings {
     /// For static targets and file_sd targets without `__scheme__`.
     pub scheme: Scheme,
-    pub tls: ScrapeTls,
-    pub basic_auth: Option<BasicAuthCredentials>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ScrapeTls {
-    /// CA certificates of `tls_ca_file`; `None`: the system's.
-    pub ca: Option<rustls::RootCertStore>,
-    /// `tls_cert_file` and `tls_key_file`, checked to belong together.
-    pub identity: Option<ClientIdentity>,
+    /// `tls_ca_file`; `None`: the system's CA certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `tls_cert_file` and `tls_key_file`: both or neither.
+    pub tls_identity: Option<IdentityFiles>,
     /// `tls_server_name`: the name certificates are checked against instead of the host.
-    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
-    pub insecure_skip_verify: bool,
+    pub tls_server_name: Option<rustls::pki_types::ServerName<'static>>,
+    pub tls_insecure_skip_verify: bool,
+    /// `basic_auth_username` (non-empty, without ':') and `basic_auth_password_file`: both
+    /// or neither.
+    pub basic_auth: Option<BasicAuthFile>,
 }
 
-/// A client certificate chain and its key.
-#[derive(Debug)]
-pub struct ClientIdentity {
-    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+/// `tls_cert_file` and `tls_key_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
-impl Clone for ClientIdentity {
-    fn clone(&self) -> Self {
-        Self {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
-    }
-}
-
-/// `basic_auth_username` and the contents of `basic_auth_password_file`.
-#[derive(Clone)]
-pub struct BasicAuthCredentials {
+/// `basic_auth_username` and `basic_auth_password_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasicAuthFile {
     pub username: String,
-    pub password: String,
-}
-
-/// Keeps the password out of logs and panics.
-impl fmt::Debug for BasicAuthCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BasicAuthCredentials")
-            .field("username", &self.username)
-            .field("password", &"<secret>")
-            .finish()
-    }
+    pub password_file: PathBuf,
 }
 
 /// One `[[targets]]` group: `host:port` addresses and the labels they share.
@@ -204,36 +188,22 @@ impl fmt::Display for ContractRef {
     }
 }
 
-/// Why a config was rejected. Display is one line:
+/// Why a config was rejected: the mistakes every config file can have
+/// ([`crate::configfile::ConfigError`]: unreadable, syntax, an invalid key), or one in a
+/// contract. Display is one line:
 ///
 /// - `aggregator.toml: cannot read config file: No such file or directory (os error 2)`
 /// - `aggregator.toml:12:9: invalid type: integer `5`, expected a string` (TOML syntax, types,
 ///   unknown or missing keys: line and column from the TOML parser)
-/// - `aggregator.toml: aggregator.scrape_timeout: 20s must be <= scrape_interval (15s)`
+/// - `aggregator.toml: aggregator.scrape_timeout: 20s must be <= scrape_interval (15s)` (a
+///   mistake outside `[[contracts]]`; the key is e.g. `aggregator.scrape_timeout`,
+///   `targets[0].targets[1]`, `file_sd[0].files`)
 /// - `aggregator.toml: contract "acme-h100-east": ramp[1].gpus: must be >= 0, got -5`
 /// - `aggregator.toml: contracts[2]: id: duplicate contract id "acme" (also contracts[0])`
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read config file: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}{location}: {message}")]
-    Syntax {
-        path: PathBuf,
-        /// `:line:column`, or empty when the TOML error has no position.
-        location: String,
-        message: String,
-    },
-    /// A mistake outside `[[contracts]]`; `field` is e.g. `aggregator.scrape_timeout`,
-    /// `targets[0].targets[1]`, `file_sd[0].files`.
-    #[error("{path}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    #[error(transparent)]
+    File(#[from] crate::configfile::ConfigError),
     /// A mistake in one contract; `field` is e.g. `currency`, `ramp[1].until`.
     #[error("{path}: {contract}: {field}: {message}")]
     Contract {
@@ -246,20 +216,18 @@ pub enum ConfigError {
 
 /// Reads the file, then [`parse`]s it.
 pub fn load(path: &Path) -> Result<AggregatorConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse(path, &text)
+    parse(path, &crate::configfile::read(path, "config file")?)
 }
 
-/// Parses and validates a config; `path` is only used in error messages.
+/// Parses and validates a config; `path` is used in error messages, and relative file
+/// paths are resolved against its directory (nothing is read).
 pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| syntax_error(path, text, &e))?;
-    let invalid = |field: String, message: String| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        field,
-        message,
+    let raw: RawFile =
+        toml::from_str(text).map_err(|e| crate::configfile::toml_error(path, text, &e))?;
+    let invalid = |field: String, message: String| {
+        ConfigError::from(crate::configfile::ConfigError::invalid(
+            path, field, message,
+        ))
     };
 
     // [aggregator]
@@ -405,7 +373,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         );
     }
 
-    let scrape = scrape_client(path, &agg)
+    let scrape = scrape_settings(path, &agg)
         .map_err(|(key, message)| invalid(format!("aggregator.{key}"), message))?;
 
     // [[targets]]
@@ -420,7 +388,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         }
         for (i, target) in group.targets.iter().enumerate() {
             let field = format!("targets[{g}].targets[{i}]");
-            if !is_host_port(target) {
+            if !crate::configfile::is_host_port(target) {
                 return Err(invalid(
                     field,
                     format!("{target:?} is not host:port with a numeric port"),
@@ -542,11 +510,10 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
     })
 }
 
-/// The scrape scheme, TLS and auth keys of `[aggregator]`. Files are read now, relative
-/// to the config file's directory (as Prometheus does), so an unreadable or malformed one
-/// stops the aggregator before it starts. Errors are `(key, message)`.
-fn scrape_client(path: &Path, agg: &RawAggregator) -> Result<ScrapeClient, (String, String)> {
-    use crate::http::tls;
+/// The scrape scheme, TLS and auth keys of `[aggregator]`: what can be checked without
+/// reading the files (paths relative to the config file's directory, as Prometheus does).
+/// Errors are `(key, message)`.
+fn scrape_settings(path: &Path, agg: &RawAggregator) -> Result<ScrapeSettings, (String, String)> {
     let err = |key: &str, message: String| (key.to_string(), message);
     let dir = path.parent().unwrap_or(Path::new(""));
     let file = |key: &str, value: &Option<String>| -> Result<Option<PathBuf>, (String, String)> {
@@ -565,30 +532,17 @@ fn scrape_client(path: &Path, agg: &RawAggregator) -> Result<ScrapeClient, (Stri
             )
         })?,
     };
-    let ca = match file("tls_ca_file", &agg.tls_ca_file)? {
-        None => None,
-        Some(p) => Some(tls::root_store(&p).map_err(|e| err("tls_ca_file", e.to_string()))?),
-    };
-    let identity = match (
+    let tls_ca_file = file("tls_ca_file", &agg.tls_ca_file)?;
+    let tls_identity = match (
         file("tls_cert_file", &agg.tls_cert_file)?,
         file("tls_key_file", &agg.tls_key_file)?,
     ) {
         (None, None) => None,
         (Some(_), None) => return Err(err("tls_key_file", "required with tls_cert_file".into())),
         (None, Some(_)) => return Err(err("tls_cert_file", "required with tls_key_file".into())),
-        (Some(cert), Some(key)) => {
-            let chain = tls::load_certs(&cert).map_err(|e| err("tls_cert_file", e.to_string()))?;
-            let key = tls::load_key(&key).map_err(|e| err("tls_key_file", e.to_string()))?;
-            // A trial client config checks that the key is usable and matches the certificate.
-            tls::client_config(
-                tls::Trust::Roots(rustls::RootCertStore::empty()),
-                Some((chain.clone(), key.clone_key())),
-            )
-            .map_err(|e| err("tls_key_file", format!("{e} (with tls_cert_file)")))?;
-            Some(ClientIdentity { chain, key })
-        }
+        (Some(cert), Some(key)) => Some(IdentityFiles { cert, key }),
     };
-    let server_name = match agg.tls_server_name.as_deref() {
+    let tls_server_name = match agg.tls_server_name.as_deref() {
         None => None,
         Some(name) => Some(
             rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|_| {
@@ -616,41 +570,25 @@ fn scrape_client(path: &Path, agg: &RawAggregator) -> Result<ScrapeClient, (Stri
                 "required with basic_auth_password_file".into(),
             ))
         }
-        (Some(user), Some(p)) => {
+        (Some(user), Some(password_file)) => {
             if user.is_empty() || user.contains(':') {
                 return Err(err(
                     "basic_auth_username",
                     format!("{user:?} must be non-empty and without ':'"),
                 ));
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| {
-                err(
-                    "basic_auth_password_file",
-                    format!("cannot read {}: {e}", p.display()),
-                )
-            })?;
-            // Surrounding whitespace (the file's final newline) is not part of the password.
-            let password = text.trim();
-            if password.is_empty() {
-                return Err(err(
-                    "basic_auth_password_file",
-                    format!("{} is empty", p.display()),
-                ));
-            }
-            Some(BasicAuthCredentials {
+            Some(BasicAuthFile {
                 username: user.clone(),
-                password: password.to_string(),
+                password_file,
             })
         }
     };
-    Ok(ScrapeClient {
+    Ok(ScrapeSettings {
         scheme,
-        tls: ScrapeTls {
-            ca,
-            identity,
-            server_name,
-            insecure_skip_verify: agg.tls_insecure_skip_verify.unwrap_or(false),
-        },
+        tls_ca_file,
+        tls_identity,
+        tls_server_name,
+        tls_insecure_skip_verify: agg.tls_insecure_skip_verify.unwrap_or(false),
         basic_auth,
     })
 }
@@ -877,40 +815,22 @@ fn build_contract(
     })
 }
 
-/// `host:port` with a numeric port 1..=65535; the host is a DNS name / IPv4 address
-/// (`[A-Za-z0-9._-]+`) or a bracketed IPv6 address (`[::1]:9473`).
-fn is_host_port(s: &str) -> bool {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
-    };
-    let port_ok = !port.is_empty()
-        && port.len() <= 5
-        && port.bytes().all(|b| b.is_ascii_digit())
-        && port.parse::<u16>().is_ok_and(|p| p > 0);
-    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        inner.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    };
-    port_ok && host_ok
-}
-
+/// A label name of a `[[targets]]` group: a valid name ([`crate::configfile::check_label_name`]),
+/// and not `instance`, which the aggregator sets.
 fn check_label_name(name: &str) -> Result<(), String> {
-    let mut chars = name.chars();
-    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
-        return Err(format!(
-            "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*)"
-        ));
-    }
-    if name.starts_with("__") {
-        return Err(format!(
-            "{name:?}: label names starting with \"__\" are reserved"
-        ));
+    use crate::configfile::BadLabelName;
+    match crate::configfile::check_label_name(name) {
+        Ok(()) => {}
+        Err(BadLabelName::Syntax) => {
+            return Err(format!(
+                "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+            ))
+        }
+        Err(BadLabelName::Reserved) => {
+            return Err(format!(
+                "{name:?}: label names starting with \"__\" are reserved"
+            ))
+        }
     }
     if name == "instance" {
         return Err(
@@ -918,16 +838,6 @@ fn check_label_name(name: &str) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// Turns a toml error into "file:line:column: message" without the source excerpt.
-fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let location = crate::configfile::toml_location(text, e);
-    ConfigError::Syntax {
-        path: path.to_path_buf(),
-        location,
-        message: e.message().trim().replace('\n', " "),
-    }
 }
 
 // ---- raw TOML shapes (every table denies unknown keys; no `flatten`) ----

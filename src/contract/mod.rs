@@ -1,7 +1,8 @@
 //! The contract model: the aggregator's TOML config and its validation, the billing calendar
 //! and ramps, and host selectors.
 //!
-//! Pure code: no I/O except reading the config file in [`load`], no clocks (times are passed
+//! Pure code: no I/O except reading the config file itself in [`load`] (the files it names
+//! are read by the aggregator when it is prepared), no clocks (times are passed
 //! in), no async. Times are `i64` milliseconds since the Unix epoch everywhere in this API;
 //! time zones, DST and calendar months are handled inside (with jiff's bundled tz database, so
 //! every host computes the same periods).
@@ -25,8 +26,8 @@ use std::collections::BTreeMap;
 use regex::Regex;
 
 pub use config::{
-    load, parse, AggregatorConfig, BasicAuthCredentials, ClientIdentity, ConfigError, ContractRef,
-    FileSd, Scheme, ScrapeClient, ScrapeTls, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
+    load, parse, AggregatorConfig, BasicAuthFile, ConfigError, ContractRef, FileSd, IdentityFiles,
+    Scheme, ScrapeSettings, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
     DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_COMMITTED_GPUS,
 };
 pub use config::{

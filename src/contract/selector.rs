@@ -282,7 +282,7 @@ impl Parser {
     fn label_name(&mut self) -> Result<String, String> {
         let start = self.pos;
         match self.peek() {
-            Some(c) if c.is_ascii_alphabetic() || c == '_' => self.pos += 1,
+            Some(c) if crate::configfile::is_label_start(c) => self.pos += 1,
             _ => {
                 return Err(format!(
                     "expected a label name at column {}, found {}",
@@ -291,10 +291,7 @@ impl Parser {
                 ));
             }
         }
-        while self
-            .peek()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        while self.peek().is_some_and(crate::configfile::is_label_char) {
             self.pos += 1;
         }
         Ok(self.chars[start..self.pos].iter().collect())

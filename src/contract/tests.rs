@@ -7,6 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use crate::aggregator::scrape::ScrapeClient;
 
 const BASE: &str = r#"
 [[contracts]]
@@ -307,7 +308,10 @@ fn bare_toml_dates_work_like_strings() {
 #[test]
 fn a_missing_file_is_a_read_error() {
     let e = load(Path::new("/nonexistent/commitmeter/aggregator.toml")).unwrap_err();
-    assert!(matches!(e, ConfigError::Read { .. }));
+    assert!(matches!(
+        e,
+        ConfigError::File(crate::configfile::ConfigError::Read { .. })
+    ));
     assert!(e
         .to_string()
         .starts_with("/nonexistent/commitmeter/aggregator.toml: cannot read config file: "));
@@ -362,7 +366,8 @@ fn aggregator_mistakes() {
 }
 
 /// A temporary directory with a CA, a client certificate and key, a key of another
-/// certificate, and a password file, for the scrape TLS and auth keys.
+/// certificate, and a password file, for the scrape TLS and auth keys. Its `parse` reads
+/// them as the aggregator does when it is prepared (`ScrapeClient::load`).
 struct ScrapeFiles(std::path::PathBuf);
 
 impl ScrapeFiles {
@@ -393,12 +398,10 @@ impl ScrapeFiles {
         Self(dir)
     }
 
-    fn parse(&self, aggregator: &str) -> Result<AggregatorConfig, String> {
-        parse(
-            &self.0.join("aggregator.toml"),
-            &format!("[aggregator]\n{aggregator}"),
-        )
-        .map_err(|e| e.to_string())
+    fn parse(&self, aggregator: &str) -> Result<ScrapeClient, String> {
+        let path = self.0.join("aggregator.toml");
+        let c = parse(&path, &format!("[aggregator]\n{aggregator}")).map_err(|e| e.to_string())?;
+        ScrapeClient::load(&path, &c.scrape).map_err(|e| e.to_string())
     }
 }
 
@@ -413,7 +416,7 @@ fn scrape_scheme_tls_and_basic_auth() {
     let f = ScrapeFiles::new("ok");
     let c = ok("");
     assert_eq!(c.scrape.scheme, Scheme::Http);
-    assert!(c.scrape.tls.ca.is_none() && c.scrape.basic_auth.is_none());
+    assert!(c.scrape.tls_ca_file.is_none() && c.scrape.basic_auth.is_none());
     // Relative paths are taken from the config file's directory.
     let c = f
         .parse(
@@ -422,23 +425,63 @@ fn scrape_scheme_tls_and_basic_auth() {
              basic_auth_username = \"scraper\"\nbasic_auth_password_file = \"password\"\n",
         )
         .unwrap();
-    assert_eq!(c.scrape.scheme, Scheme::Https);
-    assert_eq!(c.scrape.tls.ca.as_ref().map(|r| r.len()), Some(1));
-    assert!(c.scrape.tls.identity.is_some());
-    assert!(!c.scrape.tls.insecure_skip_verify);
-    let auth = c.scrape.basic_auth.as_ref().unwrap();
+    assert_eq!(c.scheme, Scheme::Https);
+    assert_eq!(c.tls.ca.as_ref().map(|r| r.len()), Some(1));
+    assert!(c.tls.identity.is_some());
+    assert!(!c.tls.insecure_skip_verify);
+    let auth = c.basic_auth.as_ref().unwrap();
     assert_eq!(
         (auth.username.as_str(), auth.password.as_str()),
         ("scraper", "s3cret")
     );
-    assert!(!format!("{:?}", c.scrape).contains("s3cret"));
+    assert!(!format!("{c:?}").contains("s3cret"));
     let c = f
         .parse(&format!(
             "tls_insecure_skip_verify = true\ntls_ca_file = {:?}\n",
             f.0.join("ca.crt").display().to_string()
         ))
         .unwrap();
-    assert!(c.scrape.tls.insecure_skip_verify);
+    assert!(c.tls.insecure_skip_verify);
+}
+
+#[test]
+fn parsing_reads_no_file_it_names() {
+    // Paths are resolved against the config file's directory and kept as written; files
+    // that do not exist are only noticed when the aggregator is prepared.
+    let c = parse(
+        Path::new("/nonexistent/etc/aggregator.toml"),
+        "[aggregator]\ntls_ca_file = \"ca.crt\"\ntls_cert_file = \"/pki/client.crt\"\n\
+         tls_key_file = \"client.key\"\nbasic_auth_username = \"scraper\"\n\
+         basic_auth_password_file = \"secret/password\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.scrape.tls_ca_file.as_deref(),
+        Some(Path::new("/nonexistent/etc/ca.crt"))
+    );
+    assert_eq!(
+        c.scrape.tls_identity,
+        Some(IdentityFiles {
+            cert: "/pki/client.crt".into(),
+            key: "/nonexistent/etc/client.key".into(),
+        })
+    );
+    assert_eq!(
+        c.scrape.basic_auth,
+        Some(BasicAuthFile {
+            username: "scraper".into(),
+            password_file: "/nonexistent/etc/secret/password".into(),
+        })
+    );
+    let e = ScrapeClient::load(Path::new("/nonexistent/etc/aggregator.toml"), &c.scrape)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "/nonexistent/etc/aggregator.toml: aggregator.tls_ca_file: cannot read /nonexistent/etc/ca.crt"
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -293,8 +293,19 @@ pub async fn run(
     let config_path = data_dir.join("aggregator.toml");
     std::fs::write(&config_path, toml).map_err(io)?;
     // The same validation as production: a mistake here is a bug in the demo.
-    let mut prepared =
-        aggregator::prepare(&config_path, &opts.listen_address, data_dir.clone(), None)?;
+    let args = crate::cli::AggregatorArgs {
+        config_file: config_path,
+        listen_address: opts.listen_address.clone(),
+        web_config_file: None,
+        storage_path: data_dir.clone(),
+        storage: crate::cli::StorageArgs {
+            create_new: false,
+            discard_future_minutes: false,
+            host_checkpoint_interval: storage.host_checkpoint_interval,
+        },
+    };
+    let mut prepared = aggregator::prepare(args)?;
+    // The demo's own ledger role, checked above.
     prepared.storage = storage;
     let listener = http::bind(listen).await?;
     let bound = listener.local_addr().map_err(io)?;

@@ -9,7 +9,7 @@ pub mod tls;
 pub mod webconfig;
 
 pub use conns::ServerMetrics;
-pub use webconfig::{WebConfig, WebConfigError};
+pub use webconfig::{WebConfig, WebConfigFile};
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -12,8 +12,10 @@
 //!   alice: $2y$10$...                # bcrypt hashes
 //! ```
 //!
-//! Everything is read and checked here, before a socket is opened: a mistake names the
-//! file and the key. Unknown keys are errors, including exporter-toolkit keys commitmeter
+//! [`WebConfigFile::parse`] checks the text without I/O (paths resolved against the file's
+//! directory, not read); [`WebConfigFile::build`] reads the certificate files. Both run
+//! where a role is prepared ([`WebConfig::load`]), before a socket is opened: a mistake
+//! names the file and the key. Unknown keys are errors, including exporter-toolkit keys commitmeter
 //! does not implement (`http_server_config`, `cipher_suites`, …), so nothing is silently
 //! ignored. An empty file, or an empty `tls_server_config`, means plain HTTP.
 
@@ -26,28 +28,7 @@ use serde::Deserialize;
 use super::auth::BasicAuth;
 use super::tls::{self, ClientAuth, TlsVersion};
 
-#[derive(Debug, thiserror::Error)]
-pub enum WebConfigError {
-    #[error("{path}: cannot read web config file: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// YAML syntax and types, unknown keys: `file:line:column: message`.
-    #[error("{path}{location}: {message}")]
-    Syntax {
-        path: PathBuf,
-        location: String,
-        message: String,
-    },
-    /// A value that parses but cannot be used; `key` is e.g. `tls_server_config.cert_file`.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
+pub use crate::configfile::ConfigError;
 
 /// What a listener does beyond plain, open HTTP. `default()` is plain and open.
 #[derive(Clone, Default)]
@@ -67,29 +48,58 @@ impl std::fmt::Debug for WebConfig {
 
 impl WebConfig {
     /// Plain and open without a file, else [`WebConfig::load`].
-    pub fn from_flag(path: Option<&Path>) -> Result<Self, WebConfigError> {
+    pub fn from_flag(path: Option<&Path>) -> Result<Self, ConfigError> {
         path.map_or_else(|| Ok(Self::default()), Self::load)
     }
 
-    pub fn load(path: &Path) -> Result<Self, WebConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WebConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
+    /// Reads the file, [parses](WebConfigFile::parse) it, and [reads the files it
+    /// names](WebConfigFile::build).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = crate::configfile::read(path, "web config file")?;
+        WebConfigFile::parse(path, &text)?.build()
     }
 
-    /// Parses `text` as the file at `path`; the certificate files it names are read,
-    /// relative to `path`'s directory.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, WebConfigError> {
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+}
+
+/// A web config as written and checked, the files it names not read yet.
+#[derive(Debug, Clone)]
+pub struct WebConfigFile {
+    /// The file, for messages.
+    path: PathBuf,
+    tls: Option<TlsFiles>,
+    /// Valid user names and bcrypt hashes.
+    users: BTreeMap<String, String>,
+}
+
+/// `tls_server_config`, paths resolved against the web config's directory.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    /// `cert_file` as written, for messages.
+    cert_file: String,
+    cert: PathBuf,
+    key: PathBuf,
+    auth: ClientAuth,
+    /// `client_ca_file`, given exactly when `auth` verifies certificates.
+    client_ca: Option<PathBuf>,
+    min: TlsVersion,
+    max: TlsVersion,
+}
+
+impl WebConfigFile {
+    /// Parses and checks `text` as the file at `path`, without I/O: relative paths are
+    /// resolved against `path`'s directory, not read.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: Option<RawWebConfig> =
             serde_norway::from_str(text).map_err(|e| syntax_error(path, &e))?;
         let raw = raw.unwrap_or_default();
-        let invalid = |key: &str, message: String| WebConfigError::Invalid {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message,
-        };
+        let invalid = |key: &str, message: String| ConfigError::invalid(path, key, message);
         let dir = path.parent().unwrap_or(Path::new(""));
         let resolve = |p: &str| dir.join(p);
 
@@ -108,42 +118,33 @@ impl WebConfig {
                         "required when tls_server_config is set".into(),
                     )
                 })?;
-                let chain = tls::load_certs(&resolve(cert_file))
-                    .map_err(|e| invalid("tls_server_config.cert_file", e.to_string()))?;
-                let key = tls::load_key(&resolve(key_file))
-                    .map_err(|e| invalid("tls_server_config.key_file", e.to_string()))?;
                 let auth = t.client_auth_type.unwrap_or_default();
-                let ca_file = nonempty(&t.client_ca_file);
-                let roots =
-                    match (auth, ca_file) {
-                        (a, None) if a.verifies() => {
-                            return Err(invalid(
-                                "tls_server_config.client_ca_file",
-                                format!("required with client_auth_type {a:?}"),
-                            ))
-                        }
-                        (ClientAuth::NoClientCert, Some(_)) => {
-                            return Err(invalid(
-                                "tls_server_config.client_auth_type",
-                                "client_ca_file is set but client_auth_type is NoClientCert: \
+                let client_ca = match (auth, nonempty(&t.client_ca_file)) {
+                    (a, None) if a.verifies() => {
+                        return Err(invalid(
+                            "tls_server_config.client_ca_file",
+                            format!("required with client_auth_type {a:?}"),
+                        ))
+                    }
+                    (ClientAuth::NoClientCert, Some(_)) => {
+                        return Err(invalid(
+                            "tls_server_config.client_auth_type",
+                            "client_ca_file is set but client_auth_type is NoClientCert: \
                              set RequireAndVerifyClientCert or VerifyClientCertIfGiven"
-                                    .into(),
-                            ))
-                        }
-                        (a, Some(_)) if !a.verifies() => {
-                            return Err(invalid(
-                                "tls_server_config.client_ca_file",
-                                format!(
-                                    "not used with client_auth_type {a:?}, which accepts any \
+                                .into(),
+                        ))
+                    }
+                    (a, Some(_)) if !a.verifies() => {
+                        return Err(invalid(
+                            "tls_server_config.client_ca_file",
+                            format!(
+                                "not used with client_auth_type {a:?}, which accepts any \
                                  certificate: use RequireAndVerifyClientCert to check them"
-                                ),
-                            ))
-                        }
-                        (_, Some(ca)) => Some(tls::root_store(&resolve(ca)).map_err(|e| {
-                            invalid("tls_server_config.client_ca_file", e.to_string())
-                        })?),
-                        (_, None) => None,
-                    };
+                            ),
+                        ))
+                    }
+                    (_, ca) => ca.map(resolve),
+                };
                 let min = t.min_version.unwrap_or(TlsVersion::TLS12);
                 let max = t.max_version.unwrap_or(TlsVersion::TLS13);
                 if max < TlsVersion::TLS12 {
@@ -158,15 +159,15 @@ impl WebConfig {
                         format!("{min:?} is above max_version {max:?}"),
                     ));
                 }
-                let config = tls::server_config(chain, key, auth, roots, &tls::versions(min, max))
-                    .map_err(|e| {
-                        let key = match e {
-                            tls::TlsError::Verifier(_) => "tls_server_config.client_ca_file",
-                            _ => "tls_server_config.key_file",
-                        };
-                        invalid(key, format!("{e} (with cert_file {cert_file})"))
-                    })?;
-                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+                Some(TlsFiles {
+                    cert_file: cert_file.to_string(),
+                    cert: resolve(cert_file),
+                    key: resolve(key_file),
+                    auth,
+                    client_ca,
+                    min,
+                    max,
+                })
             }
         };
 
@@ -201,16 +202,45 @@ impl WebConfig {
                 ));
             }
         }
-        let auth = (!users.is_empty()).then(|| Arc::new(BasicAuth::new(users)));
-        Ok(Self { tls, auth })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tls,
+            users,
+        })
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
-    pub fn has_auth(&self) -> bool {
-        self.auth.is_some()
+    /// Reads the certificate, key and CA files and builds the TLS acceptor; a file that
+    /// cannot be read or used names the file and the key.
+    pub fn build(&self) -> Result<WebConfig, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::invalid(&self.path, key, message);
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => {
+                let chain = tls::load_certs(&t.cert)
+                    .map_err(|e| invalid("tls_server_config.cert_file", e.to_string()))?;
+                let key = tls::load_key(&t.key)
+                    .map_err(|e| invalid("tls_server_config.key_file", e.to_string()))?;
+                let roots =
+                    match &t.client_ca {
+                        None => None,
+                        Some(ca) => Some(tls::root_store(ca).map_err(|e| {
+                            invalid("tls_server_config.client_ca_file", e.to_string())
+                        })?),
+                    };
+                let config =
+                    tls::server_config(chain, key, t.auth, roots, &tls::versions(t.min, t.max))
+                        .map_err(|e| {
+                            let key = match e {
+                                tls::TlsError::Verifier(_) => "tls_server_config.client_ca_file",
+                                _ => "tls_server_config.key_file",
+                            };
+                            invalid(key, format!("{e} (with cert_file {})", t.cert_file))
+                        })?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+        };
+        let auth = (!self.users.is_empty()).then(|| Arc::new(BasicAuth::new(self.users.clone())));
+        Ok(WebConfig { tls, auth })
     }
 }
 
@@ -253,7 +283,7 @@ fn nonempty(s: &Option<String>) -> Option<&str> {
 }
 
 /// `file:line:column: message`, the position taken out of serde_norway's message.
-fn syntax_error(path: &Path, e: &serde_norway::Error) -> WebConfigError {
+fn syntax_error(path: &Path, e: &serde_norway::Error) -> ConfigError {
     let mut message = e.to_string();
     let mut location = String::new();
     if let Some(l) = e.location() {
@@ -263,7 +293,7 @@ fn syntax_error(path: &Path, e: &serde_norway::Error) -> WebConfigError {
             message = stripped.to_string();
         }
     }
-    WebConfigError::Syntax {
+    ConfigError::Syntax {
         path: path.to_path_buf(),
         location,
         message,
@@ -336,7 +366,9 @@ mod tests {
         }
 
         fn parse(&self, yaml: &str) -> Result<WebConfig, String> {
-            WebConfig::parse(&self.0.join("web.yml"), yaml).map_err(|e| e.to_string())
+            WebConfigFile::parse(&self.0.join("web.yml"), yaml)
+                .and_then(|f| f.build())
+                .map_err(|e| e.to_string())
         }
 
         fn file(&self) -> String {
