@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use commitmeter::agent::metrics::{AgentMetrics, GaugeKind};
+use commitmeter::agent::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuXidLabels};
 use common::*;
 
 fn render_cost(process: bool) {
@@ -37,17 +37,23 @@ fn render_cost(process: bool) {
         s.up.set(1.0);
         s.observed.inc_by(123.0);
         s.busy.inc_by(100.0);
-        m.allocated.with_label_values(&s.label_refs()).inc_by(99.0);
-        m.energy.with_label_values(&s.label_refs()).inc_by(5e6);
-        m.xid.with_label_values(&[&s.labels[0], &uuid, "79"]).inc();
+        m.allocated.with(&s.labels()).inc_by(99.0);
+        m.energy.with(&s.labels()).inc_by(5e6);
+        m.xid
+            .with(&GpuXidLabels {
+                gpu: &s.gpu,
+                uuid: &uuid,
+                xid: "79",
+            })
+            .inc();
         m.gpu_info
-            .with_label_values(&[
-                &s.labels[0],
-                &uuid,
-                "NVIDIA H200",
-                "00000000:17:00.0",
-                "samples",
-            ])
+            .with(&GpuInfoLabels {
+                gpu: &s.gpu,
+                uuid: &uuid,
+                model: "NVIDIA H200",
+                pci_bus_id: "00000000:17:00.0",
+                busy_source: "samples",
+            })
             .set(1.0);
         for k in GaugeKind::ALL {
             m.set_gauge(k, &s, Some(1.0));

@@ -10,5 +10,6 @@ pub mod configfile;
 pub mod contract;
 pub mod demo;
 pub mod http;
+pub mod labels;
 pub mod ledger;
 pub mod logging;

@@ -5,7 +5,9 @@ use std::sync::{OnceLock, PoisonError, RwLock, RwLockWriteGuard};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use prometheus::{Counter, CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{Counter, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
+
+use crate::labels::{label_set, Counters, Family, Gauges};
 
 /// Per-GPU gauge families; a child exists only while the GPU answers and the
 /// capability is supported, so nothing made-up is ever exported.
@@ -59,7 +61,23 @@ impl GaugeKind {
     }
 }
 
-const GPU: &[&str] = &["gpu", "uuid"];
+label_set! {
+    /// The labels of every per-GPU series: `gpu` (the NVML index at which this process
+    /// first saw the UUID) and `uuid`.
+    pub struct GpuLabels<'a> { gpu: &'a str, uuid: &'a str }
+    /// `commitmeter_gpu_xid_errors_total`: a GPU's XID code.
+    pub struct GpuXidLabels<'a> { gpu: &'a str, uuid: &'a str, xid: &'a str }
+    /// `commitmeter_gpu_info`: a GPU's identity and the source of its busy time.
+    pub struct GpuInfoLabels<'a> {
+        gpu: &'a str,
+        uuid: &'a str,
+        model: &'a str,
+        pci_bus_id: &'a str,
+        busy_source: &'a str,
+    }
+    /// `commitmeter_nvml_errors_total`: an NVML call and its error.
+    pub struct NvmlErrorLabels<'a> { call: &'a str, error: &'a str }
+}
 
 /// A gauge without labels that is absent from the exposition until first set: a
 /// value of 0 would be a made-up reading.
@@ -114,28 +132,34 @@ pub struct AgentMetrics {
     /// session when at most `max_gap` apart (the rule of observed time); a healthy
     /// GPU's observed time grows by exactly as much in the same round.
     pub sampled: Counter,
-    pub nvml_errors: CounterVec,
-    pub gpu_info: GaugeVec,
-    pub gpu_up: GaugeVec,
-    pub observed: CounterVec,
-    pub busy: CounterVec,
-    pub allocated: CounterVec,
-    pub energy: CounterVec,
-    pub xid: CounterVec,
-    gauges: Vec<(GaugeKind, GaugeVec)>,
+    pub nvml_errors: Counters<NvmlErrorLabels<'static>>,
+    pub gpu_info: Gauges<GpuInfoLabels<'static>>,
+    pub gpu_up: Gauges<GpuLabels<'static>>,
+    pub observed: Counters<GpuLabels<'static>>,
+    pub busy: Counters<GpuLabels<'static>>,
+    pub allocated: Counters<GpuLabels<'static>>,
+    pub energy: Counters<GpuLabels<'static>>,
+    pub xid: Counters<GpuXidLabels<'static>>,
+    gauges: Vec<(GaugeKind, Gauges<GpuLabels<'static>>)>,
 }
 
 /// Child handles of one GPU, kept so the sampling loop never looks labels up.
 pub struct GpuSeries {
-    pub labels: [String; 2],
+    /// The `gpu` label: the index at which this process first saw the UUID.
+    pub gpu: String,
+    pub uuid: String,
     pub up: Gauge,
     pub observed: Counter,
     pub busy: Counter,
 }
 
 impl GpuSeries {
-    pub fn label_refs(&self) -> [&str; 2] {
-        [self.labels[0].as_str(), self.labels[1].as_str()]
+    /// The GPU's labels.
+    pub fn labels(&self) -> GpuLabels<'_> {
+        GpuLabels {
+            gpu: &self.gpu,
+            uuid: &self.uuid,
+        }
     }
 }
 
@@ -184,70 +208,51 @@ impl AgentMetrics {
             "Time between consecutive completed sampling rounds of one NVML session, when at most max(5 x interval, 5 s) apart.",
         )?;
         reg(Box::new(sampled.clone()))?;
-        let nvml_errors = CounterVec::new(
-            Opts::new(
-                "commitmeter_nvml_errors_total",
-                "NVML calls that failed, by call and error.",
-            ),
-            &["call", "error"],
+        let nvml_errors = Family::register(
+            &registry,
+            "commitmeter_nvml_errors_total",
+            "NVML calls that failed, by call and error.",
         )?;
-        reg(Box::new(nvml_errors.clone()))?;
-
-        let gpu_info = GaugeVec::new(
-            Opts::new(
-                "commitmeter_gpu_info",
-                "GPU identity and the source of busy time.",
-            ),
-            &["gpu", "uuid", "model", "pci_bus_id", "busy_source"],
+        let gpu_info = Family::register(
+            &registry,
+            "commitmeter_gpu_info",
+            "GPU identity and the source of busy time.",
         )?;
-        reg(Box::new(gpu_info.clone()))?;
-        let gpu_up = GaugeVec::new(
-            Opts::new(
-                "commitmeter_gpu_up",
-                "1 while the GPU answers NVML, 0 once lost.",
-            ),
-            GPU,
+        let gpu_up = Family::register(
+            &registry,
+            "commitmeter_gpu_up",
+            "1 while the GPU answers NVML, 0 once lost.",
         )?;
-        reg(Box::new(gpu_up.clone()))?;
-
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, prometheus::Error> {
-                let c = CounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
-        let observed = counter(
+        let observed = Family::register(
+            &registry,
             "commitmeter_gpu_observed_seconds_total",
             "Time the GPU was seen present and healthy (delivered).",
-            GPU,
         )?;
-        let busy = counter(
+        let busy = Family::register(
+            &registry,
             "commitmeter_gpu_busy_seconds_total",
             "Integral of GPU utilization over observed time.",
-            GPU,
         )?;
-        let allocated = counter(
+        let allocated = Family::register(
+            &registry,
             "commitmeter_gpu_allocated_seconds_total",
             "Observed time with at least one compute process.",
-            GPU,
         )?;
-        let energy = counter(
+        let energy = Family::register(
+            &registry,
             "commitmeter_gpu_energy_joules_total",
             "Energy from the driver's total-energy counter.",
-            GPU,
         )?;
-        let xid = counter(
+        let xid = Family::register(
+            &registry,
             "commitmeter_gpu_xid_errors_total",
             "Critical XID events reported by the driver, by XID code.",
-            &["gpu", "uuid", "xid"],
         )?;
 
         let mut gauges = Vec::new();
         for kind in GaugeKind::ALL {
             let (name, help) = kind.name_help();
-            let g = GaugeVec::new(Opts::new(name, help), GPU)?;
-            registry.register(Box::new(g.clone()))?;
-            gauges.push((kind, g));
+            gauges.push((kind, Family::register(&registry, name, help)?));
         }
 
         Ok(Self {
@@ -315,13 +320,14 @@ impl AgentMetrics {
     /// Creates (or finds again, after a driver reload) the counters of one GPU.
     /// Counters keyed by UUID survive re-enumeration, so they never go backwards.
     pub fn gpu(&self, index: u32, uuid: &str) -> GpuSeries {
-        let labels = [index.to_string(), uuid.to_string()];
-        let l = [labels[0].as_str(), labels[1].as_str()];
+        let gpu = index.to_string();
+        let l = GpuLabels { gpu: &gpu, uuid };
         GpuSeries {
-            up: self.gpu_up.with_label_values(&l),
-            observed: self.observed.with_label_values(&l),
-            busy: self.busy.with_label_values(&l),
-            labels,
+            up: self.gpu_up.with(&l),
+            observed: self.observed.with(&l),
+            busy: self.busy.with(&l),
+            uuid: uuid.to_string(),
+            gpu,
         }
     }
 
@@ -329,13 +335,13 @@ impl AgentMetrics {
         let Some((_, vec)) = self.gauges.iter().find(|(k, _)| *k == kind) else {
             return;
         };
-        let l = gpu.label_refs();
+        let l = gpu.labels();
         match value {
-            Some(v) => vec.with_label_values(&l).set(v),
+            Some(v) => vec.with(&l).set(v),
             // Absent, or the GPU stopped answering: drop the series rather than
             // leave a stale or made-up value.
             None => {
-                let _ = vec.remove_label_values(&l);
+                vec.remove(&l);
             }
         }
     }
@@ -347,7 +353,9 @@ impl AgentMetrics {
     }
 
     pub fn nvml_error(&self, call: &str, error: &str) {
-        self.nvml_errors.with_label_values(&[call, error]).inc();
+        self.nvml_errors
+            .with(&NvmlErrorLabels { call, error })
+            .inc();
     }
 }
 

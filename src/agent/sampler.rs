@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::clock::{self, AgentClock};
 
 use super::accrue::{DryBufferWatch, GpuAccount, SampleIntegrator};
-use super::metrics::{AgentMetrics, GaugeKind, GpuSeries};
+use super::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels};
 use super::nvml::{self, Caps, Fault, Identity, ReadError, SampleRead, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +226,8 @@ struct Gpu {
     series: GpuSeries,
     allocated: Option<Counter>,
     energy: Option<Counter>,
-    info: Vec<String>,
+    /// The identity and busy source `commitmeter_gpu_info` shows now.
+    info: Option<(Identity, &'static str)>,
     up: bool,
 }
 
@@ -479,7 +480,7 @@ impl Loop {
                 series: self.metrics.gpu(slot.index, &id.uuid),
                 allocated: None,
                 energy: None,
-                info: Vec::new(),
+                info: None,
                 up: false,
             });
             set_info(&self.metrics, gpu, id, slot.caps.busy_source());
@@ -496,19 +497,15 @@ impl Loop {
             gpu.series.observed.inc_by(inc.observed_s);
             gpu.series.busy.inc_by(inc.busy_s);
             if snap.processes.is_some() {
-                let c = gpu.allocated.get_or_insert_with(|| {
-                    self.metrics
-                        .allocated
-                        .with_label_values(&gpu.series.label_refs())
-                });
+                let c = gpu
+                    .allocated
+                    .get_or_insert_with(|| self.metrics.allocated.with(&gpu.series.labels()));
                 c.inc_by(inc.allocated_s);
             }
             if snap.energy_mj.is_some() {
-                let c = gpu.energy.get_or_insert_with(|| {
-                    self.metrics
-                        .energy
-                        .with_label_values(&gpu.series.label_refs())
-                });
+                let c = gpu
+                    .energy
+                    .get_or_insert_with(|| self.metrics.energy.with(&gpu.series.labels()));
                 c.inc_by(inc.energy_j);
             }
             let m = &self.metrics;
@@ -531,10 +528,14 @@ impl Loop {
             let gpu = self
                 .gpus
                 .get(uuid)
-                .map_or(index.as_str(), |g| g.series.labels[0].as_str());
+                .map_or(index.as_str(), |g| g.series.gpu.as_str());
             self.metrics
                 .xid
-                .with_label_values(&[gpu, uuid.as_str(), code.as_str()])
+                .with(&GpuXidLabels {
+                    gpu,
+                    uuid,
+                    xid: code,
+                })
                 .inc();
         }
         self.count_errors(&round.errors);
@@ -616,23 +617,33 @@ fn lost(slot: &mut Slot, e: &NvmlError) {
 
 /// Keeps `commitmeter_gpu_info` in step with the GPU's identity and busy source,
 /// under the GPU's own `gpu` label.
-fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, id: &Identity, busy_source: &str) {
-    let current = [
-        gpu.series.labels[0].as_str(),
-        id.uuid.as_str(),
-        id.model.as_str(),
-        id.pci_bus_id.as_str(),
-        busy_source,
-    ];
-    if gpu.info.iter().map(String::as_str).eq(current) {
+fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, id: &Identity, busy_source: &'static str) {
+    if gpu
+        .info
+        .as_ref()
+        .is_some_and(|(i, b)| i == id && *b == busy_source)
+    {
         return;
     }
-    if !gpu.info.is_empty() {
-        let old: Vec<&str> = gpu.info.iter().map(String::as_str).collect();
-        let _ = metrics.gpu_info.remove_label_values(&old);
+    fn labels<'a>(gpu: &'a str, id: &'a Identity, busy_source: &'a str) -> GpuInfoLabels<'a> {
+        GpuInfoLabels {
+            gpu,
+            uuid: &id.uuid,
+            model: &id.model,
+            pci_bus_id: &id.pci_bus_id,
+            busy_source,
+        }
     }
-    metrics.gpu_info.with_label_values(&current).set(1.0);
-    gpu.info = current.iter().map(|s| s.to_string()).collect();
+    if let Some((old, source)) = &gpu.info {
+        metrics
+            .gpu_info
+            .remove(&labels(&gpu.series.gpu, old, source));
+    }
+    metrics
+        .gpu_info
+        .with(&labels(&gpu.series.gpu, id, busy_source))
+        .set(1.0);
+    gpu.info = Some((id.clone(), busy_source));
 }
 
 fn mark_down(metrics: &AgentMetrics, gpu: &mut Gpu) {

@@ -6,14 +6,64 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
-use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntGauge, Opts, Registry};
 
 use crate::contract::Contract;
+use crate::labels::{label_set, Counters, Family, Gauges, IntCounters, LabelSet};
 use crate::ledger::totals::Figures;
 use crate::ledger::{Kind, Totals};
 
 /// The names of the ledger kinds, in the order of their series (see [`Kind`]).
 pub const KINDS: [&str; Kind::COUNT] = Kind::NAMES;
+
+label_set! {
+    /// The series of a contract: `{contract}`.
+    pub struct ContractLabels<'a> { contract: &'a str }
+    /// A contract's figure of one kind: `commitmeter_contract_period_gpu_seconds`,
+    /// `commitmeter_ledger_late_gpu_seconds_total`.
+    pub struct ContractKindLabels<'a> { contract: &'a str, kind: Kind }
+    /// `commitmeter_contract_info`: a contract and its terms (see [`ContractInfoLabels::of`]).
+    pub struct ContractInfoLabels<'a> {
+        contract: &'a str,
+        provider: &'a str,
+        currency: &'a str,
+        usage_signal: &'a str,
+        timezone: &'a str,
+    }
+    /// `commitmeter_contract_price_per_gpu_second`.
+    pub struct PriceLabels<'a> { contract: &'a str, currency: &'a str }
+    /// `commitmeter_contract_period_cost`: a priced kind in the contract's currency.
+    pub struct CostLabels<'a> { contract: &'a str, currency: &'a str, kind: Kind }
+    /// `commitmeter_ledger_rejected_gpu_seconds_total`: why readings were rejected.
+    pub struct RejectedLabels<'a> { contract: &'a str, reason: &'a str }
+    /// `commitmeter_contract_burn_rate_tier_reachable`.
+    pub struct TierLabels<'a> { contract: &'a str, tier: &'a str }
+    /// The series of a scrape target: `{target}`.
+    pub struct TargetLabels<'a> { target: &'a str }
+    /// `commitmeter_target_up`: a target and the contract it is scraped for (empty if none).
+    pub struct TargetContractLabels<'a> { target: &'a str, contract: &'a str }
+    /// `commitmeter_target_scrape_errors_total`: why a scrape failed.
+    pub struct TargetReasonLabels<'a> { target: &'a str, reason: &'a str }
+    /// `commitmeter_ledger_store_errors_total`: which write failed.
+    pub struct OperationLabels<'a> { operation: &'a str }
+}
+
+impl<'a> ContractInfoLabels<'a> {
+    /// The info labels of a contract, from its terms.
+    pub fn of(c: &'a Contract) -> Self {
+        Self {
+            contract: &c.id,
+            provider: &c.provider,
+            currency: &c.currency,
+            usage_signal: c.usage_signal.as_str(),
+            timezone: &c.timezone_name,
+        }
+    }
+}
+
+fn label_names<L: LabelSet>() -> Vec<String> {
+    L::NAMES.iter().map(|n| n.to_string()).collect()
+}
 
 /// The all-time ledger counters (the seven kinds, and late GPU-seconds), rendered from the
 /// ledger's integer GPU-ms at each scrape: exact, and identical after a restart (restored
@@ -37,7 +87,7 @@ impl LedgerCounters {
                 Desc::new(
                     format!("commitmeter_contract_{kind}_gpu_seconds_total"),
                     format!("{kind} GPU-seconds of the contract over sealed ledger minutes."),
-                    vec!["contract".into()],
+                    label_names::<ContractLabels>(),
                     Default::default(),
                 )
             })
@@ -45,7 +95,7 @@ impl LedgerCounters {
         let late = Desc::new(
             "commitmeter_ledger_late_gpu_seconds_total".into(),
             "GPU-seconds that arrived for already sealed minutes and were not counted.".into(),
-            vec!["contract".into(), "kind".into()],
+            label_names::<ContractKindLabels>(),
             Default::default(),
         )?;
         Ok(Self {
@@ -63,7 +113,7 @@ impl LedgerCounters {
     }
 }
 
-fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, &str)>, i64)>) -> MetricFamily {
+fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, String)>, i64)>) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(desc.fq_name.clone());
     family.set_help(desc.help.clone());
@@ -77,7 +127,7 @@ fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, &str)>, i64)>) -> Metric
                     .map(|(k, v)| {
                         let mut p = proto::LabelPair::default();
                         p.set_name(k.to_string());
-                        p.set_value(v.to_string());
+                        p.set_value(v);
                         p
                     })
                     .collect();
@@ -106,7 +156,7 @@ impl Collector for LedgerCounters {
             .map(|(desc, kind)| {
                 let samples = values
                     .iter()
-                    .map(|(id, (t, _))| (vec![("contract", id.as_str())], t[kind]))
+                    .map(|(id, (t, _))| (ContractLabels { contract: id }.pairs(), t[kind]))
                     .collect();
                 counter_family(desc, samples)
             })
@@ -114,10 +164,10 @@ impl Collector for LedgerCounters {
         let late = values
             .iter()
             .flat_map(|(id, (_, (d, u)))| {
-                [
-                    (vec![("contract", id.as_str()), ("kind", "delivered")], *d),
-                    (vec![("contract", id.as_str()), ("kind", "used")], *u),
-                ]
+                [(Kind::Delivered, *d), (Kind::Used, *u)].map(|(kind, ms)| {
+                    let labels = ContractKindLabels { contract: id, kind };
+                    (labels.pairs(), ms)
+                })
             })
             .collect();
         out.push(counter_family(&self.late, late));
@@ -128,29 +178,29 @@ impl Collector for LedgerCounters {
 pub struct AggregatorMetrics {
     pub registry: Registry,
     pub ledger: LedgerCounters,
-    pub period: GaugeVec,
-    pub info: GaugeVec,
-    pub committed_gpus: GaugeVec,
-    pub target_utilization: GaugeVec,
-    pub period_start: GaugeVec,
-    pub period_end: GaugeVec,
-    pub utilization: GaugeVec,
-    pub idle_budget_remaining: GaugeVec,
-    pub projected_utilization: GaugeVec,
-    pub required_utilization: GaugeVec,
-    pub cost: GaugeVec,
-    pub price: GaugeVec,
-    pub tier_reachable: GaugeVec,
-    pub rejected: CounterVec,
+    pub period: Gauges<ContractKindLabels<'static>>,
+    pub info: Gauges<ContractInfoLabels<'static>>,
+    pub committed_gpus: Gauges<ContractLabels<'static>>,
+    pub target_utilization: Gauges<ContractLabels<'static>>,
+    pub period_start: Gauges<ContractLabels<'static>>,
+    pub period_end: Gauges<ContractLabels<'static>>,
+    pub utilization: Gauges<ContractLabels<'static>>,
+    pub idle_budget_remaining: Gauges<ContractLabels<'static>>,
+    pub projected_utilization: Gauges<ContractLabels<'static>>,
+    pub required_utilization: Gauges<ContractLabels<'static>>,
+    pub cost: Gauges<CostLabels<'static>>,
+    pub price: Gauges<PriceLabels<'static>>,
+    pub tier_reachable: Gauges<TierLabels<'static>>,
+    pub rejected: Counters<RejectedLabels<'static>>,
     pub sealed_through: IntGauge,
     pub since: IntGauge,
-    pub store_errors: IntCounterVec,
+    pub store_errors: IntCounters<OperationLabels<'static>>,
     pub pending: IntGauge,
     pub write_ok: IntGauge,
-    pub target_up: GaugeVec,
-    pub target_duration: GaugeVec,
-    pub target_gpus: GaugeVec,
-    pub target_errors: IntCounterVec,
+    pub target_up: Gauges<TargetContractLabels<'static>>,
+    pub target_duration: Gauges<TargetLabels<'static>>,
+    pub target_gpus: Gauges<TargetLabels<'static>>,
+    pub target_errors: IntCounters<TargetReasonLabels<'static>>,
     pub targets_problems: IntGauge,
     pub reload_ok: IntGauge,
     pub reload_time: IntGauge,
@@ -160,12 +210,6 @@ pub struct AggregatorMetrics {
 impl AggregatorMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let gauge =
-            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
-                let g = GaugeVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(g.clone()))?;
-                Ok(g)
-            };
         let build = IntGauge::with_opts(
             Opts::new(
                 "commitmeter_build_info",
@@ -179,14 +223,11 @@ impl AggregatorMetrics {
 
         let ledger = LedgerCounters::new()?;
         registry.register(Box::new(ledger.clone()))?;
-        let rejected = CounterVec::new(
-            Opts::new(
-                "commitmeter_ledger_rejected_gpu_seconds_total",
-                "GPU-seconds of agent readings not credited because they were physically impossible (booked unreported), by reason.",
-            ),
-            &["contract", "reason"],
+        let rejected = Family::register(
+            &registry,
+            "commitmeter_ledger_rejected_gpu_seconds_total",
+            "GPU-seconds of agent readings not credited because they were physically impossible (booked unreported), by reason.",
         )?;
-        registry.register(Box::new(rejected.clone()))?;
         let sealed_through = IntGauge::new(
             "commitmeter_ledger_sealed_through_timestamp_seconds",
             "Ledger minutes before this time are sealed and durable.",
@@ -197,16 +238,15 @@ impl AggregatorMetrics {
             "The ledger accounts minutes from this time on; earlier minutes are absent.",
         )?;
         registry.register(Box::new(since.clone()))?;
-        let store_errors = IntCounterVec::new(
-            Opts::new(
-                "commitmeter_ledger_store_errors_total",
-                "Failed writes to the ledger database.",
-            ),
-            &["operation"],
+        let store_errors: IntCounters<OperationLabels> = Family::register(
+            &registry,
+            "commitmeter_ledger_store_errors_total",
+            "Failed writes to the ledger database.",
         )?;
-        registry.register(Box::new(store_errors.clone()))?;
         // Exported from the start: a failed write is an increase, not a new series.
-        store_errors.with_label_values(&["commit"]);
+        store_errors.with(&OperationLabels {
+            operation: "commit",
+        });
         let pending = IntGauge::new(
             "commitmeter_ledger_pending_minutes",
             "Sealed contract-minutes waiting in memory to be written to the ledger database (not yet in the counters).",
@@ -217,14 +257,11 @@ impl AggregatorMetrics {
             "1 if the last write of the ledger database succeeded; 0 while it cannot be written (the aggregator is then not ready).",
         )?;
         registry.register(Box::new(write_ok.clone()))?;
-        let target_errors = IntCounterVec::new(
-            Opts::new(
-                "commitmeter_target_scrape_errors_total",
-                "Failed scrapes of an agent, by reason.",
-            ),
-            &["target", "reason"],
+        let target_errors = Family::register(
+            &registry,
+            "commitmeter_target_scrape_errors_total",
+            "Failed scrapes of an agent, by reason.",
         )?;
-        registry.register(Box::new(target_errors.clone()))?;
         let targets_problems = IntGauge::new(
             "commitmeter_targets_config_problems",
             "Targets or file_sd files skipped at the last target refresh (see the log).",
@@ -247,85 +284,85 @@ impl AggregatorMetrics {
         registry.register(Box::new(restart_required.clone()))?;
 
         Ok(Self {
-            period: gauge(
+            period: Family::register(
+                &registry,
                 "commitmeter_contract_period_gpu_seconds",
                 "Month-to-date GPU-seconds of the current billing period, by kind (sealed minutes).",
-                &["contract", "kind"],
             )?,
-            info: gauge(
+            info: Family::register(
+                &registry,
                 "commitmeter_contract_info",
                 "A contract and its terms.",
-                &["contract", "provider", "currency", "usage_signal", "timezone"],
             )?,
-            committed_gpus: gauge(
+            committed_gpus: Family::register(
+                &registry,
                 "commitmeter_contract_committed_gpus",
                 "GPUs committed right now (the ramp step in force).",
-                &["contract"],
             )?,
-            target_utilization: gauge(
+            target_utilization: Family::register(
+                &registry,
                 "commitmeter_contract_target_utilization_ratio",
                 "Utilization the contract owner aims for; 1 minus this is the idle budget.",
-                &["contract"],
             )?,
-            period_start: gauge(
+            period_start: Family::register(
+                &registry,
                 "commitmeter_contract_period_start_timestamp_seconds",
                 "Start of the current billing period.",
-                &["contract"],
             )?,
-            period_end: gauge(
+            period_end: Family::register(
+                &registry,
                 "commitmeter_contract_period_end_timestamp_seconds",
                 "End of the current billing period.",
-                &["contract"],
             )?,
-            utilization: gauge(
+            utilization: Family::register(
+                &registry,
                 "commitmeter_contract_utilization_ratio",
                 "Month-to-date used (within commitment) / committed GPU-seconds.",
-                &["contract"],
             )?,
-            idle_budget_remaining: gauge(
+            idle_budget_remaining: Family::register(
+                &registry,
                 "commitmeter_contract_idle_budget_remaining_ratio",
                 "Share of the period's idle budget not yet spent (negative once overspent).",
-                &["contract"],
             )?,
-            projected_utilization: gauge(
+            projected_utilization: Family::register(
+                &registry,
                 "commitmeter_contract_projected_utilization_ratio",
                 "Period-end utilization if the last 24 h pace of use continues.",
-                &["contract"],
             )?,
-            required_utilization: gauge(
+            required_utilization: Family::register(
+                &registry,
                 "commitmeter_contract_required_utilization_ratio",
                 "Utilization needed over the rest of the period to reach the target.",
-                &["contract"],
             )?,
-            cost: gauge(
+            cost: Family::register(
+                &registry,
                 "commitmeter_contract_period_cost",
                 "Month-to-date cost in the contract's currency, by kind.",
-                &["contract", "currency", "kind"],
             )?,
-            price: gauge(
+            price: Family::register(
+                &registry,
                 "commitmeter_contract_price_per_gpu_second",
                 "Price of one committed GPU-second in the contract's currency (× 3600 per GPU-hour).",
-                &["contract", "currency"],
             )?,
-            tier_reachable: gauge(
+            tier_reachable: Family::register(
+                &registry,
                 "commitmeter_contract_burn_rate_tier_reachable",
                 "1 if the underuse burn-rate tier can fire for this contract's target and period, 0 if its threshold is above 100 % idle.",
-                &["contract", "tier"],
             )?,
-            target_up: gauge(
+            target_up: Family::register(
+                &registry,
                 "commitmeter_target_up",
                 "1 if the last scrape of the agent succeeded.",
-                &["target", "contract"],
             )?,
-            target_duration: gauge(
+            target_duration: Family::register(
+                &registry,
                 "commitmeter_target_scrape_duration_seconds",
                 "Duration of the last scrape of the agent.",
-                &["target"],
             )?,
-            target_gpus: gauge(
+            target_gpus: Family::register(
+                &registry,
                 "commitmeter_target_gpus",
                 "GPUs the agent reported at its last successful scrape (after the model filter).",
-                &["target"],
             )?,
             ledger,
             rejected,
@@ -345,44 +382,42 @@ impl AggregatorMetrics {
 
     /// Static series of a contract.
     pub fn describe(&self, c: &Contract) {
-        self.info
-            .with_label_values(&[
-                &c.id,
-                &c.provider,
-                &c.currency,
-                c.usage_signal.as_str(),
-                &c.timezone_name,
-            ])
-            .set(1.0);
+        let contract = ContractLabels { contract: &c.id };
+        self.info.with(&ContractInfoLabels::of(c)).set(1.0);
         self.target_utilization
-            .with_label_values(&[&c.id])
+            .with(&contract)
             .set(c.target_utilization);
         self.price
-            .with_label_values(&[&c.id, &c.currency])
+            .with(&PriceLabels {
+                contract: &c.id,
+                currency: &c.currency,
+            })
             .set(c.price_per_gpu_hour / 3600.0);
         // Exported from the start (0), so an alert on their increase has a baseline.
         for why in crate::ledger::Reject::ALL {
-            self.rejected.with_label_values(&[&c.id, why.as_str()]);
+            self.rejected.with(&RejectedLabels {
+                contract: &c.id,
+                reason: why.as_str(),
+            });
         }
     }
 
     pub fn set_period(&self, c: &Contract, start_ms: i64, end_ms: i64, t: &Totals, f: &Figures) {
         let id = c.id.as_str();
+        let contract = ContractLabels { contract: id };
         for kind in Kind::ALL {
             self.period
-                .with_label_values(&[id, kind.name()])
+                .with(&ContractKindLabels { contract: id, kind })
                 .set(t[kind] as f64 / 1000.0);
         }
         self.period_start
-            .with_label_values(&[id])
+            .with(&contract)
             .set(start_ms as f64 / 1000.0);
-        self.period_end
-            .with_label_values(&[id])
-            .set(end_ms as f64 / 1000.0);
-        let opt = |g: &GaugeVec, v: Option<f64>| match v {
-            Some(v) if v.is_finite() => g.with_label_values(&[id]).set(v),
+        self.period_end.with(&contract).set(end_ms as f64 / 1000.0);
+        let opt = |g: &Gauges<ContractLabels>, v: Option<f64>| match v {
+            Some(v) if v.is_finite() => g.with(&contract).set(v),
             _ => {
-                let _ = g.remove_label_values(&[id]);
+                g.remove(&contract);
             }
         };
         opt(&self.utilization, f.utilization);
@@ -392,7 +427,11 @@ impl AggregatorMetrics {
         for kind in Kind::ALL {
             if let Some(v) = f.cost(kind) {
                 self.cost
-                    .with_label_values(&[id, &c.currency, kind.name()])
+                    .with(&CostLabels {
+                        contract: id,
+                        currency: &c.currency,
+                        kind,
+                    })
                     .set(v);
             }
         }

@@ -22,7 +22,10 @@ use crate::contract::{AggregatorConfig, Contract, UsageSignal};
 use crate::http::{self, Handler};
 use crate::ledger::totals::{figures, Running, Terms};
 use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, MINUTE_MS};
-use metrics::AggregatorMetrics;
+use metrics::{
+    AggregatorMetrics, ContractLabels, OperationLabels, RejectedLabels, TargetContractLabels,
+    TargetLabels, TargetReasonLabels, TierLabels,
+};
 use scrape::{HostReport, ScrapeError, Scraper};
 use store::Store;
 use targets::Target;
@@ -525,14 +528,18 @@ impl TargetSet {
                 None => false,
             };
             // Gone, or now another contract's: a series left behind would page forever.
-            let _ = m
-                .target_up
-                .remove_label_values(&[&key, contract_label(shared, old)]);
+            m.target_up.remove(&TargetContractLabels {
+                target: &key,
+                contract: contract_label(shared, old),
+            });
             if !moved {
-                let _ = m.target_duration.remove_label_values(&[&key]);
-                let _ = m.target_gpus.remove_label_values(&[&key]);
+                m.target_duration.remove(&TargetLabels { target: &key });
+                m.target_gpus.remove(&TargetLabels { target: &key });
                 for reason in ScrapeError::REASONS {
-                    let _ = m.target_errors.remove_label_values(&[&key, reason]);
+                    m.target_errors.remove(&TargetReasonLabels {
+                        target: &key,
+                        reason,
+                    });
                 }
                 shared.health.lock().expect("health lock").remove(&key);
                 shared
@@ -826,11 +833,12 @@ impl Shared {
         let key = t.key();
         let m = &self.metrics;
         m.target_duration
-            .with_label_values(&[&key])
+            .with(&TargetLabels { target: &key })
             .set(took.as_secs_f64());
-        let up_series = m
-            .target_up
-            .with_label_values(&[&key, contract_label(self, t)]);
+        let up_series = m.target_up.with(&TargetContractLabels {
+            target: &key,
+            contract: contract_label(self, t),
+        });
         self.health
             .lock()
             .expect("health lock")
@@ -839,14 +847,19 @@ impl Shared {
             Ok(report) => report,
             Err(e) => {
                 up_series.set(0.0);
-                m.target_errors.with_label_values(&[&key, e.reason()]).inc();
+                m.target_errors
+                    .with(&TargetReasonLabels {
+                        target: &key,
+                        reason: e.reason(),
+                    })
+                    .inc();
                 return false;
             }
         };
         up_series.set(1.0);
         let Some(c) = t.contract else {
             m.target_gpus
-                .with_label_values(&[&key])
+                .with(&TargetLabels { target: &key })
                 .set(report.gpus.len() as f64);
             return true;
         };
@@ -870,7 +883,7 @@ impl Shared {
             })
             .collect();
         m.target_gpus
-            .with_label_values(&[&key])
+            .with(&TargetLabels { target: &key })
             .set(gpus.len() as f64);
         let reading = Reading {
             received_ms,
@@ -896,7 +909,10 @@ impl Shared {
         for (why, ms) in &out.rejected {
             self.metrics
                 .rejected
-                .with_label_values(&[id, why.as_str()])
+                .with(&RejectedLabels {
+                    contract: id,
+                    reason: why.as_str(),
+                })
                 .inc_by(*ms as f64 / 1000.0);
         }
         if !out.rejected.is_empty() {
@@ -1021,7 +1037,9 @@ impl Shared {
             self.metrics.write_ok.set(0);
             self.metrics
                 .store_errors
-                .with_label_values(&["commit"])
+                .with(&OperationLabels {
+                    operation: "commit",
+                })
                 .inc();
             return;
         }
@@ -1155,7 +1173,9 @@ impl Shared {
                 .set_period(contract, r.period_start_ms, r.period_end_ms, &r.period, &f);
             self.metrics
                 .committed_gpus
-                .with_label_values(&[&contract.id])
+                .with(&ContractLabels {
+                    contract: &contract.id,
+                })
                 .set(contract.committed_gpus_at(now) as f64);
             // Reachability depends on the period's length (28 to 31 days), so it follows
             // the period the figures are in.
@@ -1163,7 +1183,10 @@ impl Shared {
             for tier in crate::ledger::burn::TIERS {
                 self.metrics
                     .tier_reachable
-                    .with_label_values(&[&contract.id, tier.name])
+                    .with(&TierLabels {
+                        contract: &contract.id,
+                        tier: tier.name,
+                    })
                     .set(f64::from(u8::from(
                         tier.reachable(period_s, contract.target_utilization),
                     )));

@@ -547,6 +547,12 @@ const INFO: &str = "commitmeter_gpu_info";
 const ROUND: &str = "commitmeter_agent_last_round_timestamp_seconds";
 const SAMPLED: &str = "commitmeter_agent_sampled_seconds_total";
 const START: &str = "process_start_time_seconds";
+/// The labels the aggregator reads from the agent's per-GPU series, by name (labels are
+/// looked up through [`parse::Sample::label`], never by position): a GPU's `uuid`
+/// ([`GpuLabels`](crate::agent::metrics::GpuLabels)) and its `model`
+/// ([`GpuInfoLabels`](crate::agent::metrics::GpuInfoLabels)).
+const UUID_LABEL: &str = "uuid";
+const MODEL_LABEL: &str = "model";
 
 /// Seconds to whole ms, if the value can be a counter or clock reading at all.
 fn to_ms(name: &str, uuid: &str, value: f64, max: f64) -> Result<i64, ScrapeError> {
@@ -593,7 +599,7 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                 SAMPLED => SAMPLED,
                 _ => START,
             };
-            let uuid = s.label("uuid").unwrap_or("");
+            let uuid = s.label(UUID_LABEL).unwrap_or("");
             if !seen.insert((name, uuid.to_string())) {
                 let of = if uuid.is_empty() {
                     String::new()
@@ -612,7 +618,7 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                     .map(|v| report.sampled_ms = Some(v)),
                 _ if uuid.is_empty() => Ok(()),
                 INFO => {
-                    if let Some(model) = s.label("model") {
+                    if let Some(model) = s.label(MODEL_LABEL) {
                         models.insert(uuid.to_string(), model.to_string());
                     }
                     Ok(())
@@ -651,6 +657,15 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_labels_read_are_the_agents() {
+        use crate::agent::metrics::{GpuInfoLabels, GpuLabels};
+        use crate::labels::LabelSet;
+        assert!(GpuLabels::NAMES.contains(&UUID_LABEL));
+        assert!(GpuInfoLabels::NAMES.contains(&UUID_LABEL));
+        assert!(GpuInfoLabels::NAMES.contains(&MODEL_LABEL));
+    }
 
     #[test]
     fn reads_the_accounting_series_of_an_agent() {

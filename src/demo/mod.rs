@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use hyper::StatusCode;
 
-use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuSeries};
+use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels};
 use crate::aggregator;
 use crate::aggregator::store::{Role, Store, StoreOptions};
 use crate::clock::{self, Clock};
@@ -100,15 +100,14 @@ impl Sim {
         for (g, s) in host.gpus.iter().zip(&series.gpus) {
             raise(&s.observed, g.observed_s);
             raise(&s.busy, g.busy_s);
-            raise(
-                &m.allocated.with_label_values(&s.label_refs()),
-                g.allocated_s,
-            );
-            raise(&m.energy.with_label_values(&s.label_refs()), g.energy_j);
+            raise(&m.allocated.with(&s.labels()), g.allocated_s);
+            raise(&m.energy.with(&s.labels()), g.energy_j);
             for &(code, n) in &g.xids {
-                let c = m
-                    .xid
-                    .with_label_values(&[&s.labels[0], &s.labels[1], &code.to_string()]);
+                let c = m.xid.with(&GpuXidLabels {
+                    gpu: &s.gpu,
+                    uuid: &s.uuid,
+                    xid: &code.to_string(),
+                });
                 raise(&c, n as f64);
             }
             s.up.set(if g.up { 1.0 } else { 0.0 });
@@ -213,13 +212,13 @@ pub async fn run(
                 let s = metrics.gpu(i as u32, &g.uuid);
                 metrics
                     .gpu_info
-                    .with_label_values(&[
-                        &s.labels[0],
-                        &g.uuid,
-                        g.model,
-                        &format!("00000000:{:02X}:00.0", 0x17 + i),
-                        "samples",
-                    ])
+                    .with(&GpuInfoLabels {
+                        gpu: &s.gpu,
+                        uuid: &g.uuid,
+                        model: g.model,
+                        pci_bus_id: &format!("00000000:{:02X}:00.0", 0x17 + i),
+                        busy_source: "samples",
+                    })
                     .set(1.0);
                 s
             })
