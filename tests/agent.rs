@@ -420,7 +420,7 @@ fn default_lookup_uses_the_dynamic_loader_path() {
         &Scenario::default(),
         AgentOpts {
             library: None,
-            env: vec![("LD_LIBRARY_PATH".into(), dir.0.display().to_string())],
+            env: vec![("LD_LIBRARY_PATH".into(), dir.root().display().to_string())],
             ..AgentOpts::default()
         },
     );

@@ -258,7 +258,7 @@ fn urlencode(s: &str) -> String {
 #[test]
 fn underuse_pages_through_prometheus() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-underuse");
+    let dir = TempDir::keep_on_failure("e2e-underuse");
     let mut demo = start_demo("underuse", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -286,7 +286,7 @@ fn underuse_pages_through_prometheus() {
 #[test]
 fn a_healthy_fleet_fires_nothing() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-healthy");
+    let dir = TempDir::keep_on_failure("e2e-healthy");
     let demo = start_demo("healthy", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     // As long as the underuse test takes to page, and then some: 100 simulated minutes.
@@ -327,7 +327,7 @@ fn a_healthy_fleet_fires_nothing() {
 #[test]
 fn every_dashboard_query_returns_data() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-dashboards");
+    let dir = TempDir::keep_on_failure("e2e-dashboards");
     let demo = start_demo("default", 600, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     // 40 s at 600x is over 6 simulated hours: past the host outage, the lost GPU and the ramp.

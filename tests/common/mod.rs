@@ -41,27 +41,49 @@ pub fn fake_library(name: &str) -> PathBuf {
     path
 }
 
-/// A unique scratch directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A unique scratch directory (`tempfile`), removed on drop, also when a test panics;
+/// see [`TempDir::keep_on_failure`] for one a failure's post-mortem needs.
+pub struct TempDir {
+    dir: Option<tempfile::TempDir>,
+    keep_on_failure: bool,
+}
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("commitmeter-test-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("commitmeter-test-{tag}-"))
+            .tempdir()
+            .expect("create a temporary directory");
+        Self {
+            dir: Some(dir),
+            keep_on_failure: false,
+        }
     }
+
+    /// A scratch directory that stays on disk when the test fails (panics), with its path
+    /// printed, so logs written there can be read after the run; removed on success.
+    pub fn keep_on_failure(tag: &str) -> Self {
+        let mut dir = Self::new(tag);
+        dir.keep_on_failure = true;
+        dir
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.as_ref().expect("live temporary directory").path()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.root().join(name)
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(dir) = self.dir.take() {
+            if self.keep_on_failure && std::thread::panicking() {
+                eprintln!("kept for the post-mortem: {}", dir.keep().display());
+            }
+        }
     }
 }
 
