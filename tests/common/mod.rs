@@ -269,60 +269,26 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Parses the text exposition format as the agent writes it (tests only; the
-    /// aggregator has its own, property-tested parser).
+    /// Reads a text exposition with the product's own parser (the aggregator's, which is
+    /// property-tested against the encoder); a malformed body fails the test.
     pub fn parse(body: &str) -> Metrics {
         let mut m = Metrics::default();
-        for line in body
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (name, labels, rest) = match line.find('{') {
-                Some(open) => {
-                    let mut labels = BTreeMap::new();
-                    let mut chars = line[open + 1..].char_indices();
-                    let mut key = String::new();
-                    let close;
-                    loop {
-                        let (i, c) = chars.next().expect("unterminated labels");
-                        match c {
-                            '}' => {
-                                close = open + 1 + i;
-                                break;
-                            }
-                            '=' => {
-                                assert_eq!(chars.next().map(|x| x.1), Some('"'));
-                                let mut val = String::new();
-                                loop {
-                                    let (_, c) = chars.next().unwrap();
-                                    match c {
-                                        '\\' => match chars.next().unwrap().1 {
-                                            'n' => val.push('\n'),
-                                            o => val.push(o),
-                                        },
-                                        '"' => break,
-                                        o => val.push(o),
-                                    }
-                                }
-                                labels.insert(std::mem::take(&mut key).trim().to_string(), val);
-                            }
-                            ',' => {}
-                            o => key.push(o),
-                        }
-                    }
-                    (&line[..open], labels, &line[close + 1..])
-                }
-                None => {
-                    let sp = line.find(' ').unwrap();
-                    (&line[..sp], BTreeMap::new(), &line[sp..])
-                }
-            };
-            let value: f64 = rest.split_whitespace().next().unwrap().parse().unwrap();
-            m.samples
-                .entry(name.to_string())
-                .or_default()
-                .push((labels, value));
-        }
+        commitmeter::aggregator::parse::parse(
+            body,
+            |_| true,
+            |s| {
+                let labels = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                m.samples
+                    .entry(s.name.to_string())
+                    .or_default()
+                    .push((labels, s.value));
+            },
+        )
+        .unwrap_or_else(|e| panic!("malformed exposition: {e}\n{body}"));
         m
     }
 
