@@ -93,7 +93,7 @@ pub struct Agent {
     pub sc: Scenario,
     pub child: Child,
     pub addr: String,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
     pub dir: TempDir,
 }
 
@@ -130,6 +130,7 @@ impl Agent {
             .arg("--web.listen-address=127.0.0.1:0")
             .arg(format!("--sample.interval={}", opts.interval))
             .arg(format!("--log.level={}", opts.log_level))
+            .arg(JSON_LOG)
             .args(&opts.extra_args)
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .stdout(Stdio::null())
@@ -208,17 +209,89 @@ impl Drop for Agent {
     }
 }
 
-/// Reads the child's stderr on a thread; returns the address it logged it serves on.
-pub fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
+/// The flag every `commitmeter` a test follows with [`follow_log`] runs with: events as
+/// JSON lines, so the address it serves on is read from a field, not scraped from text.
+pub const JSON_LOG: &str = "--log.format=json";
+
+/// The shared log of a followed child: one line per event, rendered as the text format
+/// writes it (`TIMESTAMP LEVEL target: message key=value …`, fields in the order logged),
+/// and any line that is not JSON (a panic) as written.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// One JSON log event, its fields in the order written.
+struct Event(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Event;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON log event")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Event, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(field) = map.next_entry()? {
+                    fields.push(field);
+                }
+                Ok(Event(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+impl Event {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_str())
+    }
+
+    /// The line as `--log.format=text` would write it (without colours or spans).
+    fn render(&self) -> String {
+        let head = ["timestamp", "level", "target", "message"];
+        let mut line = format!(
+            "{} {:>5} {}: {}",
+            self.get("timestamp").unwrap_or(""),
+            self.get("level").unwrap_or(""),
+            self.get("target").unwrap_or(""),
+            self.get("message").unwrap_or("")
+        );
+        for (k, v) in self.0.iter().filter(|(k, _)| !head.contains(&k.as_str())) {
+            match v {
+                serde_json::Value::String(s) => line.push_str(&format!(" {k}={s}")),
+                other => line.push_str(&format!(" {k}={other}")),
+            }
+        }
+        line
+    }
+}
+
+/// Reads the child's stderr (JSON events: start it with [`JSON_LOG`]) on a thread; returns
+/// the address of its `serving /metrics` event, and its log.
+pub fn follow_log(child: &mut Child) -> (String, Log) {
+    let log = Log::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("address=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
+            let line = match serde_json::from_str::<Event>(&line) {
+                Ok(event) => {
+                    if event.get("message") == Some("serving /metrics") {
+                        if let Some(addr) = event.get("address") {
+                            let _ = tx.send(addr.to_string());
+                        }
+                    }
+                    event.render()
+                }
+                Err(_) => line,
+            };
             sink.lock().unwrap().push(line);
         }
     });
@@ -226,7 +299,7 @@ pub fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| {
             panic!(
-                "agent did not report its address; log:\n{}",
+                "no `serving /metrics` event with an address (is it started with {JSON_LOG}?); log:\n{}",
                 log.lock().unwrap().join("\n")
             )
         });
@@ -321,7 +394,7 @@ pub fn timeline_ms(scenario: &Scenario, at: Instant) -> u64 {
 pub struct Aggregator {
     pub child: Child,
     pub addr: String,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
 }
 
 impl Aggregator {
@@ -337,6 +410,7 @@ impl Aggregator {
             .arg(format!("--storage.path={}", data.display()))
             .arg("--web.listen-address=127.0.0.1:0")
             .arg("--log.level=info")
+            .arg(JSON_LOG)
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
