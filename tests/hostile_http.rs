@@ -54,16 +54,11 @@ impl Proc {
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        log_count(&self.log, needle)
     }
 
     fn alive(&mut self) -> bool {

@@ -87,6 +87,26 @@ impl Drop for TempDir {
     }
 }
 
+/// Polls `probe` (every 50 ms) until it yields a value; fails the test after `within`,
+/// saying what it waited for (`what`, called only then: a log can go there). The one way
+/// the tests wait for something to happen, instead of sleeping for as long as it usually takes.
+pub fn wait_until<T>(
+    within: Duration,
+    what: impl FnOnce() -> String,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {}", what());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A running `commitmeter agent`, killed on drop.
 pub struct Agent {
     /// The scenario as the fake runs it: its timeline starts when the agent is spawned.
@@ -164,18 +184,11 @@ impl Agent {
 
     /// Waits until `/-/ready` answers 200; returns the instant it did.
     pub fn wait_ready(&self, within: Duration) -> Instant {
-        let deadline = Instant::now() + within;
-        loop {
-            if self.get("/-/ready").0 == 200 {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            within,
+            || format!("the agent to be ready; log:\n{}", self.log_text()),
+            || (self.get("/-/ready").0 == 200).then(Instant::now),
+        )
     }
 
     /// Polls `/metrics` until `pred` holds.
@@ -189,16 +202,11 @@ impl Agent {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     pub fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        log_count(&self.log, needle)
     }
 }
 
@@ -272,6 +280,20 @@ impl Event {
     }
 }
 
+/// The whole log, a line per event.
+pub fn log_text(log: &Log) -> String {
+    log.lock().unwrap().join("\n")
+}
+
+/// How many lines of the log contain `needle`.
+pub fn log_count(log: &Log, needle: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
 /// Reads the child's stderr (JSON events: start it with [`JSON_LOG`]) on a thread; returns
 /// the address of its `serving /metrics` event, and its log.
 pub fn follow_log(child: &mut Child) -> (String, Log) {
@@ -304,6 +326,25 @@ pub fn follow_log(child: &mut Child) -> (String, Log) {
             )
         });
     (addr, log)
+}
+
+/// The value after `key` in the banner `commitmeter demo` prints on its standard output
+/// (`status page:`, `contract metrics:`). The output is read to its end on a thread: a
+/// reader that stopped at the wanted line would close the pipe while the demo still
+/// writes the rest of its banner, and kill it with EPIPE.
+pub fn demo_banner(child: &mut Child, key: &str) -> String {
+    let stdout = child.stdout.take().expect("the demo's stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = key.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(&wanted).nth(1) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the demo printed no {key:?}"))
 }
 
 /// A minimal HTTP/1.0 GET (no chunked bodies to decode); returns status and body.
@@ -437,20 +478,34 @@ impl Aggregator {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     /// Waits until the first scrape round has finished (`/-/ready`).
     pub fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while http_get(&self.addr, "/-/ready").0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "aggregator not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            within,
+            || format!("the aggregator to be ready; log:\n{}", self.log_text()),
+            || (http_get(&self.addr, "/-/ready").0 == 200).then_some(()),
+        )
+    }
+
+    /// Polls `cond` until it holds; on timeout fails saying `what`, with the log.
+    pub fn wait(&self, within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        wait_until(
+            within,
+            || format!("{what}; log:\n{}", self.log_text()),
+            || cond().then_some(()),
+        )
+    }
+
+    /// Waits until a line of its log contains `needle`.
+    pub fn wait_log(&self, within: Duration, needle: &str) {
+        wait_until(
+            within,
+            || format!("{needle:?} in the log:\n{}", self.log_text()),
+            || self.log_text().contains(needle).then_some(()),
+        )
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -470,26 +525,104 @@ impl Drop for Aggregator {
 /// Polls `addr`'s `/metrics` until `pred` holds; on timeout fails with the process log.
 fn wait_for_metrics(
     addr: &str,
-    log: &Mutex<Vec<String>>,
+    log: &Log,
     within: Duration,
     what: &str,
     pred: impl Fn(&Metrics) -> bool,
 ) -> Metrics {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = http_get(addr, "/metrics");
-        assert_eq!(status, 200, "{body}");
-        let m = Metrics::parse(&body);
-        if pred(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            log.lock().unwrap().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        within,
+        || format!("{what}; log:\n{}", log_text(log)),
+        || {
+            let (status, body) = http_get(addr, "/metrics");
+            assert_eq!(status, 200, "{body}");
+            Some(Metrics::parse(&body)).filter(&pred)
+        },
+    )
+}
+
+/// Waits until the ledger served at `addr` (an aggregator's or a demo's `/metrics`) has
+/// sealed `span` of its own time past its first minute: with a demo, simulated time.
+pub fn wait_sealed_span(addr: &str, within: Duration, span: Duration) -> Metrics {
+    wait_until(
+        within,
+        || format!("{span:?} of sealed ledger minutes at {addr}"),
+        || {
+            let (status, body) = http_get(addr, "/metrics");
+            assert_eq!(status, 200, "{body}");
+            let m = Metrics::parse(&body);
+            let since = m.get("commitmeter_ledger_since_timestamp_seconds", &[])?;
+            let through = m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])?;
+            (since > 0.0 && through - since >= span.as_secs_f64()).then_some(m)
+        },
+    )
+}
+
+/// Runs `cmd` with `sh -c`; true if it succeeded.
+pub fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the tests run as root (and may mount file systems).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A file system of its own at a test's path: a small tmpfs (to fill, or to make
+/// read-only) or a loop-mounted ext4 image (to freeze). Needs root: `None` where it cannot
+/// be mounted. Thawed and unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// A tmpfs of `size` (`2m`, `16m`) at `at`.
+    pub fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size={size} tmpfs {}",
+            at.display()
+        ))
+        .then(|| Mount(at.to_path_buf()))
     }
+
+    /// A 64 MB ext4 image (beside `at`) loop-mounted at `at`.
+    pub fn ext4(at: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let img = at.with_extension("img");
+        sh(&format!(
+            "truncate -s 64M {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
+            img.display(),
+            at.display()
+        ))
+        .then(|| Mount(at.to_path_buf()))
+    }
+
+    /// Remounts it read-only; true if that worked.
+    pub fn make_read_only(&self) -> bool {
+        sh(&format!("mount -o remount,ro {}", self.0.display()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "fsfreeze -u {0} 2>/dev/null; umount -l {0}",
+            self.0.display()
+        ));
+    }
+}
+
+/// Writes zeros to `file` until its file system has no byte left.
+pub fn fill_file_system(file: &Path) {
+    let mut f = std::fs::File::create(file).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
 }
 
 /// CPU time of every thread of `pid`, in nanoseconds (schedstat's first field). For benches.
@@ -616,15 +749,9 @@ pub fn expand_series(span: &str) -> Vec<String> {
 /// SIGTERM, then waits up to `within` for the process to exit; its exit status.
 pub fn terminate(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     signal(child.id(), "-TERM");
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not exit within {within:?} of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        within,
+        || "the process to exit on SIGTERM".to_string(),
+        || child.try_wait().expect("wait"),
+    )
 }
