@@ -275,8 +275,8 @@ mod tests {
 
     #[test]
     fn file_sd_groups_with_metrics_path_and_errors() {
-        let dir = std::env::temp_dir().join(format!("commitmeter-sd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let good = dir.join("good.json");
         std::fs::write(
             &good,
@@ -347,7 +347,6 @@ mod tests {
             problems[0].contains("keeping its last good contents (2 groups)"),
             "{problems:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
