@@ -1596,7 +1596,7 @@ mod tests {
     /// a new kind needs its column in `SCHEMA`, a `SCHEMA_VERSION` bump and a migration.
     #[test]
     fn the_minutes_table_has_a_column_per_kind() {
-        let dir = scratch("kind-columns");
+        let (_tmp, dir) = scratch("kind-columns");
         let store = Store::open(&dir).unwrap();
         let columns: Vec<String> = store
             .conn
@@ -1610,7 +1610,6 @@ mod tests {
         want.extend(Kind::NAMES);
         assert_eq!(columns, want);
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
