@@ -16,6 +16,7 @@ use std::time::Duration;
 use commitmeter::aggregator::metrics::KINDS;
 use commitmeter::aggregator::status::thousands;
 use commitmeter::demo::sim::{Fleet, SimContract, SimHost, Story};
+use commitmeter::ledger::Kind;
 use common::*;
 
 /// The demo's simulated start: the `start` of the contracts in the config it wrote.
@@ -33,7 +34,7 @@ fn simulation_start(config: &Path) -> i64 {
 /// capacity missing while everything reported, as far as the commitment reaches
 /// (unreported, undelivered); busy time filling the delivered capacity within the
 /// commitment, its rest (idle) and busy time beyond it (overage).
-fn truth(start_ms: i64, contract: &SimContract, from_ms: i64, to_ms: i64) -> [f64; 7] {
+fn truth(start_ms: i64, contract: &SimContract, from_ms: i64, to_ms: i64) -> [f64; Kind::COUNT] {
     const STEP_MS: i64 = 10_000;
     let hours = STEP_MS as f64 / 3_600_000.0;
     let mut fleet = Fleet::new(Story::Default, start_ms);
