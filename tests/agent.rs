@@ -420,7 +420,7 @@ fn default_lookup_uses_the_dynamic_loader_path() {
         &Scenario::default(),
         AgentOpts {
             library: None,
-            env: vec![("LD_LIBRARY_PATH".into(), dir.0.display().to_string())],
+            env: vec![("LD_LIBRARY_PATH".into(), dir.root().display().to_string())],
             ..AgentOpts::default()
         },
     );
@@ -526,30 +526,19 @@ fn config_mistakes_exit_non_zero_before_serving() {
 /// IPv6 loopback).
 #[test]
 fn colon_port_answers_on_ipv4_and_ipv6_loopback() {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(BIN)
         .args([
             "agent",
             "--web.listen-address=:0",
             "--nvml.library=/nonexistent.so",
+            JSON_LOG,
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.split("address=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
-        }
-    });
-    let logged = rx.recv_timeout(Duration::from_secs(30));
+    let logged =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| follow_log(&mut child).0)).ok();
     let result = std::panic::catch_unwind(|| {
         let logged = logged.expect("the agent did not log its address");
         let bound: std::net::SocketAddr = logged.parse().expect("a socket address");

@@ -128,12 +128,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     let before = agg.metrics();
     agg.kill9();
     let agg = Aggregator::start_with(&config, &data, &every_round);
-    assert!(
-        agg.log_text().contains("ledger restored") || {
-            std::thread::sleep(Duration::from_millis(500));
-            agg.log_text().contains("ledger restored")
-        }
-    );
+    agg.wait_log(Duration::from_secs(5), "ledger restored");
     let sealed_before = before
         .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
         .unwrap() as i64;

@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,19 +79,10 @@ fn start_demo(story: &str, speed: u32, dir: &TempDir) -> Demo {
         .stderr(std::fs::File::create(dir.path("demo.log")).unwrap())
         .spawn()
         .expect("start commitmeter demo");
-    let stdout = child.stdout.take().unwrap();
-    let mut addr = String::new();
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if let Some(rest) = line.split("contract metrics:").nth(1) {
-            addr = rest
-                .trim()
-                .trim_start_matches("http://")
-                .trim_end_matches("/metrics")
-                .to_string();
-            break;
-        }
-    }
-    assert!(!addr.is_empty(), "the demo did not print its address");
+    let addr = demo_banner(&mut child, "contract metrics:")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
     Demo {
         child,
         addr,
@@ -174,13 +164,11 @@ impl Drop for Prometheus {
     }
 }
 
+/// Starts Prometheus on a free loopback port and waits until it is ready. Prometheus
+/// cannot be handed a bound socket, so the port is free only when picked: if another
+/// process takes it first, Prometheus exits with "address already in use" and it is
+/// started again on another port.
 fn start_prometheus(demo: &Demo, rules: &[PathBuf], dir: &TempDir) -> Prometheus {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
     let rule_list: Vec<String> = rules
         .iter()
         .map(|r| format!("  - {:?}", r.display().to_string()))
@@ -196,31 +184,62 @@ fn start_prometheus(demo: &Demo, rules: &[PathBuf], dir: &TempDir) -> Prometheus
     let path = dir.path("prometheus.yml");
     std::fs::write(&path, config).unwrap();
     let log = dir.path("prometheus.log");
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", path.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={addr}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("prometheus not found: install Debian's `prometheus` package (see .ci/run)");
-    let mut p = Prometheus { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if std::net::TcpStream::connect(&p.addr).is_ok() && http_get(&p.addr, "/-/ready").0 == 200 {
-            return p;
-        }
-        let exited = p.child.try_wait().unwrap();
-        assert!(
-            exited.is_none() && Instant::now() < deadline,
-            "prometheus did not become ready ({exited:?}):\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("prometheus not found: install Debian's `prometheus` package (see .ci/run)");
+        let mut p = Prometheus {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let exited = wait_until(
+            Duration::from_secs(60),
+            || {
+                format!(
+                    "prometheus to become ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            },
+            || match p.child.try_wait().unwrap() {
+                Some(status) => Some(Some(status)),
+                None => prometheus_ready(&p.addr).then_some(None),
+            },
         );
-        std::thread::sleep(Duration::from_millis(200));
+        let Some(status) = exited else {
+            return p;
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains("address already in use") && attempt < ATTEMPTS,
+            "prometheus exited ({status}) on attempt {attempt}:\n{text}"
+        );
+        eprintln!("port {port} was taken before prometheus bound it: trying another");
     }
+    unreachable!("the last attempt returns or fails")
+}
+
+/// Whether a Prometheus answers ready on `addr` (its own words: not another server that
+/// took the port).
+fn prometheus_ready(addr: &str) -> bool {
+    if std::net::TcpStream::connect(addr).is_err() {
+        return false;
+    }
+    let (status, body) = http_get(addr, "/-/ready");
+    status == 200 && body.contains("Prometheus")
 }
 
 fn api(p: &Prometheus, path: &str) -> serde_json::Value {
@@ -258,7 +277,7 @@ fn urlencode(s: &str) -> String {
 #[test]
 fn underuse_pages_through_prometheus() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-underuse");
+    let dir = TempDir::keep_on_failure("e2e-underuse");
     let mut demo = start_demo("underuse", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -286,7 +305,7 @@ fn underuse_pages_through_prometheus() {
 #[test]
 fn a_healthy_fleet_fires_nothing() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-healthy");
+    let dir = TempDir::keep_on_failure("e2e-healthy");
     let demo = start_demo("healthy", 60, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
     // As long as the underuse test takes to page, and then some: 100 simulated minutes.
@@ -327,11 +346,16 @@ fn a_healthy_fleet_fires_nothing() {
 #[test]
 fn every_dashboard_query_returns_data() {
     let _serial = serial();
-    let dir = TempDir::new("e2e-dashboards");
+    let dir = TempDir::keep_on_failure("e2e-dashboards");
     let demo = start_demo("default", 600, &dir);
     let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
-    // 40 s at 600x is over 6 simulated hours: past the host outage, the lost GPU and the ramp.
-    std::thread::sleep(Duration::from_secs(40));
+    // 6 simulated hours sealed (some 37 s at 600x): past the host outage, the lost GPU
+    // and the ramp.
+    wait_sealed_span(
+        &demo.addr,
+        Duration::from_secs(120),
+        Duration::from_secs(6 * 3600),
+    );
     // On a loaded machine scrapes can time out: wait until Prometheus has every agent.
     let deadline = Instant::now() + Duration::from_secs(60);
     while api_query(&prom, "sum(up{job=\"commitmeter-agent\"}) >= 64") != Ok(1) {

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -26,7 +26,7 @@ const PASSWORD: &str = "correct horse battery staple";
 struct Proc {
     child: Child,
     addr: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Proc {
@@ -42,6 +42,7 @@ impl Proc {
             .arg(script)
             .arg(BIN)
             .args(args)
+            .arg(JSON_LOG)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -53,16 +54,11 @@ impl Proc {
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        log_count(&self.log, needle)
     }
 
     fn alive(&mut self) -> bool {

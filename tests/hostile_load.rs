@@ -12,7 +12,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -400,58 +399,8 @@ fn the_log_stays_bounded_whatever_the_fleet_does() {
     );
 }
 
-/// Runs `cmd`, true if it succeeded.
-fn sh(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A file system of its own for the ledger: a loop-mounted ext4 image (to freeze) or a
-/// small tmpfs (to fill). Needs root; unmounted on drop.
-struct Mount(std::path::PathBuf);
-
-impl Mount {
-    fn new(at: &Path, how: &str) -> Option<Mount> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = match how {
-            "ext4" => {
-                let img = at.with_extension("img");
-                sh(&format!(
-                    "truncate -s 64M {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
-                    img.display(),
-                    at.display()
-                ))
-            }
-            _ => sh(&format!(
-                "mount -t tmpfs -o size={how} tmpfs {}",
-                at.display()
-            )),
-        };
-        ok.then(|| Mount(at.to_path_buf()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = sh(&format!(
-            "fsfreeze -u {0} 2>/dev/null; umount -l {0}",
-            self.0.display()
-        ));
-    }
-}
-
 fn ready(addr: &str) -> u16 {
     http_get(addr, "/-/ready").0
-}
-
-fn wait_until(within: Duration, what: &str, log: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}; log:\n{}", log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A frozen disk (`fsfreeze`) under the ledger: `/metrics`, the status page and the scrape
@@ -460,7 +409,7 @@ fn wait_until(within: Duration, what: &str, log: &dyn Fn() -> String, mut f: imp
 #[test]
 fn a_frozen_disk_stalls_neither_serving_nor_scraping_and_fails_readiness() {
     let dir = TempDir::new("hostile-freeze");
-    let Some(mount) = Mount::new(&dir.path("fs"), "ext4") else {
+    let Some(mount) = Mount::ext4(&dir.path("fs")) else {
         eprintln!("SKIPPED: cannot mount a loop file system here (not root?)");
         return;
     };
@@ -470,14 +419,12 @@ fn a_frozen_disk_stalls_neither_serving_nor_scraping_and_fails_readiness() {
         &mount.0.join("ledger"),
     );
     agg.wait_ready(Duration::from_secs(20));
-    let log = || agg.log_text();
     assert!(sh(&format!("fsfreeze -f {}", mount.0.display())));
     let frozen_at = Instant::now();
     let mut worst = Duration::ZERO;
-    wait_until(
+    agg.wait(
         Duration::from_secs(40),
         "readiness fails on a frozen disk",
-        &log,
         || {
             for path in ["/metrics", "/", "/-/healthy"] {
                 let (status, took) = timed_get(&agg.addr, path);
@@ -508,10 +455,9 @@ fn a_frozen_disk_stalls_neither_serving_nor_scraping_and_fails_readiness() {
     );
     assert!(worst < Duration::from_secs(5), "{worst:?}");
     assert!(sh(&format!("fsfreeze -u {}", mount.0.display())));
-    wait_until(
+    agg.wait(
         Duration::from_secs(30),
         "ready again after the thaw",
-        &log,
         || ready(&agg.addr) == 200,
     );
     let m = agg.metrics();
@@ -528,7 +474,7 @@ fn a_frozen_disk_stalls_neither_serving_nor_scraping_and_fails_readiness() {
 #[test]
 fn a_full_disk_fails_readiness_keeps_minutes_and_recovers() {
     let dir = TempDir::new("hostile-full");
-    let Some(mount) = Mount::new(&dir.path("fs"), "2m") else {
+    let Some(mount) = Mount::tmpfs(&dir.path("fs"), "2m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
         return;
     };
@@ -540,15 +486,11 @@ fn a_full_disk_fails_readiness_keeps_minutes_and_recovers() {
     agg.wait_ready(Duration::from_secs(20));
     let log = || agg.log_text();
     let filler = mount.0.join("filler");
-    // Fill every byte left (dd stops with "No space left on device").
-    let _ = sh(&format!(
-        "dd if=/dev/zero of={} bs=4k 2>/dev/null",
-        filler.display()
-    ));
-    wait_until(
+    // Fill every byte left.
+    fill_file_system(&filler);
+    agg.wait(
         Duration::from_secs(30),
         "readiness fails on a full disk",
-        &log,
         || ready(&agg.addr) == 503,
     );
     let m = agg.metrics();
@@ -571,10 +513,9 @@ fn a_full_disk_fails_readiness_keeps_minutes_and_recovers() {
         log()
     );
     std::fs::remove_file(&filler).unwrap();
-    wait_until(
+    agg.wait(
         Duration::from_secs(30),
         "ready again once space is back",
-        &log,
         || ready(&agg.addr) == 200,
     );
     let m = agg.metrics();

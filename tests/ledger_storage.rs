@@ -177,20 +177,21 @@ fn the_demo_refuses_a_production_ledger_and_the_aggregator_a_demos() {
             "demo",
             &format!("--data.dir={}", demo_dir.display()),
             "--web.listen-address=127.0.0.1:0",
+            JSON_LOG,
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !demo_dir.join("ledger.id").exists() || !demo_dir.join("aggregator.toml").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the demo did not create its ledger"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    // Serving and through its first round (so its SIGTERM handler is in place): its
+    // ledger and config are written by then.
+    let (addr, log) = follow_log(&mut demo);
+    wait_until(
+        Duration::from_secs(30),
+        || format!("the demo to be ready; log:\n{}", log_text(&log)),
+        || (http_get(&addr, "/-/ready").0 == 200).then_some(()),
+    );
+    assert!(demo_dir.join("ledger.id").exists() && demo_dir.join("aggregator.toml").exists());
     assert!(terminate(&mut demo, Duration::from_secs(20)).success());
     let marker = std::fs::read_to_string(demo_dir.join("ledger.id")).unwrap();
     assert!(marker.contains("kind = \"demo\""), "{marker}");
@@ -305,39 +306,24 @@ fn a_wal_deleted_after_kill9_loses_no_sealed_minute_and_a_ledger_without_its_ide
 /// (permissions do not stop root), a mode 0555 directory otherwise.
 struct ReadOnly {
     path: PathBuf,
-    mounted: bool,
+    mounted: Option<Mount>,
 }
 
 impl ReadOnly {
     fn new(path: PathBuf) -> Self {
         std::fs::create_dir_all(&path).unwrap();
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let mounted = root
-            && Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-                .arg(&path)
-                .status()
-                .is_ok_and(|s| s.success());
+        let root = is_root();
+        let mounted = root.then(|| Mount::tmpfs(&path, "16m")).flatten();
         assert!(
-            mounted || !root,
+            mounted.is_some() || !root,
             "running as root without the right to mount a tmpfs: cannot make read-only storage"
         );
         Self { path, mounted }
     }
 
     fn make_read_only(&self) {
-        if self.mounted {
-            let ok = Command::new("mount")
-                .args(["-o", "remount,ro"])
-                .arg(&self.path)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "remount read-only");
+        if let Some(mount) = &self.mounted {
+            assert!(mount.make_read_only(), "remount read-only");
         } else {
             use std::os::unix::fs::PermissionsExt;
             for e in std::fs::read_dir(&self.path).unwrap() {
@@ -351,9 +337,7 @@ impl ReadOnly {
 
 impl Drop for ReadOnly {
     fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.path).status();
-        } else {
+        if self.mounted.is_none() {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755));
         }
@@ -531,12 +515,7 @@ fn a_backup_taken_while_running_opens_as_the_same_ledger() {
 
 #[test]
 fn a_full_disk_mid_run_is_an_error_not_a_signal_and_writing_resumes_when_space_returns() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !root {
+    if !is_root() {
         eprintln!("not root: cannot mount a small tmpfs to fill; skipped");
         return;
     }
@@ -544,21 +523,7 @@ fn a_full_disk_mid_run_is_an_error_not_a_signal_and_writing_resumes_when_space_r
     let dir = TempDir::new("full");
     let config = config(&dir, &a.addr);
     let data = dir.path("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&data)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mount a tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let _mount = Mount::tmpfs(&data, "2m").expect("mount a tmpfs");
     let agg = Aggregator::start(&config, &data);
     agg.wait_ready(Duration::from_secs(20));
     let errors = |m: &Metrics| {
@@ -570,13 +535,7 @@ fn a_full_disk_mid_run_is_an_error_not_a_signal_and_writing_resumes_when_space_r
     };
     // Fill the disk.
     let filler = data.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-    }
+    fill_file_system(&filler);
     let m = agg.wait_for(Duration::from_secs(30), "failed commits", |m| {
         errors(m) >= 3.0
     });

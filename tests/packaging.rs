@@ -12,11 +12,19 @@
 //! (`cargo install cargo-deb --locked --version 3.8.0`); `.ci/run` installs them. A missing
 //! tool fails the test with a message, never skips it.
 
+// Tests read the clock and open SQLite as they please: clippy.toml keeps that to
+// src/clock.rs and src/aggregator/store.rs in the product only.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_commitmeter");
+mod common;
+
+use common::TempDir;
+
+use common::BIN;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const UNITS: [&str; 2] = [
     "commitmeter-agent.service",
@@ -24,33 +32,6 @@ const UNITS: [&str; 2] = [
 ];
 /// The highest acceptable `systemd-analyze security` exposure (0 = fully locked down, 10 = none).
 const MAX_EXPOSURE: f64 = 2.0;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "commitmeter-packaging-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(ROOT).join(rel)

@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -137,40 +137,24 @@ fn every_aggregator_series_in_the_readme_is_exported_and_every_exported_one_docu
             .unwrap(),
     );
     // It prints where it serves: "  contract metrics:  http://127.0.0.1:PORT/metrics".
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = demo.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            if let Some(url) = line.split("contract metrics:").nth(1) {
-                let addr = url
-                    .trim()
-                    .trim_start_matches("http://")
-                    .trim_end_matches("/metrics");
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the demo's address");
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let port = demo_banner(&mut demo.0, "contract metrics:")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
     let want = [
         "commitmeter_contract_utilization_ratio",
         "commitmeter_contract_projected_utilization_ratio",
         "commitmeter_target_scrape_errors_total",
     ];
-    let body = loop {
-        let body = scrape(&port).unwrap_or_default();
-        let names = exported(&body);
-        if want.iter().all(|w| names.contains(*w)) {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the demo's aggregator never exported {want:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let body = wait_until(
+        Duration::from_secs(90),
+        || format!("the demo's aggregator to export {want:?}"),
+        || {
+            let body = scrape(&port).unwrap_or_default();
+            let names = exported(&body);
+            want.iter().all(|w| names.contains(*w)).then_some(body)
+        },
+    );
     drop(demo);
     // One exposition, one clock: the config's reload time is on the demo's simulated
     // clock like the ledger's (which starts on the 2nd of the month, days from real time

@@ -1528,11 +1528,15 @@ mod tests {
     use super::*;
     use crate::ledger::{split, GpuCounters, Ledger, Reading};
 
-    fn scratch(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("commitmeter-store-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    /// A path for a ledger directory (not created) inside a temporary directory that is
+    /// removed when the guard drops, also when the test panics.
+    fn scratch(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("commitmeter-store-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().join("ledger");
+        (tmp, dir)
     }
 
     fn reading(t: i64, observed_ms: i64) -> Reading {
@@ -1554,7 +1558,7 @@ mod tests {
 
     #[test]
     fn a_commit_round_trips_and_sealed_minutes_never_change() {
-        let dir = scratch("roundtrip");
+        let (_tmp, dir) = scratch("roundtrip");
         let ids = vec!["a".to_string(), "b".to_string()];
         let mut ledger = Ledger::new(2, 0);
         ledger.observe("h:1", 1, reading(60_000, 0));
@@ -1586,14 +1590,13 @@ mod tests {
             .to_string();
         assert!(err.contains("sealed again with other figures"), "{err}");
         assert_eq!(store.minutes("b", 0, 10).unwrap()[0].1, sealed[1].totals);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The `minutes` table has one column per kind, named and ordered as [`Kind::ALL`]:
     /// a new kind needs its column in `SCHEMA`, a `SCHEMA_VERSION` bump and a migration.
     #[test]
     fn the_minutes_table_has_a_column_per_kind() {
-        let dir = scratch("kind-columns");
+        let (_tmp, dir) = scratch("kind-columns");
         let store = Store::open(&dir).unwrap();
         let columns: Vec<String> = store
             .conn
@@ -1607,12 +1610,11 @@ mod tests {
         want.extend(Kind::NAMES);
         assert_eq!(columns, want);
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_version_1_database_is_migrated_and_a_newer_one_refused() {
-        let dir = scratch("migrate");
+        let (_tmp, dir) = scratch("migrate");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ledger.sqlite3");
         {
@@ -1656,12 +1658,11 @@ mod tests {
             .unwrap();
         let err = Store::open(&dir).err().unwrap().to_string();
         assert!(err.contains("schema version 99 is newer"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_inconsistent_ledger_refuses_to_start_naming_contract_and_minute() {
-        let dir = scratch("inconsistent");
+        let (_tmp, dir) = scratch("inconsistent");
         let ids = vec!["acme".to_string()];
         let mut store = Store::open(&dir).unwrap();
         let t = split(60_000, 60_000, 30_000, 0, false);
@@ -1684,12 +1685,11 @@ mod tests {
                 && err.contains("a negative figure"),
             "{err}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_value_of_the_wrong_type_says_the_file_is_not_a_ledger_commitmeter_wrote() {
-        let dir = scratch("real");
+        let (_tmp, dir) = scratch("real");
         let ids = vec!["acme".to_string()];
         let mut store = Store::open(&dir).unwrap();
         store
@@ -1705,12 +1705,11 @@ mod tests {
                 && err.contains("not a ledger commitmeter wrote"),
             "{err}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_contract_renamed_between_restarts_is_unreported_until_seen_again() {
-        let dir = scratch("renamed");
+        let (_tmp, dir) = scratch("renamed");
         let mut ledger = Ledger::new(1, 0);
         ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
         ledger.observe("h:1", 0, reading(60_000, 0));
@@ -1748,7 +1747,6 @@ mod tests {
                 (60_000, 0, 0)
             ]
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn host_reading(t: i64, gpus: usize, observed_ms: i64) -> Reading {
@@ -1780,7 +1778,7 @@ mod tests {
 
     #[test]
     fn host_checkpoints_write_only_changed_rows_and_only_when_due() {
-        let dir = scratch("incremental");
+        let (_tmp, dir) = scratch("incremental");
         let ids = vec!["a".to_string()];
         let mut ledger = Ledger::new(1, 0);
         let hosts: Vec<(String, Vec<usize>)> =
@@ -1847,14 +1845,13 @@ mod tests {
             l
         });
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A crash between two host checkpoints: the restored hosts re-baseline, so nothing
     /// is counted twice, and the minutes until their next reading are unreported.
     #[test]
     fn a_crash_between_host_checkpoints_counts_nothing_twice() {
-        let dir = scratch("crash");
+        let (_tmp, dir) = scratch("crash");
         let ids = vec!["a".to_string()];
         let committed = |_: usize, a: i64, b: i64| (b - a) * 2;
         let mut ledger = Ledger::new(1, 0);
@@ -1909,12 +1906,11 @@ mod tests {
         );
         assert_eq!(by[&5].delivered, 120_000);
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_second_store_on_the_same_directory_is_refused_naming_the_holder() {
-        let dir = scratch("lock");
+        let (_tmp, dir) = scratch("lock");
         let store = Store::open(&dir).unwrap();
         let err = Store::open(&dir).err().unwrap().to_string();
         assert!(
@@ -1925,12 +1921,11 @@ mod tests {
         );
         drop(store);
         assert!(Store::open(&dir).is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_lost_or_foreign_ledger_is_refused_and_create_new_moves_it_aside() {
-        let dir = scratch("identity");
+        let (_tmp, dir) = scratch("identity");
         drop(Store::open(&dir).unwrap());
         let db = dir.join(DB_FILE);
         let create = StoreOptions {
@@ -1965,12 +1960,11 @@ mod tests {
             aside[0].path().join(DB_FILE).exists() && aside[0].path().join(MARKER_FILE).exists()
         );
         assert!(Store::open(&dir).is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_ledger_sealed_in_the_future_is_refused_or_its_future_minutes_discarded() {
-        let dir = scratch("future");
+        let (_tmp, dir) = scratch("future");
         let ids = vec!["a".to_string()];
         let now = 1_000 * MINUTE_MS;
         let mut ledger = Ledger::new(1, now);
@@ -2001,14 +1995,13 @@ mod tests {
         assert!(store.minutes("a", 1000, i64::MAX).unwrap().is_empty());
         assert!(store.check_clock(now).is_ok());
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A commit that fails midway (here: a conflicting sealed minute after a new one)
     /// leaves nothing of itself; the retry with the same sealed minutes then succeeds.
     #[test]
     fn a_failed_commit_leaves_nothing_and_its_retry_writes_the_same_minutes() {
-        let dir = scratch("rollback");
+        let (_tmp, dir) = scratch("rollback");
         let ids = vec!["a".to_string()];
         let t = |used: i64| split(60_000, 60_000, used, 0, false);
         let minute = |m: i64, used: i64| Sealed {
@@ -2036,6 +2029,5 @@ mod tests {
             vec![(1, t(10)), (2, t(20))]
         );
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -275,8 +275,8 @@ mod tests {
 
     #[test]
     fn file_sd_groups_with_metrics_path_and_errors() {
-        let dir = std::env::temp_dir().join(format!("commitmeter-sd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let good = dir.join("good.json");
         std::fs::write(
             &good,
@@ -347,15 +347,12 @@ mod tests {
             problems[0].contains("keeping its last good contents (2 groups)"),
             "{problems:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn file_sd_targets_and_labels_are_checked_like_static_ones() {
-        let dir =
-            std::env::temp_dir().join(format!("commitmeter-sd-strict-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("sd.json");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sd.json");
         // The same host:port check as `[[targets]]`: port 1..=65535, IPv6 in brackets.
         for (target, ok) in [
             ("[::1]:9473", true),
@@ -384,6 +381,5 @@ mod tests {
             targets, problems, ..
         } = build_one(&file);
         assert!(targets.is_empty() && problems.len() == 1, "{problems:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -368,14 +368,15 @@ fn aggregator_mistakes() {
 /// A temporary directory with a CA, a client certificate and key, a key of another
 /// certificate, and a password file, for the scrape TLS and auth keys. Its `parse` reads
 /// them as the aggregator does when it is prepared (`ScrapeClient::load`).
-struct ScrapeFiles(std::path::PathBuf);
+struct ScrapeFiles(tempfile::TempDir);
 
 impl ScrapeFiles {
     fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("commitmeter-scrape-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("commitmeter-scrape-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -395,19 +396,13 @@ impl ScrapeFiles {
         );
         write("password", "s3cret\n");
         write("empty", "\n");
-        Self(dir)
+        Self(tmp)
     }
 
     fn parse(&self, aggregator: &str) -> Result<ScrapeClient, String> {
-        let path = self.0.join("aggregator.toml");
+        let path = self.0.path().join("aggregator.toml");
         let c = parse(&path, &format!("[aggregator]\n{aggregator}")).map_err(|e| e.to_string())?;
         ScrapeClient::load(&path, &c.scrape).map_err(|e| e.to_string())
-    }
-}
-
-impl Drop for ScrapeFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -438,7 +433,7 @@ fn scrape_scheme_tls_and_basic_auth() {
     let c = f
         .parse(&format!(
             "tls_insecure_skip_verify = true\ntls_ca_file = {:?}\n",
-            f.0.join("ca.crt").display().to_string()
+            f.0.path().join("ca.crt").display().to_string()
         ))
         .unwrap();
     assert!(c.tls.insecure_skip_verify);
@@ -487,7 +482,7 @@ fn parsing_reads_no_file_it_names() {
 #[test]
 fn scrape_security_mistakes_name_the_file_and_the_key() {
     let f = ScrapeFiles::new("mistakes");
-    let file = f.0.join("aggregator.toml").display().to_string();
+    let file = f.0.path().join("aggregator.toml").display().to_string();
     let cases = [
         (
             "scrape_scheme = \"HTTPS\"",

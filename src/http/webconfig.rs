@@ -338,16 +338,15 @@ mod tests {
     use super::*;
 
     /// A directory with a CA, a server certificate signed by it, and a second key.
-    struct Files(PathBuf);
+    struct Files(tempfile::TempDir);
 
     impl Files {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "commitmeter-webconfig-{}-{tag}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("commitmeter-webconfig-{tag}-"))
+                .tempdir()
+                .unwrap();
+            let dir = tmp.path();
             let ca_key = rcgen::KeyPair::generate().unwrap();
             let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -362,23 +361,17 @@ mod tests {
             std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
             std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
             std::fs::write(dir.join("other.key"), other.serialize_pem()).unwrap();
-            Self(dir)
+            Self(tmp)
         }
 
         fn parse(&self, yaml: &str) -> Result<WebConfig, String> {
-            WebConfigFile::parse(&self.0.join("web.yml"), yaml)
+            WebConfigFile::parse(&self.0.path().join("web.yml"), yaml)
                 .and_then(|f| f.build())
                 .map_err(|e| e.to_string())
         }
 
         fn file(&self) -> String {
-            self.0.join("web.yml").display().to_string()
-        }
-    }
-
-    impl Drop for Files {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join("web.yml").display().to_string()
         }
     }
 
@@ -399,7 +392,7 @@ mod tests {
             let w = f
                 .parse(&format!(
                     "tls_server_config:\n  cert_file: {0}/server.crt\n  key_file: {0}/server.key\n  client_auth_type: {auth}\n",
-                    f.0.display()
+                    f.0.path().display()
                 ))
                 .unwrap();
             assert!(w.is_tls() && !w.has_auth(), "{auth}");

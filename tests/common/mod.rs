@@ -41,27 +41,69 @@ pub fn fake_library(name: &str) -> PathBuf {
     path
 }
 
-/// A unique scratch directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A unique scratch directory (`tempfile`), removed on drop, also when a test panics;
+/// see [`TempDir::keep_on_failure`] for one a failure's post-mortem needs.
+pub struct TempDir {
+    dir: Option<tempfile::TempDir>,
+    keep_on_failure: bool,
+}
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("commitmeter-test-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("commitmeter-test-{tag}-"))
+            .tempdir()
+            .expect("create a temporary directory");
+        Self {
+            dir: Some(dir),
+            keep_on_failure: false,
+        }
     }
+
+    /// A scratch directory that stays on disk when the test fails (panics), with its path
+    /// printed, so logs written there can be read after the run; removed on success.
+    pub fn keep_on_failure(tag: &str) -> Self {
+        let mut dir = Self::new(tag);
+        dir.keep_on_failure = true;
+        dir
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.as_ref().expect("live temporary directory").path()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.root().join(name)
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(dir) = self.dir.take() {
+            if self.keep_on_failure && std::thread::panicking() {
+                eprintln!("kept for the post-mortem: {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// Polls `probe` (every 50 ms) until it yields a value; fails the test after `within`,
+/// saying what it waited for (`what`, called only then: a log can go there). The one way
+/// the tests wait for something to happen, instead of sleeping for as long as it usually takes.
+pub fn wait_until<T>(
+    within: Duration,
+    what: impl FnOnce() -> String,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {}", what());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -71,7 +113,7 @@ pub struct Agent {
     pub sc: Scenario,
     pub child: Child,
     pub addr: String,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
     pub dir: TempDir,
 }
 
@@ -108,6 +150,7 @@ impl Agent {
             .arg("--web.listen-address=127.0.0.1:0")
             .arg(format!("--sample.interval={}", opts.interval))
             .arg(format!("--log.level={}", opts.log_level))
+            .arg(JSON_LOG)
             .args(&opts.extra_args)
             .env("FAKE_NVML_SCENARIO", &scenario_path)
             .stdout(Stdio::null())
@@ -141,18 +184,11 @@ impl Agent {
 
     /// Waits until `/-/ready` answers 200; returns the instant it did.
     pub fn wait_ready(&self, within: Duration) -> Instant {
-        let deadline = Instant::now() + within;
-        loop {
-            if self.get("/-/ready").0 == 200 {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            within,
+            || format!("the agent to be ready; log:\n{}", self.log_text()),
+            || (self.get("/-/ready").0 == 200).then(Instant::now),
+        )
     }
 
     /// Polls `/metrics` until `pred` holds.
@@ -166,16 +202,11 @@ impl Agent {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     pub fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        log_count(&self.log, needle)
     }
 }
 
@@ -186,17 +217,103 @@ impl Drop for Agent {
     }
 }
 
-/// Reads the child's stderr on a thread; returns the address it logged it serves on.
-pub fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
+/// The flag every `commitmeter` a test follows with [`follow_log`] runs with: events as
+/// JSON lines, so the address it serves on is read from a field, not scraped from text.
+pub const JSON_LOG: &str = "--log.format=json";
+
+/// The shared log of a followed child: one line per event, rendered as the text format
+/// writes it (`TIMESTAMP LEVEL target: message key=value …`, fields in the order logged),
+/// and any line that is not JSON (a panic) as written.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// One JSON log event, its fields in the order written.
+struct Event(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Event;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON log event")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Event, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(field) = map.next_entry()? {
+                    fields.push(field);
+                }
+                Ok(Event(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+impl Event {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_str())
+    }
+
+    /// The line as `--log.format=text` would write it (without colours or spans).
+    fn render(&self) -> String {
+        let head = ["timestamp", "level", "target", "message"];
+        let mut line = format!(
+            "{} {:>5} {}: {}",
+            self.get("timestamp").unwrap_or(""),
+            self.get("level").unwrap_or(""),
+            self.get("target").unwrap_or(""),
+            self.get("message").unwrap_or("")
+        );
+        for (k, v) in self.0.iter().filter(|(k, _)| !head.contains(&k.as_str())) {
+            match v {
+                serde_json::Value::String(s) => line.push_str(&format!(" {k}={s}")),
+                other => line.push_str(&format!(" {k}={other}")),
+            }
+        }
+        line
+    }
+}
+
+/// The whole log, a line per event.
+pub fn log_text(log: &Log) -> String {
+    log.lock().unwrap().join("\n")
+}
+
+/// How many lines of the log contain `needle`.
+pub fn log_count(log: &Log, needle: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Reads the child's stderr (JSON events: start it with [`JSON_LOG`]) on a thread; returns
+/// the address of its `serving /metrics` event, and its log.
+pub fn follow_log(child: &mut Child) -> (String, Log) {
+    let log = Log::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("address=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
+            let line = match serde_json::from_str::<Event>(&line) {
+                Ok(event) => {
+                    if event.get("message") == Some("serving /metrics") {
+                        if let Some(addr) = event.get("address") {
+                            let _ = tx.send(addr.to_string());
+                        }
+                    }
+                    event.render()
+                }
+                Err(_) => line,
+            };
             sink.lock().unwrap().push(line);
         }
     });
@@ -204,11 +321,30 @@ pub fn follow_log(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| {
             panic!(
-                "agent did not report its address; log:\n{}",
+                "no `serving /metrics` event with an address (is it started with {JSON_LOG}?); log:\n{}",
                 log.lock().unwrap().join("\n")
             )
         });
     (addr, log)
+}
+
+/// The value after `key` in the banner `commitmeter demo` prints on its standard output
+/// (`status page:`, `contract metrics:`). The output is read to its end on a thread: a
+/// reader that stopped at the wanted line would close the pipe while the demo still
+/// writes the rest of its banner, and kill it with EPIPE.
+pub fn demo_banner(child: &mut Child, key: &str) -> String {
+    let stdout = child.stdout.take().expect("the demo's stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = key.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(&wanted).nth(1) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the demo printed no {key:?}"))
 }
 
 /// A minimal HTTP/1.0 GET (no chunked bodies to decode); returns status and body.
@@ -247,60 +383,26 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Parses the text exposition format as the agent writes it (tests only; the
-    /// aggregator has its own, property-tested parser).
+    /// Reads a text exposition with the product's own parser (the aggregator's, which is
+    /// property-tested against the encoder); a malformed body fails the test.
     pub fn parse(body: &str) -> Metrics {
         let mut m = Metrics::default();
-        for line in body
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (name, labels, rest) = match line.find('{') {
-                Some(open) => {
-                    let mut labels = BTreeMap::new();
-                    let mut chars = line[open + 1..].char_indices();
-                    let mut key = String::new();
-                    let close;
-                    loop {
-                        let (i, c) = chars.next().expect("unterminated labels");
-                        match c {
-                            '}' => {
-                                close = open + 1 + i;
-                                break;
-                            }
-                            '=' => {
-                                assert_eq!(chars.next().map(|x| x.1), Some('"'));
-                                let mut val = String::new();
-                                loop {
-                                    let (_, c) = chars.next().unwrap();
-                                    match c {
-                                        '\\' => match chars.next().unwrap().1 {
-                                            'n' => val.push('\n'),
-                                            o => val.push(o),
-                                        },
-                                        '"' => break,
-                                        o => val.push(o),
-                                    }
-                                }
-                                labels.insert(std::mem::take(&mut key).trim().to_string(), val);
-                            }
-                            ',' => {}
-                            o => key.push(o),
-                        }
-                    }
-                    (&line[..open], labels, &line[close + 1..])
-                }
-                None => {
-                    let sp = line.find(' ').unwrap();
-                    (&line[..sp], BTreeMap::new(), &line[sp..])
-                }
-            };
-            let value: f64 = rest.split_whitespace().next().unwrap().parse().unwrap();
-            m.samples
-                .entry(name.to_string())
-                .or_default()
-                .push((labels, value));
-        }
+        commitmeter::aggregator::parse::parse(
+            body,
+            |_| true,
+            |s| {
+                let labels = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                m.samples
+                    .entry(s.name.to_string())
+                    .or_default()
+                    .push((labels, s.value));
+            },
+        )
+        .unwrap_or_else(|e| panic!("malformed exposition: {e}\n{body}"));
         m
     }
 
@@ -333,7 +435,7 @@ pub fn timeline_ms(scenario: &Scenario, at: Instant) -> u64 {
 pub struct Aggregator {
     pub child: Child,
     pub addr: String,
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
 }
 
 impl Aggregator {
@@ -349,6 +451,7 @@ impl Aggregator {
             .arg(format!("--storage.path={}", data.display()))
             .arg("--web.listen-address=127.0.0.1:0")
             .arg("--log.level=info")
+            .arg(JSON_LOG)
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -375,20 +478,34 @@ impl Aggregator {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        log_text(&self.log)
     }
 
     /// Waits until the first scrape round has finished (`/-/ready`).
     pub fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while http_get(&self.addr, "/-/ready").0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "aggregator not ready; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            within,
+            || format!("the aggregator to be ready; log:\n{}", self.log_text()),
+            || (http_get(&self.addr, "/-/ready").0 == 200).then_some(()),
+        )
+    }
+
+    /// Polls `cond` until it holds; on timeout fails saying `what`, with the log.
+    pub fn wait(&self, within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        wait_until(
+            within,
+            || format!("{what}; log:\n{}", self.log_text()),
+            || cond().then_some(()),
+        )
+    }
+
+    /// Waits until a line of its log contains `needle`.
+    pub fn wait_log(&self, within: Duration, needle: &str) {
+        wait_until(
+            within,
+            || format!("{needle:?} in the log:\n{}", self.log_text()),
+            || self.log_text().contains(needle).then_some(()),
+        )
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -408,26 +525,104 @@ impl Drop for Aggregator {
 /// Polls `addr`'s `/metrics` until `pred` holds; on timeout fails with the process log.
 fn wait_for_metrics(
     addr: &str,
-    log: &Mutex<Vec<String>>,
+    log: &Log,
     within: Duration,
     what: &str,
     pred: impl Fn(&Metrics) -> bool,
 ) -> Metrics {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = http_get(addr, "/metrics");
-        assert_eq!(status, 200, "{body}");
-        let m = Metrics::parse(&body);
-        if pred(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            log.lock().unwrap().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        within,
+        || format!("{what}; log:\n{}", log_text(log)),
+        || {
+            let (status, body) = http_get(addr, "/metrics");
+            assert_eq!(status, 200, "{body}");
+            Some(Metrics::parse(&body)).filter(&pred)
+        },
+    )
+}
+
+/// Waits until the ledger served at `addr` (an aggregator's or a demo's `/metrics`) has
+/// sealed `span` of its own time past its first minute: with a demo, simulated time.
+pub fn wait_sealed_span(addr: &str, within: Duration, span: Duration) -> Metrics {
+    wait_until(
+        within,
+        || format!("{span:?} of sealed ledger minutes at {addr}"),
+        || {
+            let (status, body) = http_get(addr, "/metrics");
+            assert_eq!(status, 200, "{body}");
+            let m = Metrics::parse(&body);
+            let since = m.get("commitmeter_ledger_since_timestamp_seconds", &[])?;
+            let through = m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])?;
+            (since > 0.0 && through - since >= span.as_secs_f64()).then_some(m)
+        },
+    )
+}
+
+/// Runs `cmd` with `sh -c`; true if it succeeded.
+pub fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the tests run as root (and may mount file systems).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A file system of its own at a test's path: a small tmpfs (to fill, or to make
+/// read-only) or a loop-mounted ext4 image (to freeze). Needs root: `None` where it cannot
+/// be mounted. Thawed and unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// A tmpfs of `size` (`2m`, `16m`) at `at`.
+    pub fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size={size} tmpfs {}",
+            at.display()
+        ))
+        .then(|| Mount(at.to_path_buf()))
     }
+
+    /// A 64 MB ext4 image (beside `at`) loop-mounted at `at`.
+    pub fn ext4(at: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let img = at.with_extension("img");
+        sh(&format!(
+            "truncate -s 64M {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
+            img.display(),
+            at.display()
+        ))
+        .then(|| Mount(at.to_path_buf()))
+    }
+
+    /// Remounts it read-only; true if that worked.
+    pub fn make_read_only(&self) -> bool {
+        sh(&format!("mount -o remount,ro {}", self.0.display()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "fsfreeze -u {0} 2>/dev/null; umount -l {0}",
+            self.0.display()
+        ));
+    }
+}
+
+/// Writes zeros to `file` until its file system has no byte left.
+pub fn fill_file_system(file: &Path) {
+    let mut f = std::fs::File::create(file).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
 }
 
 /// CPU time of every thread of `pid`, in nanoseconds (schedstat's first field). For benches.
@@ -554,15 +749,9 @@ pub fn expand_series(span: &str) -> Vec<String> {
 /// SIGTERM, then waits up to `within` for the process to exit; its exit status.
 pub fn terminate(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     signal(child.id(), "-TERM");
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not exit within {within:?} of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        within,
+        || "the process to exit on SIGTERM".to_string(),
+        || child.try_wait().expect("wait"),
+    )
 }
