@@ -185,11 +185,44 @@ fn the_status_page_in_chromium_shows_what_the_simulated_fleet_did() {
     let through_ms = attr(&dom, 0, "data-ms");
     let since_ms = since_s as i64 * 1000;
     let start_ms = simulation_start(&data.join("aggregator.toml"));
+    // The page renders the ledger, not a recomputation of it: every figure equals the sum
+    // of the sealed minutes, read from a backup the running demo writes (it holds its
+    // database exclusively; sealed minutes never change, so the backup holds every minute
+    // the page showed). The fleet's truth below judges those minutes themselves.
+    let backup = dir.path("backup.sqlite3");
+    let out = Command::new(BIN)
+        .args(["ledger", "backup", "--timeout=30s"])
+        .arg(format!("--storage.path={}", data.display()))
+        .arg(format!("--output={}", backup.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ledger backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ledger = rusqlite::Connection::open(&backup).unwrap();
     let mut contracts = 0;
     for contract in Fleet::new(Story::Default, start_ms).contracts() {
         let id = contract.id;
         let at = dom.find(&format!("data-contract=\"{id}\"")).unwrap();
         let from_ms = attr(&dom, at, "data-period-start").max(since_ms);
+        let sql = format!(
+            "SELECT {} FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3",
+            KINDS.map(|k| format!("COALESCE(SUM({k}), 0)")).join(", ")
+        );
+        let sums: [i64; Kind::COUNT] = ledger
+            .query_row(
+                &sql,
+                rusqlite::params![id, from_ms / 60_000, through_ms / 60_000],
+                |r| Ok(Kind::ALL.map(|k| r.get(k as usize).unwrap())),
+            )
+            .unwrap();
+        for (k, ms) in KINDS.iter().zip(sums) {
+            let shown = field(&dom, at, k);
+            let want = thousands(ms as f64 / 3_600_000.0);
+            assert_eq!(shown, want, "{id} {k}: page {shown}, ledger {want}");
+        }
         let truth = truth(start_ms, &contract, from_ms, through_ms);
         let shown = KINDS.map(|k| -> f64 {
             let text = field(&dom, at, k);
