@@ -51,10 +51,11 @@ pub struct Increment {
     pub energy_j: f64,
 }
 
-/// Sample busy time a round may hold back for the next ones. A round's share of the
-/// driver timeline exceeds its observed time only while the clock mapping settles (by
-/// at most a sample period and the driver's publishing delay): two periods of 1 s is
-/// ample, and a bound keeps a broken driver clock from piling up busy time.
+/// Sample busy time a round may hold back for the next ones. A poll of the
+/// [`SampleIntegrator`] never counts more driver time than agent time went by since
+/// its previous poll, so a round's share exceeds its observed time only when that poll
+/// is older than the round's start (a read that missed the buffer): two periods of 1 s
+/// is ample, and a bound keeps a broken driver clock from piling up busy time.
 const MAX_BUSY_CARRY_S: f64 = 2.0;
 
 /// Running counters of one GPU, identified by UUID elsewhere.
@@ -188,9 +189,18 @@ impl Span {
 /// time before the frontier is in the buffer by then, so each span is counted once,
 /// whole, when it is complete; a span older than the frontier (a late or re-read
 /// sample) was already accounted, as busy or idle, and is not counted again. The
-/// mapping offset is the largest `newest sample − agent time` seen, so the frontier
-/// advances exactly as the agent's clock does and a constant load yields exactly
-/// `load × observed`.
+/// mapping offset is the largest `newest sample − agent time` seen.
+///
+/// A poll counts the driver time of its own interval only: from the previous poll's
+/// instant to this one's, both mapped with the offset and period known now, and not
+/// behind the frontier. So no poll counts more driver time than agent time went by,
+/// and a constant load yields exactly `load × observed`. The offset only ever grows
+/// (a read that came sooner after a sample than any before, as after a stall resets
+/// the schedule's phase; a shorter period learned): the driver time the mapping then
+/// jumps over is skipped, because the mapping placed every earlier interval, the
+/// chain's start included, that much too early. Counting it instead added
+/// `load × jump` of busy time nobody observed at every such jump: a bias that only
+/// ever grew the busy counter.
 #[derive(Debug, Clone, Default)]
 pub struct SampleIntegrator {
     /// Timestamp of the newest sample read: NVML's `lastSeenTimeStamp`.
@@ -260,12 +270,12 @@ impl SampleIntegrator {
         let Some(offset) = self.offset_us else {
             return 0.0;
         };
+        // This round's own interval, mapped onto driver time with the offset and the
+        // period known now, and never reaching behind what was already counted.
         let target = at_us + offset - period;
-        let from = self
-            .frontier_us
-            .or(previous_poll.map(|p| p + offset - period))
-            .unwrap_or(target);
-        let to = from.max(target);
+        let to = self.frontier_us.map_or(target, |f| f.max(target));
+        let from = previous_poll.map_or(to, |p| p + offset - period);
+        let from = self.frontier_us.map_or(from, |f| f.max(from)).min(to);
         self.frontier_us = Some(to);
         let mut busy_us = 0.0;
         for span in &self.pending {
@@ -605,8 +615,9 @@ mod tests {
     }
 
     /// The busy seconds the agent adds to its counter, over a schedule of polls, are
-    /// the exact busy integral of the driver's sample stream between the first and the
-    /// last frontier (less what waits in the carry): dry stretches, blips, publishing
+    /// the exact busy integral of the driver's sample stream over the polls' windows
+    /// (less what waits in the carry): each poll's own interval, ending at its new
+    /// frontier and not behind the previous one; dry stretches, blips, publishing
     /// delays and re-read rings included. And no round adds more busy than observed.
     fn check_exact_integral(
         period_ms: u64,
@@ -644,7 +655,10 @@ mod tests {
         let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
         let mut at_us = 3 * p + delay_us + (first_lag * p as f64) as u64;
         at_us -= at_us % 1000;
-        let mut frontier0 = None;
+        // Each poll's window on the driver's timeline: its own interval ending at the
+        // new frontier, not behind the previous one.
+        let mut truth_us = 0.0;
+        let mut previous: Option<(Option<i128>, u64)> = None;
         for gap in std::iter::once(0).chain(gaps_ms.iter().copied()) {
             at_us += gap * 1000;
             // The whole ring the driver has published by now, every time.
@@ -657,19 +671,25 @@ mod tests {
             let busy = integ.poll(at, &visible);
             let inc = acct.healthy(at, &sampled(busy), GAP);
             prop_assert!(inc.busy_s <= inc.observed_s + 1e-12, "{inc:?}");
-            frontier0 = frontier0.or(integ.frontier_us());
-        }
-        let (from, to) = (
-            frontier0.unwrap() - i128::from(BASE_US),
-            integ.frontier_us().unwrap() - i128::from(BASE_US),
-        );
-        let mut truth_us = 0.0;
-        for k in 1..=horizon {
-            let (start, end) = (i128::from((k - 1) * p), i128::from(k * p));
-            let overlap = end.min(to) - start.max(from);
-            if overlap > 0 {
-                truth_us += overlap as f64 * f64::from(value(k).unwrap_or(0)) / 100.0;
+            if let Some(to) = integ.frontier_us() {
+                let to = to - i128::from(BASE_US);
+                let from = match previous {
+                    Some((frontier, at_prev)) => {
+                        let own = to - i128::from(at_us - at_prev);
+                        frontier.map_or(own, |f| f.max(own))
+                    }
+                    None => to,
+                };
+                for k in 1..=horizon {
+                    let (start, end) = (i128::from((k - 1) * p), i128::from(k * p));
+                    let overlap = end.min(to) - start.max(from);
+                    if overlap > 0 {
+                        truth_us += overlap as f64 * f64::from(value(k).unwrap_or(0)) / 100.0;
+                    }
+                }
             }
+            let frontier = integ.frontier_us().map(|f| f - i128::from(BASE_US));
+            previous = Some((frontier, at_us));
         }
         let truth = truth_us / 1e6;
         let counted = acct.busy_s + acct.busy_carry_s();
@@ -691,7 +711,71 @@ mod tests {
         check_exact_integral(20, false, &[None], &[50], 0.0, 0.3397477366326282).unwrap();
     }
 
+    /// At a constant load, whatever the phase of the reads against the driver's
+    /// samples, the busy seconds added (with the carry) are exactly `load × observed`,
+    /// judged against the exact integral of the stream over the observed time.
+    fn check_constant_load(
+        period_ms: u64,
+        load: u8,
+        gaps_ms: &[u64],
+        first_lag: f64,
+        delay: f64,
+    ) -> Result<(), TestCaseError> {
+        let p = period_ms * 1000;
+        let delay_us = (delay * p as f64) as u64;
+        let horizon = 5 + gaps_ms.iter().sum::<u64>() * 1000 / p + 3;
+        // The driver sampled from 0 on; sample k is published `delay` after it ends.
+        let ring: Vec<(u64, Sample)> = (1..=horizon)
+            .map(|k| (k * p + delay_us, sample(k * p, u32::from(load))))
+            .collect();
+        let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
+        // Four samples by the first read, so the period is known before anything counts.
+        let mut at_us = 4 * p + delay_us + (first_lag * p as f64) as u64;
+        at_us -= at_us % 1000;
+        for gap in std::iter::once(0).chain(gaps_ms.iter().copied()) {
+            at_us += gap * 1000;
+            let visible: Vec<Sample> = ring
+                .iter()
+                .filter(|(published, _)| *published <= at_us)
+                .map(|(_, x)| *x)
+                .collect();
+            let at = Duration::from_micros(at_us);
+            let busy = integ.poll(at, &visible);
+            let inc = acct.healthy(at, &sampled(busy), GAP);
+            prop_assert!(inc.busy_s <= inc.observed_s + 1e-12, "{inc:?}");
+        }
+        let truth = f64::from(load) / 100.0 * acct.observed_s;
+        let counted = acct.busy_s + acct.busy_carry_s();
+        prop_assert!(
+            (counted - truth).abs() <= 1e-9 * (1.0 + truth),
+            "{counted} busy over {} s observed at {load} %: {:+} s",
+            acct.observed_s,
+            counted - truth
+        );
+        Ok(())
+    }
+
+    /// The loaded machine's case: a 100 ms period at 50 %, read every 500 ms at 60 ms
+    /// past a sample, until a stall moves the reads to 10 ms past one. The mapping
+    /// moves 50 ms forward, and counting that jump added 25 ms of busy time.
+    #[test]
+    fn a_read_closer_to_a_sample_after_a_stall_adds_no_unobserved_busy_time() {
+        check_constant_load(100, 50, &[500, 500, 950, 500, 500], 0.6, 0.0).unwrap();
+    }
+
     proptest! {
+        /// See [`check_constant_load`].
+        #[test]
+        fn a_constant_load_adds_exactly_load_times_observed_whatever_the_read_phase(
+            period_ms in 20u64..=1000,
+            load in 0u8..=100,
+            gaps_ms in prop::collection::vec(50u64..=3000, 1..80),
+            first_lag in 0.0f64..1.0,
+            delay in 0.0f64..0.5,
+        ) {
+            check_constant_load(period_ms, load, &gaps_ms, first_lag, delay)?;
+        }
+
         /// See [`check_exact_integral`].
         #[test]
         fn busy_added_is_the_exact_integral_of_the_sample_stream(
