@@ -235,11 +235,12 @@ impl SampleIntegrator {
     }
 
     /// Takes the samples one read returned at agent time `at` (in any order, already
-    /// seen ones included: they are ignored) and returns the busy seconds between the
-    /// previous frontier and the new one. Until a sample has been seen there is no
-    /// frontier; the first samples are counted from the previous poll on (a buffer
-    /// that was empty then held nothing busy before it), or, on a first poll, only set
-    /// the frontier.
+    /// seen ones included: they are ignored) and returns the busy seconds of the time
+    /// since the previous poll, mapped onto the driver's timeline: up to the new
+    /// frontier, from the previous poll's instant mapped now or the previous frontier,
+    /// whichever is later. Until a sample has been seen there is no frontier; the
+    /// first samples are counted from the previous poll on (a buffer that was empty
+    /// then held nothing busy before it), or, on a first poll, only set the frontier.
     pub fn poll(&mut self, at: Duration, samples: &[Sample]) -> f64 {
         let mut new: Vec<Sample> = samples
             .iter()
