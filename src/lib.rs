@@ -14,3 +14,4 @@ pub mod labels;
 pub mod ledger;
 pub mod logging;
 pub mod statement;
+pub mod statement_cmd;

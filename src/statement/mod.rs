@@ -131,16 +131,14 @@ impl Statement {
 
 /// `YYYY-MM` → (year, month), or an error naming the input.
 pub fn parse_period(s: &str) -> Result<(i16, i8), String> {
-    let bad = || format!("period {s:?}: expected a month as YYYY-MM (e.g. 2026-11)");
+    let bad = || format!("{s:?}: expected a month as YYYY-MM (e.g. 2026-11)");
     let (y, m) = s.split_once('-').ok_or_else(bad)?;
     if y.len() != 4 || m.len() != 2 || !(y.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let (year, month): (i16, i8) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
     if !(1..=12).contains(&month) {
-        return Err(format!(
-            "period {s:?}: month {month} is out of range (1..=12)"
-        ));
+        return Err(format!("{s:?}: month {month} is out of range (1..=12)"));
     }
     Ok((year, month))
 }
