@@ -279,3 +279,193 @@ fn a_running_demo_is_read_without_stopping_it() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The golden month: contract "golden" in Europe/Berlin, October 2026 (the 25-hour day on
+/// Oct 25), 16 GPUs committed, 24 from Oct 15 (a ramp step mid-month); three hosts of 8 GPUs
+/// read every 10 minutes through the pure ledger; all 24 GPUs busy on Oct 3–6 (overage while
+/// 16 are committed), host h3 unreachable from Oct 17 12:00 to Oct 18 06:00 local (its GPUs
+/// unreported meanwhile; what it reports on return is late), GPU h2-7 lost from Oct 20 on.
+const GOLDEN: &str = r#"
+[[targets]]
+targets = ["h1:9473", "h2:9473", "h3:9473"]
+labels = { provider = "gold" }
+
+[[contracts]]
+id = "golden"
+provider = "gold"
+price_per_gpu_hour = 2.0
+currency = "EUR"
+target_utilization = 0.9
+timezone = "Europe/Berlin"
+start = "2026-10-01"
+selector = '{provider="gold"}'
+ramp = [ { from = "2026-10-01", gpus = 16 }, { from = "2026-10-15", gpus = 24 } ]
+"#;
+
+fn golden_statement() -> (
+    commitmeter::statement::Statement,
+    Vec<(i64, commitmeter::ledger::Totals)>,
+) {
+    use commitmeter::ledger::{GpuCounters, Reading, Totals};
+    use std::collections::BTreeMap;
+
+    let contract = commitmeter::contract::parse(Path::new("golden.toml"), GOLDEN)
+        .unwrap()
+        .contracts
+        .remove(0);
+    let period = contract.billing_period_of_month(2026, 10).unwrap();
+    assert_eq!(period.0, OCT_1_MS);
+    let day = |d: i64| OCT_1_MS + (d - 1) * 86_400_000; // UTC+2 days until Oct 25
+    let step = 600_000;
+    let t0 = OCT_1_MS - step;
+    let hosts = ["h1", "h2", "h3"];
+    let mut ledger = Ledger::new(1, t0);
+    let targets: Vec<(String, Vec<usize>)> = hosts
+        .iter()
+        .map(|h| (format!("{h}:9473"), vec![0]))
+        .collect();
+    ledger.configure(t0, &targets, |_, now| now);
+    let mut counters: Vec<BTreeMap<String, GpuCounters>> = hosts
+        .iter()
+        .map(|h| {
+            (0..8)
+                .map(|g| (format!("{h}-{g}"), GpuCounters::default()))
+                .collect()
+        })
+        .collect();
+    let mut minutes: Vec<(i64, Totals)> = Vec::new();
+    let end = period.1 + 2 * step;
+    let mut t = t0;
+    while t <= end {
+        for (i, h) in hosts.iter().enumerate() {
+            if t > t0 {
+                // Busy share in percent: all busy Oct 3-6, else by host and hour of day.
+                let hour = (t - t0) / 3_600_000 % 24;
+                let pct = if (day(3)..day(7)).contains(&t) {
+                    100
+                } else {
+                    [35, 60, 80][i] * (10 + hour % 6) / 15
+                };
+                for (uuid, c) in counters[i].iter_mut() {
+                    c.observed_ms += step;
+                    c.used_ms += step * pct.min(100) / 100;
+                    let _ = uuid;
+                }
+            }
+            if *h == "h2" && t >= day(20) {
+                counters[i].remove("h2-7");
+            }
+            if *h == "h3" && (day(17) + 10 * 3_600_000..day(18) + 4 * 3_600_000).contains(&t) {
+                continue; // unreachable: no reading
+            }
+            ledger.observe(
+                &format!("{h}:9473"),
+                0,
+                Reading {
+                    received_ms: t + 7,
+                    agent_ms: Some(t),
+                    agent_start_ms: Some(t0 - step),
+                    sampled_ms: Some(t - t0 + step),
+                    gpus: counters[i].clone(),
+                },
+            );
+        }
+        for s in ledger.seal(t, 5 * MINUTE_MS, |_, a, b| contract.committed_gpu_ms(a, b)) {
+            minutes.push((s.minute, s.totals));
+        }
+        t += step;
+    }
+    let late = ledger.late()[0];
+    let info = commitmeter::statement::LedgerInfo {
+        since_minute: Some(ledger.since()),
+        sealed_through_minute: Some(ledger.sealed_through()),
+        late: Some(commitmeter::statement::Late {
+            delivered_gpu_ms: late.0,
+            used_gpu_ms: late.1,
+        }),
+    };
+    let s =
+        commitmeter::statement::build(&contract, period, &minutes, &info, period.1 + 86_400_000);
+    let inside = minutes
+        .into_iter()
+        .filter(|(m, _)| (period.0..period.1).contains(&(m * MINUTE_MS)))
+        .collect();
+    (s, inside)
+}
+
+/// Compares with the checked-in file, or writes it with `UPDATE_GOLDEN=1`.
+fn golden(name: &str, got: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    assert!(
+        want == got,
+        "{} differs from the statement (UPDATE_GOLDEN=1 rewrites it after review); got:\n{got}",
+        path.display()
+    );
+}
+
+#[test]
+fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
+    use commitmeter::ledger::Totals;
+    use commitmeter::statement::render;
+
+    let (s, minutes) = golden_statement();
+    // Every minute of the period is sealed, once.
+    assert_eq!(minutes.len() as i64, s.total.minutes());
+    assert_eq!(s.total.minutes_accounted, s.total.minutes());
+    let mut from_minutes = Totals::default();
+    for (_, t) in &minutes {
+        from_minutes.add(t);
+    }
+    let mut from_days = Totals::default();
+    for d in &s.days {
+        assert!(d.identity_holds(), "{}", d.label);
+        assert_eq!(d.minutes_accounted, d.minutes(), "{}", d.label);
+        from_days.add(&d.totals);
+    }
+    assert!(s.total.identity_holds());
+    assert_eq!(s.total.totals, from_minutes);
+    assert_eq!(s.total.totals, from_days);
+    let by_day = |date: &str| s.days.iter().find(|d| d.label == date).unwrap();
+    assert_eq!(by_day("2026-10-25").minutes(), 25 * 60);
+    // What the story must show: overage while everything is busy under the lower step, the
+    // ramp step, the unreachable host unreported, the lost GPU undelivered, late GPU-ms.
+    assert!(by_day("2026-10-04").totals.overage > 0);
+    assert_eq!(by_day("2026-10-14").totals.committed, 16 * 86_400_000);
+    assert_eq!(by_day("2026-10-16").totals.committed, 24 * 86_400_000);
+    assert!(by_day("2026-10-17").totals.unreported > 0);
+    assert_eq!(by_day("2026-10-16").totals.unreported, 0);
+    assert!(by_day("2026-10-21").totals.undelivered > 0);
+    // The GPU vanished in the last interval before it was found missing, on Oct 19.
+    assert_eq!(by_day("2026-10-19").totals.undelivered, 10 * MINUTE_MS);
+    assert_eq!(by_day("2026-10-18").totals.undelivered, 0);
+    assert!(s.late.unwrap().delivered_gpu_ms > 0);
+    assert!(!s.provisional && !s.starts_before_ledger);
+
+    let csv = render::csv(&s).unwrap();
+    golden("statement-golden-2026-10.csv", &csv);
+    golden("statement-golden-2026-10.json", &render::json(&s));
+    // The CSV read back: each kind's column of days sums to the total row.
+    let mut r = csv::Reader::from_reader(csv.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    for k in Kind::ALL {
+        let c = headers
+            .iter()
+            .position(|h| h == format!("{k}_gpu_ms"))
+            .unwrap();
+        let days: i64 = rows[..rows.len() - 1]
+            .iter()
+            .map(|r| r[c].parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(days, rows[rows.len() - 1][c].parse::<i64>().unwrap(), "{k}");
+        assert_eq!(days, s.total.totals[k], "{k}");
+    }
+}
