@@ -113,10 +113,11 @@ pub fn text(s: &Statement) -> String {
     let costs: Vec<String> = Kind::ALL
         .iter()
         .filter_map(|&k| {
-            Some(format!(
-                "{k} {}",
-                money(s.total.cost(k, s.price_per_gpu_hour)?)
-            ))
+            let cost = money(s.total.cost(k, s.price_per_gpu_hour)?);
+            Some(match k {
+                Kind::Used => format!("used within the commitment {cost}"),
+                _ => format!("{k} {cost}"),
+            })
         })
         .collect();
     out.push_str(&format!("Cost ({}): {}\n", s.currency, costs.join(", ")));

@@ -113,7 +113,7 @@ fn costs_follow_billed_and_the_text_names_them() {
     );
     let text = render::text(&s);
     assert!(
-        text.contains("Cost (EUR): committed 8.00, used 4.00, idle 2.00, undelivered 2.00"),
+        text.contains("Cost (EUR): committed 8.00, used within the commitment 4.00, idle 2.00, undelivered 2.00"),
         "{text}"
     );
     assert!(text.contains("provisional"), "{text}");
