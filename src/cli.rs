@@ -44,6 +44,10 @@ pub enum Command {
     /// The whole pipeline on this machine, no GPU needed: a simulated fleet, the real
     /// aggregator and ledger, on simulated time.
     Demo(DemoArgs),
+    /// The statement of a billing period from the ledger: per local day and total, in
+    /// GPU-hours and the contract's currency. Reads the ledger without blocking a running
+    /// aggregator.
+    Statement(StatementArgs),
     /// Operations on a ledger directory (`ledger backup`).
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -67,6 +71,38 @@ pub struct BackupArgs {
     /// How long to wait for a running aggregator to write the backup.
     #[arg(long = "timeout", default_value = "2m", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatementArgs {
+    /// The aggregator's TOML file: its contracts (calendar, ramp, price).
+    #[arg(long = "config.file")]
+    pub config_file: PathBuf,
+    /// Only this contract; default: every contract in the file.
+    #[arg(long = "contract")]
+    pub contract: Option<String>,
+    /// The billing period that starts in this local month (`YYYY-MM`); default: the current one.
+    #[arg(long = "period")]
+    pub period: Option<String>,
+    /// Output format.
+    #[arg(long = "format", value_enum, default_value_t = StatementFormat::Text)]
+    pub format: StatementFormat,
+    /// Directory of the ledger (the aggregator's `--storage.path`, or the demo's `--data.dir`).
+    #[arg(long = "storage.path", default_value = "commitmeter-data")]
+    pub storage_path: PathBuf,
+    /// How long to wait for a running aggregator to hand over a consistent copy of the ledger.
+    #[arg(long = "timeout", default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatementFormat {
+    /// A readable table.
+    Text,
+    /// One line per local day and contract, then the total.
+    Csv,
+    /// One object per contract (an array when there are several).
+    Json,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -13,3 +13,5 @@ pub mod http;
 pub mod labels;
 pub mod ledger;
 pub mod logging;
+pub mod statement;
+pub mod statement_cmd;

@@ -62,6 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let done = store::backup(&args.storage_path, &args.output, args.timeout)?;
             println!("{done}");
         }
+        Command::Statement(args) => {
+            print!("{}", commitmeter::statement_cmd::run(&args)?);
+        }
         Command::CheckConfig(args) => {
             for file in &args.files {
                 let checked = check::check_file(file, args.kind)?;

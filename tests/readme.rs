@@ -194,6 +194,7 @@ fn every_flag_in_the_readme_exists() {
         "demo",
         "check-config",
         "ledger backup",
+        "statement",
     ] {
         let args: Vec<&str> = role.split(' ').chain(["--help"]).collect();
         let out = Command::new(BIN).args(&args).output().unwrap();

@@ -1505,6 +1505,120 @@ pub fn backup(dir: &Path, output: &Path, timeout: Duration) -> Result<String, St
     }
 }
 
+/// One contract's sealed minutes and what the ledger says about them, as read by
+/// [`read_minutes`] (`commitmeter statement`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MinutesRead {
+    /// The first minute the ledger accounts; `None` before it sealed any.
+    pub since_minute: Option<i64>,
+    /// The first minute not yet sealed.
+    pub sealed_through_minute: Option<i64>,
+    /// GPU-ms (delivered, used) that arrived after their minutes were sealed, all time.
+    pub late: Option<(i64, i64)>,
+    /// Sealed minutes in `[from, to)`, in order.
+    pub minutes: Vec<(i64, Totals)>,
+}
+
+/// Reads `contract`'s sealed minutes `[from_minute, to_minute)` from the ledger in `dir`,
+/// writing nothing to the ledger. A stopped ledger is read under its directory lock (so no
+/// aggregator starts mid-read); a running aggregator or demo is never blocked: it is asked for
+/// a consistent copy between two commits, as `ledger backup` does (into `dir`, removed after
+/// reading), and the copy is read.
+pub fn read_minutes(
+    dir: &Path,
+    contract: &str,
+    from_minute: i64,
+    to_minute: i64,
+    timeout: Duration,
+) -> Result<MinutesRead, StoreError> {
+    let path = dir.join(DB_FILE);
+    if !path.is_file() {
+        return Err(StoreError::Kind {
+            dir: dir.to_path_buf(),
+            reason: format!("no ledger here ({} is missing)", path.display()),
+        });
+    }
+    let read = |db: &Path| -> Result<MinutesRead, StoreError> {
+        let Found::Ledger(_) = inspect(db)? else {
+            return Err(StoreError::Kind {
+                dir: dir.to_path_buf(),
+                reason: format!("{} is not a commitmeter ledger", path.display()),
+            });
+        };
+        let conn = sqlite_conn(db).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        read_minutes_from(&conn, &path, contract, from_minute, to_minute)
+    };
+    match DirLock::acquire(dir, Role::Backup) {
+        Ok(_lock) => read(&path),
+        Err(StoreError::Locked { .. }) => {
+            let copy = dir.join(format!(
+                "statement-{}.sqlite3",
+                Identity::new(Role::Backup).id_str()
+            ));
+            let result = backup(dir, &copy, timeout).and_then(|_| read(&copy));
+            let _ = std::fs::remove_file(&copy);
+            result
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn read_minutes_from(
+    conn: &Connection,
+    path: &Path,
+    contract: &str,
+    from_minute: i64,
+    to_minute: i64,
+) -> Result<MinutesRead, StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(found) = meta_value(conn, "schema_version").map_err(sql)? {
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Newer {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+    }
+    let sealed_through_minute = meta_value(conn, "sealed_through").map_err(sql)?;
+    let since_minute = meta_value(conn, "since")
+        .map_err(sql)?
+        .or(sealed_through_minute);
+    let late = conn
+        .query_row(
+            "SELECT delivered, used FROM late WHERE contract = ?1",
+            [contract],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {}, minute FROM minutes
+             WHERE contract = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute",
+            kind_columns(str::to_string)
+        ))
+        .map_err(sql)?;
+    let minutes = stmt
+        .query_map(params![contract, from_minute, to_minute], |r| {
+            Ok((r.get(Kind::COUNT)?, row_totals(r)?))
+        })
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)?;
+    Ok(MinutesRead {
+        since_minute,
+        sealed_through_minute,
+        late,
+        minutes,
+    })
+}
+
 /// The `minutes` table's figure columns, one per kind in the order of [`Kind::ALL`] (the
 /// column names are the kinds' names), each as `expr` writes it, comma-separated: the
 /// `SELECT` list that [`row_totals`] reads.

@@ -203,6 +203,63 @@ pub(crate) fn billing_period(tz: &TimeZone, anchor_day: i8, t_ms: i64) -> (i64, 
     }
 }
 
+/// The local calendar days of `tz` that start in `[from_ms, to_ms)`, each as `(date, start, end)`
+/// with `end` the start of the next local day (23 or 25 hours apart across DST), the last one
+/// clipped to `to_ms`. `from_ms` should be the start of a local day (a billing period's start
+/// is); otherwise the first day is clipped to it.
+pub(crate) fn local_days(tz: &TimeZone, from_ms: i64, to_ms: i64) -> Vec<(Date, i64, i64)> {
+    let mut out = Vec::new();
+    let Ok(ts) = Timestamp::from_millisecond(from_ms) else {
+        return out;
+    };
+    let mut date = tz.to_datetime(ts).date();
+    let mut start = from_ms;
+    while start < to_ms {
+        let Ok(next) = date.tomorrow() else { break };
+        let Ok(next_start) = start_of_day(tz, next) else {
+            break;
+        };
+        let end = next_start.min(to_ms);
+        if end > start {
+            out.push((date, start, end));
+        }
+        start = end;
+        date = next;
+    }
+    out
+}
+
+/// The billing period that starts in local month (`year`, `month`): `None` for a month out of
+/// range.
+pub(crate) fn period_of_month(
+    tz: &TimeZone,
+    anchor_day: i8,
+    year: i16,
+    month: i8,
+) -> Option<(i64, i64)> {
+    let start = period_start(tz, anchor_day, year, month)?;
+    let (ny, nm) = next_month(year, month);
+    Some((start, period_start(tz, anchor_day, ny, nm)?))
+}
+
+/// An instant as local time with its offset, `2026-10-25T02:30:00+01:00` (whole seconds).
+pub(crate) fn local_rfc3339(tz: &TimeZone, ms: i64) -> String {
+    let Ok(ts) = Timestamp::from_millisecond(ms) else {
+        return String::new();
+    };
+    let offset = tz.to_offset(ts);
+    let dt = tz.to_datetime(ts);
+    let secs = offset.seconds();
+    let sign = if secs < 0 { '-' } else { '+' };
+    let a = secs.unsigned_abs();
+    format!(
+        "{}{sign}{:02}:{:02}",
+        dt.strftime("%Y-%m-%dT%H:%M:%S"),
+        a / 3600,
+        a / 60 % 60
+    )
+}
+
 /// One committed step, already clipped to the contract's span: `gpus` from `from` (inclusive)
 /// until `until` (exclusive; `None` = open-ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

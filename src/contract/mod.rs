@@ -139,6 +139,37 @@ impl Contract {
         self.model.as_ref().map(Regex::as_str)
     }
 
+    /// The billing period that starts in local month `year`-`month` (`[start, end)`), or
+    /// `None` for a month beyond the calendar's range.
+    pub fn billing_period_of_month(&self, year: i16, month: i8) -> Option<(i64, i64)> {
+        if !(1..=12).contains(&month) {
+            return None;
+        }
+        calendar::period_of_month(&self.tz, self.anchor_day, year, month)
+    }
+
+    /// The local calendar days (in the contract's time zone) that start in `[from_ms,
+    /// to_ms)`: `(YYYY-MM-DD, start_ms, end_ms)`, end exclusive, 23 or 25 hours long across
+    /// DST, the last clipped to `to_ms`.
+    pub fn local_days(&self, from_ms: i64, to_ms: i64) -> Vec<(String, i64, i64)> {
+        calendar::local_days(&self.tz, from_ms, to_ms)
+            .into_iter()
+            .map(|(d, a, b)| (d.to_string(), a, b))
+            .collect()
+    }
+
+    /// `(year, month)` of the local date at `t_ms` in the contract's time zone.
+    pub fn local_month(&self, t_ms: i64) -> (i16, i8) {
+        let d = calendar::local_days(&self.tz, t_ms, t_ms.saturating_add(1));
+        d.first()
+            .map_or((1970, 1), |(date, _, _)| (date.year(), date.month()))
+    }
+
+    /// An instant as local time with the offset in force, e.g. `2026-10-25T02:30:00+01:00`.
+    pub fn local_time(&self, t_ms: i64) -> String {
+        calendar::local_rfc3339(&self.tz, t_ms)
+    }
+
     /// `billing_anchor_day`, 1..=31.
     pub fn billing_anchor_day(&self) -> u8 {
         self.anchor_day.unsigned_abs()

@@ -1,0 +1,224 @@
+//! The statement of a billing period: what a contract committed, what was delivered and used,
+//! day by day in the contract's time zone, priced in its currency. Pure: no I/O, no clock (the
+//! caller passes the ledger's sealed minutes and "now").
+//!
+//! Every figure is a sum of the ledger's sealed minutes in integer GPU-milliseconds: a day row
+//! sums the minutes that start in that local day, the total sums the minutes of the period, so
+//! the total equals the sum of its days and of the minutes exactly, and the ledger's identity
+//! (`used − overage + idle + undelivered + unreported = committed`) holds on every row. GPU-hours,
+//! costs and ratios are derived from those integers once, when rendered ([`render`]).
+//!
+//! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`].
+
+pub mod render;
+
+use serde::Serialize;
+
+use crate::contract::Contract;
+use crate::ledger::totals::billed;
+use crate::ledger::{Kind, Totals, MINUTE_MS};
+
+/// Milliseconds in an hour: GPU-ms per GPU-hour.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// What the ledger says besides its minutes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerInfo {
+    /// The first minute the ledger accounts (`None`: it has sealed nothing yet).
+    pub since_minute: Option<i64>,
+    /// The first minute not yet sealed.
+    pub sealed_through_minute: Option<i64>,
+    /// GPU-ms that arrived after their minutes were sealed, for this contract, over the
+    /// ledger's whole life (the ledger does not keep which minute they were for).
+    pub late: Option<Late>,
+}
+
+/// Late GPU-ms (delivered, used): counted nowhere, reported for what they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Late {
+    pub delivered_gpu_ms: i64,
+    pub used_gpu_ms: i64,
+}
+
+/// One row of a statement: a local calendar day, or the period total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// `YYYY-MM-DD` (the local date), or `total`.
+    pub label: String,
+    pub start_ms: i64,
+    /// Exclusive.
+    pub end_ms: i64,
+    /// The sum of the ledger's sealed minutes that start in `[start_ms, end_ms)`.
+    pub totals: Totals,
+    /// How many sealed minutes the ledger holds for the span.
+    pub minutes_accounted: i64,
+    /// The span is not over at "now": figures may still grow.
+    pub provisional: bool,
+}
+
+impl Row {
+    /// Minutes in the span (1380, 1440 or 1500 for a local day).
+    pub fn minutes(&self) -> i64 {
+        (self.end_ms - self.start_ms).div_euclid(MINUTE_MS)
+    }
+
+    /// Used within the commitment over committed, `None` when nothing was committed.
+    pub fn utilization(&self) -> Option<f64> {
+        (self.totals.committed > 0)
+            .then(|| self.totals.used_within() as f64 / self.totals.committed as f64)
+    }
+
+    /// The cost of a kind in the contract's currency (`price` per GPU-hour applied to
+    /// [`billed`] GPU-ms), `None` for a kind that has no cost.
+    pub fn cost(&self, kind: Kind, price_per_gpu_hour: f64) -> Option<f64> {
+        billed(&self.totals, kind).map(|ms| ms as f64 * price_per_gpu_hour / HOUR_MS as f64)
+    }
+
+    /// `used − overage + idle + undelivered + unreported = committed`.
+    pub fn identity_holds(&self) -> bool {
+        let t = &self.totals;
+        t.used_within() + t.idle + t.undelivered + t.unreported == t.committed
+    }
+}
+
+/// Sections other modules add to a statement; absent ones are not rendered.
+///
+/// The SLA credit (`sla.rs`: delivered share, tier reached, amount, claim deadline, evidence)
+/// and renewal sizing (`sizing.rs`: distribution of used GPUs, the cheapest commitment) each get
+/// an `Option` field here, filled by the caller after [`build`] and rendered after the rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sections {}
+
+/// The statement of one contract's billing period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub contract: String,
+    pub provider: String,
+    pub currency: String,
+    pub price_per_gpu_hour: f64,
+    pub target_utilization: f64,
+    /// The IANA time zone the days are local to.
+    pub timezone: String,
+    /// `YYYY-MM`: the local month the period starts in.
+    pub period: String,
+    pub start_ms: i64,
+    /// Exclusive.
+    pub end_ms: i64,
+    /// The period is not over at "now".
+    pub provisional: bool,
+    /// The period starts before the ledger's first accounted minute: its earlier minutes are
+    /// absent, not zero.
+    pub starts_before_ledger: bool,
+    pub ledger_since_ms: Option<i64>,
+    pub late: Option<Late>,
+    /// One per local calendar day of the period, in order.
+    pub days: Vec<Row>,
+    pub total: Row,
+    pub sections: Sections,
+    /// Local time of an instant, for rendering (the contract's calendar).
+    local_times: Vec<(i64, String)>,
+}
+
+impl Statement {
+    /// The local time (with offset) of a row boundary or the period's.
+    pub fn local_time(&self, ms: i64) -> &str {
+        self.local_times
+            .iter()
+            .find(|(t, _)| *t == ms)
+            .map_or("", |(_, s)| s.as_str())
+    }
+}
+
+/// `YYYY-MM` → (year, month), or an error naming the input.
+pub fn parse_period(s: &str) -> Result<(i16, i8), String> {
+    let bad = || format!("{s:?}: expected a month as YYYY-MM (e.g. 2026-11)");
+    let (y, m) = s.split_once('-').ok_or_else(bad)?;
+    if y.len() != 4 || m.len() != 2 || !(y.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let (year, month): (i16, i8) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if !(1..=12).contains(&month) {
+        return Err(format!("{s:?}: month {month} is out of range (1..=12)"));
+    }
+    Ok((year, month))
+}
+
+/// Builds the statement of `contract`'s billing period `[period.0, period.1)` from the
+/// ledger's sealed minutes `(minute, totals)` (minutes outside the period are ignored; each
+/// minute at most once), at `now_ms`.
+pub fn build(
+    contract: &Contract,
+    period: (i64, i64),
+    minutes: &[(i64, Totals)],
+    ledger: &LedgerInfo,
+    now_ms: i64,
+) -> Statement {
+    let (start, end) = period;
+    let days = contract.local_days(start, end);
+    let mut rows: Vec<Row> = days
+        .iter()
+        .map(|(date, a, b)| Row {
+            label: date.clone(),
+            start_ms: *a,
+            end_ms: *b,
+            totals: Totals::default(),
+            minutes_accounted: 0,
+            provisional: now_ms < *b,
+        })
+        .collect();
+    let mut total = Row {
+        label: "total".to_string(),
+        start_ms: start,
+        end_ms: end,
+        totals: Totals::default(),
+        minutes_accounted: 0,
+        provisional: now_ms < end,
+    };
+    for (minute, t) in minutes {
+        let at = minute.saturating_mul(MINUTE_MS);
+        if at < start || at >= end {
+            continue;
+        }
+        // Days are sorted and contiguous: the last one starting at or before `at`.
+        let i = rows.partition_point(|r| r.start_ms <= at);
+        if let Some(row) = i.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+            row.totals.add(t);
+            row.minutes_accounted += 1;
+        }
+        total.totals.add(t);
+        total.minutes_accounted += 1;
+    }
+    let ledger_since_ms = ledger.since_minute.map(|m| m.saturating_mul(MINUTE_MS));
+    let mut local_times: Vec<(i64, String)> = rows
+        .iter()
+        .flat_map(|r| [r.start_ms, r.end_ms])
+        .chain([start, end])
+        .chain(ledger_since_ms)
+        .map(|t| (t, contract.local_time(t)))
+        .collect();
+    local_times.sort();
+    local_times.dedup();
+    let (y, m) = contract.local_month(start);
+    Statement {
+        contract: contract.id.clone(),
+        provider: contract.provider.clone(),
+        currency: contract.currency.clone(),
+        price_per_gpu_hour: contract.price_per_gpu_hour,
+        target_utilization: contract.target_utilization,
+        timezone: contract.timezone_name.clone(),
+        period: format!("{y:04}-{m:02}"),
+        start_ms: start,
+        end_ms: end,
+        provisional: now_ms < end,
+        starts_before_ledger: ledger_since_ms.is_none_or(|s| s > start),
+        ledger_since_ms,
+        late: ledger.late,
+        days: rows,
+        total,
+        sections: Sections::default(),
+        local_times,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! `commitmeter statement`: reads the contracts and the ledger, builds each statement with the
+//! pure [`crate::statement`] and renders it. The only I/O around the model.
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::aggregator::store;
+use crate::cli::{StatementArgs, StatementFormat};
+use crate::contract::Contract;
+use crate::ledger::MINUTE_MS;
+use crate::statement::{self, render, Late, LedgerInfo, Statement};
+
+/// The statements asked for, rendered; errors are one line naming the input.
+pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
+    let config = crate::contract::load(&args.config_file)?;
+    let file = args.config_file.display();
+    let contracts: Vec<&Contract> = match &args.contract {
+        Some(id) => {
+            let c = config
+                .contracts
+                .iter()
+                .find(|c| &c.id == id)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--contract {id:?}: no such contract in {file} (its contracts: {})",
+                        config
+                            .contracts
+                            .iter()
+                            .map(|c| c.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+            vec![c]
+        }
+        None => config.contracts.iter().collect(),
+    };
+    if contracts.is_empty() {
+        bail!("{file}: no [[contracts]] to make a statement of");
+    }
+    let month = args
+        .period
+        .as_deref()
+        .map(|p| statement::parse_period(p).map_err(|e| anyhow!("--period {e}")))
+        .transpose()?;
+    let now = crate::clock::wall_now_ms();
+    let mut statements: Vec<Statement> = Vec::new();
+    for c in contracts {
+        let period = match month {
+            Some((y, m)) => {
+                let p = c.billing_period_of_month(y, m).ok_or_else(|| {
+                    anyhow!("--period {y:04}-{m:02}: out of the calendar's range")
+                })?;
+                if p.0 > now {
+                    bail!(
+                        "--period {y:04}-{m:02}: the billing period is in the future (contract {:?}'s starts {}; the current one began {})",
+                        c.id,
+                        c.local_time(p.0),
+                        c.local_time(c.billing_period(now).0)
+                    );
+                }
+                p
+            }
+            None => c.billing_period(now),
+        };
+        let read = store::read_minutes(
+            &args.storage_path,
+            &c.id,
+            period.0.div_euclid(MINUTE_MS),
+            period.1.div_euclid(MINUTE_MS),
+            args.timeout,
+        )?;
+        let info = LedgerInfo {
+            since_minute: read.since_minute,
+            sealed_through_minute: read.sealed_through_minute,
+            late: read.late.map(|(d, u)| Late {
+                delivered_gpu_ms: d,
+                used_gpu_ms: u,
+            }),
+        };
+        statements.push(statement::build(c, period, &read.minutes, &info, now));
+    }
+    Ok(match args.format {
+        StatementFormat::Text => statements
+            .iter()
+            .map(render::text)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        StatementFormat::Csv => {
+            let mut out = String::new();
+            for (i, s) in statements.iter().enumerate() {
+                let csv = render::csv(s).context("cannot write CSV")?;
+                // One header for all contracts: every statement's rows carry its contract.
+                let body = if i == 0 {
+                    csv.as_str()
+                } else {
+                    csv.split_once('\n').map_or("", |(_, rest)| rest)
+                };
+                out.push_str(body);
+            }
+            out
+        }
+        StatementFormat::Json if statements.len() == 1 => render::json(&statements[0]),
+        StatementFormat::Json => {
+            let docs: Vec<String> = statements.iter().map(render::json).collect();
+            format!("[\n{}]\n", docs.join(",\n"))
+        }
+    })
+}

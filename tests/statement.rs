@@ -1,0 +1,471 @@
+//! `commitmeter statement` through the real binary: a ledger written by the store, its
+//! statement in every format equal to its minutes, read from a running demo without stopping
+//! it, and bad input (an unknown contract, a malformed or future period, a missing ledger, a
+//! ledger from a newer schema) refused in one line naming the input, exit status 1.
+
+// Tests read the clock and open SQLite as they please: clippy.toml keeps that to
+// src/clock.rs and src/aggregator/store.rs in the product only.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use commitmeter::aggregator::store::Store;
+use commitmeter::ledger::{Kind, Ledger, MINUTE_MS};
+use common::*;
+
+const CONFIG: &str = r#"
+[[targets]]
+targets = ["10.0.0.1:9473"]
+labels = { provider = "lab" }
+
+[[contracts]]
+id = "lab"
+provider = "lab"
+price_per_gpu_hour = 2.5
+currency = "EUR"
+timezone = "Europe/Berlin"
+start = "2026-10-01"
+selector = '{provider="lab"}'
+ramp = [ { from = "2026-10-01", gpus = 4 } ]
+"#;
+
+/// Oct 1 2026 00:00 Europe/Berlin (CEST, UTC+2).
+const OCT_1_MS: i64 = 1_790_805_600_000;
+
+/// A config and a ledger of contract "lab" sealed for the first three days of October 2026
+/// (no host ever reported: the whole commitment is unreported).
+fn ledger(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let config = dir.path("aggregator.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let data = dir.path("data");
+    let ids = vec!["lab".to_string()];
+    let mut store = Store::open(&data).unwrap();
+    store.load(&ids).unwrap();
+    let mut l = Ledger::new(1, OCT_1_MS - MINUTE_MS);
+    let sealed = l.seal(OCT_1_MS + 3 * 86_400_000, 0, |_, a, b| 4 * (b - a));
+    assert_eq!(sealed.len(), 3 * 1440);
+    store.commit(&ids, &sealed, &l.snapshot()).unwrap();
+    drop(store);
+    (config, data)
+}
+
+fn statement(config: &Path, data: &Path, extra: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .arg("statement")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", data.display()))
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run commitmeter statement");
+    out
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "statement failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Exit status 1 and one line on stderr containing every `names`.
+fn refused(out: &Output, names: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for n in names {
+        assert!(err.contains(n), "{err:?} does not name {n:?}");
+    }
+    assert!(out.stdout.is_empty());
+    err
+}
+
+#[test]
+fn the_statement_equals_the_ledgers_minutes_in_every_format() {
+    let dir = TempDir::new("statement");
+    let (config, data) = ledger(&dir);
+    let committed_per_day = 4 * 86_400_000i64;
+
+    let csv = ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=csv"],
+    ));
+    let mut r = csv::Reader::from_reader(csv.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 32, "31 days and the total");
+    let total = rows.last().unwrap();
+    assert_eq!(&total[col("day")], "total");
+    for k in Kind::ALL {
+        let c = col(&format!("{k}_gpu_ms"));
+        let days: i64 = rows[..31]
+            .iter()
+            .map(|r| r[c].parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(days, total[c].parse::<i64>().unwrap(), "{k}");
+    }
+    assert_eq!(
+        total[col("committed_gpu_ms")].parse::<i64>().unwrap(),
+        3 * committed_per_day
+    );
+    assert_eq!(
+        total[col("unreported_gpu_ms")].parse::<i64>().unwrap(),
+        3 * committed_per_day
+    );
+    assert_eq!(&total[col("committed_cost")], "720.00", "288 GPU-h at 2.50");
+    assert_eq!(&rows[24][col("day")], "2026-10-25");
+    assert_eq!(&rows[24][col("minutes")], "1500", "the 25-hour day");
+    assert_eq!(&rows[0][col("minutes_accounted")], "1440");
+    assert_eq!(&rows[3][col("minutes_accounted")], "0");
+    assert_eq!(&total[col("provisional")], "false");
+
+    let json: serde_json::Value = serde_json::from_str(&ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=json"],
+    )))
+    .unwrap();
+    assert_eq!(json["contract"], "lab");
+    assert_eq!(json["starts_before_ledger"], false);
+    assert_eq!(json["total"]["kinds"][0]["kind"], "committed");
+    assert_eq!(json["total"]["kinds"][0]["gpu_ms"], 3 * committed_per_day);
+    assert_eq!(json["total"]["minutes_accounted"], 3 * 1440);
+    assert_eq!(json["days"].as_array().unwrap().len(), 31);
+
+    let text = ok(&statement(&config, &data, &["--period=2026-10"]));
+    assert!(
+        text.contains("Statement of contract lab (lab), billing period 2026-10 (closed)"),
+        "{text}"
+    );
+    assert!(text.contains("2026-10-25     25"), "{text}");
+    assert!(text.contains("Cost (EUR): committed 720.00"), "{text}");
+    // The default period is the current one: later than October 2026, before the ledger.
+    let now = ok(&statement(&config, &data, &["--contract=lab"]));
+    assert!(
+        now.contains("The period starts before the ledger") || now.contains("provisional"),
+        "{now}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_line_naming_it_and_exit_status_1() {
+    let dir = TempDir::new("statement-bad");
+    let (config, data) = ledger(&dir);
+    refused(
+        &statement(&config, &data, &["--contract=nope"]),
+        &["nope", "lab"],
+    );
+    for bad in ["2026-13", "october", "2026-1"] {
+        refused(
+            &statement(&config, &data, &[&format!("--period={bad}")]),
+            &[bad],
+        );
+    }
+    refused(
+        &statement(&config, &data, &["--period=2099-01"]),
+        &["2099-01", "future"],
+    );
+    let empty = dir.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(
+        &statement(&config, &empty, &[]),
+        &[&empty.display().to_string(), "no ledger"],
+    );
+    let missing = dir.path("missing");
+    refused(
+        &statement(&config, &missing, &[]),
+        &[&missing.display().to_string()],
+    );
+    assert!(
+        !missing.exists(),
+        "a missing ledger's directory is not created"
+    );
+    refused(
+        &statement(&dir.path("nope.toml"), &data, &[]),
+        &["nope.toml"],
+    );
+
+    rusqlite::Connection::open(data.join("ledger.sqlite3"))
+        .unwrap()
+        .execute(
+            "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
+    refused(
+        &statement(&config, &data, &["--period=2026-10"]),
+        &["schema version 99", "ledger.sqlite3"],
+    );
+}
+
+/// Kills the demo on drop, also when an assertion fails.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_running_demo_is_read_without_stopping_it() {
+    let dir = TempDir::new("statement-demo");
+    let data = dir.path("demo");
+    let mut demo = Demo(
+        Command::new(BIN)
+            .args(["demo", "--web.listen-address=127.0.0.1:0", "--speed=600"])
+            .arg(format!("--data.dir={}", data.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let metrics = demo_banner(&mut demo.0, "contract metrics:");
+    let addr = metrics
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let config = data.join("aggregator.toml");
+    // Wait until minutes are sealed, then ask for a statement while it keeps sealing.
+    wait_until(
+        Duration::from_secs(60),
+        || "sealed minutes".to_string(),
+        || {
+            let (_, body) = http_get(&addr, "/metrics");
+            body.lines()
+                .any(|l| {
+                    l.starts_with("commitmeter_contract_committed_gpu_seconds_total{")
+                        && !l.ends_with(" 0")
+                })
+                .then_some(())
+        },
+    );
+    let started = Instant::now();
+    let json = ok(&statement(&config, &data, &["--format=json"]));
+    let took = started.elapsed();
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(docs.len(), 3, "the demo's three contracts");
+    let accounted: i64 = docs
+        .iter()
+        .map(|d| d["total"]["minutes_accounted"].as_i64().unwrap())
+        .sum();
+    assert!(accounted > 0, "{json}");
+    for d in &docs {
+        let sum: i64 = d["days"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["kinds"][0]["gpu_ms"].as_i64().unwrap())
+            .sum();
+        assert_eq!(sum, d["total"]["kinds"][0]["gpu_ms"].as_i64().unwrap());
+    }
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(demo.0.try_wait().unwrap().is_none(), "the demo still runs");
+    let (status, _) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let leftovers: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("statement-") || n.starts_with("backup."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// The golden month: contract "golden" in Europe/Berlin, October 2026 (the 25-hour day on
+/// Oct 25), 16 GPUs committed, 24 from Oct 15 (a ramp step mid-month); three hosts of 8 GPUs
+/// read every 10 minutes through the pure ledger; all 24 GPUs busy on Oct 3–6 (overage while
+/// 16 are committed), host h3 unreachable from Oct 17 12:00 to Oct 18 06:00 local (its GPUs
+/// unreported meanwhile; what it reports on return is late), GPU h2-7 lost from Oct 20 on.
+const GOLDEN: &str = r#"
+[[targets]]
+targets = ["h1:9473", "h2:9473", "h3:9473"]
+labels = { provider = "gold" }
+
+[[contracts]]
+id = "golden"
+provider = "gold"
+price_per_gpu_hour = 2.0
+currency = "EUR"
+target_utilization = 0.9
+timezone = "Europe/Berlin"
+start = "2026-10-01"
+selector = '{provider="gold"}'
+ramp = [ { from = "2026-10-01", gpus = 16 }, { from = "2026-10-15", gpus = 24 } ]
+"#;
+
+fn golden_statement() -> (
+    commitmeter::statement::Statement,
+    Vec<(i64, commitmeter::ledger::Totals)>,
+) {
+    use commitmeter::ledger::{GpuCounters, Reading, Totals};
+    use std::collections::BTreeMap;
+
+    let contract = commitmeter::contract::parse(Path::new("golden.toml"), GOLDEN)
+        .unwrap()
+        .contracts
+        .remove(0);
+    let period = contract.billing_period_of_month(2026, 10).unwrap();
+    assert_eq!(period.0, OCT_1_MS);
+    let day = |d: i64| OCT_1_MS + (d - 1) * 86_400_000; // UTC+2 days until Oct 25
+    let step = 600_000;
+    let t0 = OCT_1_MS - step;
+    let hosts = ["h1", "h2", "h3"];
+    let mut ledger = Ledger::new(1, t0);
+    let targets: Vec<(String, Vec<usize>)> = hosts
+        .iter()
+        .map(|h| (format!("{h}:9473"), vec![0]))
+        .collect();
+    ledger.configure(t0, &targets, |_, now| now);
+    let mut counters: Vec<BTreeMap<String, GpuCounters>> = hosts
+        .iter()
+        .map(|h| {
+            (0..8)
+                .map(|g| (format!("{h}-{g}"), GpuCounters::default()))
+                .collect()
+        })
+        .collect();
+    let mut minutes: Vec<(i64, Totals)> = Vec::new();
+    let end = period.1 + 2 * step;
+    let mut t = t0;
+    while t <= end {
+        for (i, h) in hosts.iter().enumerate() {
+            if t > t0 {
+                // Busy share in percent: all busy Oct 3-6, else by host and hour of day.
+                let hour = (t - t0) / 3_600_000 % 24;
+                let pct = if (day(3)..day(7)).contains(&t) {
+                    100
+                } else {
+                    [35, 60, 80][i] * (10 + hour % 6) / 15
+                };
+                for (uuid, c) in counters[i].iter_mut() {
+                    c.observed_ms += step;
+                    c.used_ms += step * pct.min(100) / 100;
+                    let _ = uuid;
+                }
+            }
+            if *h == "h2" && t >= day(20) {
+                counters[i].remove("h2-7");
+            }
+            if *h == "h3" && (day(17) + 10 * 3_600_000..day(18) + 4 * 3_600_000).contains(&t) {
+                continue; // unreachable: no reading
+            }
+            ledger.observe(
+                &format!("{h}:9473"),
+                0,
+                Reading {
+                    received_ms: t + 7,
+                    agent_ms: Some(t),
+                    agent_start_ms: Some(t0 - step),
+                    sampled_ms: Some(t - t0 + step),
+                    gpus: counters[i].clone(),
+                },
+            );
+        }
+        for s in ledger.seal(t, 5 * MINUTE_MS, |_, a, b| contract.committed_gpu_ms(a, b)) {
+            minutes.push((s.minute, s.totals));
+        }
+        t += step;
+    }
+    let late = ledger.late()[0];
+    let info = commitmeter::statement::LedgerInfo {
+        since_minute: Some(ledger.since()),
+        sealed_through_minute: Some(ledger.sealed_through()),
+        late: Some(commitmeter::statement::Late {
+            delivered_gpu_ms: late.0,
+            used_gpu_ms: late.1,
+        }),
+    };
+    let s =
+        commitmeter::statement::build(&contract, period, &minutes, &info, period.1 + 86_400_000);
+    let inside = minutes
+        .into_iter()
+        .filter(|(m, _)| (period.0..period.1).contains(&(m * MINUTE_MS)))
+        .collect();
+    (s, inside)
+}
+
+/// Compares with the checked-in file, or writes it with `UPDATE_GOLDEN=1`.
+fn golden(name: &str, got: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    assert!(
+        want == got,
+        "{} differs from the statement (UPDATE_GOLDEN=1 rewrites it after review); got:\n{got}",
+        path.display()
+    );
+}
+
+#[test]
+fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
+    use commitmeter::ledger::Totals;
+    use commitmeter::statement::render;
+
+    let (s, minutes) = golden_statement();
+    // Every minute of the period is sealed, once.
+    assert_eq!(minutes.len() as i64, s.total.minutes());
+    assert_eq!(s.total.minutes_accounted, s.total.minutes());
+    let mut from_minutes = Totals::default();
+    for (_, t) in &minutes {
+        from_minutes.add(t);
+    }
+    let mut from_days = Totals::default();
+    for d in &s.days {
+        assert!(d.identity_holds(), "{}", d.label);
+        assert_eq!(d.minutes_accounted, d.minutes(), "{}", d.label);
+        from_days.add(&d.totals);
+    }
+    assert!(s.total.identity_holds());
+    assert_eq!(s.total.totals, from_minutes);
+    assert_eq!(s.total.totals, from_days);
+    let by_day = |date: &str| s.days.iter().find(|d| d.label == date).unwrap();
+    assert_eq!(by_day("2026-10-25").minutes(), 25 * 60);
+    // What the story must show: overage while everything is busy under the lower step, the
+    // ramp step, the unreachable host unreported, the lost GPU undelivered, late GPU-ms.
+    assert!(by_day("2026-10-04").totals.overage > 0);
+    assert_eq!(by_day("2026-10-14").totals.committed, 16 * 86_400_000);
+    assert_eq!(by_day("2026-10-16").totals.committed, 24 * 86_400_000);
+    assert!(by_day("2026-10-17").totals.unreported > 0);
+    assert_eq!(by_day("2026-10-16").totals.unreported, 0);
+    assert!(by_day("2026-10-21").totals.undelivered > 0);
+    // The GPU vanished in the last interval before it was found missing, on Oct 19.
+    assert_eq!(by_day("2026-10-19").totals.undelivered, 10 * MINUTE_MS);
+    assert_eq!(by_day("2026-10-18").totals.undelivered, 0);
+    assert!(s.late.unwrap().delivered_gpu_ms > 0);
+    assert!(!s.provisional && !s.starts_before_ledger);
+
+    let csv = render::csv(&s).unwrap();
+    golden("statement-golden-2026-10.csv", &csv);
+    golden("statement-golden-2026-10.json", &render::json(&s));
+    // The CSV read back: each kind's column of days sums to the total row.
+    let mut r = csv::Reader::from_reader(csv.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    for k in Kind::ALL {
+        let c = headers
+            .iter()
+            .position(|h| h == format!("{k}_gpu_ms"))
+            .unwrap();
+        let days: i64 = rows[..rows.len() - 1]
+            .iter()
+            .map(|r| r[c].parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(days, rows[rows.len() - 1][c].parse::<i64>().unwrap(), "{k}");
+        assert_eq!(days, s.total.totals[k], "{k}");
+    }
+}
