@@ -13,3 +13,4 @@ pub mod http;
 pub mod labels;
 pub mod ledger;
 pub mod logging;
+pub mod statement;
