@@ -77,6 +77,14 @@ fn broken_config_files_are_refused_naming_file_and_key_before_anything_starts() 
     let dir = TempDir::new("hostile-config");
     let (_held, port) = silent_port();
     let agg = |keys: &str| format!("[aggregator]\n{keys}\n");
+    let sla = |target: &str, tiers: &str| {
+        contract_with(
+            "sla",
+            &format!(
+                "{{ delivery_target = {target}, credits = [ {tiers} ], claim_window_days = 30 }}"
+            ),
+        )
+    };
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "interval-1ms",
@@ -170,29 +178,17 @@ fn broken_config_files_are_refused_naming_file_and_key_before_anything_starts() 
         ),
         (
             "sla-tiers-severest-first",
-            contract_with(
-                "sla",
-                "{ delivery_target = 0.99, credits = [ { below = 0.95, credit = 0.30 }, \
-                 { below = 0.99, credit = 0.10 } ], claim_window_days = 30 }",
-            ),
+            sla("0.99", "{ below = 0.95, credit = 0.3 }, { below = 0.99, credit = 0.1 }"),
             "contract \"c1\": sla.credits[1].below: 0.99 must be below sla.credits[0].below 0.95",
         ),
         (
             "sla-target-over-1",
-            contract_with(
-                "sla",
-                "{ delivery_target = 99, credits = [ { below = 0.99, credit = 0.1 } ], \
-                 claim_window_days = 30 }",
-            ),
+            sla("99", "{ below = 0.99, credit = 0.1 }"),
             "contract \"c1\": sla.delivery_target: must be in (0, 1], got 99",
         ),
         (
             "sla-typo",
-            contract_with(
-                "sla",
-                "{ delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.1 } ], \
-                 claim_window = 30 }",
-            ),
+            contract_with("sla", "{ delivery_target = 0.99, credits = [], claim_window = 30 }"),
             "unknown field `claim_window`, expected one of `delivery_target`, `credits`, `claim_window_days`",
         ),
         (

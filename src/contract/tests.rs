@@ -874,6 +874,30 @@ fn sla_terms_are_exact_parts_per_million() {
 }
 
 #[test]
+fn the_claim_deadline_is_local_calendar_days_after_the_period_end() {
+    let c = contract(&base_with_sla(
+        "{ delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.10 } ], claim_window_days = 30 }",
+    ));
+    let sla = c.sla.clone().unwrap();
+    let deadline = |end| crate::statement::sla::claim_deadline(&c, &sla, end).unwrap();
+    // November 2026 ends at local midnight on Dec 1 (PST); 30 days later, still PST.
+    let (_, end) = c.billing_period(ms("2026-11-15T00:00:00Z"));
+    assert_eq!(end, ms("2026-12-01T08:00:00Z"));
+    assert_eq!(
+        deadline(end),
+        (
+            ms("2026-12-31T08:00:00Z"),
+            "2026-12-31T00:00:00-08:00[America/Los_Angeles]".to_string()
+        )
+    );
+    // February 2027 ends Mar 1 (PST); DST starts Mar 14: the window is 30 days less an hour.
+    let (_, end) = c.billing_period(ms("2027-02-15T00:00:00Z"));
+    let (at, text) = deadline(end);
+    assert_eq!(text, "2027-03-31T00:00:00-07:00[America/Los_Angeles]");
+    assert_eq!(at - end, 30 * DAY - HOUR);
+}
+
+#[test]
 fn sla_mistakes_name_the_key() {
     let tiers = "[ { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.30 } ]";
     let with = |target: &str, credits: &str, days: &str| {

@@ -310,40 +310,6 @@ mod tests {
         assert_eq!((a.committed_cost_micros, a.credit_micros), (1, 0));
     }
 
-    #[test]
-    fn the_claim_deadline_is_local_calendar_days_after_the_period_end() {
-        let cfg = crate::contract::parse(
-            std::path::Path::new("aggregator.toml"),
-            r#"
-[[contracts]]
-id = "c"
-provider = "p"
-price_per_gpu_hour = 2.10
-currency = "USD"
-timezone = "America/Los_Angeles"
-start = "2026-11-01"
-selector = '{a="b"}'
-ramp = [ { from = "2026-11-01", gpus = 8 } ]
-sla = { delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.10 } ], claim_window_days = 30 }
-"#,
-        )
-        .unwrap();
-        let c = &cfg.contracts[0];
-        let sla = c.sla.clone().unwrap();
-        let ms = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_millisecond();
-        // November 2026 ends at local midnight on Dec 1 (PST); 30 days later, still PST.
-        let (_, end) = c.billing_period(ms("2026-11-15T00:00:00Z"));
-        assert_eq!(end, ms("2026-12-01T08:00:00Z"));
-        let (at, text) = claim_deadline(c, &sla, end).unwrap();
-        assert_eq!(at, ms("2026-12-31T08:00:00Z"));
-        assert_eq!(text, "2026-12-31T00:00:00-08:00[America/Los_Angeles]");
-        // February 2027 ends Mar 1 (PST); DST starts Mar 14: the window is 30 days less an hour.
-        let (_, end) = c.billing_period(ms("2027-02-15T00:00:00Z"));
-        let (at, text) = claim_deadline(c, &sla, end).unwrap();
-        assert_eq!(text, "2027-03-31T00:00:00-07:00[America/Los_Angeles]");
-        assert_eq!(at - end, 30 * 86_400_000 - 3_600_000);
-    }
-
     fn arb_sla() -> impl Strategy<Value = Sla> {
         // 1..=4 distinct thresholds, sorted falling; credits strictly growing.
         (
