@@ -5,8 +5,11 @@
 //!
 //! # Units
 //!
-//! Use is in **used GPU-ms per minute** (the ledger's `used` of a sealed minute; 60,000 is one
-//! GPU used the whole minute), kept as integers; divide by 60,000 for GPUs, for display only.
+//! Use is in **used GPU-ms per minute** (the ledger's `used` of a sealed minute, `Kind::Used`:
+//! all use, overage included, since the question is what to commit to; 60,000 is one GPU used
+//! the whole minute), kept as integers; divide by 60,000 for GPUs, for display only. Where a
+//! minute had unreported capacity its use is a lower bound: the sizing leans small there,
+//! never towards a commitment nobody was seen to use.
 //! Prices are in micro-units of the contract currency per GPU-hour
 //! ([`super::sla::price_micros`]); costs in micro-units of the currency.
 //!
@@ -156,7 +159,10 @@ pub fn scaled_cost(used: &[i64], price: i64, on_demand: i64, gpus: u64) -> i128 
         .iter()
         .map(|&u| (i128::from(u.max(0)) - level).max(0))
         .sum();
-    i128::from(price) * level * used.len() as i128 + i128::from(on_demand) * beyond
+    // Saturating: only a current commitment far beyond `MAX_COMMITTED_GPUS` could reach it.
+    (i128::from(price) * level)
+        .saturating_mul(used.len() as i128)
+        .saturating_add(i128::from(on_demand) * beyond)
 }
 
 /// What committing one more GPU above `gpus` changes, in the units of [`scaled_cost`]:
@@ -311,6 +317,8 @@ mod tests {
         let vals = [G, 0, 0, 0];
         assert_eq!(scaled_cost(&vals, 1, 4, 0), scaled_cost(&vals, 1, 4, 1));
         assert_eq!(recommend(&vals, 1, 4, 1).gpus, 0);
+        // An absurd current commitment saturates rather than overflowing.
+        assert!(recommend(&vals, 1_000_000_000_000, 4, u64::MAX).saving_micros > 0);
     }
 
     proptest! {
