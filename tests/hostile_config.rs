@@ -77,6 +77,14 @@ fn broken_config_files_are_refused_naming_file_and_key_before_anything_starts() 
     let dir = TempDir::new("hostile-config");
     let (_held, port) = silent_port();
     let agg = |keys: &str| format!("[aggregator]\n{keys}\n");
+    let sla = |target: &str, tiers: &str| {
+        contract_with(
+            "sla",
+            &format!(
+                "{{ delivery_target = {target}, credits = [ {tiers} ], claim_window_days = 30 }}"
+            ),
+        )
+    };
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "interval-1ms",
@@ -167,6 +175,26 @@ fn broken_config_files_are_refused_naming_file_and_key_before_anything_starts() 
             "price-nan",
             contract_with("price_per_gpu_hour", "nan"),
             "contract \"c1\": price_per_gpu_hour: must be a finite number",
+        ),
+        (
+            "sla-tiers-severest-first",
+            sla("0.99", "{ below = 0.95, credit = 0.3 }, { below = 0.99, credit = 0.1 }"),
+            "contract \"c1\": sla.credits[1].below: 0.99 must be below sla.credits[0].below 0.95",
+        ),
+        (
+            "sla-target-over-1",
+            sla("99", "{ below = 0.99, credit = 0.1 }"),
+            "contract \"c1\": sla.delivery_target: must be in (0, 1], got 99",
+        ),
+        (
+            "sla-typo",
+            contract_with("sla", "{ delivery_target = 0.99, credits = [], claim_window = 30 }"),
+            "unknown field `claim_window`, expected one of `delivery_target`, `credits`, `claim_window_days`",
+        ),
+        (
+            "on-demand-zero",
+            contract_with("on_demand_price_per_gpu_hour", "0"),
+            "contract \"c1\": on_demand_price_per_gpu_hour: must be a finite number > 0, got 0",
         ),
         (
             "ramp-before-start",
@@ -289,8 +317,11 @@ fn implausible_config_files_are_warned_about_and_still_start() {
             "[aggregator]\nscrape_interval = \"6m\"\ngrace = \"2h\"\nbody_limit_bytes = 4096\n\n\
              [[file_sd]]\nfiles = [\"{sd}/*.json\", \"{sd}/none-*.json\"]\n\n\
              {CONTRACT}ramp = [ {{ from = \"2025-01-01\", until = \"2025-02-01\", gpus = 1 }}, \
-             {{ from = \"2026-01-01\", gpus = 8 }} ]\n\n\
+             {{ from = \"2026-01-01\", gpus = 8 }} ]\n\
+             sla = {{ delivery_target = 0.99, credits = [ {{ below = 0.99, credit = 0.10 }}, \
+             {{ below = 0.95, credit = 0.30 }} ], claim_window_days = 30 }}\n\n\
              [[contracts]]\nid = \"nobody\"\nprovider = \"p\"\nprice_per_gpu_hour = 1.0\n\
+             on_demand_price_per_gpu_hour = 0.5\n\
              currency = \"USD\"\nstart = \"2026-01-01\"\nselector = '{{cluster=\"zzz\"}}'\n\
              ramp = [ {{ from = \"2026-01-01\", gpus = 8 }} ]\n",
             sd = sd.display()
@@ -304,6 +335,10 @@ fn implausible_config_files_are_warned_about_and_still_start() {
         format!("{f}: aggregator.body_limit_bytes: 4096 is small"),
         format!("{f}: contract \"c1\": ramp[0]: lies wholly outside the contract's span"),
         format!("{f}: contract \"nobody\": selector: matches none of the 1 targets"),
+        format!(
+            "{f}: contract \"nobody\": on_demand_price_per_gpu_hour: 0.5 is not above \
+             price_per_gpu_hour (1): committing never pays"
+        ),
         format!("{f}: file_sd[0].files[1]:"),
     ];
     let (code, stdout, stderr, _) = run(

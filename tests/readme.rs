@@ -262,6 +262,11 @@ fn every_config_key_in_the_readme_is_known_to_the_parser() {
         "[[file_sd]]\nfiles = [\"x\"]\nzzz = 1\n".to_string(),
         format!("{contract}zzz = 1\nramp = [{{ from = \"2026-01-01\", gpus = 1 }}]\n"),
         format!("{contract}ramp = [{{ from = \"2026-01-01\", gpus = 1, zzz = 1 }}]\n"),
+        format!("{contract}ramp = [{{ from = \"2026-01-01\", gpus = 1 }}]\nsla = {{ zzz = 1 }}\n"),
+        format!(
+            "{contract}ramp = [{{ from = \"2026-01-01\", gpus = 1 }}]\n\
+             sla = {{ delivery_target = 1, credits = [{{ zzz = 1 }}], claim_window_days = 1 }}\n"
+        ),
     ] {
         known.extend(known_keys(&dir, &probe));
     }

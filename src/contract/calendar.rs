@@ -260,6 +260,18 @@ pub(crate) fn local_rfc3339(tz: &TimeZone, ms: i64) -> String {
     )
 }
 
+/// `t_ms` plus `days` local calendar days in `tz` (same wall-clock time, resolved like
+/// jiff's zoned arithmetic: a gap moves forward, a fold takes the earlier offset): the
+/// instant and its RFC 9557 form. `None` beyond jiff's range.
+pub(crate) fn days_after(tz: &TimeZone, t_ms: i64, days: u32) -> Option<(i64, String)> {
+    let ts = Timestamp::from_millisecond(t_ms).ok()?;
+    let later = ts
+        .to_zoned_datetime(tz.clone())
+        .checked_add(jiff::Span::new().days(i64::from(days)))
+        .ok()?;
+    Some((timestamp_ms(later.timestamp()), later.to_string()))
+}
+
 /// One committed step, already clipped to the contract's span: `gpus` from `from` (inclusive)
 /// until `until` (exclusive; `None` = open-ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

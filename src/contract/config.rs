@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::calendar::{self, TimeSpec};
 use super::selector::{regex_error, Selector};
-use super::{assign, target_labels, Contract, UsageSignal};
+use super::{assign, target_labels, Contract, CreditTier, Sla, UsageSignal, PPM};
 
 /// Defaults of the `[aggregator]` table.
 pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
@@ -55,6 +55,8 @@ pub const MAX_PRICE_PER_GPU_HOUR: f64 = 1e6;
 /// More GPUs than any fleet has: a ramp step above this is a typo, and would overflow the
 /// ledger's integer GPU-milliseconds within decades.
 pub const MAX_COMMITTED_GPUS: i64 = 10_000_000;
+/// `sla.claim_window_days`: above ten years it is a typo.
+pub const MAX_CLAIM_WINDOW_DAYS: i64 = 3660;
 
 /// The validated aggregator config.
 #[derive(Debug, Clone)]
@@ -663,6 +665,40 @@ fn build_contract(
             format!("must be in (0, 1], got {target_utilization}"),
         ));
     }
+    let on_demand_price_per_gpu_hour = match rc.on_demand_price_per_gpu_hour {
+        None => None,
+        Some(p) => {
+            let key = "on_demand_price_per_gpu_hour";
+            if !(p.is_finite() && p > 0.0) {
+                return Err(err(key, format!("must be a finite number > 0, got {p}")));
+            }
+            if p > MAX_PRICE_PER_GPU_HOUR {
+                return Err(err(
+                    key,
+                    format!(
+                        "{} is more than any GPU-hour costs (at most {MAX_PRICE_PER_GPU_HOUR})",
+                        if p >= 1e15 {
+                            format!("{p:e}")
+                        } else {
+                            p.to_string()
+                        }
+                    ),
+                ));
+            }
+            if p <= rc.price_per_gpu_hour {
+                warnings.push((
+                    key.to_string(),
+                    format!(
+                        "{p} is not above price_per_gpu_hour ({}): committing never pays, so \
+                         the renewal sizing recommends no commitment",
+                        rc.price_per_gpu_hour
+                    ),
+                ));
+            }
+            Some(p)
+        }
+    };
+    let sla = rc.sla.as_ref().map(build_sla).transpose()?;
     let tz_name = rc.timezone.as_deref().unwrap_or("UTC");
     let (tz, timezone_name) = calendar::time_zone(tz_name).map_err(|m| err("timezone", m))?;
     let anchor_day = rc.billing_anchor_day.unwrap_or(1);
@@ -799,7 +835,9 @@ fn build_contract(
         provider: rc.provider,
         currency: rc.currency,
         price_per_gpu_hour: rc.price_per_gpu_hour,
+        on_demand_price_per_gpu_hour,
         target_utilization,
+        sla,
         usage_signal: match rc.usage_signal.unwrap_or(RawUsageSignal::Busy) {
             RawUsageSignal::Busy => UsageSignal::Busy,
             RawUsageSignal::Allocated => UsageSignal::Allocated,
@@ -812,6 +850,112 @@ fn build_contract(
         ramp,
         selector,
         model,
+    })
+}
+
+/// A ratio of the `sla` table in parts per million: within `lo..=1` (`lo_open`: above
+/// 0, else at least 0), with at most 6 decimal places, so that tiers are decided by exact
+/// integer comparison ([`crate::statement::sla`]) and the value means what was written.
+fn ratio_ppm(field: &str, value: f64, lo_open: bool) -> Result<u32, (String, String)> {
+    let range = if lo_open { "(0, 1]" } else { "[0, 1]" };
+    let in_range =
+        value.is_finite() && value <= 1.0 && if lo_open { value > 0.0 } else { value >= 0.0 };
+    if !in_range {
+        return Err((
+            field.to_string(),
+            format!("must be in {range}, got {value}"),
+        ));
+    }
+    let ppm = (value * PPM as f64).round();
+    if ppm / PPM as f64 != value {
+        return Err((
+            field.to_string(),
+            format!(
+                "{value} has more than 6 decimal places (the SLA is decided in parts per million)"
+            ),
+        ));
+    }
+    Ok(ppm as u32)
+}
+
+/// Validates a contract's `sla` table; errors are `(field, message)` with the field under
+/// `sla.`, e.g. `sla.credits[1].below`.
+///
+/// Tiers are listed from the mildest to the severest: `below` strictly falling (so each tier
+/// is a worse breach than the one before) and `credit` strictly growing with it. The first
+/// `below` must not exceed `delivery_target`: a credit while the target is met would
+/// contradict it.
+fn build_sla(raw: &RawSla) -> Result<Sla, (String, String)> {
+    let err = |field: String, message: String| (field, message);
+    let delivery_target_ppm = ratio_ppm("sla.delivery_target", raw.delivery_target, true)?;
+    if raw.credits.is_empty() {
+        return Err(err(
+            "sla.credits".into(),
+            "must not be empty (e.g. [ { below = 0.99, credit = 0.10 } ]): without a tier \
+             there is nothing to claim"
+                .into(),
+        ));
+    }
+    let mut credits: Vec<CreditTier> = Vec::with_capacity(raw.credits.len());
+    for (i, tier) in raw.credits.iter().enumerate() {
+        let f = |name: &str| format!("sla.credits[{i}].{name}");
+        let below_ppm = ratio_ppm(&f("below"), tier.below, true)?;
+        let credit_ppm = ratio_ppm(&f("credit"), tier.credit, false)?;
+        match credits.last() {
+            None if below_ppm > delivery_target_ppm => {
+                return Err(err(
+                    f("below"),
+                    format!(
+                        "{} must be <= delivery_target {}: a credit would be owed while the \
+                         target is met",
+                        tier.below, raw.delivery_target
+                    ),
+                ))
+            }
+            Some(prev) if below_ppm >= prev.below_ppm => {
+                return Err(err(
+                    f("below"),
+                    format!(
+                        "{} must be below sla.credits[{}].below {} (list tiers from the \
+                         mildest breach to the severest)",
+                        tier.below,
+                        i - 1,
+                        raw.credits[i - 1].below
+                    ),
+                ))
+            }
+            Some(prev) if credit_ppm <= prev.credit_ppm => {
+                return Err(err(
+                    f("credit"),
+                    format!(
+                        "{} must be above sla.credits[{}].credit {} (a worse breach earns a \
+                         larger credit)",
+                        tier.credit,
+                        i - 1,
+                        raw.credits[i - 1].credit
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        credits.push(CreditTier {
+            below_ppm,
+            credit_ppm,
+        });
+    }
+    if !(1..=MAX_CLAIM_WINDOW_DAYS).contains(&raw.claim_window_days) {
+        return Err(err(
+            "sla.claim_window_days".into(),
+            format!(
+                "must be between 1 and {MAX_CLAIM_WINDOW_DAYS}, got {}",
+                raw.claim_window_days
+            ),
+        ));
+    }
+    Ok(Sla {
+        delivery_target_ppm,
+        credits,
+        claim_window_days: raw.claim_window_days as u32,
     })
 }
 
@@ -892,6 +1036,7 @@ struct RawContract {
     provider: String,
     model: Option<String>,
     price_per_gpu_hour: f64,
+    on_demand_price_per_gpu_hour: Option<f64>,
     currency: String,
     target_utilization: Option<f64>,
     timezone: Option<String>,
@@ -901,6 +1046,22 @@ struct RawContract {
     usage_signal: Option<RawUsageSignal>,
     selector: String,
     ramp: Vec<RawStep>,
+    sla: Option<RawSla>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSla {
+    delivery_target: f64,
+    credits: Vec<RawCreditTier>,
+    claim_window_days: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCreditTier {
+    below: f64,
+    credit: f64,
 }
 
 #[derive(Deserialize, Clone, Copy)]

@@ -28,7 +28,7 @@ use regex::Regex;
 pub use config::{
     load, parse, AggregatorConfig, BasicAuthFile, ConfigError, ContractRef, FileSd, IdentityFiles,
     Scheme, ScrapeSettings, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
-    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_COMMITTED_GPUS,
+    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_CLAIM_WINDOW_DAYS, MAX_COMMITTED_GPUS,
 };
 pub use config::{
     BODY_LIMIT_RANGE, MAX_GRACE, MAX_PRICE_PER_GPU_HOUR, MIN_SCRAPE_TIMEOUT, SCRAPE_INTERVAL_RANGE,
@@ -65,8 +65,14 @@ pub struct Contract {
     pub currency: String,
     /// Finite, >= 0.
     pub price_per_gpu_hour: f64,
+    /// `on_demand_price_per_gpu_hour`: what a GPU-hour beyond the commitment would cost, for
+    /// the renewal sizing; finite, > 0, in the contract currency. `None`: not known, and no
+    /// commitment level is recommended.
+    pub on_demand_price_per_gpu_hour: Option<f64>,
     /// In (0, 1].
     pub target_utilization: f64,
+    /// `sla`: the delivery target and the credits its breach earns; `None`: no SLA declared.
+    pub sla: Option<Sla>,
     pub usage_signal: UsageSignal,
     /// The canonical IANA name (`america/los_angeles` in the file becomes
     /// `America/Los_Angeles`).
@@ -84,7 +90,41 @@ pub struct Contract {
     model: Option<Regex>,
 }
 
+/// Parts per million: the unit of [`Sla`]'s ratios.
+pub const PPM: u32 = 1_000_000;
+
+/// A contract's `sla` table, validated: every ratio in parts per million (the file's
+/// decimals have at most 6 places, so these are exact).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sla {
+    /// `delivery_target`, in (0, 1_000_000].
+    pub delivery_target_ppm: u32,
+    /// `credits`, from the mildest breach to the severest: `below_ppm` strictly falling
+    /// (the first at most `delivery_target_ppm`), `credit_ppm` strictly growing. Never empty.
+    pub credits: Vec<CreditTier>,
+    /// `claim_window_days`: 1 ..= 3660 local calendar days after the period ends.
+    pub claim_window_days: u32,
+}
+
+/// One `sla.credits` entry: a delivered share below `below_ppm` earns `credit_ppm` of the
+/// period's committed cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditTier {
+    /// In (0, 1_000_000].
+    pub below_ppm: u32,
+    /// In [0, 1_000_000].
+    pub credit_ppm: u32,
+}
+
 impl Contract {
+    /// `t_ms` plus `days` local calendar days in the contract's time zone: the same
+    /// wall-clock time that many days later (a day across a DST change lasts 23 or 25 hours).
+    /// Returns the instant and its RFC 9557 form with offset and zone, e.g.
+    /// `2026-12-31T00:00:00-08:00[America/Los_Angeles]`; `None` beyond the calendar's range.
+    pub fn local_days_after(&self, t_ms: i64, days: u32) -> Option<(i64, String)> {
+        calendar::days_after(&self.tz, t_ms, days)
+    }
+
     /// Committed GPUs at `t_ms`: 0 outside `[start_ms, end_ms)` and outside every ramp step.
     pub fn committed_gpus_at(&self, t_ms: i64) -> u64 {
         calendar::gpus_at(&self.ramp, t_ms)

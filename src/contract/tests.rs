@@ -114,6 +114,7 @@ id = "acme-h100-east"
 provider = "acme"
 model = "H100"
 price_per_gpu_hour = 2
+on_demand_price_per_gpu_hour = 6.5
 currency = "EUR"
 target_utilization = 1.0
 timezone = "europe/berlin"
@@ -123,6 +124,7 @@ end = "2027-11-01T00:00:00+01:00"
 usage_signal = "allocated"
 selector = 'provider="acme"'
 ramp = [{ from = "2026-11-01", gpus = 8 }]
+sla = { delivery_target = 0.999, credits = [ { below = 0.999, credit = 0 }, { below = 0.99, credit = 0.10 }, { below = 0.000001, credit = 1 } ], claim_window_days = 45 }
 "#);
     assert_eq!(cfg.scrape_interval, Duration::from_secs(30));
     assert_eq!(cfg.scrape_timeout, Duration::from_secs(20));
@@ -145,6 +147,19 @@ ramp = [{ from = "2026-11-01", gpus = 8 }]
     assert_eq!(c.id, "acme-h100-east");
     assert_eq!(c.provider, "acme");
     assert_eq!(c.price_per_gpu_hour, 2.0);
+    assert_eq!(c.on_demand_price_per_gpu_hour, Some(6.5));
+    let tier = |below_ppm, credit_ppm| CreditTier {
+        below_ppm,
+        credit_ppm,
+    };
+    assert_eq!(
+        c.sla,
+        Some(Sla {
+            delivery_target_ppm: 999_000,
+            credits: vec![tier(999_000, 0), tier(990_000, 100_000), tier(1, 1_000_000)],
+            claim_window_days: 45,
+        })
+    );
     assert_eq!(c.currency, "EUR");
     assert_eq!(c.target_utilization, 1.0);
     assert_eq!(c.timezone_name, "Europe/Berlin");
@@ -180,6 +195,8 @@ ramp = [{ from = "2026-11-01", gpus = 1 }]
 "#,
     );
     assert_eq!(c.target_utilization, 0.95);
+    assert_eq!(c.on_demand_price_per_gpu_hour, None);
+    assert_eq!(c.sla, None);
     assert_eq!(c.timezone_name, "UTC");
     assert_eq!(c.billing_anchor_day(), 1);
     assert_eq!(c.usage_signal, UsageSignal::Busy);
@@ -226,8 +243,28 @@ fn unknown_keys_at_every_level() {
             "currency = \"USD\"\ncolor = 1"
         )),
         "aggregator.toml:7:1: unknown field `color`, expected one of `id`, `provider`, `model`, \
-         `price_per_gpu_hour`, `currency`, `target_utilization`, `timezone`, \
-         `billing_anchor_day`, `start`, `end`, `usage_signal`, `selector`, `ramp`"
+         `price_per_gpu_hour`, `on_demand_price_per_gpu_hour`, `currency`, \
+         `target_utilization`, `timezone`, `billing_anchor_day`, `start`, `end`, \
+         `usage_signal`, `selector`, `ramp`, `sla`"
+    );
+    let sla = |table: &str| {
+        let e = err(&base_with(
+            "currency = \"USD\"",
+            &format!("currency = \"USD\"\nsla = {table}"),
+        ));
+        e.split_once(": ").map(|(_, m)| m.to_string()).unwrap()
+    };
+    assert_eq!(
+        sla("{ delivery_target = 0.99, credits = [], claim_window_days = 30, window = 1 }"),
+        "unknown field `window`, expected one of `delivery_target`, `credits`, `claim_window_days`"
+    );
+    assert_eq!(
+        sla("{ delivery_target = 0.99, credits = [ { below = 0.9, credit = 0.1, above = 1 } ], claim_window_days = 30 }"),
+        "unknown field `above`, expected `below` or `credit`"
+    );
+    assert_eq!(
+        sla("{ delivery_target = 0.99, claim_window_days = 30 }"),
+        "missing field `credits`"
     );
     assert_eq!(
         err(&base_with(
@@ -794,6 +831,187 @@ fn contract_field_mistakes() {
     for (from, to, want) in cases {
         assert_eq!(err(&base_with(from, to)), format!("{C}: {want}"), "{to}");
     }
+}
+
+/// BASE with `sla = <table>` added.
+fn base_with_sla(table: &str) -> String {
+    base_with(
+        "currency = \"USD\"",
+        &format!("currency = \"USD\"\nsla = {table}"),
+    )
+}
+
+#[test]
+fn sla_terms_are_exact_parts_per_million() {
+    let c = contract(&base_with_sla(
+        "{ delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.30 } ], claim_window_days = 30 }",
+    ));
+    assert_eq!(
+        c.sla,
+        Some(Sla {
+            delivery_target_ppm: 990_000,
+            credits: vec![
+                CreditTier {
+                    below_ppm: 990_000,
+                    credit_ppm: 100_000
+                },
+                CreditTier {
+                    below_ppm: 950_000,
+                    credit_ppm: 300_000
+                },
+            ],
+            claim_window_days: 30,
+        })
+    );
+    // The extremes: a target of 1, a tier below it with a credit of 0 and one of all of it.
+    let c = contract(&base_with_sla(
+        "{ delivery_target = 1, credits = [ { below = 1, credit = 0 }, { below = 0.5, credit = 1 } ], claim_window_days = 3660 }",
+    ));
+    let sla = c.sla.unwrap();
+    assert_eq!(sla.delivery_target_ppm, PPM);
+    assert_eq!(sla.credits[1].credit_ppm, PPM);
+    assert_eq!(sla.claim_window_days, MAX_CLAIM_WINDOW_DAYS as u32);
+}
+
+#[test]
+fn the_claim_deadline_is_local_calendar_days_after_the_period_end() {
+    let c = contract(&base_with_sla(
+        "{ delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.10 } ], claim_window_days = 30 }",
+    ));
+    let sla = c.sla.clone().unwrap();
+    let deadline = |end| crate::statement::sla::claim_deadline(&c, &sla, end).unwrap();
+    // November 2026 ends at local midnight on Dec 1 (PST); 30 days later, still PST.
+    let (_, end) = c.billing_period(ms("2026-11-15T00:00:00Z"));
+    assert_eq!(end, ms("2026-12-01T08:00:00Z"));
+    assert_eq!(
+        deadline(end),
+        (
+            ms("2026-12-31T08:00:00Z"),
+            "2026-12-31T00:00:00-08:00[America/Los_Angeles]".to_string()
+        )
+    );
+    // February 2027 ends Mar 1 (PST); DST starts Mar 14: the window is 30 days less an hour.
+    let (_, end) = c.billing_period(ms("2027-02-15T00:00:00Z"));
+    let (at, text) = deadline(end);
+    assert_eq!(text, "2027-03-31T00:00:00-07:00[America/Los_Angeles]");
+    assert_eq!(at - end, 30 * DAY - HOUR);
+}
+
+#[test]
+fn sla_mistakes_name_the_key() {
+    let tiers = "[ { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.30 } ]";
+    let with = |target: &str, credits: &str, days: &str| {
+        format!("{{ delivery_target = {target}, credits = {credits}, claim_window_days = {days} }}")
+    };
+    for (table, want) in [
+        (with("0", tiers, "30"), "sla.delivery_target: must be in (0, 1], got 0"),
+        (with("1.01", tiers, "30"), "sla.delivery_target: must be in (0, 1], got 1.01"),
+        (with("-0.5", tiers, "30"), "sla.delivery_target: must be in (0, 1], got -0.5"),
+        (with("nan", tiers, "30"), "sla.delivery_target: must be in (0, 1], got NaN"),
+        (
+            with("0.9999999", tiers, "30"),
+            "sla.delivery_target: 0.9999999 has more than 6 decimal places (the SLA is decided in parts per million)",
+        ),
+        (
+            with("0.99", "[]", "30"),
+            "sla.credits: must not be empty (e.g. [ { below = 0.99, credit = 0.10 } ]): without a tier there is nothing to claim",
+        ),
+        (
+            with("0.99", "[ { below = 0, credit = 0.1 } ]", "30"),
+            "sla.credits[0].below: must be in (0, 1], got 0",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = 1.5 } ]", "30"),
+            "sla.credits[0].credit: must be in [0, 1], got 1.5",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = -0.1 } ]", "30"),
+            "sla.credits[0].credit: must be in [0, 1], got -0.1",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = 0.1000001 } ]", "30"),
+            "sla.credits[0].credit: 0.1000001 has more than 6 decimal places",
+        ),
+        (
+            with("0.95", tiers, "30"),
+            "sla.credits[0].below: 0.99 must be <= delivery_target 0.95: a credit would be owed while the target is met",
+        ),
+        // Listed severest first: the order is mildest to severest.
+        (
+            with("0.99", "[ { below = 0.95, credit = 0.30 }, { below = 0.99, credit = 0.10 } ]", "30"),
+            "sla.credits[1].below: 0.99 must be below sla.credits[0].below 0.95 (list tiers from the mildest breach to the severest)",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = 0.10 }, { below = 0.99, credit = 0.30 } ]", "30"),
+            "sla.credits[1].below: 0.99 must be below sla.credits[0].below 0.99",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = 0.30 }, { below = 0.95, credit = 0.10 } ]", "30"),
+            "sla.credits[1].credit: 0.1 must be above sla.credits[0].credit 0.3 (a worse breach earns a larger credit)",
+        ),
+        (
+            with("0.99", "[ { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.10 } ]", "30"),
+            "sla.credits[1].credit: 0.1 must be above sla.credits[0].credit 0.1",
+        ),
+        (with("0.99", tiers, "0"), "sla.claim_window_days: must be between 1 and 3660, got 0"),
+        (with("0.99", tiers, "-30"), "sla.claim_window_days: must be between 1 and 3660, got -30"),
+        (with("0.99", tiers, "3661"), "sla.claim_window_days: must be between 1 and 3660, got 3661"),
+    ] {
+        let e = err(&base_with_sla(&table));
+        assert!(e.starts_with(&format!("{C}: {want}")), "{table}: {e}");
+    }
+    // Types: a string where a number goes, with line and column.
+    let e = err(&base_with_sla(&with("\"99%\"", tiers, "30")));
+    assert!(e.starts_with("aggregator.toml:7:"), "{e}");
+    assert!(
+        e.contains("invalid type: string \"99%\", expected f64"),
+        "{e}"
+    );
+}
+
+#[test]
+fn on_demand_price_mistakes_and_a_price_below_the_committed_one() {
+    for (value, want) in [
+        (
+            "0",
+            "on_demand_price_per_gpu_hour: must be a finite number > 0, got 0",
+        ),
+        (
+            "-1",
+            "on_demand_price_per_gpu_hour: must be a finite number > 0, got -1",
+        ),
+        (
+            "nan",
+            "on_demand_price_per_gpu_hour: must be a finite number > 0, got NaN",
+        ),
+        (
+            "inf",
+            "on_demand_price_per_gpu_hour: must be a finite number > 0, got inf",
+        ),
+        (
+            "1e300",
+            "on_demand_price_per_gpu_hour: 1e300 is more than any GPU-hour costs (at most 1000000)",
+        ),
+    ] {
+        let e = err(&base_with(
+            "currency = \"USD\"",
+            &format!("currency = \"USD\"\non_demand_price_per_gpu_hour = {value}"),
+        ));
+        assert!(e.starts_with(&format!("{C}: {want}")), "{value}: {e}");
+    }
+    // Cheaper on demand than committed: possible, but committing never pays.
+    let cfg = ok(&base_with(
+        "currency = \"USD\"",
+        "currency = \"USD\"\non_demand_price_per_gpu_hour = 2.10",
+    ));
+    assert_eq!(cfg.contracts[0].on_demand_price_per_gpu_hour, Some(2.10));
+    assert_eq!(
+        cfg.warnings,
+        vec![format!(
+            "{C}: on_demand_price_per_gpu_hour: 2.1 is not above price_per_gpu_hour (2.1): \
+             committing never pays, so the renewal sizing recommends no commitment"
+        )]
+    );
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`].
 
 pub mod render;
+pub mod sizing;
+pub mod sla;
 
 use serde::Serialize;
 
