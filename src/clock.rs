@@ -77,6 +77,12 @@ impl AgentClock {
         elapsed(self.origin).as_millis() as u64
     }
 
+    /// Monotonic time since the start, to the clock's precision: the instant of one
+    /// GPU's sample read, on the same timeline as [`Self::now_ms`].
+    pub fn now(&self) -> Duration {
+        elapsed(self.origin)
+    }
+
     /// Unix seconds of the instant `ms` after the start.
     pub fn wall_seconds(&self, ms: u64) -> f64 {
         (self.wall_ms + ms) as f64 / 1000.0

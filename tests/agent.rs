@@ -960,3 +960,67 @@ fn a_sample_buffer_empty_while_busy_gives_way_to_the_rate() {
         agent.log_text()
     );
 }
+
+/// A slow read of one GPU must not cost another GPU its samples. GPU 2's sample
+/// buffer takes 300 ms to read once a second (three sample periods); GPUs 0 and 1,
+/// read before it, run at 50 % and 100 %. Mapped from the round's end instead of
+/// their own reads, their frontiers passed samples they had not read yet: counted
+/// idle, then dropped when they came.
+#[test]
+fn a_slow_read_of_one_gpu_costs_the_others_no_busy_time() {
+    let slow: Vec<[u64; 2]> = (1..=5)
+        .flat_map(|s| [[s * 1_000, 300], [s * 1_000 + 500, 0]])
+        .collect();
+    let sc = Scenario {
+        gpus: vec![
+            Gpu::at_util(50),
+            Gpu::at_util(100),
+            Gpu {
+                samples_slow: slow,
+                ..Gpu::at_util(50)
+            },
+        ],
+        // The driver was sampling before the agent started.
+        sampled_before_ms: 10_000,
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let sc = &agent.sc;
+    let ready = timeline_ms(sc, agent.wait_ready(Duration::from_secs(20)));
+    assert!(
+        ready < 1_000,
+        "ready at {ready} ms, after the first slow read: the machine is too slow for this test"
+    );
+    // Past the last slow read, so that the last round ends close to its reads.
+    let m = agent.wait_for(Duration::from_secs(30), "the slow reads", |_| {
+        sc.now_ms() >= 6_800
+    });
+    let busy = |gpu| m.gpu("commitmeter_gpu_busy_seconds_total", gpu).unwrap();
+    let observed = |gpu| {
+        m.gpu("commitmeter_gpu_observed_seconds_total", gpu)
+            .unwrap()
+    };
+    for gpu in 0..3 {
+        eprintln!(
+            "gpu {gpu}: busy {:.4} s of {:.4} s observed",
+            busy(gpu),
+            observed(gpu)
+        );
+    }
+    for gpu in [0, 2] {
+        let ratio = busy(gpu) / observed(gpu);
+        assert!(
+            (ratio - 0.5).abs() < 0.005,
+            "gpu {gpu} at 50 %: busy / observed {ratio}; log:\n{}",
+            agent.log_text()
+        );
+    }
+    // At 100 %, busy read after a slow round beyond that round's observed time waits
+    // in the carry until a round has room for it: at most one slow read's 0.3 s.
+    assert!(
+        busy(1) <= observed(1) && busy(1) >= observed(1) - 0.3 - 0.01,
+        "gpu 1 at 100 %: busy {} s, observed {} s",
+        busy(1),
+        observed(1)
+    );
+}

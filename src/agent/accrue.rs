@@ -54,8 +54,10 @@ pub struct Increment {
 /// Sample busy time a round may hold back for the next ones. A poll of the
 /// [`SampleIntegrator`] never counts more driver time than agent time went by since
 /// its previous poll, so a round's share exceeds its observed time only when that poll
-/// is older than the round's start (a read that missed the buffer): two periods of 1 s
-/// is ample, and a bound keeps a broken driver clock from piling up busy time.
+/// is older than the round's start (a read that missed the buffer), or came earlier
+/// before its round's end than this one (the previous round's other GPUs were slow to
+/// read): two periods of 1 s is ample, and a bound keeps a broken driver clock from
+/// piling up busy time.
 const MAX_BUSY_CARRY_S: f64 = 2.0;
 
 /// Running counters of one GPU, identified by UUID elsewhere.
@@ -184,9 +186,10 @@ impl Span {
 /// measured with the period known when it is counted, not when it was read: the first
 /// read may hold too few samples to learn the period, and its spans are counted later.
 ///
-/// Busy time is counted on the driver's timeline up to a *frontier*: this reading's
-/// instant mapped onto driver time, less one period. Every sample that can describe
-/// time before the frontier is in the buffer by then, so each span is counted once,
+/// Busy time is counted on the driver's timeline up to a *frontier*: the instant of
+/// this read of the buffer mapped onto driver time, less one period. That instant is
+/// the read's own, not its round's: every sample that can describe time before the
+/// frontier is in the buffer by the read, so each span is counted once,
 /// whole, when it is complete; a span older than the frontier (a late or re-read
 /// sample) was already accounted, as busy or idle, and is not counted again. The
 /// mapping offset is the largest `newest sample − agent time` seen.
@@ -363,6 +366,7 @@ fn clamp_seconds(s: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::nvml::{Caps, SampleRead, Snapshot};
     use proptest::prelude::*;
 
     const GAP: Duration = Duration::from_secs(5);
@@ -617,13 +621,17 @@ mod tests {
 
     /// A driver sampling every `period_ms` from 0 on and publishing each sample `delay`
     /// periods after it ends, and an agent's polls: the first `first_lag` periods after
-    /// some sample was published, then one after each gap.
+    /// some sample was published, then one after each gap. Poll `i` reads the samples
+    /// at its instant and its round ends `lags[i]` of the time to the next read (a
+    /// second at most) later, as when the GPUs read after this one are slow: the
+    /// observed time runs from round end to round end.
     #[derive(Debug, Clone)]
     struct Schedule {
         period_ms: u64,
         gaps_ms: Vec<u64>,
         first_lag: f64,
         delay: f64,
+        lags: Vec<f64>,
     }
 
     fn arb_schedule() -> impl Strategy<Value = Schedule> {
@@ -638,7 +646,14 @@ mod tests {
                 gaps_ms,
                 first_lag,
                 delay,
+                lags: Vec::new(),
             })
+    }
+
+    /// [`arb_schedule`] with rounds that end well after their read.
+    fn arb_lagged_schedule() -> impl Strategy<Value = Schedule> {
+        (arb_schedule(), prop::collection::vec(0.0f64..1.0, 1..80))
+            .prop_map(|(schedule, lags)| Schedule { lags, ..schedule })
     }
 
     impl Schedule {
@@ -661,10 +676,18 @@ mod tests {
             k * self.p() + self.delay_us()
         }
 
+        /// How long after its read poll `i`'s round ends: before the next read.
+        fn lag_us(&self, i: usize) -> u64 {
+            let next_ms = self.gaps_ms.get(i).map_or(1000, |g| (*g).min(1000));
+            (self.lags.get(i).copied().unwrap_or(0.0) * (next_ms * 1000) as f64) as u64
+        }
+
         /// Polls first after sample `first` was published (rounded down to a whole
         /// ms), then after each gap, each time with the whole ring of `(published,
-        /// sample)` published by then, and hands each poll's instant and the
-        /// integrator to `each`. No round may add more busy than observed.
+        /// sample)` published by then, read at that instant and accounted at the
+        /// round's end, as the sampler does ([`Snapshot::reading`], then
+        /// [`GpuAccount::healthy`]); hands each read's instant and the integrator to
+        /// `each`. No round may add more busy than observed.
         fn replay(
             &self,
             ring: &[(u64, Sample)],
@@ -672,20 +695,28 @@ mod tests {
             mut each: impl FnMut(u64, &SampleIntegrator),
         ) -> Result<GpuAccount, TestCaseError> {
             let (mut integ, mut acct) = (SampleIntegrator::default(), GpuAccount::default());
-            let mut at_us = self.published_us(first) + (self.first_lag * self.p() as f64) as u64;
-            at_us -= at_us % 1000;
-            for gap in std::iter::once(0).chain(self.gaps_ms.iter().copied()) {
-                at_us += gap * 1000;
+            let mut read_us = self.published_us(first) + (self.first_lag * self.p() as f64) as u64;
+            read_us -= read_us % 1000;
+            let gaps = std::iter::once(0).chain(self.gaps_ms.iter().copied());
+            for (i, gap) in gaps.enumerate() {
+                read_us += gap * 1000;
                 let visible: Vec<Sample> = ring
                     .iter()
-                    .filter(|(published, _)| *published <= at_us)
+                    .filter(|(published, _)| *published <= read_us)
                     .map(|(_, x)| *x)
                     .collect();
-                let at = Duration::from_micros(at_us);
-                let busy = integ.poll(at, &visible);
-                let inc = acct.healthy(at, &sampled(busy), GAP);
+                let snap = Snapshot {
+                    samples: SampleRead::New {
+                        samples: visible,
+                        at: Duration::from_micros(read_us),
+                    },
+                    ..Snapshot::default()
+                };
+                let reading = snap.reading(&Caps::default(), &mut integ);
+                let round_end = Duration::from_micros(read_us + self.lag_us(i));
+                let inc = acct.healthy(round_end, &reading, GAP);
                 prop_assert!(inc.busy_s <= inc.observed_s + 1e-12, "{inc:?}");
-                each(at_us, &integ);
+                each(read_us, &integ);
             }
             Ok(acct)
         }
@@ -769,21 +800,33 @@ mod tests {
             gaps_ms: vec![50],
             first_lag: 0.0,
             delay: 0.3397477366326282,
+            lags: Vec::new(),
         };
         check_exact_integral(&schedule, false, &[None]).unwrap();
     }
 
     /// At a constant load, whatever the phase of the reads against the driver's
     /// samples, the busy seconds added (with the carry) are exactly `load × observed`,
-    /// judged against the exact integral of the stream over the observed time.
+    /// judged against the exact integral of the stream over the observed time. Where
+    /// rounds end after their reads, busy time runs from the first read to the last
+    /// and observed time from the first round's end to the last's: `load ×` the
+    /// reads' span, then, which differs from `load × observed` by the first and last
+    /// lags and nothing else.
     fn check_constant_load(schedule: &Schedule, load: u8) -> Result<(), TestCaseError> {
         let p = schedule.p();
         // Four samples by the first read, so the period is known before anything counts.
         let ring: Vec<(u64, Sample)> = (1..=schedule.horizon(4))
             .map(|k| (schedule.published_us(k), sample(k * p, load.into())))
             .collect();
-        let acct = schedule.replay(&ring, 4, |_, _| {})?;
-        let truth = f64::from(load) / 100.0 * acct.observed_s;
+        let mut reads = None;
+        let acct = schedule.replay(&ring, 4, |read_us, _| {
+            reads = Some(reads.map_or((read_us, read_us), |(first, _)| (first, read_us)));
+        })?;
+        let (first, last) = reads.unwrap_or_default();
+        let lags =
+            (schedule.lag_us(0) as f64 - schedule.lag_us(schedule.gaps_ms.len()) as f64) / 1e6;
+        prop_assert!((acct.observed_s - ((last - first) as f64 / 1e6 - lags)).abs() < 1e-9);
+        let truth = f64::from(load) / 100.0 * (acct.observed_s + lags);
         let counted = acct.busy_s + acct.busy_carry_s();
         prop_assert!(
             (counted - truth).abs() <= 1e-9 * (1.0 + truth),
@@ -804,8 +847,27 @@ mod tests {
             gaps_ms: vec![500, 500, 950, 500, 500],
             first_lag: 0.6,
             delay: 0.0,
+            lags: Vec::new(),
         };
         check_constant_load(&schedule, 50).unwrap();
+    }
+
+    /// A loaded machine with several GPUs: a 100 ms period at 50 %, GPU 0 read every
+    /// 500 ms at 60 ms past a sample, and one round where reading the GPUs after it
+    /// took 300 ms. Mapped from the round's end, GPU 0's frontier passed two samples
+    /// it had not read: 0.1 s of busy time counted idle (1.4 s where the stream
+    /// holds 1.5), and the samples dropped when they came.
+    #[test]
+    fn a_slow_read_of_another_gpu_drops_no_samples() {
+        let schedule = Schedule {
+            period_ms: 100,
+            gaps_ms: vec![500; 6],
+            first_lag: 0.6,
+            delay: 0.0,
+            lags: vec![0.0, 0.0, 0.6, 0.0],
+        };
+        check_constant_load(&schedule, 50).unwrap();
+        check_exact_integral(&schedule, false, &[Some(50); 40]).unwrap();
     }
 
     proptest! {
@@ -829,7 +891,21 @@ mod tests {
             delay in 0.0f64..0.5,
         ) {
             // Drawn in this order, so the saved regression seeds keep their cases.
-            let schedule = Schedule { period_ms, gaps_ms, first_lag, delay };
+            let schedule = Schedule { period_ms, gaps_ms, first_lag, delay, lags: Vec::new() };
+            check_exact_integral(&schedule, dry, &loads)?;
+        }
+
+        /// Both properties above where rounds end up to a second after a GPU's read
+        /// (the GPUs read after it were slow): the samples are mapped from the read,
+        /// so none is passed over before it could be read.
+        #[test]
+        fn a_round_ending_after_the_read_changes_neither_property(
+            schedule in arb_lagged_schedule(),
+            load in 0u8..=100,
+            dry in any::<bool>(),
+            loads in arb_loads(),
+        ) {
+            check_constant_load(&schedule, load)?;
             check_exact_integral(&schedule, dry, &loads)?;
         }
 

@@ -12,6 +12,7 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 
 use super::accrue::{self, Busy, Reading, SampleIntegrator};
+use crate::clock::AgentClock;
 
 /// Loads and initializes NVML. Without a path the dynamic loader looks up
 /// `libnvidia-ml.so.1`, so `LD_LIBRARY_PATH` works as users expect.
@@ -122,8 +123,15 @@ impl Caps {
 /// What the sample buffer gave in one read.
 #[derive(Debug, Clone, Default)]
 pub enum SampleRead {
-    /// Samples newer than the cursor (none when the buffer ran dry).
-    New(Vec<accrue::Sample>),
+    /// Samples newer than the cursor (none when the buffer ran dry), and the agent's
+    /// monotonic time (since [`AgentClock`]'s start) when the call returned: the
+    /// instant the integrator maps onto the driver's timeline. Not the round's instant,
+    /// which comes after every other GPU was read: a slow read of another GPU would
+    /// map this one's frontier past samples this read could not have seen yet.
+    New {
+        samples: Vec<accrue::Sample>,
+        at: Duration,
+    },
     /// The call failed this time: the next read picks up where this one would have.
     Missed,
     /// The GPU or driver has no sample buffer.
@@ -147,17 +155,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The reading for the accounting. Samples go through the GPU's integrator, taken
-    /// at the round's instant `at`; a dry buffer is idle time, never the utilization
-    /// rate (which describes one period, not the interval, and would count twice what
-    /// the samples report later). Without a buffer, the rate stands for the interval.
-    pub fn reading(&self, at: Duration, caps: &Caps, integrator: &mut SampleIntegrator) -> Reading {
+    /// The reading for the accounting. Samples go through the GPU's integrator at the
+    /// instant they were read (the observed time they count against stays the
+    /// round's); a dry buffer is idle time, never the utilization rate (which
+    /// describes one period, not the interval, and would count twice what the samples
+    /// report later). Without a buffer, the rate stands for the interval.
+    pub fn reading(&self, caps: &Caps, integrator: &mut SampleIntegrator) -> Reading {
         let busy = match &self.samples {
             // A buffer found broken this round: the rate from now on.
-            SampleRead::New(_) if !caps.samples => {
+            SampleRead::New { .. } if !caps.samples => {
                 self.utilization.map_or(Busy::Unknown, Busy::Rates)
             }
-            SampleRead::New(samples) => Busy::Samples(integrator.poll(at, samples)),
+            SampleRead::New { samples, at } => Busy::Samples(integrator.poll(*at, samples)),
             // The frontier waits: the next read's samples cover this round too.
             SampleRead::Missed => Busy::Samples(0.0),
             SampleRead::Unsupported => self.utilization.map_or(Busy::Unknown, Busy::Rates),
@@ -178,12 +187,13 @@ pub enum ReadError {
 }
 
 /// Reads one GPU. `cursor` is the driver timestamp of the newest utilization sample
-/// already taken. `on_error` is told about every failed call that is not a missing
-/// capability (the caller counts them).
+/// already taken; `clock` stamps the sample read. `on_error` is told about every
+/// failed call that is not a missing capability (the caller counts them).
 pub fn read(
     dev: &Device<'_>,
     caps: &mut Caps,
     cursor: Option<u64>,
+    clock: &AgentClock,
     on_error: &mut dyn FnMut(&'static str, &NvmlError),
 ) -> Result<Snapshot, ReadError> {
     let mut snap = Snapshot::default();
@@ -225,16 +235,21 @@ pub fn read(
             other => other,
         }
     );
+    // Right after the call returned: every sample it gave was published by then. (A
+    // stamp taken before the call, delayed by a pause, would raise the mapping's
+    // offset for good; one taken late only moves this read's frontier.)
+    let read_at = clock.now();
     snap.samples = match samples {
-        Some(samples) => SampleRead::New(
-            samples
+        Some(samples) => SampleRead::New {
+            samples: samples
                 .iter()
                 .map(|s| accrue::Sample {
                     timestamp_us: s.timestamp,
                     percent: sample_percent(&s.value),
                 })
                 .collect(),
-        ),
+            at: read_at,
+        },
         None if caps.samples => SampleRead::Missed,
         None => SampleRead::Unsupported,
     };

@@ -4,6 +4,9 @@
 //!
 //! A round reads every GPU without holding any lock, takes one instant, then applies
 //! all of its updates under the metrics' write lock, so a scrape sees whole rounds.
+//! Observed time runs from round instant to round instant; each GPU's sample read
+//! carries its own instant, on which its samples are mapped onto the driver's
+//! timeline (see [`nvml::SampleRead`]).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -408,9 +411,13 @@ impl Loop {
                     }
                 }
                 let errors = &mut round.errors;
-                let read = nvml::read(d, &mut slot.caps, slot.samples.cursor(), &mut |call, e| {
-                    errors.push((call, nvml::error_label(e)));
-                });
+                let read = nvml::read(
+                    d,
+                    &mut slot.caps,
+                    slot.samples.cursor(),
+                    &self.clock,
+                    &mut |call, e| errors.push((call, nvml::error_label(e))),
+                );
                 match read {
                     Ok(snap) => round.outcomes.push((i, Some(snap))),
                     Err(ReadError::Driver(e)) => return (End::Driver(e), round.errors),
@@ -464,7 +471,7 @@ impl Loop {
         let at_d = Duration::from_millis(at);
         for (i, snap) in round.outcomes {
             let slot = &mut slots[i];
-            if let Some(SampleRead::New(new)) = snap.as_ref().map(|s| &s.samples) {
+            if let Some(SampleRead::New { samples: new, .. }) = snap.as_ref().map(|s| &s.samples) {
                 let rate_busy = snap.as_ref().and_then(|s| s.utilization) > Some(0.0);
                 if slot.dry.broken(at_d, !new.is_empty(), rate_busy, max_gap) {
                     tracing::warn!(
@@ -492,7 +499,7 @@ impl Loop {
                 gpu.up = true;
                 gpu.series.up.set(1.0);
             }
-            let reading = snap.reading(at_d, &slot.caps, &mut slot.samples);
+            let reading = snap.reading(&slot.caps, &mut slot.samples);
             let inc = gpu.account.healthy(at_d, &reading, max_gap);
             gpu.series.observed.inc_by(inc.observed_s);
             gpu.series.busy.inc_by(inc.busy_s);

@@ -417,7 +417,8 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
 /// Only GPU utilization samples exist. With `samples` NULL, `*sampleCount`
 /// gets the ring capacity (as the real driver does); a read returns the
 /// oldest `*sampleCount` samples newer than `lastSeenTimeStamp`, or
-/// `NOT_FOUND` when there are none.
+/// `NOT_FOUND` when there are none. A read first waits out the GPU's
+/// [`Gpu::samples_slow`](crate::scenario::Gpu::samples_slow) delay, without the lock.
 #[cfg(not(feature = "old_driver"))]
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetSamples(
@@ -429,6 +430,14 @@ pub unsafe extern "C" fn nvmlDeviceGetSamples(
     samples: *mut Sample,
 ) -> NvmlReturn {
     guard(|| {
+        if !samples.is_null() {
+            let delay = lock()
+                .capable(device, cap::SAMPLES)
+                .map_or(0, |(scenario, now, i)| scenario.samples_delay_ms(i, now));
+            if delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
+        }
         let st = lock();
         let (scenario, now, i) = st.capable(device, cap::SAMPLES)?;
         if sample_type != GPU_UTILIZATION_SAMPLES {

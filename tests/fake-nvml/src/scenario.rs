@@ -121,6 +121,10 @@ pub struct Gpu {
     pub samples_dry_when_idle: bool,
     /// The sample buffer stays empty (`NOT_FOUND`) even while busy: a broken driver.
     pub samples_broken: bool,
+    /// Step function `[from_ms, delay_ms]`: a read of the sample buffer begun then
+    /// takes this long (a slow GPU or driver), before it looks at the buffer; 0
+    /// before the first step.
+    pub samples_slow: Vec<[u64; 2]>,
     pub power_mw: u32,
     pub power_limit_mw: u32,
     pub memory_total_bytes: u64,
@@ -147,6 +151,7 @@ impl Default for Gpu {
             unsupported: Vec::new(),
             samples_dry_when_idle: false,
             samples_broken: false,
+            samples_slow: Vec::new(),
             power_mw: 300_000,
             power_limit_mw: 700_000,
             memory_total_bytes: 85_899_345_920,
@@ -395,6 +400,14 @@ impl Scenario {
         self.gpus
             .get(gpu)
             .map_or(0, |g| step_at(&g.util, t_ms).min(100) as u32)
+    }
+
+    /// How long a read of GPU `gpu`'s sample buffer begun at `t` takes
+    /// ([`Gpu::samples_slow`]).
+    pub fn samples_delay_ms(&self, gpu: usize, t_ms: u64) -> u64 {
+        self.gpus
+            .get(gpu)
+            .map_or(0, |g| step_at(&g.samples_slow, t_ms))
     }
 
     /// Scripted number of compute processes at `t`, ignoring presence.
