@@ -300,6 +300,8 @@ timezone = "Europe/Berlin"
 start = "2026-10-01"
 selector = '{provider="gold"}'
 ramp = [ { from = "2026-10-01", gpus = 16 }, { from = "2026-10-15", gpus = 24 } ]
+on_demand_price_per_gpu_hour = 3.0
+sla = { delivery_target = 0.995, credits = [ { below = 0.995, credit = 0.05 }, { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.30 } ], claim_window_days = 30 }
 "#;
 
 fn golden_statement() -> (
@@ -452,6 +454,35 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
     let csv = render::csv(&s).unwrap();
     golden("statement-golden-2026-10.csv", &csv);
     golden("statement-golden-2026-10.json", &render::json(&s));
+    golden("statement-golden-2026-10.txt", &render::text(&s));
+    // The SLA and sizing figures checked by hand against the month's story: committed
+    // 16 GPUs × 14 days + 24 × 17 days + the extra hour of Oct 25 = 15,192 GPU-hours
+    // (30,384.00 EUR); GPU h2-7 undelivered from the last 10 minutes of Oct 19 to the end
+    // (289 h 10 min): share 0.980966, below 0.99, not below 0.95: the 10 % tier, 3,038.40.
+    let sla = s.sections.sla.as_ref().unwrap();
+    assert_eq!(sla.assessment.committed_gpu_ms, 15_192 * 3_600_000);
+    assert_eq!(
+        sla.assessment.committed_gpu_ms - sla.assessment.delivered_share.unwrap().num,
+        (289 * 60 + 10) * MINUTE_MS
+    );
+    assert_eq!(sla.assessment.tier, Some(1));
+    assert_eq!(sla.assessment.credit_micros, 3_038_400_000);
+    assert_eq!(
+        sla.claim_deadline.as_ref().unwrap().1,
+        "2026-12-01T00:00:00+01:00[Europe/Berlin]"
+    );
+    // The last week: 23 GPUs at six levels (8.88 .. 13.4 GPUs) in equal shares; at 2.00
+    // committed against 3.00 on demand the cheapest commitment is 10 GPUs: 3,360.00 + the
+    // use beyond 10 (1.34667 GPUs on average × 168 h × 3.00 = 678.72) = 4,038.72.
+    let sizing = s.sections.sizing.as_ref().unwrap();
+    let week = sizing.lookbacks[0].1.as_ref().unwrap();
+    assert_eq!(week.distribution.max, 804_000);
+    assert_eq!(week.distribution.p50, 643_200);
+    let rec = week.recommendation.unwrap();
+    assert_eq!((rec.gpus, rec.cost_micros), (10, 4_038_720_000));
+    assert_eq!(rec.current_cost_micros, 24 * 2 * 168 * 1_000_000);
+    // The ledger holds 31 days: no 60-day lookback.
+    assert!(sizing.lookbacks[1].1.is_some() && sizing.lookbacks[2].1.is_none());
     // The CSV read back: each kind's column of days sums to the total row.
     let mut r = csv::Reader::from_reader(csv.as_bytes());
     let headers = r.headers().unwrap().clone();
