@@ -7,7 +7,7 @@ use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
 use crate::ledger::MINUTE_MS;
-use crate::statement::{self, render, Late, LedgerInfo, Statement};
+use crate::statement::{self, focus, render, Late, LedgerInfo, Statement};
 
 /// The statements asked for, rendered; errors are one line naming the input.
 pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
@@ -100,6 +100,7 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
             }
             out
         }
+        StatementFormat::Focus => focus::csv(&statements).context("cannot write FOCUS CSV")?,
         StatementFormat::Json if statements.len() == 1 => render::json(&statements[0]),
         StatementFormat::Json => {
             let docs: Vec<String> = statements.iter().map(render::json).collect();

@@ -10,6 +10,7 @@
 //!
 //! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`].
 
+pub mod focus;
 pub mod render;
 pub mod sizing;
 pub mod sla;
@@ -127,6 +128,8 @@ pub struct Statement {
     pub provider: String,
     pub currency: String,
     pub price_per_gpu_hour: f64,
+    /// The contract's `on_demand_price_per_gpu_hour`, if known.
+    pub on_demand_price_per_gpu_hour: Option<f64>,
     pub target_utilization: f64,
     /// The IANA time zone the days are local to.
     pub timezone: String,
@@ -239,6 +242,7 @@ pub fn build(
         provider: contract.provider.clone(),
         currency: contract.currency.clone(),
         price_per_gpu_hour: contract.price_per_gpu_hour,
+        on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
         target_utilization: contract.target_utilization,
         timezone: contract.timezone_name.clone(),
         period: format!("{y:04}-{m:02}"),
