@@ -103,6 +103,9 @@ pub enum StatementFormat {
     Csv,
     /// One object per contract (an array when there are several).
     Json,
+    /// FOCUS 1.2 commitment rows (docs/focus.md): per local day, the commitment's purchase and
+    /// its used and unused parts, UTC times.
+    Focus,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -7,7 +7,7 @@ use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
 use crate::ledger::MINUTE_MS;
-use crate::statement::{self, render, Late, LedgerInfo, Statement};
+use crate::statement::{self, focus, render, Late, LedgerInfo, Statement};
 
 /// The statements asked for, rendered; errors are one line naming the input.
 pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
@@ -62,13 +62,14 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
             }
             None => c.billing_period(now),
         };
-        let read = store::read_minutes(
-            &args.storage_path,
-            &c.id,
-            period.0.div_euclid(MINUTE_MS),
-            period.1.div_euclid(MINUTE_MS),
-            args.timeout,
-        )?;
+        // The period's minutes and, for the renewal sizing, the longest lookback before its
+        // end (or before now, for the current period).
+        let to = period.1.div_euclid(MINUTE_MS);
+        let from = period
+            .0
+            .div_euclid(MINUTE_MS)
+            .min(to.min(now.div_euclid(MINUTE_MS) + 1) - statement::SIZING_MINUTES);
+        let read = store::read_minutes(&args.storage_path, &c.id, from, to, args.timeout)?;
         let info = LedgerInfo {
             since_minute: read.since_minute,
             sealed_through_minute: read.sealed_through_minute,
@@ -99,6 +100,7 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
             }
             out
         }
+        StatementFormat::Focus => focus::csv(&statements).context("cannot write FOCUS CSV")?,
         StatementFormat::Json if statements.len() == 1 => render::json(&statements[0]),
         StatementFormat::Json => {
             let docs: Vec<String> = statements.iter().map(render::json).collect();

@@ -140,6 +140,20 @@ fn the_statement_equals_the_ledgers_minutes_in_every_format() {
     assert_eq!(json["total"]["minutes_accounted"], 3 * 1440);
     assert_eq!(json["days"].as_array().unwrap().len(), 31);
 
+    // The sizing section is there, its lookbacks too short for a ledger of three days.
+    assert_eq!(json["sizing"]["lookbacks"][0]["shown"], false);
+
+    let focus = ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=focus"],
+    ));
+    assert_eq!(validate_focus(&focus), 3 * 31);
+    assert!(
+        focus.contains(",2026-10-25,"),
+        "the local day in x_LocalDate"
+    );
+
     let text = ok(&statement(&config, &data, &["--period=2026-10"]));
     assert!(
         text.contains("Statement of contract lab (lab), billing period 2026-10 (closed)"),
@@ -300,6 +314,8 @@ timezone = "Europe/Berlin"
 start = "2026-10-01"
 selector = '{provider="gold"}'
 ramp = [ { from = "2026-10-01", gpus = 16 }, { from = "2026-10-15", gpus = 24 } ]
+on_demand_price_per_gpu_hour = 3.0
+sla = { delivery_target = 0.995, credits = [ { below = 0.995, credit = 0.05 }, { below = 0.99, credit = 0.10 }, { below = 0.95, credit = 0.30 } ], claim_window_days = 30 }
 "#;
 
 fn golden_statement() -> (
@@ -452,6 +468,35 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
     let csv = render::csv(&s).unwrap();
     golden("statement-golden-2026-10.csv", &csv);
     golden("statement-golden-2026-10.json", &render::json(&s));
+    golden("statement-golden-2026-10.txt", &render::text(&s));
+    // The SLA and sizing figures checked by hand against the month's story: committed
+    // 16 GPUs × 14 days + 24 × 17 days + the extra hour of Oct 25 = 15,192 GPU-hours
+    // (30,384.00 EUR); GPU h2-7 undelivered from the last 10 minutes of Oct 19 to the end
+    // (289 h 10 min): share 0.980966, below 0.99, not below 0.95: the 10 % tier, 3,038.40.
+    let sla = s.sections.sla.as_ref().unwrap();
+    assert_eq!(sla.assessment.committed_gpu_ms, 15_192 * 3_600_000);
+    assert_eq!(
+        sla.assessment.committed_gpu_ms - sla.assessment.delivered_share.unwrap().num,
+        (289 * 60 + 10) * MINUTE_MS
+    );
+    assert_eq!(sla.assessment.tier, Some(1));
+    assert_eq!(sla.assessment.credit_micros, 3_038_400_000);
+    assert_eq!(
+        sla.claim_deadline.as_ref().unwrap().1,
+        "2026-12-01T00:00:00+01:00[Europe/Berlin]"
+    );
+    // The last week: 23 GPUs at six levels (8.88 .. 13.4 GPUs) in equal shares; at 2.00
+    // committed against 3.00 on demand the cheapest commitment is 10 GPUs: 3,360.00 + the
+    // use beyond 10 (1.34667 GPUs on average × 168 h × 3.00 = 678.72) = 4,038.72.
+    let sizing = s.sections.sizing.as_ref().unwrap();
+    let week = sizing.lookbacks[0].1.as_ref().unwrap();
+    assert_eq!(week.distribution.max, 804_000);
+    assert_eq!(week.distribution.p50, 643_200);
+    let rec = week.recommendation.unwrap();
+    assert_eq!((rec.gpus, rec.cost_micros), (10, 4_038_720_000));
+    assert_eq!(rec.current_cost_micros, 24 * 2 * 168 * 1_000_000);
+    // The ledger holds 31 days: no 60-day lookback.
+    assert!(sizing.lookbacks[1].1.is_some() && sizing.lookbacks[2].1.is_none());
     // The CSV read back: each kind's column of days sums to the total row.
     let mut r = csv::Reader::from_reader(csv.as_bytes());
     let headers = r.headers().unwrap().clone();
@@ -468,4 +513,259 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
         assert_eq!(days, rows[rows.len() - 1][c].parse::<i64>().unwrap(), "{k}");
         assert_eq!(days, s.total.totals[k], "{k}");
     }
+}
+
+/// Checks FOCUS CSV against the FOCUS 1.2 rules of the columns it uses (read back with the csv
+/// crate): column names (PascalCase FOCUS IDs, custom ones `x_`-prefixed and after them), types
+/// (Decimal in numeric format, Date/Time as UTC `YYYY-MM-DDTHH:mm:ssZ`), allowed values,
+/// nullability and the required-when rules between columns, and the commitment's cost rules:
+/// per commitment, the usage rows' EffectiveCost sums to the purchases' BilledCost, and per
+/// charge period Used + Unused quantities are the purchased quantity.
+fn validate_focus(text: &str) -> usize {
+    use std::collections::BTreeMap;
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let headers: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
+    let mut custom = false;
+    for h in &headers {
+        if h.starts_with("x_") {
+            custom = true;
+        } else {
+            assert!(!custom, "{h}: a FOCUS column after a custom one");
+            assert!(
+                h.chars().next().unwrap().is_ascii_uppercase()
+                    && h.chars().all(|c| c.is_ascii_alphanumeric())
+                    && h.len() <= 50,
+                "{h}: not a FOCUS column ID"
+            );
+        }
+    }
+    let decimal = |v: &str| {
+        let v = v.strip_prefix('-').unwrap_or(v);
+        let (i, f) = v.split_once('.').unwrap_or((v, "0"));
+        !i.is_empty()
+            && !f.is_empty()
+            && i.bytes().all(|b| b.is_ascii_digit())
+            && f.bytes().all(|b| b.is_ascii_digit())
+    };
+    let datetime = |v: &str| {
+        let b = v.as_bytes();
+        b.len() == 20
+            && b.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                19 => *c == b'Z',
+                _ => c.is_ascii_digit(),
+            })
+    };
+    // Column ID: (nullable, type check, allowed values).
+    type Check = fn(&str) -> bool;
+    let any: Check = |_| true;
+    let rules: Vec<(&str, bool, Option<Check>, &[&str])> = vec![
+        ("BilledCost", false, None, &[]),
+        (
+            "BillingCurrency",
+            false,
+            Some(|v: &str| v.len() == 3 && v.bytes().all(|b| b.is_ascii_uppercase())),
+            &[],
+        ),
+        ("BillingPeriodEnd", false, Some(any), &[]),
+        ("BillingPeriodStart", false, Some(any), &[]),
+        (
+            "ChargeCategory",
+            false,
+            Some(any),
+            &["Usage", "Purchase", "Tax", "Credit", "Adjustment"],
+        ),
+        ("ChargeClass", true, Some(any), &["Correction"]),
+        ("ChargeDescription", true, Some(any), &[]),
+        (
+            "ChargeFrequency",
+            false,
+            Some(any),
+            &["One-Time", "Recurring", "Usage-Based"],
+        ),
+        ("ChargePeriodEnd", false, Some(any), &[]),
+        ("ChargePeriodStart", false, Some(any), &[]),
+        (
+            "CommitmentDiscountCategory",
+            true,
+            Some(any),
+            &["Spend", "Usage"],
+        ),
+        ("CommitmentDiscountId", true, Some(any), &[]),
+        ("CommitmentDiscountName", true, Some(any), &[]),
+        ("CommitmentDiscountQuantity", true, None, &[]),
+        (
+            "CommitmentDiscountStatus",
+            true,
+            Some(any),
+            &["Used", "Unused"],
+        ),
+        ("CommitmentDiscountType", true, Some(any), &[]),
+        ("CommitmentDiscountUnit", true, Some(any), &[]),
+        ("ContractedCost", false, None, &[]),
+        ("ContractedUnitPrice", true, None, &[]),
+        ("EffectiveCost", false, None, &[]),
+        ("ListCost", false, None, &[]),
+        ("ListUnitPrice", true, None, &[]),
+        ("PricingQuantity", true, None, &[]),
+        ("PricingUnit", true, Some(any), &[]),
+        ("ProviderName", false, Some(any), &[]),
+    ];
+    for (c, ..) in &rules {
+        assert!(headers.iter().any(|h| h == c), "{c} missing");
+    }
+    let micros = |v: &str| -> i128 {
+        let (i, f) = v.split_once('.').unwrap();
+        assert_eq!(f.len(), 6, "{v}: 6 decimals");
+        i.parse::<i128>().unwrap() * 1_000_000 + f.parse::<i128>().unwrap()
+    };
+    let nanohours = |v: &str| -> i128 {
+        let (i, f) = v.split_once('.').unwrap();
+        assert_eq!(f.len(), 9, "{v}: 9 decimals");
+        i.parse::<i128>().unwrap() * 1_000_000_000 + f.parse::<i128>().unwrap()
+    };
+    let mut usage_effective: BTreeMap<String, i128> = BTreeMap::new();
+    let mut purchase_billed: BTreeMap<String, i128> = BTreeMap::new();
+    let mut per_period: BTreeMap<(String, String), [i128; 3]> = BTreeMap::new();
+    let mut n = 0;
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        let get = |c: &str| &rec[headers.iter().position(|h| h == c).unwrap()];
+        for (c, nullable, check, allowed) in &rules {
+            let v = get(c);
+            if v.is_empty() {
+                assert!(nullable, "{c} is null");
+                continue;
+            }
+            match check {
+                None => assert!(decimal(v), "{c}: {v:?} is not a decimal"),
+                Some(f) => assert!(f(v), "{c}: {v:?}"),
+            }
+            if c.ends_with("PeriodStart") || c.ends_with("PeriodEnd") {
+                assert!(datetime(v), "{c}: {v:?} is not UTC ISO 8601");
+            }
+            assert!(allowed.is_empty() || allowed.contains(&v), "{c}: {v:?}");
+        }
+        assert!(get("ChargePeriodStart") < get("ChargePeriodEnd"));
+        assert!(get("BillingPeriodStart") <= get("ChargePeriodStart"));
+        assert!(get("ChargePeriodEnd") <= get("BillingPeriodEnd"));
+        let (category, id) = (get("ChargeCategory"), get("CommitmentDiscountId"));
+        let on_commitment = !id.is_empty();
+        for c in [
+            "CommitmentDiscountStatus",
+            "CommitmentDiscountCategory",
+            "CommitmentDiscountType",
+            "CommitmentDiscountName",
+        ] {
+            if !on_commitment {
+                assert!(get(c).is_empty(), "{c} without CommitmentDiscountId");
+            }
+        }
+        if on_commitment {
+            assert!(!get("CommitmentDiscountType").is_empty());
+            assert!(!get("CommitmentDiscountCategory").is_empty());
+            if category == "Usage" {
+                assert!(!get("CommitmentDiscountStatus").is_empty());
+            }
+        }
+        let usage_or_purchase = category == "Usage" || category == "Purchase";
+        let correction = get("ChargeClass") == "Correction";
+        assert_eq!(
+            !get("CommitmentDiscountQuantity").is_empty(),
+            usage_or_purchase && on_commitment && !correction,
+            "CommitmentDiscountQuantity"
+        );
+        assert_eq!(
+            get("CommitmentDiscountUnit").is_empty(),
+            get("CommitmentDiscountQuantity").is_empty()
+        );
+        if usage_or_purchase && !correction {
+            assert!(!get("PricingQuantity").is_empty());
+        }
+        assert_eq!(
+            get("PricingUnit").is_empty(),
+            get("PricingQuantity").is_empty()
+        );
+        if category == "Purchase" {
+            assert_ne!(get("ChargeFrequency"), "Usage-Based");
+            // A purchase covering the period's usage: its effective cost is in the usage rows.
+            assert_eq!(micros(get("EffectiveCost")), 0);
+        }
+        let q = nanohours(get("PricingQuantity"));
+        // Quantity × unit price matches the cost (to the rounding of both to their decimals).
+        for (unit, cost) in [
+            ("ContractedUnitPrice", "ContractedCost"),
+            ("ListUnitPrice", "ListCost"),
+        ] {
+            let want = q * micros(get(unit));
+            let got = micros(get(cost)) * 1_000_000_000;
+            assert!(
+                (want - got).abs() <= 1_000_000_000 + micros(get(unit)),
+                "{cost}"
+            );
+        }
+        if on_commitment {
+            let slot = per_period
+                .entry((id.to_string(), get("ChargePeriodStart").to_string()))
+                .or_default();
+            let cq = nanohours(get("CommitmentDiscountQuantity"));
+            match (category, get("CommitmentDiscountStatus")) {
+                ("Purchase", _) => {
+                    *purchase_billed.entry(id.to_string()).or_default() +=
+                        micros(get("BilledCost"));
+                    slot[0] += cq;
+                }
+                ("Usage", s) => {
+                    *usage_effective.entry(id.to_string()).or_default() +=
+                        micros(get("EffectiveCost"));
+                    slot[if s == "Used" { 1 } else { 2 }] += cq;
+                }
+                _ => {}
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(
+        usage_effective, purchase_billed,
+        "usage EffectiveCost = purchase BilledCost"
+    );
+    for (k, [bought, used, unused]) in per_period {
+        // Each is rounded to 9 decimals on its own: at most a nanohour apart.
+        assert!((bought - used - unused).abs() <= 1, "{k:?}");
+    }
+    n
+}
+
+#[test]
+fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
+    use commitmeter::ledger::Kind;
+    use commitmeter::statement::focus;
+
+    let (s, _) = golden_statement();
+    let out = focus::csv(std::slice::from_ref(&s)).unwrap();
+    golden("statement-golden-2026-10.focus.csv", &out);
+    assert_eq!(validate_focus(&out), 3 * s.days.len());
+    // Each x_ kind column sums (over rows) to the statement's total, to the nanohour.
+    let mut r = csv::Reader::from_reader(out.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    for k in Kind::ALL {
+        let name = format!(
+            "x_{}{}GPUHours",
+            k.name()[..1].to_uppercase(),
+            &k.name()[1..]
+        );
+        let c = headers.iter().position(|h| h == name).unwrap();
+        let sum: f64 = rows
+            .iter()
+            .filter(|r| !r[c].is_empty())
+            .map(|r| r[c].parse::<f64>().unwrap())
+            .sum();
+        let want = s.total.totals[k] as f64 / 3_600_000.0;
+        assert!((sum - want).abs() < 1e-6, "{k}: {sum} against {want}");
+    }
+    // The 25-hour day runs 2026-10-24T22:00:00Z to 2026-10-25T23:00:00Z.
+    assert!(out.contains("2026-10-25T23:00:00Z,2026-10-24T22:00:00Z,Usage,"));
 }

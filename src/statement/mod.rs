@@ -10,13 +10,14 @@
 //!
 //! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`].
 
+pub mod focus;
 pub mod render;
 pub mod sizing;
 pub mod sla;
 
 use serde::Serialize;
 
-use crate::contract::Contract;
+use crate::contract::{Contract, Sla};
 use crate::ledger::totals::billed;
 use crate::ledger::{Kind, Totals, MINUTE_MS};
 
@@ -83,13 +84,42 @@ impl Row {
     }
 }
 
-/// Sections other modules add to a statement; absent ones are not rendered.
-///
-/// The SLA credit (`sla.rs`: delivered share, tier reached, amount, claim deadline, evidence)
-/// and renewal sizing (`sizing.rs`: distribution of used GPUs, the cheapest commitment) each get
-/// an `Option` field here, filled by the caller after [`build`] and rendered after the rows.
+/// Sections other modules add to a statement, filled by [`build`] and rendered after the rows
+/// (text and JSON; the CSV is the table of rows only); absent ones are not rendered.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sections {}
+pub struct Sections {
+    /// The SLA credit of the period ([`sla`]), for a contract with an `sla`.
+    pub sla: Option<SlaSection>,
+    /// Renewal sizing ([`sizing`]) over the lookbacks ending at [`SizingSection::end_ms`].
+    pub sizing: Option<SizingSection>,
+}
+
+/// The SLA's verdict on the period's sealed totals ([`sla::assess`] of the total row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlaSection {
+    pub terms: Sla,
+    pub assessment: sla::Assessment,
+    /// [`sla::claim_deadline`] of the period end; `None` beyond the calendar's range.
+    pub claim_deadline: Option<(i64, String)>,
+}
+
+/// Renewal sizing from the used GPU-ms of each sealed minute before `end_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizingSection {
+    /// The lookbacks end here (exclusive): the period end, or the first minute not yet sealed
+    /// when that is earlier.
+    pub end_ms: i64,
+    /// The commitment in force in the last minute before `end_ms`: what savings are against.
+    pub current_gpus: u64,
+    pub on_demand_price_per_gpu_hour: Option<f64>,
+    /// One per [`sizing::LOOKBACK_DAYS`], in order; `None`: too short or too little covered.
+    pub lookbacks: Vec<(u32, Option<sizing::Lookback>)>,
+}
+
+/// Minutes of the longest sizing lookback: how far before the period's end a caller reads the
+/// ledger's minutes for [`build`].
+pub const SIZING_MINUTES: i64 =
+    sizing::LOOKBACK_DAYS[sizing::LOOKBACK_DAYS.len() - 1] as i64 * sizing::DAY_MINUTES as i64;
 
 /// The statement of one contract's billing period.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +128,8 @@ pub struct Statement {
     pub provider: String,
     pub currency: String,
     pub price_per_gpu_hour: f64,
+    /// The contract's `on_demand_price_per_gpu_hour`, if known.
+    pub on_demand_price_per_gpu_hour: Option<f64>,
     pub target_utilization: f64,
     /// The IANA time zone the days are local to.
     pub timezone: String,
@@ -146,8 +178,10 @@ pub fn parse_period(s: &str) -> Result<(i16, i8), String> {
 }
 
 /// Builds the statement of `contract`'s billing period `[period.0, period.1)` from the
-/// ledger's sealed minutes `(minute, totals)` (minutes outside the period are ignored; each
-/// minute at most once), at `now_ms`.
+/// ledger's sealed minutes `(minute, totals)` (each minute at most once), at `now_ms`. The rows
+/// sum the minutes inside the period; the renewal sizing reads the used GPU-ms of the minutes
+/// in the [`SIZING_MINUTES`] before the period's end (or before the first minute not yet
+/// sealed, when earlier), so pass those too.
 pub fn build(
     contract: &Contract,
     period: (i64, i64),
@@ -191,11 +225,13 @@ pub fn build(
         total.minutes_accounted += 1;
     }
     let ledger_since_ms = ledger.since_minute.map(|m| m.saturating_mul(MINUTE_MS));
+    let sections = sections(contract, period, minutes, ledger, &total);
     let mut local_times: Vec<(i64, String)> = rows
         .iter()
         .flat_map(|r| [r.start_ms, r.end_ms])
         .chain([start, end])
         .chain(ledger_since_ms)
+        .chain(sections.sizing.as_ref().map(|z| z.end_ms))
         .map(|t| (t, contract.local_time(t)))
         .collect();
     local_times.sort();
@@ -206,6 +242,7 @@ pub fn build(
         provider: contract.provider.clone(),
         currency: contract.currency.clone(),
         price_per_gpu_hour: contract.price_per_gpu_hour,
+        on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
         target_utilization: contract.target_utilization,
         timezone: contract.timezone_name.clone(),
         period: format!("{y:04}-{m:02}"),
@@ -217,8 +254,56 @@ pub fn build(
         late: ledger.late,
         days: rows,
         total,
-        sections: Sections::default(),
+        sections,
         local_times,
+    }
+}
+
+/// The SLA and sizing sections of [`build`].
+fn sections(
+    contract: &Contract,
+    (_, end): (i64, i64),
+    minutes: &[(i64, Totals)],
+    ledger: &LedgerInfo,
+    total: &Row,
+) -> Sections {
+    let price = sla::price_micros(contract.price_per_gpu_hour);
+    let sla = contract.sla.as_ref().map(|terms| SlaSection {
+        terms: terms.clone(),
+        assessment: sla::assess(terms, &total.totals, price),
+        claim_deadline: sla::claim_deadline(contract, terms, end),
+    });
+    let end_minute = ledger
+        .sealed_through_minute
+        .map_or(end.div_euclid(MINUTE_MS), |s| {
+            s.min(end.div_euclid(MINUTE_MS))
+        });
+    let first = end_minute - SIZING_MINUTES;
+    // One entry per minute of the longest lookback, oldest first; `None` where not sealed.
+    let mut used: Vec<Option<i64>> = vec![None; SIZING_MINUTES as usize];
+    for (m, t) in minutes {
+        if (first..end_minute).contains(m) {
+            used[(m - first) as usize] = Some(t[Kind::Used]);
+        }
+    }
+    let end_ms = end_minute.saturating_mul(MINUTE_MS);
+    let prices = sizing::Prices {
+        committed: price,
+        on_demand: contract.on_demand_price_per_gpu_hour.map(sla::price_micros),
+    };
+    let current_gpus = contract.committed_gpus_at(end_ms - 1);
+    let lookbacks = sizing::LOOKBACK_DAYS
+        .into_iter()
+        .zip(sizing::size(&used, prices, current_gpus))
+        .collect();
+    Sections {
+        sla,
+        sizing: Some(SizingSection {
+            end_ms,
+            current_gpus,
+            on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
+            lookbacks,
+        }),
     }
 }
 

@@ -5,7 +5,10 @@
 
 use serde::Serialize;
 
-use super::{Row, Statement, HOUR_MS};
+use super::sizing::{Distribution, Lookback, Recommendation, GPU_MINUTE_MS};
+use super::sla::{div_round_half_even, Share};
+use super::{Row, SizingSection, SlaSection, Statement, HOUR_MS};
+use crate::contract::PPM;
 use crate::ledger::totals::billed;
 use crate::ledger::{Kind, Totals};
 
@@ -133,6 +136,125 @@ pub fn text(s: &Statement) -> String {
             gpu_hours(l.used_gpu_ms)
         ));
     }
+    if let Some(sla) = &s.sections.sla {
+        out.push_str(&sla_text(sla, &s.currency));
+    }
+    if let Some(z) = &s.sections.sizing {
+        out.push_str(&sizing_text(s, z));
+    }
+    out
+}
+
+/// Micro-units of a currency as an amount with cents, rounded once, half to even.
+pub fn micros(v: i128) -> String {
+    let cents = if v < 0 {
+        -div_round_half_even(-v, 10_000)
+    } else {
+        div_round_half_even(v, 10_000)
+    };
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100)
+}
+
+/// Parts per million as the decimal the config wrote (at most 6 places).
+fn ppm(p: u32) -> String {
+    let s = format!("{}.{:06}", p / PPM, p % PPM);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// A share for display: six decimals (the decision was made exactly, in integers).
+fn share(s: Option<Share>) -> String {
+    s.map_or_else(
+        || "none (nothing committed)".into(),
+        |s| format!("{:.6}", s.ratio()),
+    )
+}
+
+/// Used GPU-ms per minute as GPUs with three decimals, rounded half up in integers.
+fn gpus(ms_per_minute: i64) -> String {
+    gpu_hours(ms_per_minute * (HOUR_MS / GPU_MINUTE_MS))
+}
+
+fn sla_text(z: &SlaSection, currency: &str) -> String {
+    let a = &z.assessment;
+    let tier = |t: Option<usize>| {
+        t.map_or_else(
+            || "none".to_string(),
+            |i| {
+                let c = &z.terms.credits[i];
+                format!("below {}, credit {}", ppm(c.below_ppm), ppm(c.credit_ppm))
+            },
+        )
+    };
+    let mut out = format!(
+        "SLA: delivered share {} on evidence ((committed − undelivered) / committed), {} seen (unreported counted against the provider); delivery target {} {}\n",
+        share(a.delivered_share),
+        share(a.delivered_share_seen),
+        ppm(z.terms.delivery_target_ppm),
+        match a.target_met {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "not assessed",
+        }
+    );
+    out.push_str(&format!(
+        "SLA credit: tier reached {} of the committed cost {} = {} {currency} (with unreported counted as undelivered the tier would be {})\n",
+        tier(a.tier),
+        micros(a.committed_cost_micros),
+        micros(a.credit_micros),
+        tier(a.tier_if_unreported_undelivered)
+    ));
+    out.push_str(&format!(
+        "SLA claim deadline: {} ({} local days after the period ends)\n",
+        z.claim_deadline
+            .as_ref()
+            .map_or("beyond the calendar's range", |(_, t)| t.as_str()),
+        z.terms.claim_window_days
+    ));
+    out
+}
+
+fn sizing_text(s: &Statement, z: &SizingSection) -> String {
+    let mut out = format!(
+        "Renewal sizing: used GPUs per minute over the lookbacks ending {}; commitment then {} GPUs",
+        s.local_time(z.end_ms),
+        z.current_gpus
+    );
+    match z.on_demand_price_per_gpu_hour {
+        Some(p) => out.push_str(&format!(", on demand {} per GPU-hour {p}\n", s.currency)),
+        None => out.push_str(" (no on_demand_price_per_gpu_hour: no commitment recommended)\n"),
+    }
+    for (days, l) in &z.lookbacks {
+        match l {
+            None => out.push_str(&format!(
+                "  {days} days: not shown (less than 90 % of its minutes in the ledger)\n"
+            )),
+            Some(l) => {
+                let d = &l.distribution;
+                out.push_str(&format!(
+                    "  {days} days: p50 {}, p90 {}, p99 {}, max {} GPUs ({}/{} minutes)",
+                    gpus(d.p50),
+                    gpus(d.p90),
+                    gpus(d.p99),
+                    gpus(d.max),
+                    l.accounted,
+                    l.minutes
+                ));
+                if let Some(r) = &l.recommendation {
+                    out.push_str(&format!(
+                        "; cheapest commitment {} GPUs: {} {} against {} at {} GPUs (saving {})",
+                        r.gpus,
+                        micros(r.cost_micros),
+                        s.currency,
+                        micros(r.current_cost_micros),
+                        z.current_gpus,
+                        micros(r.saving_micros)
+                    ));
+                }
+                out.push('\n');
+            }
+        }
+    }
     out
 }
 
@@ -246,6 +368,156 @@ struct StatementJson<'a> {
     late: Option<super::Late>,
     days: Vec<RowJson<'a>>,
     total: RowJson<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sla: Option<SlaJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sizing: Option<SizingJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct TierJson {
+    below: f64,
+    credit: f64,
+}
+
+#[derive(Serialize)]
+struct ShareJson {
+    /// GPU-ms over GPU-ms: the exact fraction.
+    gpu_ms: i64,
+    of_gpu_ms: i64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct SlaJson<'a> {
+    delivery_target: f64,
+    credits: Vec<TierJson>,
+    claim_window_days: u32,
+    committed_gpu_ms: i64,
+    delivered_share: Option<ShareJson>,
+    delivered_share_seen: Option<ShareJson>,
+    target_met: Option<bool>,
+    tier: Option<TierJson>,
+    tier_if_unreported_undelivered: Option<TierJson>,
+    committed_cost_micros: i128,
+    committed_cost: String,
+    credit_micros: i128,
+    credit: String,
+    claim_deadline: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct SizingJson<'a> {
+    end: &'a str,
+    current_gpus: u64,
+    on_demand_price_per_gpu_hour: Option<f64>,
+    lookbacks: Vec<LookbackJson>,
+}
+
+#[derive(Serialize)]
+struct LookbackJson {
+    days: u32,
+    /// `false`: less than 90 % of its minutes in the ledger; nothing else is given.
+    shown: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    minutes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounted: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    used_gpu_ms_per_minute: Option<DistJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recommendation: Option<RecJson>,
+}
+
+#[derive(Serialize)]
+struct DistJson {
+    p50: i64,
+    p90: i64,
+    p99: i64,
+    max: i64,
+}
+
+#[derive(Serialize)]
+struct RecJson {
+    gpus: u64,
+    cost_micros: i128,
+    current_cost_micros: i128,
+    saving_micros: i128,
+}
+
+fn ratio_ppm(p: u32) -> f64 {
+    f64::from(p) / f64::from(PPM)
+}
+
+fn sla_json(z: &SlaSection) -> SlaJson<'_> {
+    let a = &z.assessment;
+    let tier = |t: Option<usize>| {
+        t.map(|i| TierJson {
+            below: ratio_ppm(z.terms.credits[i].below_ppm),
+            credit: ratio_ppm(z.terms.credits[i].credit_ppm),
+        })
+    };
+    let share = |s: Option<Share>| {
+        s.map(|s| ShareJson {
+            gpu_ms: s.num,
+            of_gpu_ms: s.den,
+            ratio: round(s.ratio(), 9),
+        })
+    };
+    SlaJson {
+        delivery_target: ratio_ppm(z.terms.delivery_target_ppm),
+        credits: (0..z.terms.credits.len())
+            .filter_map(|i| tier(Some(i)))
+            .collect(),
+        claim_window_days: z.terms.claim_window_days,
+        committed_gpu_ms: a.committed_gpu_ms,
+        delivered_share: share(a.delivered_share),
+        delivered_share_seen: share(a.delivered_share_seen),
+        target_met: a.target_met,
+        tier: tier(a.tier),
+        tier_if_unreported_undelivered: tier(a.tier_if_unreported_undelivered),
+        committed_cost_micros: a.committed_cost_micros,
+        committed_cost: micros(a.committed_cost_micros),
+        credit_micros: a.credit_micros,
+        credit: micros(a.credit_micros),
+        claim_deadline: z.claim_deadline.as_ref().map(|(_, t)| t.as_str()),
+    }
+}
+
+fn lookback_json(days: u32, l: &Option<Lookback>) -> LookbackJson {
+    let dist = |d: &Distribution| DistJson {
+        p50: d.p50,
+        p90: d.p90,
+        p99: d.p99,
+        max: d.max,
+    };
+    let rec = |r: &Recommendation| RecJson {
+        gpus: r.gpus,
+        cost_micros: r.cost_micros,
+        current_cost_micros: r.current_cost_micros,
+        saving_micros: r.saving_micros,
+    };
+    LookbackJson {
+        days,
+        shown: l.is_some(),
+        minutes: l.as_ref().map(|l| l.minutes),
+        accounted: l.as_ref().map(|l| l.accounted),
+        used_gpu_ms_per_minute: l.as_ref().map(|l| dist(&l.distribution)),
+        recommendation: l.as_ref().and_then(|l| l.recommendation.as_ref().map(rec)),
+    }
+}
+
+fn sizing_json<'a>(s: &'a Statement, z: &'a SizingSection) -> SizingJson<'a> {
+    SizingJson {
+        end: s.local_time(z.end_ms),
+        current_gpus: z.current_gpus,
+        on_demand_price_per_gpu_hour: z.on_demand_price_per_gpu_hour,
+        lookbacks: z
+            .lookbacks
+            .iter()
+            .map(|(d, l)| lookback_json(*d, l))
+            .collect(),
+    }
 }
 
 fn round(v: f64, places: i32) -> f64 {
@@ -295,6 +567,8 @@ pub fn json(s: &Statement) -> String {
         late: s.late,
         days: s.days.iter().map(|r| row_json(s, r)).collect(),
         total: row_json(s, &s.total),
+        sla: s.sections.sla.as_ref().map(sla_json),
+        sizing: s.sections.sizing.as_ref().map(|z| sizing_json(s, z)),
     };
     let mut out = serde_json::to_string_pretty(&doc).expect("a statement serializes");
     out.push('\n');

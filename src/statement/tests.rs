@@ -6,6 +6,11 @@ use super::*;
 use crate::contract::parse;
 
 fn contract(tz: &str, price: f64) -> Contract {
+    contract_with(tz, price, "")
+}
+
+/// A 4-GPU contract from 2026-01-01 in `tz`, with `extra` keys.
+fn contract_with(tz: &str, price: f64, extra: &str) -> Contract {
     let text = format!(
         r#"
 [[targets]]
@@ -22,6 +27,7 @@ timezone = "{tz}"
 start = "2026-01-01"
 selector = 'provider="p"'
 ramp = [{{ from = "2026-01-01", gpus = 4 }}]
+{extra}
 "#
     );
     parse(Path::new("t.toml"), &text)
@@ -170,5 +176,68 @@ proptest! {
         prop_assert_eq!(accounted, s.total.minutes_accounted);
         prop_assert!(s.total.identity_holds());
         prop_assert_eq!(s.total.minutes(), (b - a) / MINUTE_MS);
+    }
+}
+
+#[test]
+fn the_sla_credit_through_the_statement_at_each_tier_boundary() {
+    let c = contract_with(
+        "UTC",
+        2.0,
+        "sla = { delivery_target = 0.99, credits = [ { below = 0.99, credit = 0.10 }, \
+         { below = 0.95, credit = 0.30 } ], claim_window_days = 30 }",
+    );
+    let period = c.billing_period_of_month(2026, 1).unwrap();
+    let first = period.0 / MINUTE_MS;
+    // 100 sealed minutes of 4 GPUs: 24,000,000 committed GPU-ms, so 1 % and 5 % are whole
+    // GPU-ms; `undelivered` spread over the first minutes, the rest idle.
+    let minutes = |undelivered: i64| -> Vec<(i64, Totals)> {
+        let per = 4 * MINUTE_MS;
+        (0..100)
+            .map(|i| {
+                let u = (undelivered - i * per).clamp(0, per);
+                let mut t = Totals::default();
+                t[Kind::Committed] = per;
+                t[Kind::Undelivered] = u;
+                t[Kind::Delivered] = per - u;
+                t[Kind::Idle] = per - u;
+                (first + i, t)
+            })
+            .collect()
+    };
+    let committed = 100 * 4 * MINUTE_MS;
+    let (at_99, at_95) = (committed / 100, committed / 20);
+    // 24,000,000 GPU-ms at 2.00 per GPU-hour = 13.333333 EUR: 10 % is 1.333333, 30 % 4.
+    for (undelivered, tier, credit_micros) in [
+        (at_99 - 1, None, 0),
+        (at_99, None, 0), // exactly 0.99 is not below it
+        (at_99 + 1, Some(0), 1_333_333),
+        (at_95 - 1, Some(0), 1_333_333),
+        (at_95, Some(0), 1_333_333),
+        (at_95 + 1, Some(1), 4_000_000),
+    ] {
+        let s = build(
+            &c,
+            period,
+            &minutes(undelivered),
+            &LedgerInfo::default(),
+            period.1,
+        );
+        assert_eq!(s.total.totals[Kind::Undelivered], undelivered);
+        let sla = s.sections.sla.as_ref().unwrap();
+        assert_eq!(sla.assessment.tier, tier, "undelivered {undelivered}");
+        assert_eq!(sla.assessment.committed_cost_micros, 13_333_333);
+        assert_eq!(sla.assessment.credit_micros, credit_micros);
+        assert_eq!(
+            sla.claim_deadline.as_ref().unwrap().1,
+            "2026-03-03T00:00:00+00:00[UTC]"
+        );
+        let json = render::json(&s);
+        assert!(json.contains(&format!("\"credit_micros\": {credit_micros},")));
+        let text = render::text(&s);
+        assert!(text.contains("SLA credit: tier reached"), "{text}");
+        // 100 minutes are far too few for any sizing lookback.
+        let sizing = s.sections.sizing.as_ref().unwrap();
+        assert!(sizing.lookbacks.iter().all(|(_, l)| l.is_none()));
     }
 }
