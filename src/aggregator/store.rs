@@ -139,6 +139,8 @@ pub enum Role {
     Demo,
     /// `commitmeter ledger backup` of a stopped ledger.
     Backup,
+    /// `commitmeter statement` reading a stopped ledger.
+    Statement,
 }
 
 impl Role {
@@ -147,6 +149,7 @@ impl Role {
             Role::Aggregator => "aggregator",
             Role::Demo => "demo",
             Role::Backup => "ledger backup",
+            Role::Statement => "statement",
         }
     }
 }
@@ -1551,12 +1554,12 @@ pub fn read_minutes(
         })?;
         read_minutes_from(&conn, &path, contract, from_minute, to_minute)
     };
-    match DirLock::acquire(dir, Role::Backup) {
+    match DirLock::acquire(dir, Role::Statement) {
         Ok(_lock) => read(&path),
         Err(StoreError::Locked { .. }) => {
             let copy = dir.join(format!(
                 "statement-{}.sqlite3",
-                Identity::new(Role::Backup).id_str()
+                Identity::new(Role::Statement).id_str()
             ));
             let result = backup(dir, &copy, timeout).and_then(|_| read(&copy));
             let _ = std::fs::remove_file(&copy);
@@ -2035,6 +2038,25 @@ mod tests {
         );
         drop(store);
         assert!(Store::open(&dir).is_ok());
+    }
+
+    #[test]
+    fn a_store_on_a_directory_a_backup_or_statement_holds_is_refused_naming_it() {
+        for (role, name) in [
+            (Role::Backup, "ledger backup"),
+            (Role::Statement, "statement"),
+        ] {
+            let (_tmp, dir) = scratch("lock-reader");
+            drop(Store::open(&dir).unwrap());
+            let lock = DirLock::acquire(&dir, role).unwrap();
+            let err = Store::open(&dir).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("role commitmeter {name},")),
+                "{role:?}: {err}"
+            );
+            drop(lock);
+            assert!(Store::open(&dir).is_ok());
+        }
     }
 
     #[test]
