@@ -463,7 +463,14 @@ fn spawn_sighup(flag: Arc<AtomicBool>) {
 
 /// Every route answers from memory: nothing here waits for the disk or a target.
 fn handler(shared: Arc<Shared>) -> Handler {
-    Arc::new(move |path: &str| match path {
+    http::handler(move |path: String| {
+        let shared = shared.clone();
+        async move { routes(&shared, &path) }
+    })
+}
+
+fn routes(shared: &Shared, path: &str) -> Option<http::Reply> {
+    match path {
         "/metrics" => Some(http::metrics(&shared.metrics.registry)),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
         "/-/ready" => Some(match shared.unready() {
@@ -476,7 +483,7 @@ fn handler(shared: Arc<Shared>) -> Handler {
             shared.status_page.read().expect("status page lock").clone(),
         )),
         _ => None,
-    })
+    }
 }
 
 /// Keeps the target list current: file_sd files re-read when they change or on SIGHUP.
