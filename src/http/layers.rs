@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::text;
+use super::{refusal, text};
 
 /// A response, whole: every answer here is built in memory.
 pub type Reply = Response<Full<Bytes>>;
@@ -43,10 +43,12 @@ where
     Arc::new(move |path| Box::pin(f(path)))
 }
 
+/// An answer on its way out of a layer.
+pub(crate) type Pending = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
 /// A request's head (its body is never read: GET and HEAD only) through the layers to
 /// its answer.
-pub(crate) type Service =
-    Arc<dyn Fn(Request<()>) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+pub(crate) type Service = Arc<dyn Fn(Request<()>) -> Pending + Send + Sync>;
 
 /// Scrapers and browsers send a few hundred bytes of headers; anything far larger is
 /// refused before it reaches a handler.
@@ -73,6 +75,11 @@ pub(crate) fn stack(handler: Handler) -> Service {
     )
 }
 
+/// A layer's own answer, without going further in.
+fn answered(r: Reply) -> Pending {
+    Box::pin(async move { r })
+}
+
 /// The innermost service: the route table, 404 where it has no route.
 fn route(handler: Handler) -> Service {
     Arc::new(move |req: Request<()>| {
@@ -95,14 +102,12 @@ fn header_limit(max: usize, inner: Service) -> Service {
             .sum::<usize>()
             + req.uri().to_string().len();
         if bytes > max {
-            let mut r = text(
+            return answered(refusal(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "text/plain",
                 "request headers too large\n",
-            );
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            return Box::pin(async move { r });
+                CONNECTION,
+                "close",
+            ));
         }
         inner(req)
     })
@@ -112,14 +117,12 @@ fn header_limit(max: usize, inner: Service) -> Service {
 fn get_or_head(inner: Service) -> Service {
     Arc::new(move |req: Request<()>| {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            let mut r = text(
+            return answered(refusal(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
                 "method not allowed\n",
-            );
-            r.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return Box::pin(async move { r });
+                ALLOW,
+                "GET, HEAD",
+            ));
         }
         inner(req)
     })
@@ -137,14 +140,12 @@ fn body_limit(max: u64, inner: Service) -> Service {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
-            let mut r = text(
+            return answered(refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "text/plain",
                 format!("request body too large (at most {max} bytes)\n"),
-            );
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            return Box::pin(async move { r });
+                CONNECTION,
+                "close",
+            ));
         }
         inner(req)
     })

@@ -158,37 +158,48 @@ pub fn metrics(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
     }
 }
 
+/// A plain-text refusal with one header that says what to do about it.
+fn refusal(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    header: hyper::header::HeaderName,
+    value: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut r = text(status, "text/plain", body);
+    r.headers_mut()
+        .insert(header, HeaderValue::from_static(value));
+    r
+}
+
 /// What a request without valid credentials gets, as from exporter-toolkit.
 fn unauthorized() -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n");
-    r.headers_mut()
-        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
-    r
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized\n",
+        WWW_AUTHENTICATE,
+        "Basic",
+    )
 }
 
 /// What a request gets, at once, when the bcrypt queue is full: the credentials were not
 /// checked, so it says neither yes nor no.
 fn too_many_requests() -> Response<Full<Bytes>> {
-    let mut r = text(
+    refusal(
         StatusCode::TOO_MANY_REQUESTS,
-        "text/plain",
         "Too Many Requests: credentials are being checked for other clients; retry\n",
-    );
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+        RETRY_AFTER,
+        "1",
+    )
 }
 
 /// A request still waiting for its credentials to be checked when shutdown begins.
 fn shutting_down() -> Response<Full<Bytes>> {
-    let mut r = text(
+    refusal(
         StatusCode::SERVICE_UNAVAILABLE,
-        "text/plain",
         "shutting down\n",
-    );
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    r
+        CONNECTION,
+        "close",
+    )
 }
 
 /// The same limit as for reading request headers: a client that stalls the handshake
