@@ -185,10 +185,6 @@ impl Books {
         self
     }
 
-    pub fn contracts(&self) -> &[Contract] {
-        &self.contracts
-    }
-
     /// The targets configured now, each with its contracts (see [`Ledger::configure`]).
     pub fn configure(&mut self, now_ms: i64, configured: &[(String, Vec<usize>)]) {
         let contracts = &self.contracts;

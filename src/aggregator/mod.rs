@@ -1,5 +1,4 @@
 //! The aggregator role: scrape agents → ledger → durable store → contract metrics.
-
 //!
 //! This file is the composition root: the error type, `prepare`, and `serve`, which
 //! restores the [`books::Books`] from the store and wires the rooms together:
@@ -124,6 +123,9 @@ pub fn prepare(args: crate::cli::AggregatorArgs) -> Result<Prepared, AggregatorE
     })
 }
 
+/// What the rooms share: the books, the store's thread, the series, the cached page and
+/// the targets' health. Each room adds its methods (`impl Shared` in round.rs, writer.rs,
+/// view.rs, routes.rs).
 struct Shared {
     contracts: Vec<Contract>,
     /// The config the ledger and scraper were built from, to tell what a reload may change.
