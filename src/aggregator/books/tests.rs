@@ -97,6 +97,16 @@ impl LedgerStore for MemStore {
     }
 }
 
+impl MemStore {
+    /// A store whose every commit fails, until `broken` is cleared.
+    fn broken() -> Self {
+        Self {
+            broken: true,
+            ..Self::default()
+        }
+    }
+}
+
 fn open(store: &MemStore, contracts: Vec<Contract>, grace_ms: i64) -> Books {
     let snap = store.load(&[]).unwrap();
     Books::restore(store, contracts, grace_ms, snap, T0).unwrap()
@@ -196,10 +206,7 @@ fn counters_move_only_after_a_successful_write() {
 
 #[test]
 fn a_failed_write_keeps_its_minutes_pending_for_the_next() {
-    let mut store = MemStore {
-        broken: true,
-        ..MemStore::default()
-    };
+    let mut store = MemStore::broken();
     let mut books = open(&store, contracts(2, None), 0);
     books.seal_due((FIRST + 2) * M);
     assert_eq!(
@@ -238,10 +245,7 @@ fn a_failed_write_keeps_its_minutes_pending_for_the_next() {
 
 #[test]
 fn at_most_seven_days_of_minutes_wait_for_a_broken_store() {
-    let mut store = MemStore {
-        broken: true,
-        ..MemStore::default()
-    };
+    let mut store = MemStore::broken();
     let mut books = open(&store, contracts(1, None), 0);
     let hour = |k: i64| (FIRST + 60 * k) * M;
     // A week of hourly rounds, every write failing: every minute waits in memory.
