@@ -16,6 +16,11 @@ const FIRST: i64 = T0 / M + 1;
 
 /// One contract of `gpus` GPUs from 2026-10-01, UTC, counting only `model` GPUs if given.
 fn contracts(gpus: u32, model: Option<&str>) -> Vec<Contract> {
+    contracts_in("UTC", gpus, model)
+}
+
+/// One contract of `gpus` GPUs from 2026-10-01 in time zone `tz`.
+fn contracts_in(tz: &str, gpus: u32, model: Option<&str>) -> Vec<Contract> {
     let model = model.map_or(String::new(), |m| format!("model = {m:?}\n"));
     let text = format!(
         r#"
@@ -24,7 +29,7 @@ id = "c"
 provider = "p"
 price_per_gpu_hour = 2.0
 currency = "USD"
-timezone = "UTC"
+timezone = "{tz}"
 start = "2026-10-01"
 selector = '{{provider="p"}}'
 {model}ramp = [ {{ from = "2026-10-01", gpus = {gpus} }} ]
@@ -363,19 +368,8 @@ fn figures_follow_the_durable_minutes() {
 /// at local midnight (07:00 UTC in November, PDT), not at UTC midnight.
 #[test]
 fn month_to_date_rolls_at_local_midnight_across_dst() {
-    let text = r#"
-[[contracts]]
-id = "la"
-provider = "p"
-price_per_gpu_hour = 1.0
-currency = "USD"
-timezone = "America/Los_Angeles"
-start = "2026-10-01"
-selector = '{provider="p"}'
-ramp = [ { from = "2026-10-01", gpus = 10 } ]
-"#;
-    let cfg = crate::contract::parse(std::path::Path::new("t.toml"), text).unwrap();
-    let c = &cfg.contracts[0];
+    let contracts = contracts_in("America/Los_Angeles", 10, None);
+    let c = &contracts[0];
     // 2026-11-01T06:00Z is 23:00 PDT on Oct 31; local midnight is 07:00Z.
     let first = 1_793_512_800_000 / MINUTE_MS; // 2026-11-01T06:00:00Z
     let mut r = Running::new(
