@@ -167,9 +167,12 @@ async fn log_stalls(status: Arc<Status>) {
     }
 }
 
+/// Every route answers from memory.
 fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
-    Arc::new(move |path: &str| {
-        match path {
+    http::handler(move |path: String| {
+        let (metrics, status) = (metrics.clone(), status.clone());
+        async move {
+            match path.as_str() {
         "/metrics" => Some(metrics.render()),
         "/-/healthy" => Some(http::text(StatusCode::OK, "text/plain", "OK\n")),
         "/-/ready" => Some(match status.readiness() {
@@ -196,5 +199,6 @@ fn handler(metrics: Arc<AgentMetrics>, status: Arc<Status>) -> Handler {
         )),
         _ => None,
     }
+        }
     })
 }

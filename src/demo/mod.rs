@@ -315,13 +315,16 @@ pub async fn run(
     };
 
     let agents_sim = sim.clone();
-    let agents_handler: http::Handler = Arc::new(move |path: &str| {
-        let rest = path.strip_prefix("/agent/")?;
-        let (i, tail) = rest.split_once('/')?;
-        if tail != "metrics" {
-            return None;
+    let agents_handler = http::handler(move |path: String| {
+        let sim = agents_sim.clone();
+        async move {
+            let rest = path.strip_prefix("/agent/")?;
+            let (i, tail) = rest.split_once('/')?;
+            if tail != "metrics" {
+                return None;
+            }
+            sim.render(i.parse().ok()?)
         }
-        agents_sim.render(i.parse().ok()?)
     });
     let (stop_agents, agents_stopped) = tokio::sync::oneshot::channel::<()>();
     let agents = tokio::spawn(http::serve(agents_listener, agents_handler, async {

@@ -1,14 +1,17 @@
 //! A small HTTP/1.1 server shared by both roles: fixed routes, GET/HEAD only,
 //! header-read timeout against slow clients, one task per connection, a bound on open
 //! connections below the descriptor limit; TLS and basic auth when a web config file asks
-//! for them.
+//! for them. Routes are async [`Handler`]s; the request limits (header size, method, body
+//! size, timeout) are layers around every one of them (see [`layers`]).
 
 pub mod auth;
 pub mod conns;
+pub mod layers;
 pub mod tls;
 pub mod webconfig;
 
 pub use conns::ServerMetrics;
+pub use layers::{handler, Answer, Handler, Reply};
 pub use webconfig::{WebConfig, WebConfigFile};
 
 use std::convert::Infallible;
@@ -24,7 +27,7 @@ use hyper::header::{
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -38,9 +41,6 @@ pub enum HttpError {
         source: std::io::Error,
     },
 }
-
-/// A route's answer: built synchronously from in-memory state.
-pub type Handler = Arc<dyn Fn(&str) -> Option<Response<Full<Bytes>>> + Send + Sync>;
 
 /// Parses an exporter-style listen address: `:9473` (every interface, IPv6 and IPv4:
 /// `[::]:9473`, bound dual-stack by [`bind`]), `127.0.0.1:9473`, `[::1]:9473` or
@@ -136,41 +136,6 @@ pub fn text(
     r
 }
 
-/// Scrapers and browsers send a few hundred bytes of headers; anything far larger is
-/// refused before it reaches a handler.
-const MAX_HEADER_BYTES: usize = 16 * 1024;
-
-fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + req.uri().to_string().len();
-    if header_bytes > MAX_HEADER_BYTES {
-        let mut r = text(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "text/plain",
-            "request headers too large\n",
-        );
-        r.headers_mut()
-            .insert("connection", HeaderValue::from_static("close"));
-        return r;
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "method not allowed\n",
-        );
-        r.headers_mut()
-            .insert("allow", HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
-    handler(req.uri().path())
-        .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "text/plain", "not found\n"))
-}
-
 /// `/metrics`: a registry in the Prometheus text format (both roles and the demo's
 /// simulated agents).
 pub fn metrics(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
@@ -193,37 +158,48 @@ pub fn metrics(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
     }
 }
 
+/// A plain-text refusal with one header that says what to do about it.
+fn refusal(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    header: hyper::header::HeaderName,
+    value: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut r = text(status, "text/plain", body);
+    r.headers_mut()
+        .insert(header, HeaderValue::from_static(value));
+    r
+}
+
 /// What a request without valid credentials gets, as from exporter-toolkit.
 fn unauthorized() -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n");
-    r.headers_mut()
-        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
-    r
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized\n",
+        WWW_AUTHENTICATE,
+        "Basic",
+    )
 }
 
 /// What a request gets, at once, when the bcrypt queue is full: the credentials were not
 /// checked, so it says neither yes nor no.
 fn too_many_requests() -> Response<Full<Bytes>> {
-    let mut r = text(
+    refusal(
         StatusCode::TOO_MANY_REQUESTS,
-        "text/plain",
         "Too Many Requests: credentials are being checked for other clients; retry\n",
-    );
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+        RETRY_AFTER,
+        "1",
+    )
 }
 
 /// A request still waiting for its credentials to be checked when shutdown begins.
 fn shutting_down() -> Response<Full<Bytes>> {
-    let mut r = text(
+    refusal(
         StatusCode::SERVICE_UNAVAILABLE,
-        "text/plain",
         "shutting down\n",
-    );
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    r
+        CONNECTION,
+        "close",
+    )
 }
 
 /// The same limit as for reading request headers: a client that stalls the handshake
@@ -283,6 +259,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let service = layers::stack(handler);
     let fd_limit = conns::fd_limit();
     let tracker = conns::Tracker::new(conns::max_connections(fd_limit), metrics.clone());
     // On shutdown: stop accepting, let requests in flight finish (idle keep-alive
@@ -355,7 +332,7 @@ pub async fn serve_with(
             continue;
         };
         let conn = Conn {
-            handler: handler.clone(),
+            service: service.clone(),
             auth: web.auth.clone(),
             metrics: metrics.clone(),
             slot: Arc::new(slot),
@@ -408,7 +385,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One accepted connection and what serving it needs.
 struct Conn {
-    handler: Handler,
+    /// The routes inside their layers.
+    service: layers::Service,
     auth: Option<Arc<auth::BasicAuth>>,
     metrics: ServerMetrics,
     slot: Arc<conns::Slot>,
@@ -424,7 +402,7 @@ impl Conn {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let Conn {
-            handler,
+            service,
             auth,
             metrics,
             slot,
@@ -434,8 +412,8 @@ impl Conn {
         let close = slot.close.clone();
         let stop = draining.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let (handler, auth, metrics, slot) =
-                (handler.clone(), auth.clone(), metrics.clone(), slot.clone());
+            let (service, auth, metrics, slot) =
+                (service.clone(), auth.clone(), metrics.clone(), slot.clone());
             let mut stop = stop.clone();
             async move {
                 let _busy = slot.busy();
@@ -460,7 +438,9 @@ impl Conn {
                         }
                     }
                 }
-                Ok::<_, Infallible>(respond(&handler, &req))
+                // The body is never read (GET and HEAD only): the layers see the head.
+                let (head, _body) = req.into_parts();
+                Ok::<_, Infallible>(service(Request::from_parts(head, ())).await)
             }
         });
         let conn = http1::Builder::new()
@@ -538,6 +518,50 @@ mod tests {
         assert!(ipv6_unavailable(&Error::from(ErrorKind::AddrNotAvailable)));
         assert!(!ipv6_unavailable(&Error::from(ErrorKind::AddrInUse)));
         assert!(!ipv6_unavailable(&Error::from(ErrorKind::PermissionDenied)));
+    }
+
+    /// The layers are around the server's routes, not only in `layers::stack`'s tests.
+    #[tokio::test]
+    async fn the_server_applies_the_layers_to_every_route() {
+        let listener = bind(parse_listen_address("127.0.0.1:0").unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = handler(|path: String| async move {
+            (path == "/").then(|| text(StatusCode::OK, "text/plain", "home\n"))
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, routes, async {
+            let _ = stopped.await;
+        }));
+        let ask = |raw: String| async move {
+            tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(raw.as_bytes()).unwrap();
+                let mut answer = String::new();
+                c.read_to_string(&mut answer).unwrap();
+                answer
+            })
+            .await
+            .unwrap()
+        };
+        let close = "Connection: close\r\n";
+        let ok = ask(format!("GET / HTTP/1.1\r\nHost: x\r\n{close}\r\n")).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let missing = ask(format!("GET /x HTTP/1.1\r\nHost: x\r\n{close}\r\n")).await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = ask(format!("POST / HTTP/1.1\r\nHost: x\r\n{close}\r\n")).await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        // Announces a large body and sends none: refused without waiting for it.
+        let big = ask(format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            layers::MAX_BODY_BYTES + 1
+        ))
+        .await;
+        assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 
     /// Whether this machine has an IPv6 loopback to test against.

@@ -1,0 +1,400 @@
+//! The books: what the aggregator knows of each contract, and the way a reading takes
+//! to the counters. record (a scrape's report) → [`Ledger`] (open minutes) → seal (at
+//! the grace) → pending → commit (the store, on the writer thread) → durable: running
+//! totals, the period's minutes and the counters move only now.
+//!
+//! A plain struct, synchronous and CPU-only: no tokio, no HTTP, no metrics, no clock
+//! (times are passed in). The composition root (`mod.rs`) holds it behind one lock and
+//! does the I/O: the writer thread runs the [`LedgerStore`] and hands the outcome back to
+//! [`Books::finish_write`]; the metrics and the status page read the books.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::scrape::HostReport;
+use crate::contract::{Contract, UsageSignal};
+use crate::ledger::totals::{figures, Figures, Running, Terms};
+use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, MINUTE_MS};
+
+/// Where the ledger is kept durably: what the writer thread needs (commit, flush) and
+/// what [`Books::restore`] reads at start. SQLite ([`super::store::Store`]) is one; a
+/// shared PostgreSQL book can be another.
+pub trait LedgerStore: Send + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The snapshot of the last commit; `None` for a new ledger.
+    fn load(&self, ids: &[String]) -> Result<Option<Snapshot>, Self::Error>;
+
+    /// Sums of a contract's sealed minutes `[from, to)`.
+    fn sums(&self, contract: &str, from_minute: i64, to_minute: i64)
+        -> Result<Totals, Self::Error>;
+
+    /// A contract's sealed minutes `[from, to)`, in order.
+    fn minutes(
+        &self,
+        contract: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, Totals)>, Self::Error>;
+
+    /// Newly sealed minutes and the ledger's snapshot, atomically and durably (`Ok`:
+    /// stored). A sealed minute written again with the same figures is accepted.
+    fn commit(
+        &mut self,
+        ids: &[String],
+        sealed: &[Sealed],
+        snap: &Snapshot,
+    ) -> Result<(), Self::Error>;
+
+    /// At a clean stop: whatever the store defers (host checkpoints).
+    fn flush(&mut self) -> Result<(), Self::Error>;
+}
+
+impl LedgerStore for super::store::Store {
+    type Error = super::store::StoreError;
+
+    fn load(&self, ids: &[String]) -> Result<Option<Snapshot>, Self::Error> {
+        super::store::Store::load(self, ids)
+    }
+    fn sums(&self, contract: &str, from: i64, to: i64) -> Result<Totals, Self::Error> {
+        super::store::Store::sums(self, contract, from, to)
+    }
+    fn minutes(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, Totals)>, Self::Error> {
+        super::store::Store::minutes(self, contract, from, to)
+    }
+    fn commit(
+        &mut self,
+        ids: &[String],
+        sealed: &[Sealed],
+        snap: &Snapshot,
+    ) -> Result<(), Self::Error> {
+        super::store::Store::commit(self, ids, sealed, snap)
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        super::store::Store::flush(self)
+    }
+}
+
+/// At most this many days of sealed minutes per contract wait in memory for a disk that
+/// cannot be written; past that, minutes stay open in the ledger (sealed once the disk
+/// is back), so memory grows by a few hundred bytes per contract and minute, no more.
+pub const MAX_PENDING_DAYS: usize = 7;
+
+/// What a write hands to the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    pub sealed: Vec<Sealed>,
+    pub snap: Snapshot,
+}
+
+/// How a finished write changed the books.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// `minutes` sealed minutes are durable and counted; `recovered`: the writes before
+    /// this one had failed.
+    Durable { minutes: usize, recovered: bool },
+    /// Nothing counted: `pending` sealed minutes wait for the next write.
+    Failed { pending: usize },
+}
+
+/// The write handed to the store and not finished yet.
+#[derive(Debug)]
+struct InFlight {
+    since: Instant,
+    minutes: usize,
+    late: Vec<(i64, i64)>,
+    through: i64,
+}
+
+/// The ledger's in-memory side: open minutes, sealed ones waiting for the store, and the
+/// durable running totals the counters and the status page show.
+pub struct Books {
+    contracts: Vec<Contract>,
+    grace_ms: i64,
+    ledger: Ledger,
+    running: Vec<Running>,
+    /// Per contract, the durable sealed minutes of its current billing period, oldest
+    /// first: the status page is built from these and never reads the database.
+    minutes: Vec<Vec<(i64, Totals)>>,
+    /// Sealed minutes not yet durable: never exported until written.
+    pending: Vec<Sealed>,
+    /// Minutes before this one are sealed and durable (the ledger's own `sealed_through`
+    /// runs ahead by the pending minutes).
+    durable_through: i64,
+    /// Per contract, the late GPU-ms (delivered, used) as of the last durable write.
+    durable_late: Vec<(i64, i64)>,
+    in_flight: Option<InFlight>,
+    /// The last write failed and none has succeeded since.
+    failing: bool,
+}
+
+impl Books {
+    /// The books as the store holds them: `snap` is what [`LedgerStore::load`] returned
+    /// (`None`: a new ledger, accounting from the minute after `now_ms`).
+    pub fn restore<S: LedgerStore + ?Sized>(
+        store: &S,
+        contracts: Vec<Contract>,
+        grace_ms: i64,
+        snap: Option<Snapshot>,
+        now_ms: i64,
+    ) -> Result<Self, S::Error> {
+        let ledger = match snap {
+            Some(snap) => Ledger::restore(contracts.len(), snap),
+            None => Ledger::new(contracts.len(), now_ms),
+        };
+        let through = ledger.sealed_through();
+        let mut running = Vec::new();
+        let mut minutes = Vec::new();
+        for c in &contracts {
+            let period = c.billing_period(through * MINUTE_MS);
+            let all_time = store.sums(&c.id, i64::MIN, i64::MAX)?;
+            let in_period = store.sums(&c.id, period.0.div_euclid(MINUTE_MS), i64::MAX)?;
+            let recent = store.minutes(&c.id, through - 1440, through)?;
+            let from = period
+                .0
+                .max(ledger.since() * MINUTE_MS)
+                .div_euclid(MINUTE_MS);
+            minutes.push(store.minutes(&c.id, from, through)?);
+            running.push(Running::new(all_time, period, in_period, recent));
+        }
+        let durable_late = (0..contracts.len())
+            .map(|c| ledger.late().get(c).copied().unwrap_or_default())
+            .collect();
+        Ok(Self {
+            contracts,
+            grace_ms,
+            durable_through: through,
+            ledger,
+            running,
+            minutes,
+            pending: Vec::new(),
+            durable_late,
+            in_flight: None,
+            failing: false,
+        })
+    }
+
+    /// How far an agent's clock may stray before it is re-anchored, in ledger time.
+    pub fn with_clock_tolerance(mut self, ms: i64) -> Self {
+        self.ledger = self.ledger.with_clock_tolerance(ms);
+        self
+    }
+
+    /// The targets configured now, each with its contracts (see [`Ledger::configure`]).
+    pub fn configure(&mut self, now_ms: i64, configured: &[(String, Vec<usize>)]) {
+        let contracts = &self.contracts;
+        self.ledger
+            .configure(now_ms, configured, |c, t| contracts[c].billing_period(t).1);
+    }
+
+    /// After the first scrape round: a ledger that has sealed nothing starts after it.
+    pub fn start_after(&mut self, now_ms: i64) {
+        self.ledger.start_after(now_ms);
+    }
+
+    /// Books one scrape's report of a target of contract `c`: its GPUs that match the
+    /// contract's model, with the contract's usage signal. Returns how many GPUs counted
+    /// and what the ledger made of the reading.
+    pub fn record(
+        &mut self,
+        key: &str,
+        c: usize,
+        received_ms: i64,
+        report: &HostReport,
+    ) -> (usize, Outcome) {
+        let contract = &self.contracts[c];
+        let gpus: BTreeMap<String, GpuCounters> = report
+            .gpus
+            .iter()
+            .filter(|(_, g)| contract.model_matches(g.model.as_deref().unwrap_or("")))
+            .map(|(uuid, g)| {
+                let used = match contract.usage_signal {
+                    UsageSignal::Busy => g.busy_ms,
+                    UsageSignal::Allocated => g.allocated_ms,
+                };
+                (
+                    uuid.clone(),
+                    GpuCounters {
+                        observed_ms: g.observed_ms,
+                        used_ms: used.unwrap_or(0),
+                    },
+                )
+            })
+            .collect();
+        let n = gpus.len();
+        let reading = Reading {
+            received_ms,
+            agent_ms: report.round_ms,
+            agent_start_ms: report.start_ms,
+            sampled_ms: report.sampled_ms,
+            gpus,
+        };
+        (n, self.ledger.observe(key, c, reading))
+    }
+
+    /// Seals the minutes due at `now_ms` (ended at least the grace ago) into the pending
+    /// ones, unless [`MAX_PENDING_DAYS`] of them already wait for the store. Returns how
+    /// many are pending.
+    pub fn seal_due(&mut self, now_ms: i64) -> usize {
+        if self.pending.len() >= MAX_PENDING_DAYS * 1440 * self.contracts.len().max(1) {
+            return self.pending.len();
+        }
+        let contracts = &self.contracts;
+        let newly = self.ledger.seal(now_ms, self.grace_ms, |c, a, b| {
+            contracts[c].committed_gpu_ms(a, b)
+        });
+        self.pending.extend(newly);
+        self.pending.len()
+    }
+
+    /// The pending minutes and the ledger's snapshot for the store, unless a write is
+    /// still in flight (a slow disk: the next write carries everything). `now` marks when
+    /// the write started (see [`Books::write_in_flight_for`]).
+    pub fn start_write(&mut self, now: Instant) -> Option<Commit> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let snap = self.ledger.snapshot();
+        self.in_flight = Some(InFlight {
+            since: now,
+            minutes: self.pending.len(),
+            late: snap.late.clone(),
+            through: snap.sealed_through,
+        });
+        Some(Commit {
+            sealed: self.pending.clone(),
+            snap,
+        })
+    }
+
+    /// Applies the outcome of the write [`Books::start_write`] handed out: on success its
+    /// minutes become durable and reach the running totals; on failure they stay pending.
+    /// Minutes sealed meanwhile stay pending either way.
+    pub fn finish_write(&mut self, written: bool) -> Finished {
+        let Some(w) = self.in_flight.take() else {
+            debug_assert!(false, "finish_write without a write in flight");
+            return Finished::Failed {
+                pending: self.pending.len(),
+            };
+        };
+        if !written {
+            self.failing = true;
+            return Finished::Failed {
+                pending: self.pending.len(),
+            };
+        }
+        let recovered = std::mem::take(&mut self.failing);
+        for s in self.pending.drain(..w.minutes) {
+            let c = &self.contracts[s.contract];
+            let r = &mut self.running[s.contract];
+            r.record(&s, |t| c.billing_period(t));
+            let minutes = &mut self.minutes[s.contract];
+            let start = r.period_start_ms.div_euclid(MINUTE_MS);
+            if minutes.first().is_some_and(|(m, _)| *m < start) {
+                minutes.retain(|(m, _)| *m >= start);
+            }
+            if s.minute >= start {
+                minutes.push((s.minute, s.totals));
+            }
+        }
+        for (c, late) in self.durable_late.iter_mut().enumerate() {
+            *late = w.late.get(c).copied().unwrap_or_default();
+        }
+        self.durable_through = w.through;
+        Finished::Durable {
+            minutes: w.minutes,
+            recovered,
+        }
+    }
+
+    /// How long the write in flight has been, if one is.
+    pub fn write_in_flight_for(&self, now: Instant) -> Option<Duration> {
+        self.in_flight
+            .as_ref()
+            .map(|w| now.saturating_duration_since(w.since))
+    }
+
+    /// The last write failed and none has succeeded since.
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+
+    /// Sealed minutes waiting for the store.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The first minute the ledger accounts.
+    pub fn since(&self) -> i64 {
+        self.ledger.since()
+    }
+
+    /// Minutes before this one are sealed and durable.
+    pub fn durable_through(&self) -> i64 {
+        self.durable_through
+    }
+
+    /// Minutes before this one are sealed, durable or pending.
+    pub fn sealed_through(&self) -> i64 {
+        self.ledger.sealed_through()
+    }
+
+    pub fn clock_tolerance_ms(&self) -> i64 {
+        self.ledger.clock_tolerance_ms()
+    }
+
+    /// The durable totals of contract `c`: all time, the period, the last day.
+    pub fn running(&self, c: usize) -> &Running {
+        &self.running[c]
+    }
+
+    /// The durable sealed minutes of contract `c`'s current period, oldest first.
+    pub fn period_minutes(&self, c: usize) -> &[(i64, Totals)] {
+        &self.minutes[c]
+    }
+
+    /// The late GPU-ms (delivered, used) of contract `c` as of the last durable write.
+    pub fn durable_late(&self, c: usize) -> (i64, i64) {
+        self.durable_late[c]
+    }
+
+    /// Contract `c`'s month-to-date figures from its durable minutes. A ledger started
+    /// mid-period accounts the period from its own start.
+    pub fn figures(&self, c: usize) -> Figures {
+        let r = &self.running[c];
+        figures(
+            r,
+            &terms(
+                &self.contracts[c],
+                r,
+                self.since() * MINUTE_MS,
+                self.durable_through * MINUTE_MS,
+            ),
+        )
+    }
+}
+
+/// The inputs of a contract's month-to-date figures. A ledger started mid-period
+/// accounts the period from its own start.
+fn terms(contract: &Contract, r: &Running, since_ms: i64, through_ms: i64) -> Terms {
+    let (start, end) = (
+        r.period_start_ms.max(since_ms).min(r.period_end_ms),
+        r.period_end_ms,
+    );
+    let from = through_ms.clamp(start, end);
+    Terms {
+        committed_period: contract.committed_gpu_ms(start, end),
+        committed_remaining: contract.committed_gpu_ms(from, end),
+        remaining_ms: end - from,
+        target_utilization: contract.target_utilization,
+        price_per_gpu_hour: contract.price_per_gpu_hour,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,397 @@
+//! The books against hand-computed expectations: a contract of N GPUs commits N × 60 000
+//! GPU-ms a minute; a minute no target watched is unreported in full.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+use crate::aggregator::scrape::GpuReport;
+use crate::ledger::{split, Kind};
+
+const M: i64 = MINUTE_MS;
+/// 2026-10-05T00:00:00Z, inside every test contract.
+const T0: i64 = 1_791_158_400_000;
+/// The first minute a ledger started at `T0` accounts.
+const FIRST: i64 = T0 / M + 1;
+
+/// One contract of `gpus` GPUs from 2026-10-01, UTC, counting only `model` GPUs if given.
+fn contracts(gpus: u32, model: Option<&str>) -> Vec<Contract> {
+    contracts_in("UTC", gpus, model)
+}
+
+/// One contract of `gpus` GPUs from 2026-10-01 in time zone `tz`.
+fn contracts_in(tz: &str, gpus: u32, model: Option<&str>) -> Vec<Contract> {
+    let model = model.map_or(String::new(), |m| format!("model = {m:?}\n"));
+    let text = format!(
+        r#"
+[[contracts]]
+id = "c"
+provider = "p"
+price_per_gpu_hour = 2.0
+currency = "USD"
+timezone = "{tz}"
+start = "2026-10-01"
+selector = '{{provider="p"}}'
+{model}ramp = [ {{ from = "2026-10-01", gpus = {gpus} }} ]
+"#
+    );
+    crate::contract::parse(std::path::Path::new("t.toml"), &text)
+        .unwrap()
+        .contracts
+}
+
+/// A store in memory: rows by (contract, minute), the last snapshot, and a switch that
+/// makes every commit fail.
+#[derive(Default)]
+struct MemStore {
+    rows: BTreeMap<(String, i64), Totals>,
+    snap: Option<Snapshot>,
+    broken: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct MemError(&'static str);
+
+impl LedgerStore for MemStore {
+    type Error = MemError;
+
+    fn load(&self, _ids: &[String]) -> Result<Option<Snapshot>, MemError> {
+        Ok(self.snap.clone())
+    }
+
+    fn sums(&self, contract: &str, from: i64, to: i64) -> Result<Totals, MemError> {
+        let mut sum = Totals::default();
+        for t in self.minutes(contract, from, to)? {
+            sum.add(&t.1);
+        }
+        Ok(sum)
+    }
+
+    fn minutes(&self, contract: &str, from: i64, to: i64) -> Result<Vec<(i64, Totals)>, MemError> {
+        Ok(self
+            .rows
+            .iter()
+            .filter(|((c, m), _)| c == contract && (from..to).contains(m))
+            .map(|((_, m), t)| (*m, *t))
+            .collect())
+    }
+
+    fn commit(
+        &mut self,
+        ids: &[String],
+        sealed: &[Sealed],
+        snap: &Snapshot,
+    ) -> Result<(), MemError> {
+        if self.broken {
+            return Err(MemError("disk full"));
+        }
+        for s in sealed {
+            let key = (ids[s.contract].clone(), s.minute);
+            if self.rows.get(&key).is_some_and(|t| *t != s.totals) {
+                return Err(MemError("a sealed minute changed"));
+            }
+            self.rows.insert(key, s.totals);
+        }
+        self.snap = Some(snap.clone());
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), MemError> {
+        Ok(())
+    }
+}
+
+impl MemStore {
+    /// A store whose every commit fails, until `broken` is cleared.
+    fn broken() -> Self {
+        Self {
+            broken: true,
+            ..Self::default()
+        }
+    }
+}
+
+fn open(store: &MemStore, contracts: Vec<Contract>, grace_ms: i64) -> Books {
+    let snap = store.load(&[]).unwrap();
+    Books::restore(store, contracts, grace_ms, snap, T0).unwrap()
+}
+
+/// One write, as the writer thread does it: `None` when one is already in flight.
+fn write(books: &mut Books, store: &mut MemStore) -> Option<Finished> {
+    let Commit { sealed, snap } = books.start_write(crate::clock::monotonic_now())?;
+    let ok = store.commit(&["c".to_string()], &sealed, &snap).is_ok();
+    Some(books.finish_write(ok))
+}
+
+/// A minute of `gpus` committed GPUs that nothing watched.
+fn dark(minute: i64, gpus: i64) -> Sealed {
+    Sealed {
+        contract: 0,
+        minute,
+        totals: Totals {
+            committed: gpus * M,
+            unreported: gpus * M,
+            ..Totals::default()
+        },
+    }
+}
+
+#[test]
+fn a_minute_seals_once_its_grace_has_passed() {
+    let mut books = open(&MemStore::default(), contracts(2, None), 30_000);
+    assert_eq!(books.since(), FIRST);
+    // Minute FIRST ends at (FIRST + 1) * M; with 30 s of grace it seals 30 s later.
+    assert_eq!(books.seal_due((FIRST + 1) * M + 29_999), 0);
+    assert_eq!(books.sealed_through(), FIRST);
+    assert_eq!(books.seal_due((FIRST + 1) * M + 30_000), 1);
+    assert_eq!(books.sealed_through(), FIRST + 1);
+    let commit = books.start_write(crate::clock::monotonic_now()).unwrap();
+    assert_eq!(commit.sealed, vec![dark(FIRST, 2)]);
+    assert_eq!(commit.snap.sealed_through, FIRST + 1);
+}
+
+#[test]
+fn counters_move_only_after_a_successful_write() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts(2, None), 0);
+    assert_eq!(books.seal_due((FIRST + 3) * M), 3);
+    // Sealed, not durable: nothing counted yet.
+    assert_eq!(books.running(0).all_time, Totals::default());
+    assert_eq!(books.durable_through(), FIRST);
+    assert_eq!(books.sealed_through(), FIRST + 3);
+
+    let started = crate::clock::monotonic_now();
+    let commit = books.start_write(started).unwrap();
+    assert_eq!(commit.sealed.len(), 3);
+    assert_eq!(
+        books.write_in_flight_for(started + Duration::from_secs(10)),
+        Some(Duration::from_secs(10))
+    );
+    // One write at a time: the next one carries whatever comes meanwhile.
+    assert!(books.start_write(started).is_none());
+    assert_eq!(books.seal_due((FIRST + 4) * M), 4);
+    store
+        .commit(&["c".into()], &commit.sealed, &commit.snap)
+        .unwrap();
+    assert_eq!(
+        books.finish_write(true),
+        Finished::Durable {
+            minutes: 3,
+            recovered: false
+        }
+    );
+    assert_eq!(books.write_in_flight_for(started), None);
+    // 3 minutes × 2 GPUs, all unreported; the minute sealed during the write waits.
+    let all = books.running(0).all_time;
+    assert_eq!((all.committed, all.unreported), (6 * M, 6 * M));
+    assert_eq!(books.running(0).period, all);
+    assert_eq!(books.durable_through(), FIRST + 3);
+    assert_eq!(books.pending(), 1);
+    assert_eq!(
+        books.period_minutes(0),
+        &[
+            (FIRST, dark(FIRST, 2).totals),
+            (FIRST + 1, dark(FIRST, 2).totals),
+            (FIRST + 2, dark(FIRST, 2).totals)
+        ]
+    );
+    // The next write takes it.
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Durable {
+            minutes: 1,
+            recovered: false
+        })
+    );
+    assert_eq!(books.durable_through(), FIRST + 4);
+    assert_eq!(books.running(0).all_time.committed, 8 * M);
+    assert_eq!(store.rows.len(), 4);
+}
+
+#[test]
+fn a_failed_write_keeps_its_minutes_pending_for_the_next() {
+    let mut store = MemStore::broken();
+    let mut books = open(&store, contracts(2, None), 0);
+    books.seal_due((FIRST + 2) * M);
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Failed { pending: 2 })
+    );
+    assert!(books.failing());
+    assert_eq!(books.running(0).all_time, Totals::default());
+    assert_eq!(books.durable_through(), FIRST);
+    assert!(store.rows.is_empty());
+    // Still failing: the minutes pile up, nothing counts.
+    books.seal_due((FIRST + 3) * M);
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Failed { pending: 3 })
+    );
+    assert_eq!(books.durable_through(), FIRST);
+
+    store.broken = false;
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Durable {
+            minutes: 3,
+            recovered: true
+        })
+    );
+    assert!(!books.failing());
+    assert_eq!(books.pending(), 0);
+    assert_eq!(books.durable_through(), FIRST + 3);
+    assert_eq!(books.running(0).all_time.committed, 6 * M);
+    assert_eq!(
+        store.rows.keys().map(|(_, m)| *m).collect::<Vec<_>>(),
+        vec![FIRST, FIRST + 1, FIRST + 2]
+    );
+}
+
+#[test]
+fn at_most_seven_days_of_minutes_wait_for_a_broken_store() {
+    let mut store = MemStore::broken();
+    let mut books = open(&store, contracts(1, None), 0);
+    let hour = |k: i64| (FIRST + 60 * k) * M;
+    // A week of hourly rounds, every write failing: every minute waits in memory.
+    for k in 1..=7 * 24 {
+        books.seal_due(hour(k));
+        assert!(matches!(
+            write(&mut books, &mut store),
+            Some(Finished::Failed { .. })
+        ));
+    }
+    assert_eq!(books.pending(), 7 * 1440);
+    assert_eq!(books.sealed_through(), FIRST + 7 * 1440);
+    // Past the bound, minutes stay open in the ledger instead.
+    assert_eq!(books.seal_due(hour(7 * 24 + 1)), 7 * 1440);
+    assert_eq!(books.sealed_through(), FIRST + 7 * 1440);
+    assert_eq!(books.durable_through(), FIRST);
+
+    // The disk is back: the week is written, and the hour left open seals.
+    store.broken = false;
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Durable {
+            minutes: 7 * 1440,
+            recovered: true
+        })
+    );
+    assert_eq!(books.running(0).all_time.committed, 7 * 1440 * M);
+    assert_eq!(books.seal_due(hour(7 * 24 + 1)), 60);
+    assert_eq!(books.sealed_through(), FIRST + 7 * 1440 + 60);
+}
+
+#[test]
+fn restore_reads_back_what_was_written() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts(3, None), 0);
+    books.seal_due((FIRST + 5) * M);
+    write(&mut books, &mut store);
+    // Sealed but never written: lost with the process, sealed again after restore.
+    books.seal_due((FIRST + 6) * M);
+
+    let again = open(&store, contracts(3, None), 0);
+    assert_eq!(again.since(), FIRST);
+    assert_eq!(again.durable_through(), FIRST + 5);
+    assert_eq!(again.sealed_through(), FIRST + 5);
+    let all = again.running(0).all_time;
+    assert_eq!((all.committed, all.unreported), (15 * M, 15 * M));
+    assert_eq!(again.running(0).period, all);
+    assert_eq!(again.period_minutes(0).len(), 5);
+    assert_eq!(again.period_minutes(0), books.period_minutes(0));
+    assert_eq!(again.pending(), 0);
+}
+
+#[test]
+fn record_counts_the_contracts_gpus_only() {
+    let mut books = open(&MemStore::default(), contracts(1, Some("H100")), 5 * M);
+    let report = |t: i64| HostReport {
+        round_ms: Some(t),
+        start_ms: Some(T0),
+        sampled_ms: Some(t - T0),
+        gpus: [
+            ("h100", "NVIDIA H100 80GB HBM3", (t - T0) / 2),
+            ("a100", "NVIDIA A100-SXM4-40GB", t - T0),
+        ]
+        .into_iter()
+        .map(|(uuid, model, busy)| {
+            (
+                uuid.to_string(),
+                GpuReport {
+                    observed_ms: t - T0,
+                    busy_ms: Some(busy),
+                    allocated_ms: None,
+                    model: Some(model.to_string()),
+                },
+            )
+        })
+        .collect(),
+    };
+    // Read at the start of the first minute and 5 minutes later.
+    let (gpus, out) = books.record("h:9473", 0, T0 + M + 7, &report(T0 + M));
+    assert_eq!(gpus, 1);
+    assert!(out.rejected.is_empty(), "{out:?}");
+    let (_, out) = books.record("h:9473", 0, T0 + 6 * M + 7, &report(T0 + 6 * M));
+    assert!(out.rejected.is_empty(), "{out:?}");
+    // 5 minutes of grace after the last one.
+    assert_eq!(books.seal_due(T0 + 11 * M), 5);
+    let commit = books.start_write(crate::clock::monotonic_now()).unwrap();
+    for s in &commit.sealed {
+        // The H100 only: delivered in full, used half; the A100 (fully busy) not at all.
+        let t = s.totals;
+        assert_eq!(
+            (t.committed, t.delivered, t.used, t.idle),
+            (M, M, M / 2, M / 2),
+            "{s:?}"
+        );
+        assert_eq!((t.unreported, t.undelivered, t.overage), (0, 0, 0), "{s:?}");
+    }
+}
+
+#[test]
+fn figures_follow_the_durable_minutes() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts(2, None), 0);
+    books.seal_due((FIRST + 30) * M);
+    // Before the write: no minute counted.
+    assert_eq!(books.figures(0).utilization, None);
+    assert_eq!(books.figures(0).cost(Kind::Committed), Some(0.0));
+    write(&mut books, &mut store);
+    // 30 dark minutes of 2 GPUs: one GPU-hour committed at 2.0 an hour, none used.
+    assert_eq!(books.figures(0).utilization, Some(0.0));
+    assert_eq!(books.figures(0).cost(Kind::Committed), Some(2.0));
+    assert_eq!(books.figures(0).cost(Kind::Used), Some(0.0));
+}
+
+/// Sealed minutes crossing a Los Angeles month end roll the month-to-date figures
+/// at local midnight (07:00 UTC in November, PDT), not at UTC midnight.
+#[test]
+fn month_to_date_rolls_at_local_midnight_across_dst() {
+    let contracts = contracts_in("America/Los_Angeles", 10, None);
+    let c = &contracts[0];
+    // 2026-11-01T06:00Z is 23:00 PDT on Oct 31; local midnight is 07:00Z.
+    let first = 1_793_512_800_000 / MINUTE_MS; // 2026-11-01T06:00:00Z
+    let mut r = Running::new(
+        Default::default(),
+        c.billing_period(first * MINUTE_MS),
+        Default::default(),
+        vec![],
+    );
+    assert_eq!(r.period_end_ms, 1_793_516_400_000); // 2026-11-01T07:00:00Z
+    for minute in first..first + 120 {
+        let (a, b) = (minute * MINUTE_MS, (minute + 1) * MINUTE_MS);
+        let s = Sealed {
+            contract: 0,
+            minute,
+            totals: split(c.committed_gpu_ms(a, b), 600_000, 300_000, 0, false),
+        };
+        r.record(&s, |t| c.billing_period(t));
+    }
+    // One hour in the new (November) period, two hours all time.
+    assert_eq!(r.period_start_ms, 1_793_516_400_000);
+    assert_eq!(r.period_end_ms, 1_796_112_000_000); // 2026-12-01T08:00:00Z (PST)
+    assert_eq!(r.period.committed, 10 * 3_600_000);
+    assert_eq!(r.all_time.committed, 10 * 7_200_000);
+    assert_eq!(r.period.used, 60 * 300_000);
+}

@@ -1,0 +1,190 @@
+//! The ledger store on a thread of its own, and the plumbing between it and the
+//! [`Books`](super::books::Books): a write handed over after each round, its outcome
+//! applied to the books and the counters, the last write at shutdown. A slow or hung disk
+//! stalls the writer thread only, never the threads that serve `/metrics` and scrape.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::books::{Commit, Finished, LedgerStore};
+use super::metrics::OperationLabels;
+use super::{Shared, REJECT_LOG_EVERY_MS};
+use crate::clock;
+
+/// The store's thread: one job at a time, in order.
+pub(super) struct Writer {
+    jobs: std::sync::mpsc::Sender<WriteJob>,
+}
+
+type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+enum WriteJob {
+    /// Sealed minutes and the ledger's snapshot, in one transaction.
+    Commit { commit: Commit, done: Done },
+    /// At a clean stop: the host checkpoints not yet written (they are written only every
+    /// `--storage.host-checkpoint-interval` while running).
+    Flush { done: Done },
+}
+
+impl Writer {
+    pub(super) fn spawn<S: LedgerStore>(mut store: S, ids: Vec<String>) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                for job in queue {
+                    match job {
+                        WriteJob::Commit { commit, done } => {
+                            let r = store.commit(&ids, &commit.sealed, &commit.snap);
+                            let _ = done.send(r.map_err(|e| e.to_string()));
+                        }
+                        WriteJob::Flush { done } => {
+                            let _ = done.send(store.flush().map_err(|e| e.to_string()));
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+}
+
+/// How long shutdown waits for the last ledger write.
+const FINAL_WRITE_WAIT: Duration = Duration::from_secs(10);
+
+const WRITER_GONE: &str = "the ledger writer thread is gone";
+
+impl Shared {
+    /// Seals the minutes that are due into the pending ones (CPU only; see
+    /// [`Books::seal_due`](super::books::Books::seal_due)).
+    pub(super) fn seal_due(&self) {
+        let now = self.clock.now_ms();
+        let pending = self.books.lock().expect("books lock").seal_due(now);
+        self.metrics.pending.set(pending as i64);
+    }
+
+    /// Hands the pending minutes and the ledger's snapshot to the writer thread, unless a
+    /// write is still in flight (a slow disk: the next write carries everything). The
+    /// store writes open minutes every round and host checkpoints when they are due.
+    pub(super) fn start_write(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let commit = self
+            .books
+            .lock()
+            .expect("books lock")
+            .start_write(clock::monotonic_now())?;
+        let n = commit.sealed.len();
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let sent = self.writer.jobs.send(WriteJob::Commit { commit, done });
+        let me = self.clone();
+        Some(tokio::spawn(async move {
+            let written = match sent {
+                Ok(()) => outcome
+                    .await
+                    .map_err(|_| WRITER_GONE.to_string())
+                    .and_then(|r| r),
+                Err(_) => Err(WRITER_GONE.to_string()),
+            };
+            me.finish_write(n, written);
+        }))
+    }
+
+    /// Applies a finished write of `n` minutes: only now do its minutes reach the counters.
+    fn finish_write(self: &Arc<Self>, n: usize, written: Result<(), String>) {
+        let mut books = self.books.lock().expect("books lock");
+        let minutes = match (books.finish_write(written.is_ok()), written) {
+            (Finished::Durable { minutes, recovered }, _) => {
+                if recovered {
+                    *self.write_failure_logged.lock().expect("write log lock") = None;
+                    tracing::info!(
+                        minutes = n,
+                        "the ledger is written again; pending minutes are durable"
+                    );
+                }
+                minutes
+            }
+            (Finished::Failed { .. }, written) => {
+                drop(books);
+                let e = written.err().unwrap_or_default();
+                let mut logged = self.write_failure_logged.lock().expect("write log lock");
+                let due = logged.is_none_or(|at: Instant| {
+                    clock::elapsed(at) >= Duration::from_millis(REJECT_LOG_EVERY_MS as u64)
+                });
+                if due {
+                    tracing::error!(error = %e, pending_minutes = n, "cannot write the ledger; sealed minutes kept in memory and retried every round");
+                    *logged = Some(clock::monotonic_now());
+                }
+                self.metrics.write_ok.set(0);
+                self.metrics
+                    .store_errors
+                    .with(&OperationLabels {
+                        operation: "commit",
+                    })
+                    .inc();
+                return;
+            }
+        };
+        self.metrics.write_ok.set(1);
+        for (c, contract) in self.contracts.iter().enumerate() {
+            self.metrics.ledger.set(
+                &contract.id,
+                &books.running(c).all_time,
+                books.durable_late(c),
+            );
+        }
+        self.metrics
+            .sealed_through
+            .set(books.durable_through() * 60);
+        self.metrics.pending.set(books.pending() as i64);
+        drop(books);
+        // The month-to-date gauges and the page move with the counters.
+        self.refresh_gauges();
+        if minutes > 0 {
+            self.render_status();
+        }
+    }
+
+    /// At shutdown: waits for a write in flight, then writes once more, so a clean stop
+    /// leaves the freshest snapshot. A hung disk does not hold the process: after
+    /// [`FINAL_WRITE_WAIT`] it stops anyway (open minutes are recovered from the agents'
+    /// cumulative counters at the next start).
+    pub(super) async fn final_write(self: &Arc<Self>) {
+        let deadline = clock::monotonic_now() + FINAL_WRITE_WAIT;
+        loop {
+            let in_flight = self
+                .books
+                .lock()
+                .expect("books lock")
+                .write_in_flight_for(clock::monotonic_now());
+            if in_flight.is_none() {
+                break;
+            }
+            if clock::monotonic_now() >= deadline {
+                tracing::warn!(
+                    "a ledger write did not finish before shutdown; stopping without it"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.seal_due();
+        if let Some(job) = self.start_write() {
+            let left = deadline.saturating_duration_since(clock::monotonic_now());
+            if tokio::time::timeout(left, job).await.is_err() {
+                tracing::warn!(
+                    "the last ledger write did not finish before shutdown; stopping without it"
+                );
+                return;
+            }
+        }
+        // Every host's checkpoint, so a restart resumes every host from its counters.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.writer.jobs.send(WriteJob::Flush { done }).is_err() {
+            return;
+        }
+        let left = deadline.saturating_duration_since(clock::monotonic_now());
+        match tokio::time::timeout(left, flushed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot write host checkpoints at stop; the next start re-baselines every host"),
+            _ => tracing::warn!("host checkpoints not written before shutdown; the next start re-baselines every host"),
+        }
+    }
+}
