@@ -67,8 +67,11 @@ pub fn parse_listen_address(addr: &str) -> Result<SocketAddr, HttpError> {
         .ok_or_else(|| bad("host name resolves to no address"))
 }
 
-/// How many connections the kernel queues before they are accepted (as mio, and so
-/// tokio's `TcpListener::bind`, asks for).
+/// How many connections the kernel queues before they are accepted (capped by
+/// `net.core.somaxconn`). Every listener asks for it: `TcpListener::bind` asks for 128
+/// (mio 1, as Rust's std), and a burst of more new connections than that, arriving
+/// faster than they are accepted, has its SYNs dropped, each client then waiting a
+/// second or more to retry, a scraper among them.
 const BACKLOG: u32 = 1024;
 
 /// Binds `addr`. The first bind in a process also raises its descriptor limit (see
@@ -81,7 +84,7 @@ const BACKLOG: u32 = 1024;
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     conns::fd_limit();
     if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
-        match bind_dual_stack(addr) {
+        match listen(addr, true) {
             Ok(listener) => return Ok(listener),
             Err(source) if !ipv6_unavailable(&source) => {
                 return Err(HttpError::Bind { addr, source });
@@ -93,15 +96,27 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
                     address = %v4,
                     "IPv6 is unavailable here; listening on IPv4 only"
                 );
-                return TcpListener::bind(v4)
-                    .await
-                    .map_err(|source| HttpError::Bind { addr: v4, source });
+                return listen(v4, false).map_err(|source| HttpError::Bind { addr: v4, source });
             }
         }
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+    listen(addr, false).map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// `addr` bound as written, listening with [`BACKLOG`]; with `dual_stack` (`[::]:PORT`),
+/// `IPV6_V6ONLY` off: IPv4 clients arrive as IPv4-mapped addresses.
+fn listen(addr: SocketAddr, dual_stack: bool) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if dual_stack {
+        socket2::SockRef::from(&socket).set_only_v6(false)?;
+    }
+    // As TcpListener::bind does on Unix: a restart need not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Whether a failed dual-stack bind means "no IPv6 here" (no IPv6 sockets, no IPv6
@@ -112,16 +127,6 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
     )
-}
-
-/// `[::]:PORT` with `IPV6_V6ONLY` off: IPv4 clients arrive as IPv4-mapped addresses.
-fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v6()?;
-    socket2::SockRef::from(&socket).set_only_v6(false)?;
-    // As TcpListener::bind does on Unix: a restart need not wait out TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
 }
 
 pub fn text(
@@ -521,6 +526,28 @@ mod tests {
     }
 
     /// The layers are around the server's routes, not only in `layers::stack`'s tests.
+    #[tokio::test]
+    async fn a_listener_queues_a_burst_of_connections_beyond_128() {
+        // Nothing accepts: the kernel completes each handshake into the backlog. With
+        // TcpListener::bind's 128 the 130th SYN would be dropped and its client wait a
+        // second to retry.
+        let listener = bind(parse_listen_address("127.0.0.1:0").unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::task::spawn_blocking(move || {
+            (0..600)
+                .map(|i| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                        .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(clients.len(), 600);
+    }
+
     #[tokio::test]
     async fn the_server_applies_the_layers_to_every_route() {
         let listener = bind(parse_listen_address("127.0.0.1:0").unwrap())
