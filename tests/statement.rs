@@ -769,3 +769,151 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     // The 25-hour day runs 2026-10-24T22:00:00Z to 2026-10-25T23:00:00Z.
     assert!(out.contains("2026-10-25T23:00:00Z,2026-10-24T22:00:00Z,Usage,"));
 }
+
+/// An aggregator that scrapes nothing reachable (every minute of contract "live" is
+/// unreported), sealing every second round, for the HTTP statements.
+fn live_config(dir: &TempDir) -> PathBuf {
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        r#"
+[aggregator]
+scrape_interval = "1s"
+scrape_timeout = "1s"
+grace = "2s"
+
+[[targets]]
+targets = ["127.0.0.1:1"]
+labels = { provider = "lab" }
+
+[[contracts]]
+id = "live"
+provider = "lab"
+price_per_gpu_hour = 2.5
+currency = "EUR"
+timezone = "UTC"
+start = "2020-01-01"
+selector = '{provider="lab"}'
+ramp = [ { from = "2020-01-01", gpus = 4 } ]
+"#,
+    )
+    .unwrap();
+    config
+}
+
+/// The periods the status page links statements for, newest first.
+fn linked_periods(page: &str) -> Vec<String> {
+    page.split("data-period=")
+        .skip(1)
+        .map(|rest| rest.chars().take_while(|c| *c != '>').collect())
+        .collect()
+}
+
+#[test]
+fn the_aggregator_serves_the_statement_the_cli_writes() {
+    let dir = TempDir::new("statement-http");
+    let config = live_config(&dir);
+    let data = dir.path("data");
+    let mut agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(30));
+    // The page links the current period first; a new ledger has no earlier one.
+    let (status, page) = http_get(&agg.addr, "/");
+    assert_eq!(status, 200);
+    let periods = linked_periods(&page);
+    assert_eq!(periods.len(), 1, "{periods:?}");
+    let current = &periods[0];
+    assert!(
+        page.contains(&format!("href=\"/statements/live/{current}.csv\""))
+            && page.contains(&format!("href=\"/statements/live/{current}.json\"")),
+        "{page}"
+    );
+    // Just after a minute is sealed, nothing more is due for a minute: the statement served
+    // now and the CLI's after the stop are of the same sealed minutes.
+    wait_sealed_span(&agg.addr, Duration::from_secs(90), Duration::from_secs(60));
+    let csv = http_get(&agg.addr, &format!("/statements/live/{current}.csv"));
+    let focus = http_get(&agg.addr, &format!("/statements/live/{current}.focus.csv"));
+    let json = http_get(&agg.addr, &format!("/statements/live/{current}.json"));
+    assert!(terminate(&mut agg.child, Duration::from_secs(20)).success());
+    assert_eq!(csv.0, 200, "{}", csv.1);
+    assert_eq!(focus.0, 200, "{}", focus.1);
+    assert_eq!(json.0, 200, "{}", json.1);
+    let cli = |format: &str| {
+        ok(&statement(
+            &config,
+            &data,
+            &["--contract=live", &format!("--period={current}"), format],
+        ))
+    };
+    assert_eq!(csv.1, cli("--format=csv"));
+    assert_eq!(focus.1, cli("--format=focus"));
+    let doc: serde_json::Value = serde_json::from_str(&json.1).unwrap();
+    let accounted = doc["total"]["minutes_accounted"].as_i64().unwrap();
+    assert!(accounted >= 1, "{}", json.1);
+    let cli_doc: serde_json::Value = serde_json::from_str(&cli("--format=json")).unwrap();
+    assert_eq!(doc["total"], cli_doc["total"]);
+    assert_eq!(doc["days"], cli_doc["days"]);
+}
+
+#[test]
+fn bad_statement_requests_are_refused_and_auth_applies() {
+    let dir = TempDir::new("statement-http-bad");
+    let config = live_config(&dir);
+    let data = dir.path("data");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let web = dir.path("web.yml");
+    std::fs::write(&web, format!("basic_auth_users:\n  alice: {hash}\n")).unwrap();
+    let agg = Aggregator::start_with(
+        &config,
+        &data,
+        &[format!("--web.config.file={}", web.display())],
+    );
+    let get = |path: &str, auth: bool| {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        let header = if auth {
+            format!("Authorization: Basic {token}\r\n")
+        } else {
+            String::new()
+        };
+        http_request(
+            &agg.addr,
+            &format!("GET {path} HTTP/1.0\r\nHost: x\r\n{header}\r\n"),
+        )
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || format!("the aggregator to be ready; log:\n{}", agg.log_text()),
+        || (get("/-/ready", true).0 == 200).then_some(()),
+    );
+    let (_, page) = get("/", true);
+    let current = linked_periods(&page).remove(0);
+    let (y, m): (i32, u32) = (current[..4].parse().unwrap(), current[5..].parse().unwrap());
+    let previous = if m == 1 {
+        format!("{:04}-12", y - 1)
+    } else {
+        format!("{y:04}-{:02}", m - 1)
+    };
+    assert_eq!(
+        get(&format!("/statements/live/{current}.csv"), false).0,
+        401
+    );
+    assert_eq!(get(&format!("/statements/live/{current}.csv"), true).0, 200);
+    for (path, want) in [
+        (format!("/statements/nope/{current}.csv"), 404),
+        (format!("/statements/live/{current}.xml"), 404),
+        ("/statements/live".to_string(), 404),
+        ("/statements/live/2026-13.csv".to_string(), 400),
+        ("/statements/live/nov.json".to_string(), 400),
+        ("/statements/live/2999-01.json".to_string(), 404),
+    ] {
+        let (status, body) = get(&path, true);
+        assert_eq!(status, want, "{path}: {body}");
+        assert_eq!(body.trim_end().lines().count(), 1, "{path}: {body}");
+    }
+    // A period before the ledger's first minute: served, and it says so.
+    let (status, body) = get(&format!("/statements/live/{previous}.json"), true);
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["starts_before_ledger"], true, "{body}");
+    assert_eq!(doc["total"]["minutes_accounted"], 0, "{body}");
+}
