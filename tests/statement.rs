@@ -770,32 +770,18 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     assert!(out.contains("2026-10-25T23:00:00Z,2026-10-24T22:00:00Z,Usage,"));
 }
 
-/// An aggregator that scrapes nothing reachable (every minute of contract "live" is
-/// unreported), sealing every second round, for the HTTP statements.
+/// [`CONFIG`] for a running aggregator that scrapes every second and seals two seconds
+/// after a minute ends: its one target is unreachable, so every minute of contract "lab" is
+/// unreported.
 fn live_config(dir: &TempDir) -> PathBuf {
     let config = dir.path("aggregator.toml");
     std::fs::write(
         &config,
-        r#"
-[aggregator]
-scrape_interval = "1s"
-scrape_timeout = "1s"
-grace = "2s"
-
-[[targets]]
-targets = ["127.0.0.1:1"]
-labels = { provider = "lab" }
-
-[[contracts]]
-id = "live"
-provider = "lab"
-price_per_gpu_hour = 2.5
-currency = "EUR"
-timezone = "UTC"
-start = "2020-01-01"
-selector = '{provider="lab"}'
-ramp = [ { from = "2020-01-01", gpus = 4 } ]
-"#,
+        format!(
+            "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"2s\"\n{}",
+            // A refused connection, not one that waits out the scrape timeout every round.
+            CONFIG.replace("10.0.0.1:9473", "127.0.0.1:1")
+        ),
     )
     .unwrap();
     config
@@ -823,16 +809,17 @@ fn the_aggregator_serves_the_statement_the_cli_writes() {
     assert_eq!(periods.len(), 1, "{periods:?}");
     let current = &periods[0];
     assert!(
-        page.contains(&format!("href=\"/statements/live/{current}.csv\""))
-            && page.contains(&format!("href=\"/statements/live/{current}.json\"")),
+        page.contains(&format!("href=\"/statements/lab/{current}.csv\""))
+            && page.contains(&format!("href=\"/statements/lab/{current}.json\"")),
         "{page}"
     );
     // Just after a minute is sealed, nothing more is due for a minute: the statement served
     // now and the CLI's after the stop are of the same sealed minutes.
-    wait_sealed_span(&agg.addr, Duration::from_secs(90), Duration::from_secs(60));
-    let csv = http_get(&agg.addr, &format!("/statements/live/{current}.csv"));
-    let focus = http_get(&agg.addr, &format!("/statements/live/{current}.focus.csv"));
-    let json = http_get(&agg.addr, &format!("/statements/live/{current}.json"));
+    // The ledger starts at the next whole minute, which seals 2 s after it ends: up to 2 min.
+    wait_sealed_span(&agg.addr, Duration::from_secs(180), Duration::from_secs(60));
+    let csv = http_get(&agg.addr, &format!("/statements/lab/{current}.csv"));
+    let focus = http_get(&agg.addr, &format!("/statements/lab/{current}.focus.csv"));
+    let json = http_get(&agg.addr, &format!("/statements/lab/{current}.json"));
     assert!(terminate(&mut agg.child, Duration::from_secs(20)).success());
     assert_eq!(csv.0, 200, "{}", csv.1);
     assert_eq!(focus.0, 200, "{}", focus.1);
@@ -841,7 +828,7 @@ fn the_aggregator_serves_the_statement_the_cli_writes() {
         ok(&statement(
             &config,
             &data,
-            &["--contract=live", &format!("--period={current}"), format],
+            &["--contract=lab", &format!("--period={current}"), format],
         ))
     };
     assert_eq!(csv.1, cli("--format=csv"));
@@ -893,25 +880,22 @@ fn bad_statement_requests_are_refused_and_auth_applies() {
     } else {
         format!("{y:04}-{:02}", m - 1)
     };
-    assert_eq!(
-        get(&format!("/statements/live/{current}.csv"), false).0,
-        401
-    );
-    assert_eq!(get(&format!("/statements/live/{current}.csv"), true).0, 200);
+    assert_eq!(get(&format!("/statements/lab/{current}.csv"), false).0, 401);
+    assert_eq!(get(&format!("/statements/lab/{current}.csv"), true).0, 200);
     for (path, want) in [
         (format!("/statements/nope/{current}.csv"), 404),
-        (format!("/statements/live/{current}.xml"), 404),
+        (format!("/statements/lab/{current}.xml"), 404),
         ("/statements/live".to_string(), 404),
-        ("/statements/live/2026-13.csv".to_string(), 400),
-        ("/statements/live/nov.json".to_string(), 400),
-        ("/statements/live/2999-01.json".to_string(), 404),
+        ("/statements/lab/2026-13.csv".to_string(), 400),
+        ("/statements/lab/nov.json".to_string(), 400),
+        ("/statements/lab/2999-01.json".to_string(), 404),
     ] {
         let (status, body) = get(&path, true);
         assert_eq!(status, want, "{path}: {body}");
         assert_eq!(body.trim_end().lines().count(), 1, "{path}: {body}");
     }
     // A period before the ledger's first minute: served, and it says so.
-    let (status, body) = get(&format!("/statements/live/{previous}.json"), true);
+    let (status, body) = get(&format!("/statements/lab/{previous}.json"), true);
     assert_eq!(status, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["starts_before_ledger"], true, "{body}");

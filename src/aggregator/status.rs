@@ -414,25 +414,7 @@ mod tests {
 
     #[test]
     fn periods_run_from_the_ledgers_first_to_now_newest_first() {
-        let text = r#"
-[[targets]]
-targets = ["h:1"]
-labels = { provider = "p" }
-
-[[contracts]]
-id = "c"
-provider = "p"
-price_per_gpu_hour = 2.0
-currency = "EUR"
-timezone = "Europe/Paris"
-start = "2026-01-01"
-selector = 'provider="p"'
-ramp = [{ from = "2026-01-01", gpus = 4 }]
-"#;
-        let c = crate::contract::parse(std::path::Path::new("t.toml"), text)
-            .unwrap()
-            .contracts
-            .remove(0);
+        let c = crate::statement::tests::contract("Europe/Paris", 2.0);
         let day = 86_400_000;
         let now = c.billing_period_of_month(2026, 11).unwrap().0 + 3 * day;
         let since = c.billing_period_of_month(2026, 8).unwrap().0 + 10 * day;
