@@ -17,6 +17,9 @@ use crate::ledger::Totals;
 /// The store's thread: one job at a time, in order.
 pub(super) struct Writer {
     jobs: std::sync::mpsc::Sender<WriteJob>,
+    /// One read queued at a time: a crowd of statement requests waits here, not in the
+    /// writer's queue, so a commit waits behind one read at most.
+    reads: tokio::sync::Semaphore,
 }
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -66,12 +69,20 @@ impl Writer {
                     }
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            reads: tokio::sync::Semaphore::new(1),
+        })
     }
 
     /// Contract `contract`'s sealed minutes `[from, to)`, read by the writer thread between
     /// two writes: the caller awaits, no runtime thread waits for the disk.
     pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
+        let _turn = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| WRITER_GONE.to_string())?;
         let (done, answer) = tokio::sync::oneshot::channel();
         self.jobs
             .send(WriteJob::Read {
