@@ -769,3 +769,135 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     // The 25-hour day runs 2026-10-24T22:00:00Z to 2026-10-25T23:00:00Z.
     assert!(out.contains("2026-10-25T23:00:00Z,2026-10-24T22:00:00Z,Usage,"));
 }
+
+/// [`CONFIG`] for a running aggregator that scrapes every second and seals two seconds
+/// after a minute ends: its one target is unreachable, so every minute of contract "lab" is
+/// unreported.
+fn live_config(dir: &TempDir) -> PathBuf {
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"2s\"\n{}",
+            // A refused connection, not one that waits out the scrape timeout every round.
+            CONFIG.replace("10.0.0.1:9473", "127.0.0.1:1")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The periods the status page links statements for, newest first.
+fn linked_periods(page: &str) -> Vec<String> {
+    page.split("data-period=")
+        .skip(1)
+        .map(|rest| rest.chars().take_while(|c| *c != '>').collect())
+        .collect()
+}
+
+#[test]
+fn the_aggregator_serves_the_statement_the_cli_writes() {
+    let dir = TempDir::new("statement-http");
+    let config = live_config(&dir);
+    let data = dir.path("data");
+    let mut agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(30));
+    // The page links the current period first; a new ledger has no earlier one.
+    let (status, page) = http_get(&agg.addr, "/");
+    assert_eq!(status, 200);
+    let periods = linked_periods(&page);
+    assert_eq!(periods.len(), 1, "{periods:?}");
+    let current = &periods[0];
+    assert!(
+        page.contains(&format!("href=\"/statements/lab/{current}.csv\""))
+            && page.contains(&format!("href=\"/statements/lab/{current}.json\"")),
+        "{page}"
+    );
+    // Just after a minute is sealed, nothing more is due for a minute: the statement served
+    // now and the CLI's after the stop are of the same sealed minutes.
+    // The ledger starts at the next whole minute, which seals 2 s after it ends: up to 2 min.
+    wait_sealed_span(&agg.addr, Duration::from_secs(180), Duration::from_secs(60));
+    let csv = http_get(&agg.addr, &format!("/statements/lab/{current}.csv"));
+    let focus = http_get(&agg.addr, &format!("/statements/lab/{current}.focus.csv"));
+    let json = http_get(&agg.addr, &format!("/statements/lab/{current}.json"));
+    assert!(terminate(&mut agg.child, Duration::from_secs(20)).success());
+    assert_eq!(csv.0, 200, "{}", csv.1);
+    assert_eq!(focus.0, 200, "{}", focus.1);
+    assert_eq!(json.0, 200, "{}", json.1);
+    let cli = |format: &str| {
+        ok(&statement(
+            &config,
+            &data,
+            &["--contract=lab", &format!("--period={current}"), format],
+        ))
+    };
+    assert_eq!(csv.1, cli("--format=csv"));
+    assert_eq!(focus.1, cli("--format=focus"));
+    let doc: serde_json::Value = serde_json::from_str(&json.1).unwrap();
+    let accounted = doc["total"]["minutes_accounted"].as_i64().unwrap();
+    assert!(accounted >= 1, "{}", json.1);
+    let cli_doc: serde_json::Value = serde_json::from_str(&cli("--format=json")).unwrap();
+    assert_eq!(doc["total"], cli_doc["total"]);
+    assert_eq!(doc["days"], cli_doc["days"]);
+}
+
+#[test]
+fn bad_statement_requests_are_refused_and_auth_applies() {
+    let dir = TempDir::new("statement-http-bad");
+    let config = live_config(&dir);
+    let data = dir.path("data");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let web = dir.path("web.yml");
+    std::fs::write(&web, format!("basic_auth_users:\n  alice: {hash}\n")).unwrap();
+    let agg = Aggregator::start_with(
+        &config,
+        &data,
+        &[format!("--web.config.file={}", web.display())],
+    );
+    let get = |path: &str, auth: bool| {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        let header = if auth {
+            format!("Authorization: Basic {token}\r\n")
+        } else {
+            String::new()
+        };
+        http_request(
+            &agg.addr,
+            &format!("GET {path} HTTP/1.0\r\nHost: x\r\n{header}\r\n"),
+        )
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || format!("the aggregator to be ready; log:\n{}", agg.log_text()),
+        || (get("/-/ready", true).0 == 200).then_some(()),
+    );
+    let (_, page) = get("/", true);
+    let current = linked_periods(&page).remove(0);
+    let (y, m): (i32, u32) = (current[..4].parse().unwrap(), current[5..].parse().unwrap());
+    let previous = if m == 1 {
+        format!("{:04}-12", y - 1)
+    } else {
+        format!("{y:04}-{:02}", m - 1)
+    };
+    assert_eq!(get(&format!("/statements/lab/{current}.csv"), false).0, 401);
+    assert_eq!(get(&format!("/statements/lab/{current}.csv"), true).0, 200);
+    for (path, want) in [
+        (format!("/statements/nope/{current}.csv"), 404),
+        (format!("/statements/lab/{current}.xml"), 404),
+        ("/statements/live".to_string(), 404),
+        ("/statements/lab/2026-13.csv".to_string(), 400),
+        ("/statements/lab/nov.json".to_string(), 400),
+        ("/statements/lab/2999-01.json".to_string(), 404),
+    ] {
+        let (status, body) = get(&path, true);
+        assert_eq!(status, want, "{path}: {body}");
+        assert_eq!(body.trim_end().lines().count(), 1, "{path}: {body}");
+    }
+    // A period before the ledger's first minute: served, and it says so.
+    let (status, body) = get(&format!("/statements/lab/{previous}.json"), true);
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["starts_before_ledger"], true, "{body}");
+    assert_eq!(doc["total"]["minutes_accounted"], 0, "{body}");
+}

@@ -1,4 +1,5 @@
-//! The aggregator's routes: `/metrics`, health, readiness and the status page.
+//! The aggregator's routes: `/metrics`, health, readiness, the status page and the
+//! statements (`/statements/<contract>/<YYYY-MM>.csv|.json|.focus.csv`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,13 +9,160 @@ use hyper::StatusCode;
 use super::Shared;
 use crate::clock;
 use crate::http::{self, Handler};
+use crate::ledger::MINUTE_MS;
+use crate::statement::{self, focus, render, Late, LedgerInfo};
 
-/// Every route answers from memory: nothing here waits for the disk or a target.
+/// Every route but the statements answers from memory; a statement awaits its minutes
+/// from the writer thread and is built on a blocking thread. Nothing here waits for a
+/// target, and no runtime thread waits for the disk.
 pub(super) fn handler(shared: Arc<Shared>) -> Handler {
     http::handler(move |path: String| {
         let shared = shared.clone();
-        async move { routes(&shared, &path) }
+        async move {
+            match path.strip_prefix("/statements/") {
+                Some(rest) => Some(shared.statement(rest).await),
+                None => routes(&shared, &path),
+            }
+        }
     })
+}
+
+/// The formats a statement is served in, by the file name's suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Json,
+    Focus,
+}
+
+impl Format {
+    /// `2026-11.csv` → (`2026-11`, CSV); `None` for a suffix that is not a format.
+    fn split(file: &str) -> Option<(&str, Format)> {
+        [
+            (".focus.csv", Format::Focus),
+            (".csv", Format::Csv),
+            (".json", Format::Json),
+        ]
+        .into_iter()
+        .find_map(|(suffix, f)| file.strip_suffix(suffix).map(|p| (p, f)))
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Csv | Format::Focus => "text/csv; charset=utf-8",
+            Format::Json => "application/json",
+        }
+    }
+}
+
+fn refuse(status: StatusCode, why: String) -> http::Reply {
+    http::text(status, "text/plain; charset=utf-8", why + "\n")
+}
+
+impl Shared {
+    /// `GET /statements/<contract>/<YYYY-MM>.<format>` (`rest` is the path after
+    /// `/statements/`): the statement `commitmeter statement` writes for the same ledger,
+    /// built from the durable minutes. Unknown contract or format: 404; a malformed period or
+    /// one out of the calendar's range: 400; a period that has not begun: 404 (no statement
+    /// exists yet).
+    async fn statement(self: &Arc<Self>, rest: &str) -> http::Reply {
+        let Some((id, file)) = rest.split_once('/') else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("/statements/{rest}: expected /statements/<contract>/<YYYY-MM>.csv, .json or .focus.csv"),
+            );
+        };
+        let Some(c) = self.contracts.iter().position(|c| c.id == id) else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "contract {id:?}: no such contract (contracts: {})",
+                    self.ids.join(", ")
+                ),
+            );
+        };
+        let Some((period, format)) = Format::split(file) else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("{file:?}: expected <YYYY-MM>.csv, .json or .focus.csv"),
+            );
+        };
+        let (y, m) = match statement::parse_period(period) {
+            Ok(ym) => ym,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("period {e}")),
+        };
+        let contract = &self.contracts[c];
+        let Some(bounds) = contract.billing_period_of_month(y, m) else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("period {period}: out of the calendar's range"),
+            );
+        };
+        let now = self.clock.now_ms();
+        if bounds.0 > now {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "period {period}: the billing period is in the future (contract {:?}'s starts {})",
+                    contract.id,
+                    contract.local_time(bounds.0)
+                ),
+            );
+        }
+        // What the durable minutes say, taken before the read: every minute durable now is
+        // in the store when the writer thread reads, and later ones are left out, so the
+        // minutes and the ledger's figures agree.
+        let info = {
+            let books = self.books.lock().expect("books lock");
+            let (d, u) = books.durable_late(c);
+            LedgerInfo {
+                since_minute: Some(books.since()),
+                sealed_through_minute: Some(books.durable_through()),
+                late: Some(Late {
+                    delivered_gpu_ms: d,
+                    used_gpu_ms: u,
+                }),
+            }
+        };
+        let through = info.sealed_through_minute.unwrap_or(i64::MIN);
+        // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
+        let to = bounds.1.div_euclid(MINUTE_MS);
+        let from = bounds
+            .0
+            .div_euclid(MINUTE_MS)
+            .min(to.min(now.div_euclid(MINUTE_MS) + 1) - statement::SIZING_MINUTES);
+        let minutes = match self.writer.read(&contract.id, from, to.min(through)).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(contract = %contract.id, error = %e, "cannot read the ledger for a statement");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot read the ledger: {e}"),
+                );
+            }
+        };
+        let contract = contract.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let s = statement::build(&contract, bounds, &minutes, &info, now);
+            match format {
+                Format::Csv => render::csv(&s).map_err(|e| e.to_string()),
+                Format::Json => Ok(render::json(&s)),
+                Format::Focus => focus::csv(&[s]).map_err(|e| e.to_string()),
+            }
+        })
+        .await;
+        match built {
+            Ok(Ok(body)) => http::text(StatusCode::OK, format.content_type(), body),
+            Ok(Err(e)) => refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot render the statement: {e}"),
+            ),
+            Err(e) => refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot build the statement: {e}"),
+            ),
+        }
+    }
 }
 
 fn routes(shared: &Shared, path: &str) -> Option<http::Reply> {

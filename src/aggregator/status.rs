@@ -35,6 +35,32 @@ pub struct ContractView {
     pub minutes: Vec<(i64, Totals)>,
     pub targets_up: usize,
     pub targets_down: usize,
+    /// The billing periods (`YYYY-MM`) from the ledger's first to the current one, newest
+    /// first, each with its statement's links ([`periods`]).
+    pub periods: Vec<String>,
+}
+
+/// At most this many billing periods are listed (ten years of months).
+pub const MAX_PERIODS: usize = 120;
+
+/// The billing periods of `contract` (`YYYY-MM`, the local month each starts in) that end
+/// after `since_ms` (the ledger's first accounted minute) and after the contract's start,
+/// and start at or before `now_ms`, newest first, at most [`MAX_PERIODS`]: from the
+/// calendar alone, no ledger read.
+pub fn periods(contract: &crate::contract::Contract, since_ms: i64, now_ms: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    let first = since_ms.max(contract.start_ms);
+    let mut at = now_ms;
+    while out.len() < MAX_PERIODS {
+        let (start, end) = contract.billing_period(at);
+        if end <= first || start > at {
+            break;
+        }
+        let (y, m) = contract.local_month(start);
+        out.push(format!("{y:04}-{m:02}"));
+        at = start - 1;
+    }
+    out
 }
 
 /// A contract alert the shipped rules would be firing, judged on sealed minutes.
@@ -288,7 +314,27 @@ fn contract(h: &mut String, c: &ContractView) {
          delays; other host and pipeline alerts are left to Prometheus.</div></div></div></div>",
     );
     chart(h, c);
+    statements(h, c);
     h.push_str("</section>");
+}
+
+/// The statements of the periods in [`ContractView::periods`], with links.
+fn statements(h: &mut String, c: &ContractView) {
+    if c.periods.is_empty() {
+        return;
+    }
+    // Contract ids are letters, digits, `_`, `.` and `-`: safe in a path as they are.
+    let id = esc(&c.id);
+    h.push_str("<div><b>Statements:</b><ul data-k=statements>");
+    for p in &c.periods {
+        let _ = write!(
+            h,
+            "<li data-period={p}>{p}: <a href=\"/statements/{id}/{p}.csv\">csv</a> · \
+             <a href=\"/statements/{id}/{p}.json\">json</a> · \
+             <a href=\"/statements/{id}/{p}.focus.csv\">FOCUS csv</a></li>"
+        );
+    }
+    h.push_str("</ul></div>");
 }
 
 /// Average GPUs committed, delivered and used per hour of the month so far (per
@@ -365,6 +411,29 @@ fn chart(h: &mut String, c: &ContractView) {
 mod tests {
     use super::*;
     use crate::ledger::split;
+
+    #[test]
+    fn periods_run_from_the_ledgers_first_to_now_newest_first() {
+        let c = crate::statement::tests::contract("Europe/Paris", 2.0);
+        let day = 86_400_000;
+        let now = c.billing_period_of_month(2026, 11).unwrap().0 + 3 * day;
+        let since = c.billing_period_of_month(2026, 8).unwrap().0 + 10 * day;
+        assert_eq!(
+            periods(&c, since, now),
+            ["2026-11", "2026-10", "2026-09", "2026-08"]
+        );
+        // A ledger started at a period's very start lists that period, not the one before.
+        let since = c.billing_period_of_month(2026, 9).unwrap().0;
+        assert_eq!(periods(&c, since, now), ["2026-11", "2026-10", "2026-09"]);
+        // A ledger started now: the current period only.
+        assert_eq!(periods(&c, now, now), ["2026-11"]);
+        // Nothing before the contract's start (2026-01-01).
+        let all = periods(&c, i64::MIN / 2, now);
+        assert_eq!(
+            (all.len(), all.last().map(String::as_str)),
+            (11, Some("2026-01"))
+        );
+    }
 
     #[test]
     fn numbers_are_grouped_and_html_is_escaped() {

@@ -107,6 +107,7 @@ impl Shared {
                     minutes,
                     targets_up: up,
                     targets_down: mine.count() - up,
+                    periods: status::periods(c, since_ms, now_ms),
                 }
             })
             .collect();

@@ -1,7 +1,9 @@
 //! The ledger store on a thread of its own, and the plumbing between it and the
 //! [`Books`](super::books::Books): a write handed over after each round, its outcome
-//! applied to the books and the counters, the last write at shutdown. A slow or hung disk
-//! stalls the writer thread only, never the threads that serve `/metrics` and scrape.
+//! applied to the books and the counters, the last write at shutdown, and the reads of
+//! sealed minutes that statements need (serialized with the writes, on the same
+//! connection). A slow or hung disk stalls the writer thread only, never the threads that
+//! serve `/metrics` and scrape.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,13 +12,20 @@ use super::books::{Commit, Finished, LedgerStore};
 use super::metrics::OperationLabels;
 use super::{Shared, REJECT_LOG_EVERY_MS};
 use crate::clock;
+use crate::ledger::Totals;
 
 /// The store's thread: one job at a time, in order.
 pub(super) struct Writer {
     jobs: std::sync::mpsc::Sender<WriteJob>,
+    /// One read queued at a time: a crowd of statement requests waits here, not in the
+    /// writer's queue, so a commit waits behind one read at most.
+    reads: tokio::sync::Semaphore,
 }
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Sealed minutes `(minute, totals)` of a contract, in order.
+pub(super) type Minutes = Vec<(i64, Totals)>;
 
 enum WriteJob {
     /// Sealed minutes and the ledger's snapshot, in one transaction.
@@ -24,6 +33,13 @@ enum WriteJob {
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
+    /// A contract's sealed minutes `[from, to)`, for a statement.
+    Read {
+        contract: String,
+        from: i64,
+        to: i64,
+        done: tokio::sync::oneshot::Sender<Result<Minutes, String>>,
+    },
 }
 
 impl Writer {
@@ -41,10 +57,42 @@ impl Writer {
                         WriteJob::Flush { done } => {
                             let _ = done.send(store.flush().map_err(|e| e.to_string()));
                         }
+                        WriteJob::Read {
+                            contract,
+                            from,
+                            to,
+                            done,
+                        } => {
+                            let r = store.minutes(&contract, from, to);
+                            let _ = done.send(r.map_err(|e| e.to_string()));
+                        }
                     }
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            reads: tokio::sync::Semaphore::new(1),
+        })
+    }
+
+    /// Contract `contract`'s sealed minutes `[from, to)`, read by the writer thread between
+    /// two writes: the caller awaits, no runtime thread waits for the disk.
+    pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
+        let _turn = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| WRITER_GONE.to_string())?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(WriteJob::Read {
+                contract: contract.to_string(),
+                from,
+                to,
+                done,
+            })
+            .map_err(|_| WRITER_GONE.to_string())?;
+        answer.await.map_err(|_| WRITER_GONE.to_string())?
     }
 }
 

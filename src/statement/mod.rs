@@ -308,4 +308,4 @@ fn sections(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

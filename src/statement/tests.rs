@@ -5,7 +5,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::contract::parse;
 
-fn contract(tz: &str, price: f64) -> Contract {
+/// A 4-GPU contract from 2026-01-01 in `tz` (also for other modules' tests).
+pub(crate) fn contract(tz: &str, price: f64) -> Contract {
     contract_with(tz, price, "")
 }
 
