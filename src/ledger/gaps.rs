@@ -22,11 +22,18 @@
 //!   short then). Its `short_gpu_ms` is the GPU-ms by which the commitment exceeded them.
 //!
 //! Bounds are always readings (or, for `short`, minute boundaries): never guessed. An open gap
-//! has no end. Gaps are never merged: two gaps of one GPU may touch (one ends at the reading
-//! the next starts at, e.g. `host_unreachable` closing where a `gpu_lost` opens) but never
-//! overlap, and an interval the counters prove delivered always separates two gaps of one
-//! cause. A GPU has at most one open gap; memory holds the open gaps plus the closed ones
-//! not yet persisted ([`Gaps::pending`], [`Gaps::persisted`]).
+//! has no end. Gaps of one GPU never overlap.
+//!
+//! **Merging rule**: a gap that would open for a GPU no later than the host's reading at which
+//! its previous gap closed (so at most one interval between readings, one scrape interval,
+//! lies between them) reopens that gap instead: a host flapping up and down every round, or a
+//! GPU stalling every other interval, is one gap, not one per flap. Such a gap may then
+//! contain an interval the counters show delivered (at most one scrape interval between two
+//! failures); its delivered time is counted in the ledger's figures all the same. A reopened
+//! gap keeps its first cause unless the GPU is seen short (`gpu_lost`). So rows are bounded
+//! by outages separated by more than a scrape interval, never by minutes. Memory holds a
+//! GPU's one open gap, the closed gaps not yet persisted ([`Gaps::pending`],
+//! [`Gaps::persisted`]) and, until its host's next reading, the gap closed at its last one.
 //!
 //! XID codes: the agent's `commitmeter_gpu_xid_errors_total{xid}` counters, as read with each
 //! reading. A code whose counter grew between two readings is attached to the GPU's gap
@@ -121,8 +128,12 @@ pub struct Gaps {
     open: BTreeMap<Key, OpenGpu>,
     /// Per contract: the open `short` interval.
     short: BTreeMap<usize, Gap>,
-    /// Closed, not yet persisted, in closing order.
-    closed: Vec<Gap>,
+    /// Closed, not yet persisted, in closing order, numbered.
+    closed: Vec<(u64, Gap)>,
+    next_seq: u64,
+    /// Gaps closed at the last reading of their host, with that reading's time: a gap of the
+    /// same GPU starting by then reopens them instead (see the module's merging rule).
+    recent: BTreeMap<Key, (Gap, i64)>,
     /// Per contract: `[absent_since, returned)` of closed gaps, until sealed past.
     absent: Vec<(usize, i64, i64)>,
     /// Last XID counts per (contract, target, GPU) and code.
@@ -167,14 +178,57 @@ impl Gaps {
         grown
     }
 
-    fn close(&mut self, key: &Key, end_ms: i64) {
+    /// Closes a GPU's open gap at `end_ms`; it may reopen up to `reopen_until`.
+    fn close(&mut self, key: &Key, end_ms: i64, reopen_until: Option<i64>) {
         if let Some(mut o) = self.open.remove(key) {
             o.gap.end_ms = Some(end_ms.max(o.gap.start_ms));
             if let Some(b) = o.absent_since {
                 self.absent.push((key.0, b, end_ms));
             }
-            self.closed.push(o.gap);
+            if let Some(until) = reopen_until {
+                self.recent.insert(key.clone(), (o.gap.clone(), until));
+            }
+            self.closed.push((self.next_seq, o.gap));
+            self.next_seq += 1;
         }
+    }
+
+    /// The open gap of a GPU, opened at `start_ms` with `cause` if there is none: the gap
+    /// it closed at its host's last reading, reopened, when that reading is no earlier.
+    fn open_gap(&mut self, k: Key, start_ms: i64, cause: Cause) -> &mut OpenGpu {
+        if !self.open.contains_key(&k) {
+            let gap = match self.recent.remove(&k) {
+                Some((mut g, until)) if start_ms <= until => {
+                    self.closed.retain(|(_, c)| {
+                        !(c.start_ms == g.start_ms
+                            && c.gpu == g.gpu
+                            && c.target == g.target
+                            && c.contract == g.contract)
+                    });
+                    g.end_ms = None;
+                    g
+                }
+                _ => Gap {
+                    contract: k.0,
+                    target: k.1.clone(),
+                    gpu: k.2.clone(),
+                    cause,
+                    start_ms,
+                    end_ms: None,
+                    short_gpu_ms: 0,
+                    xids: BTreeSet::new(),
+                },
+            };
+            self.open.insert(
+                k.clone(),
+                OpenGpu {
+                    gap,
+                    absent_since: None,
+                    unreachable: false,
+                },
+            );
+        }
+        self.open.get_mut(&k).expect("just opened")
     }
 
     /// Applies one reading that advanced a host (its first one, or one closing an interval).
@@ -194,20 +248,7 @@ impl Gaps {
                 let gone = !s.present.contains(gpu);
                 match v {
                     Verdict::Short => {
-                        let o = self.open.entry(k).or_insert_with(|| OpenGpu {
-                            gap: Gap {
-                                contract: s.contract,
-                                target: s.target.to_string(),
-                                gpu: gpu.clone(),
-                                cause: Cause::GpuLost,
-                                start_ms: from,
-                                end_ms: None,
-                                short_gpu_ms: 0,
-                                xids: BTreeSet::new(),
-                            },
-                            absent_since: None,
-                            unreachable: false,
-                        });
+                        let o = self.open_gap(k, from, Cause::GpuLost);
                         o.gap.cause = Cause::GpuLost;
                         o.unreachable = false;
                         attach(&mut o.gap, gpu);
@@ -227,7 +268,7 @@ impl Gaps {
                         } else {
                             from
                         };
-                        self.close(&k, end);
+                        self.close(&k, end, Some(s.at_ms));
                     }
                     Verdict::Rejected => {
                         if let Some(o) = self.open.get_mut(&k) {
@@ -246,9 +287,12 @@ impl Gaps {
             let k = key(gpu);
             if let Some(o) = self.open.get_mut(&k) {
                 attach(&mut o.gap, gpu);
-                self.close(&k, s.at_ms);
+                self.close(&k, s.at_ms, Some(s.at_ms));
             }
         }
+        // Gaps closed before this reading can no longer reopen.
+        self.recent
+            .retain(|k, (_, until)| !(k.0 == s.contract && k.1 == s.target && *until < s.at_ms));
     }
 
     /// The aggregator could not scrape a host last read at `last_ms` with `gpus`: each GPU
@@ -261,24 +305,9 @@ impl Gaps {
         gpus: impl IntoIterator<Item = &'a String>,
     ) {
         for gpu in gpus {
-            let o = self
-                .open
-                .entry((contract, target.to_string(), gpu.clone()))
-                .or_insert_with(|| OpenGpu {
-                    gap: Gap {
-                        contract,
-                        target: target.to_string(),
-                        gpu: gpu.clone(),
-                        cause: Cause::HostUnreachable,
-                        start_ms: last_ms,
-                        end_ms: None,
-                        short_gpu_ms: 0,
-                        xids: BTreeSet::new(),
-                    },
-                    absent_since: None,
-                    unreachable: true,
-                });
-            o.unreachable = true;
+            let k = (contract, target.to_string(), gpu.clone());
+            self.open_gap(k, last_ms, Cause::HostUnreachable)
+                .unreachable = true;
         }
     }
 
@@ -292,9 +321,12 @@ impl Gaps {
             .cloned()
             .collect();
         for k in keys {
-            self.close(&k, until_ms);
-            self.xid_counts.remove(&k);
+            self.close(&k, until_ms, None);
         }
+        self.recent
+            .retain(|k, _| !(k.0 == contract && k.1 == target));
+        self.xid_counts
+            .retain(|k, _| !(k.0 == contract && k.1 == target));
     }
 
     /// GPU-ms of `[m0, m1)` of GPUs of `contract` that are gone but have an open gap: known,
@@ -337,7 +369,8 @@ impl Gaps {
             _ => {
                 if let Some(mut g) = self.short.remove(&contract) {
                     g.end_ms = Some(m0);
-                    self.closed.push(g);
+                    self.closed.push((self.next_seq, g));
+                    self.next_seq += 1;
                 }
             }
         }
@@ -347,16 +380,16 @@ impl Gaps {
 
     /// Every open gap and every closed one not yet persisted, and the mark to pass to
     /// [`Gaps::persisted`] once they are written.
-    pub fn pending(&self) -> (Vec<Gap>, usize) {
-        let mut out: Vec<Gap> = self.closed.clone();
+    pub fn pending(&self) -> (Vec<Gap>, u64) {
+        let mut out: Vec<Gap> = self.closed.iter().map(|c| c.1.clone()).collect();
         out.extend(self.open.values().map(|o| o.gap.clone()));
         out.extend(self.short.values().cloned());
-        (out, self.closed.len())
+        (out, self.next_seq)
     }
 
-    /// The first `mark` closed gaps are durable: forget them.
-    pub fn persisted(&mut self, mark: usize) {
-        self.closed.drain(..mark.min(self.closed.len()));
+    /// The closed gaps pending at `mark` are durable: forget them.
+    pub fn persisted(&mut self, mark: u64) {
+        self.closed.retain(|c| c.0 >= mark);
     }
 
     /// Takes back open gaps from durable storage (after a restart).
@@ -378,9 +411,10 @@ impl Gaps {
         }
     }
 
-    /// How many gaps are held in memory (open, and closed not yet persisted).
+    /// How many gaps are held in memory (open, closed not yet persisted, closed at their
+    /// host's last reading).
     pub fn held(&self) -> usize {
-        self.open.len() + self.short.len() + self.closed.len()
+        self.open.len() + self.short.len() + self.closed.len() + self.recent.len()
     }
 }
 

@@ -373,12 +373,12 @@ impl Ledger {
     /// Every open delivery gap and every closed one not yet persisted, with the mark to
     /// pass to [`Ledger::gaps_persisted`] once the store has written them (in the same
     /// transaction as the sealed minutes).
-    pub fn pending_gaps(&self) -> (Vec<Gap>, usize) {
+    pub fn pending_gaps(&self) -> (Vec<Gap>, u64) {
         self.gaps.pending()
     }
 
     /// The closed gaps up to `mark` (from [`Ledger::pending_gaps`]) are durable.
-    pub fn gaps_persisted(&mut self, mark: usize) {
+    pub fn gaps_persisted(&mut self, mark: u64) {
         self.gaps.persisted(mark);
     }
 
