@@ -198,6 +198,23 @@ fn a_fleet_smaller_than_the_commitment_is_short_by_the_missing_gpus() {
     assert_eq!(short[0].target, "");
 }
 
+/// A reading of one GPU `g` at `t` with `observed` ms (agent clock, no restart).
+fn one_gpu(t: i64, observed: i64) -> Reading {
+    Reading {
+        received_ms: t,
+        agent_ms: Some(t),
+        agent_start_ms: Some(-1),
+        sampled_ms: Some(t),
+        gpus: BTreeMap::from([(
+            "g".to_string(),
+            GpuCounters {
+                observed_ms: observed,
+                used_ms: 0,
+            },
+        )]),
+    }
+}
+
 #[test]
 fn a_gpu_stalling_every_other_interval_is_one_gap_and_memory_stays_bounded() {
     let sc = Script {
@@ -218,20 +235,7 @@ fn a_gpu_stalling_every_other_interval_is_one_gap_and_memory_stays_bounded() {
         } else if k > 0 {
             observed += sc.s;
         }
-        let r = Reading {
-            received_ms: t,
-            agent_ms: Some(t),
-            agent_start_ms: Some(-1),
-            sampled_ms: Some(t),
-            gpus: BTreeMap::from([(
-                "g".to_string(),
-                GpuCounters {
-                    observed_ms: observed,
-                    used_ms: 0,
-                },
-            )]),
-        };
-        ledger.observe("h", 0, r);
+        ledger.observe("h", 0, one_gpu(t, observed));
         ledger.seal(t, 0, |_, a, b| b - a);
         let (pending, mark) = ledger.pending_gaps();
         rows.extend(pending.into_iter().map(|g| (g.start_ms, g)));
@@ -251,20 +255,7 @@ fn a_host_flapping_every_round_is_one_gap_per_gpu() {
             ledger.unreachable("h", 0);
             continue;
         }
-        let r = Reading {
-            received_ms: t,
-            agent_ms: Some(t),
-            agent_start_ms: Some(-1),
-            sampled_ms: Some(t),
-            gpus: BTreeMap::from([(
-                "g".to_string(),
-                GpuCounters {
-                    observed_ms: t,
-                    used_ms: 0,
-                },
-            )]),
-        };
-        ledger.observe("h", 0, r);
+        ledger.observe("h", 0, one_gpu(t, t));
     }
     let (pending, _) = ledger.pending_gaps();
     let mut rows: BTreeMap<i64, Gap> = BTreeMap::new();
