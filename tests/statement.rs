@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use commitmeter::aggregator::store::Store;
-use commitmeter::ledger::{Kind, Ledger, MINUTE_MS};
+use commitmeter::ledger::{Cause, Gap, Kind, Ledger, MINUTE_MS};
 use common::*;
 
 const CONFIG: &str = r#"
@@ -169,6 +169,139 @@ fn the_statement_equals_the_ledgers_minutes_in_every_format() {
     );
 }
 
+/// The delivery gaps the store holds for the period, as `--evidence` writes them: each gap
+/// that overlaps the period once, its part within the period, an open one up to the first
+/// minute not yet sealed; the same rows in CSV and JSON.
+#[test]
+fn the_evidence_is_the_periods_delivery_gaps_in_csv_and_json() {
+    let dir = TempDir::new("statement-evidence");
+    let (config, data) = ledger(&dir);
+    const H: i64 = 3_600_000;
+    let gap = |target: &str, gpu: &str, cause, start_ms, end_ms, xids: &[&str]| Gap {
+        contract: 0,
+        target: target.into(),
+        gpu: gpu.into(),
+        cause,
+        start_ms,
+        end_ms,
+        short_gpu_ms: if cause == Cause::Short { 3 * H } else { 0 },
+        xids: xids.iter().map(|x| x.to_string()).collect(),
+    };
+    let gaps = [
+        // Across the period's start: 1 hour of its 2 in October.
+        gap(
+            "10.0.0.1:9473",
+            "GPU-a",
+            Cause::GpuLost,
+            OCT_1_MS - H,
+            Some(OCT_1_MS + H),
+            &["79"],
+        ),
+        // Still open: up to the first minute not yet sealed (Oct 4, 00:00).
+        gap(
+            "10.0.0.1:9473",
+            "",
+            Cause::HostUnreachable,
+            OCT_1_MS + 60 * H,
+            None,
+            &[],
+        ),
+        gap(
+            "",
+            "",
+            Cause::Short,
+            OCT_1_MS + 2 * H,
+            Some(OCT_1_MS + 5 * H),
+            &[],
+        ),
+        // Before the period: not evidence of it.
+        gap(
+            "10.0.0.1:9473",
+            "GPU-b",
+            Cause::GpuLost,
+            OCT_1_MS - 5 * H,
+            Some(OCT_1_MS - 4 * H),
+            &[],
+        ),
+    ];
+    let ids = vec!["lab".to_string()];
+    let mut store = Store::open(&data).unwrap();
+    let snap = store.load(&ids).unwrap().unwrap();
+    store.commit_with_gaps(&ids, &[], &snap, &gaps).unwrap();
+    drop(store);
+
+    let (csv_file, json_file) = (dir.path("gaps.csv"), dir.path("gaps.json"));
+    for file in [&csv_file, &json_file] {
+        ok(&statement(
+            &config,
+            &data,
+            &[
+                "--period=2026-10",
+                &format!("--evidence={}", file.display()),
+            ],
+        ));
+    }
+    let text = std::fs::read_to_string(&csv_file).unwrap();
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let got: Vec<(&str, &str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                &r[col("cause")],
+                &r[col("start")],
+                &r[col("end")],
+                &r[col("in_period_ms")],
+                &r[col("xids")],
+            )
+        })
+        .collect();
+    let (h, open) = (H.to_string(), (12 * H).to_string());
+    assert_eq!(
+        got,
+        [
+            (
+                "gpu_lost",
+                "2026-09-30T21:00:00.000Z",
+                "2026-09-30T23:00:00.000Z",
+                h.as_str(),
+                "79"
+            ),
+            (
+                "short",
+                "2026-10-01T00:00:00.000Z",
+                "2026-10-01T03:00:00.000Z",
+                &(3 * H).to_string(),
+                ""
+            ),
+            (
+                "host_unreachable",
+                "2026-10-03T10:00:00.000Z",
+                "",
+                open.as_str(),
+                ""
+            ),
+        ]
+    );
+    assert_eq!(&rows[1][col("short_gpu_ms")], (3 * H).to_string());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    let json = json.as_array().unwrap();
+    assert_eq!(json.len(), rows.len());
+    for (j, c) in json.iter().zip(&rows) {
+        assert_eq!(j["cause"], c[col("cause")]);
+        assert_eq!(j["start"], c[col("start")]);
+        assert_eq!(
+            j["in_period_ms"].as_i64().unwrap().to_string(),
+            c[col("in_period_ms")]
+        );
+    }
+    assert_eq!(json[0]["xids"], serde_json::json!(["79"]));
+    assert!(json[2]["end"].is_null());
+}
+
 #[test]
 fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     let dir = TempDir::new("statement-bad");
@@ -205,6 +338,10 @@ fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     refused(
         &statement(&dir.path("nope.toml"), &data, &[]),
         &["nope.toml"],
+    );
+    refused(
+        &statement(&config, &data, &["--evidence=gaps.txt"]),
+        &["--evidence", "gaps.txt", ".csv"],
     );
 
     rusqlite::Connection::open(data.join("ledger.sqlite3"))

@@ -1319,19 +1319,7 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Gap>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1 AND start_ms < ?3
-                 AND (end_ms IS NULL OR end_ms > ?2) ORDER BY start_ms, target, gpu"
-            ))
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![ids[contract], from_ms, to_ms], |r| {
-                gap_row(r, contract)
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        gaps_from(&self.conn, &ids[contract], contract, from_ms, to_ms).map_err(|e| self.err(e))
     }
 
     /// The open delivery gaps of the contracts in `ids`, for
@@ -1456,6 +1444,23 @@ fn write_hosts(
 /// either whole or absent. Returns its size.
 /// The `gaps` columns [`gap_row`] reads, in order.
 const GAP_COLUMNS: &str = "start_ms, target, gpu, end_ms, cause, short_gpu_ms, xids";
+
+/// Delivery gaps of contract `id` (index `contract`) overlapping `[from_ms, to_ms)`, open
+/// ones included, in order of start, then target and GPU.
+fn gaps_from(
+    conn: &Connection,
+    id: &str,
+    contract: usize,
+    from_ms: i64,
+    to_ms: i64,
+) -> rusqlite::Result<Vec<Gap>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1 AND start_ms < ?3
+         AND (end_ms IS NULL OR end_ms > ?2) ORDER BY start_ms, target, gpu"
+    ))?;
+    let rows = stmt.query_map(params![id, from_ms, to_ms], |r| gap_row(r, contract))?;
+    rows.collect()
+}
 
 /// One `gaps` row (selected as [`GAP_COLUMNS`]) of contract `contract`. An unknown cause
 /// is a ledger written by something else: refused like any value of the wrong type.
@@ -1653,6 +1658,9 @@ pub struct MinutesRead {
     pub late: Option<(i64, i64)>,
     /// Sealed minutes in `[from, to)`, in order.
     pub minutes: Vec<(i64, Totals)>,
+    /// The contract's delivery gaps overlapping those minutes, open ones included (as of the
+    /// last commit); none in a ledger from before the gaps table (schema version 4).
+    pub gaps: Vec<Gap>,
 }
 
 /// Reads `contract`'s sealed minutes `[from_minute, to_minute)` from the ledger in `dir`,
@@ -1747,11 +1755,31 @@ fn read_minutes_from(
         .map_err(sql)?
         .collect::<Result<_, _>>()
         .map_err(sql)?;
+    let has_gaps: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gaps')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    let gaps = if has_gaps {
+        gaps_from(
+            conn,
+            contract,
+            0,
+            from_minute.saturating_mul(MINUTE_MS),
+            to_minute.saturating_mul(MINUTE_MS),
+        )
+        .map_err(sql)?
+    } else {
+        Vec::new()
+    };
     Ok(MinutesRead {
         since_minute,
         sealed_through_minute,
         late,
         minutes,
+        gaps,
     })
 }
 
