@@ -37,8 +37,10 @@
 //!
 //! XID codes: the agent's `commitmeter_gpu_xid_errors_total{xid}` counters, as read with each
 //! reading. A code whose counter grew between two readings is attached to the GPU's gap
-//! covering that interval. The last counts are kept in memory only: after a restart the
-//! first reading is a new baseline.
+//! covering that interval; a code a GPU shows for the first time grew from 0 (the agent
+//! exports a code's counter from its first event on), unless it is the GPU's first reading.
+//! The last counts are kept in memory only: after a restart the first reading is a new
+//! baseline.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -159,14 +161,24 @@ pub struct Seen<'a> {
 }
 
 impl Gaps {
-    /// Codes whose counters grew since the last reading of this GPU; remembers the counts.
-    fn xid_growth(&mut self, contract: usize, target: &str, xids: &Xids) -> Xids {
+    /// Codes whose counters grew since the last reading of this GPU; remembers the counts of
+    /// the GPUs `present`. A code a GPU read before had not shown grew from 0 (the agent
+    /// exports a code's counter from its first event on); a GPU's first counts are a baseline.
+    fn xid_growth(
+        &mut self,
+        contract: usize,
+        target: &str,
+        xids: &Xids,
+        present: &BTreeSet<String>,
+    ) -> Xids {
         let mut grown = Xids::new();
         for (gpu, counts) in xids {
             let key = (contract, target.to_string(), gpu.clone());
+            let known = self.xid_counts.contains_key(&key);
             let last = self.xid_counts.entry(key).or_default();
             for (code, &n) in counts {
-                if last.get(code).is_some_and(|&p| n > p) {
+                let before = last.get(code).copied().or(known.then_some(0));
+                if before.is_some_and(|p| n > p) {
                     grown
                         .entry(gpu.clone())
                         .or_default()
@@ -174,6 +186,11 @@ impl Gaps {
                 }
                 last.insert(code.clone(), n);
             }
+        }
+        for gpu in present {
+            self.xid_counts
+                .entry((contract, target.to_string(), gpu.clone()))
+                .or_default();
         }
         grown
     }
@@ -233,7 +250,7 @@ impl Gaps {
 
     /// Applies one reading that advanced a host (its first one, or one closing an interval).
     pub fn read(&mut self, s: Seen<'_>) {
-        let grown = self.xid_growth(s.contract, s.target, s.xids);
+        let grown = self.xid_growth(s.contract, s.target, s.xids, s.present);
         let key = |gpu: &str| (s.contract, s.target.to_string(), gpu.to_string());
         let attach = |gap: &mut Gap, gpu: &str| {
             if let Some(codes) = grown.get(gpu) {

@@ -77,11 +77,14 @@ fn run(sc: &Script) -> Run {
                         used_ms: 0,
                     },
                 );
-                // One XID 79 per second of outage: grows exactly while it lasts.
-                xids.insert(
-                    gpu_name(g),
-                    BTreeMap::from([("79".to_string(), (lost / 1000) as u64)]),
-                );
+                // One XID 79 per second of outage: grows exactly while it lasts. Its series
+                // exists from the first one on, as the agent exports it.
+                if lost >= 1000 {
+                    xids.insert(
+                        gpu_name(g),
+                        BTreeMap::from([("79".to_string(), (lost / 1000) as u64)]),
+                    );
+                }
             }
             let r = Reading {
                 received_ms: t + 3,
@@ -407,4 +410,45 @@ proptest! {
             );
         }
     }
+}
+
+/// The agent exports an XID code's counter from its first event on: a code a known GPU had
+/// never shown is growth from 0 (one XID during an outage is evidence), while the first
+/// reading of a GPU is only a baseline (after a restart, old counts are not news).
+#[test]
+fn a_first_xid_of_a_known_gpu_is_growth_and_a_new_gpus_counts_a_baseline() {
+    let mut ledger = Ledger::new(1, 0);
+    let read = |ledger: &mut Ledger, t: i64, xids: &[(&str, u64)]| {
+        let r = Reading {
+            received_ms: t + 3,
+            agent_ms: Some(t),
+            agent_start_ms: Some(-1),
+            sampled_ms: Some(t),
+            gpus: BTreeMap::from([(
+                gpu_name(0),
+                GpuCounters {
+                    observed_ms: t,
+                    used_ms: 0,
+                },
+            )]),
+        };
+        let codes: BTreeMap<String, u64> = xids.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        let xids = if codes.is_empty() {
+            Xids::new()
+        } else {
+            Xids::from([(gpu_name(0), codes)])
+        };
+        ledger.observe_with_xids("h0", 0, r, &xids);
+    };
+    // h0's first reading already counts XID 48 (before this aggregator): a baseline.
+    read(&mut ledger, 0, &[("48", 2)]);
+    read(&mut ledger, 15_000, &[("48", 2)]);
+    ledger.unreachable("h0", 0);
+    // Back with a first XID 79: the gap's.
+    read(&mut ledger, 45_000, &[("48", 2), ("79", 1)]);
+    let (gaps, _) = ledger.pending_gaps();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].cause, Cause::HostUnreachable);
+    assert_eq!((gaps[0].start_ms, gaps[0].end_ms), (15_000, Some(45_000)));
+    assert_eq!(gaps[0].xids, BTreeSet::from(["79".to_string()]));
 }
