@@ -87,6 +87,10 @@ pub struct StatementArgs {
     /// Output format.
     #[arg(long = "format", value_enum, default_value_t = StatementFormat::Text)]
     pub format: StatementFormat,
+    /// Also write the period's delivery gaps (the SLA's evidence: GPU lost, host unreachable,
+    /// short) to this file, as CSV (`.csv`) or JSON (`.json`).
+    #[arg(long = "evidence")]
+    pub evidence: Option<PathBuf>,
     /// Directory of the ledger (the aggregator's `--storage.path`, or the demo's `--data.dir`).
     #[arg(long = "storage.path", default_value = "commitmeter-data")]
     pub storage_path: PathBuf,

@@ -7,7 +7,13 @@ use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
 use crate::ledger::MINUTE_MS;
-use crate::statement::{self, focus, render, Late, LedgerInfo, Statement};
+use crate::statement::{self, focus, gaps, render, Late, LedgerInfo, Statement};
+
+/// The format of `--evidence`, from its file's extension.
+enum Evidence {
+    Csv,
+    Json,
+}
 
 /// The statements asked for, rendered; errors are one line naming the input.
 pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
@@ -42,8 +48,21 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
         .as_deref()
         .map(|p| statement::parse_period(p).map_err(|e| anyhow!("--period {e}")))
         .transpose()?;
+    let evidence = args
+        .evidence
+        .as_deref()
+        .map(|path| match path.extension().and_then(|e| e.to_str()) {
+            Some("csv") => Ok((path, Evidence::Csv)),
+            Some("json") => Ok((path, Evidence::Json)),
+            _ => Err(anyhow!(
+                "--evidence {}: expected a .csv or .json file",
+                path.display()
+            )),
+        })
+        .transpose()?;
     let now = crate::clock::wall_now_ms();
     let mut statements: Vec<Statement> = Vec::new();
+    let mut gap_rows: Vec<gaps::Row> = Vec::new();
     for c in contracts {
         let period = match month {
             Some((y, m)) => {
@@ -78,7 +97,20 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
                 used_gpu_ms: u,
             }),
         };
+        // An open gap counts up to the first minute not yet sealed, as the minutes do.
+        let until = read
+            .sealed_through_minute
+            .map_or(now, |m| m.saturating_mul(MINUTE_MS));
+        gap_rows.extend(gaps::rows(&c.id, &read.gaps, period.0, period.1, until));
         statements.push(statement::build(c, period, &read.minutes, &info, now));
+    }
+    if let Some((path, format)) = evidence {
+        let out = match format {
+            Evidence::Csv => gaps::csv(&gap_rows).context("cannot write the evidence CSV")?,
+            Evidence::Json => gaps::json(&gap_rows),
+        };
+        std::fs::write(path, out)
+            .with_context(|| format!("--evidence {}: cannot write", path.display()))?;
     }
     Ok(match args.format {
         StatementFormat::Text => statements

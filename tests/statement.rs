@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use commitmeter::aggregator::store::Store;
-use commitmeter::ledger::{Kind, Ledger, MINUTE_MS};
+use commitmeter::ledger::{Cause, Gap, Kind, Ledger, MINUTE_MS};
 use common::*;
 
 const CONFIG: &str = r#"
@@ -169,6 +169,139 @@ fn the_statement_equals_the_ledgers_minutes_in_every_format() {
     );
 }
 
+/// The delivery gaps the store holds for the period, as `--evidence` writes them: each gap
+/// that overlaps the period once, its part within the period, an open one up to the first
+/// minute not yet sealed; the same rows in CSV and JSON.
+#[test]
+fn the_evidence_is_the_periods_delivery_gaps_in_csv_and_json() {
+    let dir = TempDir::new("statement-evidence");
+    let (config, data) = ledger(&dir);
+    const H: i64 = 3_600_000;
+    let gap = |target: &str, gpu: &str, cause, start_ms, end_ms, xids: &[&str]| Gap {
+        contract: 0,
+        target: target.into(),
+        gpu: gpu.into(),
+        cause,
+        start_ms,
+        end_ms,
+        short_gpu_ms: if cause == Cause::Short { 3 * H } else { 0 },
+        xids: xids.iter().map(|x| x.to_string()).collect(),
+    };
+    let gaps = [
+        // Across the period's start: 1 hour of its 2 in October.
+        gap(
+            "10.0.0.1:9473",
+            "GPU-a",
+            Cause::GpuLost,
+            OCT_1_MS - H,
+            Some(OCT_1_MS + H),
+            &["79"],
+        ),
+        // Still open: up to the first minute not yet sealed (Oct 4, 00:00).
+        gap(
+            "10.0.0.1:9473",
+            "",
+            Cause::HostUnreachable,
+            OCT_1_MS + 60 * H,
+            None,
+            &[],
+        ),
+        gap(
+            "",
+            "",
+            Cause::Short,
+            OCT_1_MS + 2 * H,
+            Some(OCT_1_MS + 5 * H),
+            &[],
+        ),
+        // Before the period: not evidence of it.
+        gap(
+            "10.0.0.1:9473",
+            "GPU-b",
+            Cause::GpuLost,
+            OCT_1_MS - 5 * H,
+            Some(OCT_1_MS - 4 * H),
+            &[],
+        ),
+    ];
+    let ids = vec!["lab".to_string()];
+    let mut store = Store::open(&data).unwrap();
+    let snap = store.load(&ids).unwrap().unwrap();
+    store.commit_with_gaps(&ids, &[], &snap, &gaps).unwrap();
+    drop(store);
+
+    let (csv_file, json_file) = (dir.path("gaps.csv"), dir.path("gaps.json"));
+    for file in [&csv_file, &json_file] {
+        ok(&statement(
+            &config,
+            &data,
+            &[
+                "--period=2026-10",
+                &format!("--evidence={}", file.display()),
+            ],
+        ));
+    }
+    let text = std::fs::read_to_string(&csv_file).unwrap();
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let headers = r.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    let got: Vec<(&str, &str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                &r[col("cause")],
+                &r[col("start")],
+                &r[col("end")],
+                &r[col("in_period_ms")],
+                &r[col("xids")],
+            )
+        })
+        .collect();
+    let (h, open) = (H.to_string(), (12 * H).to_string());
+    assert_eq!(
+        got,
+        [
+            (
+                "gpu_lost",
+                "2026-09-30T21:00:00.000Z",
+                "2026-09-30T23:00:00.000Z",
+                h.as_str(),
+                "79"
+            ),
+            (
+                "short",
+                "2026-10-01T00:00:00.000Z",
+                "2026-10-01T03:00:00.000Z",
+                &(3 * H).to_string(),
+                ""
+            ),
+            (
+                "host_unreachable",
+                "2026-10-03T10:00:00.000Z",
+                "",
+                open.as_str(),
+                ""
+            ),
+        ]
+    );
+    assert_eq!(&rows[1][col("short_gpu_ms")], (3 * H).to_string());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    let json = json.as_array().unwrap();
+    assert_eq!(json.len(), rows.len());
+    for (j, c) in json.iter().zip(&rows) {
+        assert_eq!(j["cause"], c[col("cause")]);
+        assert_eq!(j["start"], c[col("start")]);
+        assert_eq!(
+            j["in_period_ms"].as_i64().unwrap().to_string(),
+            c[col("in_period_ms")]
+        );
+    }
+    assert_eq!(json[0]["xids"], serde_json::json!(["79"]));
+    assert!(json[2]["end"].is_null());
+}
+
 #[test]
 fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     let dir = TempDir::new("statement-bad");
@@ -205,6 +338,10 @@ fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     refused(
         &statement(&dir.path("nope.toml"), &data, &[]),
         &["nope.toml"],
+    );
+    refused(
+        &statement(&config, &data, &["--evidence=gaps.txt"]),
+        &["--evidence", "gaps.txt", ".csv"],
     );
 
     rusqlite::Connection::open(data.join("ledger.sqlite3"))
@@ -768,6 +905,177 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     }
     // The 25-hour day runs 2026-10-24T22:00:00Z to 2026-10-25T23:00:00Z.
     assert!(out.contains("2026-10-25T23:00:00Z,2026-10-24T22:00:00Z,Usage,"));
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time as the evidence writes it.
+fn unix_ms(rfc3339: &str) -> i64 {
+    rfc3339
+        .parse::<jiff::Timestamp>()
+        .unwrap_or_else(|e| panic!("{rfc3339:?}: {e}"))
+        .as_millisecond()
+}
+
+/// The evidence of a fake-NVML fleet run through the real agents and aggregator is its
+/// scripted outages: a GPU lost at a scripted time (`gpu_lost`, open, from the last reading
+/// that saw it) and a host stopped and resumed (`host_unreachable`, from its last reading
+/// before the stop to its first after the resume, with the XID its GPU raised meanwhile),
+/// each within a scrape interval of the script, read from the running aggregator.
+#[test]
+fn the_evidence_of_a_real_fleet_is_its_scripted_outages() {
+    const LOST_AT_MS: u64 = 15_000;
+    // Host b is stopped from 2 s after the loss for 6 s, and raises XID 79 while stopped.
+    const STOP_AT_MS: u64 = LOST_AT_MS + 2_000;
+    const XID_AT_MS: u64 = STOP_AT_MS + 3_000;
+    let a = Agent::start(
+        &Scenario {
+            gpus: vec![
+                Gpu::at_util(50),
+                Gpu {
+                    lost_at_ms: Some(LOST_AT_MS),
+                    ..Gpu::at_util(50)
+                },
+            ],
+            ..Scenario::default()
+        },
+        AgentOpts::default(),
+    );
+    let b = Agent::start(
+        &Scenario {
+            gpus: vec![Gpu {
+                xids: vec![[XID_AT_MS, 79]],
+                ..Gpu::at_util(50)
+            }],
+            ..Scenario::default()
+        },
+        AgentOpts::default(),
+    );
+    for agent in [&a, &b] {
+        agent.wait_ready(Duration::from_secs(20));
+    }
+    let lost_ms = (a.sc.start_unix_ms.unwrap() + LOST_AT_MS) as i64;
+    let lost_uuid = a.sc.uuid(1);
+    let dir = TempDir::new("statement-fleet");
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"2s\"\n\n\
+             [[targets]]\ntargets = [\"{}\", \"{}\"]\nlabels = {{ provider = \"p\" }}\n\n{}",
+            a.addr,
+            b.addr,
+            contract_toml("lab", "{provider=\"p\"}", 3)
+        ),
+    )
+    .unwrap();
+    let data = dir.path("data");
+    let agg = Aggregator::start(&config, &data);
+    agg.wait_ready(Duration::from_secs(20));
+    let gpus = |m: &Metrics| m.get("commitmeter_target_gpus", &[("target", &a.addr)]);
+    assert_eq!(
+        gpus(&agg.metrics()),
+        Some(2.0),
+        "the GPU is seen before it is lost"
+    );
+
+    // Host b stopped (SIGSTOP: its port stays its own) for 6 s, after the GPU is lost.
+    let stop_at = (b.sc.start_unix_ms.unwrap() + STOP_AT_MS) as i64;
+    agg.wait(Duration::from_secs(30), "the time to stop host b", || {
+        now_ms() >= stop_at
+    });
+    let stopped_ms = now_ms();
+    signal(b.child.id(), "-STOP");
+    std::thread::sleep(Duration::from_secs(6));
+    let resumed_ms = now_ms();
+    signal(b.child.id(), "-CONT");
+
+    let evidence = dir.path("evidence.csv");
+    let mut rows: Vec<csv::StringRecord> = Vec::new();
+    let mut headers = csv::StringRecord::new();
+    agg.wait(Duration::from_secs(30), "the host's gap to close", || {
+        ok(&statement(
+            &config,
+            &data,
+            &[
+                &format!("--evidence={}", evidence.display()),
+                "--timeout=20s",
+            ],
+        ));
+        let text = std::fs::read_to_string(&evidence).unwrap();
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        headers = r.headers().unwrap().clone();
+        rows = r.records().map(Result::unwrap).collect();
+        let (cause, end) = (pos(&headers, "cause"), pos(&headers, "end"));
+        rows.iter()
+            .any(|r| &r[cause] == "host_unreachable" && !r[end].is_empty())
+    });
+    let col = |name: &str| pos(&headers, name);
+    let of = |cause: &str| -> Vec<&csv::StringRecord> {
+        rows.iter().filter(|r| &r[col("cause")] == cause).collect()
+    };
+    let table = || format!("{rows:?}\nlog:\n{}", agg.log_text());
+    // Readings are at most a scrape interval (1 s) and an agent round (0.5 s) apart.
+    let within = 1_500 + 500;
+
+    let lost = of("gpu_lost");
+    assert_eq!(lost.len(), 1, "{}", table());
+    let g = lost[0];
+    assert_eq!(
+        (&g[col("target")], &g[col("gpu")]),
+        (a.addr.as_str(), lost_uuid.as_str())
+    );
+    let start = unix_ms(&g[col("start")]);
+    assert!(
+        (lost_ms - within..=lost_ms).contains(&start),
+        "gpu_lost starts at {start}, lost at {lost_ms}: {}",
+        table()
+    );
+    assert!(
+        g[col("end")].is_empty(),
+        "the GPU never returns: {}",
+        table()
+    );
+    assert_eq!(&g[col("xids")], "", "{}", table());
+
+    let down = of("host_unreachable");
+    assert_eq!(down.len(), 1, "{}", table());
+    let h = down[0];
+    assert_eq!(&h[col("target")], b.addr.as_str());
+    assert_eq!(&h[col("gpu")], b.sc.uuid(0).as_str());
+    let (start, end) = (unix_ms(&h[col("start")]), unix_ms(&h[col("end")]));
+    assert!(
+        (stopped_ms - within..=stopped_ms).contains(&start),
+        "host_unreachable starts at {start}, stopped at {stopped_ms}: {}",
+        table()
+    );
+    assert!(
+        (resumed_ms..=resumed_ms + within + 1_000).contains(&end),
+        "host_unreachable ends at {end}, resumed at {resumed_ms}: {}",
+        table()
+    );
+    assert_eq!(
+        h[col("duration_ms")].parse::<i64>().unwrap(),
+        end - start,
+        "{}",
+        table()
+    );
+    assert_eq!(&h[col("xids")], "79", "{}", table());
+    assert!(
+        of("short").is_empty(),
+        "no capacity short of 3 GPUs: {}",
+        table()
+    );
+}
+
+/// The index of column `name`.
+fn pos(headers: &csv::StringRecord, name: &str) -> usize {
+    headers.iter().position(|h| h == name).unwrap()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// [`CONFIG`] for a running aggregator that scrapes every second and seals two seconds

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use super::scrape::HostReport;
 use crate::contract::{Contract, UsageSignal};
 use crate::ledger::totals::{figures, Figures, Running, Terms};
-use crate::ledger::{GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, MINUTE_MS};
+use crate::ledger::{
+    Gap, GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, Xids, MINUTE_MS,
+};
 
 /// Where the ledger is kept durably: what the writer thread needs (commit, flush) and
 /// what [`Books::restore`] reads at start. SQLite ([`super::store::Store`]) is one; a
@@ -37,14 +39,20 @@ pub trait LedgerStore: Send + 'static {
         to_minute: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error>;
 
-    /// Newly sealed minutes and the ledger's snapshot, atomically and durably (`Ok`:
-    /// stored). A sealed minute written again with the same figures is accepted.
+    /// Newly sealed minutes, the ledger's snapshot and its pending delivery gaps (open ones
+    /// and those closed since the last commit), atomically and durably (`Ok`: stored). A
+    /// sealed minute written again with the same figures is accepted; a gap written again
+    /// replaces the one with the same start, target, GPU and cause.
     fn commit(
         &mut self,
         ids: &[String],
         sealed: &[Sealed],
         snap: &Snapshot,
+        gaps: &[Gap],
     ) -> Result<(), Self::Error>;
+
+    /// The delivery gaps still open at the last commit, for [`Books::restore`].
+    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, Self::Error>;
 
     /// At a clean stop: whatever the store defers (host checkpoints).
     fn flush(&mut self) -> Result<(), Self::Error>;
@@ -72,8 +80,12 @@ impl LedgerStore for super::store::Store {
         ids: &[String],
         sealed: &[Sealed],
         snap: &Snapshot,
+        gaps: &[Gap],
     ) -> Result<(), Self::Error> {
-        super::store::Store::commit(self, ids, sealed, snap)
+        super::store::Store::commit_with_gaps(self, ids, sealed, snap, gaps)
+    }
+    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, Self::Error> {
+        super::store::Store::open_gaps(self, ids)
     }
     fn flush(&mut self) -> Result<(), Self::Error> {
         super::store::Store::flush(self)
@@ -90,6 +102,8 @@ pub const MAX_PENDING_DAYS: usize = 7;
 pub struct Commit {
     pub sealed: Vec<Sealed>,
     pub snap: Snapshot,
+    /// The ledger's pending delivery gaps ([`Ledger::pending_gaps`]).
+    pub gaps: Vec<Gap>,
 }
 
 /// How a finished write changed the books.
@@ -109,6 +123,8 @@ struct InFlight {
     minutes: usize,
     late: Vec<(i64, i64)>,
     through: i64,
+    /// Closed gaps up to this mark are durable once the write succeeds.
+    gaps_mark: u64,
 }
 
 /// The ledger's in-memory side: open minutes, sealed ones waiting for the store, and the
@@ -143,10 +159,12 @@ impl Books {
         snap: Option<Snapshot>,
         now_ms: i64,
     ) -> Result<Self, S::Error> {
-        let ledger = match snap {
+        let mut ledger = match snap {
             Some(snap) => Ledger::restore(contracts.len(), snap),
             None => Ledger::new(contracts.len(), now_ms),
         };
+        let ids: Vec<String> = contracts.iter().map(|c| c.id.clone()).collect();
+        ledger.restore_gaps(store.open_gaps(&ids)?);
         let through = ledger.sealed_through();
         let mut running = Vec::new();
         let mut minutes = Vec::new();
@@ -226,6 +244,20 @@ impl Books {
                 )
             })
             .collect();
+        // The XID counters of the contract's GPUs: not those of a GPU of another model. A GPU
+        // the reading lacks (lost) keeps its counters: the gap list attaches them only to a
+        // gap of a GPU the contract had.
+        let xids: Xids = report
+            .xids
+            .iter()
+            .filter(|(uuid, _)| {
+                report
+                    .gpus
+                    .get(*uuid)
+                    .is_none_or(|g| contract.model_matches(g.model.as_deref().unwrap_or("")))
+            })
+            .map(|(uuid, codes)| (uuid.clone(), codes.clone()))
+            .collect();
         let n = gpus.len();
         let reading = Reading {
             received_ms,
@@ -234,7 +266,13 @@ impl Books {
             sampled_ms: report.sampled_ms,
             gpus,
         };
-        (n, self.ledger.observe(key, c, reading))
+        (n, self.ledger.observe_with_xids(key, c, reading, &xids))
+    }
+
+    /// A scrape of a target of contract `c` failed: a host seen before opens (or keeps
+    /// open) a `host_unreachable` gap per GPU of its last reading.
+    pub fn unreachable(&mut self, key: &str, c: usize) {
+        self.ledger.unreachable(key, c);
     }
 
     /// Seals the minutes due at `now_ms` (ended at least the grace ago) into the pending
@@ -252,7 +290,8 @@ impl Books {
         self.pending.len()
     }
 
-    /// The pending minutes and the ledger's snapshot for the store, unless a write is
+    /// The pending minutes, the ledger's snapshot and its pending delivery gaps for the
+    /// store, unless a write is
     /// still in flight (a slow disk: the next write carries everything). `now` marks when
     /// the write started (see [`Books::write_in_flight_for`]).
     pub fn start_write(&mut self, now: Instant) -> Option<Commit> {
@@ -260,21 +299,25 @@ impl Books {
             return None;
         }
         let snap = self.ledger.snapshot();
+        let (gaps, gaps_mark) = self.ledger.pending_gaps();
         self.in_flight = Some(InFlight {
             since: now,
             minutes: self.pending.len(),
             late: snap.late.clone(),
             through: snap.sealed_through,
+            gaps_mark,
         });
         Some(Commit {
             sealed: self.pending.clone(),
             snap,
+            gaps,
         })
     }
 
     /// Applies the outcome of the write [`Books::start_write`] handed out: on success its
-    /// minutes become durable and reach the running totals; on failure they stay pending.
-    /// Minutes sealed meanwhile stay pending either way.
+    /// minutes become durable and reach the running totals and its closed gaps are not
+    /// written again; on failure both stay pending. Minutes sealed and gaps closed meanwhile
+    /// stay pending either way.
     pub fn finish_write(&mut self, written: bool) -> Finished {
         let Some(w) = self.in_flight.take() else {
             debug_assert!(false, "finish_write without a write in flight");
@@ -289,6 +332,7 @@ impl Books {
             };
         }
         let recovered = std::mem::take(&mut self.failing);
+        self.ledger.gaps_persisted(w.gaps_mark);
         for s in self.pending.drain(..w.minutes) {
             let c = &self.contracts[s.contract];
             let r = &mut self.running[s.contract];

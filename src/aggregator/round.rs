@@ -364,6 +364,9 @@ impl Shared {
                         reason: e.reason(),
                     })
                     .inc();
+                if let Some(c) = t.contract {
+                    self.books.lock().expect("books lock").unreachable(&key, c);
+                }
                 return false;
             }
         };

@@ -42,7 +42,14 @@ pub struct HostReport {
     pub sampled_ms: Option<i64>,
     /// By GPU UUID; a GPU counts once it has an observed-seconds counter.
     pub gpus: BTreeMap<String, GpuReport>,
+    /// `commitmeter_gpu_xid_errors_total`: per GPU UUID (of `gpus`), per XID code, the
+    /// count. Evidence for the gap list only: a malformed sample is left out, never fails
+    /// the scrape; at most [`MAX_XID_CODES_PER_GPU`] codes per GPU.
+    pub xids: BTreeMap<String, BTreeMap<String, u64>>,
 }
+
+/// More distinct XID codes than this on one GPU are not kept (the driver has a few hundred).
+pub const MAX_XID_CODES_PER_GPU: usize = 64;
 
 /// A counter above this many seconds (about 31,700 years) is not a GPU's.
 pub const MAX_COUNTER_SECONDS: f64 = 1e12;
@@ -547,6 +554,8 @@ const INFO: &str = "commitmeter_gpu_info";
 const ROUND: &str = "commitmeter_agent_last_round_timestamp_seconds";
 const SAMPLED: &str = "commitmeter_agent_sampled_seconds_total";
 const START: &str = "process_start_time_seconds";
+const XID: &str = "commitmeter_gpu_xid_errors_total";
+const XID_LABEL: &str = "xid";
 /// The labels the aggregator reads from the agent's per-GPU series, by name (labels are
 /// looked up through [`parse::Sample::label`], never by position): a GPU's `uuid`
 /// ([`GpuLabels`](crate::agent::metrics::GpuLabels)) and its `model`
@@ -583,11 +592,22 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
             (name.starts_with("commitmeter_") || name == START)
                 && matches!(
                     name,
-                    OBSERVED | BUSY | ALLOCATED | INFO | ROUND | SAMPLED | START
+                    OBSERVED | BUSY | ALLOCATED | INFO | ROUND | SAMPLED | START | XID
                 )
         },
         |s| {
             if failed.is_some() {
+                return;
+            }
+            if s.name == XID {
+                let (Some(uuid), Some(code)) = (s.label(UUID_LABEL), s.label(XID_LABEL)) else {
+                    return;
+                };
+                let ok = s.value.is_finite() && (0.0..MAX_COUNTER_SECONDS).contains(&s.value);
+                let codes = report.xids.entry(uuid.to_string()).or_default();
+                if ok && code.len() <= 16 && codes.len() < MAX_XID_CODES_PER_GPU {
+                    codes.insert(code.to_string(), s.value as u64);
+                }
                 return;
             }
             let name: &'static str = match s.name {
@@ -643,6 +663,10 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
     report
         .gpus
         .retain(|uuid, _| seen.contains(&(OBSERVED, uuid.clone())));
+    let gpus = &report.gpus;
+    report
+        .xids
+        .retain(|uuid, codes| gpus.contains_key(uuid) && !codes.is_empty());
     if report.gpus.len() > MAX_GPUS_PER_TARGET {
         return Err(ScrapeError::TooManyGpus(report.gpus.len()));
     }
@@ -677,6 +701,9 @@ commitmeter_gpu_busy_seconds_total{gpu="0",uuid="GPU-a"} 50.0004
 commitmeter_gpu_allocated_seconds_total{gpu="0",uuid="GPU-a"} 70
 commitmeter_gpu_observed_seconds_total{gpu="1",uuid="GPU-b"} 3
 commitmeter_gpu_power_watts{gpu="0",uuid="GPU-a"} 300
+commitmeter_gpu_xid_errors_total{gpu="0",uuid="GPU-a",xid="79"} 2
+commitmeter_gpu_xid_errors_total{gpu="0",uuid="GPU-a",xid="48"} NaN
+commitmeter_gpu_xid_errors_total{gpu="9",uuid="GPU-z",xid="79"} 1
 commitmeter_agent_last_round_timestamp_seconds 1764547200.123
 commitmeter_agent_sampled_seconds_total 100.5
 process_start_time_seconds 1764547000.01
@@ -692,6 +719,11 @@ process_start_time_seconds 1764547000.01
             }
         );
         assert_eq!(r.gpus["GPU-b"].busy_ms, None);
+        // XID counts of known GPUs; a malformed one is left out, not fatal.
+        assert_eq!(
+            r.xids,
+            BTreeMap::from([("GPU-a".to_string(), BTreeMap::from([("79".to_string(), 2)]))])
+        );
         assert_eq!(
             (r.round_ms, r.sampled_ms, r.start_ms),
             (

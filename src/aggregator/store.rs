@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::clock;
-use crate::ledger::{minute_of, HostState, Kind, Open, Sealed, Snapshot, Totals, MINUTE_MS};
+use crate::ledger::{
+    minute_of, Cause, Gap, HostState, Kind, Open, Sealed, Snapshot, Totals, MINUTE_MS,
+};
 
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 3;
+/// 4: the `gaps` table (delivery gaps, [`write_gaps`]).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// No stored figure of one minute can exceed this many GPU-ms (about 18 million GPUs of
 /// a minute each); a row above it, or a negative one, is corruption.
@@ -534,6 +537,10 @@ CREATE TABLE IF NOT EXISTS hosts (
 CREATE TABLE IF NOT EXISTS late (
     contract TEXT PRIMARY KEY, delivered INTEGER NOT NULL, used INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS contracts (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gaps (
+    contract TEXT NOT NULL, start_ms INTEGER NOT NULL, target TEXT NOT NULL, gpu TEXT NOT NULL,
+    end_ms INTEGER, cause TEXT NOT NULL, short_gpu_ms INTEGER NOT NULL, xids TEXT NOT NULL,
+    PRIMARY KEY (contract, start_ms, target, gpu)) WITHOUT ROWID;
 ";
 
 /// Version 1 (before agent time, expected capacity and per-contract host states): open
@@ -721,7 +728,8 @@ impl Store {
             }
             None => {}
         }
-        // Every table is `IF NOT EXISTS`: creates a new ledger, and adds version 3's.
+        // Every table is `IF NOT EXISTS`: creates a new ledger, and adds versions 3's and
+        // 4's (`gaps`).
         tx.execute_batch(SCHEMA).map_err(sql)?;
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -1090,6 +1098,19 @@ impl Store {
         sealed: &[Sealed],
         snap: &Snapshot,
     ) -> Result<(), StoreError> {
+        self.commit_with_gaps(ids, sealed, snap, &[])
+    }
+
+    /// [`Store::commit`], writing the ledger's pending delivery gaps
+    /// ([`crate::ledger::Ledger::pending_gaps`]) in the same transaction: once it returns
+    /// `Ok`, pass the mark to [`crate::ledger::Ledger::gaps_persisted`].
+    pub fn commit_with_gaps(
+        &mut self,
+        ids: &[String],
+        sealed: &[Sealed],
+        snap: &Snapshot,
+        gaps: &[Gap],
+    ) -> Result<(), StoreError> {
         let interval = self.opts.host_checkpoint_interval;
         let due = interval.is_zero()
             || self
@@ -1166,6 +1187,7 @@ impl Store {
             for (c, (d, u)) in snap.late.iter().enumerate() {
                 ins.execute(params![ids[c], d, u]).map_err(sql)?;
             }
+            write_gaps(&tx, ids, gaps).map_err(sql)?;
             tx.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2), ('commit_seq', ?3)",
                 params![snap.sealed_through, snap.since, seq],
@@ -1288,6 +1310,40 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Delivery gaps of contract `ids[contract]` that overlap `[from_ms, to_ms)`, open ones
+    /// included, in order of start, then target and GPU.
+    pub fn gaps(
+        &self,
+        ids: &[String],
+        contract: usize,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Gap>, StoreError> {
+        gaps_from(&self.conn, &ids[contract], contract, from_ms, to_ms).map_err(|e| self.err(e))
+    }
+
+    /// The open delivery gaps of the contracts in `ids`, for
+    /// [`crate::ledger::Ledger::restore_gaps`] after a restart.
+    pub fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, StoreError> {
+        let mut out = Vec::new();
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1 AND end_ms IS NULL
+                 ORDER BY start_ms, target, gpu"
+            ))
+            .map_err(|e| self.err(e))?;
+        for (c, id) in ids.iter().enumerate() {
+            let rows = stmt
+                .query_map(params![id], |r| gap_row(r, c))
+                .map_err(|e| self.err(e))?;
+            for g in rows {
+                out.push(g.map_err(|e| self.err(e))?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Sealed minutes `[from, to)` of a contract, in order.
     pub fn minutes(
         &self,
@@ -1386,6 +1442,88 @@ fn write_hosts(
 
 /// `VACUUM INTO` a temporary file beside `output`, fsynced, then renamed: a backup is
 /// either whole or absent. Returns its size.
+/// The `gaps` columns [`gap_row`] reads, in order.
+const GAP_COLUMNS: &str = "start_ms, target, gpu, end_ms, cause, short_gpu_ms, xids";
+
+/// Delivery gaps of contract `id` (index `contract`) overlapping `[from_ms, to_ms)`, open
+/// ones included, in order of start, then target and GPU.
+fn gaps_from(
+    conn: &Connection,
+    id: &str,
+    contract: usize,
+    from_ms: i64,
+    to_ms: i64,
+) -> rusqlite::Result<Vec<Gap>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1 AND start_ms < ?3
+         AND (end_ms IS NULL OR end_ms > ?2) ORDER BY start_ms, target, gpu"
+    ))?;
+    let rows = stmt.query_map(params![id, from_ms, to_ms], |r| gap_row(r, contract))?;
+    rows.collect()
+}
+
+/// One `gaps` row (selected as [`GAP_COLUMNS`]) of contract `contract`. An unknown cause
+/// is a ledger written by something else: refused like any value of the wrong type.
+fn gap_row(r: &rusqlite::Row<'_>, contract: usize) -> rusqlite::Result<Gap> {
+    let cause: String = r.get(4)?;
+    let cause = Cause::parse(&cause).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            4,
+            rusqlite::types::Type::Text,
+            format!("unknown gap cause {cause:?}").into(),
+        )
+    })?;
+    let xids: String = r.get(6)?;
+    Ok(Gap {
+        contract,
+        start_ms: r.get(0)?,
+        target: r.get(1)?,
+        gpu: r.get(2)?,
+        end_ms: r.get(3)?,
+        cause,
+        short_gpu_ms: r.get(5)?,
+        xids: xids
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// Writes delivery gaps (open, or closed since the last write) within a commit's
+/// transaction. A gap is keyed by contract, start, target and GPU: written again as it
+/// grows or closes, a row is updated only when it changed, so an open gap costs no write
+/// per commit.
+pub fn write_gaps(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &[String],
+    gaps: &[Gap],
+) -> rusqlite::Result<()> {
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO gaps (contract, start_ms, target, gpu, end_ms, cause, short_gpu_ms, xids)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (contract, start_ms, target, gpu) DO UPDATE SET
+             end_ms = excluded.end_ms, cause = excluded.cause,
+             short_gpu_ms = excluded.short_gpu_ms, xids = excluded.xids
+         WHERE end_ms IS NOT excluded.end_ms OR cause IS NOT excluded.cause
+             OR short_gpu_ms IS NOT excluded.short_gpu_ms OR xids IS NOT excluded.xids",
+    )?;
+    for g in gaps.iter().filter(|g| g.contract < ids.len()) {
+        let xids = g.xids.iter().cloned().collect::<Vec<_>>().join(",");
+        ins.execute(params![
+            ids[g.contract],
+            g.start_ms,
+            g.target,
+            g.gpu,
+            g.end_ms,
+            g.cause.as_str(),
+            g.short_gpu_ms,
+            xids
+        ])?;
+    }
+    Ok(())
+}
+
 fn backup_into(conn: &Connection, output: &Path) -> Result<u64, StoreError> {
     let err = |reason: String| StoreError::Backup {
         output: output.to_path_buf(),
@@ -1520,6 +1658,9 @@ pub struct MinutesRead {
     pub late: Option<(i64, i64)>,
     /// Sealed minutes in `[from, to)`, in order.
     pub minutes: Vec<(i64, Totals)>,
+    /// The contract's delivery gaps overlapping those minutes, open ones included (as of the
+    /// last commit); none in a ledger from before the gaps table (schema version 4).
+    pub gaps: Vec<Gap>,
 }
 
 /// Reads `contract`'s sealed minutes `[from_minute, to_minute)` from the ledger in `dir`,
@@ -1614,11 +1755,31 @@ fn read_minutes_from(
         .map_err(sql)?
         .collect::<Result<_, _>>()
         .map_err(sql)?;
+    let has_gaps: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gaps')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    let gaps = if has_gaps {
+        gaps_from(
+            conn,
+            contract,
+            0,
+            from_minute.saturating_mul(MINUTE_MS),
+            to_minute.saturating_mul(MINUTE_MS),
+        )
+        .map_err(sql)?
+    } else {
+        Vec::new()
+    };
     Ok(MinutesRead {
         since_minute,
         sealed_through_minute,
         late,
         minutes,
+        gaps,
     })
 }
 
@@ -1674,6 +1835,86 @@ mod tests {
     }
 
     #[test]
+    fn gaps_are_written_with_a_commit_read_by_period_and_restored_open() {
+        let (_tmp, dir) = scratch("gaps");
+        let ids = vec!["a".to_string()];
+        let mut ledger = Ledger::new(1, 0);
+        ledger.observe("h:1", 0, reading(60_000, 0));
+        // The GPU stalls between 60 s and 120 s: one gpu_lost gap, open.
+        ledger.observe("h:1", 0, reading(120_000, 0));
+        ledger.unreachable("h:2", 0); // never seen: nothing
+        let sealed = ledger.seal(120_000, 0, |_, a, b| b - a);
+        let mut store = Store::open(&dir).unwrap();
+        let (gaps, mark) = ledger.pending_gaps();
+        assert_eq!(gaps.len(), 1);
+        store
+            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
+            .unwrap();
+        ledger.gaps_persisted(mark);
+        assert_eq!(store.open_gaps(&ids).unwrap(), gaps);
+        // It returns: the gap closes at the reading that starts the first full interval.
+        ledger.observe("h:1", 0, reading(180_000, 60_000));
+        let sealed = ledger.seal(180_000, 0, |_, a, b| b - a);
+        let (gaps, mark) = ledger.pending_gaps();
+        store
+            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
+            .unwrap();
+        ledger.gaps_persisted(mark);
+        assert_eq!(ledger.pending_gaps().0, vec![]);
+        let got = store.gaps(&ids, 0, 0, 200_000).unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].start_ms, got[0].end_ms), (60_000, Some(120_000)));
+        assert_eq!(got[0].cause, Cause::GpuLost);
+        assert!(store.open_gaps(&ids).unwrap().is_empty());
+        // By period: a gap overlapping the period's edges only.
+        assert_eq!(store.gaps(&ids, 0, 120_000, 200_000).unwrap(), vec![]);
+        assert_eq!(store.gaps(&ids, 0, 0, 60_000).unwrap(), vec![]);
+        assert_eq!(store.gaps(&ids, 0, 119_999, 120_000).unwrap().len(), 1);
+        drop(store);
+        let conn = sqlite_conn(&dir.join("ledger.sqlite3")).unwrap();
+        assert_eq!(
+            meta_value(&conn, "schema_version").unwrap(),
+            Some(SCHEMA_VERSION)
+        );
+    }
+
+    /// The size of a `gaps` row on disk, for the README's estimate: 20,000 closed gaps of
+    /// realistic names (a 40-character GPU UUID, a host:port target, two XID codes).
+    #[test]
+    fn a_gap_row_costs_about_a_hundred_and_fifty_bytes() {
+        let (_tmp, dir) = scratch("gapsize");
+        let ids = vec!["cluster-a-2026".to_string()];
+        let mut store = Store::open(&dir).unwrap();
+        let size = |store: &Store| -> i64 {
+            let q = |p: &str| store.conn.query_row(p, [], |r| r.get::<_, i64>(0)).unwrap();
+            (q("PRAGMA page_count") - q("PRAGMA freelist_count")) * q("PRAGMA page_size")
+        };
+        let before = size(&store);
+        const N: i64 = 20_000;
+        let gaps: Vec<Gap> = (0..N)
+            .map(|i| Gap {
+                contract: 0,
+                target: format!("gpu-node-{:05}.dc1.example.com:9473", i % 12_500),
+                gpu: format!("GPU-{:08x}-7f3c-1d2e-9a4b-{:012x}", i * 7919, i),
+                cause: Cause::GpuLost,
+                start_ms: 1_764_547_200_000 + i * 60_000,
+                end_ms: Some(1_764_547_200_000 + i * 60_000 + 3_600_000),
+                short_gpu_ms: 0,
+                xids: ["48".to_string(), "79".to_string()].into(),
+            })
+            .collect();
+        store
+            .commit_with_gaps(&ids, &[], &Snapshot::default(), &gaps)
+            .unwrap();
+        let per_row = (size(&store) - before) / N;
+        println!("gaps row: {per_row} bytes on disk");
+        assert!(
+            (100..=250).contains(&per_row),
+            "{per_row} bytes per gap row"
+        );
+    }
+
+    #[test]
     fn a_commit_round_trips_and_sealed_minutes_never_change() {
         let (_tmp, dir) = scratch("roundtrip");
         let ids = vec!["a".to_string(), "b".to_string()];
@@ -1688,7 +1929,8 @@ mod tests {
 
         let store = Store::open(&dir).unwrap();
         let snap = store.load(&ids).unwrap().unwrap();
-        assert_eq!(Ledger::restore(2, snap), ledger);
+        // What is stored: the ledger's snapshot (its in-memory XID baselines are not).
+        assert_eq!(Ledger::restore(2, snap).snapshot(), ledger.snapshot());
         assert_eq!(
             store.sums("b", 0, 10).unwrap(),
             split(60_000, 60_000, 20_000, 0, false)
@@ -1956,11 +2198,7 @@ mod tests {
         drop(store);
         let store = Store::open(&dir).unwrap();
         let snap = store.load(&ids).unwrap().unwrap();
-        assert_eq!(Ledger::restore(1, snap), {
-            let mut l = ledger.clone();
-            l = l.with_clock_tolerance(crate::ledger::host::CLOCK_TOLERANCE_MS);
-            l
-        });
+        assert_eq!(Ledger::restore(1, snap).snapshot(), ledger.snapshot());
         drop(store);
     }
 

@@ -28,7 +28,7 @@ type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 pub(super) type Minutes = Vec<(i64, Totals)>;
 
 enum WriteJob {
-    /// Sealed minutes and the ledger's snapshot, in one transaction.
+    /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
     Commit { commit: Commit, done: Done },
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
@@ -51,7 +51,7 @@ impl Writer {
                 for job in queue {
                     match job {
                         WriteJob::Commit { commit, done } => {
-                            let r = store.commit(&ids, &commit.sealed, &commit.snap);
+                            let r = store.commit(&ids, &commit.sealed, &commit.snap, &commit.gaps);
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {

@@ -149,10 +149,24 @@ pub struct Interval {
     pub used: i64,
 }
 
+/// What an interval showed of one GPU of the previous reading (for the gap list,
+/// [`super::gaps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted, and its observed time grew by at least the time watched.
+    Full,
+    /// Gone from the reading, or accepted with less observed time than watched.
+    Short,
+    /// Its reading was rejected: no evidence either way.
+    Rejected,
+}
+
 /// The result of one reading, for the ledger and for the operator.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcome {
     pub interval: Option<Interval>,
+    /// Per GPU of the previous reading (with an interval only), what the interval showed.
+    pub gpus: Vec<(String, Verdict)>,
     /// GPU-ms not credited, by reason: a rejected reading's watched time (booked
     /// unreported), or a surplus beyond what the carry may hold.
     pub rejected: Vec<(Reject, i64)>,
@@ -257,6 +271,7 @@ impl HostState {
             let Some(c) = now.gpus.get(uuid) else {
                 // Gone while the agent watched (it re-enumerated without it): not delivered.
                 vanished += 1;
+                out.gpus.push((uuid.clone(), Verdict::Short));
                 continue;
             };
             let (d_o, d_u) = if restarted {
@@ -276,8 +291,24 @@ impl HostState {
                 None
             };
             match reject {
-                Some(why) => out.rejected.push((why, watched)),
+                Some(why) => {
+                    out.rejected.push((why, watched));
+                    out.gpus.push((uuid.clone(), Verdict::Rejected));
+                }
                 None => {
+                    // Short beyond rounding (or, without exact agent times, beyond the
+                    // clock slack): a gap; see `super::gaps`.
+                    let short_slack = if exact {
+                        EXACT_SLACK_MS
+                    } else {
+                        slack(watched)
+                    };
+                    let v = if d_o.saturating_add(short_slack) < watched {
+                        Verdict::Short
+                    } else {
+                        Verdict::Full
+                    };
+                    out.gpus.push((uuid.clone(), v));
                     accepted += 1;
                     sum_o += d_o;
                     sum_u += d_u;

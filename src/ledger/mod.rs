@@ -14,16 +14,20 @@
 //! - A minute seals `grace` after it ends ([`Ledger::seal`]): known hosts that did not report
 //!   add their GPUs to what was expected, and [`split`] divides the commitment by evidence.
 //!   Sealed minutes never change; what arrives later for them is counted as late.
+//! - [`gaps`] keeps the evidence behind undelivered capacity as intervals per host and GPU
+//!   (GPU lost, host unreachable) and per contract (`short`): the SLA's delivery gaps.
 
 pub mod alerts;
 pub mod burn;
+pub mod gaps;
 pub mod host;
 pub mod kind;
 pub mod totals;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-pub use host::{Checkpoint, GpuCounters, HostState, Interval, Outcome, Reading, Reject};
+pub use gaps::{Cause, Gap, Gaps, Xids};
+pub use host::{Checkpoint, GpuCounters, HostState, Interval, Outcome, Reading, Reject, Verdict};
 pub use kind::{Kind, Totals};
 
 pub const MINUTE_MS: i64 = 60_000;
@@ -147,6 +151,8 @@ pub struct Ledger {
     late: Vec<(i64, i64)>,
     /// How far an agent's clock may stray, in this ledger's time (see [`host`]).
     clock_tolerance_ms: i64,
+    /// Delivery gaps: open, and closed but not yet persisted (see [`gaps`]).
+    gaps: Gaps,
 }
 
 /// Everything needed to resume after a crash, written atomically with sealed minutes.
@@ -173,6 +179,7 @@ impl Ledger {
             hosts: HashMap::new(),
             late: vec![(0, 0); contracts],
             clock_tolerance_ms: host::CLOCK_TOLERANCE_MS,
+            gaps: Gaps::default(),
         }
     }
 
@@ -308,6 +315,19 @@ impl Ledger {
     /// Records a successful scrape of `target` for `contract`. Returns what was rejected
     /// and noticed, for the operator; the ledger itself keeps only the evidence.
     pub fn observe(&mut self, target: &str, contract: usize, reading: Reading) -> Outcome {
+        self.observe_with_xids(target, contract, reading, &Xids::new())
+    }
+
+    /// [`Ledger::observe`], with the reading's XID counters (per GPU UUID, per code: the
+    /// value of `commitmeter_gpu_xid_errors_total`), which the gap list attaches to the
+    /// gaps they happened in.
+    pub fn observe_with_xids(
+        &mut self,
+        target: &str,
+        contract: usize,
+        reading: Reading,
+        xids: &Xids,
+    ) -> Outcome {
         if contract >= self.contracts {
             return Outcome::default();
         }
@@ -317,11 +337,54 @@ impl Ledger {
             .entry((target.to_string(), contract))
             .or_insert_with(|| HostState::new(received));
         host.retired_until_ms = None;
+        let before = host.last.as_ref().map(|l| l.at_ms);
         let out = host.read(reading, self.clock_tolerance_ms);
+        if let Some(last) = host.last.as_ref().filter(|l| Some(l.at_ms) != before) {
+            let present: BTreeSet<String> = last.gpus.keys().cloned().collect();
+            self.gaps.read(gaps::Seen {
+                contract,
+                target,
+                from_ms: out.interval.map(|iv| iv.from_ms),
+                at_ms: last.at_ms,
+                verdicts: &out.gpus,
+                present: &present,
+                xids,
+            });
+        }
         if let Some(iv) = out.interval {
             self.attribute(contract, &iv);
         }
         out
+    }
+
+    /// Records a failed scrape of `target` for `contract` (the aggregator calls it for
+    /// every target whose scrape failed): a host that had been seen opens a
+    /// `host_unreachable` gap per GPU of its last reading, from that reading on.
+    pub fn unreachable(&mut self, target: &str, contract: usize) {
+        let Some(h) = self.hosts.get(&(target.to_string(), contract)) else {
+            return;
+        };
+        if let (Some(last), None) = (&h.last, h.retired_until_ms) {
+            self.gaps
+                .unreachable(contract, target, last.at_ms, last.gpus.keys());
+        }
+    }
+
+    /// Every open delivery gap and every closed one not yet persisted, with the mark to
+    /// pass to [`Ledger::gaps_persisted`] once the store has written them (in the same
+    /// transaction as the sealed minutes).
+    pub fn pending_gaps(&self) -> (Vec<Gap>, u64) {
+        self.gaps.pending()
+    }
+
+    /// The closed gaps up to `mark` (from [`Ledger::pending_gaps`]) are durable.
+    pub fn gaps_persisted(&mut self, mark: u64) {
+        self.gaps.persisted(mark);
+    }
+
+    /// Takes back the open gaps the store holds (after a restart, with [`Ledger::restore`]).
+    pub fn restore_gaps(&mut self, open: impl IntoIterator<Item = Gap>) {
+        self.gaps.restore(open);
     }
 
     fn attribute(&mut self, contract: usize, iv: &Interval) {
@@ -408,11 +471,17 @@ impl Ledger {
                 }
             }
             for (c, o) in per.iter().enumerate() {
+                let committed = committed(c, m0, m1);
+                // Short of the known capacity: what the ledger expected, plus GPUs gone
+                // with an open gap (counted there, not twice).
+                let known = o.expected.saturating_add(self.gaps.absent_ms(c, m0, m1));
+                let short = (!dark[c]).then(|| committed.saturating_sub(known));
+                self.gaps.seal_minute(c, m0, m1, short);
                 out.push(Sealed {
                     contract: c,
                     minute,
                     totals: split(
-                        committed(c, m0, m1),
+                        committed,
                         o.delivered,
                         o.used,
                         o.expected.saturating_sub(o.reported),
@@ -422,8 +491,14 @@ impl Ledger {
             }
             self.sealed_through += 1;
             let sealed_ms = self.sealed_through * MINUTE_MS;
-            self.hosts
-                .retain(|_, h| h.retired_until_ms.is_none_or(|until| until > sealed_ms));
+            let gaps = &mut self.gaps;
+            self.hosts.retain(|(t, c), h| match h.retired_until_ms {
+                Some(until) if until <= sealed_ms => {
+                    gaps.retire(*c, t, until);
+                    false
+                }
+                _ => true,
+            });
         }
         out
     }

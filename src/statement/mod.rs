@@ -8,9 +8,11 @@
 //! (`used − overage + idle + undelivered + unreported = committed`) holds on every row. GPU-hours,
 //! costs and ratios are derived from those integers once, when rendered ([`render`]).
 //!
-//! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`].
+//! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`]; the delivery
+//! gaps' evidence export is [`gaps`].
 
 pub mod focus;
+pub mod gaps;
 pub mod render;
 pub mod sizing;
 pub mod sla;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::aggregator::scrape::GpuReport;
-use crate::ledger::{split, Kind};
+use crate::ledger::{split, Cause, Kind};
 
 const M: i64 = MINUTE_MS;
 /// 2026-10-05T00:00:00Z, inside every test contract.
@@ -40,14 +40,18 @@ selector = '{{provider="p"}}'
         .contracts
 }
 
-/// A store in memory: rows by (contract, minute), the last snapshot, and a switch that
+/// A store in memory: rows by (contract, minute), the last snapshot, delivery gaps by
+/// (contract, target, GPU, cause, start) with how often each was written, and a switch that
 /// makes every commit fail.
 #[derive(Default)]
 struct MemStore {
     rows: BTreeMap<(String, i64), Totals>,
     snap: Option<Snapshot>,
+    gaps: BTreeMap<GapKey, (Gap, usize)>,
     broken: bool,
 }
+
+type GapKey = (String, String, String, &'static str, i64);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -82,9 +86,21 @@ impl LedgerStore for MemStore {
         ids: &[String],
         sealed: &[Sealed],
         snap: &Snapshot,
+        gaps: &[Gap],
     ) -> Result<(), MemError> {
         if self.broken {
             return Err(MemError("disk full"));
+        }
+        for g in gaps {
+            let key = (
+                ids[g.contract].clone(),
+                g.target.clone(),
+                g.gpu.clone(),
+                g.cause.as_str(),
+                g.start_ms,
+            );
+            let writes = self.gaps.get(&key).map_or(0, |w| w.1);
+            self.gaps.insert(key, (g.clone(), writes + 1));
         }
         for s in sealed {
             let key = (ids[s.contract].clone(), s.minute);
@@ -95,6 +111,21 @@ impl LedgerStore for MemStore {
         }
         self.snap = Some(snap.clone());
         Ok(())
+    }
+
+    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, MemError> {
+        Ok(self
+            .gaps
+            .iter()
+            .filter(|(_, (g, _))| g.end_ms.is_none())
+            .filter_map(|(k, (g, _))| {
+                let contract = ids.iter().position(|id| *id == k.0)?;
+                Some(Gap {
+                    contract,
+                    ..g.clone()
+                })
+            })
+            .collect())
     }
 
     fn flush(&mut self) -> Result<(), MemError> {
@@ -119,9 +150,35 @@ fn open(store: &MemStore, contracts: Vec<Contract>, grace_ms: i64) -> Books {
 
 /// One write, as the writer thread does it: `None` when one is already in flight.
 fn write(books: &mut Books, store: &mut MemStore) -> Option<Finished> {
-    let Commit { sealed, snap } = books.start_write(crate::clock::monotonic_now())?;
-    let ok = store.commit(&["c".to_string()], &sealed, &snap).is_ok();
+    let Commit { sealed, snap, gaps } = books.start_write(crate::clock::monotonic_now())?;
+    let ok = store
+        .commit(&["c".to_string()], &sealed, &snap, &gaps)
+        .is_ok();
     Some(books.finish_write(ok))
+}
+
+/// An agent's report at `t` (started at `T0`) of GPUs (UUID, model, busy ms).
+fn report(t: i64, gpus: &[(&str, &str, i64)]) -> HostReport {
+    HostReport {
+        round_ms: Some(t),
+        start_ms: Some(T0),
+        sampled_ms: Some(t - T0),
+        gpus: gpus
+            .iter()
+            .map(|(uuid, model, busy)| {
+                (
+                    uuid.to_string(),
+                    GpuReport {
+                        observed_ms: t - T0,
+                        busy_ms: Some(*busy),
+                        allocated_ms: None,
+                        model: Some(model.to_string()),
+                    },
+                )
+            })
+            .collect(),
+        xids: BTreeMap::new(),
+    }
 }
 
 /// A minute of `gpus` committed GPUs that nothing watched.
@@ -172,7 +229,7 @@ fn counters_move_only_after_a_successful_write() {
     assert!(books.start_write(started).is_none());
     assert_eq!(books.seal_due((FIRST + 4) * M), 4);
     store
-        .commit(&["c".into()], &commit.sealed, &commit.snap)
+        .commit(&["c".into()], &commit.sealed, &commit.snap, &commit.gaps)
         .unwrap();
     assert_eq!(
         books.finish_write(true),
@@ -306,27 +363,14 @@ fn restore_reads_back_what_was_written() {
 #[test]
 fn record_counts_the_contracts_gpus_only() {
     let mut books = open(&MemStore::default(), contracts(1, Some("H100")), 5 * M);
-    let report = |t: i64| HostReport {
-        round_ms: Some(t),
-        start_ms: Some(T0),
-        sampled_ms: Some(t - T0),
-        gpus: [
-            ("h100", "NVIDIA H100 80GB HBM3", (t - T0) / 2),
-            ("a100", "NVIDIA A100-SXM4-40GB", t - T0),
-        ]
-        .into_iter()
-        .map(|(uuid, model, busy)| {
-            (
-                uuid.to_string(),
-                GpuReport {
-                    observed_ms: t - T0,
-                    busy_ms: Some(busy),
-                    allocated_ms: None,
-                    model: Some(model.to_string()),
-                },
-            )
-        })
-        .collect(),
+    let report = |t: i64| {
+        report(
+            t,
+            &[
+                ("h100", "NVIDIA H100 80GB HBM3", (t - T0) / 2),
+                ("a100", "NVIDIA A100-SXM4-40GB", t - T0),
+            ],
+        )
     };
     // Read at the start of the first minute and 5 minutes later.
     let (gpus, out) = books.record("h:9473", 0, T0 + M + 7, &report(T0 + M));
@@ -394,4 +438,65 @@ fn month_to_date_rolls_at_local_midnight_across_dst() {
     assert_eq!(r.period.committed, 10 * 3_600_000);
     assert_eq!(r.all_time.committed, 10 * 7_200_000);
     assert_eq!(r.period.used, 60 * 300_000);
+}
+
+/// A host that could not be scraped opens a `host_unreachable` gap, closed at its next
+/// reading: the gaps reach the store with the minutes, a failed write keeps them pending,
+/// a successful one writes a closed gap once (an open one with every write until it
+/// closes), and a restart takes the open ones back.
+#[test]
+fn delivery_gaps_are_written_with_the_minutes_and_a_closed_one_once() {
+    let mut store = MemStore::broken();
+    let mut books = open(&store, contracts(1, None), 5 * M);
+    let h100 = |t: i64| report(t, &[("gpu-1", "NVIDIA H100 80GB HBM3", 0)]);
+    books.record("h:9473", 0, T0 + M, &h100(T0 + M));
+    books.unreachable("h:9473", 0);
+    books.unreachable("h:9473", 0);
+    books.record("h:9473", 0, T0 + 3 * M, &h100(T0 + 3 * M));
+    let closed = |store: &MemStore| -> Vec<(Gap, usize)> {
+        store
+            .gaps
+            .values()
+            .filter(|(g, _)| g.end_ms.is_some())
+            .cloned()
+            .collect()
+    };
+
+    assert_eq!(
+        write(&mut books, &mut store),
+        Some(Finished::Failed { pending: 0 })
+    );
+    assert!(store.gaps.is_empty());
+    store.broken = false;
+    write(&mut books, &mut store);
+    let written = closed(&store);
+    assert_eq!(written.len(), 1, "{:?}", store.gaps);
+    let (gap, writes) = &written[0];
+    assert_eq!(
+        (gap.cause, gap.target.as_str(), gap.gpu.as_str()),
+        (Cause::HostUnreachable, "h:9473", "gpu-1")
+    );
+    assert_eq!(
+        (gap.start_ms, gap.end_ms, *writes),
+        (T0 + M, Some(T0 + 3 * M), 1)
+    );
+    // Persisted: not handed to the store again.
+    write(&mut books, &mut store);
+    assert_eq!(closed(&store)[0].1, 1);
+
+    // Unreachable again, two readings later: an open gap, written with every commit and
+    // taken back at a restart.
+    books.record("h:9473", 0, T0 + 4 * M, &h100(T0 + 4 * M));
+    books.unreachable("h:9473", 0);
+    write(&mut books, &mut store);
+    write(&mut books, &mut store);
+    let open_gaps = store.open_gaps(&["c".to_string()]).unwrap();
+    assert_eq!(open_gaps.len(), 1, "{:?}", store.gaps);
+    assert_eq!(
+        (open_gaps[0].start_ms, open_gaps[0].cause),
+        (T0 + 4 * M, Cause::HostUnreachable)
+    );
+    let mut again = open(&store, contracts(1, None), 5 * M);
+    let Commit { gaps, .. } = again.start_write(crate::clock::monotonic_now()).unwrap();
+    assert_eq!(gaps, open_gaps);
 }

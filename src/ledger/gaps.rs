@@ -1,0 +1,439 @@
+//! Delivery gaps: the evidence behind undelivered GPU-seconds, as intervals (never per-minute
+//! rows per GPU). Pure: the ledger passes in what each reading showed.
+//!
+//! A gap is per contract, target and GPU (UUID), or per contract alone for `short`:
+//!
+//! - **`gpu_lost`**: a GPU of a host's previous reading that is gone from the next one, or
+//!   whose observed time grew less than the time the agent watched (beyond rounding: see
+//!   [`super::host::Verdict`]). It opens at the reading that starts the first such interval
+//!   (the last reading that saw the GPU whole) and closes at the reading that starts the
+//!   first interval it delivered in full, or, for a GPU that was gone, at the first reading
+//!   that shows it again.
+//! - **`host_unreachable`**: the aggregator could not scrape a host it had seen
+//!   ([`Gaps::unreachable`], called by the aggregator on a failed scrape). One gap per GPU of
+//!   the host's last reading, from that reading to the next successful one. If that next
+//!   reading shows the GPU short over the interval, the gap becomes `gpu_lost` and goes on.
+//!   A GPU already lost when its host becomes unreachable keeps its one `gpu_lost` gap,
+//!   which then runs at least to the host's next reading.
+//! - **`short`**: contract-level, minute-bounded: sealed minutes in which the commitment
+//!   exceeded the contract's known capacity (the capacity the ledger expected from its hosts,
+//!   plus the GPUs that are gone but have an open `gpu_lost` gap, so that a lost GPU is not
+//!   counted twice). Not recorded while a target of unknown size is dark (nothing is known
+//!   short then). Its `short_gpu_ms` is the GPU-ms by which the commitment exceeded them.
+//!
+//! Bounds are always readings (or, for `short`, minute boundaries): never guessed. An open gap
+//! has no end. Gaps of one GPU never overlap.
+//!
+//! **Merging rule**: a gap that would open for a GPU no later than the host's reading at which
+//! its previous gap closed (so at most one interval between readings, one scrape interval,
+//! lies between them) reopens that gap instead: a host flapping up and down every round, or a
+//! GPU stalling every other interval, is one gap, not one per flap. Such a gap may then
+//! contain an interval the counters show delivered (at most one scrape interval between two
+//! failures); its delivered time is counted in the ledger's figures all the same. A reopened
+//! gap keeps its first cause unless the GPU is seen short (`gpu_lost`). So rows are bounded
+//! by outages separated by more than a scrape interval, never by minutes. Memory holds a
+//! GPU's one open gap, the closed gaps not yet persisted ([`Gaps::pending`],
+//! [`Gaps::persisted`]) and, until its host's next reading, the gap closed at its last one.
+//!
+//! XID codes: the agent's `commitmeter_gpu_xid_errors_total{xid}` counters, as read with each
+//! reading. A code whose counter grew between two readings is attached to the GPU's gap
+//! covering that interval; a code a GPU shows for the first time grew from 0 (the agent
+//! exports a code's counter from its first event on), unless it is the GPU's first reading.
+//! The last counts are kept in memory only: after a restart the first reading is a new
+//! baseline.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::host::Verdict;
+
+/// Why capacity was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    GpuLost,
+    HostUnreachable,
+    Short,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 3] = [Cause::GpuLost, Cause::HostUnreachable, Cause::Short];
+
+    /// The name in the store and in the CSV/JSON exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::GpuLost => "gpu_lost",
+            Cause::HostUnreachable => "host_unreachable",
+            Cause::Short => "short",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// One delivery gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub contract: usize,
+    /// The scrape target; empty for `short`.
+    pub target: String,
+    /// The GPU's UUID; empty for `short`.
+    pub gpu: String,
+    pub cause: Cause,
+    pub start_ms: i64,
+    /// `None` while open.
+    pub end_ms: Option<i64>,
+    /// `short` only: GPU-ms by which the commitment exceeded the known capacity.
+    pub short_gpu_ms: i64,
+    /// XID codes seen during the gap.
+    pub xids: BTreeSet<String>,
+}
+
+impl Gap {
+    /// Length of a closed gap.
+    pub fn duration_ms(&self) -> Option<i64> {
+        self.end_ms.map(|e| e - self.start_ms)
+    }
+
+    /// GPU-ms the gap stands for: its duration for one GPU, the shortfall for `short`
+    /// (also while open).
+    pub fn gpu_ms(&self) -> Option<i64> {
+        match self.cause {
+            Cause::Short => Some(self.short_gpu_ms),
+            _ => self.duration_ms(),
+        }
+    }
+
+    /// Overlap with `[from_ms, to_ms)`, an open gap running to `to_ms`.
+    pub fn overlap_ms(&self, from_ms: i64, to_ms: i64) -> i64 {
+        (self.end_ms.unwrap_or(i64::MAX).min(to_ms) - self.start_ms.max(from_ms)).max(0)
+    }
+}
+
+/// (contract, target, GPU).
+type Key = (usize, String, String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OpenGpu {
+    gap: Gap,
+    /// Placement time of the first reading without the GPU: from then on the ledger no
+    /// longer expects it, so it counts as known for `short` until it returns.
+    absent_since: Option<i64>,
+    /// Its host could not be scraped since the last reading: the gap runs at least to the
+    /// next one.
+    unreachable: bool,
+}
+
+/// The gaps the ledger keeps: open ones and closed ones not yet persisted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gaps {
+    open: BTreeMap<Key, OpenGpu>,
+    /// Per contract: the open `short` interval.
+    short: BTreeMap<usize, Gap>,
+    /// Closed, not yet persisted, in closing order, numbered.
+    closed: Vec<(u64, Gap)>,
+    next_seq: u64,
+    /// Gaps closed at the last reading of their host, with that reading's time: a gap of the
+    /// same GPU starting by then reopens them instead (see the module's merging rule).
+    recent: BTreeMap<Key, (Gap, i64)>,
+    /// Per contract: `[absent_since, returned)` of closed gaps, until sealed past.
+    absent: Vec<(usize, i64, i64)>,
+    /// Last XID counts per (contract, target, GPU) and code.
+    xid_counts: BTreeMap<Key, BTreeMap<String, u64>>,
+}
+
+/// XID counters of one reading: per GPU UUID, per code, the counter's value.
+pub type Xids = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// What one reading of a host showed, for [`Gaps::read`].
+pub struct Seen<'a> {
+    pub contract: usize,
+    pub target: &'a str,
+    /// The previous reading's placement time, when the reading closes an interval.
+    pub from_ms: Option<i64>,
+    /// This reading's placement time.
+    pub at_ms: i64,
+    /// Per GPU of the previous reading: what the interval showed.
+    pub verdicts: &'a [(String, Verdict)],
+    /// The GPUs of this reading.
+    pub present: &'a BTreeSet<String>,
+    pub xids: &'a Xids,
+}
+
+impl Gaps {
+    /// Codes whose counters grew since the last reading of this GPU; remembers the counts of
+    /// the GPUs `present`. A code a GPU read before had not shown grew from 0 (the agent
+    /// exports a code's counter from its first event on); a GPU's first counts are a baseline.
+    fn xid_growth(
+        &mut self,
+        contract: usize,
+        target: &str,
+        xids: &Xids,
+        present: &BTreeSet<String>,
+    ) -> Xids {
+        let mut grown = Xids::new();
+        for (gpu, counts) in xids {
+            let key = (contract, target.to_string(), gpu.clone());
+            let known = self.xid_counts.contains_key(&key);
+            let last = self.xid_counts.entry(key).or_default();
+            for (code, &n) in counts {
+                let before = last.get(code).copied().or(known.then_some(0));
+                if before.is_some_and(|p| n > p) {
+                    grown
+                        .entry(gpu.clone())
+                        .or_default()
+                        .insert(code.clone(), n);
+                }
+                last.insert(code.clone(), n);
+            }
+        }
+        for gpu in present {
+            self.xid_counts
+                .entry((contract, target.to_string(), gpu.clone()))
+                .or_default();
+        }
+        grown
+    }
+
+    /// Closes a GPU's open gap at `end_ms`; it may reopen up to `reopen_until`.
+    fn close(&mut self, key: &Key, end_ms: i64, reopen_until: Option<i64>) {
+        if let Some(mut o) = self.open.remove(key) {
+            o.gap.end_ms = Some(end_ms.max(o.gap.start_ms));
+            if let Some(b) = o.absent_since {
+                self.absent.push((key.0, b, end_ms));
+            }
+            if let Some(until) = reopen_until {
+                self.recent.insert(key.clone(), (o.gap.clone(), until));
+            }
+            self.closed.push((self.next_seq, o.gap));
+            self.next_seq += 1;
+        }
+    }
+
+    /// The open gap of a GPU, opened at `start_ms` with `cause` if there is none: the gap
+    /// it closed at its host's last reading, reopened, when that reading is no earlier.
+    fn open_gap(&mut self, k: Key, start_ms: i64, cause: Cause) -> &mut OpenGpu {
+        if !self.open.contains_key(&k) {
+            let gap = match self.recent.remove(&k) {
+                Some((mut g, until)) if start_ms <= until => {
+                    self.closed.retain(|(_, c)| {
+                        !(c.start_ms == g.start_ms
+                            && c.gpu == g.gpu
+                            && c.target == g.target
+                            && c.contract == g.contract)
+                    });
+                    g.end_ms = None;
+                    g
+                }
+                _ => Gap {
+                    contract: k.0,
+                    target: k.1.clone(),
+                    gpu: k.2.clone(),
+                    cause,
+                    start_ms,
+                    end_ms: None,
+                    short_gpu_ms: 0,
+                    xids: BTreeSet::new(),
+                },
+            };
+            self.open.insert(
+                k.clone(),
+                OpenGpu {
+                    gap,
+                    absent_since: None,
+                    unreachable: false,
+                },
+            );
+        }
+        self.open.get_mut(&k).expect("just opened")
+    }
+
+    /// Applies one reading that advanced a host (its first one, or one closing an interval).
+    pub fn read(&mut self, s: Seen<'_>) {
+        let grown = self.xid_growth(s.contract, s.target, s.xids, s.present);
+        let key = |gpu: &str| (s.contract, s.target.to_string(), gpu.to_string());
+        let attach = |gap: &mut Gap, gpu: &str| {
+            if let Some(codes) = grown.get(gpu) {
+                gap.xids.extend(codes.keys().cloned());
+            }
+        };
+        let mut judged: BTreeSet<&str> = BTreeSet::new();
+        if let Some(from) = s.from_ms {
+            for (gpu, v) in s.verdicts {
+                judged.insert(gpu);
+                let k = key(gpu);
+                let gone = !s.present.contains(gpu);
+                match v {
+                    Verdict::Short => {
+                        let o = self.open_gap(k, from, Cause::GpuLost);
+                        o.gap.cause = Cause::GpuLost;
+                        o.unreachable = false;
+                        attach(&mut o.gap, gpu);
+                        if gone && o.absent_since.is_none() {
+                            o.absent_since = Some(s.at_ms);
+                        }
+                    }
+                    Verdict::Full => {
+                        let Some(o) = self.open.get_mut(&k) else {
+                            continue;
+                        };
+                        // Unreachable until this reading; lost until the previous one (the
+                        // counters prove the interval delivered).
+                        let end = if o.unreachable {
+                            attach(&mut o.gap, gpu);
+                            s.at_ms
+                        } else {
+                            from
+                        };
+                        self.close(&k, end, Some(s.at_ms));
+                    }
+                    Verdict::Rejected => {
+                        if let Some(o) = self.open.get_mut(&k) {
+                            attach(&mut o.gap, gpu);
+                            o.unreachable = false;
+                        }
+                    }
+                }
+            }
+        }
+        // A GPU seen again (or seen on a host's first reading): its gap ends here.
+        for gpu in s.present {
+            if judged.contains(gpu.as_str()) {
+                continue;
+            }
+            let k = key(gpu);
+            if let Some(o) = self.open.get_mut(&k) {
+                attach(&mut o.gap, gpu);
+                self.close(&k, s.at_ms, Some(s.at_ms));
+            }
+        }
+        // Gaps closed before this reading can no longer reopen.
+        self.recent
+            .retain(|k, (_, until)| !(k.0 == s.contract && k.1 == s.target && *until < s.at_ms));
+    }
+
+    /// The aggregator could not scrape a host last read at `last_ms` with `gpus`: each GPU
+    /// without an open gap gets a `host_unreachable` one from that reading.
+    pub fn unreachable<'a>(
+        &mut self,
+        contract: usize,
+        target: &str,
+        last_ms: i64,
+        gpus: impl IntoIterator<Item = &'a String>,
+    ) {
+        for gpu in gpus {
+            let k = (contract, target.to_string(), gpu.clone());
+            self.open_gap(k, last_ms, Cause::HostUnreachable)
+                .unreachable = true;
+        }
+    }
+
+    /// A target left the contract and is no longer expected from `until_ms`: its open gaps
+    /// end there.
+    pub fn retire(&mut self, contract: usize, target: &str, until_ms: i64) {
+        let keys: Vec<Key> = self
+            .open
+            .keys()
+            .filter(|k| k.0 == contract && k.1 == target)
+            .cloned()
+            .collect();
+        for k in keys {
+            self.close(&k, until_ms, None);
+        }
+        self.recent
+            .retain(|k, _| !(k.0 == contract && k.1 == target));
+        self.xid_counts
+            .retain(|k, _| !(k.0 == contract && k.1 == target));
+    }
+
+    /// GPU-ms of `[m0, m1)` of GPUs of `contract` that are gone but have an open gap: known,
+    /// though the ledger no longer expects them.
+    pub fn absent_ms(&self, contract: usize, m0: i64, m1: i64) -> i64 {
+        let overlap = |a: i64, b: i64| (b.min(m1) - a.max(m0)).max(0);
+        let open: i64 = self
+            .open
+            .iter()
+            .filter(|(k, _)| k.0 == contract)
+            .filter_map(|(_, o)| o.absent_since)
+            .map(|b| overlap(b, i64::MAX))
+            .sum();
+        let closed: i64 = self
+            .absent
+            .iter()
+            .filter(|a| a.0 == contract)
+            .map(|&(_, b, e)| overlap(b, e))
+            .sum();
+        open + closed
+    }
+
+    /// A sealed minute `[m0, m1)` of `contract` short of the commitment by `short_ms` GPU-ms
+    /// (0 or less: not short; `None`: unknown, a target of unknown size was dark).
+    pub fn seal_minute(&mut self, contract: usize, m0: i64, m1: i64, short_ms: Option<i64>) {
+        match short_ms {
+            Some(ms) if ms > 0 => {
+                let g = self.short.entry(contract).or_insert_with(|| Gap {
+                    contract,
+                    target: String::new(),
+                    gpu: String::new(),
+                    cause: Cause::Short,
+                    start_ms: m0,
+                    end_ms: None,
+                    short_gpu_ms: 0,
+                    xids: BTreeSet::new(),
+                });
+                g.short_gpu_ms = g.short_gpu_ms.saturating_add(ms);
+            }
+            _ => {
+                if let Some(mut g) = self.short.remove(&contract) {
+                    g.end_ms = Some(m0);
+                    self.closed.push((self.next_seq, g));
+                    self.next_seq += 1;
+                }
+            }
+        }
+        // Absent spans ended before the next minute no longer count.
+        self.absent.retain(|a| a.2 > m1);
+    }
+
+    /// Every open gap and every closed one not yet persisted, and the mark to pass to
+    /// [`Gaps::persisted`] once they are written.
+    pub fn pending(&self) -> (Vec<Gap>, u64) {
+        let mut out: Vec<Gap> = self.closed.iter().map(|c| c.1.clone()).collect();
+        out.extend(self.open.values().map(|o| o.gap.clone()));
+        out.extend(self.short.values().cloned());
+        (out, self.next_seq)
+    }
+
+    /// The closed gaps pending at `mark` are durable: forget them.
+    pub fn persisted(&mut self, mark: u64) {
+        self.closed.retain(|c| c.0 >= mark);
+    }
+
+    /// Takes back open gaps from durable storage (after a restart).
+    pub fn restore(&mut self, open: impl IntoIterator<Item = Gap>) {
+        for g in open.into_iter().filter(|g| g.end_ms.is_none()) {
+            if g.cause == Cause::Short {
+                self.short.insert(g.contract, g);
+            } else {
+                let k = (g.contract, g.target.clone(), g.gpu.clone());
+                self.open.insert(
+                    k,
+                    OpenGpu {
+                        unreachable: g.cause == Cause::HostUnreachable,
+                        gap: g,
+                        absent_since: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// How many gaps are held in memory (open, closed not yet persisted, closed at their
+    /// host's last reading).
+    pub fn held(&self) -> usize {
+        self.open.len() + self.short.len() + self.closed.len() + self.recent.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;
