@@ -81,13 +81,7 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
             }
             None => c.billing_period(now),
         };
-        // The period's minutes and, for the renewal sizing, the longest lookback before its
-        // end (or before now, for the current period).
-        let to = period.1.div_euclid(MINUTE_MS);
-        let from = period
-            .0
-            .div_euclid(MINUTE_MS)
-            .min(to.min(now.div_euclid(MINUTE_MS) + 1) - statement::SIZING_MINUTES);
+        let (from, to) = statement::minutes_to_read(period, now);
         let read = store::read_minutes(&args.storage_path, &c.id, from, to, args.timeout)?;
         let info = LedgerInfo {
             since_minute: read.since_minute,

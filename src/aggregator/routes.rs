@@ -9,7 +9,6 @@ use hyper::StatusCode;
 use super::Shared;
 use crate::clock;
 use crate::http::{self, Handler};
-use crate::ledger::MINUTE_MS;
 use crate::statement::{self, focus, render, Late, LedgerInfo};
 
 /// Every route but the statements answers from memory; a statement awaits its minutes
@@ -126,11 +125,7 @@ impl Shared {
         };
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
-        let to = bounds.1.div_euclid(MINUTE_MS);
-        let from = bounds
-            .0
-            .div_euclid(MINUTE_MS)
-            .min(to.min(now.div_euclid(MINUTE_MS) + 1) - statement::SIZING_MINUTES);
+        let (from, to) = statement::minutes_to_read(bounds, now);
         let minutes = match self.writer.read(&contract.id, from, to.min(through)).await {
             Ok(m) => m,
             Err(e) => {

@@ -123,6 +123,18 @@ pub struct SizingSection {
 pub const SIZING_MINUTES: i64 =
     sizing::LOOKBACK_DAYS[sizing::LOOKBACK_DAYS.len() - 1] as i64 * sizing::DAY_MINUTES as i64;
 
+/// The minutes `[from, to)` a caller reads for [`build`] of the billing period
+/// `(start_ms, end_ms)` at `now_ms`: the period's own, and the longest sizing lookback before
+/// its end (or before now, for the current period).
+pub fn minutes_to_read(period: (i64, i64), now_ms: i64) -> (i64, i64) {
+    let to = period.1.div_euclid(MINUTE_MS);
+    let from = period
+        .0
+        .div_euclid(MINUTE_MS)
+        .min(to.min(now_ms.div_euclid(MINUTE_MS) + 1) - SIZING_MINUTES);
+    (from, to)
+}
+
 /// The statement of one contract's billing period.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Statement {
