@@ -35,12 +35,45 @@
 //! GPU's one open gap, the closed gaps not yet persisted ([`Gaps::pending`],
 //! [`Gaps::persisted`]) and, until its host's next reading, the gap closed at its last one.
 //!
-//! XID codes: the agent's `commitmeter_gpu_xid_errors_total{xid}` counters, as read with each
-//! reading. A code whose counter grew between two readings is attached to the GPU's gap
-//! covering that interval; a code a GPU shows for the first time grew from 0 (the agent
-//! exports a code's counter from its first event on), unless it is the GPU's first reading.
-//! The last counts are kept in memory only: after a restart the first reading is a new
-//! baseline.
+//! **XID codes**: the agent's `commitmeter_gpu_xid_errors_total{xid}` counters, read with
+//! each reading. A code's counter grew at a reading when it is higher than at the GPU's last
+//! reading; a code the GPU had not shown grew from 0 (the agent exports a code's counter from
+//! its first event on), and so did one lower than before (reset by an agent restart), but a
+//! GPU's first reading is only a baseline. A code that grew is attached to, in this order:
+//!
+//! 1. the GPU's gap open after the reading (still open, opened or reopened by it: the gap
+//!    of the interval the reading closes);
+//! 2. else its gap closed at this reading, or at the host's previous reading.
+//!
+//! So a code exported with the reading that ends a gap, or one round late (the host's first
+//! exposition after it came back, or an agent that exports the XID a round after the GPU
+//! fell off), is the gap's. A closed gap that takes a code after it was persisted is pending
+//! again ([`Gaps::pending`]): the next commit rewrites its row, with the minutes. Growth at
+//! any later reading is no gap's. The counts are kept in memory only: after a restart the
+//! first reading of a GPU is a new baseline.
+//!
+//! **Restart** ([`Gaps::restore`]): the store holds the gaps as of its last commit (rows of
+//! one GPU never overlap); the hosts' readings restored with them may be older (a host
+//! checkpoint written before the last commit) or gone (re-baselined after `kill -9`).
+//!
+//! - An open gap comes back open. A GPU with an open `gpu_lost` gap that its host's
+//!   restored reading lacks is known-but-lost capacity for `short` from the gap's start (the
+//!   first reading without it is not stored: in the minutes not yet sealed at the restart it
+//!   can be counted known twice for at most the interval after the start, which understates
+//!   `short`, never overstates it); where the host re-baselines, from its first reading if
+//!   that lacks the GPU (a restored `host_unreachable` gap of it then becomes `gpu_lost`). A
+//!   closed `gpu_lost` gap counts as known from its start to its end in the minutes not
+//!   sealed at the restart, whether its GPU was gone or only stalled (not stored): known
+//!   twice, if stalled, which again only understates `short`. So one outage is one piece of
+//!   evidence: its GPU's gap, never also `short`.
+//! - A `gpu_lost` gap whose host was also unreachable at the stop is not stored as such: if
+//!   the host's next reading shows the GPU delivered, the gap ends at the host's restored
+//!   reading (as a lost GPU's gap does), not at that next one (as an unreachable host's does).
+//! - The newest closed gap of a GPU that ends at or after its host's restored reading is taken
+//!   back as closed at its end: a gap of that GPU that would open by then reopens it instead
+//!   (the merging rule), so no gap ever opens before a stored one of its GPU ends, however old
+//!   the restored reading. A host that re-baselines judges nothing before its next reading,
+//!   so needs none.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -163,7 +196,8 @@ pub struct Seen<'a> {
 impl Gaps {
     /// Codes whose counters grew since the last reading of this GPU; remembers the counts of
     /// the GPUs `present`. A code a GPU read before had not shown grew from 0 (the agent
-    /// exports a code's counter from its first event on); a GPU's first counts are a baseline.
+    /// exports a code's counter from its first event on); a count lower than the last one was
+    /// reset (an agent restart) and grew from 0; a GPU's first counts are a baseline.
     fn xid_growth(
         &mut self,
         contract: usize,
@@ -178,7 +212,8 @@ impl Gaps {
             let last = self.xid_counts.entry(key).or_default();
             for (code, &n) in counts {
                 let before = last.get(code).copied().or(known.then_some(0));
-                if before.is_some_and(|p| n > p) {
+                // Grew; or lower than before: reset (the agent restarted) and counted since.
+                if before.is_some_and(|p| n > p || (0 < n && n < p)) {
                     grown
                         .entry(gpu.clone())
                         .or_default()
@@ -252,11 +287,6 @@ impl Gaps {
     pub fn read(&mut self, s: Seen<'_>) {
         let grown = self.xid_growth(s.contract, s.target, s.xids, s.present);
         let key = |gpu: &str| (s.contract, s.target.to_string(), gpu.to_string());
-        let attach = |gap: &mut Gap, gpu: &str| {
-            if let Some(codes) = grown.get(gpu) {
-                gap.xids.extend(codes.keys().cloned());
-            }
-        };
         let mut judged: BTreeSet<&str> = BTreeSet::new();
         if let Some(from) = s.from_ms {
             for (gpu, v) in s.verdicts {
@@ -268,7 +298,6 @@ impl Gaps {
                         let o = self.open_gap(k, from, Cause::GpuLost);
                         o.gap.cause = Cause::GpuLost;
                         o.unreachable = false;
-                        attach(&mut o.gap, gpu);
                         if gone && o.absent_since.is_none() {
                             o.absent_since = Some(s.at_ms);
                         }
@@ -279,17 +308,11 @@ impl Gaps {
                         };
                         // Unreachable until this reading; lost until the previous one (the
                         // counters prove the interval delivered).
-                        let end = if o.unreachable {
-                            attach(&mut o.gap, gpu);
-                            s.at_ms
-                        } else {
-                            from
-                        };
+                        let end = if o.unreachable { s.at_ms } else { from };
                         self.close(&k, end, Some(s.at_ms));
                     }
                     Verdict::Rejected => {
                         if let Some(o) = self.open.get_mut(&k) {
-                            attach(&mut o.gap, gpu);
                             o.unreachable = false;
                         }
                     }
@@ -302,14 +325,57 @@ impl Gaps {
                 continue;
             }
             let k = key(gpu);
-            if let Some(o) = self.open.get_mut(&k) {
-                attach(&mut o.gap, gpu);
+            if self.open.contains_key(&k) {
                 self.close(&k, s.at_ms, Some(s.at_ms));
             }
         }
-        // Gaps closed before this reading can no longer reopen.
+        // An open gap of a GPU this reading lacks and did not judge (a gap restored after a
+        // restart, its host re-baselining): the GPU is lost, known but no longer expected.
+        let host = (s.contract, s.target.to_string(), String::new());
+        for (k, o) in self.open.range_mut(host..) {
+            if k.0 != s.contract || k.1 != s.target {
+                break;
+            }
+            if !s.present.contains(&k.2) && !judged.contains(k.2.as_str()) {
+                o.gap.cause = Cause::GpuLost;
+                o.unreachable = false;
+                o.absent_since.get_or_insert(s.at_ms);
+            }
+        }
+        // XIDs: to the GPU's open gap, else to its gap closed at this reading or the last.
+        for (gpu, codes) in &grown {
+            let k = key(gpu);
+            if let Some(o) = self.open.get_mut(&k) {
+                o.gap.xids.extend(codes.keys().cloned());
+            } else if let Some((g, _)) = self.recent.get_mut(&k) {
+                let had = g.xids.len();
+                g.xids.extend(codes.keys().cloned());
+                if g.xids.len() != had {
+                    let g = g.clone();
+                    self.rewrite_closed(g);
+                }
+            }
+        }
+        // Gaps closed before this reading can no longer reopen, nor take XIDs.
         self.recent
             .retain(|k, (_, until)| !(k.0 == s.contract && k.1 == s.target && *until < s.at_ms));
+    }
+
+    /// A closed gap changed (late XIDs): pending again, in place of its pending copy, or,
+    /// if it was persisted, written again (the store replaces the row).
+    fn rewrite_closed(&mut self, g: Gap) {
+        let same = |c: &Gap| {
+            c.start_ms == g.start_ms
+                && c.gpu == g.gpu
+                && c.target == g.target
+                && c.contract == g.contract
+        };
+        if let Some(c) = self.closed.iter_mut().find(|c| same(&c.1)) {
+            c.1 = g;
+        } else {
+            self.closed.push((self.next_seq, g));
+            self.next_seq += 1;
+        }
     }
 
     /// The aggregator could not scrape a host last read at `last_ms` with `gpus`: each GPU
@@ -409,21 +475,55 @@ impl Gaps {
         self.closed.retain(|c| c.0 >= mark);
     }
 
-    /// Takes back open gaps from durable storage (after a restart).
-    pub fn restore(&mut self, open: impl IntoIterator<Item = Gap>) {
-        for g in open.into_iter().filter(|g| g.end_ms.is_none()) {
+    /// Takes back the gaps durable storage holds, after a restart: every open one, and the
+    /// closed ones that a restored host's next reading could meet (see the module's
+    /// *Restart* rules; more may be passed, they are ignored). `last(contract, target, gpu)`
+    /// is the host's last reading restored with the ledger: its time, and whether it had the
+    /// GPU; `None` where the host re-baselines.
+    pub fn restore(
+        &mut self,
+        gaps: impl IntoIterator<Item = Gap>,
+        last: impl Fn(usize, &str, &str) -> Option<(i64, bool)>,
+    ) {
+        let mut latest: BTreeMap<Key, (Gap, i64)> = BTreeMap::new();
+        for g in gaps {
             if g.cause == Cause::Short {
-                self.short.insert(g.contract, g);
-            } else {
-                let k = (g.contract, g.target.clone(), g.gpu.clone());
-                self.open.insert(
-                    k,
-                    OpenGpu {
-                        unreachable: g.cause == Cause::HostUnreachable,
-                        gap: g,
-                        absent_since: None,
-                    },
-                );
+                if g.end_ms.is_none() {
+                    self.short.insert(g.contract, g);
+                }
+                continue;
+            }
+            let host = last(g.contract, &g.target, &g.gpu);
+            let k = (g.contract, g.target.clone(), g.gpu.clone());
+            match g.end_ms {
+                None => {
+                    let gone = matches!(host, Some((_, false)));
+                    self.open.insert(
+                        k,
+                        OpenGpu {
+                            unreachable: g.cause == Cause::HostUnreachable && !gone,
+                            absent_since: gone.then_some(g.start_ms),
+                            gap: g,
+                        },
+                    );
+                }
+                Some(end) => {
+                    if g.cause == Cause::GpuLost {
+                        // Known-but-lost until its end, as far as minutes not sealed yet
+                        // go (whether it was gone or only stalled is not stored: as if gone).
+                        self.absent.push((g.contract, g.start_ms, end));
+                    }
+                    if host.is_some_and(|(at, _)| at <= end)
+                        && latest.get(&k).is_none_or(|l| l.1 < end)
+                    {
+                        latest.insert(k, (g, end));
+                    }
+                }
+            }
+        }
+        for (k, r) in latest {
+            if !self.open.contains_key(&k) {
+                self.recent.insert(k, r);
             }
         }
     }

@@ -382,9 +382,28 @@ impl Ledger {
         self.gaps.persisted(mark);
     }
 
-    /// Takes back the open gaps the store holds (after a restart, with [`Ledger::restore`]).
-    pub fn restore_gaps(&mut self, open: impl IntoIterator<Item = Gap>) {
-        self.gaps.restore(open);
+    /// Takes back the gaps the store holds (after a restart, with [`Ledger::restore`]): the
+    /// open ones, and the closed ones ending at or after [`Ledger::restore_gaps_from`] (more
+    /// are ignored). See [`gaps`], *Restart*.
+    pub fn restore_gaps(&mut self, gaps: impl IntoIterator<Item = Gap>) {
+        let hosts = &self.hosts;
+        self.gaps.restore(gaps, |contract, target, gpu| {
+            let last = hosts.get(&(target.to_string(), contract))?.last.as_ref()?;
+            Some((last.at_ms, last.gpus.contains_key(gpu)))
+        });
+    }
+
+    /// The earliest end of a closed gap that [`Ledger::restore_gaps`] needs: the earliest
+    /// last reading of a restored host, at which a new gap may open, or the first minute
+    /// not sealed, if earlier (a lost GPU is known capacity there). `None`: no host has a
+    /// reading (every host re-baselines, their contracts dark until read), so only the
+    /// open gaps are needed.
+    pub fn restore_gaps_from(&self) -> Option<i64> {
+        self.hosts
+            .values()
+            .filter_map(|h| h.last.as_ref().map(|l| l.at_ms))
+            .min()
+            .map(|t| t.min(self.sealed_through.saturating_mul(MINUTE_MS)))
     }
 
     fn attribute(&mut self, contract: usize, iv: &Interval) {

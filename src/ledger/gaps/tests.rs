@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::ledger::{GpuCounters, Ledger, Reading, MINUTE_MS};
+use crate::ledger::{GpuCounters, HostState, Ledger, Reading, Snapshot, MINUTE_MS};
 
 /// How one GPU fails in a script.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,20 +43,96 @@ struct Run {
     /// Per contract minute: undelivered.
     undelivered: BTreeMap<i64, i64>,
     end: i64,
+    /// With a [`Kill`]: what the restart found.
+    restart: Option<Restarted>,
+}
+
+/// How a killed aggregator restarted.
+#[derive(Debug, Clone, Copy)]
+struct Restarted {
+    /// The readings of the last commit before the kill.
+    committed_ms: i64,
+    /// The readings of the hosts' checkpoint it restored (`committed_ms` if that was the
+    /// last commit's; none if the hosts re-baselined).
+    restored_hosts_ms: Option<i64>,
+    /// The first round after the restart.
+    at_ms: i64,
+}
+
+/// An aggregator killed (`kill -9`: no flush) in round `round`, after reading its first
+/// `read_before` hosts, restarted `down_rounds` rounds later from what the store holds:
+/// the last commit's minutes and gaps, and the hosts' checkpoint written every
+/// `checkpoint_every` rounds. The store re-baselines hosts whose checkpoint is older than
+/// the last commit; `stale` restores that older checkpoint instead (the state up to
+/// `checkpoint_every` rounds old, as a store without that rule would).
+#[derive(Debug, Clone, Copy)]
+struct Kill {
+    round: i64,
+    read_before: usize,
+    down_rounds: i64,
+    checkpoint_every: i64,
+    stale: bool,
 }
 
 /// Runs a script through the ledger: a reading per host every `s` ms from 0, sealing each
 /// round with no grace, persisting the gaps every round.
 fn run(sc: &Script) -> Run {
+    run_with(sc, 0, None)
+}
+
+/// [`run`], the agents exporting XIDs `xid_lag` ms late, and the aggregator killed and
+/// restarted as `kill` says.
+fn run_with(sc: &Script, xid_lag: i64, kill: Option<Kill>) -> Run {
     let mut ledger = Ledger::new(1, 0);
     // As the store keeps them: one row per (contract, start, target, GPU), rewritten.
     let mut rows: BTreeMap<(usize, i64, String, String), Gap> = BTreeMap::new();
     let mut undelivered = BTreeMap::new();
     let mut end = 0;
-    for k in 0..=sc.rounds {
+    // The store: the last commit's round and snapshot, the hosts' last checkpoint and its
+    // round.
+    let mut committed: Option<(i64, Snapshot)> = None;
+    let mut checkpoint: (i64, Vec<(String, usize, HostState)>) = (-1, Vec::new());
+    let mut kill = kill;
+    let mut restart = None;
+    let mut k = 0;
+    'rounds: while k <= sc.rounds {
         let t = k * sc.s;
         end = t;
-        for (h, gpus) in sc.hosts.iter().enumerate() {
+        for h in 0..=sc.hosts.len() {
+            if let Some(kl) =
+                kill.filter(|kl| kl.round == k && kl.read_before.min(sc.hosts.len()) == h)
+            {
+                // kill -9: the memory is lost; restart from what the store holds.
+                kill = None;
+                let (at, mut snap) = committed.clone().expect("a commit before the kill");
+                let mut restored_hosts = Some(checkpoint.0 * sc.s);
+                if checkpoint.0 != at {
+                    if kl.stale {
+                        snap.hosts = checkpoint.1.clone();
+                    } else {
+                        // As `Store::load` does: the hosts re-baseline.
+                        restored_hosts = None;
+                        for (_, _, hs) in &mut snap.hosts {
+                            hs.last = None;
+                            hs.sized_since_ms = None;
+                            hs.carry = [0, 0];
+                        }
+                    }
+                }
+                ledger = Ledger::restore(1, snap);
+                // Every stored row: the ledger takes what it needs.
+                ledger.restore_gaps(rows.values().cloned());
+                k += kl.down_rounds;
+                restart = Some(Restarted {
+                    committed_ms: at * sc.s,
+                    restored_hosts_ms: restored_hosts,
+                    at_ms: k * sc.s,
+                });
+                continue 'rounds;
+            }
+            let Some(gpus) = sc.hosts.get(h) else {
+                break;
+            };
             let target = format!("h{h}");
             if sc.down[h].is_some_and(|(a, b)| (a..b).contains(&t)) {
                 ledger.unreachable(&target, 0);
@@ -77,13 +153,11 @@ fn run(sc: &Script) -> Run {
                         used_ms: 0,
                     },
                 );
-                // One XID 79 per second of outage: grows exactly while it lasts. Its series
-                // exists from the first one on, as the agent exports it.
-                if lost >= 1000 {
-                    xids.insert(
-                        gpu_name(g),
-                        BTreeMap::from([("79".to_string(), (lost / 1000) as u64)]),
-                    );
+                // One XID 79 per second of outage: grows exactly while it lasts (`xid_lag`
+                // later). Its series exists from the first one on, as the agent exports it.
+                let n = out_ms(*outage, t - xid_lag) / 1000;
+                if n >= 1 {
+                    xids.insert(gpu_name(g), BTreeMap::from([("79".to_string(), n as u64)]));
                 }
             }
             let r = Reading {
@@ -106,12 +180,19 @@ fn run(sc: &Script) -> Run {
             rows.insert((g.contract, g.start_ms, g.target.clone(), g.gpu.clone()), g);
         }
         ledger.gaps_persisted(mark);
+        let snap = ledger.snapshot();
+        if k % kill.map_or(1, |kl| kl.checkpoint_every.max(1)) == 0 {
+            checkpoint = (k, snap.hosts.clone());
+        }
+        committed = Some((k, snap));
+        k += 1;
     }
     Run {
         ledger,
         gaps: rows.into_values().collect(),
         undelivered,
         end,
+        restart,
     }
 }
 
@@ -337,6 +418,97 @@ fn union(mut v: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
+/// The first reading of host `h` at or after `t` that shows its GPU `g`.
+fn first_seen(sc: &Script, h: usize, g: usize, t: i64) -> i64 {
+    let mut at = (t + sc.s - 1).div_euclid(sc.s) * sc.s;
+    while sc.down[h].is_some_and(|(a, b)| (a..b).contains(&at))
+        || matches!(sc.hosts[h][g], Some((a, b, Mode::Vanishes)) if (a..b).contains(&at))
+    {
+        at += sc.s;
+    }
+    at
+}
+
+/// Per GPU: gaps never overlap, cover every scripted outage ms, and exceed the outages by
+/// at most one scrape interval at each end of each (outages within three intervals of each
+/// other counted as one, by the merging rule).
+///
+/// Across a restart: an outage that no reading judged (between the last commit and the
+/// first reading that shows the GPU after a restart that re-baselined its host) need not be covered (its
+/// minutes are unreported, not undelivered), nor one from a stale checkpoint's reading on
+/// (it knows an older fleet), nor a host down only while the aggregator was; and gaps may exceed the outages by the span
+/// the restart left unjudged or judged as one interval (from the restored hosts'
+/// checkpoint to their first reading after it).
+fn check_gaps(sc: &Script, r: &Run) -> Result<(), TestCaseError> {
+    for (h, gpus) in sc.hosts.iter().enumerate() {
+        for (g, o) in gpus.iter().enumerate() {
+            let back = r.restart.map(|x| first_seen(sc, h, g, x.at_ms));
+            // Unjudged, and coarsely judged, spans.
+            let (unjudged, slack) = match (r.restart, back) {
+                (Some(x), Some(back)) => match x.restored_hosts_ms {
+                    None => (Some((x.committed_ms, back)), back - x.committed_ms + sc.s),
+                    // A stale checkpoint knows an older fleet: what it does not know it cannot
+                    // judge.
+                    Some(from) if from < x.committed_ms => (Some((from, back)), back - from + sc.s),
+                    Some(from) => (None, back - from + sc.s),
+                },
+                _ => (None, 0),
+            };
+            let gaps = gpu_gaps(r, h, g);
+            let spans: Vec<(i64, i64)> = gaps
+                .iter()
+                .map(|x| (x.start_ms, x.end_ms.unwrap_or(r.end)))
+                .collect();
+            for w in spans.windows(2) {
+                prop_assert!(w[0].1 <= w[1].0, "overlap {:?} ({:?})", gaps, r.restart);
+            }
+            // Scrapes fail only while the aggregator runs: a host down only while it was
+            // not running is never seen down. And a `gpu_lost` gap whose host was also down
+            // at the restart is not stored as such: restored with the host's reading, it ends
+            // there if the next one shows the GPU delivered (see the module's *Restart*).
+            let down = sc.down[h].filter(|&(a, b)| {
+                r.restart.is_none_or(|x| {
+                    (a <= x.committed_ms || x.at_ms < b)
+                        && !(x.restored_hosts_ms.is_some()
+                            && a <= x.committed_ms
+                            && x.committed_ms < b)
+                })
+            });
+            let scripted = union(o.iter().map(|x| (x.0, x.1)).chain(down).collect());
+            let all = union(o.iter().map(|x| (x.0, x.1)).chain(sc.down[h]).collect());
+            // Outages closer than three scrape intervals may be one gap (each end may move
+            // by one interval, and one interval between readings is merged).
+            let merged = union(all.iter().map(|x| (x.0, x.1 + 3 * sc.s)).collect());
+            let merged: Vec<(i64, i64)> = merged.iter().map(|x| (x.0, x.1 - 3 * sc.s)).collect();
+            let covered = union(spans.clone());
+            for &(a, b) in &scripted {
+                if unjudged.is_some_and(|(u0, u1)| a <= u1 && u0 <= b) {
+                    continue;
+                }
+                prop_assert!(
+                    covered.iter().any(|c| c.0 <= a && b <= c.1),
+                    "outage {:?} not within gaps {:?} ({:?})",
+                    (a, b),
+                    gaps,
+                    r.restart
+                );
+            }
+            let total: i64 = spans.iter().map(|x| x.1 - x.0).sum();
+            let truth: i64 = scripted.iter().map(|x| x.1 - x.0).sum();
+            let merged_len: i64 = merged.iter().map(|x| x.1 - x.0).sum();
+            if unjudged.is_none() {
+                prop_assert!(total >= truth);
+            }
+            prop_assert!(
+                total <= merged_len + 2 * sc.s * merged.len() as i64 + slack,
+                "gaps {total} ms for outages {truth} ms ({scripted:?}): {gaps:?} ({:?})",
+                r.restart
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -345,40 +517,7 @@ proptest! {
     /// of each other counted as one, by the merging rule).
     #[test]
     fn gaps_match_the_scripted_outages(sc in script()) {
-        let r = run(&sc);
-        for (h, gpus) in sc.hosts.iter().enumerate() {
-            for (g, o) in gpus.iter().enumerate() {
-                let gaps = gpu_gaps(&r, h, g);
-                let spans: Vec<(i64, i64)> =
-                    gaps.iter().map(|x| (x.start_ms, x.end_ms.unwrap_or(r.end))).collect();
-                for w in spans.windows(2) {
-                    prop_assert!(w[0].1 <= w[1].0, "overlap {:?}", gaps);
-                }
-                let scripted = union(
-                    o.iter().map(|x| (x.0, x.1)).chain(sc.down[h]).collect(),
-                );
-                // Outages closer than three scrape intervals may be one gap (each end may
-                // move by one interval, and one interval between readings is merged).
-                let merged = union(scripted.iter().map(|x| (x.0, x.1 + 3 * sc.s)).collect());
-                let merged: Vec<(i64, i64)> =
-                    merged.iter().map(|x| (x.0, x.1 - 3 * sc.s)).collect();
-                let covered = union(spans.clone());
-                for &(a, b) in &scripted {
-                    prop_assert!(
-                        covered.iter().any(|c| c.0 <= a && b <= c.1),
-                        "outage {:?} not within gaps {:?}", (a, b), gaps
-                    );
-                }
-                let total: i64 = spans.iter().map(|x| x.1 - x.0).sum();
-                let truth: i64 = scripted.iter().map(|x| x.1 - x.0).sum();
-                let merged_len: i64 = merged.iter().map(|x| x.1 - x.0).sum();
-                prop_assert!(total >= truth);
-                prop_assert!(
-                    total <= merged_len + 2 * sc.s * merged.len() as i64,
-                    "gaps {total} ms for outages {truth} ms ({scripted:?}): {gaps:?}"
-                );
-            }
-        }
+        check_gaps(&sc, &run(&sc))?;
     }
 
     /// Every undelivered ms the ledger books lies in a GPU's gap or in a `short` interval,
@@ -408,6 +547,73 @@ proptest! {
                 undelivered <= in_gaps + short_per_minute + intervals * 2,
                 "minute {m}: undelivered {undelivered}, gaps {in_gaps}, short {short_per_minute}"
             );
+        }
+    }
+
+    /// Across a `kill -9` and a restart from the store (hosts re-baselined, their checkpoint
+    /// of the last commit, or, `stale`, one up to `checkpoint_every` rounds older): gaps per
+    /// GPU still never overlap and cover every outage a reading judged. And one outage is one
+    /// piece of evidence: a fleet that covers the commitment is never `short` (but where a
+    /// GPU vanished while no reading judged, so that the ledger does not know it; or from a
+    /// stale checkpoint, which knows an older fleet).
+    #[test]
+    fn gaps_survive_a_kill_and_a_restart(
+        sc in script(),
+        at in 0.0..1.0f64,
+        read_before in 0usize..4,
+        down_rounds in 0i64..4,
+        checkpoint_every in 1i64..30,
+        stale: bool,
+    ) {
+        let kill = Kill {
+            round: 1 + ((sc.rounds - 3) as f64 * at) as i64,
+            read_before,
+            down_rounds,
+            checkpoint_every,
+            stale,
+        };
+        let r = run_with(&sc, 0, Some(kill));
+        let x = r.restart.expect("killed");
+        check_gaps(&sc, &r)?;
+        let fleet: i64 = sc.hosts.iter().map(|h| h.len() as i64).sum();
+        let unseen = sc.hosts.iter().enumerate().any(|(h, gpus)| {
+            gpus.iter().enumerate().any(|(g, o)| {
+                o.is_some_and(|(a, b, m)| {
+                    m == Mode::Vanishes && a <= first_seen(&sc, h, g, x.at_ms) && x.committed_ms <= b
+                })
+            })
+        });
+        let older = x.restored_hosts_ms.is_some_and(|t| t < x.committed_ms);
+        if sc.committed <= fleet && !unseen && !older {
+            let short: Vec<&Gap> = r.gaps.iter().filter(|g| g.cause == Cause::Short).collect();
+            prop_assert!(short.is_empty(), "{short:?} ({x:?})");
+        }
+    }
+
+    /// XID codes exported with the outage or a round after attach to the gap of that
+    /// outage, and to no gap more than two scrape intervals from every outage of the GPU.
+    #[test]
+    fn xids_attach_to_the_gap_of_their_outage(sc in script(), late: bool) {
+        let r = run_with(&sc, if late { sc.s } else { 0 }, None);
+        for (h, gpus) in sc.hosts.iter().enumerate() {
+            for (g, o) in gpus.iter().enumerate() {
+                let gaps = gpu_gaps(&r, h, g);
+                let end = |x: &Gap| x.end_ms.unwrap_or(r.end);
+                if let Some((a, b, _)) = *o {
+                    if b - a >= 1000 {
+                        prop_assert!(
+                            gaps.iter().any(|x| x.start_ms < b && a < end(x) && x.xids.contains("79")),
+                            "outage {:?}: {:?}", o, gaps
+                        );
+                    }
+                }
+                for x in gaps.iter().filter(|x| !x.xids.is_empty()) {
+                    prop_assert!(
+                        o.is_some_and(|(a, b, _)| x.start_ms - 2 * sc.s <= b && a <= end(x) + 2 * sc.s),
+                        "{x:?} far from outage {o:?}"
+                    );
+                }
+            }
         }
     }
 }
@@ -451,4 +657,185 @@ fn a_first_xid_of_a_known_gpu_is_growth_and_a_new_gpus_counts_a_baseline() {
     assert_eq!(gaps[0].cause, Cause::HostUnreachable);
     assert_eq!((gaps[0].start_ms, gaps[0].end_ms), (15_000, Some(45_000)));
     assert_eq!(gaps[0].xids, BTreeSet::from(["79".to_string()]));
+}
+
+/// One reading of host `h`'s GPU `g` at `t` (agent started at `agent_start`, sampled since
+/// then `t - agent_start`) with `observed` ms and its XID counters.
+fn read_g(ledger: &mut Ledger, t: i64, agent_start: i64, observed: i64, xids: &[(&str, u64)]) {
+    let r = Reading {
+        received_ms: t + 3,
+        agent_ms: Some(t),
+        agent_start_ms: Some(agent_start),
+        sampled_ms: Some(t - agent_start.max(0)),
+        gpus: BTreeMap::from([(
+            "g".to_string(),
+            GpuCounters {
+                observed_ms: observed,
+                used_ms: 0,
+            },
+        )]),
+    };
+    let codes: BTreeMap<String, u64> = xids.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let xids = if codes.is_empty() {
+        Xids::new()
+    } else {
+        Xids::from([("g".to_string(), codes)])
+    };
+    ledger.observe_with_xids("h", 0, r, &xids);
+}
+
+fn codes(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|c| c.to_string()).collect()
+}
+
+/// The closed gaps pending, by start.
+fn closed_pending(ledger: &Ledger) -> Vec<Gap> {
+    let mut v: Vec<Gap> = ledger
+        .pending_gaps()
+        .0
+        .into_iter()
+        .filter(|g| g.end_ms.is_some())
+        .collect();
+    v.sort_by_key(|g| g.start_ms);
+    v
+}
+
+/// An XID whose counter grew at the reading that closed a gap, or at the host's next
+/// reading, is the gap's: the agent may export it a round after the GPU fell off, or with
+/// the first exposition after the host came back. One that grew later is not.
+#[test]
+fn a_late_xid_attaches_to_the_gap_that_just_closed() {
+    // Lost over (15 s, 30 s], delivered over (30 s, 45 s]: the gap ends at 30 s, closed
+    // by the reading at 45 s, which shows XID 79.
+    let mut ledger = Ledger::new(1, 0);
+    read_g(&mut ledger, 0, -1, 0, &[]);
+    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
+    read_g(&mut ledger, 30_000, -1, 20_000, &[]);
+    read_g(&mut ledger, 45_000, -1, 35_000, &[("79", 1)]);
+    let g = closed_pending(&ledger);
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!((g[0].start_ms, g[0].end_ms), (15_000, Some(30_000)));
+    assert_eq!(g[0].xids, codes(&["79"]));
+
+    // Unreachable from 15 s, back at 45 s; XID 79 at 60 s (a round later), persisted in
+    // between: handed to the store again, with the code. XID 48 at 75 s is not the gap's.
+    let mut ledger = Ledger::new(1, 0);
+    read_g(&mut ledger, 0, -1, 0, &[]);
+    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
+    ledger.unreachable("h", 0);
+    read_g(&mut ledger, 45_000, -1, 45_000, &[]);
+    let (written, mark) = ledger.pending_gaps();
+    assert_eq!(written.len(), 1);
+    assert!(written[0].xids.is_empty());
+    ledger.gaps_persisted(mark);
+    assert!(ledger.pending_gaps().0.is_empty());
+    read_g(&mut ledger, 60_000, -1, 60_000, &[("79", 1)]);
+    let g = closed_pending(&ledger);
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!(
+        (g[0].start_ms, g[0].end_ms, g[0].cause),
+        (15_000, Some(45_000), Cause::HostUnreachable)
+    );
+    assert_eq!(g[0].xids, codes(&["79"]));
+    let (_, mark) = ledger.pending_gaps();
+    ledger.gaps_persisted(mark);
+    read_g(&mut ledger, 75_000, -1, 75_000, &[("79", 1), ("48", 1)]);
+    assert_eq!(ledger.pending_gaps().0, vec![]);
+}
+
+/// A host that rebooted comes back with its agent's counters reset: an XID counter lower
+/// than before grew from 0 (Prometheus's rule for a counter reset).
+#[test]
+fn an_xid_counter_reset_by_an_agent_restart_is_growth() {
+    let mut ledger = Ledger::new(1, 0);
+    read_g(&mut ledger, 0, -1, 0, &[("79", 3)]);
+    read_g(&mut ledger, 15_000, -1, 15_000, &[("79", 3)]);
+    ledger.unreachable("h", 0);
+    // The agent restarted at 40 s and counted one XID 79 since.
+    read_g(&mut ledger, 45_000, 40_000, 5_000, &[("79", 1)]);
+    let g = closed_pending(&ledger);
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!((g[0].start_ms, g[0].end_ms), (15_000, Some(45_000)));
+    assert_eq!(g[0].xids, codes(&["79"]));
+}
+
+/// A GPU gone before a restart is one piece of evidence after it: its restored `gpu_lost`
+/// gap, never also `short` (the commitment is the fleet's 2 GPUs). Whether the restart
+/// restores the host's last reading (a clean stop) or the host re-baselines (`kill -9`
+/// between host checkpoints); and the gap still ends when the GPU returns.
+#[test]
+fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short_after_it() {
+    for rebaseline in [false, true] {
+        let sc = one(Some((100_000, 2_000_000, Mode::Vanishes)), None);
+        let reading = |t: i64| {
+            let gone = (100_000..2_000_000).contains(&t);
+            let mut gpus = BTreeMap::new();
+            gpus.insert(
+                gpu_name(1),
+                GpuCounters {
+                    observed_ms: t,
+                    used_ms: 0,
+                },
+            );
+            if !gone {
+                gpus.insert(
+                    gpu_name(0),
+                    GpuCounters {
+                        observed_ms: t - out_ms(sc.hosts[0][0], t),
+                        used_ms: 0,
+                    },
+                );
+            }
+            Reading {
+                received_ms: t + 3,
+                agent_ms: Some(t),
+                agent_start_ms: Some(-1),
+                sampled_ms: Some(t),
+                gpus,
+            }
+        };
+        let mut ledger = Ledger::new(1, 0);
+        let mut rows: BTreeMap<(i64, String), Gap> = BTreeMap::new();
+        let commit = |ledger: &mut Ledger, rows: &mut BTreeMap<(i64, String), Gap>, t: i64| {
+            ledger.seal(t, 0, |_, a, b| 2 * (b - a));
+            let (pending, mark) = ledger.pending_gaps();
+            for g in pending {
+                rows.insert((g.start_ms, g.gpu.clone()), g);
+            }
+            ledger.gaps_persisted(mark);
+        };
+        for k in 0..=40 {
+            let t = k * 15_000;
+            ledger.observe("h0", 0, reading(t));
+            if k == 0 {
+                ledger.start_after(t);
+            }
+            commit(&mut ledger, &mut rows, t);
+        }
+        let mut snap = ledger.snapshot();
+        if rebaseline {
+            for (_, _, h) in &mut snap.hosts {
+                h.last = None;
+                h.sized_since_ms = None;
+            }
+        }
+        let mut ledger = Ledger::restore(1, snap);
+        ledger.restore_gaps(rows.values().cloned());
+        for k in 41..=160 {
+            let t = k * 15_000;
+            ledger.observe("h0", 0, reading(t));
+            commit(&mut ledger, &mut rows, t);
+        }
+        let gaps: Vec<&Gap> = rows.values().collect();
+        assert!(
+            gaps.iter().all(|g| g.cause != Cause::Short),
+            "rebaseline {rebaseline}: {gaps:?}"
+        );
+        assert_eq!(gaps.len(), 1, "rebaseline {rebaseline}: {gaps:?}");
+        assert_eq!(
+            (gaps[0].start_ms, gaps[0].end_ms, gaps[0].cause),
+            (90_000, Some(2_010_000), Cause::GpuLost),
+            "rebaseline {rebaseline}"
+        );
+    }
 }
