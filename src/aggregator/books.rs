@@ -51,8 +51,13 @@ pub trait LedgerStore: Send + 'static {
         gaps: &[Gap],
     ) -> Result<(), Self::Error>;
 
-    /// The delivery gaps still open at the last commit, for [`Books::restore`].
-    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, Self::Error>;
+    /// The delivery gaps a restart takes back ([`Books::restore`]): those still open at the
+    /// last commit, and those that ended at or after `closed_from_ms` (`None`: none).
+    fn gaps_to_restore(
+        &self,
+        ids: &[String],
+        closed_from_ms: Option<i64>,
+    ) -> Result<Vec<Gap>, Self::Error>;
 
     /// At a clean stop: whatever the store defers (host checkpoints).
     fn flush(&mut self) -> Result<(), Self::Error>;
@@ -84,8 +89,12 @@ impl LedgerStore for super::store::Store {
     ) -> Result<(), Self::Error> {
         super::store::Store::commit_with_gaps(self, ids, sealed, snap, gaps)
     }
-    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, Self::Error> {
-        super::store::Store::open_gaps(self, ids)
+    fn gaps_to_restore(
+        &self,
+        ids: &[String],
+        closed_from_ms: Option<i64>,
+    ) -> Result<Vec<Gap>, Self::Error> {
+        super::store::Store::gaps_to_restore(self, ids, closed_from_ms)
     }
     fn flush(&mut self) -> Result<(), Self::Error> {
         super::store::Store::flush(self)
@@ -164,7 +173,8 @@ impl Books {
             None => Ledger::new(contracts.len(), now_ms),
         };
         let ids: Vec<String> = contracts.iter().map(|c| c.id.clone()).collect();
-        ledger.restore_gaps(store.open_gaps(&ids)?);
+        let closed_from = ledger.restore_gaps_from();
+        ledger.restore_gaps(store.gaps_to_restore(&ids, closed_from)?);
         let through = ledger.sealed_through();
         let mut running = Vec::new();
         let mut minutes = Vec::new();

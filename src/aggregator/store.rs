@@ -1322,20 +1322,28 @@ impl Store {
         gaps_from(&self.conn, &ids[contract], contract, from_ms, to_ms).map_err(|e| self.err(e))
     }
 
-    /// The open delivery gaps of the contracts in `ids`, for
-    /// [`crate::ledger::Ledger::restore_gaps`] after a restart.
-    pub fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, StoreError> {
+    /// The delivery gaps of the contracts in `ids` that
+    /// [`crate::ledger::Ledger::restore_gaps`] takes back after a restart: the open ones,
+    /// and the closed ones that ended at or after `closed_from_ms`
+    /// ([`crate::ledger::Ledger::restore_gaps_from`]; `None`: none). One scan of the table,
+    /// at start only.
+    pub fn gaps_to_restore(
+        &self,
+        ids: &[String],
+        closed_from_ms: Option<i64>,
+    ) -> Result<Vec<Gap>, StoreError> {
         let mut out = Vec::new();
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1 AND end_ms IS NULL
-                 ORDER BY start_ms, target, gpu"
+                "SELECT {GAP_COLUMNS} FROM gaps WHERE contract = ?1
+                 AND (end_ms IS NULL OR end_ms >= ?2) ORDER BY start_ms, target, gpu"
             ))
             .map_err(|e| self.err(e))?;
+        let from = closed_from_ms.unwrap_or(i64::MAX);
         for (c, id) in ids.iter().enumerate() {
             let rows = stmt
-                .query_map(params![id], |r| gap_row(r, c))
+                .query_map(params![id, from], |r| gap_row(r, c))
                 .map_err(|e| self.err(e))?;
             for g in rows {
                 out.push(g.map_err(|e| self.err(e))?);
@@ -1835,7 +1843,7 @@ mod tests {
     }
 
     #[test]
-    fn gaps_are_written_with_a_commit_read_by_period_and_restored_open() {
+    fn gaps_are_written_with_a_commit_read_by_period_restored_and_rewritten_with_late_xids() {
         let (_tmp, dir) = scratch("gaps");
         let ids = vec!["a".to_string()];
         let mut ledger = Ledger::new(1, 0);
@@ -1851,7 +1859,7 @@ mod tests {
             .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
             .unwrap();
         ledger.gaps_persisted(mark);
-        assert_eq!(store.open_gaps(&ids).unwrap(), gaps);
+        assert_eq!(store.gaps_to_restore(&ids, None).unwrap(), gaps);
         // It returns: the gap closes at the reading that starts the first full interval.
         ledger.observe("h:1", 0, reading(180_000, 60_000));
         let sealed = ledger.seal(180_000, 0, |_, a, b| b - a);
@@ -1865,7 +1873,25 @@ mod tests {
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!((got[0].start_ms, got[0].end_ms), (60_000, Some(120_000)));
         assert_eq!(got[0].cause, Cause::GpuLost);
-        assert!(store.open_gaps(&ids).unwrap().is_empty());
+        assert!(store.gaps_to_restore(&ids, None).unwrap().is_empty());
+        // For a restart whose hosts' readings go back to its end, the closed one too.
+        assert_eq!(store.gaps_to_restore(&ids, Some(120_000)).unwrap(), got);
+        assert_eq!(store.gaps_to_restore(&ids, Some(120_001)).unwrap(), vec![]);
+        // An XID the agent exports a round late: the persisted gap's row takes it with the
+        // next commit (and its minutes).
+        let xid =
+            crate::ledger::Xids::from([("GPU-1".to_string(), [("79".to_string(), 1)].into())]);
+        ledger.observe_with_xids("h:1", 0, reading(240_000, 120_000), &xid);
+        let sealed = ledger.seal(240_000, 0, |_, a, b| b - a);
+        let (gaps, mark) = ledger.pending_gaps();
+        store
+            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
+            .unwrap();
+        ledger.gaps_persisted(mark);
+        let got = store.gaps(&ids, 0, 0, 300_000).unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].start_ms, got[0].end_ms), (60_000, Some(120_000)));
+        assert_eq!(got[0].xids, ["79".to_string()].into());
         // By period: a gap overlapping the period's edges only.
         assert_eq!(store.gaps(&ids, 0, 120_000, 200_000).unwrap(), vec![]);
         assert_eq!(store.gaps(&ids, 0, 0, 60_000).unwrap(), vec![]);

@@ -41,8 +41,8 @@ selector = '{{provider="p"}}'
 }
 
 /// A store in memory: rows by (contract, minute), the last snapshot, delivery gaps by
-/// (contract, target, GPU, cause, start) with how often each was written, and a switch that
-/// makes every commit fail.
+/// (contract, start, target, GPU), the store's key, with how often each was written, and a
+/// switch that makes every commit fail.
 #[derive(Default)]
 struct MemStore {
     rows: BTreeMap<(String, i64), Totals>,
@@ -51,7 +51,7 @@ struct MemStore {
     broken: bool,
 }
 
-type GapKey = (String, String, String, &'static str, i64);
+type GapKey = (String, i64, String, String);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -94,10 +94,9 @@ impl LedgerStore for MemStore {
         for g in gaps {
             let key = (
                 ids[g.contract].clone(),
+                g.start_ms,
                 g.target.clone(),
                 g.gpu.clone(),
-                g.cause.as_str(),
-                g.start_ms,
             );
             let writes = self.gaps.get(&key).map_or(0, |w| w.1);
             self.gaps.insert(key, (g.clone(), writes + 1));
@@ -113,11 +112,16 @@ impl LedgerStore for MemStore {
         Ok(())
     }
 
-    fn open_gaps(&self, ids: &[String]) -> Result<Vec<Gap>, MemError> {
+    fn gaps_to_restore(
+        &self,
+        ids: &[String],
+        closed_from_ms: Option<i64>,
+    ) -> Result<Vec<Gap>, MemError> {
+        let from = closed_from_ms.unwrap_or(i64::MAX);
         Ok(self
             .gaps
             .iter()
-            .filter(|(_, (g, _))| g.end_ms.is_none())
+            .filter(|(_, (g, _))| g.end_ms.is_none_or(|e| e >= from))
             .filter_map(|(k, (g, _))| {
                 let contract = ids.iter().position(|id| *id == k.0)?;
                 Some(Gap {
@@ -490,7 +494,7 @@ fn delivery_gaps_are_written_with_the_minutes_and_a_closed_one_once() {
     books.unreachable("h:9473", 0);
     write(&mut books, &mut store);
     write(&mut books, &mut store);
-    let open_gaps = store.open_gaps(&["c".to_string()]).unwrap();
+    let open_gaps = store.gaps_to_restore(&["c".to_string()], None).unwrap();
     assert_eq!(open_gaps.len(), 1, "{:?}", store.gaps);
     assert_eq!(
         (open_gaps[0].start_ms, open_gaps[0].cause),
@@ -499,4 +503,131 @@ fn delivery_gaps_are_written_with_the_minutes_and_a_closed_one_once() {
     let mut again = open(&store, contracts(1, None), 5 * M);
     let Commit { gaps, .. } = again.start_write(crate::clock::monotonic_now()).unwrap();
     assert_eq!(gaps, open_gaps);
+}
+
+/// An agent's report at `t` (started at `T0`) of GPUs (UUID, observed ms), model H100.
+fn observed(t: i64, gpus: &[(&str, i64)]) -> HostReport {
+    let mut r = report(t, &[]);
+    for (uuid, ms) in gpus {
+        r.gpus.insert(
+            uuid.to_string(),
+            GpuReport {
+                observed_ms: *ms,
+                busy_ms: Some(0),
+                allocated_ms: None,
+                model: Some("NVIDIA H100 80GB HBM3".to_string()),
+            },
+        );
+    }
+    r
+}
+
+/// The store's gaps of one GPU (`""`: `short`), by start.
+fn gaps_of(store: &MemStore, gpu: &str) -> Vec<Gap> {
+    store
+        .gaps
+        .values()
+        .map(|(g, _)| g.clone())
+        .filter(|g| g.gpu == gpu)
+        .collect()
+}
+
+/// As `Store::load` restores hosts whose checkpoint is older than the last commit (a
+/// `kill -9` between the hourly host checkpoints): they re-baseline.
+fn rebaseline(store: &mut MemStore) {
+    for (_, _, h) in &mut store.snap.as_mut().unwrap().hosts {
+        h.last = None;
+        h.sized_since_ms = None;
+        h.carry = [0, 0];
+    }
+}
+
+/// One outage is one piece of evidence across a restart: a GPU gone before it keeps its
+/// restored `gpu_lost` gap and is not also `short` (the contract commits the host's 2 GPUs),
+/// whether the restart restores the host's reading (a clean stop) or re-baselines it
+/// (`kill -9`); the gap closes when the GPU returns.
+#[test]
+fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short() {
+    for kill in [false, true] {
+        let mut store = MemStore::default();
+        let mut books = open(&store, contracts(2, None), 0);
+        let both = |t: i64| observed(t, &[("gpu-1", t - T0), ("gpu-2", t - T0)]);
+        let one = |t: i64| observed(t, &[("gpu-1", t - T0)]);
+        let mut t = T0 + 15_000;
+        books.record("h:9473", 0, t, &both(t));
+        books.start_after(t);
+        let round = |books: &mut Books, store: &mut MemStore, t: i64, r: &HostReport| {
+            books.record("h:9473", 0, t, r);
+            books.seal_due(t);
+            write(books, store);
+        };
+        // gpu-2 is gone from the second reading for 10 minutes; the restart is at 5.
+        while t < T0 + 5 * M {
+            t += 15_000;
+            round(&mut books, &mut store, t, &one(t));
+        }
+        if kill {
+            rebaseline(&mut store);
+        }
+        let mut books = open(&store, contracts(2, None), 0);
+        while t < T0 + 11 * M {
+            t += 15_000;
+            let r = if t < T0 + 10 * M { one(t) } else { both(t) };
+            round(&mut books, &mut store, t, &r);
+        }
+        assert_eq!(gaps_of(&store, ""), vec![], "kill {kill}: short");
+        let lost = gaps_of(&store, "gpu-2");
+        assert_eq!(lost.len(), 1, "kill {kill}: {lost:?}");
+        assert_eq!(
+            (lost[0].cause, lost[0].start_ms, lost[0].end_ms),
+            (Cause::GpuLost, T0 + 15_000, Some(T0 + 10 * M)),
+            "kill {kill}"
+        );
+    }
+}
+
+/// A restart from a host checkpoint older than the stored gaps (as a store would that
+/// restored the hourly checkpoint after a crash instead of re-baselining): the first
+/// interval after it spans a stored gap, and the gap it finds reopens that one instead of
+/// overlapping it. The rows of a GPU never overlap.
+#[test]
+fn a_restart_from_an_old_host_checkpoint_never_opens_a_gap_over_a_stored_one() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts(1, None), 0);
+    // gpu-1 stalls from 30 s to 60 s after T0.
+    let at = |t: i64| observed(t, &[("gpu-1", t - T0 - (t - T0 - 30_000).clamp(0, 30_000))]);
+    let mut t = T0 + 15_000;
+    books.record("h:9473", 0, t, &at(t));
+    books.start_after(t);
+    write(&mut books, &mut store);
+    let old = store.snap.clone().unwrap().hosts;
+    while t < T0 + 3 * M {
+        t += 15_000;
+        books.record("h:9473", 0, t, &at(t));
+        books.seal_due(t);
+        write(&mut books, &mut store);
+    }
+    let stored = gaps_of(&store, "gpu-1");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(
+        (stored[0].start_ms, stored[0].end_ms),
+        (T0 + 30_000, Some(T0 + 60_000))
+    );
+
+    store.snap.as_mut().unwrap().hosts = old;
+    let mut books = open(&store, contracts(1, None), 0);
+    for _ in 0..3 {
+        t += 15_000;
+        books.record("h:9473", 0, t, &at(t));
+        books.seal_due(t);
+        write(&mut books, &mut store);
+    }
+    // The interval from 15 s on is short (by the stall): its gap is the stored one,
+    // reopened, to the first reading after it.
+    let gaps = gaps_of(&store, "gpu-1");
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(
+        (gaps[0].start_ms, gaps[0].end_ms, gaps[0].cause),
+        (T0 + 30_000, Some(T0 + 3 * M + 15_000), Cause::GpuLost)
+    );
 }
