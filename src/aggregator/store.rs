@@ -1847,27 +1847,27 @@ mod tests {
         let (_tmp, dir) = scratch("gaps");
         let ids = vec!["a".to_string()];
         let mut ledger = Ledger::new(1, 0);
+        let mut store = Store::open(&dir).unwrap();
+        // Seals through `t`, commits with the pending gaps; returns them.
+        let commit = |store: &mut Store, ledger: &mut Ledger, t: i64| -> Vec<Gap> {
+            let sealed = ledger.seal(t, 0, |_, a, b| b - a);
+            let (gaps, mark) = ledger.pending_gaps();
+            store
+                .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
+                .unwrap();
+            ledger.gaps_persisted(mark);
+            gaps
+        };
         ledger.observe("h:1", 0, reading(60_000, 0));
         // The GPU stalls between 60 s and 120 s: one gpu_lost gap, open.
         ledger.observe("h:1", 0, reading(120_000, 0));
         ledger.unreachable("h:2", 0); // never seen: nothing
-        let sealed = ledger.seal(120_000, 0, |_, a, b| b - a);
-        let mut store = Store::open(&dir).unwrap();
-        let (gaps, mark) = ledger.pending_gaps();
+        let gaps = commit(&mut store, &mut ledger, 120_000);
         assert_eq!(gaps.len(), 1);
-        store
-            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
-            .unwrap();
-        ledger.gaps_persisted(mark);
         assert_eq!(store.gaps_to_restore(&ids, None).unwrap(), gaps);
         // It returns: the gap closes at the reading that starts the first full interval.
         ledger.observe("h:1", 0, reading(180_000, 60_000));
-        let sealed = ledger.seal(180_000, 0, |_, a, b| b - a);
-        let (gaps, mark) = ledger.pending_gaps();
-        store
-            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
-            .unwrap();
-        ledger.gaps_persisted(mark);
+        commit(&mut store, &mut ledger, 180_000);
         assert_eq!(ledger.pending_gaps().0, vec![]);
         let got = store.gaps(&ids, 0, 0, 200_000).unwrap();
         assert_eq!(got.len(), 1, "{got:?}");
@@ -1882,12 +1882,7 @@ mod tests {
         let xid =
             crate::ledger::Xids::from([("GPU-1".to_string(), [("79".to_string(), 1)].into())]);
         ledger.observe_with_xids("h:1", 0, reading(240_000, 120_000), &xid);
-        let sealed = ledger.seal(240_000, 0, |_, a, b| b - a);
-        let (gaps, mark) = ledger.pending_gaps();
-        store
-            .commit_with_gaps(&ids, &sealed, &ledger.snapshot(), &gaps)
-            .unwrap();
-        ledger.gaps_persisted(mark);
+        commit(&mut store, &mut ledger, 240_000);
         let got = store.gaps(&ids, 0, 0, 300_000).unwrap();
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!((got[0].start_ms, got[0].end_ms), (60_000, Some(120_000)));

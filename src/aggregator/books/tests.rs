@@ -532,6 +532,13 @@ fn gaps_of(store: &MemStore, gpu: &str) -> Vec<Gap> {
         .collect()
 }
 
+/// A scrape round of host `h:9473` at `t` with report `r`, sealed and written.
+fn round(books: &mut Books, store: &mut MemStore, t: i64, r: &HostReport) {
+    books.record("h:9473", 0, t, r);
+    books.seal_due(t);
+    write(books, store);
+}
+
 /// As `Store::load` restores hosts whose checkpoint is older than the last commit (a
 /// `kill -9` between the hourly host checkpoints): they re-baseline.
 fn rebaseline(store: &mut MemStore) {
@@ -556,11 +563,6 @@ fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short() {
         let mut t = T0 + 15_000;
         books.record("h:9473", 0, t, &both(t));
         books.start_after(t);
-        let round = |books: &mut Books, store: &mut MemStore, t: i64, r: &HostReport| {
-            books.record("h:9473", 0, t, r);
-            books.seal_due(t);
-            write(books, store);
-        };
         // gpu-2 is gone from the second reading for 10 minutes; the restart is at 5.
         while t < T0 + 5 * M {
             t += 15_000;
@@ -603,9 +605,7 @@ fn a_restart_from_an_old_host_checkpoint_never_opens_a_gap_over_a_stored_one() {
     let old = store.snap.clone().unwrap().hosts;
     while t < T0 + 3 * M {
         t += 15_000;
-        books.record("h:9473", 0, t, &at(t));
-        books.seal_due(t);
-        write(&mut books, &mut store);
+        round(&mut books, &mut store, t, &at(t));
     }
     let stored = gaps_of(&store, "gpu-1");
     assert_eq!(stored.len(), 1, "{stored:?}");
@@ -618,9 +618,7 @@ fn a_restart_from_an_old_host_checkpoint_never_opens_a_gap_over_a_stored_one() {
     let mut books = open(&store, contracts(1, None), 0);
     for _ in 0..3 {
         t += 15_000;
-        books.record("h:9473", 0, t, &at(t));
-        books.seal_due(t);
-        write(&mut books, &mut store);
+        round(&mut books, &mut store, t, &at(t));
     }
     // The interval from 15 s on is short (by the stall): its gap is the stored one,
     // reopened, to the first reading after it.

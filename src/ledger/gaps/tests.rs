@@ -624,32 +624,11 @@ proptest! {
 #[test]
 fn a_first_xid_of_a_known_gpu_is_growth_and_a_new_gpus_counts_a_baseline() {
     let mut ledger = Ledger::new(1, 0);
-    let read = |ledger: &mut Ledger, t: i64, xids: &[(&str, u64)]| {
-        let r = Reading {
-            received_ms: t + 3,
-            agent_ms: Some(t),
-            agent_start_ms: Some(-1),
-            sampled_ms: Some(t),
-            gpus: BTreeMap::from([(
-                gpu_name(0),
-                GpuCounters {
-                    observed_ms: t,
-                    used_ms: 0,
-                },
-            )]),
-        };
-        let codes: BTreeMap<String, u64> = xids.iter().map(|(c, n)| (c.to_string(), *n)).collect();
-        let xids = if codes.is_empty() {
-            Xids::new()
-        } else {
-            Xids::from([(gpu_name(0), codes)])
-        };
-        ledger.observe_with_xids("h0", 0, r, &xids);
-    };
-    // h0's first reading already counts XID 48 (before this aggregator): a baseline.
+    let read = |ledger: &mut Ledger, t: i64, xids: &[(&str, u64)]| read_g(ledger, t, -1, t, xids);
+    // h's first reading already counts XID 48 (before this aggregator): a baseline.
     read(&mut ledger, 0, &[("48", 2)]);
     read(&mut ledger, 15_000, &[("48", 2)]);
-    ledger.unreachable("h0", 0);
+    ledger.unreachable("h", 0);
     // Back with a first XID 79: the gap's.
     read(&mut ledger, 45_000, &[("48", 2), ("79", 1)]);
     let (gaps, _) = ledger.pending_gaps();
