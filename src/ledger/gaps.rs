@@ -251,12 +251,7 @@ impl Gaps {
         if !self.open.contains_key(&k) {
             let gap = match self.recent.remove(&k) {
                 Some((mut g, until)) if start_ms <= until => {
-                    self.closed.retain(|(_, c)| {
-                        !(c.start_ms == g.start_ms
-                            && c.gpu == g.gpu
-                            && c.target == g.target
-                            && c.contract == g.contract)
-                    });
+                    self.unpend(&g);
                     g.end_ms = None;
                     g
                 }
@@ -361,21 +356,23 @@ impl Gaps {
             .retain(|k, (_, until)| !(k.0 == s.contract && k.1 == s.target && *until < s.at_ms));
     }
 
-    /// A closed gap changed (late XIDs): pending again, in place of its pending copy, or,
+    /// A closed gap changed (late XIDs): pending again, numbered anew in place of a pending
+    /// copy (a write in flight may hold that one: the change goes with the next write), or,
     /// if it was persisted, written again (the store replaces the row).
     fn rewrite_closed(&mut self, g: Gap) {
-        let same = |c: &Gap| {
-            c.start_ms == g.start_ms
+        self.unpend(&g);
+        self.closed.push((self.next_seq, g));
+        self.next_seq += 1;
+    }
+
+    /// Drops the pending closed copy of gap `g` (the same contract, target, GPU and start).
+    fn unpend(&mut self, g: &Gap) {
+        self.closed.retain(|(_, c)| {
+            !(c.start_ms == g.start_ms
                 && c.gpu == g.gpu
                 && c.target == g.target
-                && c.contract == g.contract
-        };
-        if let Some(c) = self.closed.iter_mut().find(|c| same(&c.1)) {
-            c.1 = g;
-        } else {
-            self.closed.push((self.next_seq, g));
-            self.next_seq += 1;
-        }
+                && c.contract == g.contract)
+        });
     }
 
     /// The aggregator could not scrape a host last read at `last_ms` with `gpus`: each GPU

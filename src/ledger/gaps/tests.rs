@@ -720,6 +720,21 @@ fn a_late_xid_attaches_to_the_gap_that_just_closed() {
     ledger.gaps_persisted(mark);
     read_g(&mut ledger, 75_000, -1, 75_000, &[("79", 1), ("48", 1)]);
     assert_eq!(ledger.pending_gaps().0, vec![]);
+
+    // The same, the closed gap in a write still in flight when XID 79 comes: that write
+    // succeeding does not drop the change, which goes with the next one.
+    let mut ledger = Ledger::new(1, 0);
+    read_g(&mut ledger, 0, -1, 0, &[]);
+    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
+    ledger.unreachable("h", 0);
+    read_g(&mut ledger, 45_000, -1, 45_000, &[]);
+    let (in_flight, mark) = ledger.pending_gaps();
+    assert!(in_flight[0].xids.is_empty());
+    read_g(&mut ledger, 60_000, -1, 60_000, &[("79", 1)]);
+    ledger.gaps_persisted(mark);
+    let g = closed_pending(&ledger);
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!(g[0].xids, codes(&["79"]));
 }
 
 /// A host that rebooted comes back with its agent's counters reset: an XID counter lower
