@@ -6,7 +6,6 @@ use anyhow::{anyhow, bail, Context};
 use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
-use crate::ledger::MINUTE_MS;
 use crate::statement::{self, focus, gaps, render, Late, LedgerInfo, Statement};
 
 /// The format of `--evidence`, from its file's extension.
@@ -92,11 +91,16 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
             }),
         };
         // An open gap counts up to the first minute not yet sealed, as the minutes do.
-        let until = read
-            .sealed_through_minute
-            .map_or(now, |m| m.saturating_mul(MINUTE_MS));
+        let until = statement::gaps_until(&info, now);
         gap_rows.extend(gaps::rows(&c.id, &read.gaps, period.0, period.1, until));
-        statements.push(statement::build(c, period, &read.minutes, &info, now));
+        statements.push(statement::build(
+            c,
+            period,
+            &read.minutes,
+            &read.gaps,
+            &info,
+            now,
+        ));
     }
     if let Some((path, format)) = evidence {
         let out = match format {

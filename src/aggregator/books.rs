@@ -39,6 +39,10 @@ pub trait LedgerStore: Send + 'static {
         to_minute: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error>;
 
+    /// A contract's delivery gaps overlapping `[from_ms, to_ms)`, open ones included, as of
+    /// the last commit (for a statement).
+    fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error>;
+
     /// Newly sealed minutes, the ledger's snapshot and its pending delivery gaps (open ones
     /// and those closed since the last commit), atomically and durably (`Ok`: stored). A
     /// sealed minute written again with the same figures is accepted; a gap written again
@@ -74,6 +78,9 @@ impl LedgerStore for super::store::Store {
         to: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error> {
         super::store::Store::minutes(self, contract, from, to)
+    }
+    fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error> {
+        super::store::Store::gaps(self, &[contract.to_string()], 0, from_ms, to_ms)
     }
     fn commit(
         &mut self,

@@ -126,7 +126,7 @@ impl Shared {
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
-        let minutes = match self.writer.read(&contract.id, from, to.min(through)).await {
+        let (minutes, gaps) = match self.writer.read(&contract.id, from, to.min(through)).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(contract = %contract.id, error = %e, "cannot read the ledger for a statement");
@@ -138,7 +138,7 @@ impl Shared {
         };
         let contract = contract.clone();
         let built = tokio::task::spawn_blocking(move || {
-            let s = statement::build(&contract, bounds, &minutes, &info, now);
+            let s = statement::build(&contract, bounds, &minutes, &gaps, &info, now);
             match format {
                 Format::Csv => render::csv(&s).map_err(|e| e.to_string()),
                 Format::Json => Ok(render::json(&s)),

@@ -12,7 +12,7 @@ use super::books::{Commit, Finished, LedgerStore};
 use super::metrics::OperationLabels;
 use super::{Shared, REJECT_LOG_EVERY_MS};
 use crate::clock;
-use crate::ledger::Totals;
+use crate::ledger::{Gap, Totals, MINUTE_MS};
 
 /// The store's thread: one job at a time, in order.
 pub(super) struct Writer {
@@ -24,8 +24,9 @@ pub(super) struct Writer {
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Sealed minutes `(minute, totals)` of a contract, in order.
-pub(super) type Minutes = Vec<(i64, Totals)>;
+/// Sealed minutes `(minute, totals)` of a contract, in order, and its delivery gaps
+/// overlapping them: what a statement is built from.
+pub(super) type Minutes = (Vec<(i64, Totals)>, Vec<Gap>);
 
 enum WriteJob {
     /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
@@ -33,7 +34,8 @@ enum WriteJob {
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
-    /// A contract's sealed minutes `[from, to)`, for a statement.
+    /// A contract's sealed minutes `[from, to)` and its gaps overlapping them, for a
+    /// statement.
     Read {
         contract: String,
         from: i64,
@@ -63,7 +65,14 @@ impl Writer {
                             to,
                             done,
                         } => {
-                            let r = store.minutes(&contract, from, to);
+                            let r = store.minutes(&contract, from, to).and_then(|m| {
+                                let g = store.gaps(
+                                    &contract,
+                                    from.saturating_mul(MINUTE_MS),
+                                    to.saturating_mul(MINUTE_MS),
+                                )?;
+                                Ok((m, g))
+                            });
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                     }
@@ -75,8 +84,8 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)`, read by the writer thread between
-    /// two writes: the caller awaits, no runtime thread waits for the disk.
+    /// Contract `contract`'s sealed minutes `[from, to)` and delivery gaps overlapping them
+    /// (as `commitmeter statement` reads them), read by the writer thread between two writes: the caller awaits, no runtime thread waits for the disk.
     pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
         let _turn = self
             .reads

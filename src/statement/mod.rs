@@ -8,10 +8,13 @@
 //! (`used − overage + idle + undelivered + unreported = committed`) holds on every row. GPU-hours,
 //! costs and ratios are derived from those integers once, when rendered ([`render`]).
 //!
-//! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`]; the delivery
-//! gaps' evidence export is [`gaps`].
+//! Sections other modules add (SLA credit, delivery gaps summary, renewal sizing) go into
+//! [`Sections`]; the period's charges in micro-units are [`charges`]; the delivery gaps'
+//! evidence export is [`gaps`].
 
+pub mod charges;
 pub mod focus;
+pub mod gap_summary;
 pub mod gaps;
 pub mod render;
 pub mod sizing;
@@ -21,7 +24,7 @@ use serde::Serialize;
 
 use crate::contract::{Contract, Sla};
 use crate::ledger::totals::billed;
-use crate::ledger::{Kind, Totals, MINUTE_MS};
+use crate::ledger::{Gap, Kind, Totals, MINUTE_MS};
 
 /// Milliseconds in an hour: GPU-ms per GPU-hour.
 pub const HOUR_MS: i64 = 3_600_000;
@@ -92,6 +95,8 @@ impl Row {
 pub struct Sections {
     /// The SLA credit of the period ([`sla`]), for a contract with an `sla`.
     pub sla: Option<SlaSection>,
+    /// The period's delivery gaps, per cause ([`gap_summary`]).
+    pub gaps: Option<gap_summary::GapSummary>,
     /// Renewal sizing ([`sizing`]) over the lookbacks ending at [`SizingSection::end_ms`].
     pub sizing: Option<SizingSection>,
 }
@@ -162,6 +167,8 @@ pub struct Statement {
     /// One per local calendar day of the period, in order.
     pub days: Vec<Row>,
     pub total: Row,
+    /// What the period costs: commitment, overage, the SLA credit once it is over.
+    pub charges: charges::Charges,
     pub sections: Sections,
     /// Local time of an instant, for rendering (the contract's calendar).
     local_times: Vec<(i64, String)>,
@@ -191,15 +198,25 @@ pub fn parse_period(s: &str) -> Result<(i16, i8), String> {
     Ok((year, month))
 }
 
+/// Where the open delivery gaps of a statement made at `now_ms` run to: the first minute not
+/// yet sealed, as the minutes do (`now_ms` for a ledger that has sealed nothing).
+pub fn gaps_until(ledger: &LedgerInfo, now_ms: i64) -> i64 {
+    ledger
+        .sealed_through_minute
+        .map_or(now_ms, |m| m.saturating_mul(MINUTE_MS))
+}
+
 /// Builds the statement of `contract`'s billing period `[period.0, period.1)` from the
-/// ledger's sealed minutes `(minute, totals)` (each minute at most once), at `now_ms`. The rows
+/// ledger's sealed minutes `(minute, totals)` (each minute at most once) and its delivery
+/// gaps overlapping the period (open ones running to [`gaps_until`]), at `now_ms`. The rows
 /// sum the minutes inside the period; the renewal sizing reads the used GPU-ms of the minutes
 /// in the [`SIZING_MINUTES`] before the period's end (or before the first minute not yet
-/// sealed, when earlier), so pass those too.
+/// sealed, when earlier), so pass those too. The one builder of the CLI and the HTTP route.
 pub fn build(
     contract: &Contract,
     period: (i64, i64),
     minutes: &[(i64, Totals)],
+    gaps: &[Gap],
     ledger: &LedgerInfo,
     now_ms: i64,
 ) -> Statement {
@@ -239,13 +256,34 @@ pub fn build(
         total.minutes_accounted += 1;
     }
     let ledger_since_ms = ledger.since_minute.map(|m| m.saturating_mul(MINUTE_MS));
-    let sections = sections(contract, period, minutes, ledger, &total);
+    let mut sections = sections(contract, period, minutes, ledger, &total);
+    sections.gaps = Some(gap_summary::summarize(
+        gaps,
+        period,
+        gaps_until(ledger, now_ms),
+    ));
+    let provisional = now_ms < end;
+    let credit = sections
+        .sla
+        .as_ref()
+        .filter(|_| !provisional)
+        .map(|z| z.assessment.credit_micros);
+    let charges = charges::of(contract, &total.totals, credit);
     let mut local_times: Vec<(i64, String)> = rows
         .iter()
         .flat_map(|r| [r.start_ms, r.end_ms])
         .chain([start, end])
         .chain(ledger_since_ms)
         .chain(sections.sizing.as_ref().map(|z| z.end_ms))
+        .chain(sections.gaps.iter().flat_map(|g| {
+            [g.until_ms, g.end_ms].into_iter().chain(
+                g.causes
+                    .iter()
+                    .filter_map(|c| c.longest.as_ref())
+                    .flat_map(|l| [Some(l.start_ms), l.end_ms])
+                    .flatten(),
+            )
+        }))
         .map(|t| (t, contract.local_time(t)))
         .collect();
     local_times.sort();
@@ -262,12 +300,13 @@ pub fn build(
         period: format!("{y:04}-{m:02}"),
         start_ms: start,
         end_ms: end,
-        provisional: now_ms < end,
+        provisional,
         starts_before_ledger: ledger_since_ms.is_none_or(|s| s > start),
         ledger_since_ms,
         late: ledger.late,
         days: rows,
         total,
+        charges,
         sections,
         local_times,
     }
@@ -312,6 +351,7 @@ fn sections(
         .collect();
     Sections {
         sla,
+        gaps: None,
         sizing: Some(SizingSection {
             end_ms,
             current_gpus,

@@ -81,6 +81,15 @@ impl LedgerStore for MemStore {
             .collect())
     }
 
+    fn gaps(&self, contract: &str, from: i64, to: i64) -> Result<Vec<Gap>, MemError> {
+        Ok(self
+            .gaps
+            .iter()
+            .filter(|(k, (g, _))| k.0 == contract && g.overlap_ms(from, to) > 0)
+            .map(|(_, (g, _))| g.clone())
+            .collect())
+    }
+
     fn commit(
         &mut self,
         ids: &[String],
