@@ -148,7 +148,7 @@ fn the_statement_equals_the_ledgers_minutes_in_every_format() {
         &data,
         &["--period=2026-10", "--format=focus"],
     ));
-    assert_eq!(validate_focus(&focus), 3 * 31);
+    assert_eq!(validate_focus(&focus).rows, 3 * 31);
     assert!(
         focus.contains(",2026-10-25,"),
         "the local day in x_LocalDate"
@@ -300,6 +300,45 @@ fn the_evidence_is_the_periods_delivery_gaps_in_csv_and_json() {
     }
     assert_eq!(json[0]["xids"], serde_json::json!(["79"]));
     assert!(json[2]["end"].is_null());
+
+    // The statement's summary of the same gaps: per cause, the evidence rows' part within
+    // the period summed (a short gap inside the period: its shortfall, whole), the longest
+    // and the ones still running at its end.
+    let doc: serde_json::Value = serde_json::from_str(&ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=json"],
+    )))
+    .unwrap();
+    let causes = doc["delivery_gaps"]["causes"].as_array().unwrap();
+    let summary: Vec<(&str, i64, i64, i64, bool)> = causes
+        .iter()
+        .map(|c| {
+            (
+                c["cause"].as_str().unwrap(),
+                c["gaps"].as_i64().unwrap(),
+                c["gpu_ms"].as_i64().unwrap(),
+                c["open"].as_i64().unwrap(),
+                c["prorated"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("gpu_lost", 1, H, 0, false),
+            ("host_unreachable", 1, 12 * H, 1, false),
+            ("short", 1, 3 * H, 0, false),
+        ]
+    );
+    assert_eq!(causes[0]["xids"], serde_json::json!(["79"]));
+    assert_eq!(causes[0]["longest"]["duration_ms"], 2 * H);
+    assert_eq!(
+        doc["delivery_gaps"]["until"], "2026-10-04T00:00:00+02:00",
+        "open gaps run to the first minute not yet sealed"
+    );
+    let text = ok(&statement(&config, &data, &["--period=2026-10"]));
+    assert!(text.contains("Delivery gaps in the period"), "{text}");
 }
 
 #[test]
@@ -434,8 +473,9 @@ fn a_running_demo_is_read_without_stopping_it() {
 /// The golden month: contract "golden" in Europe/Berlin, October 2026 (the 25-hour day on
 /// Oct 25), 16 GPUs committed, 24 from Oct 15 (a ramp step mid-month); three hosts of 8 GPUs
 /// read every 10 minutes through the pure ledger; all 24 GPUs busy on Oct 3–6 (overage while
-/// 16 are committed), host h3 unreachable from Oct 17 12:00 to Oct 18 06:00 local (its GPUs
-/// unreported meanwhile; what it reports on return is late), GPU h2-7 lost from Oct 20 on.
+/// 16 are committed), host h3 unreachable from Oct 17 10:00 to Oct 18 04:00 local (no reading
+/// in between, each failed scrape told to the ledger; its GPUs unreported meanwhile; what it
+/// reports on return is late), GPU h2-7 lost from Oct 20 on.
 const GOLDEN: &str = r#"
 [[targets]]
 targets = ["h1:9473", "h2:9473", "h3:9473"]
@@ -631,6 +671,49 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
         sla.claim_deadline.as_ref().unwrap().1,
         "2026-12-01T00:00:00+01:00[Europe/Berlin]"
     );
+    // The delivery gaps, by hand from the script: h2-7 lost from the last reading that saw it
+    // (Oct 19 23:50) and still lost at the end, inside the period 289 h 10 min (its
+    // undelivered GPU-ms exactly), 15 min more to the last sealed minute; h3's 8 GPUs from
+    // its last reading before the outage (Oct 17 09:50) to its first after (Oct 18 04:00),
+    // 18 h 10 min each (2 GPU-hours more than their unreported: the last 15 minutes were not
+    // sealed yet when h3 returned, and its counters delivered them); never short.
+    use commitmeter::ledger::Cause;
+    let gaps = s.sections.gaps.as_ref().unwrap();
+    let cause = |c: Cause| gaps.causes.iter().find(|x| x.cause == c).unwrap();
+    let lost = cause(Cause::GpuLost);
+    assert_eq!((lost.gaps, lost.open), (1, 1));
+    assert_eq!(lost.gpu_ms, s.total.totals.undelivered);
+    assert_eq!(lost.gpu_ms, (289 * 60 + 10) * MINUTE_MS);
+    let longest = lost.longest.as_ref().unwrap();
+    assert_eq!(
+        (longest.gpu.as_str(), longest.start_ms, longest.end_ms),
+        ("h2-7", OCT_1_MS + 19 * 86_400_000 - 10 * MINUTE_MS, None)
+    );
+    assert_eq!(longest.duration_ms, (289 * 60 + 25) * MINUTE_MS);
+    let dark = cause(Cause::HostUnreachable);
+    assert_eq!((dark.gaps, dark.open), (8, 0));
+    assert_eq!(dark.gpu_ms, 8 * (18 * 60 + 10) * MINUTE_MS);
+    assert_eq!(dark.gpu_ms - s.total.totals.unreported, 8 * 15 * MINUTE_MS);
+    let longest = dark.longest.as_ref().unwrap();
+    assert_eq!(
+        (longest.start_ms, longest.end_ms),
+        (
+            OCT_1_MS + 16 * 86_400_000 + (9 * 60 + 50) * MINUTE_MS,
+            Some(OCT_1_MS + 17 * 86_400_000 + 4 * 3_600_000)
+        )
+    );
+    let short = cause(Cause::Short);
+    assert_eq!((short.gaps, short.gpu_ms), (0, 0));
+    // The charges: the commitment (30,384.00), the overage of Oct 3-6 (8 GPUs beyond the 16
+    // committed for 96 hours: 768 GPU-hours at the on-demand 3.00 = 2,304.00), less the
+    // credit of the closed period (3,038.40).
+    let ch = &s.charges;
+    assert_eq!(ch.overage_gpu_ms, 768 * 3_600_000);
+    assert_eq!(
+        (ch.committed_micros, ch.overage_micros, ch.credit_micros),
+        (30_384_000_000, 2_304_000_000, Some(3_038_400_000))
+    );
+    assert_eq!(ch.due_micros, 29_649_600_000);
     // The last week: 23 GPUs at six levels (8.88 .. 13.4 GPUs) in equal shares; at 2.00
     // committed against 3.00 on demand the cheapest commitment is 10 GPUs: 3,360.00 + the
     // use beyond 10 (1.34667 GPUs on average × 168 h × 3.00 = 678.72) = 4,038.72.
@@ -666,8 +749,10 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
 /// (Decimal in numeric format, Date/Time as UTC `YYYY-MM-DDTHH:mm:ssZ`), allowed values,
 /// nullability and the required-when rules between columns, and the commitment's cost rules:
 /// per commitment, the usage rows' EffectiveCost sums to the purchases' BilledCost, and per
-/// charge period Used + Unused quantities are the purchased quantity.
-fn validate_focus(text: &str) -> usize {
+/// charge period Used + Unused quantities are the purchased quantity; the `Credit` row (costs
+/// equal to what it bills, no quantity or unit prices) and usage outside the commitment (no
+/// `CommitmentDiscount*` columns, billed as used).
+fn validate_focus(text: &str) -> FocusCheck {
     use std::collections::BTreeMap;
     let mut r = csv::Reader::from_reader(text.as_bytes());
     let headers: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
@@ -763,9 +848,14 @@ fn validate_focus(text: &str) -> usize {
         assert!(headers.iter().any(|h| h == c), "{c} missing");
     }
     let micros = |v: &str| -> i128 {
-        let (i, f) = v.split_once('.').unwrap();
+        let (i, f) = v.trim_start_matches('-').split_once('.').unwrap();
         assert_eq!(f.len(), 6, "{v}: 6 decimals");
-        i.parse::<i128>().unwrap() * 1_000_000 + f.parse::<i128>().unwrap()
+        let m = i.parse::<i128>().unwrap() * 1_000_000 + f.parse::<i128>().unwrap();
+        if v.starts_with('-') {
+            -m
+        } else {
+            m
+        }
     };
     let nanohours = |v: &str| -> i128 {
         let (i, f) = v.split_once('.').unwrap();
@@ -775,6 +865,7 @@ fn validate_focus(text: &str) -> usize {
     let mut usage_effective: BTreeMap<String, i128> = BTreeMap::new();
     let mut purchase_billed: BTreeMap<String, i128> = BTreeMap::new();
     let mut per_period: BTreeMap<(String, String), [i128; 3]> = BTreeMap::new();
+    let (mut effective_total, mut billed_total) = (0i128, 0i128);
     let mut n = 0;
     for rec in r.records() {
         let rec = rec.unwrap();
@@ -828,8 +919,37 @@ fn validate_focus(text: &str) -> usize {
             get("CommitmentDiscountQuantity").is_empty()
         );
         if usage_or_purchase && !correction {
-            assert!(!get("PricingQuantity").is_empty());
+            for c in ["PricingQuantity", "ContractedUnitPrice", "ListUnitPrice"] {
+                assert!(!get(c).is_empty(), "{c} is null on a {category} row");
+            }
         }
+        // No corrections are written: a credit of the period is not one (FOCUS: ChargeClass
+        // is null for a charge within the current billing period).
+        assert!(!correction);
+        if category == "Credit" {
+            // A charge unrelated to other charges: EffectiveCost matches BilledCost, and so
+            // do ListCost and ContractedCost where their unit prices are null. A credit is
+            // granted: negative.
+            assert!(micros(get("BilledCost")) < 0, "a credit bills less");
+            assert_eq!(get("EffectiveCost"), get("BilledCost"));
+            assert!(get("CommitmentDiscountStatus").is_empty());
+        }
+        for (unit, cost) in [
+            ("ContractedUnitPrice", "ContractedCost"),
+            ("ListUnitPrice", "ListCost"),
+        ] {
+            if get(unit).is_empty() {
+                assert_eq!(get(cost), get("BilledCost"), "{cost} without {unit}");
+            }
+        }
+        if category == "Usage" && !on_commitment {
+            // Usage outside the commitment (overage) is billed as it is used: nothing
+            // amortized, nothing covered.
+            assert_eq!(get("EffectiveCost"), get("BilledCost"));
+            assert!(micros(get("BilledCost")) >= 0);
+        }
+        effective_total += micros(get("EffectiveCost"));
+        billed_total += micros(get("BilledCost"));
         assert_eq!(
             get("PricingUnit").is_empty(),
             get("PricingQuantity").is_empty()
@@ -839,12 +959,15 @@ fn validate_focus(text: &str) -> usize {
             // A purchase covering the period's usage: its effective cost is in the usage rows.
             assert_eq!(micros(get("EffectiveCost")), 0);
         }
-        let q = nanohours(get("PricingQuantity"));
         // Quantity × unit price matches the cost (to the rounding of both to their decimals).
         for (unit, cost) in [
             ("ContractedUnitPrice", "ContractedCost"),
             ("ListUnitPrice", "ListCost"),
         ] {
+            if get("PricingQuantity").is_empty() || get(unit).is_empty() {
+                continue;
+            }
+            let q = nanohours(get("PricingQuantity"));
             let want = q * micros(get(unit));
             let got = micros(get(cost)) * 1_000_000_000;
             assert!(
@@ -852,7 +975,7 @@ fn validate_focus(text: &str) -> usize {
                 "{cost}"
             );
         }
-        if on_commitment {
+        if on_commitment && usage_or_purchase {
             let slot = per_period
                 .entry((id.to_string(), get("ChargePeriodStart").to_string()))
                 .or_default();
@@ -881,7 +1004,18 @@ fn validate_focus(text: &str) -> usize {
         // Each is rounded to 9 decimals on its own: at most a nanohour apart.
         assert!((bought - used - unused).abs() <= 1, "{k:?}");
     }
-    n
+    // Amortized or billed, the rows cost the same in all.
+    assert_eq!(effective_total, billed_total);
+    FocusCheck {
+        rows: n,
+        effective_micros: effective_total,
+    }
+}
+
+/// What [`validate_focus`] read: the rows, and their EffectiveCost summed in micro-units.
+struct FocusCheck {
+    rows: usize,
+    effective_micros: i128,
 }
 
 #[test]
@@ -892,7 +1026,18 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     let (s, _) = golden_statement();
     let out = focus::csv(std::slice::from_ref(&s)).unwrap();
     golden("statement-golden-2026-10.focus.csv", &out);
-    assert_eq!(validate_focus(&out), 3 * s.days.len());
+    let check = validate_focus(&out);
+    // Three rows a day, an overage row on each day with overage (Oct 2-6: the readings that
+    // show everything busy cover the 10 minutes before each, so the busy spell starts on the
+    // last 10 minutes of Oct 2), one credit row.
+    let overage_days = s.days.iter().filter(|d| d.totals.overage > 0).count();
+    assert_eq!(overage_days, 5);
+    assert_eq!(check.rows, 3 * s.days.len() + overage_days + 1);
+    // The rows' EffectiveCost is the statement's cost (commitment and overage) less the SLA
+    // credit, to the micro-unit.
+    let credit = s.charges.credit_micros.unwrap();
+    assert_eq!(check.effective_micros, s.charges.total_micros - credit);
+    assert_eq!(check.effective_micros, 29_649_600_000);
     // Each x_ kind column sums (over rows) to the statement's total, to the nanohour.
     let mut r = csv::Reader::from_reader(out.as_bytes());
     let headers = r.headers().unwrap().clone();
@@ -1156,6 +1301,13 @@ fn the_aggregator_serves_the_statement_the_cli_writes() {
     let cli_doc: serde_json::Value = serde_json::from_str(&cli("--format=json")).unwrap();
     assert_eq!(doc["total"], cli_doc["total"]);
     assert_eq!(doc["days"], cli_doc["days"]);
+    // The same builder: the charges and the delivery gaps summary beside the SLA.
+    assert!(doc["delivery_gaps"]["causes"].is_array(), "{}", json.1);
+    assert_eq!(
+        doc["delivery_gaps"]["causes"],
+        cli_doc["delivery_gaps"]["causes"]
+    );
+    assert_eq!(doc["charges"], cli_doc["charges"]);
 }
 
 #[test]
