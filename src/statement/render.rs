@@ -217,7 +217,7 @@ fn gaps_text(s: &Statement, g: &GapSummary) -> String {
     for c in &g.causes {
         let l = c.longest.as_ref();
         table.push(vec![
-            format!("  {}", c.cause.as_str()),
+            c.cause.as_str().to_string(),
             c.gaps.to_string(),
             format!(
                 "{}{}",
@@ -244,7 +244,11 @@ fn gaps_text(s: &Statement, g: &GapSummary) -> String {
             c.open.to_string(),
         ]);
     }
-    out.push_str(&layout(&table, false));
+    for line in layout(&table, false).lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
     if g.causes.iter().any(|c| c.prorated) {
         out.push_str("  ~ a short gap crossing the period's edge: its GPU-hours split by time\n");
     }
