@@ -1218,6 +1218,51 @@ fn the_evidence_of_a_real_fleet_is_its_scripted_outages() {
         "no capacity short of 3 GPUs: {}",
         table()
     );
+
+    // The running aggregator's statement summarizes the same gaps (its route builds the
+    // statement as the CLI does, from the gaps it has committed).
+    let cli: serde_json::Value = serde_json::from_str(&ok(&statement(
+        &config,
+        &data,
+        &["--format=json", "--timeout=20s"],
+    )))
+    .unwrap();
+    let period = cli["period"].as_str().unwrap();
+    let (status, body) = http_get(&agg.addr, &format!("/statements/lab/{period}.json"));
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let summary = |doc: &serde_json::Value| -> Vec<(String, i64, i64, serde_json::Value)> {
+        doc["delivery_gaps"]["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["cause"].as_str().unwrap().to_string(),
+                    c["gaps"].as_i64().unwrap(),
+                    c["open"].as_i64().unwrap(),
+                    c["xids"].clone(),
+                )
+            })
+            .collect()
+    };
+    let want = vec![
+        ("gpu_lost".to_string(), 1, 1, serde_json::json!([])),
+        (
+            "host_unreachable".to_string(),
+            1,
+            0,
+            serde_json::json!(["79"]),
+        ),
+        ("short".to_string(), 0, 0, serde_json::json!([])),
+    ];
+    assert_eq!(summary(&doc), want, "{body}");
+    assert_eq!(summary(&cli), want);
+    assert_eq!(
+        doc["delivery_gaps"]["causes"][1]["gpu_ms"],
+        serde_json::json!(end - start),
+        "the host's one GPU, for the whole gap: {body}"
+    );
 }
 
 /// The index of column `name`.

@@ -126,7 +126,11 @@ impl Shared {
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
-        let (minutes, gaps) = match self.writer.read(&contract.id, from, to.min(through)).await {
+        let (minutes, gaps) = match self
+            .writer
+            .read(&contract.id, from, to.min(through), to)
+            .await
+        {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(contract = %contract.id, error = %e, "cannot read the ledger for a statement");

@@ -34,12 +34,13 @@ enum WriteJob {
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
-    /// A contract's sealed minutes `[from, to)` and its gaps overlapping them, for a
-    /// statement.
+    /// A contract's sealed minutes `[from, to)` and its gaps overlapping `[from, gaps_to)`
+    /// (minutes), for a statement.
     Read {
         contract: String,
         from: i64,
         to: i64,
+        gaps_to: i64,
         done: tokio::sync::oneshot::Sender<Result<Minutes, String>>,
     },
 }
@@ -63,13 +64,14 @@ impl Writer {
                             contract,
                             from,
                             to,
+                            gaps_to,
                             done,
                         } => {
                             let r = store.minutes(&contract, from, to).and_then(|m| {
                                 let g = store.gaps(
                                     &contract,
                                     from.saturating_mul(MINUTE_MS),
-                                    to.saturating_mul(MINUTE_MS),
+                                    gaps_to.saturating_mul(MINUTE_MS),
                                 )?;
                                 Ok((m, g))
                             });
@@ -84,9 +86,16 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)` and delivery gaps overlapping them
-    /// (as `commitmeter statement` reads them), read by the writer thread between two writes: the caller awaits, no runtime thread waits for the disk.
-    pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
+    /// Contract `contract`'s sealed minutes `[from, to)` and its delivery gaps overlapping
+    /// the minutes `[from, gaps_to)` (as `commitmeter statement` reads them: the gaps of the
+    /// whole period, the minutes sealed), read by the writer thread between two writes: the caller awaits, no runtime thread waits for the disk.
+    pub(super) async fn read(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+        gaps_to: i64,
+    ) -> Result<Minutes, String> {
         let _turn = self
             .reads
             .acquire()
@@ -98,6 +107,7 @@ impl Writer {
                 contract: contract.to_string(),
                 from,
                 to,
+                gaps_to,
                 done,
             })
             .map_err(|_| WRITER_GONE.to_string())?;
