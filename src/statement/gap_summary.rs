@@ -182,16 +182,8 @@ mod tests {
     const T0: i64 = 1_790_000_000_000;
 
     fn gap(cause: Cause, gpu: &str, start: i64, end: Option<i64>) -> Gap {
-        Gap {
-            contract: 0,
-            target: if cause == Cause::Short { "" } else { "h:1" }.into(),
-            gpu: gpu.into(),
-            cause,
-            start_ms: start,
-            end_ms: end,
-            short_gpu_ms: 0,
-            xids: BTreeSet::new(),
-        }
+        let target = if cause == Cause::Short { "" } else { "h:1" };
+        super::super::gaps::tests::gap(target, gpu, cause, start, end)
     }
 
     fn of(s: &GapSummary, cause: Cause) -> &CauseSummary {
