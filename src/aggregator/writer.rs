@@ -24,8 +24,12 @@ pub(super) struct Writer {
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Sealed minutes `(minute, totals)` of a contract, in order.
-pub(super) type Minutes = Vec<(i64, Totals)>;
+/// What a statement reads of a contract: its sealed minutes `(minute, totals)` and the
+/// late GPU-ms `(minute, delivered, used)` that arrived for them, each in order.
+pub(super) struct Minutes {
+    pub minutes: Vec<(i64, Totals)>,
+    pub late: Vec<(i64, i64, i64)>,
+}
 
 enum WriteJob {
     /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
@@ -51,7 +55,7 @@ impl Writer {
                 for job in queue {
                     match job {
                         WriteJob::Commit { commit, done } => {
-                            let r = store.commit(&ids, &commit.sealed, &commit.snap, &commit.gaps);
+                            let r = store.commit(&ids, &commit);
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {
@@ -63,7 +67,10 @@ impl Writer {
                             to,
                             done,
                         } => {
-                            let r = store.minutes(&contract, from, to);
+                            let r = store.minutes(&contract, from, to).and_then(|minutes| {
+                                let late = store.late_minutes(&contract, from, to)?;
+                                Ok(Minutes { minutes, late })
+                            });
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                     }
@@ -75,7 +82,7 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)`, read by the writer thread between
+    /// Contract `contract`'s sealed minutes `[from, to)` and their late GPU-ms, read by the writer thread between
     /// two writes: the caller awaits, no runtime thread waits for the disk.
     pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
         let _turn = self
