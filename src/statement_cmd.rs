@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context};
 use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
-use crate::statement::{self, focus, gaps, render, Late, LedgerInfo, Statement};
+use crate::statement::{self, focus, gaps, render, LedgerInfo, Statement};
 
 /// The format of `--evidence`, from its file's extension.
 enum Evidence {
@@ -85,10 +85,7 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
         let info = LedgerInfo {
             since_minute: read.since_minute,
             sealed_through_minute: read.sealed_through_minute,
-            late: read.late.map(|(d, u)| Late {
-                delivered_gpu_ms: d,
-                used_gpu_ms: u,
-            }),
+            late: statement::late_by_minute(&read.late),
         };
         // An open gap counts up to the first minute not yet sealed, as the minutes do.
         let until = statement::gaps_until(&info, now);

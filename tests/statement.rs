@@ -570,14 +570,21 @@ fn golden_statement() -> (
         }
         t += step;
     }
-    let late = ledger.late()[0];
+    // Nothing was written: every late GPU-ms is pending, by the minute it was for, and
+    // they add up to the ledger's all-time late sums.
+    let late = ledger.pending_late();
+    let sum = late
+        .iter()
+        .fold((0, 0), |a, l| (a.0 + l.delivered, a.1 + l.used));
+    assert_eq!(sum, ledger.late()[0]);
+    let late: Vec<(i64, i64, i64)> = late
+        .iter()
+        .map(|l| (l.minute, l.delivered, l.used))
+        .collect();
     let info = commitmeter::statement::LedgerInfo {
         since_minute: Some(ledger.since()),
         sealed_through_minute: Some(ledger.sealed_through()),
-        late: Some(commitmeter::statement::Late {
-            delivered_gpu_ms: late.0,
-            used_gpu_ms: late.1,
-        }),
+        late: commitmeter::statement::late_by_minute(&late),
     };
     let (gaps, _) = ledger.pending_gaps();
     let s = commitmeter::statement::build(
@@ -648,7 +655,15 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
     // The GPU vanished in the last interval before it was found missing, on Oct 19.
     assert_eq!(by_day("2026-10-19").totals.undelivered, 10 * MINUTE_MS);
     assert_eq!(by_day("2026-10-18").totals.undelivered, 0);
-    assert!(s.late.unwrap().delivered_gpu_ms > 0);
+    // What host h3 reports on its return is late, for the minutes it was away (Oct 17-18).
+    assert!(s.total.late.delivered_gpu_ms > 0);
+    let late_days: Vec<&str> = s
+        .days
+        .iter()
+        .filter(|d| d.late != Default::default())
+        .map(|d| d.label.as_str())
+        .collect();
+    assert_eq!(late_days, ["2026-10-17", "2026-10-18"]);
     assert!(!s.provisional && !s.starts_before_ledger);
 
     let csv = render::csv(&s).unwrap();

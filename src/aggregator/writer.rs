@@ -24,9 +24,14 @@ pub(super) struct Writer {
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Sealed minutes `(minute, totals)` of a contract, in order, and its delivery gaps
-/// overlapping them: what a statement is built from.
-pub(super) type Minutes = (Vec<(i64, Totals)>, Vec<Gap>);
+/// What a statement reads of a contract: its sealed minutes `(minute, totals)`, the late
+/// GPU-ms `(minute, delivered, used)` that arrived for them, each in order, and its delivery
+/// gaps.
+pub(super) struct Minutes {
+    pub minutes: Vec<(i64, Totals)>,
+    pub late: Vec<(i64, i64, i64)>,
+    pub gaps: Vec<Gap>,
+}
 
 enum WriteJob {
     /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
@@ -54,7 +59,7 @@ impl Writer {
                 for job in queue {
                     match job {
                         WriteJob::Commit { commit, done } => {
-                            let r = store.commit(&ids, &commit.sealed, &commit.snap, &commit.gaps);
+                            let r = store.commit(&ids, &commit);
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {
@@ -67,13 +72,18 @@ impl Writer {
                             gaps_to,
                             done,
                         } => {
-                            let r = store.minutes(&contract, from, to).and_then(|m| {
-                                let g = store.gaps(
+                            let r = store.minutes(&contract, from, to).and_then(|minutes| {
+                                let late = store.late_minutes(&contract, from, to)?;
+                                let gaps = store.gaps(
                                     &contract,
                                     from.saturating_mul(MINUTE_MS),
                                     gaps_to.saturating_mul(MINUTE_MS),
                                 )?;
-                                Ok((m, g))
+                                Ok(Minutes {
+                                    minutes,
+                                    late,
+                                    gaps,
+                                })
                             });
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
@@ -86,9 +96,10 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)` and its delivery gaps overlapping
-    /// the minutes `[from, gaps_to)` (as `commitmeter statement` reads them: the gaps of the
-    /// whole period, the minutes sealed), read by the writer thread between two writes: the caller awaits, no runtime thread waits for the disk.
+    /// Contract `contract`'s sealed minutes `[from, to)`, their late GPU-ms and its delivery
+    /// gaps overlapping the minutes `[from, gaps_to)` (as `commitmeter statement` reads them:
+    /// the gaps of the whole period, the minutes sealed), read by the writer thread between
+    /// two writes: the caller awaits, no runtime thread waits for the disk.
     pub(super) async fn read(
         &self,
         contract: &str,

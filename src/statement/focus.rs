@@ -389,7 +389,7 @@ mod tests {
         let info = crate::statement::LedgerInfo {
             since_minute: Some(p.0 / MINUTE_MS),
             sealed_through_minute: Some(p.1 / MINUTE_MS),
-            late: None,
+            late: Vec::new(),
         };
         crate::statement::build(&c, p, &minutes, &[], &info, now.unwrap_or(p.1))
     }

@@ -30,15 +30,16 @@ use crate::ledger::{Gap, Kind, Totals, MINUTE_MS};
 pub const HOUR_MS: i64 = 3_600_000;
 
 /// What the ledger says besides its minutes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerInfo {
     /// The first minute the ledger accounts (`None`: it has sealed nothing yet).
     pub since_minute: Option<i64>,
     /// The first minute not yet sealed.
     pub sealed_through_minute: Option<i64>,
-    /// GPU-ms that arrived after their minutes were sealed, for this contract, over the
-    /// ledger's whole life (the ledger does not keep which minute they were for).
-    pub late: Option<Late>,
+    /// GPU-ms that arrived after their minutes were sealed, by the minute they were for
+    /// (`(minute, late)`, at most one entry per minute). A ledger from before schema
+    /// version 5 kept only all-time sums: its earlier late GPU-ms are not here.
+    pub late: Vec<(i64, Late)>,
 }
 
 /// Late GPU-ms (delivered, used): counted nowhere, reported for what they are.
@@ -46,6 +47,28 @@ pub struct LedgerInfo {
 pub struct Late {
     pub delivered_gpu_ms: i64,
     pub used_gpu_ms: i64,
+}
+
+/// The store's late rows `(minute, delivered, used)` as [`LedgerInfo::late`].
+pub fn late_by_minute(rows: &[(i64, i64, i64)]) -> Vec<(i64, Late)> {
+    rows.iter()
+        .map(|&(minute, d, u)| {
+            (
+                minute,
+                Late {
+                    delivered_gpu_ms: d,
+                    used_gpu_ms: u,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Late {
+    fn add(&mut self, other: &Late) {
+        self.delivered_gpu_ms = self.delivered_gpu_ms.saturating_add(other.delivered_gpu_ms);
+        self.used_gpu_ms = self.used_gpu_ms.saturating_add(other.used_gpu_ms);
+    }
 }
 
 /// One row of a statement: a local calendar day, or the period total.
@@ -60,6 +83,9 @@ pub struct Row {
     pub totals: Totals,
     /// How many sealed minutes the ledger holds for the span.
     pub minutes_accounted: i64,
+    /// GPU-ms that arrived for the span's minutes after they were sealed: in none of the
+    /// figures (sealed minutes never change), shown so that coverage is complete.
+    pub late: Late,
     /// The span is not over at "now": figures may still grow.
     pub provisional: bool,
 }
@@ -163,7 +189,6 @@ pub struct Statement {
     /// absent, not zero.
     pub starts_before_ledger: bool,
     pub ledger_since_ms: Option<i64>,
-    pub late: Option<Late>,
     /// One per local calendar day of the period, in order.
     pub days: Vec<Row>,
     pub total: Row,
@@ -230,6 +255,7 @@ pub fn build(
             end_ms: *b,
             totals: Totals::default(),
             minutes_accounted: 0,
+            late: Late::default(),
             provisional: now_ms < *b,
         })
         .collect();
@@ -239,6 +265,7 @@ pub fn build(
         end_ms: end,
         totals: Totals::default(),
         minutes_accounted: 0,
+        late: Late::default(),
         provisional: now_ms < end,
     };
     for (minute, t) in minutes {
@@ -254,6 +281,17 @@ pub fn build(
         }
         total.totals.add(t);
         total.minutes_accounted += 1;
+    }
+    for (minute, late) in &ledger.late {
+        let at = minute.saturating_mul(MINUTE_MS);
+        if at < start || at >= end {
+            continue;
+        }
+        let i = rows.partition_point(|r| r.start_ms <= at);
+        if let Some(row) = i.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+            row.late.add(late);
+        }
+        total.late.add(late);
     }
     let ledger_since_ms = ledger.since_minute.map(|m| m.saturating_mul(MINUTE_MS));
     let mut sections = sections(contract, period, minutes, ledger, &total);
@@ -303,7 +341,6 @@ pub fn build(
         provisional,
         starts_before_ledger: ledger_since_ms.is_none_or(|s| s > start),
         ledger_since_ms,
-        late: ledger.late,
         days: rows,
         total,
         charges,

@@ -108,13 +108,12 @@ pub fn text(s: &Statement) -> String {
         ratio(s.total.utilization()),
         s.target_utilization
     ));
-    if let Some(l) = s.late {
-        out.push_str(&format!(
-            "Late (arrived after their minutes were sealed, counted nowhere, whole ledger): delivered {} GPU-hours, used {}\n",
-            gpu_hours(l.delivered_gpu_ms),
-            gpu_hours(l.used_gpu_ms)
-        ));
-    }
+    let l = s.total.late;
+    out.push_str(&format!(
+        "Late (arrived after their minutes were sealed, counted nowhere): delivered {} GPU-hours, used {}\n",
+        gpu_hours(l.delivered_gpu_ms),
+        gpu_hours(l.used_gpu_ms)
+    ));
     out.push_str(&charges_text(s));
     if let Some(sla) = &s.sections.sla {
         out.push_str(&sla_text(sla, &s.currency));
@@ -391,7 +390,16 @@ pub fn csv_header() -> Vec<String> {
     for k in priced_kinds() {
         h.push(format!("{k}_cost"));
     }
-    h.extend(["currency", "utilization", "target_utilization"].map(String::from));
+    h.extend(
+        [
+            "currency",
+            "utilization",
+            "target_utilization",
+            "late_delivered_gpu_ms",
+            "late_used_gpu_ms",
+        ]
+        .map(String::from),
+    );
     h
 }
 
@@ -432,6 +440,8 @@ pub fn csv(s: &Statement) -> Result<String, csv::Error> {
         rec.push(s.currency.clone());
         rec.push(ratio(r.utilization()));
         rec.push(s.target_utilization.to_string());
+        rec.push(r.late.delivered_gpu_ms.to_string());
+        rec.push(r.late.used_gpu_ms.to_string());
         w.write_record(rec)?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;
@@ -459,6 +469,8 @@ struct RowJson<'a> {
     identity_holds: bool,
     utilization: Option<f64>,
     kinds: Vec<KindJson>,
+    /// GPU-ms that arrived for the span after it was sealed (in no kind).
+    late: super::Late,
 }
 
 #[derive(Serialize)]
@@ -475,7 +487,6 @@ struct StatementJson<'a> {
     provisional: bool,
     starts_before_ledger: bool,
     ledger_since: Option<&'a str>,
-    late: Option<super::Late>,
     days: Vec<RowJson<'a>>,
     total: RowJson<'a>,
     charges: ChargesJson,
@@ -758,6 +769,7 @@ fn row_json<'a>(s: &'a Statement, r: &'a Row) -> RowJson<'a> {
                 cost: r.cost(k, s.price_per_gpu_hour).map(|c| round(c, 2)),
             })
             .collect(),
+        late: r.late,
     }
 }
 
@@ -777,7 +789,6 @@ pub fn json(s: &Statement) -> String {
         provisional: s.provisional,
         starts_before_ledger: s.starts_before_ledger,
         ledger_since: s.ledger_since_ms.map(|t| s.local_time(t)),
-        late: s.late,
         days: s.days.iter().map(|r| row_json(s, r)).collect(),
         total: row_json(s, &s.total),
         charges: charges_json(&s.charges),

@@ -90,6 +90,13 @@ fn periods_parse_as_year_and_month() {
     }
 }
 
+fn late(delivered_gpu_ms: i64, used_gpu_ms: i64) -> Late {
+    Late {
+        delivered_gpu_ms,
+        used_gpu_ms,
+    }
+}
+
 #[test]
 fn costs_follow_billed_and_the_text_names_them() {
     let c = contract("UTC", 2.0);
@@ -101,10 +108,13 @@ fn costs_follow_billed_and_the_text_names_them() {
     let info = LedgerInfo {
         since_minute: Some(m0),
         sealed_through_minute: Some(m0 + 60),
-        late: Some(Late {
-            delivered_gpu_ms: 1,
-            used_gpu_ms: 0,
-        }),
+        // Late GPU-ms for the period's first minute, its second day and the minute before
+        // it: the last is another period's.
+        late: vec![
+            (m0 - 1, late(7, 7)),
+            (m0, late(1, 0)),
+            (m0 + 1440, late(2, 1)),
+        ],
     };
     let s = build(&c, p, &minutes, &[], &info, p.0 + 3_600_000);
     assert!(!s.starts_before_ledger && s.provisional);
@@ -117,6 +127,11 @@ fn costs_follow_billed_and_the_text_names_them() {
     assert_eq!(
         (s.total.minutes_accounted, s.total.minutes()),
         (60, 30 * 1440)
+    );
+    assert_eq!(
+        (s.days[0].late, s.days[1].late, s.total.late),
+        (late(1, 0), late(2, 1), late(3, 1)),
+        "late GPU-ms land in the day of their minute; other periods' are left out"
     );
     let text = render::text(&s);
     assert!(
