@@ -66,12 +66,9 @@ impl SimClock {
     /// Stops simulated time where it is now; it stays there (a second call changes nothing).
     fn freeze(&self) {
         let now = self.now_ms();
-        let _ = self.frozen_ms.compare_exchange(
-            NOT_FROZEN,
-            now,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ =
+            self.frozen_ms
+                .compare_exchange(NOT_FROZEN, now, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -220,6 +217,19 @@ fn sim_start() -> i64 {
         .map_or_else(|| now.as_millisecond(), |t| t.as_millisecond())
 }
 
+/// The demo's `scrape_interval` and `scrape_timeout`, in real seconds.
+const SCRAPE_INTERVAL_S: u64 = 1;
+const SCRAPE_TIMEOUT_S: u64 = 1;
+
+/// The demo's `grace` in simulated seconds: the aggregator's own rule (at least
+/// `scrape_interval + scrape_timeout`, or a minute seals before the scrape that covers it
+/// arrives and is booked unreported) applied on the simulated clock, and at least 5
+/// minutes. At `--speed 2400` a round's 2 real seconds are 80 simulated minutes: a 5-minute
+/// grace sealed minutes after the readings of hosts read early in a round, unreported.
+fn demo_grace_s(speed: f64) -> u64 {
+    ((speed * (SCRAPE_INTERVAL_S + SCRAPE_TIMEOUT_S) as f64).ceil() as u64).max(300)
+}
+
 fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.to_string())
@@ -324,10 +334,13 @@ pub async fn run(
     let sd_path = data_dir.join("agents.json");
     std::fs::write(&sd_path, format!("[\n{}\n]\n", groups.join(",\n"))).map_err(io)?;
 
-    let mut toml = String::from(
+    let mut toml = format!(
         "# Written by `commitmeter demo`. Durations: scrape_interval is real time,\n\
-         # grace is simulated time (the ledger's clock).\n\
-         [aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"5m\"\n\n",
+         # grace is simulated time (the ledger's clock): at least scrape_interval +\n\
+         # scrape_timeout of real time, as the aggregator requires, at x{}.\n\
+         [aggregator]\nscrape_interval = \"{SCRAPE_INTERVAL_S}s\"\nscrape_timeout = \"{SCRAPE_TIMEOUT_S}s\"\ngrace = \"{}s\"\n\n",
+        opts.speed,
+        demo_grace_s(opts.speed)
     );
     let _ = writeln!(
         toml,
