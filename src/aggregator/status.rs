@@ -343,7 +343,11 @@ fn gpus(ms_per_minute: i64) -> String {
 /// shown), each value also in the attribute `data-v` as the statement's JSON has it
 /// (used GPU-ms per minute, micro-units of the currency).
 fn sizing(h: &mut String, c: &ContractView) {
-    let Some(Sizing { section: z, end_local }) = &c.sizing else {
+    let Some(Sizing {
+        section: z,
+        end_local,
+    }) = &c.sizing
+    else {
         return;
     };
     let currency = esc(&c.currency);
@@ -391,7 +395,12 @@ fn sizing(h: &mut String, c: &ContractView) {
         for (days, l) in shown {
             let d = &l.distribution;
             let _ = write!(h, "<tr data-sizing-days={days}><th>{days} days</th>");
-            for (k, v) in [("p50", d.p50), ("p90", d.p90), ("p99", d.p99), ("max", d.max)] {
+            for (k, v) in [
+                ("p50", d.p50),
+                ("p90", d.p90),
+                ("p99", d.p99),
+                ("max", d.max),
+            ] {
                 let _ = write!(h, "<td data-k=sizing_{k} data-v={v}>{}</td>", gpus(v));
             }
             let _ = write!(
@@ -400,11 +409,7 @@ fn sizing(h: &mut String, c: &ContractView) {
                 l.accounted, l.accounted, l.minutes
             );
             if let Some(r) = &l.recommendation {
-                let _ = write!(
-                    h,
-                    "<td data-k=sizing_gpus data-v={0}>{0} GPUs</td>",
-                    r.gpus
-                );
+                let _ = write!(h, "<td data-k=sizing_gpus data-v={0}>{0} GPUs</td>", r.gpus);
                 for (k, v) in [
                     ("cost", r.cost_micros),
                     ("current_cost", r.current_cost_micros),
@@ -547,6 +552,65 @@ mod tests {
             (all.len(), all.last().map(String::as_str)),
             (11, Some("2026-01"))
         );
+    }
+
+    #[test]
+    fn the_sizing_shows_only_covered_lookbacks_with_the_statements_integers() {
+        use crate::statement::sizing::{self, Prices};
+        let g = GPU_MINUTE_MS;
+        // 20 days of 3 GPUs used, 5 for a tenth of the minutes: only the 7-day lookback.
+        let used: Vec<Option<i64>> = (0..20 * 1440)
+            .map(|m| Some(if m % 10 == 0 { 5 * g } else { 3 * g }))
+            .collect();
+        let prices = Prices {
+            committed: 2_000_000,
+            on_demand: Some(8_000_000),
+        };
+        let section = |used: &[Option<i64>]| SizingSection {
+            end_ms: 0,
+            current_gpus: 8,
+            on_demand_price_per_gpu_hour: Some(8.0),
+            lookbacks: sizing::LOOKBACK_DAYS
+                .into_iter()
+                .zip(sizing::size(used, prices, 8))
+                .collect(),
+        };
+        let page = |z: SizingSection| {
+            let mut h = String::new();
+            let c = ContractView {
+                currency: "USD".into(),
+                sizing: Some(Sizing {
+                    section: z,
+                    end_local: "1970-01-01T00:00:00+00:00".into(),
+                }),
+                ..ContractView::default()
+            };
+            super::sizing(&mut h, &c);
+            h
+        };
+        let z = section(&used);
+        let week = z.lookbacks[0].1.clone().unwrap();
+        let r = week.recommendation.unwrap();
+        let h = page(z);
+        assert!(h.contains("as of 1970-01-01T00:00:00+00:00"), "{h}");
+        assert!(h.contains("<tr data-sizing-days=7>"), "{h}");
+        assert!(!h.contains("data-sizing-days=30") && !h.contains("data-sizing-days=60"));
+        assert!(h.contains("Not shown: 30 days, 60 days"), "{h}");
+        assert!(h.contains(&format!("data-k=sizing_p50 data-v={}>3.000<", 3 * g)));
+        assert!(h.contains(&format!("data-k=sizing_max data-v={}>5.000<", 5 * g)));
+        assert!(h.contains(&format!("data-k=sizing_gpus data-v={0}>{0} GPUs<", r.gpus)));
+        assert!(h.contains(&format!(
+            "data-k=sizing_saving data-v={}>{} USD<",
+            r.saving_micros,
+            micros(r.saving_micros)
+        )));
+        // Too little history: no figures at all.
+        let h = page(section(&used[..1440]));
+        assert!(
+            !h.contains("data-sizing-days") && !h.contains("data-v"),
+            "{h}"
+        );
+        assert!(h.contains("Not shown: 7 days, 30 days, 60 days"), "{h}");
     }
 
     #[test]

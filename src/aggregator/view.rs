@@ -198,10 +198,14 @@ impl Shared {
                     targets_up: up,
                     targets_down: mine.count() - up,
                     periods: status::periods(c, since_ms, now_ms),
-                    sizing: sizing.get(i).cloned().flatten().map(|section| status::Sizing {
-                        end_local: c.local_time(section.end_ms),
-                        section,
-                    }),
+                    sizing: sizing
+                        .get(i)
+                        .cloned()
+                        .flatten()
+                        .map(|section| status::Sizing {
+                            end_local: c.local_time(section.end_ms),
+                            section,
+                        }),
                 }
             })
             .collect();
