@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,37 +16,6 @@ use common::*;
 /// One demo at a time: each keeps a core busy at these speeds.
 static ONE_DEMO: Mutex<()> = Mutex::new(());
 
-/// Kills the demo on drop, also when an assertion fails.
-struct Demo(Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A demo of `story` at `speed` on `data`, and its address.
-fn start(story: &str, speed: u32, data: &Path) -> (Demo, String) {
-    let mut demo = Demo(
-        Command::new(BIN)
-            .args(["demo", "--web.listen-address=127.0.0.1:0"])
-            .arg(format!("--speed={speed}"))
-            .arg(format!("--story={story}"))
-            .arg(format!("--data.dir={}", data.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = demo_banner(&mut demo.0, "status page:");
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    (demo, addr)
-}
-
 #[test]
 fn a_stopped_demo_has_no_unreported_gpu_ms_in_its_last_minutes() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
@@ -56,22 +23,14 @@ fn a_stopped_demo_has_no_unreported_gpu_ms_in_its_last_minutes() {
     let data = dir.path("demo");
     // At 2400x one real second is 40 simulated minutes: before the fix, the ~25 minutes
     // sealed last at a stop had nothing delivered, all unreported.
-    let (mut demo, addr) = start("healthy", 2400, &data);
-    wait_until(
-        Duration::from_secs(60),
-        || "sealed minutes".to_string(),
-        || {
-            let (_, body) = http_get(&addr, "/metrics");
-            body.lines()
-                .any(|l| {
-                    l.starts_with("commitmeter_contract_committed_gpu_seconds_total{")
-                        && !l.ends_with(" 0")
-                })
-                .then_some(())
-        },
+    let mut demo = Demo::start(&data, &["--story=healthy", "--speed=2400"]);
+    // Six simulated hours sealed, then the stop.
+    wait_sealed_span(
+        &demo.addr,
+        Duration::from_secs(90),
+        Duration::from_secs(6 * 3600),
     );
-    std::thread::sleep(Duration::from_secs(8));
-    assert!(terminate(&mut demo.0, Duration::from_secs(30)).success());
+    assert!(terminate(&mut demo.child, Duration::from_secs(30)).success());
     let db = rusqlite::Connection::open(data.join("ledger.sqlite3")).unwrap();
     // The last two simulated hours of every contract.
     let last: Vec<(String, i64, i64, i64)> = db
@@ -96,7 +55,8 @@ fn the_demos_status_page_shows_the_sizing_once_a_week_is_sealed() {
     let dir = TempDir::new("demo-sizing");
     let data = dir.path("demo");
     // A week of simulated time in about 30 s.
-    let (mut demo, addr) = start("default", 20000, &data);
+    let mut demo = Demo::start(&data, &["--story=default", "--speed=20000"]);
+    let addr = demo.addr.clone();
     let (_, young) = http_get(&addr, "/");
     assert!(!young.contains("data-sizing-days"), "{young}");
     let page = wait_until(
@@ -107,7 +67,7 @@ fn the_demos_status_page_shows_the_sizing_once_a_week_is_sealed() {
             (status == 200 && page.matches("<tr data-sizing-days=7>").count() == 3).then_some(page)
         },
     );
-    assert!(terminate(&mut demo.0, Duration::from_secs(30)).success());
+    assert!(terminate(&mut demo.child, Duration::from_secs(30)).success());
     // A week and some days: the 30- and 60-day lookbacks are not shown.
     assert!(
         !page.contains("data-sizing-days=30") && !page.contains("data-sizing-days=60"),

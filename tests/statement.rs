@@ -357,34 +357,12 @@ fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     );
 }
 
-/// Kills the demo on drop, also when an assertion fails.
-struct Demo(std::process::Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_running_demo_is_read_without_stopping_it() {
     let dir = TempDir::new("statement-demo");
     let data = dir.path("demo");
-    let mut demo = Demo(
-        Command::new(BIN)
-            .args(["demo", "--web.listen-address=127.0.0.1:0", "--speed=600"])
-            .arg(format!("--data.dir={}", data.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let metrics = demo_banner(&mut demo.0, "contract metrics:");
-    let addr = metrics
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
+    let mut demo = Demo::start(&data, &["--speed=600"]);
+    let addr = demo.addr.clone();
     let config = data.join("aggregator.toml");
     // Wait until minutes are sealed, then ask for a statement while it keeps sealing.
     wait_until(
@@ -420,7 +398,10 @@ fn a_running_demo_is_read_without_stopping_it() {
         assert_eq!(sum, d["total"]["kinds"][0]["gpu_ms"].as_i64().unwrap());
     }
     assert!(took < Duration::from_secs(30), "{took:?}");
-    assert!(demo.0.try_wait().unwrap().is_none(), "the demo still runs");
+    assert!(
+        demo.child.try_wait().unwrap().is_none(),
+        "the demo still runs"
+    );
     let (status, _) = http_get(&addr, "/metrics");
     assert_eq!(status, 200);
     let leftovers: Vec<_> = std::fs::read_dir(&data)
