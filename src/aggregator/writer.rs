@@ -194,6 +194,7 @@ impl Shared {
         self.refresh_gauges();
         if minutes > 0 {
             self.render_status();
+            self.refresh_sizing();
         }
     }
 
