@@ -14,8 +14,10 @@ enum Evidence {
     Json,
 }
 
-/// The statements asked for, rendered; errors are one line naming the input.
-pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
+/// The statements asked for, rendered (without `--format`, as
+/// [`StatementFormat::default_for`] says for where standard output goes); errors are one line
+/// naming the input.
+pub fn run(args: &StatementArgs, stdout_is_terminal: bool) -> anyhow::Result<String> {
     let config = crate::contract::load(&args.config_file)?;
     let file = args.config_file.display();
     let contracts: Vec<&Contract> = match &args.contract {
@@ -107,7 +109,10 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
         std::fs::write(path, out)
             .with_context(|| format!("--evidence {}: cannot write", path.display()))?;
     }
-    Ok(match args.format {
+    let format = args
+        .format
+        .unwrap_or(StatementFormat::default_for(stdout_is_terminal));
+    Ok(match format {
         StatementFormat::Text => statements
             .iter()
             .map(render::text)

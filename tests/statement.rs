@@ -154,19 +154,30 @@ fn the_statement_equals_the_ledgers_minutes_in_every_format() {
         "the local day in x_LocalDate"
     );
 
-    let text = ok(&statement(&config, &data, &["--period=2026-10"]));
+    let text = ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=text"],
+    ));
     assert!(
         text.contains("Statement of contract lab (lab), billing period 2026-10 (closed)"),
         "{text}"
     );
     assert!(text.contains("2026-10-25     25"), "{text}");
     assert!(text.contains("Cost (EUR): committed 720.00"), "{text}");
-    // The default period is the current one: later than October 2026, before the ledger.
+    // The default period is the current one (later than October 2026, not over), and the
+    // default format where standard output is not a terminal (here a pipe) is CSV.
     let now = ok(&statement(&config, &data, &["--contract=lab"]));
-    assert!(
-        now.contains("The period starts before the ledger") || now.contains("provisional"),
-        "{now}"
-    );
+    let mut r = csv::Reader::from_reader(now.as_bytes());
+    let h = r.headers().unwrap().clone();
+    let total = r
+        .records()
+        .map(Result::unwrap)
+        .find(|rec| &rec[h.iter().position(|c| c == "day").unwrap()] == "total")
+        .unwrap_or_else(|| panic!("a CSV with a total row: {now}"));
+    let col = |name: &str| &total[h.iter().position(|c| c == name).unwrap()];
+    assert!(col("period") > "2026-10", "{now}");
+    assert_eq!(col("provisional"), "true", "{now}");
 }
 
 /// The delivery gaps the store holds for the period, as `--evidence` writes them: each gap
@@ -396,34 +407,12 @@ fn bad_input_is_one_line_naming_it_and_exit_status_1() {
     );
 }
 
-/// Kills the demo on drop, also when an assertion fails.
-struct Demo(std::process::Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_running_demo_is_read_without_stopping_it() {
     let dir = TempDir::new("statement-demo");
     let data = dir.path("demo");
-    let mut demo = Demo(
-        Command::new(BIN)
-            .args(["demo", "--web.listen-address=127.0.0.1:0", "--speed=600"])
-            .arg(format!("--data.dir={}", data.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let metrics = demo_banner(&mut demo.0, "contract metrics:");
-    let addr = metrics
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
+    let mut demo = Demo::start(&data, &["--speed=600"]);
+    let addr = demo.addr.clone();
     let config = data.join("aggregator.toml");
     // Wait until minutes are sealed, then ask for a statement while it keeps sealing.
     wait_until(
@@ -459,7 +448,10 @@ fn a_running_demo_is_read_without_stopping_it() {
         assert_eq!(sum, d["total"]["kinds"][0]["gpu_ms"].as_i64().unwrap());
     }
     assert!(took < Duration::from_secs(30), "{took:?}");
-    assert!(demo.0.try_wait().unwrap().is_none(), "the demo still runs");
+    assert!(
+        demo.child.try_wait().unwrap().is_none(),
+        "the demo still runs"
+    );
     let (status, _) = http_get(&addr, "/metrics");
     assert_eq!(status, 200);
     let leftovers: Vec<_> = std::fs::read_dir(&data)
@@ -1335,6 +1327,7 @@ fn the_aggregator_serves_the_statement_the_cli_writes() {
     let csv = http_get(&agg.addr, &format!("/statements/lab/{current}.csv"));
     let focus = http_get(&agg.addr, &format!("/statements/lab/{current}.focus.csv"));
     let json = http_get(&agg.addr, &format!("/statements/lab/{current}.json"));
+    let (_, page_after) = http_get(&agg.addr, "/");
     assert!(terminate(&mut agg.child, Duration::from_secs(20)).success());
     assert_eq!(csv.0, 200, "{}", csv.1);
     assert_eq!(focus.0, 200, "{}", focus.1);
@@ -1361,6 +1354,138 @@ fn the_aggregator_serves_the_statement_the_cli_writes() {
         cli_doc["delivery_gaps"]["causes"]
     );
     assert_eq!(doc["charges"], cli_doc["charges"]);
+    // A ledger minutes old: the sizing was computed at the start, and no lookback is shown.
+    assert!(
+        page_after.contains("data-k=sizing ") && !page_after.contains("data-sizing-days"),
+        "{page_after}"
+    );
+    assert!(page_after.contains("Not shown: 7 days, 30 days, 60 days"));
+}
+
+/// The value in `data-v` of the cell `data-k=KEY` of a status page's sizing row.
+fn sizing_value(row: &str, key: &str) -> i64 {
+    let needle = format!("data-k={key} data-v=");
+    let at = row
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no {key} in {row}"))
+        + needle.len();
+    let end = at + row[at..].find('>').unwrap();
+    row[at..end].parse().unwrap()
+}
+
+#[test]
+fn the_status_page_shows_the_statements_renewal_sizing() {
+    let dir = TempDir::new("statement-sizing-page");
+    // 45 days of minutes sealed up to the minute before this one: the 7- and 30-day
+    // lookbacks have their minutes, the 60-day one has 75 % of them (not shown).
+    let end = now_ms().div_euclid(MINUTE_MS) - 1;
+    let first = end - 45 * 1440;
+    let start = jiff::Timestamp::from_millisecond((first - 100 * 1440) * MINUTE_MS).unwrap();
+    let config = dir.path("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"2s\"\n\
+             [[targets]]\ntargets = [\"127.0.0.1:1\"]\nlabels = {{ provider = \"lab\" }}\n\
+             [[contracts]]\nid = \"size\"\nprovider = \"lab\"\nprice_per_gpu_hour = 2.5\n\
+             on_demand_price_per_gpu_hour = 6.0\ncurrency = \"EUR\"\ntimezone = \"UTC\"\n\
+             start = \"{}\"\nselector = '{{provider=\"lab\"}}'\nramp = [ {{ from = \"{}\", gpus = 8 }} ]\n",
+            start.strftime("%Y-%m-%d"),
+            start.strftime("%Y-%m-%d")
+        ),
+    )
+    .unwrap();
+    let data = dir.path("data");
+    let ids = vec!["size".to_string()];
+    let mut store = Store::open(&data).unwrap();
+    store.load(&ids).unwrap();
+    let mut l = Ledger::new(1, (first - 1) * MINUTE_MS);
+    let mut sealed = l.seal(end * MINUTE_MS, 0, |_, a, b| 8 * (b - a));
+    assert_eq!(sealed.len() as i64, end - first);
+    // 0 to 12 GPUs used, 12 delivered, 8 committed: some minutes with overage.
+    for s in &mut sealed {
+        let used = (s.minute * 7919).rem_euclid(13);
+        s.totals =
+            commitmeter::ledger::split(8 * MINUTE_MS, 12 * MINUTE_MS, used * MINUTE_MS, 0, false);
+    }
+    store.commit(&ids, &sealed, &l.snapshot()).unwrap();
+    drop(store);
+    // The CLI's statement of the current period before the aggregator seals anything more:
+    // its lookbacks end where the page's computed at the start do.
+    let period = jiff::Timestamp::from_millisecond(end * MINUTE_MS)
+        .unwrap()
+        .strftime("%Y-%m")
+        .to_string();
+    let json = ok(&statement(
+        &config,
+        &data,
+        &[
+            "--contract=size",
+            &format!("--period={period}"),
+            "--format=json",
+        ],
+    ));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let sizing = &doc["sizing"];
+
+    let mut agg = Aggregator::start(&config, &data);
+    let page = wait_until(
+        Duration::from_secs(30),
+        || format!("the page's sizing; log:\n{}", agg.log_text()),
+        || {
+            let (status, page) = http_get(&agg.addr, "/");
+            (status == 200 && page.contains("data-k=sizing ")).then_some(page)
+        },
+    );
+    assert!(terminate(&mut agg.child, Duration::from_secs(20)).success());
+    assert!(
+        page.contains(&format!("data-end-ms={}", end * MINUTE_MS)),
+        "{page}"
+    );
+    let as_of = sizing["end"].as_str().unwrap();
+    assert!(page.contains(&format!("as of {as_of}")), "{as_of}: {page}");
+    let mut shown = Vec::new();
+    for l in sizing["lookbacks"].as_array().unwrap() {
+        let days = l["days"].as_u64().unwrap();
+        let tag = format!("<tr data-sizing-days={days}>");
+        if !l["shown"].as_bool().unwrap() {
+            assert!(!page.contains(&tag), "{days} days shown: {page}");
+            assert!(page.contains(&format!("{days} days")), "{page}");
+            continue;
+        }
+        shown.push(days);
+        let at = page
+            .find(&tag)
+            .unwrap_or_else(|| panic!("no {days} days row: {page}"));
+        let row = &page[at..at + page[at..].find("</tr>").unwrap()];
+        let dist = &l["used_gpu_ms_per_minute"];
+        for k in ["p50", "p90", "p99", "max"] {
+            assert_eq!(
+                sizing_value(row, &format!("sizing_{k}")),
+                dist[k].as_i64().unwrap(),
+                "{days} days {k}"
+            );
+        }
+        assert_eq!(
+            sizing_value(row, "sizing_accounted"),
+            l["accounted"].as_i64().unwrap()
+        );
+        let rec = &l["recommendation"];
+        assert_eq!(
+            sizing_value(row, "sizing_gpus"),
+            rec["gpus"].as_i64().unwrap()
+        );
+        for k in ["cost", "current_cost", "saving"] {
+            let want = rec[format!("{k}_micros")].as_i64().unwrap();
+            assert_eq!(
+                sizing_value(row, &format!("sizing_{k}")),
+                want,
+                "{days} days {k}"
+            );
+        }
+    }
+    assert_eq!(shown, [7, 30], "{json}");
+    assert!(page.contains("Not shown: 60 days"), "{page}");
 }
 
 #[test]

@@ -124,7 +124,7 @@ impl Shared {
         let (from, to) = statement::minutes_to_read(bounds, now);
         let read = match self
             .writer
-            .read(&contract.id, from, to.min(through), to)
+            .read(&contract.id, from, to.min(through), Some(to))
             .await
         {
             Ok(read) => {

@@ -26,7 +26,7 @@ type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 /// What a statement reads of a contract: its sealed minutes `(minute, totals)`, the late
 /// GPU-ms `(minute, delivered, used)` that arrived for them, each in order, and its delivery
-/// gaps.
+/// gaps (when asked for).
 pub(super) struct Minutes {
     pub minutes: Vec<(i64, Totals)>,
     pub late: Vec<(i64, i64, i64)>,
@@ -39,13 +39,13 @@ enum WriteJob {
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
-    /// A contract's sealed minutes `[from, to)` and its gaps overlapping `[from, gaps_to)`
-    /// (minutes), for a statement.
+    /// A contract's sealed minutes `[from, to)` and, with `gaps_to`, its gaps overlapping
+    /// `[from, gaps_to)` (minutes), for a statement.
     Read {
         contract: String,
         from: i64,
         to: i64,
-        gaps_to: i64,
+        gaps_to: Option<i64>,
         done: tokio::sync::oneshot::Sender<Result<Minutes, String>>,
     },
 }
@@ -74,11 +74,14 @@ impl Writer {
                         } => {
                             let r = store.minutes(&contract, from, to).and_then(|minutes| {
                                 let late = store.late_minutes(&contract, from, to)?;
-                                let gaps = store.gaps(
-                                    &contract,
-                                    from.saturating_mul(MINUTE_MS),
-                                    gaps_to.saturating_mul(MINUTE_MS),
-                                )?;
+                                let gaps = match gaps_to {
+                                    Some(gaps_to) => store.gaps(
+                                        &contract,
+                                        from.saturating_mul(MINUTE_MS),
+                                        gaps_to.saturating_mul(MINUTE_MS),
+                                    )?,
+                                    None => Vec::new(),
+                                };
                                 Ok(Minutes {
                                     minutes,
                                     late,
@@ -96,16 +99,17 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)`, their late GPU-ms and its delivery
-    /// gaps overlapping the minutes `[from, gaps_to)` (as `commitmeter statement` reads them:
-    /// the gaps of the whole period, the minutes sealed), read by the writer thread between
-    /// two writes: the caller awaits, no runtime thread waits for the disk.
+    /// Contract `contract`'s sealed minutes `[from, to)`, their late GPU-ms and, with
+    /// `gaps_to`, its delivery gaps overlapping the minutes `[from, gaps_to)` (as `commitmeter
+    /// statement` reads them: the gaps of the whole period, the minutes sealed), read by the
+    /// writer thread between two writes: the caller awaits, no runtime thread waits for the
+    /// disk.
     pub(super) async fn read(
         &self,
         contract: &str,
         from: i64,
         to: i64,
-        gaps_to: i64,
+        gaps_to: Option<i64>,
     ) -> Result<Minutes, String> {
         let _turn = self
             .reads
@@ -217,6 +221,7 @@ impl Shared {
         self.refresh_gauges();
         if minutes > 0 {
             self.render_status();
+            self.refresh_sizing();
         }
     }
 

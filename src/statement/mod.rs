@@ -368,6 +368,22 @@ fn sections(
         .map_or(end.div_euclid(MINUTE_MS), |s| {
             s.min(end.div_euclid(MINUTE_MS))
         });
+    Sections {
+        sla,
+        gaps: None,
+        sizing: Some(sizing_section(contract, minutes, end_minute)),
+    }
+}
+
+/// The renewal sizing of `contract` over the lookbacks ending at `end_minute` (exclusive),
+/// from the ledger's sealed minutes `(minute, totals)`; minutes outside the longest lookback
+/// are ignored. The one computation behind the statement's sizing section and the status
+/// page's.
+pub fn sizing_section(
+    contract: &Contract,
+    minutes: &[(i64, Totals)],
+    end_minute: i64,
+) -> SizingSection {
     let first = end_minute - SIZING_MINUTES;
     // One entry per minute of the longest lookback, oldest first; `None` where not sealed.
     let mut used: Vec<Option<i64>> = vec![None; SIZING_MINUTES as usize];
@@ -378,7 +394,7 @@ fn sections(
     }
     let end_ms = end_minute.saturating_mul(MINUTE_MS);
     let prices = sizing::Prices {
-        committed: price,
+        committed: sla::price_micros(contract.price_per_gpu_hour),
         on_demand: contract.on_demand_price_per_gpu_hour.map(sla::price_micros),
     };
     let current_gpus = contract.committed_gpus_at(end_ms - 1);
@@ -386,15 +402,11 @@ fn sections(
         .into_iter()
         .zip(sizing::size(&used, prices, current_gpus))
         .collect();
-    Sections {
-        sla,
-        gaps: None,
-        sizing: Some(SizingSection {
-            end_ms,
-            current_gpus,
-            on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
-            lookbacks,
-        }),
+    SizingSection {
+        end_ms,
+        current_gpus,
+        on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
+        lookbacks,
     }
 }
 
