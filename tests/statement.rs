@@ -348,7 +348,11 @@ fn the_evidence_is_the_periods_delivery_gaps_in_csv_and_json() {
         doc["delivery_gaps"]["until"], "2026-10-04T00:00:00+02:00",
         "open gaps run to the first minute not yet sealed"
     );
-    let text = ok(&statement(&config, &data, &["--period=2026-10"]));
+    let text = ok(&statement(
+        &config,
+        &data,
+        &["--period=2026-10", "--format=text"],
+    ));
     assert!(text.contains("Delivery gaps in the period"), "{text}");
 }
 
