@@ -84,9 +84,9 @@ pub struct StatementArgs {
     /// The billing period that starts in this local month (`YYYY-MM`); default: the current one.
     #[arg(long = "period")]
     pub period: Option<String>,
-    /// Output format.
-    #[arg(long = "format", value_enum, default_value_t = StatementFormat::Text)]
-    pub format: StatementFormat,
+    /// Output format; default: text on a terminal, CSV otherwise (a pipe or a file).
+    #[arg(long = "format", value_enum)]
+    pub format: Option<StatementFormat>,
     /// Also write the period's delivery gaps (the SLA's evidence: GPU lost, host unreachable,
     /// short) to this file, as CSV (`.csv`) or JSON (`.json`).
     #[arg(long = "evidence")]
@@ -110,6 +110,18 @@ pub enum StatementFormat {
     /// FOCUS 1.2 commitment rows (docs/focus.md): per local day, the commitment's purchase and
     /// its used and unused parts, UTC times.
     Focus,
+}
+
+impl StatementFormat {
+    /// Without `--format`: a readable table for a person at a terminal, CSV for whatever
+    /// reads standard output otherwise (a spreadsheet, a reconciliation script).
+    pub fn default_for(stdout_is_terminal: bool) -> Self {
+        if stdout_is_terminal {
+            Self::Text
+        } else {
+            Self::Csv
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

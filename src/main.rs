@@ -63,7 +63,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{done}");
         }
         Command::Statement(args) => {
-            print!("{}", commitmeter::statement_cmd::run(&args)?);
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            print!("{}", commitmeter::statement_cmd::run(&args, terminal)?);
         }
         Command::CheckConfig(args) => {
             for file in &args.files {

@@ -6,8 +6,7 @@ use anyhow::{anyhow, bail, Context};
 use crate::aggregator::store;
 use crate::cli::{StatementArgs, StatementFormat};
 use crate::contract::Contract;
-use crate::ledger::MINUTE_MS;
-use crate::statement::{self, focus, gaps, render, Late, LedgerInfo, Statement};
+use crate::statement::{self, focus, gaps, render, LedgerInfo, Statement};
 
 /// The format of `--evidence`, from its file's extension.
 enum Evidence {
@@ -15,8 +14,10 @@ enum Evidence {
     Json,
 }
 
-/// The statements asked for, rendered; errors are one line naming the input.
-pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
+/// The statements asked for, rendered (without `--format`, as
+/// [`StatementFormat::default_for`] says for where standard output goes); errors are one line
+/// naming the input.
+pub fn run(args: &StatementArgs, stdout_is_terminal: bool) -> anyhow::Result<String> {
     let config = crate::contract::load(&args.config_file)?;
     let file = args.config_file.display();
     let contracts: Vec<&Contract> = match &args.contract {
@@ -86,17 +87,19 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
         let info = LedgerInfo {
             since_minute: read.since_minute,
             sealed_through_minute: read.sealed_through_minute,
-            late: read.late.map(|(d, u)| Late {
-                delivered_gpu_ms: d,
-                used_gpu_ms: u,
-            }),
+            late: statement::late_by_minute(&read.late),
         };
         // An open gap counts up to the first minute not yet sealed, as the minutes do.
-        let until = read
-            .sealed_through_minute
-            .map_or(now, |m| m.saturating_mul(MINUTE_MS));
+        let until = statement::gaps_until(&info, now);
         gap_rows.extend(gaps::rows(&c.id, &read.gaps, period.0, period.1, until));
-        statements.push(statement::build(c, period, &read.minutes, &info, now));
+        statements.push(statement::build(
+            c,
+            period,
+            &read.minutes,
+            &read.gaps,
+            &info,
+            now,
+        ));
     }
     if let Some((path, format)) = evidence {
         let out = match format {
@@ -106,7 +109,10 @@ pub fn run(args: &StatementArgs) -> anyhow::Result<String> {
         std::fs::write(path, out)
             .with_context(|| format!("--evidence {}: cannot write", path.display()))?;
     }
-    Ok(match args.format {
+    let format = args
+        .format
+        .unwrap_or(StatementFormat::default_for(stdout_is_terminal));
+    Ok(match format {
         StatementFormat::Text => statements
             .iter()
             .map(render::text)

@@ -145,7 +145,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
         .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
         .unwrap() as i64;
     // Counters never went back across the crash.
-    for kind in commitmeter::aggregator::metrics::KINDS {
+    for kind in commitmeter::ledger::Kind::NAMES {
         assert!(
             counter(&m, kind) >= counter(&before, kind),
             "{kind} went back"
@@ -188,7 +188,7 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
     let delivered_tol = ROUND + (ROUND + SCRAPE) + MS;
     let used_tol = delivered_tol + 7.0 * PERIOD;
     let unreported_tol = ROUND + SCRAPE + MS;
-    let report: Vec<String> = commitmeter::aggregator::metrics::KINDS
+    let report: Vec<String> = commitmeter::ledger::Kind::NAMES
         .iter()
         .map(|k| format!("{k}={:.1}", counter(&m, k)))
         .collect();
@@ -801,7 +801,7 @@ files = ["{}"]
     let agg = Aggregator::start(&config, &data);
     agg.wait_ready(Duration::from_secs(20));
     let after = agg.metrics();
-    for kind in commitmeter::aggregator::metrics::KINDS {
+    for kind in commitmeter::ledger::Kind::NAMES {
         assert!(of(&after, "hostile", kind) >= of(&before, "hostile", kind));
     }
     assert!(agg.log_text().contains("ledger restored"));

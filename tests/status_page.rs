@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use commitmeter::aggregator::metrics::KINDS;
 use commitmeter::aggregator::status::thousands;
 use commitmeter::demo::sim::{Fleet, SimContract, SimHost, Story};
 use commitmeter::ledger::Kind;
@@ -28,7 +27,7 @@ fn simulation_start(config: &Path) -> i64 {
 }
 
 /// What the scripted fleet did for one contract over `[from_ms, to_ms)`, in GPU-hours and
-/// in the order of `KINDS`, computed from the simulation itself (never from the ledger):
+/// in the order of `Kind::NAMES`, computed from the simulation itself (never from the ledger):
 /// the ramp's commitment; the capacity and busy time of the contract's GPUs while their
 /// host answered (delivered, used); capacity that was there but dark (its host down) and
 /// capacity missing while everything reported, as far as the commitment reaches
@@ -209,7 +208,9 @@ fn the_status_page_in_chromium_shows_what_the_simulated_fleet_did() {
         let from_ms = attr(&dom, at, "data-period-start").max(since_ms);
         let sql = format!(
             "SELECT {} FROM minutes WHERE contract = ?1 AND minute >= ?2 AND minute < ?3",
-            KINDS.map(|k| format!("COALESCE(SUM({k}), 0)")).join(", ")
+            Kind::NAMES
+                .map(|k| format!("COALESCE(SUM({k}), 0)"))
+                .join(", ")
         );
         let sums: [i64; Kind::COUNT] = ledger
             .query_row(
@@ -218,19 +219,19 @@ fn the_status_page_in_chromium_shows_what_the_simulated_fleet_did() {
                 |r| Ok(Kind::ALL.map(|k| r.get(k as usize).unwrap())),
             )
             .unwrap();
-        for (k, ms) in KINDS.iter().zip(sums) {
+        for (k, ms) in Kind::NAMES.iter().zip(sums) {
             let shown = field(&dom, at, k);
             let want = thousands(ms as f64 / 3_600_000.0);
             assert_eq!(shown, want, "{id} {k}: page {shown}, ledger {want}");
         }
         let truth = truth(start_ms, &contract, from_ms, through_ms);
-        let shown = KINDS.map(|k| -> f64 {
+        let shown = Kind::NAMES.map(|k| -> f64 {
             let text = field(&dom, at, k);
             text.replace(',', "")
                 .parse()
                 .unwrap_or_else(|e| panic!("{id} {k}: {text:?}: {e}"))
         });
-        for ((k, page), fleet) in KINDS.iter().zip(shown).zip(truth) {
+        for ((k, page), fleet) in Kind::NAMES.iter().zip(shown).zip(truth) {
             eprintln!("{id} {k}: page {page}, fleet {fleet:.2}");
         }
         // The commitment is the contract's alone: to the digit the page shows.
@@ -239,7 +240,7 @@ fn the_status_page_in_chromium_shows_what_the_simulated_fleet_did() {
             thousands(truth[0]),
             "{id}: committed on the page vs the ramp"
         );
-        for ((k, page), fleet) in KINDS.iter().zip(shown).zip(truth) {
+        for ((k, page), fleet) in Kind::NAMES.iter().zip(shown).zip(truth) {
             assert!(
                 (page - fleet).abs() <= READING_SLACK_H,
                 "{id} {k}: page {page}, the fleet's truth {fleet:.2}"

@@ -15,7 +15,8 @@ use super::scrape::HostReport;
 use crate::contract::{Contract, UsageSignal};
 use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::{
-    Gap, GpuCounters, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, Xids, MINUTE_MS,
+    Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, Xids,
+    MINUTE_MS,
 };
 
 /// Where the ledger is kept durably: what the writer thread needs (commit, flush) and
@@ -39,17 +40,26 @@ pub trait LedgerStore: Send + 'static {
         to_minute: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error>;
 
-    /// Newly sealed minutes, the ledger's snapshot and its pending delivery gaps (open ones
-    /// and those closed since the last commit), atomically and durably (`Ok`: stored). A
-    /// sealed minute written again with the same figures is accepted; a gap written again
-    /// replaces the one with the same start, target, GPU and cause.
-    fn commit(
-        &mut self,
-        ids: &[String],
-        sealed: &[Sealed],
-        snap: &Snapshot,
-        gaps: &[Gap],
-    ) -> Result<(), Self::Error>;
+    /// A contract's delivery gaps overlapping `[from_ms, to_ms)`, open ones included, as of
+    /// the last commit (for a statement).
+    fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error>;
+
+    /// A [`Commit`]: newly sealed minutes, the ledger's snapshot, its pending delivery gaps
+    /// (open ones and those closed since the last commit) and its pending late GPU-ms by
+    /// minute, atomically and durably (`Ok`: stored). A sealed minute written again with the
+    /// same figures is accepted; a gap written again replaces the one with the same start,
+    /// target, GPU and cause; late GPU-ms written again by a retry (after an error that hid
+    /// a successful commit) replace those of the same commit rather than adding twice.
+    fn commit(&mut self, ids: &[String], commit: &Commit) -> Result<(), Self::Error>;
+
+    /// A contract's late GPU-ms `(minute, delivered, used)` for the minutes `[from, to)`,
+    /// one entry per minute that has any, in order.
+    fn late_minutes(
+        &self,
+        contract: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, i64, i64)>, Self::Error>;
 
     /// The delivery gaps a restart takes back ([`Books::restore`]): those still open at the
     /// last commit, and those that ended at or after `closed_from_ms` (`None`: none).
@@ -80,14 +90,19 @@ impl LedgerStore for super::store::Store {
     ) -> Result<Vec<(i64, Totals)>, Self::Error> {
         super::store::Store::minutes(self, contract, from, to)
     }
-    fn commit(
-        &mut self,
-        ids: &[String],
-        sealed: &[Sealed],
-        snap: &Snapshot,
-        gaps: &[Gap],
-    ) -> Result<(), Self::Error> {
-        super::store::Store::commit_with_gaps(self, ids, sealed, snap, gaps)
+    fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error> {
+        super::store::Store::gaps(self, &[contract.to_string()], 0, from_ms, to_ms)
+    }
+    fn commit(&mut self, ids: &[String], commit: &Commit) -> Result<(), Self::Error> {
+        super::store::Store::commit_with(self, ids, commit)
+    }
+    fn late_minutes(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, i64, i64)>, Self::Error> {
+        super::store::Store::late_minutes(self, contract, from, to)
     }
     fn gaps_to_restore(
         &self,
@@ -113,6 +128,8 @@ pub struct Commit {
     pub snap: Snapshot,
     /// The ledger's pending delivery gaps ([`Ledger::pending_gaps`]).
     pub gaps: Vec<Gap>,
+    /// The late GPU-ms by minute not yet durable ([`Ledger::pending_late`]).
+    pub late: Vec<LateMinute>,
 }
 
 /// How a finished write changed the books.
@@ -134,6 +151,8 @@ struct InFlight {
     through: i64,
     /// Closed gaps up to this mark are durable once the write succeeds.
     gaps_mark: u64,
+    /// The late GPU-ms by minute this write adds to the store.
+    late_minutes: Vec<LateMinute>,
 }
 
 /// The ledger's in-memory side: open minutes, sealed ones waiting for the store, and the
@@ -310,17 +329,20 @@ impl Books {
         }
         let snap = self.ledger.snapshot();
         let (gaps, gaps_mark) = self.ledger.pending_gaps();
+        let late = self.ledger.pending_late();
         self.in_flight = Some(InFlight {
             since: now,
             minutes: self.pending.len(),
             late: snap.late.clone(),
             through: snap.sealed_through,
             gaps_mark,
+            late_minutes: late.clone(),
         });
         Some(Commit {
             sealed: self.pending.clone(),
             snap,
             gaps,
+            late,
         })
     }
 
@@ -343,6 +365,7 @@ impl Books {
         }
         let recovered = std::mem::take(&mut self.failing);
         self.ledger.gaps_persisted(w.gaps_mark);
+        self.ledger.late_persisted(&w.late_minutes);
         for s in self.pending.drain(..w.minutes) {
             let c = &self.contracts[s.contract];
             let r = &mut self.running[s.contract];

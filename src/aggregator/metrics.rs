@@ -13,9 +13,6 @@ use crate::labels::{label_set, Counters, Family, Gauges, IntCounters, LabelSet};
 use crate::ledger::totals::Figures;
 use crate::ledger::{Kind, Totals};
 
-/// The names of the ledger kinds, in the order of their series (see [`Kind`]).
-pub const KINDS: [&str; Kind::COUNT] = Kind::NAMES;
-
 label_set! {
     /// The series of a contract: `{contract}`.
     pub struct ContractLabels<'a> { contract: &'a str }

@@ -10,7 +10,7 @@
 //! | `round.rs` | the scrape loop: target refresh, one round of scrapes, each result booked, what a round logs |
 //! | `reload.rs` | SIGHUP: the config re-read |
 //! | `routes.rs` | the HTTP routes and readiness |
-//! | `view.rs` | month-to-date gauges and the status page from the books |
+//! | `view.rs` | month-to-date gauges and the status page from the books, the page's renewal sizing |
 //! | `scrape.rs`, `parse.rs`, `targets.rs`, `store.rs`, `metrics.rs`, `status.rs` | scraping, the exposition parser, the target set, SQLite, the series, the page's HTML |
 
 pub mod books;
@@ -147,6 +147,8 @@ struct Shared {
     status_page: RwLock<Bytes>,
     rendering: AtomicBool,
     render_again: AtomicBool,
+    /// The renewal sizing the page shows, computed off the request path ([`view`]).
+    sizing: Mutex<view::SizingCache>,
     /// Per target key: its contract and whether its last scrape succeeded.
     health: Mutex<HashMap<String, (Option<usize>, bool)>>,
     /// Per target key: when its rejected readings were last logged (at most every
@@ -249,6 +251,7 @@ pub async fn serve(
         status_page: RwLock::new(Bytes::new()),
         rendering: AtomicBool::new(false),
         render_again: AtomicBool::new(false),
+        sizing: Mutex::new(view::SizingCache::default()),
         health: Mutex::new(HashMap::new()),
         rejections_logged: Mutex::new(HashMap::new()),
     });
@@ -264,6 +267,8 @@ pub async fn serve(
     shared.refresh_gauges();
     *shared.status_page.write().expect("status page lock") =
         Bytes::from(status::render(&shared.status_view()));
+    // The renewal sizing of the restored ledger, read by the writer thread meanwhile.
+    shared.refresh_sizing();
 
     tracing::info!(
         address = %listener.local_addr().unwrap_or(p.listen),

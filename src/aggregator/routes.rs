@@ -9,7 +9,7 @@ use hyper::StatusCode;
 use super::Shared;
 use crate::clock;
 use crate::http::{self, Handler};
-use crate::statement::{self, focus, render, Late, LedgerInfo};
+use crate::statement::{self, focus, render, LedgerInfo};
 
 /// Every route but the statements answers from memory; a statement awaits its minutes
 /// from the writer thread and is built on a blocking thread. Nothing here waits for a
@@ -111,23 +111,26 @@ impl Shared {
         // What the durable minutes say, taken before the read: every minute durable now is
         // in the store when the writer thread reads, and later ones are left out, so the
         // minutes and the ledger's figures agree.
-        let info = {
+        let mut info = {
             let books = self.books.lock().expect("books lock");
-            let (d, u) = books.durable_late(c);
             LedgerInfo {
                 since_minute: Some(books.since()),
                 sealed_through_minute: Some(books.durable_through()),
-                late: Some(Late {
-                    delivered_gpu_ms: d,
-                    used_gpu_ms: u,
-                }),
+                late: Vec::new(),
             }
         };
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
-        let minutes = match self.writer.read(&contract.id, from, to.min(through)).await {
-            Ok(m) => m,
+        let read = match self
+            .writer
+            .read(&contract.id, from, to.min(through), Some(to))
+            .await
+        {
+            Ok(read) => {
+                info.late = statement::late_by_minute(&read.late);
+                read
+            }
             Err(e) => {
                 tracing::warn!(contract = %contract.id, error = %e, "cannot read the ledger for a statement");
                 return refuse(
@@ -138,7 +141,7 @@ impl Shared {
         };
         let contract = contract.clone();
         let built = tokio::task::spawn_blocking(move || {
-            let s = statement::build(&contract, bounds, &minutes, &info, now);
+            let s = statement::build(&contract, bounds, &read.minutes, &read.gaps, &info, now);
             match format {
                 Format::Csv => render::csv(&s).map_err(|e| e.to_string()),
                 Format::Json => Ok(render::json(&s)),

@@ -1,7 +1,8 @@
 //! The built-in status page (`GET /`): per contract, the month so far in GPU-hours
 //! and money, utilization against target, projection, burn rates, the contract alerts
-//! (underuse, budget, delivery, agents down) that would be firing, and a chart of the
-//! month. Server-rendered HTML with inline SVG: no scripts, no external assets.
+//! (underuse, budget, delivery, agents down) that would be firing, a chart of the
+//! month, the renewal sizing of the last 7, 30 and 60 days and the statements.
+//! Server-rendered HTML with inline SVG: no scripts, no external assets.
 //! Rendering is a pure function of [`View`].
 
 use std::fmt::Write as _;
@@ -10,6 +11,9 @@ use crate::ledger::alerts;
 use crate::ledger::burn::{self, TIERS, WINDOWS};
 use crate::ledger::totals::Figures;
 use crate::ledger::{Kind, Totals, MINUTE_MS};
+use crate::statement::render::{gpu_hours, micros};
+use crate::statement::sizing::{GPU_MINUTE_MS, MIN_COVERAGE_PERCENT};
+use crate::statement::{SizingSection, HOUR_MS};
 
 /// Everything the page shows, gathered from the ledger under its lock.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +42,16 @@ pub struct ContractView {
     /// The billing periods (`YYYY-MM`) from the ledger's first to the current one, newest
     /// first, each with its statement's links ([`periods`]).
     pub periods: Vec<String>,
+    /// The renewal sizing last computed (`None`: not yet).
+    pub sizing: Option<Sizing>,
+}
+
+/// The statement's renewal sizing ([`crate::statement::sizing_section`]) as computed last.
+#[derive(Debug, Clone)]
+pub struct Sizing {
+    pub section: SizingSection,
+    /// The lookbacks' end in the contract's local time: when it was computed.
+    pub end_local: String,
 }
 
 /// At most this many billing periods are listed (ten years of months).
@@ -314,8 +328,113 @@ fn contract(h: &mut String, c: &ContractView) {
          delays; other host and pipeline alerts are left to Prometheus.</div></div></div></div>",
     );
     chart(h, c);
+    sizing(h, c);
     statements(h, c);
     h.push_str("</section>");
+}
+
+/// Used GPU-ms per minute as GPUs with three decimals, as the statement prints them.
+fn gpus(ms_per_minute: i64) -> String {
+    gpu_hours(ms_per_minute * (HOUR_MS / GPU_MINUTE_MS))
+}
+
+/// The renewal sizing of [`ContractView::sizing`], the statement's figures: one row per
+/// lookback with at least 90 % of its minutes in the ledger (the others are named, never
+/// shown), each value also in the attribute `data-v` as the statement's JSON has it
+/// (used GPU-ms per minute, micro-units of the currency).
+fn sizing(h: &mut String, c: &ContractView) {
+    let Some(Sizing {
+        section: z,
+        end_local,
+    }) = &c.sizing
+    else {
+        return;
+    };
+    let currency = esc(&c.currency);
+    let _ = write!(
+        h,
+        "<div data-k=sizing data-end-ms={}><b>Renewal sizing</b> <span class=sub>as of {}: used GPUs \
+         per minute over the lookbacks ending then (computed again each hour of sealed minutes), \
+         against the {} GPUs committed then; ",
+        z.end_ms,
+        esc(end_local),
+        z.current_gpus
+    );
+    match z.on_demand_price_per_gpu_hour {
+        Some(p) => {
+            let _ = write!(h, "on demand {currency} {p} per GPU-hour.</span>");
+        }
+        None => h.push_str(
+            "no <code>on_demand_price_per_gpu_hour</code>: no commitment recommended.</span>",
+        ),
+    }
+    let shown: Vec<_> = z
+        .lookbacks
+        .iter()
+        .filter_map(|(d, l)| l.as_ref().map(|l| (*d, l)))
+        .collect();
+    let hidden: Vec<String> = z
+        .lookbacks
+        .iter()
+        .filter(|(_, l)| l.is_none())
+        .map(|(d, _)| format!("{d} days"))
+        .collect();
+    if !shown.is_empty() {
+        h.push_str(
+            "<table><tr><th>lookback</th><th>p50</th><th>p90</th><th>p99</th><th>max GPUs</th>\
+             <th>minutes</th>",
+        );
+        if z.on_demand_price_per_gpu_hour.is_some() {
+            let _ = write!(
+                h,
+                "<th>cheapest commitment</th><th>its cost</th><th>cost at {} GPUs</th><th>saving</th>",
+                z.current_gpus
+            );
+        }
+        h.push_str("</tr>");
+        for (days, l) in shown {
+            let d = &l.distribution;
+            let _ = write!(h, "<tr data-sizing-days={days}><th>{days} days</th>");
+            for (k, v) in [
+                ("p50", d.p50),
+                ("p90", d.p90),
+                ("p99", d.p99),
+                ("max", d.max),
+            ] {
+                let _ = write!(h, "<td data-k=sizing_{k} data-v={v}>{}</td>", gpus(v));
+            }
+            let _ = write!(
+                h,
+                "<td data-k=sizing_accounted data-v={}>{}/{}</td>",
+                l.accounted, l.accounted, l.minutes
+            );
+            if let Some(r) = &l.recommendation {
+                let _ = write!(h, "<td data-k=sizing_gpus data-v={0}>{0} GPUs</td>", r.gpus);
+                for (k, v) in [
+                    ("cost", r.cost_micros),
+                    ("current_cost", r.current_cost_micros),
+                    ("saving", r.saving_micros),
+                ] {
+                    let _ = write!(
+                        h,
+                        "<td data-k=sizing_{k} data-v={v}>{} {currency}</td>",
+                        micros(v)
+                    );
+                }
+            }
+            h.push_str("</tr>");
+        }
+        h.push_str("</table>");
+    }
+    if !hidden.is_empty() {
+        let _ = write!(
+            h,
+            "<div class=sub data-k=sizing_not_shown>Not shown: {} (less than {MIN_COVERAGE_PERCENT} % of \
+             the lookback's minutes in the ledger).</div>",
+            hidden.join(", ")
+        );
+    }
+    h.push_str("</div>");
 }
 
 /// The statements of the periods in [`ContractView::periods`], with links.
@@ -433,6 +552,65 @@ mod tests {
             (all.len(), all.last().map(String::as_str)),
             (11, Some("2026-01"))
         );
+    }
+
+    #[test]
+    fn the_sizing_shows_only_covered_lookbacks_with_the_statements_integers() {
+        use crate::statement::sizing::{self, Prices};
+        let g = GPU_MINUTE_MS;
+        // 20 days of 3 GPUs used, 5 for a tenth of the minutes: only the 7-day lookback.
+        let used: Vec<Option<i64>> = (0..20 * 1440)
+            .map(|m| Some(if m % 10 == 0 { 5 * g } else { 3 * g }))
+            .collect();
+        let prices = Prices {
+            committed: 2_000_000,
+            on_demand: Some(8_000_000),
+        };
+        let section = |used: &[Option<i64>]| SizingSection {
+            end_ms: 0,
+            current_gpus: 8,
+            on_demand_price_per_gpu_hour: Some(8.0),
+            lookbacks: sizing::LOOKBACK_DAYS
+                .into_iter()
+                .zip(sizing::size(used, prices, 8))
+                .collect(),
+        };
+        let page = |z: SizingSection| {
+            let mut h = String::new();
+            let c = ContractView {
+                currency: "USD".into(),
+                sizing: Some(Sizing {
+                    section: z,
+                    end_local: "1970-01-01T00:00:00+00:00".into(),
+                }),
+                ..ContractView::default()
+            };
+            super::sizing(&mut h, &c);
+            h
+        };
+        let z = section(&used);
+        let week = z.lookbacks[0].1.clone().unwrap();
+        let r = week.recommendation.unwrap();
+        let h = page(z);
+        assert!(h.contains("as of 1970-01-01T00:00:00+00:00"), "{h}");
+        assert!(h.contains("<tr data-sizing-days=7>"), "{h}");
+        assert!(!h.contains("data-sizing-days=30") && !h.contains("data-sizing-days=60"));
+        assert!(h.contains("Not shown: 30 days, 60 days"), "{h}");
+        assert!(h.contains(&format!("data-k=sizing_p50 data-v={}>3.000<", 3 * g)));
+        assert!(h.contains(&format!("data-k=sizing_max data-v={}>5.000<", 5 * g)));
+        assert!(h.contains(&format!("data-k=sizing_gpus data-v={0}>{0} GPUs<", r.gpus)));
+        assert!(h.contains(&format!(
+            "data-k=sizing_saving data-v={}>{} USD<",
+            r.saving_micros,
+            micros(r.saving_micros)
+        )));
+        // Too little history: no figures at all.
+        let h = page(section(&used[..1440]));
+        assert!(
+            !h.contains("data-sizing-days") && !h.contains("data-v"),
+            "{h}"
+        );
+        assert!(h.contains("Not shown: 7 days, 30 days, 60 days"), "{h}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::books::Commit;
 use crate::clock;
 use crate::ledger::{
     minute_of, Cause, Gap, HostState, Kind, Open, Sealed, Snapshot, Totals, MINUTE_MS,
@@ -25,7 +26,7 @@ use crate::ledger::{
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
 /// 4: the `gaps` table (delivery gaps, [`write_gaps`]).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// No stored figure of one minute can exceed this many GPU-ms (about 18 million GPUs of
 /// a minute each); a row above it, or a negative one, is corruption.
@@ -537,6 +538,10 @@ CREATE TABLE IF NOT EXISTS hosts (
 CREATE TABLE IF NOT EXISTS late (
     contract TEXT PRIMARY KEY, delivered INTEGER NOT NULL, used INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS contracts (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS late_minutes (
+    contract TEXT NOT NULL, minute INTEGER NOT NULL, commit_seq INTEGER NOT NULL,
+    delivered INTEGER NOT NULL, used INTEGER NOT NULL,
+    PRIMARY KEY (contract, minute, commit_seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gaps (
     contract TEXT NOT NULL, start_ms INTEGER NOT NULL, target TEXT NOT NULL, gpu TEXT NOT NULL,
     end_ms INTEGER, cause TEXT NOT NULL, short_gpu_ms INTEGER NOT NULL, xids TEXT NOT NULL,
@@ -728,8 +733,9 @@ impl Store {
             }
             None => {}
         }
-        // Every table is `IF NOT EXISTS`: creates a new ledger, and adds versions 3's and
-        // 4's (`gaps`).
+        // Every table is `IF NOT EXISTS`: creates a new ledger, and adds versions 3's,
+        // 4's (`gaps`) and 5's (`late_minutes`: late GPU-ms that arrived before version 5
+        // stay in the all-time `late` sums only, with no minute).
         tx.execute_batch(SCHEMA).map_err(sql)?;
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -1111,6 +1117,24 @@ impl Store {
         snap: &Snapshot,
         gaps: &[Gap],
     ) -> Result<(), StoreError> {
+        self.commit_with(
+            ids,
+            &Commit {
+                sealed: sealed.to_vec(),
+                snap: snap.clone(),
+                gaps: gaps.to_vec(),
+                late: Vec::new(),
+            },
+        )
+    }
+
+    /// Writes a [`Commit`] of the books: [`Store::commit`], with the pending delivery gaps
+    /// and the late GPU-ms by minute ([`crate::ledger::Ledger::pending_late`]) in the same
+    /// transaction. Late GPU-ms are kept as one row per contract, minute and commit
+    /// (`commit_seq`): a retry of a commit whose success was hidden by an error carries the
+    /// same sequence number and replaces that row instead of adding it twice.
+    pub fn commit_with(&mut self, ids: &[String], commit: &Commit) -> Result<(), StoreError> {
+        let (sealed, snap, gaps) = (&commit.sealed, &commit.snap, &commit.gaps);
         let interval = self.opts.host_checkpoint_interval;
         let due = interval.is_zero()
             || self
@@ -1188,6 +1212,16 @@ impl Store {
                 ins.execute(params![ids[c], d, u]).map_err(sql)?;
             }
             write_gaps(&tx, ids, gaps).map_err(sql)?;
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO late_minutes (contract, minute, commit_seq, delivered, used)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql)?;
+            for l in commit.late.iter().filter(|l| l.contract < ids.len()) {
+                ins.execute(params![ids[l.contract], l.minute, seq, l.delivered, l.used])
+                    .map_err(sql)?;
+            }
             tx.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2), ('commit_seq', ?3)",
                 params![snap.sealed_through, snap.since, seq],
@@ -1374,6 +1408,34 @@ impl Store {
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
+
+    /// A contract's late GPU-ms `(minute, delivered, used)` for the minutes `[from, to)`,
+    /// summed over the commits that added to each minute, in order.
+    pub fn late_minutes(
+        &self,
+        contract: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        late_minutes_from(&self.conn, contract, from_minute, to_minute).map_err(|e| self.err(e))
+    }
+}
+
+/// See [`Store::late_minutes`]; also read by [`read_minutes`].
+fn late_minutes_from(
+    conn: &Connection,
+    contract: &str,
+    from_minute: i64,
+    to_minute: i64,
+) -> rusqlite::Result<Vec<(i64, i64, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT minute, sum(delivered), sum(used) FROM late_minutes
+         WHERE contract = ?1 AND minute >= ?2 AND minute < ?3 GROUP BY minute ORDER BY minute",
+    )?;
+    let rows = stmt.query_map(params![contract, from_minute, to_minute], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    rows.collect()
 }
 
 impl Drop for Store {
@@ -1662,8 +1724,10 @@ pub struct MinutesRead {
     pub since_minute: Option<i64>,
     /// The first minute not yet sealed.
     pub sealed_through_minute: Option<i64>,
-    /// GPU-ms (delivered, used) that arrived after their minutes were sealed, all time.
-    pub late: Option<(i64, i64)>,
+    /// GPU-ms `(minute, delivered, used)` that arrived after their minutes were sealed,
+    /// for the minutes in `[from, to)` that have any; none in a ledger from before the
+    /// `late_minutes` table (schema version 5).
+    pub late: Vec<(i64, i64, i64)>,
     /// Sealed minutes in `[from, to)`, in order.
     pub minutes: Vec<(i64, Totals)>,
     /// The contract's delivery gaps overlapping those minutes, open ones included (as of the
@@ -1741,14 +1805,6 @@ fn read_minutes_from(
     let since_minute = meta_value(conn, "since")
         .map_err(sql)?
         .or(sealed_through_minute);
-    let late = conn
-        .query_row(
-            "SELECT delivered, used FROM late WHERE contract = ?1",
-            [contract],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(sql)?;
     let mut stmt = conn
         .prepare(&format!(
             "SELECT {}, minute FROM minutes
@@ -1763,14 +1819,20 @@ fn read_minutes_from(
         .map_err(sql)?
         .collect::<Result<_, _>>()
         .map_err(sql)?;
-    let has_gaps: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gaps')",
-            [],
+    let has_table = |name: &str| -> Result<bool, StoreError> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [name],
             |r| r.get(0),
         )
-        .map_err(sql)?;
-    let gaps = if has_gaps {
+        .map_err(sql)
+    };
+    let late = if has_table("late_minutes")? {
+        late_minutes_from(conn, contract, from_minute, to_minute).map_err(sql)?
+    } else {
+        Vec::new()
+    };
+    let gaps = if has_table("gaps")? {
         gaps_from(
             conn,
             contract,
@@ -2221,6 +2283,61 @@ mod tests {
         let snap = store.load(&ids).unwrap().unwrap();
         assert_eq!(Ledger::restore(1, snap).snapshot(), ledger.snapshot());
         drop(store);
+    }
+
+    /// GPU-ms that arrive after their minutes were sealed are kept by minute, add up to the
+    /// all-time late sums, and a retried commit (its success hidden by an error) replaces
+    /// its own rows rather than adding them twice.
+    #[test]
+    fn late_gpu_ms_are_kept_by_minute_and_a_retry_adds_nothing() {
+        let (_tmp, dir) = scratch("late");
+        let ids = vec!["a".to_string()];
+        let committed = |_: usize, a: i64, b: i64| (b - a) * 2;
+        let mut ledger = Ledger::new(1, 0);
+        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
+        ledger.observe("h:1", 0, host_reading(60_000, 2, 0));
+        ledger.start_after(60_000);
+        let mut store = Store::open(&dir).unwrap();
+        let commit = |store: &mut Store, ledger: &mut Ledger, t: i64| {
+            let c = Commit {
+                sealed: ledger.seal(t, 5_000, committed),
+                snap: ledger.snapshot(),
+                gaps: Vec::new(),
+                late: ledger.pending_late(),
+            };
+            store.commit_with(&ids, &c).unwrap();
+            c
+        };
+        // The ledger accounts from minute 2. The host is silent while minutes 2-3 seal, then
+        // reports 240 s of 2 GPUs at once: minute 1's share is before the ledger, minute 4's
+        // is on time, minutes 2's and 3's are late.
+        commit(&mut store, &mut ledger, 299_000);
+        ledger.observe("h:1", 0, host_reading(300_000, 2, 240_000));
+        let c = commit(&mut store, &mut ledger, 300_000);
+        let per_minute = vec![(2, 120_000, 60_000), (3, 120_000, 60_000)];
+        assert_eq!(store.late_minutes("a", 0, 10).unwrap(), per_minute);
+        assert_eq!(ledger.late()[0], (240_000, 120_000));
+        // The same commit again, as after an error that hid its success.
+        store.seq -= 1;
+        store.commit_with(&ids, &c).unwrap();
+        assert_eq!(store.late_minutes("a", 0, 10).unwrap(), per_minute);
+        ledger.late_persisted(&c.late);
+        assert!(ledger.pending_late().is_empty());
+        commit(&mut store, &mut ledger, 360_000);
+        assert_eq!(store.late_minutes("a", 0, 10).unwrap(), per_minute);
+        assert_eq!(store.late_minutes("a", 3, 4).unwrap(), per_minute[1..]);
+        let all_time: (i64, i64) = store
+            .conn
+            .query_row(
+                "SELECT delivered, used FROM late WHERE contract = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(all_time, ledger.late()[0]);
+        drop(store);
+        let read = read_minutes(&dir, "a", 3, 10, Duration::from_secs(5)).unwrap();
+        assert_eq!(read.late, per_minute[1..]);
     }
 
     /// A crash between two host checkpoints: the restored hosts re-baseline, so nothing

@@ -1,14 +1,38 @@
 //! What the books show: the month-to-date gauges and the status page, both from the
-//! durable minutes in memory (never the database).
+//! durable minutes in memory (never the database), and the page's renewal sizing, computed
+//! from the ledger's last 60 days off the request path and cached.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
 
 use super::metrics::{ContractLabels, TierLabels};
 use super::{status, Shared};
+use crate::clock;
 use crate::ledger::MINUTE_MS;
+use crate::statement::{self, SizingSection, SIZING_MINUTES};
+
+/// The sizing is computed again once this many more minutes are durable than at its last
+/// computation: once an hour of the ledger's time.
+pub const SIZING_EVERY_MINUTES: i64 = 60;
+
+/// And at most this often in real time (the demo's clock runs up to 100,000 times faster).
+const SIZING_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The renewal sizing the status page shows: per contract, the statement's
+/// ([`statement::sizing_section`]) of the minutes durable when it was computed.
+#[derive(Debug, Default)]
+pub(super) struct SizingCache {
+    /// Per contract; `None` before the first computation or after a failed read.
+    sections: Vec<Option<SizingSection>>,
+    /// The lookbacks' end (the first minute not yet durable) of the last computation.
+    end_minute: Option<i64>,
+    /// When the last computation started (real time).
+    started: Option<Instant>,
+    running: bool,
+}
 
 impl Shared {
     /// Renders the status page on a blocking thread, one render at a time; a request for
@@ -27,6 +51,71 @@ impl Shared {
             if !me.render_again.load(Ordering::Acquire) || me.rendering.swap(true, Ordering::AcqRel)
             {
                 break;
+            }
+        });
+    }
+
+    /// Computes the renewal sizing of every contract again, when it is due (an hour of the
+    /// ledger's minutes made durable since the last one, and [`SIZING_MIN_INTERVAL`] of real
+    /// time), in the background: the last 60 days of minutes are read by the writer
+    /// thread (one read at a time, between two writes, as a statement's), the sizing built
+    /// on a blocking thread, then the page rendered with it. Requests never wait for it.
+    pub(super) fn refresh_sizing(self: &Arc<Self>) {
+        let through = self.books.lock().expect("books lock").durable_through();
+        {
+            let mut cache = self.sizing.lock().expect("sizing lock");
+            let due = !cache.running
+                && cache
+                    .end_minute
+                    .is_none_or(|e| through >= e + SIZING_EVERY_MINUTES)
+                && cache
+                    .started
+                    .is_none_or(|t| clock::elapsed(t) >= SIZING_MIN_INTERVAL);
+            if !due {
+                return;
+            }
+            cache.running = true;
+            cache.started = Some(clock::monotonic_now());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut sections = Vec::with_capacity(me.contracts.len());
+            let mut complete = true;
+            for contract in &me.contracts {
+                let read = me
+                    .writer
+                    .read(&contract.id, through - SIZING_MINUTES, through, None)
+                    .await;
+                let section = match read {
+                    Ok(read) => {
+                        let contract = contract.clone();
+                        tokio::task::spawn_blocking(move || {
+                            statement::sizing_section(&contract, &read.minutes, through)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e),
+                };
+                match section {
+                    Ok(s) => sections.push(Some(s)),
+                    Err(e) => {
+                        tracing::warn!(contract = %contract.id, error = %e, "cannot read the ledger for the status page's renewal sizing; retried after the next write");
+                        complete = false;
+                        sections.push(None);
+                    }
+                }
+            }
+            {
+                let mut cache = me.sizing.lock().expect("sizing lock");
+                cache.running = false;
+                if complete {
+                    cache.sections = sections;
+                    cache.end_minute = Some(through);
+                }
+            }
+            if complete {
+                me.render_status();
             }
         });
     }
@@ -86,6 +175,7 @@ impl Shared {
             )
         };
         let health = self.health.lock().expect("health lock").clone();
+        let sizing = self.sizing.lock().expect("sizing lock").sections.clone();
         let contracts = self
             .contracts
             .iter()
@@ -108,6 +198,14 @@ impl Shared {
                     targets_up: up,
                     targets_down: mine.count() - up,
                     periods: status::periods(c, since_ms, now_ms),
+                    sizing: sizing
+                        .get(i)
+                        .cloned()
+                        .flatten()
+                        .map(|section| status::Sizing {
+                            end_local: c.local_time(section.end_ms),
+                            section,
+                        }),
                 }
             })
             .collect();

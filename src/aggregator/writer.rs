@@ -12,7 +12,7 @@ use super::books::{Commit, Finished, LedgerStore};
 use super::metrics::OperationLabels;
 use super::{Shared, REJECT_LOG_EVERY_MS};
 use crate::clock;
-use crate::ledger::Totals;
+use crate::ledger::{Gap, Totals, MINUTE_MS};
 
 /// The store's thread: one job at a time, in order.
 pub(super) struct Writer {
@@ -24,8 +24,14 @@ pub(super) struct Writer {
 
 type Done = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Sealed minutes `(minute, totals)` of a contract, in order.
-pub(super) type Minutes = Vec<(i64, Totals)>;
+/// What a statement reads of a contract: its sealed minutes `(minute, totals)`, the late
+/// GPU-ms `(minute, delivered, used)` that arrived for them, each in order, and its delivery
+/// gaps (when asked for).
+pub(super) struct Minutes {
+    pub minutes: Vec<(i64, Totals)>,
+    pub late: Vec<(i64, i64, i64)>,
+    pub gaps: Vec<Gap>,
+}
 
 enum WriteJob {
     /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
@@ -33,11 +39,13 @@ enum WriteJob {
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
-    /// A contract's sealed minutes `[from, to)`, for a statement.
+    /// A contract's sealed minutes `[from, to)` and, with `gaps_to`, its gaps overlapping
+    /// `[from, gaps_to)` (minutes), for a statement.
     Read {
         contract: String,
         from: i64,
         to: i64,
+        gaps_to: Option<i64>,
         done: tokio::sync::oneshot::Sender<Result<Minutes, String>>,
     },
 }
@@ -51,7 +59,7 @@ impl Writer {
                 for job in queue {
                     match job {
                         WriteJob::Commit { commit, done } => {
-                            let r = store.commit(&ids, &commit.sealed, &commit.snap, &commit.gaps);
+                            let r = store.commit(&ids, &commit);
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {
@@ -61,9 +69,25 @@ impl Writer {
                             contract,
                             from,
                             to,
+                            gaps_to,
                             done,
                         } => {
-                            let r = store.minutes(&contract, from, to);
+                            let r = store.minutes(&contract, from, to).and_then(|minutes| {
+                                let late = store.late_minutes(&contract, from, to)?;
+                                let gaps = match gaps_to {
+                                    Some(gaps_to) => store.gaps(
+                                        &contract,
+                                        from.saturating_mul(MINUTE_MS),
+                                        gaps_to.saturating_mul(MINUTE_MS),
+                                    )?,
+                                    None => Vec::new(),
+                                };
+                                Ok(Minutes {
+                                    minutes,
+                                    late,
+                                    gaps,
+                                })
+                            });
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                     }
@@ -75,9 +99,18 @@ impl Writer {
         })
     }
 
-    /// Contract `contract`'s sealed minutes `[from, to)`, read by the writer thread between
-    /// two writes: the caller awaits, no runtime thread waits for the disk.
-    pub(super) async fn read(&self, contract: &str, from: i64, to: i64) -> Result<Minutes, String> {
+    /// Contract `contract`'s sealed minutes `[from, to)`, their late GPU-ms and, with
+    /// `gaps_to`, its delivery gaps overlapping the minutes `[from, gaps_to)` (as `commitmeter
+    /// statement` reads them: the gaps of the whole period, the minutes sealed), read by the
+    /// writer thread between two writes: the caller awaits, no runtime thread waits for the
+    /// disk.
+    pub(super) async fn read(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+        gaps_to: Option<i64>,
+    ) -> Result<Minutes, String> {
         let _turn = self
             .reads
             .acquire()
@@ -89,6 +122,7 @@ impl Writer {
                 contract: contract.to_string(),
                 from,
                 to,
+                gaps_to,
                 done,
             })
             .map_err(|_| WRITER_GONE.to_string())?;
@@ -187,6 +221,7 @@ impl Shared {
         self.refresh_gauges();
         if minutes > 0 {
             self.render_status();
+            self.refresh_sizing();
         }
     }
 

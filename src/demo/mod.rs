@@ -7,8 +7,9 @@ pub mod sim;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 
@@ -41,16 +42,45 @@ pub struct DemoOptions {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Simulated time: `start_ms` plus `speed` times the real time elapsed.
+/// Simulated time: `start_ms` plus `speed` times the real time elapsed, until frozen.
 pub struct SimClock {
     start_ms: i64,
     real_start: Instant,
     speed: f64,
+    /// The simulated time it stands at once frozen; [`NOT_FROZEN`] until then.
+    frozen_ms: AtomicI64,
+}
+
+const NOT_FROZEN: i64 = i64::MIN;
+
+impl SimClock {
+    fn new(start_ms: i64, speed: f64) -> Self {
+        Self {
+            start_ms,
+            real_start: clock::monotonic_now(),
+            speed,
+            frozen_ms: AtomicI64::new(NOT_FROZEN),
+        }
+    }
+
+    /// Stops simulated time where it is now; it stays there (a second call changes nothing).
+    fn freeze(&self) {
+        let now = self.now_ms();
+        let _ =
+            self.frozen_ms
+                .compare_exchange(NOT_FROZEN, now, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 impl Clock for SimClock {
     fn now_ms(&self) -> i64 {
-        self.start_ms + (clock::elapsed(self.real_start).as_secs_f64() * 1000.0 * self.speed) as i64
+        match self.frozen_ms.load(Ordering::Acquire) {
+            NOT_FROZEN => {
+                self.start_ms
+                    + (clock::elapsed(self.real_start).as_secs_f64() * 1000.0 * self.speed) as i64
+            }
+            frozen => frozen,
+        }
     }
 
     fn scale(&self, real: std::time::Duration) -> i64 {
@@ -68,14 +98,54 @@ struct Sim {
     fleet: Mutex<Fleet>,
     hosts: Vec<HostSeries>,
     clock: Arc<SimClock>,
+    /// Per host, how many times its exposition was read.
+    reads: Vec<AtomicU64>,
 }
 
+/// How long a stop waits for the aggregator to read every host at the frozen time.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
 impl Sim {
+    /// At a stop, before the aggregator's last seal: freezes simulated time, then waits
+    /// (at most [`STOP_WAIT`]) until a scrape round that read every host at the frozen time
+    /// has been booked. Every host read twice since the freeze proves it: either a round
+    /// read them all after the freeze and the next one has begun, or some host's second
+    /// read is two rounds on, and rounds start only once the one before is booked.
+    ///
+    /// Without it, the last seal would run at the simulated time of the stop, up to one
+    /// scrape interval plus the stop's own real time past the last readings (at `--speed
+    /// 2400`, one real second is 40 simulated minutes, far beyond the 5-minute grace), and
+    /// the minutes sealed after the readings would be unreported.
+    async fn freeze_and_settle(&self) {
+        self.clock.freeze();
+        let base: Vec<u64> = self
+            .reads
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .collect();
+        let deadline = clock::monotonic_now() + STOP_WAIT;
+        while self
+            .reads
+            .iter()
+            .zip(&base)
+            .any(|(r, b)| r.load(Ordering::Acquire) < b + 2)
+        {
+            if clock::monotonic_now() >= deadline {
+                tracing::warn!(
+                    "stopping before every simulated host was read at the frozen time; the last minutes may be unreported"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The exposition of host `i` at the current simulated time, or None if it is down.
     fn render(
         &self,
         i: usize,
     ) -> Option<hyper::Response<http_body_util::Full<hyper::body::Bytes>>> {
+        self.reads.get(i)?.fetch_add(1, Ordering::AcqRel);
         let mut fleet = self.fleet.lock().expect("fleet lock");
         fleet.advance(self.clock.now_ms());
         let host = fleet.hosts.get(i)?;
@@ -147,6 +217,19 @@ fn sim_start() -> i64 {
         .map_or_else(|| now.as_millisecond(), |t| t.as_millisecond())
 }
 
+/// The demo's `scrape_interval` and `scrape_timeout`, in real seconds.
+const SCRAPE_INTERVAL_S: u64 = 1;
+const SCRAPE_TIMEOUT_S: u64 = 1;
+
+/// The demo's `grace` in simulated seconds: the aggregator's own rule (at least
+/// `scrape_interval + scrape_timeout`, or a minute seals before the scrape that covers it
+/// arrives and is booked unreported) applied on the simulated clock, and at least 5
+/// minutes. At `--speed 2400` a round's 2 real seconds are 80 simulated minutes: a 5-minute
+/// grace sealed minutes after the readings of hosts read early in a round, unreported.
+fn demo_grace_s(speed: f64) -> u64 {
+    ((speed * (SCRAPE_INTERVAL_S + SCRAPE_TIMEOUT_S) as f64).ceil() as u64).max(300)
+}
+
 fn rfc3339(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.to_string())
@@ -180,11 +263,7 @@ pub async fn run(
     drop(Store::open_with(&data_dir, &storage).map_err(aggregator::AggregatorError::from)?);
 
     let start_ms = sim_start();
-    let clock = Arc::new(SimClock {
-        start_ms,
-        real_start: clock::monotonic_now(),
-        speed: opts.speed,
-    });
+    let clock = Arc::new(SimClock::new(start_ms, opts.speed));
     let fleet = Fleet::new(opts.story, start_ms);
     let contracts = fleet.contracts();
 
@@ -226,6 +305,7 @@ pub async fn run(
         hosts.push(HostSeries { metrics, gpus });
     }
     let sim = Arc::new(Sim {
+        reads: hosts.iter().map(|_| AtomicU64::new(0)).collect(),
         fleet: Mutex::new(fleet),
         hosts,
         clock: clock.clone(),
@@ -254,10 +334,13 @@ pub async fn run(
     let sd_path = data_dir.join("agents.json");
     std::fs::write(&sd_path, format!("[\n{}\n]\n", groups.join(",\n"))).map_err(io)?;
 
-    let mut toml = String::from(
+    let mut toml = format!(
         "# Written by `commitmeter demo`. Durations: scrape_interval is real time,\n\
-         # grace is simulated time (the ledger's clock).\n\
-         [aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"5m\"\n\n",
+         # grace is simulated time (the ledger's clock): at least scrape_interval +\n\
+         # scrape_timeout of real time, as the aggregator requires, at x{}.\n\
+         [aggregator]\nscrape_interval = \"{SCRAPE_INTERVAL_S}s\"\nscrape_timeout = \"{SCRAPE_TIMEOUT_S}s\"\ngrace = \"{}s\"\n\n",
+        opts.speed,
+        demo_grace_s(opts.speed)
     );
     let _ = writeln!(
         toml,
@@ -347,7 +430,14 @@ pub async fn run(
         sd_path.display(),
         data_dir.join("ledger.sqlite3").display(),
     );
-    let result = aggregator::serve(prepared, listener, clock, shutdown).await;
+    // A stop freezes simulated time and lets the aggregator read every host at it before
+    // its last seal and write; only then do the simulated agents stop.
+    let settle = sim.clone();
+    let stopping = async move {
+        shutdown.await;
+        settle.freeze_and_settle().await;
+    };
+    let result = aggregator::serve(prepared, listener, clock, stopping).await;
     let _ = stop_agents.send(());
     let _ = agents.await;
     if temporary {

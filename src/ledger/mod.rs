@@ -149,10 +149,22 @@ pub struct Ledger {
     hosts: HashMap<TargetKey, HostState>,
     /// GPU-ms that arrived for sealed minutes, per contract (delivered, used).
     late: Vec<(i64, i64)>,
+    /// The same late GPU-ms by the minute they were for, not yet durable: a statement
+    /// reports a period's late GPU-ms, not the ledger's whole life.
+    late_pending: BTreeMap<(usize, i64), (i64, i64)>,
     /// How far an agent's clock may stray, in this ledger's time (see [`host`]).
     clock_tolerance_ms: i64,
     /// Delivery gaps: open, and closed but not yet persisted (see [`gaps`]).
     gaps: Gaps,
+}
+
+/// GPU-ms (delivered, used) that arrived for contract `contract`'s sealed `minute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LateMinute {
+    pub contract: usize,
+    pub minute: i64,
+    pub delivered: i64,
+    pub used: i64,
 }
 
 /// Everything needed to resume after a crash, written atomically with sealed minutes.
@@ -178,6 +190,7 @@ impl Ledger {
             open: BTreeMap::new(),
             hosts: HashMap::new(),
             late: vec![(0, 0); contracts],
+            late_pending: BTreeMap::new(),
             clock_tolerance_ms: host::CLOCK_TOLERANCE_MS,
             gaps: Gaps::default(),
         }
@@ -377,6 +390,34 @@ impl Ledger {
         self.gaps.pending()
     }
 
+    /// The late GPU-ms not yet durable, by contract and the minute they were for (at most
+    /// one entry per contract and minute), for the store to add to its per-minute record.
+    pub fn pending_late(&self) -> Vec<LateMinute> {
+        self.late_pending
+            .iter()
+            .map(|(&(contract, minute), &(delivered, used))| LateMinute {
+                contract,
+                minute,
+                delivered,
+                used,
+            })
+            .collect()
+    }
+
+    /// The late GPU-ms `written` (from [`Ledger::pending_late`]) are durable: what arrived
+    /// for the same minutes meanwhile stays pending.
+    pub fn late_persisted(&mut self, written: &[LateMinute]) {
+        for w in written {
+            if let Some(p) = self.late_pending.get_mut(&(w.contract, w.minute)) {
+                p.0 = p.0.saturating_sub(w.delivered);
+                p.1 = p.1.saturating_sub(w.used);
+                if *p == (0, 0) {
+                    self.late_pending.remove(&(w.contract, w.minute));
+                }
+            }
+        }
+    }
+
     /// The closed gaps up to `mark` (from [`Ledger::pending_gaps`]) are durable.
     pub fn gaps_persisted(&mut self, mark: u64) {
         self.gaps.persisted(mark);
@@ -424,9 +465,15 @@ impl Ledger {
                 continue;
             }
             if minute < self.sealed_through {
-                let late = &mut self.late[contract];
-                late.0 = late.0.saturating_add(delivered[i]);
-                late.1 = late.1.saturating_add(used[i]);
+                if delivered[i] != 0 || used[i] != 0 {
+                    for late in [
+                        &mut self.late[contract],
+                        self.late_pending.entry((contract, minute)).or_default(),
+                    ] {
+                        late.0 = late.0.saturating_add(delivered[i]);
+                        late.1 = late.1.saturating_add(used[i]);
+                    }
+                }
                 continue;
             }
             if let Some(o) = self.open_mut(contract, minute) {

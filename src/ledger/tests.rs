@@ -117,6 +117,24 @@ fn a_silent_host_is_unreported_and_late_data_is_counted_not_added() {
     assert_eq!(sealed.len(), 1);
     assert_eq!(sealed[0].totals.delivered, 2 * M);
     assert_eq!(sealed[0].totals.used, M);
+    // The late GPU-ms are kept for their minute (2) until the store has them.
+    let written = l.pending_late();
+    let late = |delivered, used| LateMinute {
+        contract: 0,
+        minute: 2,
+        delivered,
+        used,
+    };
+    assert_eq!(written, [late(2 * M, M)]);
+    // More arrives for minute 2 while that write is in flight (a second host, late too):
+    // once the write is durable, only the newer part is still pending.
+    l.observe("h2", 0, at(120_000, &[("c", 0, 0)]));
+    l.observe("h2", 0, at(180_000, &[("c", 60_000, 0)]));
+    l.late_persisted(&written);
+    assert_eq!(l.pending_late(), [late(M, 0)]);
+    assert_eq!(l.late()[0], (3 * M, M), "the all-time sums keep everything");
+    l.late_persisted(&l.pending_late());
+    assert!(l.pending_late().is_empty());
 }
 
 #[test]

@@ -126,14 +126,21 @@ pub fn json(rows: &[Row]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
 
     const T0: i64 = 1_764_547_200_000; // 2025-12-01T00:00:00Z
 
-    fn gap(target: &str, gpu: &str, cause: Cause, start: i64, end: Option<i64>) -> Gap {
+    /// A gap without XIDs or shortfall (also for [`super::super::gap_summary`]'s tests).
+    pub(in crate::statement) fn gap(
+        target: &str,
+        gpu: &str,
+        cause: Cause,
+        start: i64,
+        end: Option<i64>,
+    ) -> Gap {
         Gap {
             contract: 0,
             target: target.into(),

@@ -8,10 +8,13 @@
 //! (`used − overage + idle + undelivered + unreported = committed`) holds on every row. GPU-hours,
 //! costs and ratios are derived from those integers once, when rendered ([`render`]).
 //!
-//! Sections other modules add (SLA credit, renewal sizing) go into [`Sections`]; the delivery
-//! gaps' evidence export is [`gaps`].
+//! Sections other modules add (SLA credit, delivery gaps summary, renewal sizing) go into
+//! [`Sections`]; the period's charges in micro-units are [`charges`]; the delivery gaps'
+//! evidence export is [`gaps`].
 
+pub mod charges;
 pub mod focus;
+pub mod gap_summary;
 pub mod gaps;
 pub mod render;
 pub mod sizing;
@@ -21,21 +24,22 @@ use serde::Serialize;
 
 use crate::contract::{Contract, Sla};
 use crate::ledger::totals::billed;
-use crate::ledger::{Kind, Totals, MINUTE_MS};
+use crate::ledger::{Gap, Kind, Totals, MINUTE_MS};
 
 /// Milliseconds in an hour: GPU-ms per GPU-hour.
 pub const HOUR_MS: i64 = 3_600_000;
 
 /// What the ledger says besides its minutes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerInfo {
     /// The first minute the ledger accounts (`None`: it has sealed nothing yet).
     pub since_minute: Option<i64>,
     /// The first minute not yet sealed.
     pub sealed_through_minute: Option<i64>,
-    /// GPU-ms that arrived after their minutes were sealed, for this contract, over the
-    /// ledger's whole life (the ledger does not keep which minute they were for).
-    pub late: Option<Late>,
+    /// GPU-ms that arrived after their minutes were sealed, by the minute they were for
+    /// (`(minute, late)`, at most one entry per minute). A ledger from before schema
+    /// version 5 kept only all-time sums: its earlier late GPU-ms are not here.
+    pub late: Vec<(i64, Late)>,
 }
 
 /// Late GPU-ms (delivered, used): counted nowhere, reported for what they are.
@@ -43,6 +47,28 @@ pub struct LedgerInfo {
 pub struct Late {
     pub delivered_gpu_ms: i64,
     pub used_gpu_ms: i64,
+}
+
+/// The store's late rows `(minute, delivered, used)` as [`LedgerInfo::late`].
+pub fn late_by_minute(rows: &[(i64, i64, i64)]) -> Vec<(i64, Late)> {
+    rows.iter()
+        .map(|&(minute, d, u)| {
+            (
+                minute,
+                Late {
+                    delivered_gpu_ms: d,
+                    used_gpu_ms: u,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Late {
+    fn add(&mut self, other: &Late) {
+        self.delivered_gpu_ms = self.delivered_gpu_ms.saturating_add(other.delivered_gpu_ms);
+        self.used_gpu_ms = self.used_gpu_ms.saturating_add(other.used_gpu_ms);
+    }
 }
 
 /// One row of a statement: a local calendar day, or the period total.
@@ -57,6 +83,9 @@ pub struct Row {
     pub totals: Totals,
     /// How many sealed minutes the ledger holds for the span.
     pub minutes_accounted: i64,
+    /// GPU-ms that arrived for the span's minutes after they were sealed: in none of the
+    /// figures (sealed minutes never change), shown so that coverage is complete.
+    pub late: Late,
     /// The span is not over at "now": figures may still grow.
     pub provisional: bool,
 }
@@ -92,6 +121,8 @@ impl Row {
 pub struct Sections {
     /// The SLA credit of the period ([`sla`]), for a contract with an `sla`.
     pub sla: Option<SlaSection>,
+    /// The period's delivery gaps, per cause ([`gap_summary`]).
+    pub gaps: Option<gap_summary::GapSummary>,
     /// Renewal sizing ([`sizing`]) over the lookbacks ending at [`SizingSection::end_ms`].
     pub sizing: Option<SizingSection>,
 }
@@ -158,10 +189,11 @@ pub struct Statement {
     /// absent, not zero.
     pub starts_before_ledger: bool,
     pub ledger_since_ms: Option<i64>,
-    pub late: Option<Late>,
     /// One per local calendar day of the period, in order.
     pub days: Vec<Row>,
     pub total: Row,
+    /// What the period costs: commitment, overage, the SLA credit once it is over.
+    pub charges: charges::Charges,
     pub sections: Sections,
     /// Local time of an instant, for rendering (the contract's calendar).
     local_times: Vec<(i64, String)>,
@@ -191,15 +223,25 @@ pub fn parse_period(s: &str) -> Result<(i16, i8), String> {
     Ok((year, month))
 }
 
+/// Where the open delivery gaps of a statement made at `now_ms` run to: the first minute not
+/// yet sealed, as the minutes do (`now_ms` for a ledger that has sealed nothing).
+pub fn gaps_until(ledger: &LedgerInfo, now_ms: i64) -> i64 {
+    ledger
+        .sealed_through_minute
+        .map_or(now_ms, |m| m.saturating_mul(MINUTE_MS))
+}
+
 /// Builds the statement of `contract`'s billing period `[period.0, period.1)` from the
-/// ledger's sealed minutes `(minute, totals)` (each minute at most once), at `now_ms`. The rows
+/// ledger's sealed minutes `(minute, totals)` (each minute at most once) and its delivery
+/// gaps overlapping the period (open ones running to [`gaps_until`]), at `now_ms`. The rows
 /// sum the minutes inside the period; the renewal sizing reads the used GPU-ms of the minutes
 /// in the [`SIZING_MINUTES`] before the period's end (or before the first minute not yet
-/// sealed, when earlier), so pass those too.
+/// sealed, when earlier), so pass those too. The one builder of the CLI and the HTTP route.
 pub fn build(
     contract: &Contract,
     period: (i64, i64),
     minutes: &[(i64, Totals)],
+    gaps: &[Gap],
     ledger: &LedgerInfo,
     now_ms: i64,
 ) -> Statement {
@@ -213,6 +255,7 @@ pub fn build(
             end_ms: *b,
             totals: Totals::default(),
             minutes_accounted: 0,
+            late: Late::default(),
             provisional: now_ms < *b,
         })
         .collect();
@@ -222,6 +265,7 @@ pub fn build(
         end_ms: end,
         totals: Totals::default(),
         minutes_accounted: 0,
+        late: Late::default(),
         provisional: now_ms < end,
     };
     for (minute, t) in minutes {
@@ -238,14 +282,46 @@ pub fn build(
         total.totals.add(t);
         total.minutes_accounted += 1;
     }
+    for (minute, late) in &ledger.late {
+        let at = minute.saturating_mul(MINUTE_MS);
+        if at < start || at >= end {
+            continue;
+        }
+        let i = rows.partition_point(|r| r.start_ms <= at);
+        if let Some(row) = i.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+            row.late.add(late);
+        }
+        total.late.add(late);
+    }
     let ledger_since_ms = ledger.since_minute.map(|m| m.saturating_mul(MINUTE_MS));
-    let sections = sections(contract, period, minutes, ledger, &total);
+    let mut sections = sections(contract, period, minutes, ledger, &total);
+    sections.gaps = Some(gap_summary::summarize(
+        gaps,
+        period,
+        gaps_until(ledger, now_ms),
+    ));
+    let provisional = now_ms < end;
+    let credit = sections
+        .sla
+        .as_ref()
+        .filter(|_| !provisional)
+        .map(|z| z.assessment.credit_micros);
+    let charges = charges::of(contract, &total.totals, credit);
     let mut local_times: Vec<(i64, String)> = rows
         .iter()
         .flat_map(|r| [r.start_ms, r.end_ms])
         .chain([start, end])
         .chain(ledger_since_ms)
         .chain(sections.sizing.as_ref().map(|z| z.end_ms))
+        .chain(sections.gaps.iter().flat_map(|g| {
+            [g.until_ms, g.end_ms].into_iter().chain(
+                g.causes
+                    .iter()
+                    .filter_map(|c| c.longest.as_ref())
+                    .flat_map(|l| [Some(l.start_ms), l.end_ms])
+                    .flatten(),
+            )
+        }))
         .map(|t| (t, contract.local_time(t)))
         .collect();
     local_times.sort();
@@ -262,12 +338,12 @@ pub fn build(
         period: format!("{y:04}-{m:02}"),
         start_ms: start,
         end_ms: end,
-        provisional: now_ms < end,
+        provisional,
         starts_before_ledger: ledger_since_ms.is_none_or(|s| s > start),
         ledger_since_ms,
-        late: ledger.late,
         days: rows,
         total,
+        charges,
         sections,
         local_times,
     }
@@ -292,6 +368,22 @@ fn sections(
         .map_or(end.div_euclid(MINUTE_MS), |s| {
             s.min(end.div_euclid(MINUTE_MS))
         });
+    Sections {
+        sla,
+        gaps: None,
+        sizing: Some(sizing_section(contract, minutes, end_minute)),
+    }
+}
+
+/// The renewal sizing of `contract` over the lookbacks ending at `end_minute` (exclusive),
+/// from the ledger's sealed minutes `(minute, totals)`; minutes outside the longest lookback
+/// are ignored. The one computation behind the statement's sizing section and the status
+/// page's.
+pub fn sizing_section(
+    contract: &Contract,
+    minutes: &[(i64, Totals)],
+    end_minute: i64,
+) -> SizingSection {
     let first = end_minute - SIZING_MINUTES;
     // One entry per minute of the longest lookback, oldest first; `None` where not sealed.
     let mut used: Vec<Option<i64>> = vec![None; SIZING_MINUTES as usize];
@@ -302,7 +394,7 @@ fn sections(
     }
     let end_ms = end_minute.saturating_mul(MINUTE_MS);
     let prices = sizing::Prices {
-        committed: price,
+        committed: sla::price_micros(contract.price_per_gpu_hour),
         on_demand: contract.on_demand_price_per_gpu_hour.map(sla::price_micros),
     };
     let current_gpus = contract.committed_gpus_at(end_ms - 1);
@@ -310,14 +402,11 @@ fn sections(
         .into_iter()
         .zip(sizing::size(&used, prices, current_gpus))
         .collect();
-    Sections {
-        sla,
-        sizing: Some(SizingSection {
-            end_ms,
-            current_gpus,
-            on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
-            lookbacks,
-        }),
+    SizingSection {
+        end_ms,
+        current_gpus,
+        on_demand_price_per_gpu_hour: contract.on_demand_price_per_gpu_hour,
+        lookbacks,
     }
 }
 

@@ -5,6 +5,8 @@
 
 use serde::Serialize;
 
+use super::charges::Charges;
+use super::gap_summary::{CauseSummary, GapSummary};
 use super::sizing::{Distribution, Lookback, Recommendation, GPU_MINUTE_MS};
 use super::sla::{div_round_half_even, Share};
 use super::{Row, SizingSection, SlaSection, Statement, HOUR_MS};
@@ -84,30 +86,7 @@ pub fn text(s: &Statement) -> String {
     let mut table: Vec<Vec<String>> = vec![header];
     table.extend(s.days.iter().map(line));
     table.push(line(&s.total));
-    let widths: Vec<usize> = (0..table[0].len())
-        .map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for (i, r) in table.iter().enumerate() {
-        if i == table.len() - 1 {
-            let w: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-            out.push_str(&"-".repeat(w));
-            out.push('\n');
-        }
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&layout(&table, true));
     out.push_str("\nGPU-hours per kind; minutes: sealed minutes accounted / minutes in the span");
     if s.days.iter().any(|d| d.provisional) {
         out.push_str("; * not over yet");
@@ -129,18 +108,148 @@ pub fn text(s: &Statement) -> String {
         ratio(s.total.utilization()),
         s.target_utilization
     ));
-    if let Some(l) = s.late {
-        out.push_str(&format!(
-            "Late (arrived after their minutes were sealed, counted nowhere, whole ledger): delivered {} GPU-hours, used {}\n",
-            gpu_hours(l.delivered_gpu_ms),
-            gpu_hours(l.used_gpu_ms)
-        ));
-    }
+    let l = s.total.late;
+    out.push_str(&format!(
+        "Late (arrived after their minutes were sealed, counted nowhere): delivered {} GPU-hours, used {}\n",
+        gpu_hours(l.delivered_gpu_ms),
+        gpu_hours(l.used_gpu_ms)
+    ));
+    out.push_str(&charges_text(s));
     if let Some(sla) = &s.sections.sla {
         out.push_str(&sla_text(sla, &s.currency));
     }
+    if let Some(g) = &s.sections.gaps {
+        out.push_str(&gaps_text(s, g));
+    }
     if let Some(z) = &s.sections.sizing {
         out.push_str(&sizing_text(s, z));
+    }
+    out
+}
+
+/// A table as text: the first column left-aligned, the others right-aligned, two spaces
+/// apart; with `total`, a rule above the last line.
+fn layout(table: &[Vec<String>], total: bool) -> String {
+    let mut out = String::new();
+    let widths: Vec<usize> = (0..table.first().map_or(0, Vec::len))
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (i, r) in table.iter().enumerate() {
+        if total && i == table.len() - 1 {
+            let w: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out.push_str(&"-".repeat(w));
+            out.push('\n');
+        }
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The period's charges: commitment, overage at its price, the SLA credit once the period is
+/// over, what is due.
+fn charges_text(s: &Statement) -> String {
+    let c = &s.charges;
+    let mut out = format!(
+        "Charges ({}): commitment {} + overage {} GPU-hours at {} ({}) {} = {}",
+        s.currency,
+        micros(c.committed_micros),
+        gpu_hours(c.overage_gpu_ms),
+        micros(i128::from(c.overage_price_micros)),
+        if c.overage_at_on_demand {
+            "on demand"
+        } else {
+            "the contract price: no on_demand_price_per_gpu_hour"
+        },
+        micros(c.overage_micros),
+        micros(c.total_micros)
+    );
+    match (c.credit_micros, &s.sections.sla) {
+        (Some(credit), _) => out.push_str(&format!(
+            ", less the SLA credit {}: due {}\n",
+            micros(credit),
+            micros(c.due_micros)
+        )),
+        (None, Some(_)) => out.push_str(" (the SLA credit is counted once the period is over)\n"),
+        (None, None) => out.push('\n'),
+    }
+    out
+}
+
+/// The delivery gaps summary: one line per cause.
+fn gaps_text(s: &Statement, g: &GapSummary) -> String {
+    let mut out = format!(
+        "Delivery gaps in the period (GPU-hours inside it; open gaps counted to {}; still open: not ended by {}):\n",
+        s.local_time(g.until_ms),
+        s.local_time(g.end_ms)
+    );
+    let mut table: Vec<Vec<String>> = vec![[
+        "cause",
+        "gaps",
+        "GPU-hours",
+        "longest (hours)",
+        "longest from",
+        "target GPU",
+        "XIDs",
+        "still open",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for c in &g.causes {
+        let l = c.longest.as_ref();
+        table.push(vec![
+            c.cause.as_str().to_string(),
+            c.gaps.to_string(),
+            format!(
+                "{}{}",
+                if c.prorated { "~" } else { "" },
+                gpu_hours(c.gpu_ms)
+            ),
+            l.map_or_else(|| "-".into(), |l| gpu_hours(l.duration_ms)),
+            l.map_or_else(|| "-".into(), |l| s.local_time(l.start_ms).to_string()),
+            l.map_or_else(
+                || "-".into(),
+                |l| {
+                    if l.target.is_empty() {
+                        "(contract)".to_string()
+                    } else {
+                        format!("{} {}", l.target, l.gpu)
+                    }
+                },
+            ),
+            if c.xids.is_empty() {
+                "-".into()
+            } else {
+                c.xids.join(",")
+            },
+            c.open.to_string(),
+        ]);
+    }
+    for line in layout(&table, false).lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    if g.causes.iter().any(|c| c.prorated) {
+        out.push_str("  ~ a short gap crossing the period's edge: its GPU-hours split by time\n");
     }
     out
 }
@@ -281,7 +390,16 @@ pub fn csv_header() -> Vec<String> {
     for k in priced_kinds() {
         h.push(format!("{k}_cost"));
     }
-    h.extend(["currency", "utilization", "target_utilization"].map(String::from));
+    h.extend(
+        [
+            "currency",
+            "utilization",
+            "target_utilization",
+            "late_delivered_gpu_ms",
+            "late_used_gpu_ms",
+        ]
+        .map(String::from),
+    );
     h
 }
 
@@ -322,6 +440,8 @@ pub fn csv(s: &Statement) -> Result<String, csv::Error> {
         rec.push(s.currency.clone());
         rec.push(ratio(r.utilization()));
         rec.push(s.target_utilization.to_string());
+        rec.push(r.late.delivered_gpu_ms.to_string());
+        rec.push(r.late.used_gpu_ms.to_string());
         w.write_record(rec)?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;
@@ -349,6 +469,8 @@ struct RowJson<'a> {
     identity_holds: bool,
     utilization: Option<f64>,
     kinds: Vec<KindJson>,
+    /// GPU-ms that arrived for the span after it was sealed (in no kind).
+    late: super::Late,
 }
 
 #[derive(Serialize)]
@@ -365,13 +487,115 @@ struct StatementJson<'a> {
     provisional: bool,
     starts_before_ledger: bool,
     ledger_since: Option<&'a str>,
-    late: Option<super::Late>,
     days: Vec<RowJson<'a>>,
     total: RowJson<'a>,
+    charges: ChargesJson,
     #[serde(skip_serializing_if = "Option::is_none")]
     sla: Option<SlaJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    delivery_gaps: Option<GapsJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     sizing: Option<SizingJson<'a>>,
+}
+
+/// Amounts in exact micro-units beside the same rounded to cents.
+#[derive(Serialize)]
+struct ChargesJson {
+    committed_micros: i128,
+    committed: String,
+    overage_gpu_ms: i64,
+    overage_price_per_gpu_hour_micros: i64,
+    /// `on_demand` or `contract`: which of the contract's prices overage is billed at.
+    overage_priced_at: &'static str,
+    overage_micros: i128,
+    overage: String,
+    total_micros: i128,
+    total: String,
+    /// `null` without `sla` or while the period is not over.
+    credit_micros: Option<i128>,
+    credit: Option<String>,
+    due_micros: i128,
+    due: String,
+}
+
+#[derive(Serialize)]
+struct GapsJson<'a> {
+    /// Open gaps are counted up to here.
+    until: &'a str,
+    /// A gap not ended by here is still open.
+    end: &'a str,
+    causes: Vec<CauseJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct CauseJson<'a> {
+    cause: &'static str,
+    gaps: u64,
+    gpu_ms: i64,
+    gpu_hours: f64,
+    /// Some `short` gap crossed the period's edge: its GPU-ms are split by time.
+    prorated: bool,
+    longest: Option<LongestJson<'a>>,
+    xids: &'a [String],
+    open: u64,
+}
+
+#[derive(Serialize)]
+struct LongestJson<'a> {
+    target: &'a str,
+    gpu: &'a str,
+    start: &'a str,
+    end: Option<&'a str>,
+    duration_ms: i64,
+}
+
+fn charges_json(c: &Charges) -> ChargesJson {
+    ChargesJson {
+        committed_micros: c.committed_micros,
+        committed: micros(c.committed_micros),
+        overage_gpu_ms: c.overage_gpu_ms,
+        overage_price_per_gpu_hour_micros: c.overage_price_micros,
+        overage_priced_at: if c.overage_at_on_demand {
+            "on_demand"
+        } else {
+            "contract"
+        },
+        overage_micros: c.overage_micros,
+        overage: micros(c.overage_micros),
+        total_micros: c.total_micros,
+        total: micros(c.total_micros),
+        credit_micros: c.credit_micros,
+        credit: c.credit_micros.map(micros),
+        due_micros: c.due_micros,
+        due: micros(c.due_micros),
+    }
+}
+
+fn cause_json<'a>(s: &'a Statement, c: &'a CauseSummary) -> CauseJson<'a> {
+    CauseJson {
+        cause: c.cause.as_str(),
+        gaps: c.gaps,
+        gpu_ms: c.gpu_ms,
+        gpu_hours: c.gpu_ms as f64 / HOUR_MS as f64,
+        prorated: c.prorated,
+        longest: c.longest.as_ref().map(|l| LongestJson {
+            target: &l.target,
+            gpu: &l.gpu,
+            start: s.local_time(l.start_ms),
+            end: l.end_ms.map(|e| s.local_time(e)),
+            duration_ms: l.duration_ms,
+        }),
+        xids: &c.xids,
+        open: c.open,
+    }
+}
+
+fn gaps_json<'a>(s: &'a Statement, g: &'a GapSummary) -> GapsJson<'a> {
+    GapsJson {
+        until: s.local_time(g.until_ms),
+        end: s.local_time(g.end_ms),
+        causes: g.causes.iter().map(|c| cause_json(s, c)).collect(),
+    }
 }
 
 #[derive(Serialize)]
@@ -545,6 +769,7 @@ fn row_json<'a>(s: &'a Statement, r: &'a Row) -> RowJson<'a> {
                 cost: r.cost(k, s.price_per_gpu_hour).map(|c| round(c, 2)),
             })
             .collect(),
+        late: r.late,
     }
 }
 
@@ -564,10 +789,11 @@ pub fn json(s: &Statement) -> String {
         provisional: s.provisional,
         starts_before_ledger: s.starts_before_ledger,
         ledger_since: s.ledger_since_ms.map(|t| s.local_time(t)),
-        late: s.late,
         days: s.days.iter().map(|r| row_json(s, r)).collect(),
         total: row_json(s, &s.total),
+        charges: charges_json(&s.charges),
         sla: s.sections.sla.as_ref().map(sla_json),
+        delivery_gaps: s.sections.gaps.as_ref().map(|g| gaps_json(s, g)),
         sizing: s.sections.sizing.as_ref().map(|z| sizing_json(s, z)),
     };
     let mut out = serde_json::to_string_pretty(&doc).expect("a statement serializes");

@@ -11,7 +11,7 @@ pub(crate) fn contract(tz: &str, price: f64) -> Contract {
 }
 
 /// A 4-GPU contract from 2026-01-01 in `tz`, with `extra` keys.
-fn contract_with(tz: &str, price: f64, extra: &str) -> Contract {
+pub(crate) fn contract_with(tz: &str, price: f64, extra: &str) -> Contract {
     let text = format!(
         r#"
 [[targets]]
@@ -48,7 +48,7 @@ fn t(m: i64) -> Totals {
 fn berlin_october_2026_has_a_25_hour_day_and_march_2027_a_23_hour_one() {
     let c = contract("Europe/Berlin", 2.0);
     let oct = c.billing_period_of_month(2026, 10).unwrap();
-    let s = build(&c, oct, &[], &LedgerInfo::default(), oct.1 + 1);
+    let s = build(&c, oct, &[], &[], &LedgerInfo::default(), oct.1 + 1);
     assert_eq!(s.days.len(), 31);
     assert_eq!(s.period, "2026-10");
     assert!(!s.provisional && s.starts_before_ledger);
@@ -63,7 +63,7 @@ fn berlin_october_2026_has_a_25_hour_day_and_march_2027_a_23_hour_one() {
     assert_eq!(s.local_time(oct.0), "2026-10-01T00:00:00+02:00");
     assert_eq!(s.local_time(oct.1), "2026-11-01T00:00:00+01:00");
     let mar = c.billing_period_of_month(2027, 3).unwrap();
-    let s = build(&c, mar, &[], &LedgerInfo::default(), mar.0);
+    let s = build(&c, mar, &[], &[], &LedgerInfo::default(), mar.0);
     let short: Vec<_> = s.days.iter().filter(|d| d.minutes() != 1440).collect();
     assert_eq!(short.len(), 1);
     assert_eq!(
@@ -90,6 +90,13 @@ fn periods_parse_as_year_and_month() {
     }
 }
 
+fn late(delivered_gpu_ms: i64, used_gpu_ms: i64) -> Late {
+    Late {
+        delivered_gpu_ms,
+        used_gpu_ms,
+    }
+}
+
 #[test]
 fn costs_follow_billed_and_the_text_names_them() {
     let c = contract("UTC", 2.0);
@@ -101,12 +108,15 @@ fn costs_follow_billed_and_the_text_names_them() {
     let info = LedgerInfo {
         since_minute: Some(m0),
         sealed_through_minute: Some(m0 + 60),
-        late: Some(Late {
-            delivered_gpu_ms: 1,
-            used_gpu_ms: 0,
-        }),
+        // Late GPU-ms for the period's first minute, its second day and the minute before
+        // it: the last is another period's.
+        late: vec![
+            (m0 - 1, late(7, 7)),
+            (m0, late(1, 0)),
+            (m0 + 1440, late(2, 1)),
+        ],
     };
-    let s = build(&c, p, &minutes, &info, p.0 + 3_600_000);
+    let s = build(&c, p, &minutes, &[], &info, p.0 + 3_600_000);
     assert!(!s.starts_before_ledger && s.provisional);
     assert_eq!(s.total.cost(Kind::Committed, 2.0), Some(8.0));
     assert_eq!(s.total.cost(Kind::Used, 2.0), Some(4.0));
@@ -117,6 +127,11 @@ fn costs_follow_billed_and_the_text_names_them() {
     assert_eq!(
         (s.total.minutes_accounted, s.total.minutes()),
         (60, 30 * 1440)
+    );
+    assert_eq!(
+        (s.days[0].late, s.days[1].late, s.total.late),
+        (late(1, 0), late(2, 1), late(3, 1)),
+        "late GPU-ms land in the day of their minute; other periods' are left out"
     );
     let text = render::text(&s);
     assert!(
@@ -152,7 +167,7 @@ proptest! {
         // Minutes from a little before the period to a little after it.
         let first = a / MINUTE_MS - 60;
         let minutes: Vec<(i64, Totals)> = picks.iter().map(|&i| (first + i, t(i))).collect();
-        let s = build(&c, (a, b), &minutes, &LedgerInfo::default(), b);
+        let s = build(&c, (a, b), &minutes, &[], &LedgerInfo::default(), b);
         let inside: Vec<&(i64, Totals)> =
             minutes.iter().filter(|(m, _)| *m * MINUTE_MS >= a && *m * MINUTE_MS < b).collect();
         let mut want = Totals::default();
@@ -221,6 +236,7 @@ fn the_sla_credit_through_the_statement_at_each_tier_boundary() {
             &c,
             period,
             &minutes(undelivered),
+            &[],
             &LedgerInfo::default(),
             period.1,
         );

@@ -347,6 +347,39 @@ pub fn demo_banner(child: &mut Child, key: &str) -> String {
         .unwrap_or_else(|_| panic!("the demo printed no {key:?}"))
 }
 
+/// A `commitmeter demo` on `data` with `args`, killed on drop (also when an assertion
+/// fails); `addr` is its aggregator's `host:port`.
+pub struct Demo {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Demo {
+    pub fn start(data: &Path, args: &[&str]) -> Demo {
+        let mut child = Command::new(BIN)
+            .args(["demo", "--web.listen-address=127.0.0.1:0"])
+            .arg(format!("--data.dir={}", data.display()))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start commitmeter demo");
+        let url = demo_banner(&mut child, "status page:");
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        Demo { child, addr }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A minimal HTTP/1.0 GET (no chunked bodies to decode); returns status and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     http_request(

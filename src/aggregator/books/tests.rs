@@ -48,6 +48,9 @@ struct MemStore {
     rows: BTreeMap<(String, i64), Totals>,
     snap: Option<Snapshot>,
     gaps: BTreeMap<GapKey, (Gap, usize)>,
+    /// Late GPU-ms by (contract, minute, commit), as the SQLite store keeps them.
+    late: BTreeMap<(String, i64, u64), (i64, i64)>,
+    commits: u64,
     broken: bool,
 }
 
@@ -81,15 +84,29 @@ impl LedgerStore for MemStore {
             .collect())
     }
 
-    fn commit(
-        &mut self,
-        ids: &[String],
-        sealed: &[Sealed],
-        snap: &Snapshot,
-        gaps: &[Gap],
-    ) -> Result<(), MemError> {
+    fn gaps(&self, contract: &str, from: i64, to: i64) -> Result<Vec<Gap>, MemError> {
+        Ok(self
+            .gaps
+            .iter()
+            .filter(|(k, (g, _))| k.0 == contract && g.overlap_ms(from, to) > 0)
+            .map(|(_, (g, _))| g.clone())
+            .collect())
+    }
+
+    fn commit(&mut self, ids: &[String], commit: &Commit) -> Result<(), MemError> {
         if self.broken {
             return Err(MemError("disk full"));
+        }
+        let Commit {
+            sealed,
+            snap,
+            gaps,
+            late,
+        } = commit;
+        self.commits += 1;
+        for l in late {
+            let key = (ids[l.contract].clone(), l.minute, self.commits);
+            self.late.insert(key, (l.delivered, l.used));
         }
         for g in gaps {
             let key = (
@@ -110,6 +127,22 @@ impl LedgerStore for MemStore {
         }
         self.snap = Some(snap.clone());
         Ok(())
+    }
+
+    fn late_minutes(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, i64, i64)>, MemError> {
+        let mut by_minute: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for ((c, m, _), (d, u)) in &self.late {
+            if c == contract && (from..to).contains(m) {
+                let e = by_minute.entry(*m).or_default();
+                *e = (e.0 + d, e.1 + u);
+            }
+        }
+        Ok(by_minute.into_iter().map(|(m, (d, u))| (m, d, u)).collect())
     }
 
     fn gaps_to_restore(
@@ -154,10 +187,8 @@ fn open(store: &MemStore, contracts: Vec<Contract>, grace_ms: i64) -> Books {
 
 /// One write, as the writer thread does it: `None` when one is already in flight.
 fn write(books: &mut Books, store: &mut MemStore) -> Option<Finished> {
-    let Commit { sealed, snap, gaps } = books.start_write(crate::clock::monotonic_now())?;
-    let ok = store
-        .commit(&["c".to_string()], &sealed, &snap, &gaps)
-        .is_ok();
+    let commit = books.start_write(crate::clock::monotonic_now())?;
+    let ok = store.commit(&["c".to_string()], &commit).is_ok();
     Some(books.finish_write(ok))
 }
 
@@ -232,9 +263,7 @@ fn counters_move_only_after_a_successful_write() {
     // One write at a time: the next one carries whatever comes meanwhile.
     assert!(books.start_write(started).is_none());
     assert_eq!(books.seal_due((FIRST + 4) * M), 4);
-    store
-        .commit(&["c".into()], &commit.sealed, &commit.snap, &commit.gaps)
-        .unwrap();
+    store.commit(&["c".into()], &commit).unwrap();
     assert_eq!(
         books.finish_write(true),
         Finished::Durable {
