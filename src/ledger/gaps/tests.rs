@@ -679,6 +679,17 @@ fn closed_pending(ledger: &Ledger) -> Vec<Gap> {
     v
 }
 
+/// Host `h` read at 0 s and 15 s, unreachable at 30 s, back at 45 s: its GPU's
+/// `host_unreachable` gap `[15 s, 45 s]`, closed.
+fn down_and_back() -> Ledger {
+    let mut ledger = Ledger::new(1, 0);
+    read_g(&mut ledger, 0, -1, 0, &[]);
+    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
+    ledger.unreachable("h", 0);
+    read_g(&mut ledger, 45_000, -1, 45_000, &[]);
+    ledger
+}
+
 /// An XID whose counter grew at the reading that closed a gap, or at the host's next
 /// reading, is the gap's: the agent may export it a round after the GPU fell off, or with
 /// the first exposition after the host came back. One that grew later is not.
@@ -698,11 +709,7 @@ fn a_late_xid_attaches_to_the_gap_that_just_closed() {
 
     // Unreachable from 15 s, back at 45 s; XID 79 at 60 s (a round later), persisted in
     // between: handed to the store again, with the code. XID 48 at 75 s is not the gap's.
-    let mut ledger = Ledger::new(1, 0);
-    read_g(&mut ledger, 0, -1, 0, &[]);
-    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
-    ledger.unreachable("h", 0);
-    read_g(&mut ledger, 45_000, -1, 45_000, &[]);
+    let mut ledger = down_and_back();
     let (written, mark) = ledger.pending_gaps();
     assert_eq!(written.len(), 1);
     assert!(written[0].xids.is_empty());
@@ -723,11 +730,7 @@ fn a_late_xid_attaches_to_the_gap_that_just_closed() {
 
     // The same, the closed gap in a write still in flight when XID 79 comes: that write
     // succeeding does not drop the change, which goes with the next one.
-    let mut ledger = Ledger::new(1, 0);
-    read_g(&mut ledger, 0, -1, 0, &[]);
-    read_g(&mut ledger, 15_000, -1, 15_000, &[]);
-    ledger.unreachable("h", 0);
-    read_g(&mut ledger, 45_000, -1, 45_000, &[]);
+    let mut ledger = down_and_back();
     let (in_flight, mark) = ledger.pending_gaps();
     assert!(in_flight[0].xids.is_empty());
     read_g(&mut ledger, 60_000, -1, 60_000, &[("79", 1)]);
