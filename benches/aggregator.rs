@@ -11,6 +11,18 @@
 //! `COMMITMETER_BENCH_ARGS` adds aggregator flags. `COMMITMETER_BENCH_DOWN_PERCENT=10` makes
 //! that share of the agents answer 503, a different share every 15 s (the worst churn for
 //! the log), and reports the aggregator's log lines per minute.
+//!
+//! `COMMITMETER_BENCH_STATEMENTS=1` measures statements requested while the aggregator
+//! commits instead: the ledger is seeded with 60 days of minutes (the renewal sizing's
+//! lookback), then three windows of `COMMITMETER_BENCH_SECS` (default 180) seconds: no
+//! statements; `commitmeter statement` back to back against the live ledger (a consistent
+//! copy the aggregator writes after a commit); `GET /statements/sim/<month>.json` back to
+//! back and the moment each round ends (its commit just queued). For each window: scrape
+//! round durations and interval drift (the round's debug log summary), how long commits
+//! waited behind statement reads and how long those reads took (the ledger writer's debug
+//! log), CPU and bytes written; every statement is checked (identity on every row, totals
+//! = sum of days, seeded days equal to the seed, nothing going back) and the README's
+//! table row is printed.
 
 // Tests read the clock and open SQLite as they please: clippy.toml keeps that to
 // src/clock.rs and src/aggregator/store.rs in the product only.
@@ -21,7 +33,11 @@ mod common;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use commitmeter::aggregator::store::Store;
+use commitmeter::ledger::{split, Kind, Sealed, Snapshot, Totals};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -120,11 +136,9 @@ fn simulate(listener: std::net::TcpListener, start: Instant, down_percent: usize
     std::mem::forget(rt);
 }
 
-fn run(agents: usize, secs: u64, down_percent: usize) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    simulate(listener, Instant::now(), down_percent);
-    let dir = TempDir::new("bench-agg");
+/// The aggregator's config for `agents` simulated agents at `addr` (listed in a file_sd
+/// file in `dir`): one contract, `sim`, committing all their GPUs.
+fn fleet_config(dir: &TempDir, addr: &str, agents: usize, terms: &str) -> std::path::PathBuf {
     let sd = dir.path("agents.json");
     let groups: Vec<String> = (0..agents)
         .map(|i| format!(r#"{{"targets":["{addr}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#))
@@ -150,12 +164,22 @@ currency = "USD"
 start = "2026-01-01"
 selector = '{{provider="sim"}}'
 ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
+{terms}
 "#,
             sd.display(),
             agents * 8
         ),
     )
     .unwrap();
+    config
+}
+
+fn run(agents: usize, secs: u64, down_percent: usize) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    simulate(listener, Instant::now(), down_percent);
+    let dir = TempDir::new("bench-agg");
+    let config = fleet_config(&dir, &addr, agents, "");
     // More aggregator flags, e.g. `--storage.host-checkpoint-interval=0s`.
     let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
         .map(|a| a.split_whitespace().map(String::from).collect())
@@ -219,6 +243,439 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
     );
 }
 
+// ---- COMMITMETER_BENCH_STATEMENTS=1: statements requested while the aggregator commits ----
+
+/// Days of sealed minutes seeded before the aggregator starts: the renewal sizing's longest
+/// lookback, so a statement reads the period and 60 days before now (~86,000 minutes).
+const SEED_DAYS: i64 = 60;
+
+/// A seeded minute of `gpus` committed GPUs, in integer GPU-ms: delivery a fiftieth short
+/// for 3 minutes in 211, a twentieth over for 1 (overage); usage on a daily cycle, 45 % of
+/// delivered at midnight to 95 % at noon. Split by the ledger's own rule, so every minute
+/// satisfies the identity; the bench's independent truth for the seeded days.
+fn seeded(minute: i64, gpus: i64) -> Totals {
+    let committed = gpus * 60_000;
+    let day = minute.rem_euclid(1440);
+    let cycle = 1000 - (day - 720).abs() * 1000 / 720;
+    let delivered = match minute.rem_euclid(211) {
+        0..=2 => committed - gpus / 50 * 60_000,
+        3 => committed + gpus / 20 * 60_000,
+        _ => committed,
+    };
+    let used = delivered / 1000 * (450 + cycle / 2);
+    split(committed, delivered, used, 0, false)
+}
+
+/// Writes `SEED_DAYS` of sealed minutes `[to − SEED_DAYS days, to)` of contract `sim` into a
+/// new ledger in `data` through the store (one commit), as an aggregator that ran for two
+/// months would have left them. Returns the first seeded minute.
+fn seed(data: &std::path::Path, gpus: i64, to: i64) -> i64 {
+    let from = to - SEED_DAYS * 1440;
+    let sealed: Vec<Sealed> = (from..to)
+        .map(|minute| Sealed {
+            contract: 0,
+            minute,
+            totals: seeded(minute, gpus),
+        })
+        .collect();
+    let mut store = Store::open(data).expect("open the bench's ledger");
+    let snap = Snapshot {
+        since: from,
+        sealed_through: to,
+        late: vec![(0, 0)],
+        ..Snapshot::default()
+    };
+    store
+        .commit(&["sim".to_string()], &sealed, &snap)
+        .expect("seed the ledger");
+    from
+}
+
+/// The aggregator, logging every scrape round's summary and every ledger-writer job (debug).
+fn start_logged(config: &std::path::Path, data: &std::path::Path) -> Aggregator {
+    let mut child = std::process::Command::new(BIN)
+        .arg("aggregator")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", data.display()))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .arg("--log.level=info,commitmeter::aggregator::round=debug,commitmeter::aggregator::writer=debug")
+        .arg(JSON_LOG)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start commitmeter aggregator");
+    let (addr, log) = follow_log(&mut child);
+    Aggregator { child, addr, log }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Log events with `message`: (wall time in ms, the rendered line).
+fn events(log: &Log, message: &str) -> Vec<(i64, String)> {
+    let needle = format!(": {message} ");
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| {
+            let at: jiff::Timestamp = l.split_whitespace().next()?.parse().ok()?;
+            Some((at.as_millisecond(), l.clone()))
+        })
+        .collect()
+}
+
+/// The integer field `key` of a rendered log line.
+fn field(line: &str, key: &str) -> Option<i64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Nearest-rank percentile `p` (0–100) of `v`; 0 when empty.
+fn pct(v: &[i64], p: usize) -> i64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    match v.len() {
+        0 => 0,
+        n => v[((n * p).div_ceil(100)).clamp(1, n) - 1],
+    }
+}
+
+/// One measuring window: its wall-clock span, the aggregator's CPU and bytes written, and
+/// the statements fetched in it (JSON) with how long each took to come back.
+struct Window {
+    name: &'static str,
+    from_ms: i64,
+    to_ms: i64,
+    cpu_s: f64,
+    written: u64,
+    docs: Vec<serde_json::Value>,
+    fetch_ms: Vec<i64>,
+}
+
+/// Statements asked of the running aggregator for `secs`: `name` is `"cli"` (back to back,
+/// `commitmeter statement` against the live ledger) or `"http"` (one client back to back,
+/// one more that asks the moment a scrape round ends, when its commit is handed to the
+/// writer), or anything else for none.
+fn window(
+    agg: &Aggregator,
+    name: &'static str,
+    secs: u64,
+    cli: &[String],
+    period: &str,
+) -> Window {
+    let pid = agg.child.id();
+    let (cpu0, written0) = (cpu_ns(pid), write_bytes(pid).unwrap());
+    let from_ms = unix_ms();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let fetched: Mutex<Vec<(serde_json::Value, i64)>> = Mutex::default();
+    let parse = |body: &str, what: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"))
+    };
+    match name {
+        "cli" => {
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let out = std::process::Command::new(BIN)
+                    .args(cli)
+                    .output()
+                    .expect("run commitmeter statement");
+                assert!(
+                    out.status.success(),
+                    "commitmeter statement: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let doc = parse(&String::from_utf8_lossy(&out.stdout), "commitmeter statement");
+                fetched
+                    .lock()
+                    .unwrap()
+                    .push((doc, t.elapsed().as_millis() as i64));
+            }
+        }
+        "http" => {
+            let path = format!("/statements/sim/{period}.json");
+            let get = || {
+                let t = Instant::now();
+                let (status, body) = http_get(&agg.addr, &path);
+                assert_eq!(status, 200, "GET {path}: {body}");
+                let doc = parse(&body, &path);
+                fetched
+                    .lock()
+                    .unwrap()
+                    .push((doc, t.elapsed().as_millis() as i64));
+            };
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    while Instant::now() < deadline {
+                        get();
+                    }
+                });
+                s.spawn(|| {
+                    let rounds = |log: &Log| {
+                        log.lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|l| l.contains(": scrape round "))
+                            .count()
+                    };
+                    let mut seen = rounds(&agg.log);
+                    while Instant::now() < deadline {
+                        let now = rounds(&agg.log);
+                        if now > seen {
+                            seen = now;
+                            get();
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+            });
+        }
+        _ => std::thread::sleep(Duration::from_secs(secs)),
+    }
+    let fetched = fetched.into_inner().unwrap();
+    Window {
+        name,
+        from_ms,
+        to_ms: unix_ms(),
+        cpu_s: (cpu_ns(pid) - cpu0) as f64 / 1e9,
+        written: write_bytes(pid).unwrap() - written0,
+        fetch_ms: fetched.iter().map(|f| f.1).collect(),
+        docs: fetched.into_iter().map(|f| f.0).collect(),
+    }
+}
+
+/// A statement row's figures, its accounted minutes and whether it says the identity holds.
+fn row(r: &serde_json::Value) -> (String, Totals, i64, bool) {
+    let mut t = Totals::default();
+    for k in r["kinds"].as_array().expect("kinds") {
+        let kind = Kind::from_name(k["kind"].as_str().unwrap()).expect("a ledger kind");
+        t[kind] = k["gpu_ms"].as_i64().expect("integer GPU-ms");
+    }
+    (
+        r["day"].as_str().unwrap().to_string(),
+        t,
+        r["minutes_accounted"].as_i64().unwrap(),
+        r["identity_holds"].as_bool() == Some(true),
+    )
+}
+
+/// Checks every statement: the identity on every row (and the row saying so), no negative
+/// figure, used within delivered; the total the sum of its days, kind by kind and in
+/// minutes; every day wholly inside the seeded minutes equal to the seed, to the GPU-ms.
+/// Then, ordered by accounted minutes (the ledger only ever adds sealed minutes), no
+/// figure of any day goes back from one statement to the next, and a day with the same
+/// minutes accounted has the same figures. Returns the days compared with the seed.
+fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) -> usize {
+    let mut seed_days = 0;
+    let mut days_of: Vec<(i64, std::collections::BTreeMap<String, (Totals, i64)>)> = Vec::new();
+    for doc in docs {
+        let mut sum = Totals::default();
+        let mut minutes = 0;
+        let mut days = std::collections::BTreeMap::new();
+        for r in doc["days"].as_array().expect("days") {
+            let (day, t, accounted, holds) = row(r);
+            let identity = t.used_within() + t.idle + t.undelivered + t.unreported == t.committed;
+            assert!(identity && holds, "identity broken on {day}: {t:?}");
+            assert!(t.values().iter().all(|v| *v >= 0) && t.used <= t.delivered && t.overage <= t.used, "{day}: {t:?}");
+            sum.add(&t);
+            minutes += accounted;
+            let date: jiff::civil::Date = day.parse().expect("a day's label is its date");
+            let start = date
+                .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                .unwrap()
+                .timestamp()
+                .as_millisecond()
+                / 60_000;
+            if start >= seed.0 && start + 1440 <= seed.1 {
+                let mut want = Totals::default();
+                for m in start..start + 1440 {
+                    want.add(&seeded(m, gpus));
+                }
+                assert_eq!(t, want, "{day}: the statement differs from the seeded minutes");
+                seed_days += 1;
+            }
+            days.insert(day, (t, accounted));
+        }
+        let (_, total, accounted, holds) = row(&doc["total"]);
+        assert!(holds, "identity broken on the total: {total:?}");
+        assert_eq!(total, sum, "the total is not the sum of the days");
+        assert_eq!(accounted, minutes, "the total's minutes are not the days'");
+        days_of.push((minutes, days));
+    }
+    days_of.sort_by_key(|d| d.0);
+    for pair in days_of.windows(2) {
+        let (before, after) = (&pair[0].1, &pair[1].1);
+        for (day, (t0, m0)) in before {
+            let (t1, m1) = after.get(day).unwrap_or_else(|| panic!("{day} gone from a later statement"));
+            assert!(m1 >= m0, "{day}: accounted minutes went back");
+            for k in Kind::ALL {
+                assert!(t1[k] >= t0[k], "{day}: {k} went back from {} to {} GPU-ms", t0[k], t1[k]);
+            }
+            if m1 == m0 {
+                assert_eq!(t1, t0, "{day}: the same minutes with other figures");
+            }
+        }
+    }
+    seed_days
+}
+
+/// Scrape rounds, writer jobs and statements of one window, as a line of figures.
+fn summarize(log: &Log, w: &Window, interval_ms: i64) -> String {
+    let within = |at: &i64| (w.from_ms..w.to_ms).contains(at);
+    let rounds: Vec<(i64, i64)> = events(log, "scrape round")
+        .into_iter()
+        .filter(|(at, _)| within(at))
+        .map(|(at, l)| (at, field(&l, "took_ms").expect("took_ms")))
+        .collect();
+    let took: Vec<i64> = rounds.iter().map(|r| r.1).collect();
+    // A round's start: its summary's time less its duration; drift: how far the time
+    // between two starts strays from the scrape interval.
+    let drift: Vec<i64> = rounds
+        .windows(2)
+        .map(|p| ((p[1].0 - p[1].1) - (p[0].0 - p[0].1) - interval_ms).abs())
+        .collect();
+    let jobs = |message: &str, key: &str| -> Vec<i64> {
+        events(log, message)
+            .into_iter()
+            .filter(|(at, _)| within(at))
+            .filter_map(|(_, l)| field(&l, key))
+            .collect()
+    };
+    let (commit_wait, commit_took) = (jobs("ledger commit", "waited_ms"), jobs("ledger commit", "took_ms"));
+    let (read_wait, read_took, rows) = (
+        jobs("ledger read for a statement", "waited_ms"),
+        jobs("ledger read for a statement", "took_ms"),
+        jobs("ledger read for a statement", "rows"),
+    );
+    let copies = jobs("ledger backed up", "ms");
+    let wall = (w.to_ms - w.from_ms) as f64 / 1000.0;
+    let mut line = format!(
+        "{}: {} rounds, scrape phase p50/p99/max {}/{}/{} ms, interval drift max {} ms (mean {} ms); CPU {:.1} % of one core; written {:.1} MB/min; \
+         {} commits, waited p50/max {}/{} ms ({} waited ≥ 1 ms), took p50/max {}/{} ms",
+        w.name,
+        rounds.len(),
+        pct(&took, 50),
+        pct(&took, 99),
+        pct(&took, 100),
+        pct(&drift, 100),
+        drift.iter().sum::<i64>() / drift.len().max(1) as i64,
+        w.cpu_s / wall * 100.0,
+        w.written as f64 / wall * 60.0 / 1e6,
+        commit_wait.len(),
+        pct(&commit_wait, 50),
+        pct(&commit_wait, 100),
+        commit_wait.iter().filter(|w| **w >= 1).count(),
+        pct(&commit_took, 50),
+        pct(&commit_took, 100),
+    );
+    if !w.docs.is_empty() {
+        let _ = write!(
+            line,
+            "; {} statements, fetched in p50/max {}/{} ms",
+            w.docs.len(),
+            pct(&w.fetch_ms, 50),
+            pct(&w.fetch_ms, 100)
+        );
+    }
+    if !read_took.is_empty() {
+        let _ = write!(
+            line,
+            "; {} writer reads of {}–{} minutes, took p50/p99/max {}/{}/{} ms, waited behind a commit max {} ms ({} waited ≥ 1 ms)",
+            read_took.len(),
+            pct(&rows, 0),
+            pct(&rows, 100),
+            pct(&read_took, 50),
+            pct(&read_took, 99),
+            pct(&read_took, 100),
+            pct(&read_wait, 100),
+            read_wait.iter().filter(|w| **w >= 1).count(),
+        );
+    }
+    if !copies.is_empty() {
+        let _ = write!(
+            line,
+            "; {} consistent copies for the CLI (VACUUM INTO on the writer thread, after a commit), p50/max {}/{} ms",
+            copies.len(),
+            pct(&copies, 50),
+            pct(&copies, 100)
+        );
+    }
+    line
+}
+
+/// `COMMITMETER_BENCH_STATEMENTS=1`: a ledger seeded with 60 days of minutes, the
+/// aggregator scraping `agents` agents on it, and three windows of `secs`: no statements,
+/// `commitmeter statement` back to back, `GET /statements/…` back to back (and at each
+/// round's end). Prints each window's figures, then the README's table row.
+fn run_statements(agents: usize, secs: u64) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    simulate(listener, Instant::now(), 0);
+    let dir = TempDir::new("bench-statements");
+    let config = fleet_config(&dir, &addr, agents, "on_demand_price_per_gpu_hour = 4.0");
+    let data = dir.path("data");
+    let gpus = agents as i64 * 8;
+    let now_ms = unix_ms();
+    let seed_to = now_ms / 60_000 - 2;
+    let seed_from = seed(&data, gpus, seed_to);
+    let period = jiff::Timestamp::from_millisecond(now_ms)
+        .unwrap()
+        .strftime("%Y-%m")
+        .to_string();
+    let agg = start_logged(&config, &data);
+    agg.wait_for(Duration::from_secs(120), "all targets scraped", |m| {
+        m.series("commitmeter_target_up")
+            .iter()
+            .filter(|(_, v)| *v == 1.0)
+            .count()
+            == agents
+    });
+    std::thread::sleep(Duration::from_secs(20));
+    let cli: Vec<String> = vec![
+        "statement".into(),
+        format!("--config.file={}", config.display()),
+        format!("--storage.path={}", data.display()),
+        "--contract=sim".into(),
+        format!("--period={period}"),
+        "--format=json".into(),
+    ];
+    let windows: Vec<Window> = ["baseline", "cli", "http"]
+        .into_iter()
+        .map(|name| window(&agg, name, secs, &cli, &period))
+        .collect();
+    let docs: Vec<&serde_json::Value> = windows.iter().flat_map(|w| &w.docs).collect();
+    let seed_days = check_statements(&docs, gpus, (seed_from, seed_to));
+    let lines: Vec<String> = windows.iter().map(|w| summarize(&agg.log, w, 15_000)).collect();
+    for l in &lines {
+        println!("statements, {agents} agents x 8 GPUs, {secs} s: {l}");
+    }
+    println!(
+        "statements: all {} consistent (identity on every row, totals = sum of days, nothing went back; {seed_days} seeded day-rows equal the seed to the GPU-ms)",
+        docs.len()
+    );
+    println!(
+        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} COMMITMETER_BENCH_SECS={secs} cargo bench --bench aggregator`: a ledger seeded with {SEED_DAYS} days of minutes, then three {secs} s windows: none, `commitmeter statement --format=json` back to back, `GET /statements/sim/<month>.json` back to back plus one the moment each round ends (its commit queued); rounds from the `scrape round` log summaries, writer jobs from its debug log | {} | rounds do not slow; statements consistent |",
+        thousands(agents),
+        lines.join("<br>")
+    );
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `write_bytes` of /proc/PID/io: bytes this process caused to be written to storage;
 /// `None` once it is gone.
 fn write_bytes(pid: u32) -> Option<u64> {
@@ -232,10 +689,12 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let statements = std::env::var("COMMITMETER_BENCH_STATEMENTS").is_ok_and(|v| v == "1");
+    // A statements window is 12 rounds by default.
     let secs = std::env::var("COMMITMETER_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(if statements { 180 } else { 60 });
     let sizes = std::env::var("COMMITMETER_BENCH_AGENTS").unwrap_or_else(|_| "1000,10000".into());
     let down_percent = std::env::var("COMMITMETER_BENCH_DOWN_PERCENT")
         .ok()
@@ -243,6 +702,10 @@ fn main() {
         .unwrap_or(0usize)
         .min(100);
     for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
-        run(n, secs, down_percent);
+        if statements {
+            run_statements(n, secs);
+        } else {
+            run(n, secs, down_percent);
+        }
     }
 }

@@ -16,7 +16,7 @@ use crate::ledger::{Gap, Totals, MINUTE_MS};
 
 /// The store's thread: one job at a time, in order.
 pub(super) struct Writer {
-    jobs: std::sync::mpsc::Sender<WriteJob>,
+    jobs: std::sync::mpsc::Sender<Queued>,
     /// One read queued at a time: a crowd of statement requests waits here, not in the
     /// writer's queue, so a commit waits behind one read at most.
     reads: tokio::sync::Semaphore,
@@ -31,6 +31,13 @@ pub(super) struct Minutes {
     pub minutes: Vec<(i64, Totals)>,
     pub late: Vec<(i64, i64, i64)>,
     pub gaps: Vec<Gap>,
+}
+
+/// A job and when it was queued: the writer thread logs (at debug) how long each waited
+/// behind the one before it and how long it took, so a read that holds up a commit shows.
+struct Queued {
+    job: WriteJob,
+    at: Instant,
 }
 
 enum WriteJob {
@@ -52,14 +59,18 @@ enum WriteJob {
 
 impl Writer {
     pub(super) fn spawn<S: LedgerStore>(mut store: S, ids: Vec<String>) -> std::io::Result<Self> {
-        let (jobs, queue) = std::sync::mpsc::channel::<WriteJob>();
+        let (jobs, queue) = std::sync::mpsc::channel::<Queued>();
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
-                for job in queue {
+                for Queued { job, at } in queue {
+                    let started = clock::monotonic_now();
+                    let waited_ms = started.saturating_duration_since(at).as_millis() as u64;
                     match job {
                         WriteJob::Commit { commit, done } => {
                             let r = store.commit(&ids, &commit);
+                            let took_ms = clock::elapsed(started).as_millis() as u64;
+                            tracing::debug!(minutes = commit.sealed.len(), waited_ms, took_ms, ok = r.is_ok(), "ledger commit");
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {
@@ -88,6 +99,9 @@ impl Writer {
                                     gaps,
                                 })
                             });
+                            let took_ms = clock::elapsed(started).as_millis() as u64;
+                            let rows = r.as_ref().map_or(0, |m| m.minutes.len());
+                            tracing::debug!(contract = %contract, rows, waited_ms, took_ms, "ledger read");
                             let _ = done.send(r.map_err(|e| e.to_string()));
                         }
                     }
@@ -117,16 +131,25 @@ impl Writer {
             .await
             .map_err(|_| WRITER_GONE.to_string())?;
         let (done, answer) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(WriteJob::Read {
-                contract: contract.to_string(),
-                from,
-                to,
-                gaps_to,
-                done,
-            })
-            .map_err(|_| WRITER_GONE.to_string())?;
+        self.send(WriteJob::Read {
+            contract: contract.to_string(),
+            from,
+            to,
+            gaps_to,
+            done,
+        })
+        .map_err(|_| WRITER_GONE.to_string())?;
         answer.await.map_err(|_| WRITER_GONE.to_string())?
+    }
+
+    /// Queues `job` for the writer thread; `Err` once the thread is gone.
+    fn send(&self, job: WriteJob) -> Result<(), ()> {
+        self.jobs
+            .send(Queued {
+                job,
+                at: clock::monotonic_now(),
+            })
+            .map_err(|_| ())
     }
 }
 
@@ -155,7 +178,7 @@ impl Shared {
             .start_write(clock::monotonic_now())?;
         let n = commit.sealed.len();
         let (done, outcome) = tokio::sync::oneshot::channel();
-        let sent = self.writer.jobs.send(WriteJob::Commit { commit, done });
+        let sent = self.writer.send(WriteJob::Commit { commit, done });
         let me = self.clone();
         Some(tokio::spawn(async move {
             let written = match sent {
@@ -260,7 +283,7 @@ impl Shared {
         }
         // Every host's checkpoint, so a restart resumes every host from its counters.
         let (done, flushed) = tokio::sync::oneshot::channel();
-        if self.writer.jobs.send(WriteJob::Flush { done }).is_err() {
+        if self.writer.send(WriteJob::Flush { done }).is_err() {
             return;
         }
         let left = deadline.saturating_duration_since(clock::monotonic_now());
