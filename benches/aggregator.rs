@@ -361,13 +361,7 @@ struct Window {
 /// `commitmeter statement` against the live ledger) or `"http"` (one client back to back,
 /// one more that asks the moment a scrape round ends, when its commit is handed to the
 /// writer), or anything else for none.
-fn window(
-    agg: &Aggregator,
-    name: &'static str,
-    secs: u64,
-    cli: &[String],
-    period: &str,
-) -> Window {
+fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], period: &str) -> Window {
     let pid = agg.child.id();
     let (cpu0, written0) = (cpu_ns(pid), write_bytes(pid).unwrap());
     let from_ms = unix_ms();
@@ -389,7 +383,10 @@ fn window(
                     "commitmeter statement: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                let doc = parse(&String::from_utf8_lossy(&out.stdout), "commitmeter statement");
+                let doc = parse(
+                    &String::from_utf8_lossy(&out.stdout),
+                    "commitmeter statement",
+                );
                 fetched
                     .lock()
                     .unwrap()
@@ -463,6 +460,9 @@ fn row(r: &serde_json::Value) -> (String, Totals, i64, bool) {
     )
 }
 
+/// A statement's days by label: figures and minutes accounted.
+type Days = std::collections::BTreeMap<String, (Totals, i64)>;
+
 /// Checks every statement: the identity on every row (and the row saying so), no negative
 /// figure, used within delivered; the total the sum of its days, kind by kind and in
 /// minutes; every day wholly inside the seeded minutes equal to the seed, to the GPU-ms.
@@ -471,7 +471,8 @@ fn row(r: &serde_json::Value) -> (String, Totals, i64, bool) {
 /// minutes accounted has the same figures. Returns the days compared with the seed.
 fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) -> usize {
     let mut seed_days = 0;
-    let mut days_of: Vec<(i64, std::collections::BTreeMap<String, (Totals, i64)>)> = Vec::new();
+    // Per statement: its minutes accounted, and per day the figures and minutes accounted.
+    let mut days_of: Vec<(i64, Days)> = Vec::new();
     for doc in docs {
         let mut sum = Totals::default();
         let mut minutes = 0;
@@ -480,7 +481,10 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
             let (day, t, accounted, holds) = row(r);
             let identity = t.used_within() + t.idle + t.undelivered + t.unreported == t.committed;
             assert!(identity && holds, "identity broken on {day}: {t:?}");
-            assert!(t.values().iter().all(|v| *v >= 0) && t.used <= t.delivered && t.overage <= t.used, "{day}: {t:?}");
+            assert!(
+                t.values().iter().all(|v| *v >= 0) && t.used <= t.delivered && t.overage <= t.used,
+                "{day}: {t:?}"
+            );
             sum.add(&t);
             minutes += accounted;
             let date: jiff::civil::Date = day.parse().expect("a day's label is its date");
@@ -495,7 +499,10 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
                 for m in start..start + 1440 {
                     want.add(&seeded(m, gpus));
                 }
-                assert_eq!(t, want, "{day}: the statement differs from the seeded minutes");
+                assert_eq!(
+                    t, want,
+                    "{day}: the statement differs from the seeded minutes"
+                );
                 seed_days += 1;
             }
             days.insert(day, (t, accounted));
@@ -510,10 +517,17 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
     for pair in days_of.windows(2) {
         let (before, after) = (&pair[0].1, &pair[1].1);
         for (day, (t0, m0)) in before {
-            let (t1, m1) = after.get(day).unwrap_or_else(|| panic!("{day} gone from a later statement"));
+            let (t1, m1) = after
+                .get(day)
+                .unwrap_or_else(|| panic!("{day} gone from a later statement"));
             assert!(m1 >= m0, "{day}: accounted minutes went back");
             for k in Kind::ALL {
-                assert!(t1[k] >= t0[k], "{day}: {k} went back from {} to {} GPU-ms", t0[k], t1[k]);
+                assert!(
+                    t1[k] >= t0[k],
+                    "{day}: {k} went back from {} to {} GPU-ms",
+                    t0[k],
+                    t1[k]
+                );
             }
             if m1 == m0 {
                 assert_eq!(t1, t0, "{day}: the same minutes with other figures");
@@ -545,7 +559,10 @@ fn summarize(log: &Log, w: &Window, interval_ms: i64) -> String {
             .filter_map(|(_, l)| field(&l, key))
             .collect()
     };
-    let (commit_wait, commit_took) = (jobs("ledger commit", "waited_ms"), jobs("ledger commit", "took_ms"));
+    let (commit_wait, commit_took) = (
+        jobs("ledger commit", "waited_ms"),
+        jobs("ledger commit", "took_ms"),
+    );
     let (read_wait, read_took, rows) = (
         jobs("ledger read for a statement", "waited_ms"),
         jobs("ledger read for a statement", "took_ms"),
@@ -649,7 +666,10 @@ fn run_statements(agents: usize, secs: u64) {
         .collect();
     let docs: Vec<&serde_json::Value> = windows.iter().flat_map(|w| &w.docs).collect();
     let seed_days = check_statements(&docs, gpus, (seed_from, seed_to));
-    let lines: Vec<String> = windows.iter().map(|w| summarize(&agg.log, w, 15_000)).collect();
+    let lines: Vec<String> = windows
+        .iter()
+        .map(|w| summarize(&agg.log, w, 15_000))
+        .collect();
     for l in &lines {
         println!("statements, {agents} agents x 8 GPUs, {secs} s: {l}");
     }
