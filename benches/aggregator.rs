@@ -445,8 +445,9 @@ fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], perio
     }
 }
 
-/// A statement row's figures, its accounted minutes and whether it says the identity holds.
-fn row(r: &serde_json::Value) -> (String, Totals, i64, bool) {
+/// A statement row's figures, its accounted minutes, whether it says the identity holds,
+/// and the late GPU-ms (delivered, used) that arrived for it.
+fn row(r: &serde_json::Value) -> (String, Totals, i64, bool, (i64, i64)) {
     let mut t = Totals::default();
     for k in r["kinds"].as_array().expect("kinds") {
         let kind = Kind::from_name(k["kind"].as_str().unwrap()).expect("a ledger kind");
@@ -457,18 +458,25 @@ fn row(r: &serde_json::Value) -> (String, Totals, i64, bool) {
         t,
         r["minutes_accounted"].as_i64().unwrap(),
         r["identity_holds"].as_bool() == Some(true),
+        (
+            r["late"]["delivered_gpu_ms"]
+                .as_i64()
+                .expect("late delivered GPU-ms"),
+            r["late"]["used_gpu_ms"].as_i64().expect("late used GPU-ms"),
+        ),
     )
 }
 
-/// A statement's days by label: figures and minutes accounted.
-type Days = std::collections::BTreeMap<String, (Totals, i64)>;
+/// A statement's days by label: figures, minutes accounted and late GPU-ms.
+type Days = std::collections::BTreeMap<String, (Totals, i64, (i64, i64))>;
 
 /// Checks every statement: the identity on every row (and the row saying so), no negative
 /// figure, used within delivered; the total the sum of its days, kind by kind and in
-/// minutes; every day wholly inside the seeded minutes equal to the seed, to the GPU-ms.
-/// Then, ordered by accounted minutes (the ledger only ever adds sealed minutes), no
-/// figure of any day goes back from one statement to the next, and a day with the same
-/// minutes accounted has the same figures. Returns the days compared with the seed.
+/// minutes and late GPU-ms; every day wholly inside the seeded minutes equal to the seed, to
+/// the GPU-ms. Then, ordered by accounted minutes (the ledger only ever adds sealed minutes
+/// and late GPU-ms), no figure of any day goes back from one statement to the next, and a day
+/// with the same minutes accounted has the same figures. Returns the days compared with the
+/// seed.
 fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) -> usize {
     let mut seed_days = 0;
     // Per statement: its minutes accounted, and per day the figures and minutes accounted.
@@ -476,9 +484,10 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
     for doc in docs {
         let mut sum = Totals::default();
         let mut minutes = 0;
+        let mut late_sum = (0, 0);
         let mut days = std::collections::BTreeMap::new();
         for r in doc["days"].as_array().expect("days") {
-            let (day, t, accounted, holds) = row(r);
+            let (day, t, accounted, holds, late) = row(r);
             let identity = t.used_within() + t.idle + t.undelivered + t.unreported == t.committed;
             assert!(identity && holds, "identity broken on {day}: {t:?}");
             assert!(
@@ -487,6 +496,7 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
             );
             sum.add(&t);
             minutes += accounted;
+            late_sum = (late_sum.0 + late.0, late_sum.1 + late.1);
             let date: jiff::civil::Date = day.parse().expect("a day's label is its date");
             let start = date
                 .to_zoned_datetime(jiff::tz::TimeZone::UTC)
@@ -505,22 +515,24 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
                 );
                 seed_days += 1;
             }
-            days.insert(day, (t, accounted));
+            days.insert(day, (t, accounted, late));
         }
-        let (_, total, accounted, holds) = row(&doc["total"]);
+        let (_, total, accounted, holds, late) = row(&doc["total"]);
         assert!(holds, "identity broken on the total: {total:?}");
         assert_eq!(total, sum, "the total is not the sum of the days");
         assert_eq!(accounted, minutes, "the total's minutes are not the days'");
+        assert_eq!(late, late_sum, "the total's late GPU-ms are not the days'");
         days_of.push((minutes, days));
     }
     days_of.sort_by_key(|d| d.0);
     for pair in days_of.windows(2) {
         let (before, after) = (&pair[0].1, &pair[1].1);
-        for (day, (t0, m0)) in before {
-            let (t1, m1) = after
+        for (day, (t0, m0, l0)) in before {
+            let (t1, m1, l1) = after
                 .get(day)
                 .unwrap_or_else(|| panic!("{day} gone from a later statement"));
             assert!(m1 >= m0, "{day}: accounted minutes went back");
+            assert!(l1.0 >= l0.0 && l1.1 >= l0.1, "{day}: late GPU-ms went back");
             for k in Kind::ALL {
                 assert!(
                     t1[k] >= t0[k],
@@ -537,20 +549,29 @@ fn check_statements(docs: &[&serde_json::Value], gpus: i64, seed: (i64, i64)) ->
     seed_days
 }
 
-/// Scrape rounds, writer jobs and statements of one window, as a line of figures.
-fn summarize(log: &Log, w: &Window, interval_ms: i64) -> String {
+/// What one window measured: scrape rounds, writer jobs (ms) and statements.
+struct Summary {
+    /// The scrape phase of each round (`took_ms` of its summary).
+    rounds: Vec<i64>,
+    /// How far the time between two rounds' starts strayed from the scrape interval.
+    drift: Vec<i64>,
+    cpu_percent: f64,
+    written_mb_min: f64,
+    commit_wait: Vec<i64>,
+    commit_took: Vec<i64>,
+    read_wait: Vec<i64>,
+    read_took: Vec<i64>,
+    read_rows: Vec<i64>,
+    /// The CLI's consistent copies (`ledger backed up`).
+    copies: Vec<i64>,
+}
+
+fn summarize(log: &Log, w: &Window, interval_ms: i64) -> Summary {
     let within = |at: &i64| (w.from_ms..w.to_ms).contains(at);
     let rounds: Vec<(i64, i64)> = events(log, "scrape round")
         .into_iter()
         .filter(|(at, _)| within(at))
         .map(|(at, l)| (at, field(&l, "took_ms").expect("took_ms")))
-        .collect();
-    let took: Vec<i64> = rounds.iter().map(|r| r.1).collect();
-    // A round's start: its summary's time less its duration; drift: how far the time
-    // between two starts strays from the scrape interval.
-    let drift: Vec<i64> = rounds
-        .windows(2)
-        .map(|p| ((p[1].0 - p[1].1) - (p[0].0 - p[0].1) - interval_ms).abs())
         .collect();
     let jobs = |message: &str, key: &str| -> Vec<i64> {
         events(log, message)
@@ -559,35 +580,47 @@ fn summarize(log: &Log, w: &Window, interval_ms: i64) -> String {
             .filter_map(|(_, l)| field(&l, key))
             .collect()
     };
-    let (commit_wait, commit_took) = (
-        jobs("ledger commit", "waited_ms"),
-        jobs("ledger commit", "took_ms"),
-    );
-    let (read_wait, read_took, rows) = (
-        jobs("ledger read for a statement", "waited_ms"),
-        jobs("ledger read for a statement", "took_ms"),
-        jobs("ledger read for a statement", "rows"),
-    );
-    let copies = jobs("ledger backed up", "ms");
     let wall = (w.to_ms - w.from_ms) as f64 / 1000.0;
+    Summary {
+        rounds: rounds.iter().map(|r| r.1).collect(),
+        // A round's start: its summary's time less its duration.
+        drift: rounds
+            .windows(2)
+            .map(|p| ((p[1].0 - p[1].1) - (p[0].0 - p[0].1) - interval_ms).abs())
+            .collect(),
+        cpu_percent: w.cpu_s / wall * 100.0,
+        written_mb_min: w.written as f64 / wall * 60.0 / 1e6,
+        commit_wait: jobs("ledger commit", "waited_ms"),
+        commit_took: jobs("ledger commit", "took_ms"),
+        read_wait: jobs("ledger read for a statement", "waited_ms"),
+        read_took: jobs("ledger read for a statement", "took_ms"),
+        read_rows: jobs("ledger read for a statement", "rows"),
+        copies: jobs("ledger backed up", "ms"),
+    }
+}
+
+/// `p50/p99/max` of `v`.
+fn spread(v: &[i64]) -> String {
+    format!("{}/{}/{}", pct(v, 50), pct(v, 99), pct(v, 100))
+}
+
+/// One window's figures in full, for the bench's output.
+fn detail(w: &Window, s: &Summary) -> String {
     let mut line = format!(
-        "{}: {} rounds, scrape phase p50/p99/max {}/{}/{} ms, interval drift max {} ms (mean {} ms); CPU {:.1} % of one core; written {:.1} MB/min; \
+        "{}: {} rounds, scrape phase p50/p99/max {} ms, interval drift max {} ms; CPU {:.1} % of one core; written {:.1} MB/min; \
          {} commits, waited p50/max {}/{} ms ({} waited ≥ 1 ms), took p50/max {}/{} ms",
         w.name,
-        rounds.len(),
-        pct(&took, 50),
-        pct(&took, 99),
-        pct(&took, 100),
-        pct(&drift, 100),
-        drift.iter().sum::<i64>() / drift.len().max(1) as i64,
-        w.cpu_s / wall * 100.0,
-        w.written as f64 / wall * 60.0 / 1e6,
-        commit_wait.len(),
-        pct(&commit_wait, 50),
-        pct(&commit_wait, 100),
-        commit_wait.iter().filter(|w| **w >= 1).count(),
-        pct(&commit_took, 50),
-        pct(&commit_took, 100),
+        s.rounds.len(),
+        spread(&s.rounds),
+        pct(&s.drift, 100),
+        s.cpu_percent,
+        s.written_mb_min,
+        s.commit_wait.len(),
+        pct(&s.commit_wait, 50),
+        pct(&s.commit_wait, 100),
+        s.commit_wait.iter().filter(|w| **w >= 1).count(),
+        pct(&s.commit_took, 50),
+        pct(&s.commit_took, 100),
     );
     if !w.docs.is_empty() {
         let _ = write!(
@@ -598,30 +631,63 @@ fn summarize(log: &Log, w: &Window, interval_ms: i64) -> String {
             pct(&w.fetch_ms, 100)
         );
     }
-    if !read_took.is_empty() {
+    if !s.read_took.is_empty() {
         let _ = write!(
             line,
-            "; {} writer reads of {}–{} minutes, took p50/p99/max {}/{}/{} ms, waited behind a commit max {} ms ({} waited ≥ 1 ms)",
-            read_took.len(),
-            pct(&rows, 0),
-            pct(&rows, 100),
-            pct(&read_took, 50),
-            pct(&read_took, 99),
-            pct(&read_took, 100),
-            pct(&read_wait, 100),
-            read_wait.iter().filter(|w| **w >= 1).count(),
+            "; {} writer reads of {}–{} minutes, took p50/p99/max {} ms, waited in the writer's queue max {} ms ({} waited ≥ 1 ms)",
+            s.read_took.len(),
+            pct(&s.read_rows, 0),
+            pct(&s.read_rows, 100),
+            spread(&s.read_took),
+            pct(&s.read_wait, 100),
+            s.read_wait.iter().filter(|w| **w >= 1).count(),
         );
     }
-    if !copies.is_empty() {
+    if !s.copies.is_empty() {
         let _ = write!(
             line,
             "; {} consistent copies for the CLI (VACUUM INTO on the writer thread, after a commit), p50/max {}/{} ms",
-            copies.len(),
-            pct(&copies, 50),
-            pct(&copies, 100)
+            s.copies.len(),
+            pct(&s.copies, 50),
+            pct(&s.copies, 100)
         );
     }
     line
+}
+
+/// The README's table row of a run: `w` and `s` are the windows none, CLI, HTTP.
+fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: usize) -> String {
+    let rounds: Vec<String> = w
+        .iter()
+        .zip(s)
+        .map(|(w, s)| {
+            format!(
+                "{} {} ms, drift ≤ {} ms",
+                w.name,
+                spread(&s.rounds),
+                pct(&s.drift, 100)
+            )
+        })
+        .collect();
+    let cpu: Vec<String> = s.iter().map(|s| format!("{:.1}", s.cpu_percent)).collect();
+    let statements: usize = w.iter().map(|w| w.docs.len()).sum();
+    let (cli, http) = (&s[1], &s[2]);
+    format!(
+        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then three {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued. Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read for a statement`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
+        thousands(agents),
+        rounds.join("; "),
+        w[2].docs.len(),
+        w[2].docs.len() as f64 / ((w[2].to_ms - w[2].from_ms) as f64 / 1000.0),
+        pct(&http.read_rows, 100),
+        spread(&http.read_took),
+        pct(&http.commit_wait, 50),
+        pct(&http.commit_wait, 100),
+        w[1].docs.len(),
+        pct(&cli.copies, 50),
+        pct(&cli.copies, 100),
+        cli.written_mb_min,
+        cpu.join(" / "),
+    )
 }
 
 /// `COMMITMETER_BENCH_STATEMENTS=1`: a ledger seeded with 60 days of minutes, the
@@ -666,21 +732,23 @@ fn run_statements(agents: usize, secs: u64) {
         .collect();
     let docs: Vec<&serde_json::Value> = windows.iter().flat_map(|w| &w.docs).collect();
     let seed_days = check_statements(&docs, gpus, (seed_from, seed_to));
-    let lines: Vec<String> = windows
+    let summaries: Vec<Summary> = windows
         .iter()
         .map(|w| summarize(&agg.log, w, 15_000))
         .collect();
-    for l in &lines {
-        println!("statements, {agents} agents x 8 GPUs, {secs} s: {l}");
+    for (w, s) in windows.iter().zip(&summaries) {
+        println!(
+            "statements, {agents} agents x 8 GPUs, {secs} s: {}",
+            detail(w, s)
+        );
     }
     println!(
-        "statements: all {} consistent (identity on every row, totals = sum of days, nothing went back; {seed_days} seeded day-rows equal the seed to the GPU-ms)",
+        "statements: all {} consistent (identity on every row, totals = sum of days, nothing went back; {seed_days} seeded day rows equal the seed to the GPU-ms)",
         docs.len()
     );
     println!(
-        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} COMMITMETER_BENCH_SECS={secs} cargo bench --bench aggregator`: a ledger seeded with {SEED_DAYS} days of minutes, then three {secs} s windows: none, `commitmeter statement --format=json` back to back, `GET /statements/sim/<month>.json` back to back plus one the moment each round ends (its commit queued); rounds from the `scrape round` log summaries, writer jobs from its debug log | {} | rounds do not slow; statements consistent |",
-        thousands(agents),
-        lines.join("<br>")
+        "{}",
+        table_row(agents, secs, &windows, &summaries, seed_days)
     );
 }
 
