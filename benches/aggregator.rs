@@ -14,10 +14,11 @@
 //!
 //! `COMMITMETER_BENCH_STATEMENTS=1` measures statements requested while the aggregator
 //! commits instead: the ledger is seeded with 60 days of minutes (the renewal sizing's
-//! lookback), then three windows of `COMMITMETER_BENCH_SECS` (default 180) seconds: no
+//! lookback), then four windows of `COMMITMETER_BENCH_SECS` (default 180) seconds: no
 //! statements; `commitmeter statement` back to back against the live ledger (a consistent
 //! copy the aggregator writes after a commit); `GET /statements/sim/<month>.json` back to
-//! back and the moment each round ends (its commit just queued). For each window: scrape
+//! back and the moment each round ends (its commit just queued); none again, to tell the
+//! machine's drift over the run from the statements' effect. For each window: scrape
 //! round durations and interval drift (the round's debug log summary), how long commits
 //! waited behind statement reads and how long those reads took (the ledger writer's debug
 //! log), CPU and bytes written; every statement is checked (identity on every row, totals
@@ -655,7 +656,7 @@ fn detail(w: &Window, s: &Summary) -> String {
     line
 }
 
-/// The README's table row of a run: `w` and `s` are the windows none, CLI, HTTP.
+/// The README's table row of a run: `w` and `s` are the windows none, CLI, HTTP, none.
 fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: usize) -> String {
     let rounds: Vec<String> = w
         .iter()
@@ -673,7 +674,7 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
     let statements: usize = w.iter().map(|w| w.docs.len()).sum();
     let (cli, http) = (&s[1], &s[2]);
     format!(
-        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then three {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued. Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read for a statement`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
+        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then four {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued; none again (the machine's drift over the run). Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read for a statement`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
         thousands(agents),
         rounds.join("; "),
         w[2].docs.len(),
@@ -691,9 +692,9 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
 }
 
 /// `COMMITMETER_BENCH_STATEMENTS=1`: a ledger seeded with 60 days of minutes, the
-/// aggregator scraping `agents` agents on it, and three windows of `secs`: no statements,
+/// aggregator scraping `agents` agents on it, and four windows of `secs`: no statements,
 /// `commitmeter statement` back to back, `GET /statements/…` back to back (and at each
-/// round's end). Prints each window's figures, then the README's table row.
+/// round's end), none again. Prints each window's figures, then the README's table row.
 fn run_statements(agents: usize, secs: u64) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -726,7 +727,7 @@ fn run_statements(agents: usize, secs: u64) {
         format!("--period={period}"),
         "--format=json".into(),
     ];
-    let windows: Vec<Window> = ["baseline", "cli", "http"]
+    let windows: Vec<Window> = ["none", "cli", "http", "none again"]
         .into_iter()
         .map(|name| window(&agg, name, secs, &cli, &period))
         .collect();
