@@ -610,9 +610,9 @@ fn summarize(log: &Log, w: &Window, interval_ms: i64) -> Summary {
         written_mb_min: w.written as f64 / wall * 60.0 / 1e6,
         commit_wait: jobs("ledger commit", "waited_ms"),
         commit_took: jobs("ledger commit", "took_ms"),
-        read_wait: jobs("ledger read for a statement", "waited_ms"),
-        read_took: jobs("ledger read for a statement", "took_ms"),
-        read_rows: jobs("ledger read for a statement", "rows"),
+        read_wait: jobs("ledger read", "waited_ms"),
+        read_took: jobs("ledger read", "took_ms"),
+        read_rows: jobs("ledger read", "rows"),
         copies: jobs("ledger backed up", "ms"),
     }
 }
@@ -691,7 +691,7 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
     let statements: usize = w.iter().map(|w| w.docs.len()).sum();
     let (cli, http) = (&s[1], &s[2]);
     format!(
-        "| aggregator, {} agents, statements mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then four {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued; none again (the machine's drift over the run). Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read for a statement`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
+        "| aggregator, {} agents, statements requested mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then four {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued; none again (the machine's drift over the run). Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
         thousands(agents),
         rounds.join("; "),
         w[2].docs.len(),
