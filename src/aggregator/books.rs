@@ -175,6 +175,8 @@ pub struct Books {
     in_flight: Option<InFlight>,
     /// The last write failed and none has succeeded since.
     failing: bool,
+    /// Successful writes since start: what the store holds changes only when this does.
+    durable_writes: u64,
 }
 
 impl Books {
@@ -223,6 +225,7 @@ impl Books {
             durable_late,
             in_flight: None,
             failing: false,
+            durable_writes: 0,
         })
     }
 
@@ -364,6 +367,7 @@ impl Books {
             };
         }
         let recovered = std::mem::take(&mut self.failing);
+        self.durable_writes += 1;
         self.ledger.gaps_persisted(w.gaps_mark);
         self.ledger.late_persisted(&w.late_minutes);
         for s in self.pending.drain(..w.minutes) {
@@ -394,6 +398,12 @@ impl Books {
         self.in_flight
             .as_ref()
             .map(|w| now.saturating_duration_since(w.since))
+    }
+
+    /// Successful writes since start: the store's minutes, late GPU-ms and gaps change only
+    /// when this does (what a statement built from them may be cached by).
+    pub fn durable_writes(&self) -> u64 {
+        self.durable_writes
     }
 
     /// The last write failed and none has succeeded since.

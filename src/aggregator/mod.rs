@@ -149,6 +149,9 @@ struct Shared {
     render_again: AtomicBool,
     /// The renewal sizing the page shows, computed off the request path ([`view`]).
     sizing: Mutex<view::SizingCache>,
+    /// Statements served over HTTP, by what they were built from ([`routes`]): a crowd
+    /// asking for the same statement costs one build per ledger write.
+    statements: Mutex<routes::StatementCache>,
     /// Per target key: its contract and whether its last scrape succeeded.
     health: Mutex<HashMap<String, (Option<usize>, bool)>>,
     /// Per target key: when its rejected readings were last logged (at most every
@@ -252,6 +255,7 @@ pub async fn serve(
         rendering: AtomicBool::new(false),
         render_again: AtomicBool::new(false),
         sizing: Mutex::new(view::SizingCache::default()),
+        statements: Mutex::new(routes::StatementCache::default()),
         health: Mutex::new(HashMap::new()),
         rejections_logged: Mutex::new(HashMap::new()),
     });

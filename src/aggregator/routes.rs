@@ -4,11 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use hyper::body::Bytes;
 use hyper::StatusCode;
 
 use super::Shared;
 use crate::clock;
 use crate::http::{self, Handler};
+use crate::ledger::MINUTE_MS;
 use crate::statement::{self, focus, render, LedgerInfo};
 
 /// Every route but the statements answers from memory; a statement awaits its minutes
@@ -51,6 +53,44 @@ impl Format {
             Format::Csv | Format::Focus => "text/csv; charset=utf-8",
             Format::Json => "application/json",
         }
+    }
+}
+
+/// What a statement served over HTTP is built from: the same key, the same body. The store's
+/// minutes, late GPU-ms and gaps change only with a durable write, and "now" enters a statement
+/// only by the minute (days and periods end on whole minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatementKey {
+    contract: usize,
+    period: (i64, i64),
+    format: Format,
+    durable_writes: u64,
+    minute: i64,
+}
+
+/// At most this many built statements are kept (the newest).
+const STATEMENT_CACHE: usize = 16;
+
+/// The statements built last, oldest first: a crowd asking for the same statement (a
+/// dashboard's refresh, a finance script in a loop) costs one read and build per ledger write,
+/// not one per request, so it cannot take the scraper's CPU.
+#[derive(Default)]
+pub(super) struct StatementCache(Vec<(StatementKey, Bytes)>);
+
+impl StatementCache {
+    fn get(&self, key: &StatementKey) -> Option<Bytes> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, b)| b.clone())
+    }
+
+    fn put(&mut self, key: StatementKey, body: Bytes) {
+        self.0.retain(|(k, _)| *k != key);
+        if self.0.len() >= STATEMENT_CACHE {
+            self.0.remove(0);
+        }
+        self.0.push((key, body));
     }
 }
 
@@ -111,14 +151,26 @@ impl Shared {
         // What the durable minutes say, taken before the read: every minute durable now is
         // in the store when the writer thread reads, and later ones are left out, so the
         // minutes and the ledger's figures agree.
-        let mut info = {
+        let (mut info, durable_writes) = {
             let books = self.books.lock().expect("books lock");
-            LedgerInfo {
+            let info = LedgerInfo {
                 since_minute: Some(books.since()),
                 sealed_through_minute: Some(books.durable_through()),
                 late: Vec::new(),
-            }
+            };
+            (info, books.durable_writes())
         };
+        let key = StatementKey {
+            contract: c,
+            period: bounds,
+            format,
+            durable_writes,
+            minute: now.div_euclid(MINUTE_MS),
+        };
+        let cached = self.statements.lock().expect("statements lock").get(&key);
+        if let Some(body) = cached {
+            return http::text(StatusCode::OK, format.content_type(), body);
+        }
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
@@ -150,7 +202,14 @@ impl Shared {
         })
         .await;
         match built {
-            Ok(Ok(body)) => http::text(StatusCode::OK, format.content_type(), body),
+            Ok(Ok(body)) => {
+                let body = Bytes::from(body);
+                self.statements
+                    .lock()
+                    .expect("statements lock")
+                    .put(key, body.clone());
+                http::text(StatusCode::OK, format.content_type(), body)
+            }
             Ok(Err(e)) => refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot render the statement: {e}"),
@@ -201,5 +260,44 @@ impl Shared {
             )),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(durable_writes: u64) -> StatementKey {
+        StatementKey {
+            contract: 0,
+            period: (0, 60_000),
+            format: Format::Json,
+            durable_writes,
+            minute: 0,
+        }
+    }
+
+    #[test]
+    fn the_statement_cache_keeps_the_newest_and_misses_after_a_write() {
+        let mut cache = StatementCache::default();
+        cache.put(key(1), Bytes::from("one"));
+        assert_eq!(cache.get(&key(1)), Some(Bytes::from("one")));
+        assert_eq!(cache.get(&key(2)), None, "a write later: built again");
+        assert_eq!(
+            cache.get(&StatementKey {
+                minute: 1,
+                ..key(1)
+            }),
+            None,
+            "a minute later: built again"
+        );
+        for w in 2..2 + STATEMENT_CACHE as u64 {
+            cache.put(key(w), Bytes::from(w.to_string()));
+        }
+        assert_eq!(cache.0.len(), STATEMENT_CACHE);
+        assert_eq!(cache.get(&key(1)), None, "the oldest went");
+        cache.put(key(5), Bytes::from("five"));
+        assert_eq!(cache.0.len(), STATEMENT_CACHE);
+        assert_eq!(cache.get(&key(5)), Some(Bytes::from("five")));
     }
 }
