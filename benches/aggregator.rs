@@ -354,7 +354,9 @@ struct Window {
     to_ms: i64,
     cpu_s: f64,
     written: u64,
+    /// The distinct statements fetched (a body seen before is not kept again).
     docs: Vec<serde_json::Value>,
+    /// How long each fetch took, one per statement fetched.
     fetch_ms: Vec<i64>,
 }
 
@@ -367,7 +369,16 @@ fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], perio
     let (cpu0, written0) = (cpu_ticks(pid), write_bytes(pid).unwrap());
     let from_ms = unix_ms();
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let fetched: Mutex<Vec<(serde_json::Value, i64)>> = Mutex::default();
+    // Each statement's fetch time, and its document when its body is new: the aggregator
+    // serves the same body until its next write, and a back-to-back client gets thousands.
+    let fetched: Mutex<Vec<(Option<serde_json::Value>, i64)>> = Mutex::default();
+    let bodies: Mutex<std::collections::HashSet<u64>> = Mutex::default();
+    let new_body = |body: &str| {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(body);
+        bodies.lock().unwrap().insert(h)
+    };
     let parse = |body: &str, what: &str| -> serde_json::Value {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"))
     };
@@ -384,10 +395,8 @@ fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], perio
                     "commitmeter statement: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                let doc = parse(
-                    &String::from_utf8_lossy(&out.stdout),
-                    "commitmeter statement",
-                );
+                let body = String::from_utf8_lossy(&out.stdout);
+                let doc = new_body(&body).then(|| parse(&body, "commitmeter statement"));
                 fetched
                     .lock()
                     .unwrap()
@@ -400,7 +409,7 @@ fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], perio
                 let t = Instant::now();
                 let (status, body) = http_get(&agg.addr, &path);
                 assert_eq!(status, 200, "GET {path}: {body}");
-                let doc = parse(&body, &path);
+                let doc = new_body(&body).then(|| parse(&body, &path));
                 fetched
                     .lock()
                     .unwrap()
@@ -442,7 +451,7 @@ fn window(agg: &Aggregator, name: &'static str, secs: u64, cli: &[String], perio
         cpu_s: (cpu_ticks(pid) - cpu0) as f64 / 100.0,
         written: write_bytes(pid).unwrap() - written0,
         fetch_ms: fetched.iter().map(|f| f.1).collect(),
-        docs: fetched.into_iter().map(|f| f.0).collect(),
+        docs: fetched.into_iter().filter_map(|f| f.0).collect(),
     }
 }
 
@@ -640,10 +649,11 @@ fn detail(w: &Window, s: &Summary) -> String {
         pct(&s.commit_took, 50),
         pct(&s.commit_took, 100),
     );
-    if !w.docs.is_empty() {
+    if !w.fetch_ms.is_empty() {
         let _ = write!(
             line,
-            "; {} statements, fetched in p50/max {}/{} ms",
+            "; {} statements ({} distinct), fetched in p50/max {}/{} ms",
+            w.fetch_ms.len(),
             w.docs.len(),
             pct(&w.fetch_ms, 50),
             pct(&w.fetch_ms, 100)
@@ -688,19 +698,20 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
         })
         .collect();
     let cpu: Vec<String> = s.iter().map(|s| format!("{:.1}", s.cpu_percent)).collect();
-    let statements: usize = w.iter().map(|w| w.docs.len()).sum();
+    let statements: usize = w.iter().map(|w| w.fetch_ms.len()).sum();
+    let distinct: usize = w.iter().map(|w| w.docs.len()).sum();
     let (cli, http) = (&s[1], &s[2]);
     format!(
-        "| aggregator, {} agents, statements requested mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then four {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued; none again (the machine's drift over the run). Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent (identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
+        "| aggregator, {} agents, statements requested mid-commit | `COMMITMETER_BENCH_STATEMENTS=1 COMMITMETER_BENCH_AGENTS={agents} cargo bench --bench aggregator` (prints this row): the ledger seeded with {SEED_DAYS} days of minutes (a statement reads ~86,400), then four {secs} s windows: none; `commitmeter statement --format=json` back to back; `GET /statements/sim/<month>.json` back to back plus one the moment each round ends, as its commit is queued; none again (the machine's drift over the run). Round figures from the `scrape round` log summaries, writer jobs from the writer's debug log (`ledger commit`, `ledger read`: waited, took) | scrape phase of a round p50/p99/max: {}. HTTP: {} statements ({:.1}/s), each new one (one per ledger write and minute; the others served from the aggregator's cache) a writer read of {} minutes in p50/p99/max {} ms; a commit waited behind one p50/max {}/{} ms. CLI: {} statements (each waits for the next commit), its copy (VACUUM INTO on the writer, after a commit) p50/max {}/{} ms, {:.1} MB/min written. Aggregator CPU {} % of one core. All {statements} statements consistent ({distinct} distinct bodies checked: identity on every row, totals = sum of days, {seed_days} seeded day rows equal to the seed to the GPU-ms, nothing went back) | rounds no slower with statements; a commit waits for one read at most |",
         thousands(agents),
         rounds.join("; "),
-        w[2].docs.len(),
-        w[2].docs.len() as f64 / ((w[2].to_ms - w[2].from_ms) as f64 / 1000.0),
+        w[2].fetch_ms.len(),
+        w[2].fetch_ms.len() as f64 / ((w[2].to_ms - w[2].from_ms) as f64 / 1000.0),
         pct(&http.read_rows, 100),
         spread(&http.read_took),
         pct(&http.commit_wait, 50),
         pct(&http.commit_wait, 100),
-        w[1].docs.len(),
+        w[1].fetch_ms.len(),
         pct(&cli.copies, 50),
         pct(&cli.copies, 100),
         cli.written_mb_min,
@@ -761,7 +772,7 @@ fn run_statements(agents: usize, secs: u64) {
         );
     }
     println!(
-        "statements: all {} consistent (identity on every row, totals = sum of days, nothing went back; {seed_days} seeded day rows equal the seed to the GPU-ms)",
+        "statements: all {} distinct bodies consistent (identity on every row, totals = sum of days, nothing went back; {seed_days} seeded day rows equal the seed to the GPU-ms)",
         docs.len()
     );
     println!(
