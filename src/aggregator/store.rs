@@ -2285,6 +2285,16 @@ mod tests {
         drop(store);
     }
 
+    /// A ledger of contract 0 (2 GPUs committed) and host `h:1` of 2 GPUs, read at 60 s: it
+    /// accounts from minute 2.
+    fn one_host_of_two_gpus() -> (Ledger, fn(usize, i64, i64) -> i64) {
+        let mut ledger = Ledger::new(1, 0);
+        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
+        ledger.observe("h:1", 0, host_reading(60_000, 2, 0));
+        ledger.start_after(60_000);
+        (ledger, |_, a, b| (b - a) * 2)
+    }
+
     /// GPU-ms that arrive after their minutes were sealed are kept by minute, add up to the
     /// all-time late sums, and a retried commit (its success hidden by an error) replaces
     /// its own rows rather than adding them twice.
@@ -2292,11 +2302,7 @@ mod tests {
     fn late_gpu_ms_are_kept_by_minute_and_a_retry_adds_nothing() {
         let (_tmp, dir) = scratch("late");
         let ids = vec!["a".to_string()];
-        let committed = |_: usize, a: i64, b: i64| (b - a) * 2;
-        let mut ledger = Ledger::new(1, 0);
-        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
-        ledger.observe("h:1", 0, host_reading(60_000, 2, 0));
-        ledger.start_after(60_000);
+        let (mut ledger, committed) = one_host_of_two_gpus();
         let mut store = Store::open(&dir).unwrap();
         let commit = |store: &mut Store, ledger: &mut Ledger, t: i64| {
             let c = Commit {
@@ -2346,11 +2352,7 @@ mod tests {
     fn a_crash_between_host_checkpoints_counts_nothing_twice() {
         let (_tmp, dir) = scratch("crash");
         let ids = vec!["a".to_string()];
-        let committed = |_: usize, a: i64, b: i64| (b - a) * 2;
-        let mut ledger = Ledger::new(1, 0);
-        ledger.configure(0, &[("h:1".into(), vec![0])], |_, _| i64::MAX);
-        ledger.observe("h:1", 0, host_reading(60_000, 2, 0));
-        ledger.start_after(60_000);
+        let (mut ledger, committed) = one_host_of_two_gpus();
         let mut store = Store::open_with(&dir, &opts(Duration::from_secs(3600))).unwrap();
         store.commit(&ids, &[], &ledger.snapshot()).unwrap();
         assert!(store.last_commit().hosts_checkpointed);
