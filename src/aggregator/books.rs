@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::scrape::HostReport;
+use super::scrape::{GpuReport, HostReport};
 use crate::contract::{Contract, UsageSignal};
 use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::{
@@ -177,6 +177,9 @@ pub struct Books {
     failing: bool,
     /// Successful writes since start: what the store holds changes only when this does.
     durable_writes: u64,
+    /// Per (target, contract), the GPUs of its last reading counted with busy time because
+    /// they lack the contract's `sm_active` signal.
+    fallback: BTreeMap<(String, usize), usize>,
 }
 
 impl Books {
@@ -226,6 +229,7 @@ impl Books {
             in_flight: None,
             failing: false,
             durable_writes: 0,
+            fallback: BTreeMap::new(),
         })
     }
 
@@ -240,6 +244,21 @@ impl Books {
         let contracts = &self.contracts;
         self.ledger
             .configure(now_ms, configured, |c, t| contracts[c].billing_period(t).1);
+        self.fallback.retain(|(target, c), _| {
+            configured
+                .iter()
+                .any(|(t, cs)| t == target && cs.contains(c))
+        });
+    }
+
+    /// GPUs of contract `c` counted with busy time instead of its `sm_active` usage signal
+    /// (no GPM), as of each target's last reading: `commitmeter_contract_usage_fallback_gpus`.
+    pub fn usage_fallback_gpus(&self, c: usize) -> usize {
+        self.fallback
+            .iter()
+            .filter(|((_, ci), _)| *ci == c)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// After the first scrape round: a ledger that has sealed nothing starts after it.
@@ -258,24 +277,18 @@ impl Books {
         report: &HostReport,
     ) -> (usize, Outcome) {
         let contract = &self.contracts[c];
+        let mut fallback = 0;
         let gpus: BTreeMap<String, GpuCounters> = report
             .gpus
             .iter()
             .filter(|(_, g)| contract.model_matches(g.model.as_deref().unwrap_or("")))
             .map(|(uuid, g)| {
-                let used = match contract.usage_signal {
-                    UsageSignal::Busy => g.busy_ms,
-                    UsageSignal::Allocated => g.allocated_ms,
-                };
-                (
-                    uuid.clone(),
-                    GpuCounters {
-                        observed_ms: g.observed_ms,
-                        used_ms: used.unwrap_or(0),
-                    },
-                )
+                let (counters, fell_back) = counters(contract.usage_signal, g);
+                fallback += usize::from(fell_back);
+                (uuid.clone(), counters)
             })
             .collect();
+        self.fallback.insert((key.to_string(), c), fallback);
         // The XID counters of the contract's GPUs: not those of a GPU of another model. A GPU
         // the reading lacks (lost) keeps its counters: the gap list attaches them only to a
         // gap of a GPU the contract had.
@@ -464,6 +477,30 @@ impl Books {
             ),
         )
     }
+}
+
+/// One GPU's counters for a contract's usage signal: used, and the allocated counters the
+/// idle split needs (allocated, and its part the signal counts as used). True when the GPU
+/// lacks the `sm_active` signal and is counted with busy time instead. An agent without the
+/// allocated counters (older than the idle split) gives `None`: held unknown, its idle
+/// counts unallocated.
+fn counters(signal: UsageSignal, g: &GpuReport) -> (GpuCounters, bool) {
+    let (used, allocated_used, fell_back) = match signal {
+        UsageSignal::Busy => (g.busy_ms, g.allocated_busy_ms, false),
+        // Allocated is used: nothing held is unused, so no counters to keep.
+        UsageSignal::Allocated => (g.allocated_ms, None, false),
+        UsageSignal::SmActive => match g.sm_active_ms {
+            Some(sm) => (Some(sm), g.allocated_sm_active_ms, false),
+            None => (g.busy_ms, g.allocated_busy_ms, true),
+        },
+    };
+    let c = GpuCounters {
+        observed_ms: g.observed_ms,
+        used_ms: used.unwrap_or(0),
+        allocated_ms: g.allocated_ms.filter(|_| allocated_used.is_some()),
+        allocated_used_ms: allocated_used.filter(|_| g.allocated_ms.is_some()),
+    };
+    (c, fell_back)
 }
 
 /// The inputs of a contract's month-to-date figures. A ledger started mid-period

@@ -188,6 +188,7 @@ pub struct AggregatorMetrics {
     pub cost: Gauges<CostLabels<'static>>,
     pub price: Gauges<PriceLabels<'static>>,
     pub tier_reachable: Gauges<TierLabels<'static>>,
+    pub usage_fallback: Gauges<ContractLabels<'static>>,
     pub rejected: Counters<RejectedLabels<'static>>,
     pub sealed_through: IntGauge,
     pub since: IntGauge,
@@ -346,6 +347,11 @@ impl AggregatorMetrics {
                 "commitmeter_contract_burn_rate_tier_reachable",
                 "1 if the underuse burn-rate tier can fire for this contract's target and period, 0 if its threshold is above 100 % idle.",
             )?,
+            usage_fallback: Family::register(
+                &registry,
+                "commitmeter_contract_usage_fallback_gpus",
+                "GPUs of a contract with usage_signal = \"sm_active\" counted with busy time instead (no GPM), as of their agents' last readings.",
+            )?,
             target_up: Family::register(
                 &registry,
                 "commitmeter_target_up",
@@ -390,6 +396,7 @@ impl AggregatorMetrics {
                 currency: &c.currency,
             })
             .set(c.price_per_gpu_hour / 3600.0);
+        self.usage_fallback.with(&contract).set(0.0);
         // Exported from the start (0), so an alert on their increase has a baseline.
         for why in crate::ledger::Reject::ALL {
             self.rejected.with(&RejectedLabels {

@@ -28,6 +28,12 @@ pub struct GpuReport {
     pub observed_ms: i64,
     pub busy_ms: Option<i64>,
     pub allocated_ms: Option<i64>,
+    /// `commitmeter_gpu_sm_active_seconds_total`: GPUs with GPM only.
+    pub sm_active_ms: Option<i64>,
+    /// `commitmeter_gpu_allocated_busy_seconds_total`: busy time while a process held it.
+    pub allocated_busy_ms: Option<i64>,
+    /// `commitmeter_gpu_allocated_sm_active_seconds_total`: GPUs with GPM only.
+    pub allocated_sm_active_ms: Option<i64>,
     pub model: Option<String>,
 }
 
@@ -550,6 +556,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 const OBSERVED: &str = "commitmeter_gpu_observed_seconds_total";
 const BUSY: &str = "commitmeter_gpu_busy_seconds_total";
 const ALLOCATED: &str = "commitmeter_gpu_allocated_seconds_total";
+const SM_ACTIVE: &str = "commitmeter_gpu_sm_active_seconds_total";
+const ALLOCATED_BUSY: &str = "commitmeter_gpu_allocated_busy_seconds_total";
+const ALLOCATED_SM_ACTIVE: &str = "commitmeter_gpu_allocated_sm_active_seconds_total";
 const INFO: &str = "commitmeter_gpu_info";
 const ROUND: &str = "commitmeter_agent_last_round_timestamp_seconds";
 const SAMPLED: &str = "commitmeter_agent_sampled_seconds_total";
@@ -592,7 +601,17 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
             (name.starts_with("commitmeter_") || name == START)
                 && matches!(
                     name,
-                    OBSERVED | BUSY | ALLOCATED | INFO | ROUND | SAMPLED | START | XID
+                    OBSERVED
+                        | BUSY
+                        | ALLOCATED
+                        | SM_ACTIVE
+                        | ALLOCATED_BUSY
+                        | ALLOCATED_SM_ACTIVE
+                        | INFO
+                        | ROUND
+                        | SAMPLED
+                        | START
+                        | XID
                 )
         },
         |s| {
@@ -614,6 +633,9 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                 OBSERVED => OBSERVED,
                 BUSY => BUSY,
                 ALLOCATED => ALLOCATED,
+                SM_ACTIVE => SM_ACTIVE,
+                ALLOCATED_BUSY => ALLOCATED_BUSY,
+                ALLOCATED_SM_ACTIVE => ALLOCATED_SM_ACTIVE,
                 INFO => INFO,
                 ROUND => ROUND,
                 SAMPLED => SAMPLED,
@@ -648,7 +670,10 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                     match name {
                         OBSERVED => g.observed_ms = v,
                         BUSY => g.busy_ms = Some(v),
-                        _ => g.allocated_ms = Some(v),
+                        ALLOCATED => g.allocated_ms = Some(v),
+                        SM_ACTIVE => g.sm_active_ms = Some(v),
+                        ALLOCATED_BUSY => g.allocated_busy_ms = Some(v),
+                        _ => g.allocated_sm_active_ms = Some(v),
                     }
                 }),
             };
@@ -699,6 +724,10 @@ commitmeter_gpu_info{busy_source="samples",gpu="0",model="NVIDIA H100 80GB HBM3"
 commitmeter_gpu_observed_seconds_total{gpu="0",uuid="GPU-a"} 100.5
 commitmeter_gpu_busy_seconds_total{gpu="0",uuid="GPU-a"} 50.0004
 commitmeter_gpu_allocated_seconds_total{gpu="0",uuid="GPU-a"} 70
+commitmeter_gpu_sm_active_seconds_total{gpu="0",uuid="GPU-a"} 20.25
+commitmeter_gpu_allocated_busy_seconds_total{gpu="0",uuid="GPU-a"} 45
+commitmeter_gpu_allocated_sm_active_seconds_total{gpu="0",uuid="GPU-a"} 18
+commitmeter_gpu_allocated_busy_seconds_total{gpu="1",uuid="GPU-b"} 1
 commitmeter_gpu_observed_seconds_total{gpu="1",uuid="GPU-b"} 3
 commitmeter_gpu_power_watts{gpu="0",uuid="GPU-a"} 300
 commitmeter_gpu_xid_errors_total{gpu="0",uuid="GPU-a",xid="79"} 2
@@ -715,10 +744,18 @@ process_start_time_seconds 1764547000.01
                 observed_ms: 100_500,
                 busy_ms: Some(50_000),
                 allocated_ms: Some(70_000),
+                sm_active_ms: Some(20_250),
+                allocated_busy_ms: Some(45_000),
+                allocated_sm_active_ms: Some(18_000),
                 model: Some("NVIDIA H100 80GB HBM3".into())
             }
         );
-        assert_eq!(r.gpus["GPU-b"].busy_ms, None);
+        // A GPU without GPM has no SM-active series: none, never a made-up 0.
+        assert_eq!(
+            (r.gpus["GPU-b"].busy_ms, r.gpus["GPU-b"].sm_active_ms),
+            (None, None)
+        );
+        assert_eq!(r.gpus["GPU-b"].allocated_busy_ms, Some(1_000));
         // XID counts of known GPUs; a malformed one is left out, not fatal.
         assert_eq!(
             r.xids,
@@ -777,7 +814,18 @@ process_start_time_seconds 1764547000.01
         let g = |name: &str, v: &str| format!("{name}{{gpu=\"0\",uuid=\"GPU-a\"}} {v}\n");
         for v in ["NaN", "+Inf", "-Inf", "-1", "1e300", "1e17"] {
             assert_eq!(reason(&g(OBSERVED, v)), "invalid_value", "{v}");
-            assert_eq!(reason(&g(BUSY, v)), "invalid_value", "{v}");
+            for name in [
+                BUSY,
+                ALLOCATED,
+                SM_ACTIVE,
+                ALLOCATED_BUSY,
+                ALLOCATED_SM_ACTIVE,
+            ] {
+                assert_eq!(reason(&g(name, v)), "invalid_value", "{name} {v}");
+            }
+        }
+        for name in [SM_ACTIVE, ALLOCATED_BUSY, ALLOCATED_SM_ACTIVE] {
+            assert_eq!(reason(&(g(name, "1") + &g(name, "2"))), "duplicate_series");
         }
         assert_eq!(reason(&format!("{ROUND} NaN\n")), "invalid_value");
         let twice = g(OBSERVED, "1") + &g(OBSERVED, "100");

@@ -200,7 +200,7 @@ const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#
 h1{font-size:20px;margin:0 0 4px}h2{font-size:17px;margin:0 0 8px}.sub{color:#57606a;margin-bottom:16px}\
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:16px;margin:0 0 16px}\
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;text-align:right;border-bottom:1px solid #eaeef2}\
-th{text-align:left;font-weight:600;color:#57606a}.grid{display:flex;gap:24px;flex-wrap:wrap}\
+th{text-align:left;font-weight:600;color:#57606a}th.part{padding-left:26px;font-weight:400}.grid{display:flex;gap:24px;flex-wrap:wrap}\
 .page{color:#fff;background:#cf222e;border-radius:3px;padding:0 6px}.ticket{color:#fff;background:#bf8700;border-radius:3px;padding:0 6px}\
 .ok{color:#1a7f37}.bad{color:#cf222e}.legend span{margin-right:14px}";
 
@@ -251,10 +251,16 @@ fn contract(h: &mut String, c: &ContractView) {
         iso(c.period.1),
         esc(&c.timezone),
     );
-    for kind in Kind::ALL {
+    // The idle split indented under idle: its parts add up to idle, never to the rest.
+    for kind in Kind::shown() {
+        let class = if kind.part_of().is_some() {
+            " class=part"
+        } else {
+            ""
+        };
         let _ = write!(
             h,
-            "<tr><th>{kind}</th><td data-k={kind}>{}</td>",
+            "<tr><th{class}>{kind}</th><td data-k={kind}>{}</td>",
             hours(c.mtd[kind])
         );
         match f.cost(kind) {

@@ -26,7 +26,7 @@ use crate::ledger::{
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
 /// 4: the `gaps` table (delivery gaps, [`write_gaps`]).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// No stored figure of one minute can exceed this many GPU-ms (about 18 million GPUs of
 /// a minute each); a row above it, or a negative one, is corruption.
@@ -526,11 +526,12 @@ CREATE TABLE IF NOT EXISTS minutes (
     committed INTEGER NOT NULL, delivered INTEGER NOT NULL, used INTEGER NOT NULL,
     idle INTEGER NOT NULL, undelivered INTEGER NOT NULL, unreported INTEGER NOT NULL,
     overage INTEGER NOT NULL,
+    idle_unallocated INTEGER NOT NULL, idle_allocated INTEGER NOT NULL,
     PRIMARY KEY (contract, minute)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS open_minutes (
     contract TEXT NOT NULL, minute INTEGER NOT NULL,
     delivered INTEGER NOT NULL, used INTEGER NOT NULL, reported INTEGER NOT NULL,
-    expected INTEGER NOT NULL,
+    expected INTEGER NOT NULL, held INTEGER NOT NULL,
     PRIMARY KEY (contract, minute)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hosts (
     target TEXT NOT NULL, contract TEXT NOT NULL, state TEXT NOT NULL,
@@ -547,6 +548,35 @@ CREATE TABLE IF NOT EXISTS gaps (
     end_ms INTEGER, cause TEXT NOT NULL, short_gpu_ms INTEGER NOT NULL, xids TEXT NOT NULL,
     PRIMARY KEY (contract, start_ms, target, gpu)) WITHOUT ROWID;
 ";
+
+/// Versions 1 to 5 (before the idle split): sealed minutes gain `idle_unallocated = idle`
+/// and `idle_allocated = 0` (minutes sealed before the upgrade count all idle as
+/// unallocated: no evidence of held GPUs was kept for them), open minutes `held = 0` (their
+/// idle so far counts unallocated). Runs after [`migrate_v1`] for a version 1 database.
+/// A table the database lacks (one whose first commit never reached the main file) is
+/// left to `SCHEMA`, which creates it whole.
+fn migrate_v5(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let lacks = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let (tables, columns): (i64, i64) = tx.query_row(
+            "SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1),
+                    (SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2)",
+            params![table, column],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(tables > 0 && columns == 0)
+    };
+    if lacks("minutes", "idle_unallocated")? {
+        tx.execute_batch(
+            "ALTER TABLE minutes ADD COLUMN idle_unallocated INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE minutes ADD COLUMN idle_allocated INTEGER NOT NULL DEFAULT 0;
+             UPDATE minutes SET idle_unallocated = idle;",
+        )?;
+    }
+    if lacks("open_minutes", "held")? {
+        tx.execute_batch("ALTER TABLE open_minutes ADD COLUMN held INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    Ok(())
+}
 
 /// Version 1 (before agent time, expected capacity and per-contract host states): open
 /// minutes gain `expected` (0: their known-but-unseen capacity is counted from the hosts'
@@ -584,6 +614,7 @@ fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
                         crate::ledger::GpuCounters {
                             observed_ms: ms(o)?,
                             used_ms: ms(us)?,
+                            ..Default::default()
                         },
                     ))
                 })
@@ -726,10 +757,15 @@ impl Store {
                     found: v,
                 })
             }
-            Some(_) => {}
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                tracing::info!(path = %path.display(), from = v, to = SCHEMA_VERSION, "migrating the ledger database");
+                migrate_v5(&tx).map_err(sql)?;
+            }
             None if has_meta => {
                 tracing::info!(path = %path.display(), from = 1, to = SCHEMA_VERSION, "migrating the ledger database");
                 migrate_v1(&tx).map_err(sql)?;
+                migrate_v5(&tx).map_err(sql)?;
             }
             None => {}
         }
@@ -883,11 +919,14 @@ impl Store {
                     WHEN min({figures}) < 0 THEN 'a negative figure'
                     WHEN max({figures}) > ?1 THEN 'a figure out of range'
                     WHEN overage > used THEN 'overage above used'
+                    WHEN idle != idle_unallocated + idle_allocated
+                        THEN 'idle != idle_unallocated + idle_allocated'
                     ELSE 'committed != used - overage + idle + undelivered + unreported' END
                  FROM minutes
                  WHERE min({figures}) < 0
                     OR max({figures}) > ?1
                     OR overage > used
+                    OR idle != idle_unallocated + idle_allocated
                     OR committed != used - overage + idle + undelivered + unreported
                  LIMIT 1"
                 ),
@@ -903,8 +942,8 @@ impl Store {
                 .query_row(
                     "SELECT contract, minute, 'an open minute with a negative or out-of-range sum'
                      FROM open_minutes
-                     WHERE min(delivered, used, reported, expected) < 0
-                        OR max(delivered, used, reported, expected) > ?1
+                     WHERE min(delivered, used, reported, expected, held) < 0
+                        OR max(delivered, used, reported, expected, held) > ?1
                      LIMIT 1",
                     params![MAX_MINUTE_GPU_MS],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -967,7 +1006,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT contract, minute, delivered, used, reported, expected FROM open_minutes",
+                "SELECT contract, minute, delivered, used, reported, expected, held FROM open_minutes",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -980,6 +1019,7 @@ impl Store {
                         used: r.get(3)?,
                         reported: r.get(4)?,
                         expected: r.get(5)?,
+                        held: r.get(6)?,
                     },
                 ))
             })
@@ -1190,7 +1230,7 @@ impl Store {
             }
             tx.execute("DELETE FROM open_minutes", []).map_err(sql)?;
             let mut ins = tx
-                .prepare_cached("INSERT INTO open_minutes (contract, minute, delivered, used, reported, expected) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .prepare_cached("INSERT INTO open_minutes (contract, minute, delivered, used, reported, expected, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
                 .map_err(sql)?;
             for (minute, c, o) in &snap.open {
                 ins.execute(params![
@@ -1199,7 +1239,8 @@ impl Store {
                     o.delivered,
                     o.used,
                     o.reported,
-                    o.expected
+                    o.expected,
+                    o.held
                 ])
                 .map_err(sql)?;
             }
@@ -1898,6 +1939,7 @@ mod tests {
                 GpuCounters {
                     observed_ms,
                     used_ms: observed_ms / 3,
+                    ..Default::default()
                 },
             )]
             .into(),
@@ -2204,6 +2246,7 @@ mod tests {
                         GpuCounters {
                             observed_ms,
                             used_ms: observed_ms / 2,
+                            ..Default::default()
                         },
                     )
                 })

@@ -135,6 +135,12 @@ impl Shared {
                     contract: &contract.id,
                 })
                 .set(contract.committed_gpus_at(now) as f64);
+            self.metrics
+                .usage_fallback
+                .with(&ContractLabels {
+                    contract: &contract.id,
+                })
+                .set(books.usage_fallback_gpus(c) as f64);
             // Reachability depends on the period's length (28 to 31 days), so it follows
             // the period the figures are in.
             let period_s = (r.period_end_ms - r.period_start_ms) as f64 / 1000.0;

@@ -841,6 +841,7 @@ fn build_contract(
         usage_signal: match rc.usage_signal.unwrap_or(RawUsageSignal::Busy) {
             RawUsageSignal::Busy => UsageSignal::Busy,
             RawUsageSignal::Allocated => UsageSignal::Allocated,
+            RawUsageSignal::SmActive => UsageSignal::SmActive,
         },
         timezone_name,
         start_ms,
@@ -1069,6 +1070,8 @@ struct RawCreditTier {
 enum RawUsageSignal {
     Busy,
     Allocated,
+    #[serde(rename = "sm_active")]
+    SmActive,
 }
 
 #[derive(Deserialize)]

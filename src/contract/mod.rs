@@ -43,14 +43,19 @@ pub enum UsageSignal {
     Busy,
     /// `commitmeter_gpu_allocated_seconds_total`: time with at least one compute process.
     Allocated,
+    /// `commitmeter_gpu_sm_active_seconds_total`: SM activity from GPM (Hopper and newer).
+    /// A GPU without it (no GPM) is counted with busy time instead, and counted in
+    /// `commitmeter_contract_usage_fallback_gpus`.
+    SmActive,
 }
 
 impl UsageSignal {
-    /// As written in the config: `busy` or `allocated`.
+    /// As written in the config: `busy`, `allocated` or `sm_active`.
     pub fn as_str(self) -> &'static str {
         match self {
             UsageSignal::Busy => "busy",
             UsageSignal::Allocated => "allocated",
+            UsageSignal::SmActive => "sm_active",
         }
     }
 }

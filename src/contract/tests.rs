@@ -208,6 +208,31 @@ ramp = [{ from = "2026-11-01", gpus = 1 }]
 }
 
 #[test]
+fn every_usage_signal_reads_as_written() {
+    for (written, signal) in [
+        ("busy", UsageSignal::Busy),
+        ("allocated", UsageSignal::Allocated),
+        ("sm_active", UsageSignal::SmActive),
+    ] {
+        let c = contract(&format!(
+            r#"
+[[contracts]]
+id = "x"
+provider = "p"
+price_per_gpu_hour = 0
+currency = "USD"
+start = "2026-11-01"
+usage_signal = "{written}"
+selector = 'provider="p"'
+ramp = [{{ from = "2026-11-01", gpus = 1 }}]
+"#
+        ));
+        assert_eq!(c.usage_signal, signal);
+        assert_eq!(signal.as_str(), written);
+    }
+}
+
+#[test]
 fn a_short_scrape_interval_caps_the_default_timeout() {
     let cfg = ok("[aggregator]\nscrape_interval = \"5s\"\n");
     assert_eq!(cfg.scrape_timeout, Duration::from_secs(5));
@@ -302,7 +327,7 @@ fn syntax_and_type_errors_have_line_and_column() {
             "selector = ",
             "usage_signal = \"idle\"\nselector = "
         )),
-        "aggregator.toml:10:16: unknown variant `idle`, expected `busy` or `allocated`"
+        "aggregator.toml:10:16: unknown variant `idle`, expected one of `busy`, `allocated`, `sm_active`"
     );
     assert_eq!(
         err("[[targets]]\ntargets = [\"a:1\"]\nlabels = { rack = 7 }\n"),

@@ -106,6 +106,7 @@ impl SimAgent {
         let gpu = GpuCounters {
             observed_ms: ms(self.gpu.observed_s),
             used_ms: ms(self.gpu.busy_s),
+            ..Default::default()
         };
         if bare {
             return Reading {

@@ -17,6 +17,11 @@
 //!   counter cannot grow faster than the time watched, used cannot exceed delivered, a
 //!   running agent's counters never decrease, and an agent that keeps restarting is suspect.
 //!
+//! - **held**, per GPU, from the allocated counters: allocated time not used by the
+//!   contract's signal (Δallocated − Δallocated-and-used), clamped to the GPU's delivered −
+//!   used. A reading without those counters (an older agent, a checkpoint from before
+//!   them) gives held 0 for the interval: its idle counts unallocated, never a jump.
+//!
 //! Delivered never exceeds the watched capacity of the GPUs whose readings were accepted, and
 //! used never exceeds delivered: a surplus (rounding, or an agent clock re-anchored mid-way)
 //! is carried to the host's next interval, up to the clock tolerance per GPU, instead of
@@ -49,8 +54,42 @@ pub fn ms_from_seconds(seconds: f64) -> i64 {
 pub struct GpuCounters {
     /// `commitmeter_gpu_observed_seconds_total`: delivered time.
     pub observed_ms: i64,
-    /// The contract's usage signal (busy or allocated time).
+    /// The contract's usage signal (busy, allocated or SM-active time).
     pub used_ms: i64,
+    /// `commitmeter_gpu_allocated_seconds_total`: time a compute process held the GPU.
+    /// `None`: not exported (an agent older than the idle split, or a checkpoint written
+    /// before it), so no held time can be told for the GPU: its idle counts unallocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_ms: Option<i64>,
+    /// The part of `allocated_ms` that the contract's usage signal counts as used
+    /// (`commitmeter_gpu_allocated_busy_seconds_total`, `…_allocated_sm_active_…`, or
+    /// `allocated_ms` itself under `usage_signal = "allocated"`); `None` as above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_used_ms: Option<i64>,
+}
+
+impl GpuCounters {
+    /// Held GPU-ms of an interval: allocated and not used by the contract's signal
+    /// (Δallocated − Δallocated-and-used), clamped to `[0, unused]` where `unused` is the
+    /// GPU's delivered − used of the interval. 0 when either reading lacks the counters
+    /// (unknown is never made up) or one went down (`prev`: `None` after a restart, when
+    /// the counters count from 0).
+    fn held_since(&self, prev: Option<&GpuCounters>, unused: i64) -> i64 {
+        let (Some(a), Some(au)) = (self.allocated_ms, self.allocated_used_ms) else {
+            return 0;
+        };
+        let (da, dau) = match prev {
+            None => (a, au),
+            Some(p) => match (p.allocated_ms, p.allocated_used_ms) {
+                (Some(pa), Some(pau)) => (a - pa, au - pau),
+                _ => return 0,
+            },
+        };
+        if da < 0 || dau < 0 {
+            return 0;
+        }
+        da.saturating_sub(dau).clamp(0, unused.max(0))
+    }
 }
 
 /// One successful scrape of a host, already checked for sanity by the scraper (finite,
@@ -147,6 +186,10 @@ pub struct Interval {
     pub reported: i64,
     pub delivered: i64,
     pub used: i64,
+    /// Held GPU-ms: a compute process held the GPU and the usage signal says it was not
+    /// used. Per GPU clamped to its delivered − used, in all to `delivered − used` as
+    /// credited.
+    pub held: i64,
 }
 
 /// What an interval showed of one GPU of the previous reading (for the gap list,
@@ -267,6 +310,7 @@ impl HostState {
         }
 
         let (mut accepted, mut vanished, mut sum_o, mut sum_u) = (0i64, 0i64, 0i64, 0i64);
+        let mut sum_h = 0i64;
         for (uuid, p) in &last.gpus {
             let Some(c) = now.gpus.get(uuid) else {
                 // Gone while the agent watched (it re-enumerated without it): not delivered.
@@ -312,6 +356,7 @@ impl HostState {
                     accepted += 1;
                     sum_o += d_o;
                     sum_u += d_u;
+                    sum_h += c.held_since((!restarted).then_some(p), d_o - d_u);
                 }
             }
         }
@@ -340,6 +385,7 @@ impl HostState {
             reported: (accepted + vanished) * watched,
             delivered,
             used,
+            held: sum_h.min(delivered - used),
         });
         self.last = Some(now);
         out

@@ -81,9 +81,49 @@ kinds! {
     Unreported => unreported,
     /// Used beyond the commitment.
     Overage => overage,
+    /// The part of idle during which no compute process held the GPU: the scheduler or the
+    /// queue was short of work. `idle = idle_unallocated + idle_allocated`.
+    IdleUnallocated => idle_unallocated,
+    /// The part of idle during which a compute process held the GPU and the usage signal
+    /// says it was not used: a job holding capacity it does not use (allocated first against
+    /// the commitment).
+    IdleAllocated => idle_allocated,
 }
 
 impl Kind {
+    /// The kind this one is a part of, for a refinement of a term of the identity (the idle
+    /// split: `idle = idle_unallocated + idle_allocated`); `None` for a term itself. A sum
+    /// across kinds must leave the parts out, or it counts them twice.
+    pub const fn part_of(self) -> Option<Kind> {
+        match self {
+            Kind::IdleUnallocated | Kind::IdleAllocated => Some(Kind::Idle),
+            Kind::Committed
+            | Kind::Delivered
+            | Kind::Used
+            | Kind::Idle
+            | Kind::Undelivered
+            | Kind::Unreported
+            | Kind::Overage => None,
+        }
+    }
+
+    /// The kinds that are parts of this one, in [`Kind::ALL`] order (empty for most).
+    pub fn parts(self) -> impl Iterator<Item = Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(move |k| k.part_of() == Some(self))
+    }
+
+    /// Every kind in the order a reader meets them: each term of the identity followed by
+    /// its parts (`idle`, then `idle_unallocated` and `idle_allocated`), for tables that
+    /// show the parts indented under their kind.
+    pub fn shown() -> impl Iterator<Item = Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| k.part_of().is_none())
+            .flat_map(|k| std::iter::once(k).chain(k.parts()))
+    }
+
     /// The kind of this name, if there is one.
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
@@ -140,7 +180,9 @@ mod tests {
                 "idle",
                 "undelivered",
                 "unreported",
-                "overage"
+                "overage",
+                "idle_unallocated",
+                "idle_allocated"
             ]
         );
         for (i, k) in Kind::ALL.into_iter().enumerate() {
@@ -151,13 +193,43 @@ mod tests {
     }
 
     #[test]
+    fn only_the_idle_split_is_a_part_of_another_kind() {
+        for k in Kind::ALL {
+            let want =
+                matches!(k, Kind::IdleUnallocated | Kind::IdleAllocated).then_some(Kind::Idle);
+            assert_eq!(k.part_of(), want, "{k}");
+        }
+        assert_eq!(
+            Kind::Idle.parts().collect::<Vec<_>>(),
+            [Kind::IdleUnallocated, Kind::IdleAllocated]
+        );
+        assert_eq!(Kind::Used.parts().count(), 0);
+        let shown: Vec<&str> = Kind::shown().map(Kind::name).collect();
+        assert_eq!(
+            shown,
+            [
+                "committed",
+                "delivered",
+                "used",
+                "idle",
+                "idle_unallocated",
+                "idle_allocated",
+                "undelivered",
+                "unreported",
+                "overage"
+            ]
+        );
+    }
+
+    #[test]
     fn index_reads_and_writes_the_named_field() {
         let t = Totals::from_fn(|k| k as i64 + 1);
-        assert_eq!(t.values(), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(t.values(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
         assert_eq!((t.committed, t.idle, t.overage), (1, 4, 7));
+        assert_eq!((t.idle_unallocated, t.idle_allocated), (8, 9));
         let mut s = t;
         s.add(&t);
-        assert_eq!(s.values(), [2, 4, 6, 8, 10, 12, 14]);
+        assert_eq!(s.values(), [2, 4, 6, 8, 10, 12, 14, 16, 18]);
         s[Kind::Unreported] = i64::MAX;
         s.add(&t);
         assert_eq!(s.unreported, i64::MAX, "saturates");

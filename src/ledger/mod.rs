@@ -3,17 +3,23 @@
 //!
 //! All amounts are integer GPU-milliseconds, so the identity
 //! `committed = used_within_commitment + idle + undelivered + unreported`
-//! holds exactly for every sealed minute and contract.
+//! holds exactly for every sealed minute and contract, and so does the idle split
+//! `idle = idle_unallocated + idle_allocated` (a refinement of a term, not a new term:
+//! [`Kind::part_of`]).
 //!
 //! How readings become minutes:
 //! - [`host`] turns each host's readings into intervals of evidence on the agent's own time
 //!   scale: expected, watched (reported), delivered and used GPU-ms, physically possible.
 //! - Each interval is spread over the minutes it covers in proportion to time ([`apportion`]),
 //!   delivered in proportion to reported and used in proportion to delivered, so per host
-//!   and minute `used <= delivered <= reported <= expected`.
+//!   and minute `used <= delivered <= reported <= expected`. Held GPU-ms (a process held
+//!   the GPU, the usage signal says unused) are spread in proportion to delivered − used,
+//!   so per host and minute `held <= delivered − used`; a minute seals its idle split from
+//!   their sum (see [`split_held`]).
 //! - A minute seals `grace` after it ends ([`Ledger::seal`]): known hosts that did not report
 //!   add their GPUs to what was expected, and [`split`] divides the commitment by evidence.
-//!   Sealed minutes never change; what arrives later for them is counted as late.
+//!   Sealed minutes never change; what arrives later for them is counted as late
+//!   (delivered and used only: held GPU-ms for a sealed minute are dropped, as its idle is).
 //! - [`gaps`] keeps the evidence behind undelivered capacity as intervals per host and GPU
 //!   (GPU lost, host unreachable) and per contract (`short`): the SLA's delivery gaps.
 
@@ -46,6 +52,9 @@ pub struct Open {
     pub reported: i64,
     /// Capacity of known hosts over the intervals placed in this minute.
     pub expected: i64,
+    /// Delivered GPU-ms that a compute process held and the usage signal says were not
+    /// used (never more than delivered − used per host): the evidence for `idle_allocated`.
+    pub held: i64,
 }
 
 /// Splits one minute's commitment by evidence.
@@ -56,21 +65,43 @@ pub struct Open {
 /// Only the rest is **undelivered**: capacity watched and not there, or a fleet smaller than
 /// the commitment while every target reports. Usage fills delivered capacity within the
 /// commitment; usage beyond it is overage.
+///
+/// No evidence of held GPUs here: all idle is unallocated (see [`split_held`]).
 pub fn split(committed: i64, delivered: i64, used: i64, unseen: i64, dark: bool) -> Totals {
+    split_held(committed, delivered, used, 0, unseen, dark)
+}
+
+/// [`split`], with `held`: GPU-ms during which a compute process held delivered GPUs that
+/// the usage signal says were not used. Idle is split by it, allocated first against the
+/// commitment: `idle_allocated = min(held, idle)`, `idle_unallocated = idle −
+/// idle_allocated`, so `idle = idle_unallocated + idle_allocated` exactly. When delivered
+/// exceeds the commitment, the GPUs that jobs held count against it first.
+pub fn split_held(
+    committed: i64,
+    delivered: i64,
+    used: i64,
+    held: i64,
+    unseen: i64,
+    dark: bool,
+) -> Totals {
     let committed = committed.max(0);
     let (delivered, used, unseen) = (delivered.max(0), used.max(0), unseen.max(0));
     let delivered_within = delivered.min(committed);
     let short = committed - delivered_within;
     let unreported = if dark { short } else { unseen.min(short) };
     let used_within = used.min(delivered_within);
+    let idle = delivered_within - used_within;
+    let idle_allocated = held.clamp(0, idle);
     Totals {
         committed,
         delivered,
         used,
-        idle: delivered_within - used_within,
+        idle,
         undelivered: short - unreported,
         unreported,
         overage: used - used_within,
+        idle_unallocated: idle - idle_allocated,
+        idle_allocated,
     }
 }
 
@@ -460,6 +491,10 @@ impl Ledger {
         let reported = apportion(iv.reported, &lens);
         let delivered = apportion(iv.delivered, &reported);
         let used = apportion(iv.used, &delivered);
+        // Held like used: within each minute's delivered − used (`held <= delivered − used`
+        // for the interval, so no part exceeds its weight).
+        let unused: Vec<i64> = delivered.iter().zip(&used).map(|(d, u)| d - u).collect();
+        let held = apportion(iv.held, &unused);
         for (i, &(minute, _)) in watched.iter().enumerate() {
             if minute < self.since {
                 continue;
@@ -480,6 +515,7 @@ impl Ledger {
                 o.reported = o.reported.saturating_add(reported[i]);
                 o.delivered = o.delivered.saturating_add(delivered[i]);
                 o.used = o.used.saturating_add(used[i]);
+                o.held = o.held.saturating_add(held[i]);
             }
         }
     }
@@ -546,10 +582,11 @@ impl Ledger {
                 out.push(Sealed {
                     contract: c,
                     minute,
-                    totals: split(
+                    totals: split_held(
                         committed,
                         o.delivered,
                         o.used,
+                        o.held,
                         o.expected.saturating_sub(o.reported),
                         dark[c],
                     ),

@@ -11,6 +11,7 @@ fn gpus(list: &[(&str, i64, i64)]) -> BTreeMap<String, GpuCounters> {
                 GpuCounters {
                     observed_ms,
                     used_ms,
+                    ..Default::default()
                 },
             )
         })
@@ -500,6 +501,7 @@ fn run(f: &Fleet, crashes: bool) -> Outcomes {
                             GpuCounters {
                                 observed_ms: *o,
                                 used_ms: *us,
+                                ..Default::default()
                             },
                         )
                     })

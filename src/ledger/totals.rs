@@ -97,10 +97,16 @@ fn negate(t: &Totals) -> Totals {
 
 /// The GPU-ms of a kind that the contract's price applies to, or `None` for a kind that
 /// has no cost: what was paid for (committed) and where it went (used within the
-/// commitment, idle, undelivered). Delivered, unreported and overage are not priced.
+/// commitment, idle and its two parts, undelivered). Delivered, unreported and overage are
+/// not priced. The parts of idle are priced as idle is, so their costs add up to idle's:
+/// never add them to it.
 pub fn billed(t: &Totals, kind: Kind) -> Option<i64> {
     match kind {
-        Kind::Committed | Kind::Idle | Kind::Undelivered => Some(t[kind]),
+        Kind::Committed
+        | Kind::Idle
+        | Kind::Undelivered
+        | Kind::IdleUnallocated
+        | Kind::IdleAllocated => Some(t[kind]),
         Kind::Used => Some(t.used_within()),
         Kind::Delivered | Kind::Unreported | Kind::Overage => None,
     }

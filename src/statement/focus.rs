@@ -78,7 +78,11 @@ pub fn row_of(kind: Kind) -> Charge {
         Kind::Committed | Kind::Delivered => Charge::Purchase,
         Kind::Used => Charge::Used,
         Kind::Overage => Charge::Overage,
-        Kind::Idle | Kind::Undelivered | Kind::Unreported => Charge::Unused,
+        Kind::Idle
+        | Kind::Undelivered
+        | Kind::Unreported
+        | Kind::IdleUnallocated
+        | Kind::IdleAllocated => Charge::Unused,
     }
 }
 

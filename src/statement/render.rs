@@ -66,8 +66,14 @@ pub fn text(s: &Statement) -> String {
         }
     }
     out.push('\n');
+    // The terms of the identity as columns; the idle split follows the table, indented
+    // under idle (nine columns would not fit a terminal, and the parts add up to idle).
+    let terms: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| k.part_of().is_none())
+        .collect();
     let mut header: Vec<String> = vec!["day".into(), "hours".into()];
-    header.extend(Kind::NAMES.iter().map(|n| n.to_string()));
+    header.extend(terms.iter().map(|k| k.name().to_string()));
     header.extend(["utilization".into(), "minutes".into()]);
     let line = |r: &Row| -> Vec<String> {
         let mut v = vec![
@@ -79,7 +85,7 @@ pub fn text(s: &Statement) -> String {
                 },
             format!("{}", r.minutes() as f64 / 60.0),
         ];
-        v.extend(Kind::ALL.iter().map(|&k| gpu_hours(r.totals[k])));
+        v.extend(terms.iter().map(|&k| gpu_hours(r.totals[k])));
         v.extend([ratio(r.utilization()), coverage(r)]);
         v
     };
@@ -92,7 +98,7 @@ pub fn text(s: &Statement) -> String {
         out.push_str("; * not over yet");
     }
     out.push('\n');
-    let costs: Vec<String> = Kind::ALL
+    let costs: Vec<String> = terms
         .iter()
         .filter_map(|&k| {
             let cost = money(s.total.cost(k, s.price_per_gpu_hour)?);
@@ -103,6 +109,7 @@ pub fn text(s: &Statement) -> String {
         })
         .collect();
     out.push_str(&format!("Cost ({}): {}\n", s.currency, costs.join(", ")));
+    out.push_str(&idle_split_text(s));
     out.push_str(&format!(
         "Utilization {} against a target of {}\n",
         ratio(s.total.utilization()),
@@ -123,6 +130,41 @@ pub fn text(s: &Statement) -> String {
     }
     if let Some(z) = &s.sections.sizing {
         out.push_str(&sizing_text(s, z));
+    }
+    out
+}
+
+/// The period's idle by cause, its parts indented under it (per day in the CSV and JSON).
+fn idle_split_text(s: &Statement) -> String {
+    let t = &s.total;
+    let mut kinds = vec![Kind::Idle];
+    kinds.extend(Kind::Idle.parts());
+    let mut table = vec![vec![
+        format!("Idle by cause ({}):", s.currency),
+        "GPU-hours".into(),
+        "cost".into(),
+    ]];
+    table.extend(kinds.iter().map(|&k| {
+        let indent = if k.part_of().is_some() { "    " } else { "  " };
+        vec![
+            format!("{indent}{k}"),
+            gpu_hours(t.totals[k]),
+            t.cost(k, s.price_per_gpu_hour)
+                .map_or_else(String::new, money),
+        ]
+    }));
+    let why = |k: Kind| match k {
+        Kind::IdleUnallocated => "  no compute process held the GPU",
+        Kind::IdleAllocated => "  a process held it; the usage signal says unused",
+        _ => "",
+    };
+    let text = layout(&table, false);
+    let mut lines = text.lines();
+    let mut out = lines.next().unwrap_or_default().to_string() + "\n";
+    for (line, &k) in lines.zip(&kinds) {
+        out.push_str(line);
+        out.push_str(why(k));
+        out.push('\n');
     }
     out
 }

@@ -208,6 +208,7 @@ fn report(t: i64, gpus: &[(&str, &str, i64)]) -> HostReport {
                         busy_ms: Some(*busy),
                         allocated_ms: None,
                         model: Some(model.to_string()),
+                        ..GpuReport::default()
                     },
                 )
             })
@@ -545,6 +546,7 @@ fn observed(t: i64, gpus: &[(&str, i64)]) -> HostReport {
                 busy_ms: Some(0),
                 allocated_ms: None,
                 model: Some("NVIDIA H100 80GB HBM3".to_string()),
+                ..GpuReport::default()
             },
         );
     }

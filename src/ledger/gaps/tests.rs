@@ -151,6 +151,7 @@ fn run_with(sc: &Script, xid_lag: i64, kill: Option<Kill>) -> Run {
                     GpuCounters {
                         observed_ms: t - lost,
                         used_ms: 0,
+                        ..Default::default()
                     },
                 );
                 // One XID 79 per second of outage: grows exactly while it lasts (`xid_lag`
@@ -294,6 +295,7 @@ fn one_gpu(t: i64, observed: i64) -> Reading {
             GpuCounters {
                 observed_ms: observed,
                 used_ms: 0,
+                ..Default::default()
             },
         )]),
     }
@@ -651,6 +653,7 @@ fn read_g(ledger: &mut Ledger, t: i64, agent_start: i64, observed: i64, xids: &[
             GpuCounters {
                 observed_ms: observed,
                 used_ms: 0,
+                ..Default::default()
             },
         )]),
     };
@@ -772,6 +775,7 @@ fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short_after_it() {
                 GpuCounters {
                     observed_ms: t,
                     used_ms: 0,
+                    ..Default::default()
                 },
             );
             if !gone {
@@ -780,6 +784,7 @@ fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short_after_it() {
                     GpuCounters {
                         observed_ms: t - out_ms(sc.hosts[0][0], t),
                         used_ms: 0,
+                        ..Default::default()
                     },
                 );
             }
