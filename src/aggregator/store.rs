@@ -1073,6 +1073,7 @@ impl Store {
                     h.last = None;
                     h.sized_since_ms = None;
                     h.carry = [0, 0];
+                    h.carry_held = 0;
                 }
                 tracing::warn!(
                     path = %self.path.display(),

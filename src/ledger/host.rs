@@ -71,24 +71,29 @@ pub struct GpuCounters {
 impl GpuCounters {
     /// Held GPU-ms of an interval: allocated and not used by the contract's signal
     /// (Δallocated − Δallocated-and-used), clamped to `[0, unused]` where `unused` is the
-    /// GPU's delivered − used of the interval. 0 when either reading lacks the counters
+    /// GPU's delivered − used of the interval, and what the clamp cut if that is only the
+    /// readings' rounding (at most [`EXACT_SLACK_MS`] either way; more is impossible and
+    /// dropped), for the host's `carry_held`. 0 when either reading lacks the counters
     /// (unknown is never made up) or one went down (`prev`: `None` after a restart, when
     /// the counters count from 0).
-    fn held_since(&self, prev: Option<&GpuCounters>, unused: i64) -> i64 {
+    fn held_since(&self, prev: Option<&GpuCounters>, unused: i64) -> (i64, i64) {
         let (Some(a), Some(au)) = (self.allocated_ms, self.allocated_used_ms) else {
-            return 0;
+            return (0, 0);
         };
         let (da, dau) = match prev {
             None => (a, au),
             Some(p) => match (p.allocated_ms, p.allocated_used_ms) {
                 (Some(pa), Some(pau)) => (a - pa, au - pau),
-                _ => return 0,
+                _ => return (0, 0),
             },
         };
         if da < 0 || dau < 0 {
-            return 0;
+            return (0, 0);
         }
-        da.saturating_sub(dau).clamp(0, unused.max(0))
+        let raw = da.saturating_sub(dau);
+        let held = raw.clamp(0, unused.max(0));
+        let cut = raw - held;
+        (held, if cut.abs() <= EXACT_SLACK_MS { cut } else { 0 })
     }
 }
 
@@ -135,11 +140,20 @@ pub struct HostState {
     pub offset_ms: i64,
     /// Surplus GPU-ms (delivered, used) carried to the next interval.
     pub carry: [i64; 2],
+    /// Held GPU-ms the last interval could not take, or took too many of, by the rounding
+    /// of its readings (either sign, at most [`EXACT_SLACK_MS`] per GPU): carried to the
+    /// next, so that clamping at 0 and at delivered − used never leans one way.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub carry_held: i64,
     /// Placement time of the last agent restart seen.
     pub last_restart_ms: Option<i64>,
     /// Set when the target left the contract's targets: its known GPUs stay expected
     /// (unreported) until then, since removing a target is no evidence against the provider.
     pub retired_until_ms: Option<i64>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 /// Why a GPU's reading was not credited.
@@ -310,7 +324,7 @@ impl HostState {
         }
 
         let (mut accepted, mut vanished, mut sum_o, mut sum_u) = (0i64, 0i64, 0i64, 0i64);
-        let mut sum_h = 0i64;
+        let (mut sum_h, mut cut_h) = (0i64, 0i64);
         for (uuid, p) in &last.gpus {
             let Some(c) = now.gpus.get(uuid) else {
                 // Gone while the agent watched (it re-enumerated without it): not delivered.
@@ -356,7 +370,9 @@ impl HostState {
                     accepted += 1;
                     sum_o += d_o;
                     sum_u += d_u;
-                    sum_h += c.held_since((!restarted).then_some(p), d_o - d_u);
+                    let (h, cut) = c.held_since((!restarted).then_some(p), d_o - d_u);
+                    sum_h += h;
+                    cut_h += cut;
                 }
             }
         }
@@ -377,6 +393,12 @@ impl HostState {
             }
         }
         self.carry = [carry_o, carry_u];
+        // Rounding cut either way comes back in the next interval (never more than the
+        // rounding of this one's GPUs), so the clamps do not lean one way over time.
+        let avail_h = sum_h + self.carry_held;
+        let held = avail_h.clamp(0, delivered - used);
+        let slack_h = accepted * EXACT_SLACK_MS;
+        self.carry_held = (avail_h - held + cut_h).clamp(-slack_h, slack_h);
         out.interval = Some(Interval {
             from_ms: last.at_ms,
             to_ms: at,
@@ -385,7 +407,7 @@ impl HostState {
             reported: (accepted + vanished) * watched,
             delivered,
             used,
-            held: sum_h.min(delivered - used),
+            held,
         });
         self.last = Some(now);
         out

@@ -610,4 +610,6 @@ impl Ledger {
 #[cfg(test)]
 mod accuracy;
 #[cfg(test)]
+mod held_tests;
+#[cfg(test)]
 mod tests;

@@ -591,6 +591,8 @@ proptest! {
             prop_assert!(t.idle >= 0 && t.undelivered >= 0 && t.unreported >= 0 && t.overage >= 0 && t.used_within() >= 0);
             prop_assert!(t.used <= t.delivered, "{:?}", s);
             prop_assert_eq!(t.committed, (s.contract as i64 + 3) * MINUTE_MS);
+            // No allocated counters in these readings: all idle is unallocated.
+            prop_assert_eq!((t.idle_unallocated, t.idle_allocated), (t.idle, 0), "{:?}", s);
         }
         // Minutes seal once each, in order, per contract.
         for c in 0..2 {
@@ -635,10 +637,14 @@ proptest! {
     }
 
     #[test]
-    fn split_identity(c in 0i64..1_000_000, d in 0i64..2_000_000, u in 0i64..2_000_000, s in 0i64..2_000_000, dark in any::<bool>()) {
+    fn split_identity(c in 0i64..1_000_000, d in 0i64..2_000_000, u in 0i64..2_000_000, h in -10i64..2_000_000, s in 0i64..2_000_000, dark in any::<bool>()) {
         let u = u.min(d);
-        let t = split(c, d, u, s, dark);
+        let t = split_held(c, d, u, h, s, dark);
         prop_assert_eq!(t.committed, t.used_within() + t.idle + t.undelivered + t.unreported);
+        prop_assert_eq!(t.idle, t.idle_unallocated + t.idle_allocated);
+        prop_assert!(t.idle_unallocated >= 0 && t.idle_allocated >= 0);
+        // Allocated first: idle_unallocated only once held is all counted.
+        prop_assert_eq!(t.idle_allocated, h.clamp(0, t.idle));
         prop_assert!(t.used_within() <= t.delivered.min(t.committed));
         prop_assert_eq!(t.used, u);
         prop_assert!(t.undelivered <= (c - d).max(0));

@@ -577,6 +577,7 @@ fn rebaseline(store: &mut MemStore) {
         h.last = None;
         h.sized_since_ms = None;
         h.carry = [0, 0];
+        h.carry_held = 0;
     }
 }
 
