@@ -2145,6 +2145,88 @@ mod tests {
         assert!(err.contains("schema version 99 is newer"), "{err}");
     }
 
+    /// A version 5 ledger (before the idle split): its sealed minutes count all idle as
+    /// unallocated, its open minutes have held nothing yet, its host checkpoints (without
+    /// the allocated counters) restore as they were, and the columns end in `Kind::ALL`'s
+    /// order, as a new ledger's.
+    #[test]
+    fn a_version_5_database_is_migrated_with_all_earlier_idle_unallocated() {
+        let (_tmp, dir) = scratch("migrate-v5");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ledger.sqlite3");
+        let state = r#"{"added_ms":0,"sized_since_ms":60000,"last":{"at_ms":170000,"agent_ms":170000,"agent_start_ms":0,"sampled_ms":170000,"gpus":{"GPU-1":{"observed_ms":170000,"used_ms":85000}}},"offset_ms":0,"carry":[0,0],"last_restart_ms":null,"retired_until_ms":null}"#;
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE minutes (contract TEXT NOT NULL, minute INTEGER NOT NULL,
+                    committed INTEGER NOT NULL, delivered INTEGER NOT NULL, used INTEGER NOT NULL,
+                    idle INTEGER NOT NULL, undelivered INTEGER NOT NULL, unreported INTEGER NOT NULL,
+                    overage INTEGER NOT NULL, PRIMARY KEY (contract, minute)) WITHOUT ROWID;
+                 CREATE TABLE open_minutes (contract TEXT NOT NULL, minute INTEGER NOT NULL,
+                    delivered INTEGER NOT NULL, used INTEGER NOT NULL, reported INTEGER NOT NULL,
+                    expected INTEGER NOT NULL, PRIMARY KEY (contract, minute)) WITHOUT ROWID;
+                 CREATE TABLE hosts (target TEXT NOT NULL, contract TEXT NOT NULL, state TEXT NOT NULL,
+                    PRIMARY KEY (target, contract)) WITHOUT ROWID;
+                 INSERT INTO meta VALUES ('schema_version', 5), ('sealed_through', 3), ('since', 1);
+                 INSERT INTO minutes VALUES ('a', 1, 60000, 60000, 20000, 40000, 0, 0, 0);
+                 INSERT INTO minutes VALUES ('a', 2, 60000, 0, 0, 0, 0, 60000, 0);
+                 INSERT INTO open_minutes VALUES ('a', 3, 1000, 500, 1000, 1000);
+                 INSERT INTO hosts VALUES ('h:1', 'a', '{state}');"
+            ))
+            .unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let ids = vec!["a".to_string()];
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert_eq!(snap.open[0].2.held, 0);
+        let g = snap.hosts[0].2.last.as_ref().unwrap().gpus["GPU-1"];
+        assert_eq!(
+            (g.used_ms, g.allocated_ms, g.allocated_used_ms),
+            (85_000, None, None)
+        );
+        let minutes = store.minutes("a", 0, 10).unwrap();
+        let split: Vec<(i64, i64, i64)> = minutes
+            .iter()
+            .map(|(_, t)| (t.idle, t.idle_unallocated, t.idle_allocated))
+            .collect();
+        assert_eq!(split, vec![(40_000, 40_000, 0), (0, 0, 0)]);
+        let version: i64 = store
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let columns: Vec<String> = store
+            .conn
+            .prepare("SELECT name FROM pragma_table_info('minutes') ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut want = vec!["contract", "minute"];
+        want.extend(Kind::NAMES);
+        assert_eq!(columns, want);
+        drop(store);
+        // Opened again: nothing to migrate, nothing changed.
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.minutes("a", 0, 10).unwrap(), minutes);
+        // A minute whose split does not add up to its idle is refused.
+        store
+            .conn
+            .execute("UPDATE minutes SET idle_allocated = 1 WHERE minute = 1", [])
+            .unwrap();
+        let err = store.load(&ids).unwrap_err().to_string();
+        assert!(
+            err.contains("idle != idle_unallocated + idle_allocated"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn an_inconsistent_ledger_refuses_to_start_naming_contract_and_minute() {
         let (_tmp, dir) = scratch("inconsistent");

@@ -661,3 +661,112 @@ fn a_restart_from_an_old_host_checkpoint_never_opens_a_gap_over_a_stored_one() {
         (T0 + 30_000, Some(T0 + 3 * M + 15_000), Cause::GpuLost)
     );
 }
+
+/// One contract of 3 GPUs with `usage_signal = signal`.
+fn contracts_with_signal(signal: &str) -> Vec<Contract> {
+    let text = format!(
+        r#"
+[[contracts]]
+id = "c"
+provider = "p"
+price_per_gpu_hour = 2.0
+currency = "USD"
+start = "2026-10-01"
+usage_signal = "{signal}"
+selector = '{{provider="p"}}'
+ramp = [ {{ from = "2026-10-01", gpus = 3 }} ]
+"#
+    );
+    crate::contract::parse(std::path::Path::new("t.toml"), &text)
+        .unwrap()
+        .contracts
+}
+
+/// A host at `t` (agent started at `T0`) of three GPUs, each present all the time:
+/// - `stuck` (GPM): held by a process, 100 % busy, no SM activity;
+/// - `held` (no GPM): held by a process that runs no kernel;
+/// - `free` (no GPM): no process, no kernel.
+///
+/// `split`: whether the agent exports the allocated-busy counters (false: an agent older
+/// than the idle split).
+fn mixed(t: i64, split: bool) -> HostReport {
+    let e = t - T0;
+    let gpu = |busy: i64, allocated: i64, sm: Option<i64>| GpuReport {
+        observed_ms: e,
+        busy_ms: Some(busy),
+        allocated_ms: Some(allocated),
+        sm_active_ms: sm,
+        allocated_busy_ms: split.then_some(busy.min(allocated)),
+        allocated_sm_active_ms: sm.filter(|_| split),
+        model: Some("NVIDIA H100 80GB HBM3".to_string()),
+    };
+    let mut r = report(t, &[]);
+    r.gpus.insert("stuck".into(), gpu(e, e, Some(0)));
+    r.gpus.insert("held".into(), gpu(0, e, None));
+    r.gpus.insert("free".into(), gpu(0, 0, None));
+    r
+}
+
+/// Each usage signal maps the agents' counters to used and held time: per minute of three
+/// committed GPUs, (used, idle_unallocated, idle_allocated) in GPU-seconds, and how many
+/// GPUs fell back to busy time.
+#[test]
+fn each_usage_signal_splits_idle_by_what_held_the_gpus() {
+    let s = |x: i64| x * 1000;
+    for (signal, split, want, fallback) in [
+        // busy: the stuck GPU is used; the held one is allocated-idle.
+        ("busy", true, (s(60), s(60), s(60)), 0),
+        // allocated: what a process holds is used; only the free GPU is idle.
+        ("allocated", true, (s(120), s(60), 0), 0),
+        // sm_active: the stuck GPU did no work (held, idle); the GPUs without GPM count
+        // busy time instead (none) and say so.
+        ("sm_active", true, (0, s(60), s(120)), 2),
+        // An agent without the allocated-busy counters: held unknown, all idle unallocated.
+        ("busy", false, (s(60), s(120), 0), 0),
+        ("sm_active", false, (0, s(180), 0), 2),
+    ] {
+        let mut store = MemStore::default();
+        let mut books = open(&store, contracts_with_signal(signal), 0);
+        let mut t = T0 + 15_000;
+        books.record("h:9473", 0, t, &mixed(t, split));
+        books.start_after(t);
+        while t < (FIRST + 3) * M {
+            t += 15_000;
+            round(&mut books, &mut store, t, &mixed(t, split));
+        }
+        assert_eq!(books.usage_fallback_gpus(0), fallback, "{signal}");
+        let rows: Vec<Totals> = store.rows.values().copied().collect();
+        assert!(rows.len() >= 2, "{signal}: {rows:?}");
+        for r in rows {
+            assert_eq!(
+                (r.used, r.idle_unallocated, r.idle_allocated),
+                want,
+                "{signal} split={split}: {r:?}"
+            );
+            assert_eq!(r.idle, r.idle_unallocated + r.idle_allocated);
+            assert_eq!(
+                r.committed,
+                r.used_within() + r.idle + r.undelivered + r.unreported
+            );
+        }
+    }
+}
+
+/// The fallback count is per target: a target that leaves the contract takes its GPUs out
+/// of it.
+#[test]
+fn the_fallback_count_follows_the_targets() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts_with_signal("sm_active"), 0);
+    books.configure(
+        T0,
+        &[("h:9473".into(), vec![0]), ("g:9473".into(), vec![0])],
+    );
+    let t = T0 + 15_000;
+    books.record("h:9473", 0, t, &mixed(t, true));
+    books.record("g:9473", 0, t, &mixed(t, true));
+    assert_eq!(books.usage_fallback_gpus(0), 4);
+    books.configure(t, &[("h:9473".into(), vec![0])]);
+    assert_eq!(books.usage_fallback_gpus(0), 2);
+    write(&mut books, &mut store);
+}
