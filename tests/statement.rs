@@ -518,7 +518,14 @@ fn golden_statement() -> (
         .iter()
         .map(|h| {
             (0..8)
-                .map(|g| (format!("{h}-{g}"), GpuCounters::default()))
+                .map(|g| {
+                    let c = GpuCounters {
+                        allocated_ms: Some(0),
+                        allocated_used_ms: Some(0),
+                        ..GpuCounters::default()
+                    };
+                    (format!("{h}-{g}"), c)
+                })
                 .collect()
         })
         .collect();
@@ -536,9 +543,15 @@ fn golden_statement() -> (
                     [35, 60, 80][i] * (10 + hour % 6) / 15
                 };
                 for (uuid, c) in counters[i].iter_mut() {
+                    let busy = step * pct.min(100) / 100;
                     c.observed_ms += step;
-                    c.used_ms += step * pct.min(100) / 100;
-                    let _ = uuid;
+                    c.used_ms += busy;
+                    // A job holds GPUs 0-2 of each host all along (idle while it holds
+                    // them: allocated idle); the others only while busy.
+                    let held_all = ["-0", "-1", "-2"].iter().any(|g| uuid.ends_with(g));
+                    let allocated = if held_all { step } else { busy };
+                    c.allocated_ms = c.allocated_ms.map(|a| a + allocated);
+                    c.allocated_used_ms = c.allocated_used_ms.map(|a| a + busy);
                 }
             }
             if *h == "h2" && t >= day(20) {
@@ -661,6 +674,26 @@ fn the_golden_month_sums_exactly_and_renders_as_checked_in() {
         .collect();
     assert_eq!(late_days, ["2026-10-17", "2026-10-18"]);
     assert!(!s.provisional && !s.starts_before_ledger);
+    // The idle split against the script: on Oct 16 all 24 GPUs are delivered and committed,
+    // and GPUs 0-2 of each host are held all day: idle_allocated is their unbusy time, the
+    // readings' intervals (t − 10 min, t] taken as the script accrued them.
+    let (step, t0) = (600_000i64, OCT_1_MS - 600_000);
+    let day16 = OCT_1_MS + 15 * 86_400_000;
+    let mut held = 0;
+    let mut t = day16 + step;
+    while t <= day16 + 86_400_000 {
+        let hour = (t - t0) / 3_600_000 % 24;
+        for share in [35, 60, 80] {
+            held += 3 * (step - step * (share * (10 + hour % 6) / 15) / 100);
+        }
+        t += step;
+    }
+    let oct16 = by_day("2026-10-16").totals;
+    assert_eq!(oct16.idle_allocated, held);
+    assert_eq!(oct16.idle_unallocated, oct16.idle - held);
+    // While all GPUs are busy (Oct 4), nothing is idle either way.
+    let oct4 = by_day("2026-10-04").totals;
+    assert_eq!((oct4.idle_allocated, oct4.idle_unallocated), (0, 0));
 
     let csv = render::csv(&s).unwrap();
     golden("statement-golden-2026-10.csv", &csv);
@@ -1054,11 +1087,12 @@ fn the_golden_month_as_focus_follows_the_spec_and_is_as_checked_in() {
     let headers = r.headers().unwrap().clone();
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
     for k in Kind::ALL {
-        let name = format!(
-            "x_{}{}GPUHours",
-            k.name()[..1].to_uppercase(),
-            &k.name()[1..]
-        );
+        let pascal: String = k
+            .name()
+            .split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect();
+        let name = format!("x_{pascal}GPUHours");
         let c = headers.iter().position(|h| h == name).unwrap();
         let sum: f64 = rows
             .iter()

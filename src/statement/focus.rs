@@ -86,10 +86,15 @@ pub fn row_of(kind: Kind) -> Charge {
     }
 }
 
-/// `x_<Kind>GPUHours`, e.g. `x_UndeliveredGPUHours`.
+/// `x_<Kind>GPUHours` with the kind in PascalCase, e.g. `x_UndeliveredGPUHours`,
+/// `x_IdleAllocatedGPUHours`.
 fn x_kind(k: Kind) -> String {
-    let n = k.name();
-    format!("x_{}{}GPUHours", n[..1].to_uppercase(), &n[1..])
+    let pascal: String = k
+        .name()
+        .split('_')
+        .map(|w| w[..1].to_uppercase() + &w[1..])
+        .collect();
+    format!("x_{pascal}GPUHours")
 }
 
 /// The `x_` columns, in order.

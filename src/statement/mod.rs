@@ -112,6 +112,7 @@ impl Row {
     pub fn identity_holds(&self) -> bool {
         let t = &self.totals;
         t.used_within() + t.idle + t.undelivered + t.unreported == t.committed
+            && t.idle_unallocated + t.idle_allocated == t.idle
     }
 }
 

@@ -102,8 +102,16 @@ fn costs_follow_billed_and_the_text_names_them() {
     let c = contract("UTC", 2.0);
     let p = c.billing_period_of_month(2026, 11).unwrap();
     let m0 = p.0 / MINUTE_MS;
-    // One hour of 4 committed GPUs, 3 delivered, 2 used: 2 GPU-h used, 1 idle, 1 undelivered.
-    let minute = crate::ledger::split(4 * MINUTE_MS, 3 * MINUTE_MS, 2 * MINUTE_MS, 0, false);
+    // One hour of 4 committed GPUs, 3 delivered, 2 used: 2 GPU-h used, 1 idle (a quarter
+    // of it held by a process), 1 undelivered.
+    let minute = crate::ledger::split_held(
+        4 * MINUTE_MS,
+        3 * MINUTE_MS,
+        2 * MINUTE_MS,
+        MINUTE_MS / 4,
+        0,
+        false,
+    );
     let minutes: Vec<_> = (0..60).map(|i| (m0 + i, minute)).collect();
     let info = LedgerInfo {
         since_minute: Some(m0),
@@ -139,6 +147,18 @@ fn costs_follow_billed_and_the_text_names_them() {
         "{text}"
     );
     assert!(text.contains("provisional"), "{text}");
+    // The idle split, indented under idle; its parts are in no column of the day table.
+    assert!(
+        text.contains(
+            "Idle by cause (EUR):  GPU-hours  cost\n  \
+               idle                    1.000  2.00\n    \
+                 idle_unallocated      0.750  1.50  no compute process held the GPU\n    \
+                 idle_allocated        0.250  0.50  a process held it; the usage signal says unused\n"
+        ),
+        "{text}"
+    );
+    let header = text.lines().find(|l| l.starts_with("day")).unwrap();
+    assert!(!header.contains("idle_"), "{header}");
     let csv = render::csv(&s).unwrap();
     let mut r = csv::Reader::from_reader(csv.as_bytes());
     assert_eq!(r.records().count(), 31);
