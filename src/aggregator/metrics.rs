@@ -62,7 +62,7 @@ fn label_names<L: LabelSet>() -> Vec<String> {
     L::NAMES.iter().map(|n| n.to_string()).collect()
 }
 
-/// The all-time ledger counters (the seven kinds, and late GPU-seconds), rendered from the
+/// The all-time ledger counters (every kind, and late GPU-seconds), rendered from the
 /// ledger's integer GPU-ms at each scrape: exact, and identical after a restart (restored
 /// from the same sums), where adding float increments would drift by an ulp and could seem
 /// to go back.
