@@ -2083,18 +2083,29 @@ mod tests {
     fn the_minutes_table_has_a_column_per_kind() {
         let (_tmp, dir) = scratch("kind-columns");
         let store = Store::open(&dir).unwrap();
-        let columns: Vec<String> = store
+        assert_eq!(minute_columns(&store), minute_columns_wanted());
+        drop(store);
+    }
+
+    /// The `minutes` table's columns, in order.
+    fn minute_columns(store: &Store) -> Vec<String> {
+        store
             .conn
             .prepare("SELECT name FROM pragma_table_info('minutes') ORDER BY cid")
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
-        let mut want = vec!["contract", "minute"];
-        want.extend(Kind::NAMES);
-        assert_eq!(columns, want);
-        drop(store);
+            .unwrap()
+    }
+
+    /// The key, then one column per kind in `Kind::ALL`'s order.
+    fn minute_columns_wanted() -> Vec<String> {
+        ["contract", "minute"]
+            .into_iter()
+            .chain(Kind::NAMES)
+            .map(String::from)
+            .collect()
     }
 
     #[test]
@@ -2152,30 +2163,23 @@ mod tests {
     #[test]
     fn a_version_5_database_is_migrated_with_all_earlier_idle_unallocated() {
         let (_tmp, dir) = scratch("migrate-v5");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ledger.sqlite3");
+        drop(Store::open(&dir).unwrap());
+        // This version's schema taken back to version 5's, with a version 5 ledger's rows.
         let state = r#"{"added_ms":0,"sized_since_ms":60000,"last":{"at_ms":170000,"agent_ms":170000,"agent_start_ms":0,"sampled_ms":170000,"gpus":{"GPU-1":{"observed_ms":170000,"used_ms":85000}}},"offset_ms":0,"carry":[0,0],"last_restart_ms":null,"retired_until_ms":null}"#;
-        {
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(&format!(
-                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-                 CREATE TABLE minutes (contract TEXT NOT NULL, minute INTEGER NOT NULL,
-                    committed INTEGER NOT NULL, delivered INTEGER NOT NULL, used INTEGER NOT NULL,
-                    idle INTEGER NOT NULL, undelivered INTEGER NOT NULL, unreported INTEGER NOT NULL,
-                    overage INTEGER NOT NULL, PRIMARY KEY (contract, minute)) WITHOUT ROWID;
-                 CREATE TABLE open_minutes (contract TEXT NOT NULL, minute INTEGER NOT NULL,
-                    delivered INTEGER NOT NULL, used INTEGER NOT NULL, reported INTEGER NOT NULL,
-                    expected INTEGER NOT NULL, PRIMARY KEY (contract, minute)) WITHOUT ROWID;
-                 CREATE TABLE hosts (target TEXT NOT NULL, contract TEXT NOT NULL, state TEXT NOT NULL,
-                    PRIMARY KEY (target, contract)) WITHOUT ROWID;
-                 INSERT INTO meta VALUES ('schema_version', 5), ('sealed_through', 3), ('since', 1);
+        Connection::open(dir.join("ledger.sqlite3"))
+            .unwrap()
+            .execute_batch(&format!(
+                "ALTER TABLE minutes DROP COLUMN idle_unallocated;
+                 ALTER TABLE minutes DROP COLUMN idle_allocated;
+                 ALTER TABLE open_minutes DROP COLUMN held;
+                 UPDATE meta SET value = 5 WHERE key = 'schema_version';
+                 INSERT INTO meta VALUES ('sealed_through', 3), ('since', 1);
                  INSERT INTO minutes VALUES ('a', 1, 60000, 60000, 20000, 40000, 0, 0, 0);
                  INSERT INTO minutes VALUES ('a', 2, 60000, 0, 0, 0, 0, 60000, 0);
                  INSERT INTO open_minutes VALUES ('a', 3, 1000, 500, 1000, 1000);
                  INSERT INTO hosts VALUES ('h:1', 'a', '{state}');"
             ))
             .unwrap();
-        }
         let store = Store::open(&dir).unwrap();
         let ids = vec!["a".to_string()];
         let snap = store.load(&ids).unwrap().unwrap();
@@ -2191,40 +2195,16 @@ mod tests {
             .map(|(_, t)| (t.idle, t.idle_unallocated, t.idle_allocated))
             .collect();
         assert_eq!(split, vec![(40_000, 40_000, 0), (0, 0, 0)]);
-        let version: i64 = store
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        let columns: Vec<String> = store
-            .conn
-            .prepare("SELECT name FROM pragma_table_info('minutes') ORDER BY cid")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let mut want = vec!["contract", "minute"];
-        want.extend(Kind::NAMES);
-        assert_eq!(columns, want);
+        assert_eq!(
+            meta_value(&store.conn, "schema_version").unwrap(),
+            Some(SCHEMA_VERSION)
+        );
+        assert_eq!(minute_columns(&store), minute_columns_wanted());
         drop(store);
         // Opened again: nothing to migrate, nothing changed.
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.minutes("a", 0, 10).unwrap(), minutes);
-        // A minute whose split does not add up to its idle is refused.
-        store
-            .conn
-            .execute("UPDATE minutes SET idle_allocated = 1 WHERE minute = 1", [])
-            .unwrap();
-        let err = store.load(&ids).unwrap_err().to_string();
-        assert!(
-            err.contains("idle != idle_unallocated + idle_allocated"),
-            "{err}"
-        );
+        drop(store);
     }
 
     #[test]
@@ -2242,16 +2222,33 @@ mod tests {
             .commit(&ids, &sealed, &Ledger::new(1, 0).snapshot())
             .unwrap();
         assert!(store.load(&ids).is_ok());
-        store
-            .conn
-            .execute("UPDATE minutes SET idle = -5", [])
-            .unwrap();
-        let err = store.load(&ids).unwrap_err().to_string();
-        assert!(
-            err.contains("contract \"acme\", minute 29333333 (2025-10-09T")
-                && err.contains("a negative figure"),
-            "{err}"
-        );
+        for (change, reason) in [
+            ("idle = -5", "a negative figure"),
+            // The idle split must add up to idle.
+            (
+                "idle_allocated = 1",
+                "idle != idle_unallocated + idle_allocated",
+            ),
+        ] {
+            store
+                .conn
+                .execute(&format!("UPDATE minutes SET {change}"), [])
+                .unwrap();
+            let err = store.load(&ids).unwrap_err().to_string();
+            assert!(
+                err.contains("contract \"acme\", minute 29333333 (2025-10-09T")
+                    && err.contains(reason),
+                "{err}"
+            );
+            store
+                .conn
+                .execute(
+                    "UPDATE minutes SET idle = 30000, idle_unallocated = 30000, idle_allocated = 0",
+                    [],
+                )
+                .unwrap();
+            assert!(store.load(&ids).is_ok());
+        }
     }
 
     #[test]

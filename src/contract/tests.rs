@@ -180,10 +180,8 @@ sla = { delivery_target = 0.999, credits = [ { below = 0.999, credit = 0 }, { be
     );
 }
 
-#[test]
-fn defaults_of_a_contract() {
-    let c = contract(
-        r#"
+/// A contract with only the keys that have no default.
+const MINIMAL: &str = r#"
 [[contracts]]
 id = "x"
 provider = "p"
@@ -192,8 +190,11 @@ currency = "USD"
 start = "2026-11-01"
 selector = 'provider="p"'
 ramp = [{ from = "2026-11-01", gpus = 1 }]
-"#,
-    );
+"#;
+
+#[test]
+fn defaults_of_a_contract() {
+    let c = contract(MINIMAL);
     assert_eq!(c.target_utilization, 0.95);
     assert_eq!(c.on_demand_price_per_gpu_hour, None);
     assert_eq!(c.sla, None);
@@ -214,18 +215,9 @@ fn every_usage_signal_reads_as_written() {
         ("allocated", UsageSignal::Allocated),
         ("sm_active", UsageSignal::SmActive),
     ] {
-        let c = contract(&format!(
-            r#"
-[[contracts]]
-id = "x"
-provider = "p"
-price_per_gpu_hour = 0
-currency = "USD"
-start = "2026-11-01"
-usage_signal = "{written}"
-selector = 'provider="p"'
-ramp = [{{ from = "2026-11-01", gpus = 1 }}]
-"#
+        let c = contract(&MINIMAL.replace(
+            "selector =",
+            &format!("usage_signal = \"{written}\"\nselector ="),
         ));
         assert_eq!(c.usage_signal, signal);
         assert_eq!(signal.as_str(), written);

@@ -22,6 +22,11 @@ fn contracts(gpus: u32, model: Option<&str>) -> Vec<Contract> {
 /// One contract of `gpus` GPUs from 2026-10-01 in time zone `tz`.
 fn contracts_in(tz: &str, gpus: u32, model: Option<&str>) -> Vec<Contract> {
     let model = model.map_or(String::new(), |m| format!("model = {m:?}\n"));
+    contracts_with(tz, gpus, &model)
+}
+
+/// One contract of `gpus` GPUs from 2026-10-01 in time zone `tz`, with `extra` lines.
+fn contracts_with(tz: &str, gpus: u32, extra: &str) -> Vec<Contract> {
     let text = format!(
         r#"
 [[contracts]]
@@ -32,7 +37,7 @@ currency = "USD"
 timezone = "{tz}"
 start = "2026-10-01"
 selector = '{{provider="p"}}'
-{model}ramp = [ {{ from = "2026-10-01", gpus = {gpus} }} ]
+{extra}ramp = [ {{ from = "2026-10-01", gpus = {gpus} }} ]
 "#
     );
     crate::contract::parse(std::path::Path::new("t.toml"), &text)
@@ -664,22 +669,7 @@ fn a_restart_from_an_old_host_checkpoint_never_opens_a_gap_over_a_stored_one() {
 
 /// One contract of 3 GPUs with `usage_signal = signal`.
 fn contracts_with_signal(signal: &str) -> Vec<Contract> {
-    let text = format!(
-        r#"
-[[contracts]]
-id = "c"
-provider = "p"
-price_per_gpu_hour = 2.0
-currency = "USD"
-start = "2026-10-01"
-usage_signal = "{signal}"
-selector = '{{provider="p"}}'
-ramp = [ {{ from = "2026-10-01", gpus = 3 }} ]
-"#
-    );
-    crate::contract::parse(std::path::Path::new("t.toml"), &text)
-        .unwrap()
-        .contracts
+    contracts_with("UTC", 3, &format!("usage_signal = {signal:?}\n"))
 }
 
 /// A host at `t` (agent started at `T0`) of three GPUs, each present all the time:
