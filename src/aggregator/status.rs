@@ -630,7 +630,14 @@ mod tests {
                 currency: "USD".into(),
                 target: 0.95,
                 period: (0, 30 * 86_400_000),
-                mtd: split(3_600_000 * 10, 3_600_000 * 9, 3_600_000 * 4, 0, false),
+                mtd: crate::ledger::split_held(
+                    3_600_000 * 10,
+                    3_600_000 * 9,
+                    3_600_000 * 4,
+                    3_600_000 * 2,
+                    0,
+                    false,
+                ),
                 minutes: (0..120)
                     .map(|m| (m, split(600_000, 600_000, 0, 0, false)))
                     .collect(),
@@ -642,6 +649,25 @@ mod tests {
         assert!(html.contains("a&lt;b") && !html.contains("a<b"));
         assert!(html.contains("<td data-k=committed>10.0</td>"));
         assert!(html.contains("<td data-k=idle>5.0</td>"));
+        // The idle split right under idle, indented: its parts add up to it.
+        let rows: Vec<&str> = html
+            .split("<tr><th")
+            .filter_map(|r| r.split("</th>").next())
+            .filter(|r| {
+                let name = r.rsplit('>').next().unwrap_or("");
+                name.starts_with("idle") && !name.contains(' ')
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ">idle",
+                " class=part>idle_unallocated",
+                " class=part>idle_allocated"
+            ]
+        );
+        assert!(html.contains("<td data-k=idle_unallocated>3.0</td>"));
+        assert!(html.contains("<td data-k=idle_allocated>2.0</td>"));
         assert!(html.contains("<polyline"));
         // 10 GPUs idle for two hours: the fast page would fire.
         assert!(would_fire(&v.contracts[0])
