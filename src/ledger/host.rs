@@ -20,7 +20,9 @@
 //! - **held**, per GPU, from the allocated counters: allocated time not used by the
 //!   contract's signal (Δallocated − Δallocated-and-used), clamped to the GPU's delivered −
 //!   used. A reading without those counters (an older agent, a checkpoint from before
-//!   them) gives held 0 for the interval: its idle counts unallocated, never a jump.
+//!   them) gives held 0 for the interval: its idle counts unallocated, never a jump. What
+//!   the clamps cut of the readings' rounding is carried to the next interval
+//!   (`carry_held`), so they do not lean one way (`held_tests`).
 //!
 //! Delivered never exceeds the watched capacity of the GPUs whose readings were accepted, and
 //! used never exceeds delivered: a surplus (rounding, or an agent clock re-anchored mid-way)
