@@ -493,6 +493,9 @@ pub fn csv(s: &Statement) -> Result<String, csv::Error> {
 #[derive(Serialize)]
 struct KindJson {
     kind: &'static str,
+    /// The kind this one is a part of (`idle` for the idle split): never add the two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part_of: Option<&'static str>,
     gpu_ms: i64,
     gpu_hours: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -806,6 +809,7 @@ fn row_json<'a>(s: &'a Statement, r: &'a Row) -> RowJson<'a> {
             .iter()
             .map(|&k| KindJson {
                 kind: k.name(),
+                part_of: k.part_of().map(Kind::name),
                 gpu_ms: r.totals[k],
                 gpu_hours: r.totals[k] as f64 / HOUR_MS as f64,
                 cost: r.cost(k, s.price_per_gpu_hour).map(|c| round(c, 2)),
