@@ -321,6 +321,14 @@ fn syntax_and_type_errors_have_line_and_column() {
         )),
         "aggregator.toml:10:16: unknown variant `idle`, expected one of `busy`, `allocated`, `sm_active`"
     );
+    // DCGM's spelling is not the key's: the message lists the ones there are.
+    assert_eq!(
+        err(&base_with(
+            "selector = ",
+            "usage_signal = \"sm-active\"\nselector = "
+        )),
+        "aggregator.toml:10:16: unknown variant `sm-active`, expected one of `busy`, `allocated`, `sm_active`"
+    );
     assert_eq!(
         err("[[targets]]\ntargets = [\"a:1\"]\nlabels = { rack = 7 }\n"),
         "aggregator.toml:3:19: invalid type: integer `7`, expected a string"
