@@ -297,6 +297,7 @@ pub async fn run(
                         model: g.model,
                         pci_bus_id: &format!("00000000:{:02X}:00.0", 0x17 + i),
                         busy_source: "samples",
+                        activity_source: "none",
                     })
                     .set(1.0);
                 s
