@@ -1,6 +1,7 @@
 //! End to end on real software: `commitmeter demo` (simulated fleet, real aggregator
 //! and ledger on simulated time), a real Prometheus (Debian's `prometheus` package)
-//! scraping it on loopback with the shipped rule files, and every dashboard query.
+//! scraping it on loopback with the shipped rule files (underuse pages, the GPU-use
+//! tickets, silence on a healthy fleet), and every dashboard query.
 //!
 //! Time compression: the demo runs simulated time at 60x, so one real second is one
 //! simulated minute. The test copy of the rules divides every range, `offset` and
@@ -339,6 +340,63 @@ fn a_healthy_fleet_fires_nothing() {
         "/api/v1/query?query=contract%3Acommitmeter_idle_ratio%3Arate5m",
     );
     assert!(!v["data"]["result"].as_array().unwrap().is_empty(), "{v}");
+}
+
+/// The default story's GPU-use tickets through Prometheus: the GPU hung in a collective
+/// (CommitmeterGPUStuck) and the 16 GPUs a job holds without using them
+/// (CommitmeterGPUAllocatedIdle), each named by host and GPU; no other GPU is ever
+/// ticketed, and none of the lab's A100s (no GPM) is called stuck.
+#[test]
+fn the_default_story_tickets_its_stuck_and_held_idle_gpus() {
+    use commitmeter::demo::sim::{HELD_IDLE_HOSTS, STUCK_GPU};
+    use std::collections::BTreeSet;
+    let _serial = serial();
+    let dir = TempDir::keep_on_failure("e2e-gpu-use");
+    let mut demo = start_demo("default", 60, &dir);
+    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let stuck: BTreeSet<String> = [format!("{}:9473 GPU {}", STUCK_GPU.0, STUCK_GPU.1)].into();
+    let held: BTreeSet<String> = HELD_IDLE_HOSTS
+        .iter()
+        .flat_map(|h| (0..8).map(move |g| format!("{h}:9473 GPU {g}")))
+        .collect();
+    // Compressed: the stuck ticket after 15 s (the hang) + 10 s (window) + 20 s (`for`),
+    // the held-idle one after 60 s (`for`) on a 120 s window.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let now_stuck = firing_gpus(&prom, "CommitmeterGPUStuck");
+        let now_held = firing_gpus(&prom, "CommitmeterGPUAllocatedIdle");
+        assert!(
+            now_stuck.is_subset(&stuck) && now_held.is_subset(&held),
+            "tickets for the wrong GPUs: stuck {now_stuck:?}, held idle {now_held:?}"
+        );
+        if now_stuck == stuck && now_held == held {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every ticket fired: stuck {now_stuck:?}, held idle {now_held:?}; firing: {:?}\n{}",
+            firing(&prom),
+            demo.state()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// `instance GPU gpu` of every firing alert named `alertname`, with severity ticket.
+fn firing_gpus(p: &Prometheus, alertname: &str) -> std::collections::BTreeSet<String> {
+    let v = api(p, "/api/v1/alerts");
+    v["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing" && a["labels"]["alertname"] == alertname)
+        .map(|a| {
+            let l = &a["labels"];
+            assert_eq!(l["severity"], "ticket", "{a}");
+            let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
+            format!("{} GPU {}", s("instance"), s("gpu"))
+        })
+        .collect()
 }
 
 /// Every expression of every dashboard panel parses and returns data, against the
