@@ -275,12 +275,18 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// A demo story at 60x and a Prometheus scraping it with the rules compressed to match.
+fn story_at_60x(story: &str, dir: &TempDir) -> (Demo, Prometheus) {
+    let demo = start_demo(story, 60, dir);
+    let prom = start_prometheus(&demo, &compressed_rules(dir), dir);
+    (demo, prom)
+}
+
 #[test]
 fn underuse_pages_through_prometheus() {
     let _serial = serial();
     let dir = TempDir::keep_on_failure("e2e-underuse");
-    let mut demo = start_demo("underuse", 60, &dir);
-    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let (mut demo, prom) = story_at_60x("underuse", &dir);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let f = firing(&prom);
@@ -307,8 +313,7 @@ fn underuse_pages_through_prometheus() {
 fn a_healthy_fleet_fires_nothing() {
     let _serial = serial();
     let dir = TempDir::keep_on_failure("e2e-healthy");
-    let demo = start_demo("healthy", 60, &dir);
-    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let (_demo, prom) = story_at_60x("healthy", &dir);
     // As long as the underuse test takes to page, and then some: 100 simulated minutes.
     let until = Instant::now() + Duration::from_secs(100);
     // Scrape-health alerts (`up == 0` for a compressed 20 s) depend on this machine's
@@ -352,8 +357,7 @@ fn the_default_story_tickets_its_stuck_and_held_idle_gpus() {
     use std::collections::BTreeSet;
     let _serial = serial();
     let dir = TempDir::keep_on_failure("e2e-gpu-use");
-    let mut demo = start_demo("default", 60, &dir);
-    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let (mut demo, prom) = story_at_60x("default", &dir);
     let stuck: BTreeSet<String> = [format!("{}:9473 GPU {}", STUCK_GPU.0, STUCK_GPU.1)].into();
     let held: BTreeSet<String> = HELD_IDLE_HOSTS
         .iter()
