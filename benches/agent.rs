@@ -38,6 +38,10 @@ fn render_cost(process: bool) {
         s.observed.inc_by(123.0);
         s.busy.inc_by(100.0);
         m.allocated.with(&s.labels()).inc_by(99.0);
+        m.allocated_busy.with(&s.labels()).inc_by(90.0);
+        m.sm_active.with(&s.labels()).inc_by(80.0);
+        m.tensor_active.with(&s.labels()).inc_by(40.0);
+        m.allocated_sm_active.with(&s.labels()).inc_by(75.0);
         m.energy.with(&s.labels()).inc_by(5e6);
         m.xid
             .with(&GpuXidLabels {
@@ -53,6 +57,7 @@ fn render_cost(process: bool) {
                 model: "NVIDIA H200",
                 pci_bus_id: "00000000:17:00.0",
                 busy_source: "samples",
+                activity_source: "gpm",
             })
             .set(1.0);
         for k in GaugeKind::ALL {

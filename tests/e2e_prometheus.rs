@@ -1,6 +1,7 @@
 //! End to end on real software: `commitmeter demo` (simulated fleet, real aggregator
 //! and ledger on simulated time), a real Prometheus (Debian's `prometheus` package)
-//! scraping it on loopback with the shipped rule files, and every dashboard query.
+//! scraping it on loopback with the shipped rule files (underuse pages, the GPU-use
+//! tickets, silence on a healthy fleet), and every dashboard query.
 //!
 //! Time compression: the demo runs simulated time at 60x, so one real second is one
 //! simulated minute. The test copy of the rules divides every range, `offset` and
@@ -274,12 +275,18 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// A demo story at 60x and a Prometheus scraping it with the rules compressed to match.
+fn story_at_60x(story: &str, dir: &TempDir) -> (Demo, Prometheus) {
+    let demo = start_demo(story, 60, dir);
+    let prom = start_prometheus(&demo, &compressed_rules(dir), dir);
+    (demo, prom)
+}
+
 #[test]
 fn underuse_pages_through_prometheus() {
     let _serial = serial();
     let dir = TempDir::keep_on_failure("e2e-underuse");
-    let mut demo = start_demo("underuse", 60, &dir);
-    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let (mut demo, prom) = story_at_60x("underuse", &dir);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let f = firing(&prom);
@@ -306,8 +313,7 @@ fn underuse_pages_through_prometheus() {
 fn a_healthy_fleet_fires_nothing() {
     let _serial = serial();
     let dir = TempDir::keep_on_failure("e2e-healthy");
-    let demo = start_demo("healthy", 60, &dir);
-    let prom = start_prometheus(&demo, &compressed_rules(&dir), &dir);
+    let (_demo, prom) = story_at_60x("healthy", &dir);
     // As long as the underuse test takes to page, and then some: 100 simulated minutes.
     let until = Instant::now() + Duration::from_secs(100);
     // Scrape-health alerts (`up == 0` for a compressed 20 s) depend on this machine's
@@ -339,6 +345,62 @@ fn a_healthy_fleet_fires_nothing() {
         "/api/v1/query?query=contract%3Acommitmeter_idle_ratio%3Arate5m",
     );
     assert!(!v["data"]["result"].as_array().unwrap().is_empty(), "{v}");
+}
+
+/// The default story's GPU-use tickets through Prometheus: the GPU hung in a collective
+/// (CommitmeterGPUStuck) and the 16 GPUs a job holds without using them
+/// (CommitmeterGPUAllocatedIdle), each named by host and GPU; no other GPU is ever
+/// ticketed, and none of the lab's A100s (no GPM) is called stuck.
+#[test]
+fn the_default_story_tickets_its_stuck_and_held_idle_gpus() {
+    use commitmeter::demo::sim::{HELD_IDLE_HOSTS, STUCK_GPU};
+    use std::collections::BTreeSet;
+    let _serial = serial();
+    let dir = TempDir::keep_on_failure("e2e-gpu-use");
+    let (mut demo, prom) = story_at_60x("default", &dir);
+    let stuck: BTreeSet<String> = [format!("{}:9473 GPU {}", STUCK_GPU.0, STUCK_GPU.1)].into();
+    let held: BTreeSet<String> = HELD_IDLE_HOSTS
+        .iter()
+        .flat_map(|h| (0..8).map(move |g| format!("{h}:9473 GPU {g}")))
+        .collect();
+    // Compressed: the stuck ticket after 15 s (the hang) + 10 s (window) + 20 s (`for`),
+    // the held-idle one after 60 s (`for`) on a 120 s window.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let now_stuck = firing_gpus(&prom, "CommitmeterGPUStuck");
+        let now_held = firing_gpus(&prom, "CommitmeterGPUAllocatedIdle");
+        assert!(
+            now_stuck.is_subset(&stuck) && now_held.is_subset(&held),
+            "tickets for the wrong GPUs: stuck {now_stuck:?}, held idle {now_held:?}"
+        );
+        if now_stuck == stuck && now_held == held {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every ticket fired: stuck {now_stuck:?}, held idle {now_held:?}; firing: {:?}\n{}",
+            firing(&prom),
+            demo.state()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// `instance GPU gpu` of every firing alert named `alertname`, with severity ticket.
+fn firing_gpus(p: &Prometheus, alertname: &str) -> std::collections::BTreeSet<String> {
+    let v = api(p, "/api/v1/alerts");
+    v["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing" && a["labels"]["alertname"] == alertname)
+        .map(|a| {
+            let l = &a["labels"];
+            assert_eq!(l["severity"], "ticket", "{a}");
+            let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
+            format!("{} GPU {}", s("instance"), s("gpu"))
+        })
+        .collect()
 }
 
 /// Every expression of every dashboard panel parses and returns data, against the

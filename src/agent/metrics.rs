@@ -67,13 +67,15 @@ label_set! {
     pub struct GpuLabels<'a> { gpu: &'a str, uuid: &'a str }
     /// `commitmeter_gpu_xid_errors_total`: a GPU's XID code.
     pub struct GpuXidLabels<'a> { gpu: &'a str, uuid: &'a str, xid: &'a str }
-    /// `commitmeter_gpu_info`: a GPU's identity and the source of its busy time.
+    /// `commitmeter_gpu_info`: a GPU's identity, the source of its busy time and
+    /// the source of its SM / tensor activity (`gpm` or `none`).
     pub struct GpuInfoLabels<'a> {
         gpu: &'a str,
         uuid: &'a str,
         model: &'a str,
         pci_bus_id: &'a str,
         busy_source: &'a str,
+        activity_source: &'a str,
     }
     /// `commitmeter_nvml_errors_total`: an NVML call and its error.
     pub struct NvmlErrorLabels<'a> { call: &'a str, error: &'a str }
@@ -138,6 +140,17 @@ pub struct AgentMetrics {
     pub observed: Counters<GpuLabels<'static>>,
     pub busy: Counters<GpuLabels<'static>>,
     pub allocated: Counters<GpuLabels<'static>>,
+    /// `commitmeter_gpu_allocated_busy_seconds_total`: busy seconds of the rounds in
+    /// which a compute process held the GPU (exported wherever allocated is).
+    pub allocated_busy: Counters<GpuLabels<'static>>,
+    /// `commitmeter_gpu_sm_active_seconds_total`: GPM SM activity over observed time,
+    /// for GPUs with GPM only (decided once when the GPU is adopted).
+    pub sm_active: Counters<GpuLabels<'static>>,
+    /// `commitmeter_gpu_tensor_active_seconds_total`: GPM tensor-pipe activity, same rules.
+    pub tensor_active: Counters<GpuLabels<'static>>,
+    /// `commitmeter_gpu_allocated_sm_active_seconds_total`: SM-active seconds of the
+    /// rounds in which a compute process held the GPU (GPM GPUs only).
+    pub allocated_sm_active: Counters<GpuLabels<'static>>,
     pub energy: Counters<GpuLabels<'static>>,
     pub xid: Counters<GpuXidLabels<'static>>,
     gauges: Vec<(GaugeKind, Gauges<GpuLabels<'static>>)>,
@@ -216,7 +229,7 @@ impl AgentMetrics {
         let gpu_info = Family::register(
             &registry,
             "commitmeter_gpu_info",
-            "GPU identity and the source of busy time.",
+            "GPU identity, the source of busy time and the source of SM/tensor activity.",
         )?;
         let gpu_up = Family::register(
             &registry,
@@ -237,6 +250,26 @@ impl AgentMetrics {
             &registry,
             "commitmeter_gpu_allocated_seconds_total",
             "Observed time with at least one compute process.",
+        )?;
+        let allocated_busy = Family::register(
+            &registry,
+            "commitmeter_gpu_allocated_busy_seconds_total",
+            "Busy time of the rounds in which at least one compute process ran.",
+        )?;
+        let sm_active = Family::register(
+            &registry,
+            "commitmeter_gpu_sm_active_seconds_total",
+            "Integral of GPM SM activity over observed time (GPUs with GPM only).",
+        )?;
+        let tensor_active = Family::register(
+            &registry,
+            "commitmeter_gpu_tensor_active_seconds_total",
+            "Integral of GPM tensor-pipe activity over observed time (GPUs with GPM only).",
+        )?;
+        let allocated_sm_active = Family::register(
+            &registry,
+            "commitmeter_gpu_allocated_sm_active_seconds_total",
+            "SM-active time of the rounds in which at least one compute process ran (GPUs with GPM only).",
         )?;
         let energy = Family::register(
             &registry,
@@ -270,6 +303,10 @@ impl AgentMetrics {
             observed,
             busy,
             allocated,
+            allocated_busy,
+            sm_active,
+            tensor_active,
+            allocated_sm_active,
             energy,
             xid,
             gauges,

@@ -229,8 +229,8 @@ struct Gpu {
     series: GpuSeries,
     allocated: Option<Counter>,
     energy: Option<Counter>,
-    /// The identity and busy source `commitmeter_gpu_info` shows now.
-    info: Option<(Identity, &'static str)>,
+    /// The identity and sources `commitmeter_gpu_info` shows now.
+    info: Option<(Identity, Sources)>,
     up: bool,
 }
 
@@ -490,7 +490,11 @@ impl Loop {
                 info: None,
                 up: false,
             });
-            set_info(&self.metrics, gpu, id, slot.caps.busy_source());
+            let sources = Sources {
+                busy: slot.caps.busy_source(),
+                activity: "none",
+            };
+            set_info(&self.metrics, gpu, id, sources);
             let Some(snap) = snap else {
                 mark_down(&self.metrics, gpu);
                 continue;
@@ -622,35 +626,43 @@ fn lost(slot: &mut Slot, e: &NvmlError) {
     }
 }
 
-/// Keeps `commitmeter_gpu_info` in step with the GPU's identity and busy source,
-/// under the GPU's own `gpu` label.
-fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, id: &Identity, busy_source: &'static str) {
+/// Keeps `commitmeter_gpu_info` in step with the GPU's identity and sources, under
+/// the GPU's own `gpu` label.
+fn set_info(metrics: &AgentMetrics, gpu: &mut Gpu, id: &Identity, sources: Sources) {
     if gpu
         .info
         .as_ref()
-        .is_some_and(|(i, b)| i == id && *b == busy_source)
+        .is_some_and(|(i, s)| i == id && *s == sources)
     {
         return;
     }
-    fn labels<'a>(gpu: &'a str, id: &'a Identity, busy_source: &'a str) -> GpuInfoLabels<'a> {
+    fn labels<'a>(gpu: &'a str, id: &'a Identity, sources: Sources) -> GpuInfoLabels<'a> {
         GpuInfoLabels {
             gpu,
             uuid: &id.uuid,
             model: &id.model,
             pci_bus_id: &id.pci_bus_id,
-            busy_source,
+            busy_source: sources.busy,
+            activity_source: sources.activity,
         }
     }
-    if let Some((old, source)) = &gpu.info {
+    if let Some((old, old_sources)) = &gpu.info {
         metrics
             .gpu_info
-            .remove(&labels(&gpu.series.gpu, old, source));
+            .remove(&labels(&gpu.series.gpu, old, *old_sources));
     }
     metrics
         .gpu_info
-        .with(&labels(&gpu.series.gpu, id, busy_source))
+        .with(&labels(&gpu.series.gpu, id, sources))
         .set(1.0);
-    gpu.info = Some((id.clone(), busy_source));
+    gpu.info = Some((id.clone(), sources));
+}
+
+/// The sources `commitmeter_gpu_info` names: of busy time, and of SM/tensor activity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sources {
+    busy: &'static str,
+    activity: &'static str,
 }
 
 fn mark_down(metrics: &AgentMetrics, gpu: &mut Gpu) {

@@ -171,6 +171,16 @@ impl Sim {
             raise(&s.observed, g.observed_s);
             raise(&s.busy, g.busy_s);
             raise(&m.allocated.with(&s.labels()), g.allocated_s);
+            raise(&m.allocated_busy.with(&s.labels()), g.allocated_busy_s);
+            // Only GPUs with GPM have activity series, created when the GPU was adopted.
+            if g.gpm {
+                raise(&m.sm_active.with(&s.labels()), g.sm_active_s);
+                raise(&m.tensor_active.with(&s.labels()), g.tensor_active_s);
+                raise(
+                    &m.allocated_sm_active.with(&s.labels()),
+                    g.allocated_sm_active_s,
+                );
+            }
             raise(&m.energy.with(&s.labels()), g.energy_j);
             for &(code, n) in &g.xids {
                 let c = m.xid.with(&GpuXidLabels {
@@ -187,16 +197,25 @@ impl Sim {
             m.set_gauge(
                 GaugeKind::MemoryUsed,
                 s,
-                on(85_899_345_920.0 * 0.9 * g.utilization),
+                // A job holds memory whether or not it computes.
+                on(if g.allocated {
+                    85_899_345_920.0 * (0.3 + 0.6 * g.utilization)
+                } else {
+                    0.0
+                }),
             );
-            m.set_gauge(GaugeKind::Power, s, on(90.0 + 610.0 * g.utilization));
+            m.set_gauge(GaugeKind::Power, s, on(g.power_w));
             m.set_gauge(GaugeKind::PowerLimit, s, on(700.0));
-            m.set_gauge(GaugeKind::Temperature, s, on(35.0 + 40.0 * g.utilization));
+            m.set_gauge(
+                GaugeKind::Temperature,
+                s,
+                on(35.0 + 40.0 * g.power_w / 700.0),
+            );
             m.set_gauge(GaugeKind::SmClock, s, on(1.98e9));
             m.set_gauge(
                 GaugeKind::Processes,
                 s,
-                on(if g.utilization > 0.02 { 1.0 } else { 0.0 }),
+                on(if g.allocated { 1.0 } else { 0.0 }),
             );
         }
         Some(http::metrics(&m.registry))
@@ -297,8 +316,18 @@ pub async fn run(
                         model: g.model,
                         pci_bus_id: &format!("00000000:{:02X}:00.0", 0x17 + i),
                         busy_source: "samples",
+                        activity_source: if g.gpm { "gpm" } else { "none" },
                     })
                     .set(1.0);
+                // As the agent does: a GPU with GPM gets its activity series at 0 when
+                // adopted; one without never has them.
+                let l = s.labels();
+                metrics.allocated_busy.with(&l);
+                if g.gpm {
+                    metrics.sm_active.with(&l);
+                    metrics.tensor_active.with(&l);
+                    metrics.allocated_sm_active.with(&l);
+                }
                 s
             })
             .collect();

@@ -115,3 +115,50 @@ pub struct EventData {
     pub gpu_instance_id: c_uint,
     pub compute_instance_id: c_uint,
 }
+
+/// `nvmlGpmSample_t`: opaque, never dereferenced by callers.
+pub type NvmlGpmSample = *mut c_void;
+/// `NVML_GPM_SUPPORT_VERSION`.
+pub const GPM_SUPPORT_VERSION: c_uint = 1;
+/// `NVML_GPM_METRICS_GET_VERSION`.
+pub const GPM_METRICS_GET_VERSION: c_uint = 1;
+/// `NVML_GPM_METRIC_MAX`: the length of `nvmlGpmMetricsGet_t::metrics` in the bindings.
+pub const GPM_METRIC_MAX: usize = 210;
+
+/// `nvmlGpmSupport_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GpmSupport {
+    pub version: c_uint,
+    pub is_supported_device: c_uint,
+}
+
+/// The `metricInfo` member of `nvmlGpmMetric_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GpmMetricInfo {
+    pub short_name: *mut c_char,
+    pub long_name: *mut c_char,
+    pub unit: *mut c_char,
+}
+
+/// `nvmlGpmMetric_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GpmMetric {
+    pub metric_id: c_uint,
+    pub nvml_return: NvmlReturn,
+    pub value: f64,
+    pub metric_info: GpmMetricInfo,
+}
+
+/// `nvmlGpmMetricsGet_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GpmMetricsGet {
+    pub version: c_uint,
+    pub num_metrics: c_uint,
+    pub sample1: NvmlGpmSample,
+    pub sample2: NvmlGpmSample,
+    pub metrics: [GpmMetric; GPM_METRIC_MAX],
+}

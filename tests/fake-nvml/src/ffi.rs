@@ -23,6 +23,9 @@ use std::time::Duration;
 const DEVICE_BASE: usize = 0x0D3F_0000;
 /// Event set handles are this address plus a serial number.
 const EVENT_SET_BASE: usize = 0x0E5E_0000;
+/// GPM sample handles are this address plus a serial number.
+#[cfg(not(feature = "old_driver"))]
+const GPM_SAMPLE_BASE: usize = 0x0F9A_0000;
 /// Longest sleep in `nvmlEventSetWait_v2` before looking at the timeline again
 /// (so a driver reload during a wait is noticed).
 const WAIT_SLICE_MS: u64 = 50;
@@ -56,6 +59,10 @@ struct State {
     generation: usize,
     sets: BTreeMap<usize, SetState>,
     next_set: usize,
+    /// Allocated GPM samples; filled ones hold (scenario GPU, timeline ms, generation).
+    gpm_samples: BTreeMap<usize, Option<(usize, u64, usize)>>,
+    #[cfg_attr(feature = "old_driver", allow(dead_code))]
+    next_gpm_sample: usize,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -65,6 +72,8 @@ static STATE: Mutex<State> = Mutex::new(State {
     generation: 0,
     sets: BTreeMap::new(),
     next_set: 1,
+    gpm_samples: BTreeMap::new(),
+    next_gpm_sample: 1,
 });
 
 type Res<T> = Result<T, NvmlReturn>;
@@ -265,6 +274,13 @@ pub unsafe extern "C" fn nvmlShutdown() -> NvmlReturn {
     guard(|| {
         let mut st = lock();
         st.refcount = st.refcount.checked_sub(1).ok_or(ERROR_UNINITIALIZED)?;
+        if st.refcount == 0 && !st.gpm_samples.is_empty() {
+            // Tests of a caller look for this line: every sample must be freed.
+            eprintln!(
+                "fake-nvml: {} GPM samples not freed at nvmlShutdown",
+                st.gpm_samples.len()
+            );
+        }
         Ok(())
     })
 }
@@ -783,5 +799,164 @@ pub unsafe extern "C" fn nvmlEventSetFree(set: NvmlEventSet) -> NvmlReturn {
             .remove(&id)
             .map(|_| ())
             .ok_or(ERROR_INVALID_ARGUMENT)
+    })
+}
+
+/// Test hook, not NVML: how many GPM samples are allocated and not freed.
+#[no_mangle]
+pub unsafe extern "C" fn fake_nvml_gpm_samples_live() -> c_uint {
+    lock().gpm_samples.len() as c_uint
+}
+
+#[cfg(not(feature = "old_driver"))]
+fn gpm_sample_handle(id: usize) -> NvmlGpmSample {
+    std::ptr::without_provenance_mut(GPM_SAMPLE_BASE + id)
+}
+
+#[cfg(not(feature = "old_driver"))]
+fn gpm_sample_id(sample: NvmlGpmSample) -> usize {
+    sample.addr().wrapping_sub(GPM_SAMPLE_BASE)
+}
+
+/// Supported unless the GPU's scenario lists [`cap::GPM`] as unsupported: then
+/// `isSupportedDevice` is 0, as the real driver answers for a pre-Hopper GPU.
+#[cfg(not(feature = "old_driver"))]
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmQueryDeviceSupport(
+    device: NvmlDevice,
+    support: *mut GpmSupport,
+) -> NvmlReturn {
+    guard(|| {
+        let st = lock();
+        let (scenario, _, i) = st.device(device)?;
+        if support.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        if (*support).version != GPM_SUPPORT_VERSION {
+            return Err(ERROR_ARGUMENT_VERSION_MISMATCH);
+        }
+        put(
+            support,
+            GpmSupport {
+                version: GPM_SUPPORT_VERSION,
+                is_supported_device: c_uint::from(scenario.gpus[i].supports(cap::GPM)),
+            },
+        )
+    })
+}
+
+#[cfg(not(feature = "old_driver"))]
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmSampleAlloc(sample: *mut NvmlGpmSample) -> NvmlReturn {
+    guard(|| {
+        let mut st = lock();
+        st.ready()?;
+        if sample.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let id = st.next_gpm_sample;
+        st.next_gpm_sample += 1;
+        st.gpm_samples.insert(id, None);
+        put(sample, gpm_sample_handle(id))
+    })
+}
+
+/// Freeing works even after a reload, so `Drop` of a stale sample succeeds.
+#[cfg(not(feature = "old_driver"))]
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmSampleFree(sample: NvmlGpmSample) -> NvmlReturn {
+    guard(|| {
+        let mut st = lock();
+        if st.refcount == 0 {
+            return Err(ERROR_UNINITIALIZED);
+        }
+        st.gpm_samples
+            .remove(&gpm_sample_id(sample))
+            .map(|_| ())
+            .ok_or(ERROR_INVALID_ARGUMENT)
+    })
+}
+
+/// Records the GPU and the time; `NOT_SUPPORTED` without GPM, `UNKNOWN` inside a
+/// [`Gpu::gpm_fail`](crate::scenario::Gpu::gpm_fail) window.
+#[cfg(not(feature = "old_driver"))]
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmSampleGet(device: NvmlDevice, sample: NvmlGpmSample) -> NvmlReturn {
+    guard(|| {
+        let mut st = lock();
+        let (scenario, now, i) = st.capable(device, cap::GPM)?;
+        if scenario.gpm_fails_at(i, now) {
+            return Err(ERROR_UNKNOWN);
+        }
+        let generation = st.generation;
+        let slot = st
+            .gpm_samples
+            .get_mut(&gpm_sample_id(sample))
+            .ok_or(ERROR_INVALID_ARGUMENT)?;
+        *slot = Some((i, now, generation));
+        Ok(())
+    })
+}
+
+/// SM and tensor activity between two samples of one GPU of this driver generation,
+/// taken at least [`GPM_MIN_SPAN_MS`] apart, `sample1` first: the exact averages of
+/// the script over `[t1, t2)` ([`Scenario::gpm_averages`]). Any other metric answers
+/// `NOT_SUPPORTED` in its own entry.
+#[cfg(not(feature = "old_driver"))]
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut GpmMetricsGet) -> NvmlReturn {
+    use crate::scenario::{gpm_metric, GPM_MIN_SPAN_MS};
+    guard(|| {
+        let st = lock();
+        let (scenario, _) = st.ready()?;
+        if request.is_null() {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let req = &mut *request;
+        if req.version != GPM_METRICS_GET_VERSION {
+            return Err(ERROR_ARGUMENT_VERSION_MISMATCH);
+        }
+        let n = req.num_metrics as usize;
+        if n > GPM_METRIC_MAX {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let taken = |s: NvmlGpmSample| {
+            st.gpm_samples
+                .get(&gpm_sample_id(s))
+                .copied()
+                .flatten()
+                .filter(|&(_, _, generation)| generation == st.generation)
+                .ok_or(ERROR_INVALID_ARGUMENT)
+        };
+        let (gpu1, t1, _) = taken(req.sample1)?;
+        let (gpu2, t2, _) = taken(req.sample2)?;
+        if gpu1 != gpu2 || t2 < t1 + GPM_MIN_SPAN_MS {
+            return Err(ERROR_INVALID_ARGUMENT);
+        }
+        let (sm, tensor) = scenario.gpm_averages(gpu1, t1, t2);
+        for m in &mut req.metrics[..n] {
+            let (value, short, long, unit): (f64, &'static CStr, &'static CStr, &'static CStr) =
+                match m.metric_id {
+                    gpm_metric::SM_UTIL => (sm, c"SM_UTIL", c"SM utilization", c"%"),
+                    gpm_metric::ANY_TENSOR_UTIL => (
+                        tensor,
+                        c"ANY_TENSOR_UTIL",
+                        c"Any tensor pipe utilization",
+                        c"%",
+                    ),
+                    _ => {
+                        m.nvml_return = ERROR_NOT_SUPPORTED;
+                        continue;
+                    }
+                };
+            m.nvml_return = SUCCESS;
+            m.value = value;
+            m.metric_info = GpmMetricInfo {
+                short_name: short.as_ptr().cast_mut(),
+                long_name: long.as_ptr().cast_mut(),
+                unit: unit.as_ptr().cast_mut(),
+            };
+        }
+        Ok(())
     })
 }

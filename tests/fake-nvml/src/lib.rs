@@ -90,6 +90,36 @@ mod layout_tests {
             gpu_instance_id = gpuInstanceId,
             compute_instance_id = computeInstanceId
         );
+        same_layout!(
+            GpmSupport,
+            sys::nvmlGpmSupport_t,
+            version = version,
+            is_supported_device = isSupportedDevice
+        );
+        same_layout!(
+            GpmMetricInfo,
+            sys::nvmlGpmMetric_t__bindgen_ty_1,
+            short_name = shortName,
+            long_name = longName,
+            unit = unit
+        );
+        same_layout!(
+            GpmMetric,
+            sys::nvmlGpmMetric_t,
+            metric_id = metricId,
+            nvml_return = nvmlReturn,
+            value = value,
+            metric_info = metricInfo
+        );
+        same_layout!(
+            GpmMetricsGet,
+            sys::nvmlGpmMetricsGet_t,
+            version = version,
+            num_metrics = numMetrics,
+            sample1 = sample1,
+            sample2 = sample2,
+            metrics = metrics
+        );
     }
 
     #[test]
@@ -114,6 +144,20 @@ mod layout_tests {
         assert_eq!(
             EVENT_TYPE_XID_CRITICAL_ERROR,
             u64::from(sys::nvmlEventTypeXidCriticalError)
+        );
+        assert_eq!(GPM_SUPPORT_VERSION, sys::NVML_GPM_SUPPORT_VERSION);
+        assert_eq!(GPM_METRICS_GET_VERSION, sys::NVML_GPM_METRICS_GET_VERSION);
+        assert_eq!(
+            GPM_METRIC_MAX,
+            sys::nvmlGpmMetricId_t_NVML_GPM_METRIC_MAX as usize
+        );
+        assert_eq!(
+            crate::scenario::gpm_metric::SM_UTIL,
+            sys::nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_UTIL
+        );
+        assert_eq!(
+            crate::scenario::gpm_metric::ANY_TENSOR_UTIL,
+            sys::nvmlGpmMetricId_t_NVML_GPM_METRIC_ANY_TENSOR_UTIL
         );
         assert_eq!(
             MEMORY_V2_VERSION as usize,

@@ -33,8 +33,11 @@ pub mod cap {
     pub const PROCESSES: &str = "processes";
     pub const PCI: &str = "pci";
     pub const EVENTS: &str = "events";
+    /// GPU Performance Monitoring (Hopper and newer): `nvmlGpmQueryDeviceSupport`
+    /// says unsupported and `nvmlGpmSampleGet` answers `NOT_SUPPORTED`.
+    pub const GPM: &str = "gpm";
     /// Every name above, to validate scenarios.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SAMPLES,
         UTILIZATION,
         MEMORY,
@@ -46,8 +49,25 @@ pub mod cap {
         PROCESSES,
         PCI,
         EVENTS,
+        GPM,
     ];
 }
+
+/// Marketing name of a GPU older than Hopper, for [`Gpu::pre_hopper`].
+pub const PRE_HOPPER_GPU_NAME: &str = "NVIDIA A100-SXM4-80GB";
+
+/// GPM metric ids the fake computes (`nvmlGpmMetricId_t`).
+pub mod gpm_metric {
+    /// `NVML_GPM_METRIC_SM_UTIL`: percent of SMs active, averaged over the two samples.
+    pub const SM_UTIL: u32 = 2;
+    /// `NVML_GPM_METRIC_ANY_TENSOR_UTIL`: percent of time any tensor pipe was active.
+    pub const ANY_TENSOR_UTIL: u32 = 5;
+}
+
+/// Shortest span between two GPM samples `nvmlGpmMetricsGet` accepts (ms): NVML
+/// documents that samples must be at least 100 ms apart; the fake refuses closer ones
+/// (`NVML_ERROR_INVALID_ARGUMENT`) so an agent that ignores the rule fails its tests.
+pub const GPM_MIN_SPAN_MS: u64 = 100;
 
 /// A whole machine: its driver's life and its GPUs.
 ///
@@ -137,6 +157,16 @@ pub struct Gpu {
     pub energy_reset_at_ms: Option<u64>,
     /// `[at_ms, xid_code]` critical XID events.
     pub xids: Vec<[u64; 2]>,
+    /// Step function `[from_ms, percent]` of GPM SM activity (`NVML_GPM_METRIC_SM_UTIL`);
+    /// 0 before the first step. `None` (the default): SM activity follows `util`, as on
+    /// a GPU whose kernels keep every SM busy.
+    pub sm_active: Option<Vec<[u64; 2]>>,
+    /// Step function `[from_ms, percent]` of GPM tensor-pipe activity
+    /// (`NVML_GPM_METRIC_ANY_TENSOR_UTIL`); 0 before the first step, and 0 throughout
+    /// when empty (the default).
+    pub tensor_active: Vec<[u64; 2]>,
+    /// `[from, to)` windows in which `nvmlGpmSampleGet` fails with `NVML_ERROR_UNKNOWN`.
+    pub gpm_fail: Vec<[u64; 2]>,
 }
 
 impl Default for Gpu {
@@ -161,6 +191,9 @@ impl Default for Gpu {
             energy_start_mj: 0,
             energy_reset_at_ms: None,
             xids: Vec::new(),
+            sm_active: None,
+            tensor_active: Vec::new(),
+            gpm_fail: Vec::new(),
         }
     }
 }
@@ -170,6 +203,26 @@ impl Gpu {
     pub fn at_util(percent: u64) -> Self {
         Self {
             util: vec![[0, percent]],
+            ..Self::default()
+        }
+    }
+
+    /// A GPU older than Hopper (an A100) at a constant `percent`: no GPM.
+    pub fn pre_hopper(percent: u64) -> Self {
+        Self {
+            name: PRE_HOPPER_GPU_NAME.to_owned(),
+            unsupported: vec![cap::GPM.to_owned()],
+            ..Self::at_util(percent)
+        }
+    }
+
+    /// A hung job: a process holds the GPU and a kernel is always resident (utilization
+    /// 100 %), but the SMs do nothing (SM activity `sm_percent`, about 0).
+    pub fn stuck(sm_percent: u64) -> Self {
+        Self {
+            util: vec![[0, 100]],
+            processes: vec![[0, 1]],
+            sm_active: Some(vec![[0, sm_percent]]),
             ..Self::default()
         }
     }
@@ -220,6 +273,9 @@ struct Segment {
     util: u64,
     procs: u64,
     present: bool,
+    /// GPM SM and tensor activity (percent, capped at 100).
+    sm: u64,
+    tensor: u64,
 }
 
 impl Segment {
@@ -230,6 +286,10 @@ impl Segment {
         } else {
             0
         }
+    }
+
+    fn allocated(&self) -> bool {
+        self.present && self.procs > 0
     }
 }
 
@@ -417,6 +477,44 @@ impl Scenario {
             .map_or(0, |g| step_at(&g.processes, t_ms))
     }
 
+    /// Scripted GPM SM activity (percent, capped at 100) at `t`, ignoring presence:
+    /// the `sm_active` script, or `util` without one.
+    pub fn sm_active_at(&self, gpu: usize, t_ms: u64) -> u32 {
+        self.gpus.get(gpu).map_or(0, |g| match &g.sm_active {
+            Some(steps) => step_at(steps, t_ms).min(100) as u32,
+            None => step_at(&g.util, t_ms).min(100) as u32,
+        })
+    }
+
+    /// Scripted GPM tensor-pipe activity (percent, capped at 100) at `t`, ignoring presence.
+    pub fn tensor_active_at(&self, gpu: usize, t_ms: u64) -> u32 {
+        self.gpus
+            .get(gpu)
+            .map_or(0, |g| step_at(&g.tensor_active, t_ms).min(100) as u32)
+    }
+
+    /// Whether `nvmlGpmSampleGet` on GPU `gpu` fails at `t` ([`Gpu::gpm_fail`]).
+    pub fn gpm_fails_at(&self, gpu: usize, t_ms: u64) -> bool {
+        self.gpus
+            .get(gpu)
+            .is_some_and(|g| g.gpm_fail.iter().any(|w| w[0] <= t_ms && t_ms < w[1]))
+    }
+
+    /// What `nvmlGpmMetricsGet` reports for two samples of GPU `gpu` taken at `from`
+    /// and `to` (`from < to`): the exact averages of the scripted SM and tensor
+    /// activity over `[from, to)`, in percent (0 while the GPU was absent).
+    pub fn gpm_averages(&self, gpu: usize, from_ms: u64, to_ms: u64) -> (f64, f64) {
+        let span = to_ms.saturating_sub(from_ms).max(1) as f64;
+        let sm = self.integrate(gpu, from_ms, to_ms, |s| if s.present { s.sm } else { 0 });
+        let tensor = self.integrate(
+            gpu,
+            from_ms,
+            to_ms,
+            |s| if s.present { s.tensor } else { 0 },
+        );
+        (sm as f64 / span, tensor as f64 / span)
+    }
+
     /// Piecewise-constant description of GPU `gpu` over `[0, u64::MAX)`.
     fn segments(&self, gpu: usize) -> Vec<Segment> {
         let Some(g) = self.gpus.get(gpu) else {
@@ -425,6 +523,8 @@ impl Scenario {
         let mut cuts: Vec<u64> = vec![0];
         cuts.extend(g.util.iter().map(|s| s[0]));
         cuts.extend(g.processes.iter().map(|s| s[0]));
+        cuts.extend(g.sm_active.iter().flatten().map(|s| s[0]));
+        cuts.extend(g.tensor_active.iter().map(|s| s[0]));
         cuts.extend(self.driver_down.iter().flatten().copied());
         cuts.extend(g.lost_at_ms);
         cuts.sort_unstable();
@@ -438,6 +538,8 @@ impl Scenario {
                 util: step_at(&g.util, start).min(100),
                 procs: step_at(&g.processes, start),
                 present: self.present_at(gpu, start),
+                sm: self.sm_active_at(gpu, start).into(),
+                tensor: self.tensor_active_at(gpu, start).into(),
             })
             .collect()
     }
@@ -476,8 +578,61 @@ impl Scenario {
     /// Seconds of `[from, to)` during which the GPU was present and had at
     /// least one compute process.
     pub fn allocated_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        let ms = self.integrate(gpu, from_ms, to_ms, |s| u64::from(s.present && s.procs > 0));
+        let ms = self.integrate(gpu, from_ms, to_ms, |s| u64::from(s.allocated()));
         ms as f64 / 1000.0
+    }
+
+    /// ∫ SM activity/100 dt over `[from, to)` while present, in seconds.
+    pub fn sm_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let pct_ms = self.integrate(gpu, from_ms, to_ms, |s| if s.present { s.sm } else { 0 });
+        pct_ms as f64 / 100_000.0
+    }
+
+    /// ∫ tensor-pipe activity/100 dt over `[from, to)` while present, in seconds.
+    pub fn tensor_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let pct_ms = self.integrate(
+            gpu,
+            from_ms,
+            to_ms,
+            |s| {
+                if s.present {
+                    s.tensor
+                } else {
+                    0
+                }
+            },
+        );
+        pct_ms as f64 / 100_000.0
+    }
+
+    /// Busy seconds (as [`Self::busy_seconds`]) of the time in `[from, to)` during which
+    /// a compute process held the GPU.
+    pub fn allocated_busy_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let pct_ms = self.integrate(
+            gpu,
+            from_ms,
+            to_ms,
+            |s| {
+                if s.allocated() {
+                    s.util
+                } else {
+                    0
+                }
+            },
+        );
+        pct_ms as f64 / 100_000.0
+    }
+
+    /// SM-active seconds (as [`Self::sm_active_seconds`]) of the time in `[from, to)`
+    /// during which a compute process held the GPU.
+    pub fn allocated_sm_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
+        let pct_ms = self.integrate(
+            gpu,
+            from_ms,
+            to_ms,
+            |s| if s.allocated() { s.sm } else { 0 },
+        );
+        pct_ms as f64 / 100_000.0
     }
 
     /// Energy drawn over `[from, to)`: constant power × present time, in J.
@@ -763,6 +918,57 @@ mod tests {
         assert!(!s.present_at(0, 8000));
         assert_eq!(s.reloads_begun(3999), 0);
         assert_eq!(s.reloads_begun(4000), 1);
+    }
+
+    #[test]
+    fn gpm_activity_and_the_idle_split_ground_truth() {
+        let s = Scenario {
+            driver_down: vec![[4000, 5000]],
+            gpus: vec![
+                Gpu {
+                    util: vec![[0, 50], [2000, 100]],
+                    processes: vec![[0, 0], [1000, 1], [3000, 0]],
+                    sm_active: Some(vec![[0, 20], [2500, 60]]),
+                    tensor_active: vec![[1000, 10]],
+                    ..Gpu::default()
+                },
+                // No SM script: SM activity follows utilization; no tensor activity.
+                Gpu::at_util(40),
+                Gpu::stuck(1),
+                Gpu::pre_hopper(70),
+            ],
+            ..Scenario::default()
+        };
+        // SM: 2.5 s at 20 % + 1.5 s at 60 % (2500..4000) + 1 s at 60 % (5000..6000).
+        assert!((s.sm_active_seconds(0, 0, 6000) - (0.5 + 0.9 + 0.6)).abs() < 1e-9);
+        // Tensor: 10 % over 1000..4000 and 5000..6000.
+        assert!((s.tensor_active_seconds(0, 0, 6000) - 0.4).abs() < 1e-9);
+        // Allocated 1000..3000: busy 1 s at 50 % + 1 s at 100 %; SM 1.5 s at 20 % + 0.5 s at 60 %.
+        assert!((s.allocated_busy_seconds(0, 0, 6000) - 1.5).abs() < 1e-9);
+        assert!((s.allocated_sm_active_seconds(0, 0, 6000) - 0.6).abs() < 1e-9);
+        assert!((s.allocated_seconds(0, 0, 6000) - 2.0).abs() < 1e-9);
+        assert_eq!(s.sm_active_at(1, 123), 40);
+        assert_eq!(s.tensor_active_at(1, 123), 0);
+        assert!((s.sm_active_seconds(1, 0, 1000) - 0.4).abs() < 1e-9);
+        // GPM averages are exact over [from, to), absent time as 0.
+        let (sm, tensor) = s.gpm_averages(0, 2000, 3000);
+        assert!((sm - 40.0).abs() < 1e-9 && (tensor - 10.0).abs() < 1e-9);
+        let (sm, _) = s.gpm_averages(0, 3500, 5500);
+        assert!((sm - 30.0).abs() < 1e-9, "{sm}");
+        // A stuck GPU: busy and allocated all the time, its SMs idle.
+        assert!((s.busy_seconds(2, 0, 3000) - 3.0).abs() < 1e-9);
+        assert!((s.allocated_busy_seconds(2, 0, 3000) - 3.0).abs() < 1e-9);
+        assert!((s.sm_active_seconds(2, 0, 3000) - 0.03).abs() < 1e-9);
+        assert!(!s.gpus[3].supports(cap::GPM) && s.gpus[0].supports(cap::GPM));
+        assert_eq!(s.gpus[3].name, PRE_HOPPER_GPU_NAME);
+        let faulty = one(Gpu {
+            gpm_fail: vec![[100, 200]],
+            ..Gpu::default()
+        });
+        assert!(!faulty.gpm_fails_at(0, 99) && faulty.gpm_fails_at(0, 100));
+        assert!(faulty.gpm_fails_at(0, 199) && !faulty.gpm_fails_at(0, 200));
+        assert!(Scenario::from_json(r#"{"gpus":[{"unsupported":["gpm"]}]}"#).is_ok());
+        assert_eq!(Scenario::from_json(&s.to_json()).unwrap(), s);
     }
 
     #[test]

@@ -398,6 +398,9 @@ fn old_driver_lacks_new_symbols() {
     assert!(missing(d.total_energy_consumption().map(drop)));
     assert!(missing(d.running_compute_processes_count().map(drop)));
     assert!(missing(d.memory_info().map(drop)));
+    // No GPM symbols at all: support cannot even be asked (and no sample exists to drop).
+    assert!(missing(d.gpm_support().map(drop)));
+    assert!(missing(d.gpm_sample().map(drop)));
 }
 
 #[test]
@@ -442,4 +445,101 @@ fn a_hung_driver_blocks_every_call_until_it_recovers() {
     let back = s.now_ms();
     assert!(back >= 900, "returned at {back} ms, inside the hang");
     assert_eq!(rates.unwrap().gpu, 50);
+}
+
+/// Takes a GPM sample of `d`, returning it with the scenario times bracketing the call.
+fn gpm_sample_at<'n>(
+    s: &Scenario,
+    d: &nvml_wrapper::Device<'n>,
+) -> (nvml_wrapper::GpmSample<'n>, u64, u64) {
+    let before = s.now_ms();
+    let sample = d.gpm_sample().expect("gpm sample");
+    (sample, before, s.now_ms())
+}
+
+#[test]
+fn gpm_metrics_are_the_exact_average_between_two_samples() {
+    use nvml_wrapper::enums::gpm::GpmMetricId;
+    use nvml_wrapper::gpm::gpm_metrics_get;
+    let s = scenario(vec![
+        Gpu {
+            sm_active: Some(vec![[0, 30], [500, 90]]),
+            tensor_active: vec![[0, 10], [500, 40]],
+            gpm_fail: vec![[900, 1100]],
+            ..Gpu::default()
+        },
+        Gpu::pre_hopper(60),
+        // Without an SM script, SM activity follows utilization; tensor stays 0.
+        Gpu::at_util(70),
+    ]);
+    let fake = FakeLib::new("gpm", &s);
+    let nvml = fake.init().unwrap();
+    let d = nvml.device_by_index(0).unwrap();
+    let old = nvml.device_by_index(1).unwrap();
+    let plain = nvml.device_by_index(2).unwrap();
+    assert!(d.gpm_support().unwrap());
+    assert!(!old.gpm_support().unwrap());
+    assert!(matches!(old.gpm_sample(), Err(NvmlError::NotSupported)));
+    assert_eq!(fake.gpm_samples_live(), 0, "a failed get frees its sample");
+
+    let (first, a1, b1) = gpm_sample_at(&s, &d);
+    let (plain1, _, _) = gpm_sample_at(&s, &plain);
+    fake.sleep_until(b1 + 150);
+    // Closer than 100 ms on the fake's clock is refused... but 150 ms is fine.
+    let (close, _, _) = gpm_sample_at(&s, &d);
+    fake.sleep_until(700);
+    let (second, a2, b2) = gpm_sample_at(&s, &d);
+    let (plain2, _, _) = gpm_sample_at(&s, &plain);
+    let ids = [
+        GpmMetricId::SmUtil,
+        GpmMetricId::AnyTensorUtil,
+        GpmMetricId::DramBwUtil,
+    ];
+    let got = gpm_metrics_get(&nvml, &first, &second, &ids).unwrap();
+    // The value is the script's average over [t1, t2) for some t1 in [a1, b1] and t2
+    // in [a2, b2]: monotonic in each, so it lies between the corners' averages.
+    let within = |value: f64, sm: bool| {
+        let corners = [(a1, a2), (a1, b2), (b1, a2), (b1, b2)].map(|(t1, t2)| {
+            if sm {
+                s.gpm_averages(0, t1, t2).0
+            } else {
+                s.gpm_averages(0, t1, t2).1
+            }
+        });
+        let lo = corners.iter().copied().fold(f64::MAX, f64::min);
+        let hi = corners.iter().copied().fold(f64::MIN, f64::max);
+        assert!(
+            lo - 1e-9 <= value && value <= hi + 1e-9,
+            "{value} outside [{lo}, {hi}]"
+        );
+    };
+    let sm = got[0].as_ref().unwrap();
+    assert_eq!(sm.metric_id, GpmMetricId::SmUtil);
+    assert_eq!(sm.metric_info.unit, "%");
+    within(sm.value, true);
+    within(got[1].as_ref().unwrap().value, false);
+    assert!(30.0 < sm.value && sm.value < 90.0, "{}", sm.value);
+    assert!(matches!(got[2], Err(NvmlError::NotSupported)));
+    let plain_got = gpm_metrics_get(&nvml, &plain1, &plain2, &ids[..2]).unwrap();
+    assert!((plain_got[0].as_ref().unwrap().value - 70.0).abs() < 1e-9);
+    assert_eq!(plain_got[1].as_ref().unwrap().value, 0.0);
+
+    // Refused: reversed, too close, or samples of two GPUs.
+    let refused = |r: Result<Vec<_>, NvmlError>| matches!(r, Err(NvmlError::InvalidArg));
+    assert!(refused(gpm_metrics_get(&nvml, &second, &first, &ids[..1])));
+    let (third, _, _) = gpm_sample_at(&s, &d);
+    assert!(refused(gpm_metrics_get(&nvml, &second, &third, &ids[..1])));
+    assert!(refused(gpm_metrics_get(&nvml, &first, &plain2, &ids[..1])));
+    assert!(gpm_metrics_get(&nvml, &first, &close, &ids[..1]).is_ok());
+
+    // A scripted failure window.
+    fake.sleep_until(950);
+    assert!(matches!(d.gpm_sample(), Err(NvmlError::Unknown)));
+    fake.sleep_until(1100);
+    let (after, _, _) = gpm_sample_at(&s, &d);
+    assert_eq!(fake.gpm_samples_live(), 7);
+    // Freed explicitly or on drop, every sample goes.
+    after.free().unwrap();
+    drop((first, second, third, close, plain1, plain2));
+    assert_eq!(fake.gpm_samples_live(), 0);
 }

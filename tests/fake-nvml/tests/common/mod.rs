@@ -113,6 +113,17 @@ impl FakeLib {
         Nvml::builder().lib_path(self.so.as_os_str()).init()
     }
 
+    /// GPM samples allocated on this copy and not freed (a test hook of the fake).
+    pub fn gpm_samples_live(&self) -> u32 {
+        unsafe {
+            let hook = self
+                .lib
+                .get::<unsafe extern "C" fn() -> c_uint>(b"fake_nvml_gpm_samples_live\0")
+                .expect("hook symbol");
+            hook()
+        }
+    }
+
     /// Sleeps until `t_ms` on the scenario's timeline.
     pub fn sleep_until(&self, t_ms: u64) {
         let now = self.scenario.now_ms();
