@@ -335,7 +335,9 @@ fn an_old_driver_without_gpm_symbols_exports_no_gpm_series() {
 }
 
 /// The agent's CPU time per round with and without GPM, 8 fake GPUs polled every
-/// 100 ms (the shortest interval), by `/proc/PID/task/*/schedstat`. Not a timed test:
+/// 200 ms (so that every round takes a GPM sample: at 100 ms every other round skips),
+/// by `/proc/PID/task/*/schedstat`; the fake library runs in the agent's process, so its
+/// own work is included. Not a timed test:
 /// `cargo test --release --test agent_gpm -- --ignored --nocapture gpm_cost`.
 #[test]
 #[ignore = "a measurement, not a check: run by hand"]
@@ -344,7 +346,8 @@ fn gpm_cost_per_poll() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    for gpm in [false, true] {
+    // Alternating, so that a change in the machine's load shows as disagreeing pairs.
+    for gpm in [false, true, false, true, false, true] {
         let gpus = (0..8)
             .map(|i| Gpu {
                 unsupported: if gpm { vec![] } else { vec!["gpm".into()] },
@@ -357,7 +360,7 @@ fn gpm_cost_per_poll() {
                 ..Scenario::default()
             },
             AgentOpts {
-                interval: "100ms",
+                interval: "200ms",
                 log_level: "info",
                 ..AgentOpts::default()
             },
@@ -370,10 +373,39 @@ fn gpm_cost_per_poll() {
         let (cpu1, p1) = (cpu_ns(pid), polls(&agent.metrics()));
         let per_poll_us = (cpu1 - cpu0) as f64 / 1e3 / (p1 - p0);
         println!(
-            "gpm {}: 8 fake GPUs every 100 ms, {} rounds, {per_poll_us:.1} µs CPU per round ({:.2} µs per GPU)",
+            "gpm {}: 8 fake GPUs every 200 ms, {} rounds, {per_poll_us:.1} µs CPU per round ({:.2} µs per GPU)",
             if gpm { "on " } else { "off" },
             p1 - p0,
             per_poll_us / 8.0
         );
     }
+    // The GPM calls alone, through nvml-wrapper on the fake in this process: what a
+    // round adds per GPU (a sample allocated, taken and freed; one metrics call).
+    let nvml = nvml_wrapper::Nvml::builder()
+        .lib_path(fake_library("nvidia_ml").as_os_str())
+        .init()
+        .unwrap();
+    let dev = nvml.device_by_index(0).unwrap();
+    let n = 20_000u32;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        drop(dev.gpm_sample().unwrap());
+    }
+    let sample_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let first = dev.gpm_sample().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let second = dev.gpm_sample().unwrap();
+    let ids = [
+        nvml_wrapper::enums::gpm::GpmMetricId::SmUtil,
+        nvml_wrapper::enums::gpm::GpmMetricId::AnyTensorUtil,
+    ];
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        nvml_wrapper::gpm::gpm_metrics_get(&nvml, &first, &second, &ids).unwrap();
+    }
+    let metrics_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    println!(
+        "gpm calls on the fake: sample (alloc, get, free) {sample_us:.2} µs, metrics (SM, tensor) {metrics_us:.2} µs: {:.2} µs per GPU and round",
+        sample_us + metrics_us
+    );
 }
