@@ -304,6 +304,50 @@ fn a_gpm_failure_window_is_counted_logged_once_and_disturbs_no_other_counter() {
 }
 
 #[test]
+fn a_driver_reload_frees_every_sample_and_keeps_the_gpm_decision() {
+    let sc = Scenario {
+        driver_down: vec![[2_000, 3_000]],
+        gpus: vec![Gpu {
+            sm_active: Some(vec![[0, 40]]),
+            ..Gpu::at_util(70)
+        }],
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    agent.wait_ready(Duration::from_secs(20));
+    agent.wait_for(Duration::from_secs(10), "the driver reload", |m| {
+        m.get("commitmeter_nvml_up", &[]) == Some(0.0)
+    });
+    agent.wait_for(Duration::from_secs(10), "NVML back after the reload", |m| {
+        m.gpu("commitmeter_gpu_up", 0) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(2_000));
+    let m = agent.metrics();
+    let observed = m.gpu("commitmeter_gpu_observed_seconds_total", 0).unwrap();
+    let sm = m.gpu("commitmeter_gpu_sm_active_seconds_total", 0).unwrap();
+    // A GPM window never spans the reload: the first round of each session is a
+    // baseline, so SM-active is 40 % of observed less up to one round per session.
+    assert!(sm <= 0.4 * observed + 1e-9, "{sm} of {observed} s");
+    assert!(
+        sm >= 0.4 * (observed - 2.0 * INTERVAL_S) - 1e-6,
+        "{sm} of {observed} s"
+    );
+    assert_eq!(
+        m.get("commitmeter_gpu_info", &[("activity_source", "gpm")]),
+        Some(1.0)
+    );
+    assert_eq!(m.series("commitmeter_gpu_info").len(), 1);
+    // The old session's samples were freed before its NVML shut down.
+    assert_eq!(agent.log_count("NVML initialized"), 2);
+    assert_eq!(
+        agent.log_count("not freed"),
+        0,
+        "log:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
 fn an_old_driver_without_gpm_symbols_exports_no_gpm_series() {
     let agent = Agent::start(
         &Scenario {
