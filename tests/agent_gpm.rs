@@ -14,14 +14,6 @@ use common::*;
 
 const INTERVAL_S: f64 = 0.5;
 
-/// The instant of the last completed round on the scenario's timeline.
-fn last_round_ms(sc: &Scenario, m: &Metrics) -> u64 {
-    let ts = m
-        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
-        .expect("no round completed");
-    ((ts * 1000.0).round() as u64).saturating_sub(sc.start_unix_ms.unwrap())
-}
-
 /// A counter's growth between two scrapes.
 fn delta(m1: &Metrics, m2: &Metrics, name: &str, gpu: usize) -> f64 {
     let v = |m: &Metrics| {
