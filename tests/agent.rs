@@ -23,14 +23,6 @@ fn assert_close(what: &str, measured: f64, truth: f64, per_second: f64) {
     );
 }
 
-/// The instant of the last completed round on the scenario's timeline.
-fn last_round_ms(sc: &Scenario, m: &Metrics) -> u64 {
-    let ts = m
-        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
-        .expect("no round completed");
-    ((ts * 1000.0).round() as u64).saturating_sub(sc.start_unix_ms.unwrap())
-}
-
 fn eight_gpus() -> Scenario {
     let mut gpus: Vec<Gpu> = [0, 10, 25, 50, 75, 100]
         .into_iter()

@@ -181,6 +181,7 @@ fn every_flag_in_the_readme_exists() {
         "--all-targets",
         "--bench",
         "--check",
+        "--ignored",
         "--lib",
         "--nocapture",
         "--release",

@@ -13,6 +13,13 @@
 //!   times the observed interval. A round never adds more busy than observed time, so
 //!   `busy <= observed` always holds.
 //! - *Allocated* time is observed time during which at least one compute process ran.
+//!   *Allocated busy* time is the busy time of those rounds (so it never exceeds either),
+//!   and *allocated SM-active* time their SM-active time.
+//! - *SM-active* and *tensor-active* time (GPUs with GPM only) are GPM's SM and
+//!   tensor-pipe activity between two GPM samples, applied to the observed time those
+//!   samples span, with the same chain discipline as busy: a broken chain, a failed
+//!   sample or a failed metrics call only sets a new GPM baseline, so activity is
+//!   never claimed over time nobody observed, and never exceeds observed time.
 //! - *Energy* follows the driver's millijoule counter; a decrease is a counter reset
 //!   (driver reload) and, as Prometheus does for counters, the new value counts from 0.
 
@@ -32,6 +39,33 @@ pub enum Busy {
     Unknown,
 }
 
+/// What GPM said in a round (GPUs with GPM only).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Activity {
+    /// The GPU has no GPM: nothing accrues, ever.
+    #[default]
+    Unsupported,
+    /// A new GPM sample without metrics (the first one, or the first after a failure
+    /// or a failed metrics call): the start of a GPM window.
+    Baseline,
+    /// No sample this round (the previous one is too recent to measure against): the
+    /// open GPM window goes on, and this round's observed time waits for its metrics.
+    Skipped,
+    /// A new sample, and the average SM and tensor-pipe activity (fractions in
+    /// `[0, 1]`) since the previous one: closes the open window and opens the next.
+    Metrics { sm: f64, tensor: f64 },
+    /// The sample failed: the open window is dropped, nothing accrues until a new
+    /// baseline.
+    Failed,
+}
+
+impl Activity {
+    /// Whether a new GPM sample was taken this round (which starts a window).
+    fn sampled(self) -> bool {
+        matches!(self, Activity::Baseline | Activity::Metrics { .. })
+    }
+}
+
 /// One reading of a GPU that answered NVML.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reading {
@@ -40,6 +74,7 @@ pub struct Reading {
     pub processes: Option<u32>,
     /// The driver's total-energy counter in millijoules; `None` when unsupported.
     pub energy_mj: Option<u64>,
+    pub activity: Activity,
 }
 
 /// What the accounting learned from one reading.
@@ -49,6 +84,21 @@ pub struct Increment {
     pub busy_s: f64,
     pub allocated_s: f64,
     pub energy_j: f64,
+    /// Busy seconds of this round if a compute process held the GPU, else 0.
+    pub allocated_busy_s: f64,
+    pub sm_active_s: f64,
+    pub tensor_active_s: f64,
+    /// SM-active seconds of the allocated rounds among those the GPM window closed
+    /// this round spans.
+    pub allocated_sm_active_s: f64,
+}
+
+/// The observed time of an open GPM window: the rounds since its baseline sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct GpmWindow {
+    observed_s: f64,
+    /// The part of `observed_s` in rounds a compute process held the GPU.
+    allocated_s: f64,
 }
 
 /// Sample busy time a round may hold back for the next ones. A poll of the
@@ -67,6 +117,12 @@ pub struct GpuAccount {
     pub busy_s: f64,
     pub allocated_s: f64,
     pub energy_j: f64,
+    pub allocated_busy_s: f64,
+    pub sm_active_s: f64,
+    pub tensor_active_s: f64,
+    pub allocated_sm_active_s: f64,
+    /// The open GPM window, from a baseline sample taken in an unbroken chain.
+    gpm: Option<GpmWindow>,
     /// Monotonic time of the last healthy reading in an unbroken chain.
     last_healthy: Option<Duration>,
     /// Last energy counter value seen, kept across breaks: the driver counter keeps
@@ -101,10 +157,29 @@ impl GpuAccount {
                 };
                 if reading.processes.is_some_and(|n| n > 0) {
                     inc.allocated_s = secs;
+                    inc.allocated_busy_s = inc.busy_s;
                 }
+                self.gpm = match (reading.activity, self.gpm) {
+                    (Activity::Unsupported | Activity::Failed, _) => None,
+                    (Activity::Baseline, _) => Some(GpmWindow::default()),
+                    (Activity::Skipped, open) => open.map(|w| w.grow(secs, inc.allocated_s)),
+                    (Activity::Metrics { sm, tensor }, open) => {
+                        if let Some(w) = open.map(|w| w.grow(secs, inc.allocated_s)) {
+                            let (sm, tensor) = (clamp_fraction(sm), clamp_fraction(tensor));
+                            inc.sm_active_s = sm * w.observed_s;
+                            inc.tensor_active_s = tensor * w.observed_s;
+                            inc.allocated_sm_active_s = sm * w.allocated_s;
+                        }
+                        Some(GpmWindow::default())
+                    }
+                };
             }
-            // A new baseline: busy integrated over time nobody observed is dropped.
-            None => self.busy_carry_s = 0.0,
+            // A new baseline: busy integrated over time nobody observed is dropped, and
+            // so is a GPM window; a sample taken now starts the next one.
+            None => {
+                self.busy_carry_s = 0.0;
+                self.gpm = reading.activity.sampled().then_some(GpmWindow::default());
+            }
         }
         if let Some(now_mj) = reading.energy_mj {
             inc.energy_j = match self.energy_baseline_mj {
@@ -120,6 +195,10 @@ impl GpuAccount {
         self.busy_s += inc.busy_s;
         self.allocated_s += inc.allocated_s;
         self.energy_j += inc.energy_j;
+        self.allocated_busy_s += inc.allocated_busy_s;
+        self.sm_active_s += inc.sm_active_s;
+        self.tensor_active_s += inc.tensor_active_s;
+        self.allocated_sm_active_s += inc.allocated_sm_active_s;
         inc
     }
 
@@ -128,6 +207,12 @@ impl GpuAccount {
     pub fn interrupted(&mut self) {
         self.last_healthy = None;
         self.busy_carry_s = 0.0;
+        self.gpm = None;
+    }
+
+    /// Observed seconds of the open GPM window still waiting for its metrics.
+    pub fn gpm_pending_s(&self) -> f64 {
+        self.gpm.map_or(0.0, |w| w.observed_s)
     }
 
     /// Whether the next healthy reading will accrue time.
@@ -138,6 +223,15 @@ impl GpuAccount {
     /// Sample busy seconds integrated but not yet added (at most [`MAX_BUSY_CARRY_S`]).
     pub fn busy_carry_s(&self) -> f64 {
         self.busy_carry_s
+    }
+}
+
+impl GpmWindow {
+    fn grow(self, observed_s: f64, allocated_s: f64) -> Self {
+        Self {
+            observed_s: self.observed_s + observed_s,
+            allocated_s: self.allocated_s + allocated_s,
+        }
     }
 }
 
@@ -376,6 +470,7 @@ mod tests {
             busy: Busy::Rates(busy),
             processes: Some(processes),
             energy_mj: Some(energy_mj),
+            activity: Activity::Unsupported,
         }
     }
 
@@ -434,6 +529,7 @@ mod tests {
             busy: Busy::Unknown,
             processes: None,
             energy_mj: None,
+            activity: Activity::Unsupported,
         };
         a.healthy(s(0), &r, GAP);
         let inc = a.healthy(s(1000), &r, GAP);
@@ -451,6 +547,7 @@ mod tests {
             busy: Busy::Samples(seconds),
             processes: None,
             energy_mj: None,
+            activity: Activity::Unsupported,
         }
     }
 
@@ -469,6 +566,68 @@ mod tests {
         assert_eq!(a.busy_carry_s(), 0.0);
         a.healthy(s(2000), &sampled(0.0), GAP);
         assert_eq!(a.healthy(s(2500), &sampled(0.0), GAP).busy_s, 0.0);
+    }
+
+    fn gpm(activity: Activity, processes: u32) -> Reading {
+        Reading {
+            busy: Busy::Rates(1.0),
+            processes: Some(processes),
+            energy_mj: None,
+            activity,
+        }
+    }
+
+    fn metrics(sm: f64, tensor: f64) -> Activity {
+        Activity::Metrics { sm, tensor }
+    }
+
+    #[test]
+    fn gpm_activity_covers_the_observed_time_its_samples_span() {
+        let mut a = GpuAccount::default();
+        // The chain's first reading: a baseline for both.
+        a.healthy(s(0), &gpm(Activity::Baseline, 1), GAP);
+        let inc = a.healthy(s(1000), &gpm(metrics(0.5, 0.25), 1), GAP);
+        assert_eq!((inc.sm_active_s, inc.tensor_active_s), (0.5, 0.25));
+        assert_eq!(inc.allocated_sm_active_s, 0.5);
+        assert_eq!(inc.allocated_busy_s, 1.0);
+        // A skipped round waits for the next metrics, which cover both rounds; only the
+        // allocated one counts towards allocated SM-active time.
+        a.healthy(s(1050), &gpm(Activity::Skipped, 0), GAP);
+        assert_eq!(a.gpm_pending_s(), 0.05);
+        let inc = a.healthy(s(2000), &gpm(metrics(1.0, 0.0), 1), GAP);
+        assert!((inc.sm_active_s - 1.0).abs() < 1e-12, "{inc:?}");
+        assert!((inc.allocated_sm_active_s - 0.95).abs() < 1e-12, "{inc:?}");
+        // A failed sample drops the window; the next sample is only a baseline.
+        a.healthy(s(3000), &gpm(Activity::Failed, 1), GAP);
+        let inc = a.healthy(s(4000), &gpm(metrics(1.0, 1.0), 1), GAP);
+        assert_eq!(inc.sm_active_s, 0.0);
+        assert_eq!(
+            a.healthy(s(5000), &gpm(metrics(0.1, 0.0), 1), GAP)
+                .sm_active_s,
+            0.1
+        );
+        // A broken chain drops the window, even if a sample was skipped across it.
+        a.interrupted();
+        a.healthy(s(7000), &gpm(Activity::Skipped, 1), GAP);
+        assert_eq!(
+            a.healthy(s(8000), &gpm(metrics(1.0, 1.0), 1), GAP)
+                .sm_active_s,
+            0.0
+        );
+        // A gap past max_gap: the sample taken then starts the next window.
+        a.healthy(s(20_000), &gpm(metrics(1.0, 1.0), 1), GAP);
+        let inc = a.healthy(s(21_000), &gpm(metrics(0.3, 0.2), 0), GAP);
+        assert_eq!((inc.sm_active_s, inc.allocated_sm_active_s), (0.3, 0.0));
+        assert_eq!(inc.allocated_busy_s, 0.0);
+        assert!((a.sm_active_s - 1.9).abs() < 1e-12, "{}", a.sm_active_s);
+        // Values outside [0, 1] are clamped; a GPU without GPM accrues nothing.
+        let inc = a.healthy(s(22_000), &gpm(metrics(1.7, f64::NAN), 1), GAP);
+        assert_eq!((inc.sm_active_s, inc.tensor_active_s), (1.0, 0.0));
+        let mut none = GpuAccount::default();
+        none.healthy(s(0), &gpm(Activity::Unsupported, 1), GAP);
+        none.healthy(s(1000), &gpm(Activity::Unsupported, 1), GAP);
+        assert_eq!((none.sm_active_s, none.allocated_sm_active_s), (0.0, 0.0));
+        assert_eq!(none.allocated_busy_s, 1.0);
     }
 
     const BASE_US: u64 = 1_000_000_000_000;
@@ -907,6 +1066,91 @@ mod tests {
         ) {
             check_constant_load(&schedule, load)?;
             check_exact_integral(&schedule, dry, &loads)?;
+        }
+
+        /// For any sequence of readings, GPM outcomes, processes, breaks and gaps: the
+        /// idle-split and GPM counters only grow; per round allocated busy is at most
+        /// allocated and busy; allocated SM-active never exceeds allocated or SM-active;
+        /// SM- and tensor-active never exceed observed, nor observed less what waits
+        /// in an open GPM window.
+        #[test]
+        fn idle_split_and_gpm_counters_are_bounded(
+            events in prop::collection::vec(
+                (0u64..7000, prop::option::weighted(0.9, (0.0f64..=1.0, 0u32..3, 0u8..6, 0.0f64..=1.0, 0.0f64..=1.0))),
+                1..150)
+        ) {
+            let mut a = GpuAccount::default();
+            let mut now = 0u64;
+            for (dt, ev) in events {
+                now += dt;
+                let before = a.clone();
+                match ev {
+                    Some((busy, procs, kind, sm, tensor)) => {
+                        let activity = match kind {
+                            0 => Activity::Baseline,
+                            1 => Activity::Skipped,
+                            2 => Activity::Failed,
+                            3 => Activity::Unsupported,
+                            _ => Activity::Metrics { sm, tensor },
+                        };
+                        let r = Reading {
+                            busy: if kind == 5 { Busy::Samples(busy * 3.0) } else { Busy::Rates(busy) },
+                            processes: Some(procs),
+                            energy_mj: None,
+                            activity,
+                        };
+                        let inc = a.healthy(s(now), &r, GAP);
+                        prop_assert!(inc.allocated_busy_s <= inc.allocated_s + 1e-12, "{inc:?}");
+                        prop_assert!(inc.allocated_busy_s <= inc.busy_s + 1e-12, "{inc:?}");
+                        prop_assert!(inc.allocated_sm_active_s <= inc.sm_active_s + 1e-12, "{inc:?}");
+                    }
+                    None => a.interrupted(),
+                }
+                prop_assert!(a.allocated_busy_s >= before.allocated_busy_s);
+                prop_assert!(a.sm_active_s >= before.sm_active_s);
+                prop_assert!(a.tensor_active_s >= before.tensor_active_s);
+                prop_assert!(a.allocated_sm_active_s >= before.allocated_sm_active_s);
+                prop_assert!(a.allocated_busy_s <= a.allocated_s + 1e-9);
+                prop_assert!(a.allocated_busy_s <= a.busy_s + 1e-9);
+                prop_assert!(a.allocated_sm_active_s <= a.allocated_s + 1e-9);
+                prop_assert!(a.allocated_sm_active_s <= a.sm_active_s + 1e-9);
+                prop_assert!(a.sm_active_s + a.gpm_pending_s() <= a.observed_s + 1e-9);
+                prop_assert!(a.tensor_active_s + a.gpm_pending_s() <= a.observed_s + 1e-9);
+            }
+        }
+
+        /// No bias: at constant activity, over an unbroken chain of rounds where some
+        /// samples are skipped, SM-active time is exactly activity × the observed time
+        /// since the first sample, less what waits in the open window, and allocated
+        /// SM-active time exactly activity × the allocated time closed windows span.
+        #[test]
+        fn constant_activity_adds_exactly_activity_times_observed(
+            rounds in prop::collection::vec((1u64..=5000, any::<bool>(), any::<bool>()), 1..100),
+            sm in 0.0f64..=1.0,
+            tensor in 0.0f64..=1.0,
+        ) {
+            let mut a = GpuAccount::default();
+            let mut now = 0u64;
+            a.healthy(s(now), &gpm(Activity::Baseline, 1), GAP);
+            let (mut closed_observed, mut closed_allocated) = (0.0, 0.0);
+            let (mut open_observed, mut open_allocated) = (0.0, 0.0);
+            for (dt, skip, held) in rounds {
+                now += dt;
+                let activity = if skip { Activity::Skipped } else { metrics(sm, tensor) };
+                let inc = a.healthy(s(now), &gpm(activity, u32::from(held)), GAP);
+                open_observed += inc.observed_s;
+                open_allocated += inc.allocated_s;
+                if !skip {
+                    closed_observed += open_observed;
+                    closed_allocated += open_allocated;
+                    (open_observed, open_allocated) = (0.0, 0.0);
+                }
+            }
+            prop_assert!((a.observed_s - closed_observed - open_observed).abs() < 1e-9);
+            prop_assert!((a.gpm_pending_s() - open_observed).abs() < 1e-9);
+            prop_assert!((a.sm_active_s - sm * closed_observed).abs() < 1e-9);
+            prop_assert!((a.tensor_active_s - tensor * closed_observed).abs() < 1e-9);
+            prop_assert!((a.allocated_sm_active_s - sm * closed_allocated).abs() < 1e-9);
         }
 
         /// For any sequence of readings, breaks and gaps: counters only grow,

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use nvml_wrapper::enum_wrappers::device::{Clock, Sampling, TemperatureSensor};
 use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::enums::gpm::GpmMetricId;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::{Device, Nvml};
+use nvml_wrapper::{Device, GpmSample, Nvml};
 
-use super::accrue::{self, Busy, Reading, SampleIntegrator};
+use super::accrue::{self, Activity, Busy, Reading, SampleIntegrator};
 use crate::clock::AgentClock;
 
 /// Loads and initializes NVML. Without a path the dynamic loader looks up
@@ -152,6 +153,8 @@ pub struct Snapshot {
     pub power_limit_w: Option<f64>,
     pub temperature_c: Option<f64>,
     pub sm_clock_hz: Option<f64>,
+    /// What GPM said this round ([`read_gpm`]).
+    pub activity: Activity,
 }
 
 impl Snapshot {
@@ -175,6 +178,7 @@ impl Snapshot {
             busy,
             processes: self.processes,
             energy_mj: self.energy_mj,
+            activity: self.activity,
         }
     }
 }
@@ -276,6 +280,145 @@ pub fn read(
     snap.sm_clock_hz =
         call!(clock, "clock_info", dev.clock_info(Clock::SM)).map(|mhz| f64::from(mhz) * 1e6);
     Ok(snap)
+}
+
+/// NVML wants two GPM samples at least 100 ms apart on the driver's clock. The agent
+/// stamps its own clock just before each sample call; the driver reads its clock a
+/// little later, by a delay that varies from call to call, so a margin keeps two
+/// samples stamped this far apart at least 100 ms apart for the driver too.
+pub const GPM_MIN_SPACING: Duration = Duration::from_millis(110);
+
+/// Whether GPM is used on a GPU: decided when the agent first adopts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpmMode {
+    /// `nvmlGpmQueryDeviceSupport` said yes; the first sample decides (a MIG-enabled
+    /// GPU or a driver without the sample symbols answers "not supported" there).
+    Probe,
+    On,
+    Off,
+}
+
+/// GPM state of one GPU in one NVML session: the previous sample, freed when replaced,
+/// when the GPU is re-adopted or lost, and before the session's `Nvml` goes.
+pub struct Gpm<'n> {
+    pub mode: GpmMode,
+    /// The previous sample and the agent's time just before it was taken.
+    prev: Option<(GpmSample<'n>, Duration)>,
+    /// The last GPM call failed: logged once per episode by the caller.
+    pub failing: bool,
+}
+
+impl<'n> Gpm<'n> {
+    pub fn new(mode: GpmMode) -> Self {
+        Self {
+            mode,
+            prev: None,
+            failing: false,
+        }
+    }
+
+    /// Drops (and so frees) the previous sample: the next one is a new baseline.
+    pub fn forget(&mut self) {
+        self.prev = None;
+    }
+}
+
+/// Asks whether GPM is supported, once, when a GPU is first adopted. An answer other
+/// than yes, or a failure, means no GPM for this GPU for the life of the process: a
+/// transient failure is reported to `on_error`.
+pub fn gpm_mode(dev: &Device<'_>, on_error: &mut dyn FnMut(&'static str, &NvmlError)) -> GpmMode {
+    match dev.gpm_support() {
+        Ok(true) => GpmMode::Probe,
+        Ok(false) => GpmMode::Off,
+        Err(e) => {
+            if classify(&e) == Fault::Transient {
+                on_error("gpm_support", &e);
+            }
+            GpmMode::Off
+        }
+    }
+}
+
+/// One round of GPM for a GPU: a new sample unless the previous one is younger than
+/// [`GPM_MIN_SPACING`] (then [`Activity::Skipped`], the previous one kept), and the SM
+/// and tensor-pipe activity between the two. A failed sample drops the previous one
+/// ([`Activity::Failed`]); a failed metrics call keeps the new one as a baseline. Both
+/// are reported to `on_error`; a lost GPU or a dead driver ends the read.
+pub fn read_gpm<'n>(
+    lib: &'n Nvml,
+    dev: &Device<'n>,
+    gpm: &mut Gpm<'n>,
+    clock: &AgentClock,
+    on_error: &mut dyn FnMut(&'static str, &NvmlError),
+) -> Result<Activity, ReadError> {
+    if gpm.mode == GpmMode::Off {
+        return Ok(Activity::Unsupported);
+    }
+    let at = clock.now();
+    if gpm
+        .prev
+        .as_ref()
+        .is_some_and(|(_, prev)| at.saturating_sub(*prev) < GPM_MIN_SPACING)
+    {
+        return Ok(Activity::Skipped);
+    }
+    let sample = match dev.gpm_sample() {
+        Ok(sample) => sample,
+        Err(e) => {
+            gpm.prev = None;
+            return match classify(&e) {
+                Fault::Lost => Err(ReadError::Lost(e)),
+                Fault::Driver => Err(ReadError::Driver(e)),
+                Fault::Unsupported if gpm.mode == GpmMode::Probe => {
+                    gpm.mode = GpmMode::Off;
+                    Ok(Activity::Unsupported)
+                }
+                _ => {
+                    on_error("gpm_sample", &e);
+                    gpm.failing = true;
+                    Ok(Activity::Failed)
+                }
+            };
+        }
+    };
+    gpm.mode = GpmMode::On;
+    let activity = match gpm.prev.take() {
+        None => Activity::Baseline,
+        Some((prev, _)) => {
+            let got = nvml_wrapper::gpm::gpm_metrics_get(
+                lib,
+                &prev,
+                &sample,
+                &[GpmMetricId::SmUtil, GpmMetricId::AnyTensorUtil],
+            );
+            // `prev` is dropped (freed) here, whatever the outcome.
+            match got.map(|v| v.into_iter().collect::<Result<Vec<_>, _>>()) {
+                Ok(Ok(v)) if v.len() == 2 => {
+                    gpm.failing = false;
+                    Activity::Metrics {
+                        sm: v[0].value / 100.0,
+                        tensor: v[1].value / 100.0,
+                    }
+                }
+                Ok(Ok(_)) => {
+                    on_error("gpm_metrics", &NvmlError::Unknown);
+                    gpm.failing = true;
+                    Activity::Baseline
+                }
+                Err(e) | Ok(Err(e)) => match classify(&e) {
+                    Fault::Lost => return Err(ReadError::Lost(e)),
+                    Fault::Driver => return Err(ReadError::Driver(e)),
+                    _ => {
+                        on_error("gpm_metrics", &e);
+                        gpm.failing = true;
+                        Activity::Baseline
+                    }
+                },
+            }
+        }
+    };
+    gpm.prev = Some((sample, at));
+    Ok(activity)
 }
 
 fn sample_percent(v: &SampleValue) -> f64 {

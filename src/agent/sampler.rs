@@ -26,7 +26,7 @@ use crate::clock::{self, AgentClock};
 
 use super::accrue::{DryBufferWatch, GpuAccount, SampleIntegrator};
 use super::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels};
-use super::nvml::{self, Caps, Fault, Identity, ReadError, SampleRead, Snapshot};
+use super::nvml::{self, Caps, Fault, Gpm, GpmMode, Identity, ReadError, SampleRead, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
@@ -228,10 +228,23 @@ struct Gpu {
     /// Labelled with the index at which the process first saw the UUID.
     series: GpuSeries,
     allocated: Option<Counter>,
+    /// Created with `allocated`.
+    allocated_busy: Option<Counter>,
     energy: Option<Counter>,
+    /// `None` until decided, at the GPU's first answered round in this process; then
+    /// the GPM series, or `None` for a GPU without GPM. Never switched afterwards.
+    gpm: Option<Option<GpmSeries>>,
     /// The identity and sources `commitmeter_gpu_info` shows now.
     info: Option<(Identity, Sources)>,
     up: bool,
+}
+
+/// The GPM counters of a GPU with GPM, created at 0 when that is decided.
+struct GpmSeries {
+    sm_active: Counter,
+    tensor_active: Counter,
+    /// Created with the GPU's `allocated`.
+    allocated_sm_active: Option<Counter>,
 }
 
 /// One index in the current driver session.
@@ -239,6 +252,8 @@ struct Slot {
     index: u32,
     identity: Option<Identity>,
     caps: Caps,
+    /// Whether GPM is used, as of the last read (see [`nvml::GpmMode`]).
+    gpm: GpmMode,
     samples: SampleIntegrator,
     dry: DryBufferWatch,
     lost_logged: bool,
@@ -353,12 +368,15 @@ impl Loop {
                 index,
                 identity: None,
                 caps: Caps::default(),
+                gpm: GpmMode::Off,
                 samples: SampleIntegrator::default(),
                 dry: DryBufferWatch::default(),
                 lost_logged: false,
             })
             .collect();
         let mut devices: Vec<Option<Device<'_>>> = (0..count).map(|_| None).collect();
+        // Each GPU's previous GPM sample: dropped (freed) before `lib` is.
+        let mut gpms: Vec<Gpm<'_>> = (0..count).map(|_| Gpm::new(GpmMode::Off)).collect();
         tracing::info!(gpus = count, "enumerated GPUs");
         let mut events = match lib.create_event_set() {
             Ok(set) => Some(set),
@@ -380,7 +398,16 @@ impl Loop {
                         .and_then(|d| nvml::identify(&d).map(|id| (d, id)));
                     match found {
                         Ok((d, id)) => {
+                            // Decided once per GPU in this process.
+                            let mode = match self.gpus.get(&id.uuid).and_then(|g| g.gpm.as_ref()) {
+                                Some(Some(_)) => GpmMode::On,
+                                Some(None) => GpmMode::Off,
+                                None => nvml::gpm_mode(&d, &mut |call, e| {
+                                    round.errors.push((call, nvml::error_label(e)))
+                                }),
+                            };
                             adopt(slot, id);
+                            gpms[i] = Gpm::new(mode);
                             *dev = Some(d);
                         }
                         Err(e) if nvml::classify(&e) == Fault::Driver => {
@@ -388,6 +415,7 @@ impl Loop {
                         }
                         Err(e) => {
                             lost(slot, &e);
+                            gpms[i].forget();
                             round.outcomes.push((i, None));
                             continue;
                         }
@@ -411,18 +439,37 @@ impl Loop {
                     }
                 }
                 let errors = &mut round.errors;
+                let mut on_error = |call, e: &NvmlError| errors.push((call, nvml::error_label(e)));
+                let gpm = &mut gpms[i];
+                let was_failing = gpm.failing;
                 let read = nvml::read(
                     d,
                     &mut slot.caps,
                     slot.samples.cursor(),
                     &self.clock,
-                    &mut |call, e| errors.push((call, nvml::error_label(e))),
-                );
+                    &mut on_error,
+                )
+                .and_then(|mut snap| {
+                    snap.activity = nvml::read_gpm(lib, d, gpm, &self.clock, &mut on_error)?;
+                    Ok(snap)
+                });
+                slot.gpm = gpm.mode;
+                if gpm.failing != was_failing {
+                    if gpm.failing {
+                        tracing::warn!(
+                            gpu = slot.index,
+                            "GPM sampling failing (see commitmeter_nvml_errors_total); SM and tensor activity are not counted until it recovers"
+                        );
+                    } else {
+                        tracing::info!(gpu = slot.index, "GPM sampling recovered");
+                    }
+                }
                 match read {
                     Ok(snap) => round.outcomes.push((i, Some(snap))),
                     Err(ReadError::Driver(e)) => return (End::Driver(e), round.errors),
                     Err(ReadError::Lost(e)) => {
                         lost(slot, &e);
+                        gpms[i].forget();
                         *dev = None;
                         round.outcomes.push((i, None));
                     }
@@ -486,13 +533,27 @@ impl Loop {
                 account: GpuAccount::default(),
                 series: self.metrics.gpu(slot.index, &id.uuid),
                 allocated: None,
+                allocated_busy: None,
                 energy: None,
+                gpm: None,
                 info: None,
                 up: false,
             });
+            if gpu.gpm.is_none() && snap.is_some() && slot.gpm != GpmMode::Probe {
+                let l = gpu.series.labels();
+                gpu.gpm = Some((slot.gpm == GpmMode::On).then(|| GpmSeries {
+                    sm_active: self.metrics.sm_active.with(&l),
+                    tensor_active: self.metrics.tensor_active.with(&l),
+                    allocated_sm_active: None,
+                }));
+            }
             let sources = Sources {
                 busy: slot.caps.busy_source(),
-                activity: "none",
+                activity: if matches!(gpu.gpm, Some(Some(_))) {
+                    "gpm"
+                } else {
+                    "none"
+                },
             };
             set_info(&self.metrics, gpu, id, sources);
             let Some(snap) = snap else {
@@ -508,10 +569,25 @@ impl Loop {
             gpu.series.observed.inc_by(inc.observed_s);
             gpu.series.busy.inc_by(inc.busy_s);
             if snap.processes.is_some() {
+                let l = gpu.series.labels();
                 let c = gpu
                     .allocated
-                    .get_or_insert_with(|| self.metrics.allocated.with(&gpu.series.labels()));
+                    .get_or_insert_with(|| self.metrics.allocated.with(&l));
                 c.inc_by(inc.allocated_s);
+                let c = gpu
+                    .allocated_busy
+                    .get_or_insert_with(|| self.metrics.allocated_busy.with(&l));
+                c.inc_by(inc.allocated_busy_s);
+                if let Some(Some(g)) = &mut gpu.gpm {
+                    let c = g
+                        .allocated_sm_active
+                        .get_or_insert_with(|| self.metrics.allocated_sm_active.with(&l));
+                    c.inc_by(inc.allocated_sm_active_s);
+                }
+            }
+            if let Some(Some(g)) = &gpu.gpm {
+                g.sm_active.inc_by(inc.sm_active_s);
+                g.tensor_active.inc_by(inc.tensor_active_s);
             }
             if snap.energy_mj.is_some() {
                 let c = gpu

@@ -16,7 +16,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::agent::accrue::{Busy, GpuAccount, Reading as AgentReading};
+use crate::agent::accrue::{Activity, Busy, GpuAccount, Reading as AgentReading};
 
 const DAY_MS: i64 = 86_400_000;
 const SCRAPE_MS: i64 = 15_000;
@@ -72,6 +72,7 @@ impl SimAgent {
             busy: Busy::Samples(1.0),
             processes: Some(1),
             energy_mj: None,
+            activity: Activity::Unsupported,
         };
         while self.next_round_ms <= t_ms {
             if let Some(&(dies, down, init)) = self.restarts.first() {

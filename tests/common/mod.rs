@@ -464,6 +464,15 @@ pub fn timeline_ms(scenario: &Scenario, at: Instant) -> u64 {
     now_ms.saturating_sub(back)
 }
 
+/// The instant of an agent's last completed round (its
+/// `commitmeter_agent_last_round_timestamp_seconds`) on the scenario's timeline.
+pub fn last_round_ms(sc: &Scenario, m: &Metrics) -> u64 {
+    let ts = m
+        .get("commitmeter_agent_last_round_timestamp_seconds", &[])
+        .expect("no round completed");
+    ((ts * 1000.0).round() as u64).saturating_sub(sc.start_unix_ms.unwrap())
+}
+
 /// A running `commitmeter aggregator`, killed on drop.
 pub struct Aggregator {
     pub child: Child,

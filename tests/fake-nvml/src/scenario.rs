@@ -288,8 +288,35 @@ impl Segment {
         }
     }
 
+    /// GPM SM activity (none while absent).
+    fn sm_pct(&self) -> u64 {
+        if self.present {
+            self.sm
+        } else {
+            0
+        }
+    }
+
+    /// GPM tensor-pipe activity (none while absent).
+    fn tensor_pct(&self) -> u64 {
+        if self.present {
+            self.tensor
+        } else {
+            0
+        }
+    }
+
     fn allocated(&self) -> bool {
         self.present && self.procs > 0
+    }
+
+    /// `value` while a compute process holds the present GPU, else 0.
+    fn while_allocated(&self, value: u64) -> u64 {
+        if self.allocated() {
+            value
+        } else {
+            0
+        }
     }
 }
 
@@ -562,7 +589,7 @@ impl Scenario {
 
     /// ∫ util/100 dt over `[from, to)` while present, in seconds.
     pub fn busy_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        self.busy_pct_ms(gpu, from_ms, to_ms) as f64 / 100_000.0
+        self.pct_seconds(gpu, from_ms, to_ms, Segment::busy_pct)
     }
 
     /// Present milliseconds in `[from, to)`.
@@ -582,57 +609,37 @@ impl Scenario {
         ms as f64 / 1000.0
     }
 
+    /// ∫ f(segment) dt / 100 over `[from, to)` for `f` in percent, in seconds.
+    fn pct_seconds(
+        &self,
+        gpu: usize,
+        from_ms: u64,
+        to_ms: u64,
+        f: impl Fn(&Segment) -> u64,
+    ) -> f64 {
+        self.integrate(gpu, from_ms, to_ms, f) as f64 / 100_000.0
+    }
+
     /// ∫ SM activity/100 dt over `[from, to)` while present, in seconds.
     pub fn sm_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        let pct_ms = self.integrate(gpu, from_ms, to_ms, |s| if s.present { s.sm } else { 0 });
-        pct_ms as f64 / 100_000.0
+        self.pct_seconds(gpu, from_ms, to_ms, Segment::sm_pct)
     }
 
     /// ∫ tensor-pipe activity/100 dt over `[from, to)` while present, in seconds.
     pub fn tensor_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        let pct_ms = self.integrate(
-            gpu,
-            from_ms,
-            to_ms,
-            |s| {
-                if s.present {
-                    s.tensor
-                } else {
-                    0
-                }
-            },
-        );
-        pct_ms as f64 / 100_000.0
+        self.pct_seconds(gpu, from_ms, to_ms, Segment::tensor_pct)
     }
 
     /// Busy seconds (as [`Self::busy_seconds`]) of the time in `[from, to)` during which
     /// a compute process held the GPU.
     pub fn allocated_busy_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        let pct_ms = self.integrate(
-            gpu,
-            from_ms,
-            to_ms,
-            |s| {
-                if s.allocated() {
-                    s.util
-                } else {
-                    0
-                }
-            },
-        );
-        pct_ms as f64 / 100_000.0
+        self.pct_seconds(gpu, from_ms, to_ms, |s| s.while_allocated(s.busy_pct()))
     }
 
     /// SM-active seconds (as [`Self::sm_active_seconds`]) of the time in `[from, to)`
     /// during which a compute process held the GPU.
     pub fn allocated_sm_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
-        let pct_ms = self.integrate(
-            gpu,
-            from_ms,
-            to_ms,
-            |s| if s.allocated() { s.sm } else { 0 },
-        );
-        pct_ms as f64 / 100_000.0
+        self.pct_seconds(gpu, from_ms, to_ms, |s| s.while_allocated(s.sm_pct()))
     }
 
     /// Energy drawn over `[from, to)`: constant power × present time, in J.
