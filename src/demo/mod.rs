@@ -389,12 +389,13 @@ pub async fn run(
             .collect();
         let _ = writeln!(
             toml,
-            "[[contracts]]\nid = \"{}\"\nprovider = \"{}\"\nprice_per_gpu_hour = {}\ncurrency = \"USD\"\ntarget_utilization = {}\ntimezone = \"{}\"\nstart = \"{}\"\nselector = '{{provider=\"{}\", cluster=\"{}\"}}'\nramp = [ {} ]\n",
+            "[[contracts]]\nid = \"{}\"\nprovider = \"{}\"\nprice_per_gpu_hour = {}\ncurrency = \"USD\"\ntarget_utilization = {}\ntimezone = \"{}\"\nusage_signal = \"{}\"\nstart = \"{}\"\nselector = '{{provider=\"{}\", cluster=\"{}\"}}'\nramp = [ {} ]\n",
             c.id,
             c.provider,
             c.price_per_gpu_hour,
             c.target,
             c.timezone,
+            c.usage_signal,
             rfc3339(start_ms),
             c.provider,
             c.cluster,

@@ -12,8 +12,8 @@ const STEP_MS: i64 = 10_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Story {
     /// Diurnal load, a crashed job leaving GPUs idle (unallocated), a job holding GPUs it
-    /// does not use (allocated idle), a stuck GPU (busy, SMs idle), a host down, lost
-    /// GPUs, ramp steps.
+    /// does not use (allocated idle), a stuck GPU (busy, SMs idle) under a contract that
+    /// counts SM activity, hosts between jobs, a host down, lost GPUs, ramp steps.
     Default,
     /// Every GPU busy at 97 % with its SMs at work, everything delivered and reported: no
     /// alert should fire.
@@ -70,6 +70,8 @@ pub struct SimContract {
     pub price_per_gpu_hour: f64,
     pub target: f64,
     pub timezone: &'static str,
+    /// The contract's `usage_signal`: `busy`, `allocated` or `sm_active`.
+    pub usage_signal: &'static str,
     /// (hours after the simulation start, committed GPUs).
     pub ramp: Vec<(i64, u64)>,
 }
@@ -174,6 +176,14 @@ impl Fleet {
     /// The contracts that go with the fleet: one per cluster.
     pub fn contracts(&self) -> Vec<SimContract> {
         let healthy = self.story == Story::Healthy;
+        // In the default story acme-h100-east counts SM activity as use, so its stuck GPU
+        // (busy, SMs idle) is booked idle (allocated); the other stories keep busy, their
+        // jobs' SMs at work 70-84 % of their busy time.
+        let east_signal = if self.story == Story::Default {
+            "sm_active"
+        } else {
+            "busy"
+        };
         vec![
             SimContract {
                 id: "acme-h100-east",
@@ -182,6 +192,7 @@ impl Fleet {
                 price_per_gpu_hour: 2.10,
                 target: 0.95,
                 timezone: "America/New_York",
+                usage_signal: east_signal,
                 // 192 GPUs on the floor; the ramp to 200 outruns delivery.
                 ramp: if healthy {
                     vec![(0, 160), (3, 192)]
@@ -196,6 +207,7 @@ impl Fleet {
                 price_per_gpu_hour: 2.10,
                 target: 0.95,
                 timezone: "America/Los_Angeles",
+                usage_signal: "busy",
                 ramp: vec![(0, 120), (5, 128)],
             },
             SimContract {
@@ -207,6 +219,7 @@ impl Fleet {
                 // on the status page); the healthy story keeps every tier reachable.
                 target: if healthy { 0.95 } else { 0.90 },
                 timezone: "Europe/Berlin",
+                usage_signal: "busy",
                 ramp: vec![(0, 176), (4, 192)],
             },
         ]
@@ -279,6 +292,10 @@ fn power(l: &Load) -> f64 {
 /// hold nothing else even in a short run.
 pub const HELD_IDLE_HOSTS: [&str; 2] = ["acme-cloud-east-20", "acme-cloud-east-21"];
 pub const STUCK_GPU: (&str, usize) = ("acme-cloud-east-05", 3);
+/// Hosts of acme-h100-east between two jobs from 3.5 h to 5 h in the default story: no
+/// process holds their GPUs (unallocated idle, once the ramp to 200 GPUs has begun).
+pub const BETWEEN_JOBS_HOSTS: [&str; 2] = ["acme-cloud-east-10", "acme-cloud-east-11"];
+const BETWEEN_JOBS_MS: std::ops::Range<i64> = 7 * HOUR_MS / 2..5 * HOUR_MS;
 
 /// What one GPU does at `elapsed` ms after the start.
 fn load(story: Story, host_index: usize, host: &str, gpu: usize, elapsed: i64) -> Load {
@@ -303,7 +320,9 @@ fn load(story: Story, host_index: usize, host: &str, gpu: usize, elapsed: i64) -
             // One GPU's job hangs 15 minutes in, in a collective: a kernel stays resident
             // (busy 100 %) spinning on one SM in 200 (SM activity 0.5 %).
             let stuck = (host, gpu) == STUCK_GPU && elapsed >= HOUR_MS / 4;
-            if crashed {
+            let between_jobs =
+                BETWEEN_JOBS_HOSTS.contains(&host) && BETWEEN_JOBS_MS.contains(&elapsed);
+            if crashed || between_jobs {
                 Load::IDLE
             } else if held_idle {
                 Load {
@@ -446,6 +465,66 @@ mod tests {
             .iter()
             .filter(|h| h.provider != "lab")
             .all(|h| h.gpus[0].gpm));
+    }
+
+    #[test]
+    fn acme_east_counts_sm_activity_and_two_of_its_hosts_are_between_jobs() {
+        let signals = |story| -> Vec<(&str, &str)> {
+            let f = Fleet::new(story, 0);
+            f.contracts()
+                .iter()
+                .map(|c| (c.id, c.usage_signal))
+                .collect()
+        };
+        assert_eq!(
+            signals(Story::Default),
+            [
+                ("acme-h100-east", "sm_active"),
+                ("acme-h100-west", "busy"),
+                ("borealis-h200", "busy")
+            ]
+        );
+        for story in [Story::Healthy, Story::Underuse] {
+            assert!(
+                signals(story).iter().all(|(_, s)| *s == "busy"),
+                "{story:?}"
+            );
+        }
+        // The stuck GPU and the hosts between jobs are acme-h100-east's.
+        let f = Fleet::new(Story::Default, 0);
+        let east = &f.contracts()[0];
+        let host = |n: &str| f.hosts.iter().find(|h| h.name == n).unwrap();
+        for name in BETWEEN_JOBS_HOSTS.iter().chain([&STUCK_GPU.0]) {
+            let h = host(name);
+            assert_eq!((h.provider, h.cluster), (east.provider, east.cluster));
+        }
+        // Between jobs, from 3.5 h to 5 h: observed, neither held nor busy; held again after.
+        let mut f = Fleet::new(Story::Default, 0);
+        let spans = [
+            (0, 7 * HOUR_MS / 2, true),
+            (7 * HOUR_MS / 2, 5 * HOUR_MS, false),
+        ];
+        for (from, to, held) in spans.into_iter().chain([(5 * HOUR_MS, 6 * HOUR_MS, true)]) {
+            f.advance(from);
+            let before = f.hosts.clone();
+            f.advance(to);
+            for (a, b) in before.iter().zip(&f.hosts) {
+                if !BETWEEN_JOBS_HOSTS.contains(&a.name.as_str()) {
+                    continue;
+                }
+                for (ga, gb) in a.gpus.iter().zip(&b.gpus) {
+                    let observed = gb.observed_s - ga.observed_s;
+                    assert!((observed - (to - from) as f64 / 1000.0).abs() < 1e-6);
+                    let allocated = gb.allocated_s - ga.allocated_s;
+                    let busy = gb.busy_s - ga.busy_s;
+                    if held {
+                        assert!((allocated - observed).abs() < 1e-6 && busy > 0.5 * observed);
+                    } else {
+                        assert!(allocated == 0.0 && busy == 0.0, "{} {from}", a.name);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
