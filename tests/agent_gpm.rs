@@ -446,3 +446,48 @@ fn gpm_cost_per_poll() {
         sample_us + metrics_us
     );
 }
+
+#[test]
+fn a_gpm_failure_from_the_first_sample_still_gives_the_series_from_the_first_round() {
+    // The driver says GPM is supported, and its samples fail for the first 3 s.
+    let sc = Scenario {
+        gpus: vec![Gpu {
+            util: vec![[0, 60]],
+            sm_active: Some(vec![[0, 40]]),
+            gpm_fail: vec![[0, 3_000]],
+            ..Gpu::default()
+        }],
+        sampled_before_ms: 10_000,
+        ..Scenario::default()
+    };
+    let agent = Agent::start(&sc, AgentOpts::default());
+    let sc = &agent.sc;
+    agent.wait_ready(Duration::from_secs(20));
+    let m = agent.metrics();
+    let at = last_round_ms(sc, &m);
+    assert!(at < 2_500, "first scrape after the round at {at} ms");
+    // Already there, at 0, while the samples fail: the GPU will not switch signal later.
+    assert_eq!(
+        m.gpu("commitmeter_gpu_sm_active_seconds_total", 0),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.get(
+            "commitmeter_gpu_info",
+            &[("gpu", "0"), ("activity_source", "gpm")]
+        ),
+        Some(1.0)
+    );
+    let m = agent.wait_for(Duration::from_secs(10), "SM activity counted", |m| {
+        m.gpu("commitmeter_gpu_sm_active_seconds_total", 0)
+            .is_some_and(|s| s > 0.5)
+    });
+    assert!(
+        m.get(
+            "commitmeter_nvml_errors_total",
+            &[("call", "gpm_sample"), ("error", "Unknown")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the failures are counted"
+    );
+}

@@ -291,8 +291,9 @@ pub const GPM_MIN_SPACING: Duration = Duration::from_millis(110);
 /// Whether GPM is used on a GPU: decided when the agent first adopts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpmMode {
-    /// `nvmlGpmQueryDeviceSupport` said yes; the first sample decides (a MIG-enabled
-    /// GPU or a driver without the sample symbols answers "not supported" there).
+    /// `nvmlGpmQueryDeviceSupport` said yes; the first sample decides: "not supported"
+    /// (a MIG-enabled GPU, a driver without the sample symbols) turns GPM off, anything
+    /// else turns it on (a failure is counted, and later samples may succeed).
     Probe,
     On,
     Off,
@@ -376,6 +377,13 @@ pub fn read_gpm<'n>(
                 _ => {
                     on_error("gpm_sample", &e);
                     gpm.failing = true;
+                    // The driver said GPM is supported and this failure says nothing
+                    // against it: decide now, so the GPU's SM series exist from its first
+                    // round (at 0) and never appear later beside a running busy counter,
+                    // which a contract on `sm_active` would see as a switch of signal.
+                    if gpm.mode == GpmMode::Probe {
+                        gpm.mode = GpmMode::On;
+                    }
                     Ok(Activity::Failed)
                 }
             };
