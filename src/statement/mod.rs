@@ -269,14 +269,19 @@ pub fn build(
         late: Late::default(),
         provisional: now_ms < end,
     };
-    for (minute, t) in minutes {
+    // The index of the day row holding `minute`, if the minute is in the period (days
+    // are sorted and contiguous: the last one starting at or before it).
+    let day_of = |rows: &[Row], minute: i64| -> Option<Option<usize>> {
         let at = minute.saturating_mul(MINUTE_MS);
-        if at < start || at >= end {
+        (start..end)
+            .contains(&at)
+            .then(|| rows.partition_point(|r| r.start_ms <= at).checked_sub(1))
+    };
+    for (minute, t) in minutes {
+        let Some(day) = day_of(&rows, *minute) else {
             continue;
-        }
-        // Days are sorted and contiguous: the last one starting at or before `at`.
-        let i = rows.partition_point(|r| r.start_ms <= at);
-        if let Some(row) = i.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+        };
+        if let Some(row) = day.and_then(|i| rows.get_mut(i)) {
             row.totals.add(t);
             row.minutes_accounted += 1;
         }
@@ -284,12 +289,10 @@ pub fn build(
         total.minutes_accounted += 1;
     }
     for (minute, late) in &ledger.late {
-        let at = minute.saturating_mul(MINUTE_MS);
-        if at < start || at >= end {
+        let Some(day) = day_of(&rows, *minute) else {
             continue;
-        }
-        let i = rows.partition_point(|r| r.start_ms <= at);
-        if let Some(row) = i.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+        };
+        if let Some(row) = day.and_then(|i| rows.get_mut(i)) {
             row.late.add(late);
         }
         total.late.add(late);
