@@ -181,6 +181,7 @@ fn eight_gpus_match_ground_truth_and_a_lost_gpu_stops_accruing() {
             .unwrap()
             > m.gpu("commitmeter_gpu_observed_seconds_total", 3).unwrap()
     );
+    agent.wait_log(Duration::from_secs(10), "GPU not answering");
     assert_eq!(
         agent.log_count("GPU not answering"),
         1,
@@ -271,6 +272,7 @@ fn no_library_keeps_serving_and_logs_once() {
     );
     assert_eq!(agent.get("/-/ready").0, 503);
     assert_eq!(agent.get("/-/healthy").0, 200);
+    agent.wait_log(Duration::from_secs(10), "NVML unavailable");
     assert_eq!(
         agent.log_count("NVML unavailable"),
         1,
@@ -598,6 +600,7 @@ fn sighup_reloads_host_labels_and_a_bad_file_keeps_them() {
         m.get("commitmeter_host_info", &[("provider", "beta")]),
         Some(1.0)
     );
+    agent.wait_log(Duration::from_secs(10), "config reload failed");
     assert_eq!(
         agent.log_count("config reload failed"),
         1,
@@ -794,6 +797,7 @@ fn a_hung_driver_makes_the_agent_unready_and_freezes_its_round_timestamp() {
     assert_eq!(later.get("commitmeter_nvml_up", &[]), Some(1.0));
     assert_eq!(ready_status(&agent).0, 503);
     assert_eq!(agent.get("/-/healthy").0, 200);
+    agent.wait_log(Duration::from_secs(10), "sampling stalled");
     assert_eq!(
         agent.log_count("sampling stalled"),
         1,
@@ -844,6 +848,7 @@ fn sampling_resumes_after_a_hang_without_counting_it() {
             "gpu {gpu}"
         );
     }
+    agent.wait_log(Duration::from_secs(10), "sampling resumed");
     assert_eq!(
         agent.log_count("sampling resumed"),
         1,
@@ -945,6 +950,7 @@ fn a_sample_buffer_empty_while_busy_gives_way_to_the_rate() {
     let later = agent.metrics();
     let ratio = (busy(&later) - busy(&m)) / (observed(&later) - observed(&m));
     assert!((ratio - 0.6).abs() < 1e-9, "{ratio}");
+    agent.wait_log(Duration::from_secs(10), "the sample buffer stays empty");
     assert_eq!(
         agent.log_count("the sample buffer stays empty"),
         1,

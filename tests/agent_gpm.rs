@@ -239,12 +239,14 @@ fn a_gpm_failure_window_is_counted_logged_once_and_disturbs_no_other_counter() {
         )
         .unwrap_or(0.0);
     assert!((2.0..=4.0).contains(&errors), "{errors} gpm_sample errors");
+    agent.wait_log(Duration::from_secs(10), "GPM sampling failing");
     assert_eq!(
         agent.log_count("GPM sampling failing"),
         1,
         "{}",
         agent.log_text()
     );
+    agent.wait_log(Duration::from_secs(10), "GPM sampling recovered");
     assert_eq!(agent.log_count("GPM sampling recovered"), 1);
     assert_eq!(m.gpu("commitmeter_gpu_up", 0), Some(1.0));
 

@@ -208,6 +208,16 @@ impl Agent {
     pub fn log_count(&self, needle: &str) -> usize {
         log_count(&self.log, needle)
     }
+
+    /// Waits until a log line contains `needle`: stderr is read on another thread, so a
+    /// metric can show an event before its log line has been collected.
+    pub fn wait_log(&self, within: Duration, needle: &str) {
+        wait_until(
+            within,
+            || format!("{needle:?} in the log:\n{}", self.log_text()),
+            || (self.log_count(needle) > 0).then_some(()),
+        )
+    }
 }
 
 impl Drop for Agent {
