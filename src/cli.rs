@@ -228,6 +228,29 @@ pub struct AgentArgs {
     /// Path of the NVML library; default: the dynamic loader's `libnvidia-ml.so.1`.
     #[arg(long = "nvml.library")]
     pub nvml_library: Option<PathBuf>,
+    /// procfs mount point: each GPU process's cgroup and user are read under it (as
+    /// node_exporter's flag).
+    #[arg(long = "path.procfs", default_value = "/proc")]
+    pub procfs: PathBuf,
+    /// Root of the host's filesystem: `etc/passwd` under it names the users of GPU
+    /// processes (as node_exporter's flag).
+    #[arg(long = "path.rootfs", default_value = "/")]
+    pub rootfs: PathBuf,
+    /// Directory where a Slurm prolog writes `<job id>` files holding the job's account;
+    /// none by default (the account is then unknown).
+    #[arg(long = "owners.slurm-account-dir")]
+    pub slurm_account_dir: Option<PathBuf>,
+    /// The kubelet's pod-resources socket, for pods' namespace and name; without it (or
+    /// unreadable) a pod is known by its UID alone.
+    #[arg(
+        long = "owners.kubelet-socket",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub kubelet_socket: PathBuf,
+    /// How long an owner whose processes ended stays in the exposition after its last
+    /// seconds, so that every scraper sees its final counts.
+    #[arg(long = "owners.retention", default_value = "15m", value_parser = parse_duration)]
+    pub owners_retention: Duration,
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

@@ -13,5 +13,6 @@ pub mod http;
 pub mod labels;
 pub mod ledger;
 pub mod logging;
+pub mod owner;
 pub mod statement;
 pub mod statement_cmd;

@@ -571,6 +571,7 @@ fn golden_statement() -> (
                     agent_start_ms: Some(t0 - step),
                     sampled_ms: Some(t - t0 + step),
                     gpus: counters[i].clone(),
+                    owners: Default::default(),
                 },
             );
         }

@@ -4,6 +4,7 @@ pub mod accrue;
 pub mod config;
 pub mod metrics;
 pub mod nvml;
+pub mod procfs;
 pub mod sampler;
 pub mod xidlog;
 
@@ -121,6 +122,13 @@ pub async fn run(
     let cfg = SamplerConfig {
         interval: p.args.sample_interval,
         library: p.args.nvml_library.clone(),
+        owners: procfs::OwnersConfig {
+            procfs: p.args.procfs.clone(),
+            rootfs: p.args.rootfs.clone(),
+            slurm_account_dir: p.args.slurm_account_dir.clone(),
+            kubelet_socket: p.args.kubelet_socket.clone(),
+            retention: p.args.owners_retention,
+        },
     };
     let status = Arc::new(Status::new(clock, cfg.max_gap()));
     let mut sampler = Sampler::spawn(cfg, clock, metrics.clone(), status.clone())?;

@@ -42,6 +42,8 @@ pub enum SamplerError {
 pub struct SamplerConfig {
     pub interval: Duration,
     pub library: Option<PathBuf>,
+    /// Where the owners of GPU processes are read from, and how long ended ones stay.
+    pub owners: crate::agent::procfs::OwnersConfig,
 }
 
 impl SamplerConfig {

@@ -310,6 +310,7 @@ impl Books {
             agent_start_ms: report.start_ms,
             sampled_ms: report.sampled_ms,
             gpus,
+            owners: BTreeMap::new(),
         };
         (n, self.ledger.observe_with_xids(key, c, reading, &xids))
     }

@@ -1944,6 +1944,7 @@ mod tests {
                 },
             )]
             .into(),
+            owners: Default::default(),
         }
     }
 
@@ -2331,6 +2332,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            owners: Default::default(),
         }
     }
 

@@ -126,6 +126,7 @@ impl SimAgent {
             } else {
                 BTreeMap::new()
             },
+            owners: Default::default(),
         }
     }
 }

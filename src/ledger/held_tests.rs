@@ -148,6 +148,7 @@ fn run(seed: u64, crashes: bool) -> Run {
                     .enumerate()
                     .map(|(g, e)| (format!("{h}-{g}"), e.reading()))
                     .collect(),
+                owners: Default::default(),
             };
             let out = ledger.observe(&format!("host{h}"), contract, r);
             // Honest counters: only an agent restarting again within minutes is refused
@@ -289,6 +290,7 @@ fn without_the_allocated_counters_all_idle_is_unallocated_and_nothing_jumps() {
             },
         )]
         .into(),
+        owners: Default::default(),
     };
     let mut l = Ledger::new(1, -M);
     // Minute 0: an old agent; minute 1 on: upgraded counters appear (a checkpoint without
@@ -347,6 +349,7 @@ fn a_gpus_held_time_is_clamped_to_its_own_unused_time() {
         agent_start_ms: Some(0),
         sampled_ms: Some(t),
         gpus: [("a".to_string(), gpus[0]), ("b".to_string(), gpus[1])].into(),
+        owners: Default::default(),
     };
     let mut l = Ledger::new(1, -M);
     l.observe("h", 0, reading(0, [g(0, 0, 0, 0), g(0, 0, 0, 0)]));

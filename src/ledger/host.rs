@@ -114,6 +114,22 @@ pub struct Reading {
     /// Per GPU UUID (after the contract's model filter). Empty: the target serves no GPU
     /// series (another exporter, or NVML down since the agent started): not reporting.
     pub gpus: BTreeMap<String, GpuCounters>,
+    /// Per (GPU UUID, [`crate::owner::Owner::key`]): the owner's counters on that GPU and
+    /// its team. Only GPUs of `gpus`; empty from an agent without owner series (all the
+    /// GPUs' allocated time is then `unassigned`).
+    pub owners: BTreeMap<(String, String), OwnerCounters>,
+}
+
+/// One owner's counters on one GPU, as scraped (whole ms), with the team the
+/// aggregator's `[[teams]]` rules gave it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerCounters {
+    pub team: String,
+    /// `commitmeter_owner_allocated_seconds_total`.
+    pub allocated_ms: i64,
+    /// The contract's usage signal on the owner's share (`commitmeter_owner_busy_…`,
+    /// `…_sm_active_…`, or `allocated_ms` under `usage_signal = "allocated"`).
+    pub used_ms: i64,
 }
 
 /// The last reading accepted from a host: the baseline of the next interval.

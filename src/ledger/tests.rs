@@ -26,6 +26,7 @@ fn at(t: i64, list: &[(&str, i64, i64)]) -> Reading {
         agent_start_ms: Some(0),
         sampled_ms: Some(t),
         gpus: gpus(list),
+        owners: Default::default(),
     }
 }
 
@@ -162,6 +163,7 @@ fn a_restart_that_climbs_past_the_old_value_loses_only_the_restart_gap() {
         agent_start_ms: Some(100_000),
         sampled_ms: Some(139_000),
         gpus: gpus(&[("g", 139_000, 139_000)]),
+        owners: Default::default(),
     };
     let out = l.observe("h", 0, r);
     assert!(out.restarted && out.rejected.is_empty(), "{out:?}");
@@ -232,6 +234,7 @@ fn an_agent_that_keeps_restarting_is_suspect() {
         agent_start_ms: Some(start),
         sampled_ms: Some(t - start),
         gpus: gpus(&[("g", t - start, 0)]),
+        owners: Default::default(),
     };
     assert!(l
         .observe("h", 0, restart(120_000, 70_000))
@@ -260,6 +263,7 @@ fn a_gpu_seen_then_lost_under_watch_is_undelivered() {
         agent_start_ms: Some(120_000),
         sampled_ms: Some(60_000),
         gpus: gpus(&[("a", 60_000, 0)]),
+        owners: Default::default(),
     };
     l.observe("h", 0, r);
     let sealed = l.seal(180_000, 0, each(2));
@@ -370,6 +374,7 @@ fn agent_time_places_readings_and_a_far_clock_is_reanchored() {
         agent_start_ms: Some(0),
         sampled_ms: Some(t),
         gpus: gpus(&[("g", t, t)]),
+        owners: Default::default(),
     };
     l.observe("h", 0, r(62_000));
     for k in 1..=4 {
@@ -506,6 +511,7 @@ fn run(f: &Fleet, crashes: bool) -> Outcomes {
                         )
                     })
                     .collect(),
+                owners: Default::default(),
             };
             let out = ledger.observe(&format!("host{h}"), contract, r);
             // Honest counters: only an agent restarting again within minutes is refused

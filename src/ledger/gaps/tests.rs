@@ -167,6 +167,7 @@ fn run_with(sc: &Script, xid_lag: i64, kill: Option<Kill>) -> Run {
                 agent_start_ms: Some(-1),
                 sampled_ms: Some(t),
                 gpus: list,
+                owners: Default::default(),
             };
             ledger.observe_with_xids(&target, 0, r, &xids);
         }
@@ -298,6 +299,7 @@ fn one_gpu(t: i64, observed: i64) -> Reading {
                 ..Default::default()
             },
         )]),
+        owners: Default::default(),
     }
 }
 
@@ -656,6 +658,7 @@ fn read_g(ledger: &mut Ledger, t: i64, agent_start: i64, observed: i64, xids: &[
                 ..Default::default()
             },
         )]),
+        owners: Default::default(),
     };
     let codes: BTreeMap<String, u64> = xids.iter().map(|(c, n)| (c.to_string(), *n)).collect();
     let xids = if codes.is_empty() {
@@ -794,6 +797,7 @@ fn a_gpu_gone_before_a_restart_is_lost_and_not_also_short_after_it() {
                 agent_start_ms: Some(-1),
                 sampled_ms: Some(t),
                 gpus,
+                owners: Default::default(),
             }
         };
         let mut ledger = Ledger::new(1, 0);
