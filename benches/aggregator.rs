@@ -11,6 +11,9 @@
 //! `COMMITMETER_BENCH_ARGS` adds aggregator flags. `COMMITMETER_BENCH_DOWN_PERCENT=10` makes
 //! that share of the agents answer 503, a different share every 15 s (the worst churn for
 //! the log), and reports the aggregator's log lines per minute.
+//! `COMMITMETER_BENCH_TEAMS=50` gives every simulated GPU a Slurm job of one of 50
+//! accounts (each GPU's owner series beside its own counters) and the contract 50
+//! `[[teams]]`, one per account: the cost of showback.
 //!
 //! `COMMITMETER_BENCH_STATEMENTS=1` measures statements requested while the aggregator
 //! commits instead: the ledger is seeded with 60 days of minutes (the renewal sizing's
@@ -50,7 +53,7 @@ use common::*;
 
 /// An agent's exposition: the accounting counters, the round time they belong to, plus the
 /// gauges the parser skips. `start_unix` is when the simulated agents started.
-fn exposition(agent: usize, start_unix: f64, elapsed: f64) -> String {
+fn exposition(agent: usize, start_unix: f64, elapsed: f64, teams: usize) -> String {
     let mut s = String::with_capacity(16 * 1024);
     let _ = writeln!(
         s,
@@ -85,7 +88,54 @@ fn exposition(agent: usize, start_unix: f64, elapsed: f64) -> String {
             );
         }
     }
+    if teams > 0 {
+        owner_series(&mut s, agent, elapsed, teams);
+    }
     s
+}
+
+/// Each GPU's job: Slurm job `<agent>-<gpu>` of account `team-<k>`, holding the GPU all
+/// along, busy as the GPU is; as an agent exposes them (gpu, uuid, then the owner labels).
+fn owner_series(s: &mut String, agent: usize, elapsed: f64, teams: usize) {
+    use commitmeter::owner::{series, OWNER_LABELS};
+    let owner = |g: usize| {
+        let values = [
+            "slurm_job".to_string(),
+            format!("{agent}{g}"),
+            "alice".to_string(),
+            format!("team-{}", (agent * 8 + g) % teams),
+            String::new(),
+            String::new(),
+        ];
+        OWNER_LABELS
+            .iter()
+            .zip(values)
+            .map(|(n, v)| format!(",{n}=\"{v}\""))
+            .collect::<String>()
+    };
+    for (name, share, kind) in [
+        (series::INFO, None, "gauge"),
+        (series::ALLOCATED, Some(0.8), "counter"),
+        (series::BUSY, Some(0.6), "counter"),
+    ] {
+        let _ = writeln!(s, "# HELP {name} x\n# TYPE {name} {kind}");
+        for g in 0..8 {
+            let value = share.map_or(1.0, |f| f * elapsed);
+            let _ = writeln!(
+                s,
+                "{name}{{gpu=\"{g}\",uuid=\"GPU-{agent:08}-{g}\"{}}} {value:.3}",
+                owner(g)
+            );
+        }
+    }
+}
+
+/// `COMMITMETER_BENCH_TEAMS`: 0 (no owner series, no teams) unless set.
+fn bench_teams() -> usize {
+    std::env::var("COMMITMETER_BENCH_TEAMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn simulate(listener: std::net::TcpListener, start: Instant, down_percent: usize) {
@@ -124,7 +174,7 @@ fn simulate(listener: std::net::TcpListener, start: Instant, down_percent: usize
                             *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                             return Ok::<_, Infallible>(r);
                         }
-                        let body = exposition(agent, start_unix, elapsed);
+                        let body = exposition(agent, start_unix, elapsed, bench_teams());
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                     },
                 );
@@ -166,9 +216,12 @@ start = "2026-01-01"
 selector = '{{provider="sim"}}'
 ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
 {terms}
-"#,
+{}"#,
             sd.display(),
-            agents * 8
+            agents * 8,
+            (0..bench_teams())
+                .map(|k| format!("[[teams]]\nname = \"t{k}\"\nslurm_account = \"team-{k}\"\n"))
+                .collect::<String>(),
         ),
     )
     .unwrap();
@@ -215,6 +268,14 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         .map(|(_, v)| v)
         .sum();
     let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    let teams = m.series("commitmeter_team_allocated_gpu_seconds_total");
+    let team_sum: f64 = teams.iter().map(|(_, v)| v).sum();
+    let allocated = m
+        .get(
+            "commitmeter_contract_allocated_gpu_seconds_total",
+            &[("contract", "sim")],
+        )
+        .unwrap_or(0.0);
     // The clean stop writes every host's checkpoint: its bytes, read until the process
     // is gone (the last reading before exit).
     let mut agg = agg;
@@ -233,7 +294,8 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
     println!(
         "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {rss} kB, peak RSS {hwm} kB, {} targets up, {rejected} GPU-s rejected; \
          written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
-         {down_percent}% down (rotating every 15 s): {:.1} log lines/min",
+         {down_percent}% down (rotating every 15 s): {:.1} log lines/min; \
+         {} teams with time, allocated {allocated:.3} GPU-s, over the teams {team_sum:.3}",
         cpu / wall * 100.0,
         up(&m),
         per_min / 1e6,
@@ -241,6 +303,7 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         (per_min * 60.0 + stop as f64) / 1e6,
         (per_min * 60.0 + stop as f64) / 60.0 / 1e6,
         lines as f64 / wall * 60.0,
+        teams.len(),
     );
 }
 
