@@ -594,3 +594,59 @@ impl AggregatorMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The team series as exposed: seconds from integer GPU-ms, one row per team with
+    /// time, the period gauge by kind, the contract's allocated; they pass `promtool check
+    /// metrics` (checked alone: `commitmeter_ledger_pending_minutes`, older, draws a unit
+    /// lint of its own).
+    #[test]
+    fn the_team_series_render_from_gpu_ms_and_pass_promtool() {
+        let m = AggregatorMetrics::new().unwrap();
+        let rows = vec![
+            ("ml".to_string(), 90_500, 30_000),
+            ("unassigned".to_string(), 30_000, 0),
+        ];
+        m.teams.set_all_time("acme", 120_500, rows.clone());
+        m.teams.set_period("acme", rows);
+        let body = prometheus::TextEncoder::new()
+            .encode_to_string(&m.teams.collect())
+            .unwrap();
+        for line in [
+            "commitmeter_contract_allocated_gpu_seconds_total{contract=\"acme\"} 120.5",
+            "commitmeter_team_allocated_gpu_seconds_total{contract=\"acme\",team=\"ml\"} 90.5",
+            "commitmeter_team_used_gpu_seconds_total{contract=\"acme\",team=\"unassigned\"} 0",
+            "commitmeter_team_period_gpu_seconds{contract=\"acme\",team=\"ml\",kind=\"used\"} 30",
+            "# TYPE commitmeter_team_period_gpu_seconds gauge",
+        ] {
+            assert!(body.contains(line), "{line}\n{body}");
+        }
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool not found: install Debian's `prometheus` package (see .ci/run)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool: {report}\n{body}"
+        );
+    }
+}
