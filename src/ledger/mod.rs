@@ -550,6 +550,8 @@ impl Ledger {
                 continue;
             }
             if minute < self.sealed_through {
+                // Late: delivered and used are counted as such; held, allocated and team
+                // time for a sealed minute are dropped (alike, so it still sums exactly).
                 if delivered[i] != 0 || used[i] != 0 {
                     for late in [
                         &mut self.late[contract],
