@@ -454,3 +454,45 @@ fn late_team_time_for_a_sealed_minute_is_dropped_with_its_allocated() {
     );
     assert_eq!(l.late(), &[(2 * M, 0)]);
 }
+
+/// What a crash must not lose of the team book survives the snapshot and the host state's
+/// JSON (as the store writes it): the owners' counters in the checkpoint, what rounding owes
+/// a team, and the open minutes' team sums. A restored ledger then books the same team time
+/// as one that never stopped.
+#[test]
+fn the_team_book_survives_a_snapshot_and_the_host_states_json() {
+    let mut l = Ledger::new(1, -M);
+    l.observe("h", 0, reading(0, 0, Some(0), &[("j", owner("a", 0, 0))]));
+    l.observe(
+        "h",
+        0,
+        reading(M / 2, 0, Some(20_000), &[("j", owner("a", 20_000, 0))]),
+    );
+    let mut snap = l.snapshot();
+    for (_, _, h) in &mut snap.hosts {
+        h.carry_teams.insert("a".into(), 1);
+        let json = serde_json::to_string(&*h).unwrap();
+        assert!(
+            json.contains("\"owners\"") && json.contains("carry_teams"),
+            "{json}"
+        );
+        let back: HostState = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, h);
+    }
+    assert_eq!(snap.open_teams, vec![(0, 0, "a".to_string(), 20_000, 0)]);
+    let mut again = Ledger::restore(1, snap.clone());
+    l = Ledger::restore(1, snap);
+    for led in [&mut l, &mut again] {
+        let o = [("j", owner("a", 50_000, 0))];
+        led.observe("h", 0, reading(M, 0, Some(50_000), &o));
+    }
+    let (a, b) = (
+        l.seal(M, 0, |_, x, y| y - x),
+        again.seal(M, 0, |_, x, y| y - x),
+    );
+    assert_eq!(a, b);
+    assert_eq!(
+        (a[0].allocated, a[0].teams.clone()),
+        (50_000, vec![("a".into(), 50_000, 0)])
+    );
+}
