@@ -49,6 +49,12 @@ pub trait LedgerStore: Send + 'static {
         to_minute: i64,
     ) -> Result<Vec<TeamRow>, Self::Error>;
 
+    /// [`LedgerStore::team_sums`] over all of a contract's sealed minutes (a store may
+    /// keep them as running sums).
+    fn team_all_time(&self, contract: &str) -> Result<Vec<TeamRow>, Self::Error> {
+        self.team_sums(contract, i64::MIN, i64::MAX)
+    }
+
     /// A contract's delivery gaps overlapping `[from_ms, to_ms)`, open ones included, as of
     /// the last commit (for a statement).
     fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error>;
@@ -101,6 +107,9 @@ impl LedgerStore for super::store::Store {
     }
     fn team_sums(&self, contract: &str, from: i64, to: i64) -> Result<Vec<TeamRow>, Self::Error> {
         super::store::Store::team_sums(self, contract, from, to)
+    }
+    fn team_all_time(&self, contract: &str) -> Result<Vec<TeamRow>, Self::Error> {
+        super::store::Store::team_all_time(self, contract)
     }
     fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error> {
         super::store::Store::gaps(self, &[contract.to_string()], 0, from_ms, to_ms)
@@ -261,7 +270,7 @@ impl Books {
             minutes.push(store.minutes(&c.id, from, through)?);
             running.push(Running::new(all_time, period, in_period, recent));
             // The contract's allocated is its teams' sum, exactly, minute by minute.
-            let all_time = TeamBook::from_rows(store.team_sums(&c.id, i64::MIN, i64::MAX)?);
+            let all_time = TeamBook::from_rows(store.team_all_time(&c.id)?);
             teams.push(TeamBook {
                 allocated: all_time.values().map(|v| v.0).sum(),
                 all_time,
