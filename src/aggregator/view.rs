@@ -34,6 +34,13 @@ pub(super) struct SizingCache {
     running: bool,
 }
 
+/// The showback of contract `c`, month to date: `(team, allocated GPU-ms, used GPU-ms)`
+/// per team with time, sorted by team: the ledger's team book (`Books::team_period`, which
+/// the ledger's team book adds; until it is on this branch, no team has time).
+fn team_period(_books: &super::books::Books, _c: usize) -> Vec<(String, i64, i64)> {
+    Vec::new()
+}
+
 impl Shared {
     /// Renders the status page on a blocking thread, one render at a time; a request for
     /// a render while one runs makes that one run once more.
@@ -170,6 +177,7 @@ impl Shared {
                         books.running(c).clone(),
                         books.period_minutes(c).to_vec(),
                         books.figures(c),
+                        team_period(&books, c),
                     )
                 })
                 .collect();
@@ -187,7 +195,7 @@ impl Shared {
             .iter()
             .zip(books)
             .enumerate()
-            .map(|(i, (c, (r, minutes, figures)))| {
+            .map(|(i, (c, (r, minutes, figures, teams)))| {
                 let mine = health.values().filter(|(ci, _)| *ci == Some(i));
                 let up = mine.clone().filter(|(_, up)| *up).count();
                 status::ContractView {
@@ -212,6 +220,8 @@ impl Shared {
                             end_local: c.local_time(section.end_ms),
                             section,
                         }),
+                    price_per_gpu_hour: c.price_per_gpu_hour,
+                    teams,
                 }
             })
             .collect();

@@ -205,8 +205,8 @@ impl Teams {
                     return Err(err(
                         key,
                         format!(
-                            "unknown key; a team has name and any of {}",
-                            RULE_FIELDS.join(", ")
+                            "unknown key, expected one of `name`, {}",
+                            RULE_FIELDS.map(|f| format!("`{f}`")).join(", ")
                         ),
                     ));
                 }
@@ -390,8 +390,8 @@ owner = "alice"
         );
         assert_eq!(
             e("[[teams]]\nname = \"a\"\nacount = \"x\"\n"),
-            "[[teams]] \"a\": acount: unknown key; a team has name and any of slurm_account, \
-             user, namespace, unit, owner"
+            "[[teams]] \"a\": acount: unknown key, expected one of `name`, `slurm_account`, \
+             `user`, `namespace`, `unit`, `owner`"
         );
         assert_eq!(
             e("[[teams]]\nname = \"\"\nuser = \"x\"\n"),

@@ -256,8 +256,8 @@ fn teams_mistakes_name_the_file_the_team_and_the_field() {
     );
     assert_eq!(
         err("[[teams]]\nname = \"a\"\nnamespaces = \"x\"\n"),
-        "aggregator.toml: [[teams]] \"a\": namespaces: unknown key; a team has name and any \
-         of slurm_account, user, namespace, unit, owner"
+        "aggregator.toml: [[teams]] \"a\": namespaces: unknown key, expected one of `name`, \
+         `slurm_account`, `user`, `namespace`, `unit`, `owner`"
     );
     assert_eq!(
         err("[[teams]]\nname = \"\"\nuser = \"x\"\n"),
