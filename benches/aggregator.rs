@@ -340,6 +340,7 @@ fn seed(data: &std::path::Path, gpus: i64, to: i64) -> i64 {
             contract: 0,
             minute,
             totals: seeded(minute, gpus),
+            ..Sealed::default()
         })
         .collect();
     let mut store = Store::open(data).expect("open the bench's ledger");

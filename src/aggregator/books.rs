@@ -16,8 +16,8 @@ use crate::contract::{Contract, Teams, UsageSignal};
 use crate::ledger::host::OwnerCounters;
 use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::{
-    Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot, Totals, Xids,
-    MINUTE_MS,
+    Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot, TeamAmounts, TeamRow,
+    Totals, Xids, MINUTE_MS,
 };
 
 /// Where the ledger is kept durably: what the writer thread needs (commit, flush) and
@@ -40,6 +40,15 @@ pub trait LedgerStore: Send + 'static {
         from_minute: i64,
         to_minute: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error>;
+
+    /// A contract's sealed team time `[from, to)`: `(team, allocated, used)` GPU-ms per
+    /// team, sorted by team.
+    fn team_sums(
+        &self,
+        contract: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<TeamRow>, Self::Error>;
 
     /// A contract's delivery gaps overlapping `[from_ms, to_ms)`, open ones included, as of
     /// the last commit (for a statement).
@@ -90,6 +99,9 @@ impl LedgerStore for super::store::Store {
         to: i64,
     ) -> Result<Vec<(i64, Totals)>, Self::Error> {
         super::store::Store::minutes(self, contract, from, to)
+    }
+    fn team_sums(&self, contract: &str, from: i64, to: i64) -> Result<Vec<TeamRow>, Self::Error> {
+        super::store::Store::team_sums(self, contract, from, to)
     }
     fn gaps(&self, contract: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Gap>, Self::Error> {
         super::store::Store::gaps(self, &[contract.to_string()], 0, from_ms, to_ms)
@@ -183,7 +195,41 @@ pub struct Books {
     fallback: BTreeMap<(String, usize), usize>,
     /// `[[teams]]`: the team of each owner of a reading, decided when it is recorded (a
     /// reload's new rules apply to the readings recorded from then on).
-    teams: Teams,
+    team_rules: Teams,
+    /// Per contract, the durable team time: all time and the current billing period.
+    teams: Vec<TeamBook>,
+}
+
+/// A contract's durable team time (GPU-ms), moved with the running totals.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct TeamBook {
+    /// The contract's allocated GPU-ms over all sealed minutes (Σ of `all_time`'s).
+    allocated: i64,
+    all_time: TeamAmounts,
+    /// The billing period `period` holds (its start, ms).
+    period_start_ms: i64,
+    period: TeamAmounts,
+}
+
+impl TeamBook {
+    fn from_rows(rows: Vec<TeamRow>) -> TeamAmounts {
+        rows.into_iter().map(|(t, a, u)| (t, (a, u))).collect()
+    }
+
+    fn record(&mut self, s: &Sealed, period_start_ms: i64) {
+        if self.period_start_ms != period_start_ms {
+            self.period.clear();
+            self.period_start_ms = period_start_ms;
+        }
+        self.allocated = self.allocated.saturating_add(s.allocated);
+        let in_period = s.minute * MINUTE_MS >= period_start_ms;
+        for (team, a, u) in &s.teams {
+            crate::ledger::teams::add(&mut self.all_time, team, *a, *u);
+            if in_period {
+                crate::ledger::teams::add(&mut self.period, team, *a, *u);
+            }
+        }
+    }
 }
 
 impl Books {
@@ -206,6 +252,7 @@ impl Books {
         let through = ledger.sealed_through();
         let mut running = Vec::new();
         let mut minutes = Vec::new();
+        let mut teams = Vec::new();
         for c in &contracts {
             let period = c.billing_period(through * MINUTE_MS);
             let all_time = store.sums(&c.id, i64::MIN, i64::MAX)?;
@@ -217,6 +264,18 @@ impl Books {
                 .div_euclid(MINUTE_MS);
             minutes.push(store.minutes(&c.id, from, through)?);
             running.push(Running::new(all_time, period, in_period, recent));
+            // The contract's allocated is its teams' sum, exactly, minute by minute.
+            let all_time = TeamBook::from_rows(store.team_sums(&c.id, i64::MIN, i64::MAX)?);
+            teams.push(TeamBook {
+                allocated: all_time.values().map(|v| v.0).sum(),
+                all_time,
+                period_start_ms: period.0,
+                period: TeamBook::from_rows(store.team_sums(
+                    &c.id,
+                    period.0.div_euclid(MINUTE_MS),
+                    i64::MAX,
+                )?),
+            });
         }
         let durable_late = (0..contracts.len())
             .map(|c| ledger.late().get(c).copied().unwrap_or_default())
@@ -234,7 +293,8 @@ impl Books {
             failing: false,
             durable_writes: 0,
             fallback: BTreeMap::new(),
-            teams: Teams::default(),
+            teams,
+            team_rules: Teams::default(),
         })
     }
 
@@ -246,14 +306,14 @@ impl Books {
 
     /// The `[[teams]]` rules the owners of the readings recorded from now on are mapped by.
     pub fn with_teams(mut self, teams: Teams) -> Self {
-        self.teams = teams;
+        self.team_rules = teams;
         self
     }
 
     /// New `[[teams]]` rules (SIGHUP): the owners of the readings recorded from now on
     /// are mapped by them; time already attributed keeps its team.
     pub fn set_teams(&mut self, teams: Teams) {
-        self.teams = teams;
+        self.team_rules = teams;
     }
 
     /// The targets configured now, each with its contracts (see [`Ledger::configure`]).
@@ -303,7 +363,13 @@ impl Books {
             .map(|(uuid, g)| {
                 let (counters, fell_back) = counters(contract.usage_signal, g);
                 fallback += usize::from(fell_back);
-                owner_counters(&self.teams, contract.usage_signal, uuid, g, &mut owners);
+                owner_counters(
+                    &self.team_rules,
+                    contract.usage_signal,
+                    uuid,
+                    g,
+                    &mut owners,
+                );
                 (uuid.clone(), counters)
             })
             .collect();
@@ -407,6 +473,7 @@ impl Books {
             let c = &self.contracts[s.contract];
             let r = &mut self.running[s.contract];
             r.record(&s, |t| c.billing_period(t));
+            self.teams[s.contract].record(&s, r.period_start_ms);
             let minutes = &mut self.minutes[s.contract];
             let start = r.period_start_ms.div_euclid(MINUTE_MS);
             if minutes.first().is_some_and(|(m, _)| *m < start) {
@@ -478,6 +545,24 @@ impl Books {
         &self.minutes[c]
     }
 
+    /// Contract `c`'s team time over all durable sealed minutes: its allocated GPU-ms and
+    /// `(team, allocated, used)` per team, sorted by team (teams no longer configured
+    /// included: their history stays in the ledger).
+    pub fn team_all_time(&self, c: usize) -> (i64, Vec<TeamRow>) {
+        let b = &self.teams[c];
+        (b.allocated, rows(&b.all_time))
+    }
+
+    /// Contract `c`'s team time of its current billing period so far (durable sealed
+    /// minutes): `(team, allocated_ms, used_ms)`, sorted by team, teams with time only.
+    pub fn team_period(&self, c: usize) -> Vec<TeamRow> {
+        let b = &self.teams[c];
+        if b.period_start_ms != self.running[c].period_start_ms {
+            return Vec::new();
+        }
+        rows(&b.period)
+    }
+
     /// The late GPU-ms (delivered, used) of contract `c` as of the last durable write.
     pub fn durable_late(&self, c: usize) -> (i64, i64) {
         self.durable_late[c]
@@ -499,6 +584,13 @@ impl Books {
     }
 }
 
+fn rows(t: &TeamAmounts) -> Vec<TeamRow> {
+    t.iter()
+        .filter(|(_, (a, u))| *a != 0 || *u != 0)
+        .map(|(team, &(a, u))| (team.clone(), a, u))
+        .collect()
+}
+
 /// One GPU's counters for a contract's usage signal: used, and the allocated counters the
 /// idle split needs (allocated, and its part the signal counts as used). True when the GPU
 /// lacks the `sm_active` signal and is counted with busy time instead. An agent without the
@@ -507,8 +599,8 @@ impl Books {
 fn counters(signal: UsageSignal, g: &GpuReport) -> (GpuCounters, bool) {
     let (used, allocated_used, fell_back) = match signal {
         UsageSignal::Busy => (g.busy_ms, g.allocated_busy_ms, false),
-        // Allocated is used: nothing held is unused, so no counters to keep.
-        UsageSignal::Allocated => (g.allocated_ms, None, false),
+        // Allocated is used: all allocated time is allocated-and-used, nothing held.
+        UsageSignal::Allocated => (g.allocated_ms, g.allocated_ms, false),
         UsageSignal::SmActive => match g.sm_active_ms {
             Some(sm) => (Some(sm), g.allocated_sm_active_ms, false),
             None => (g.busy_ms, g.allocated_busy_ms, true),
@@ -517,7 +609,8 @@ fn counters(signal: UsageSignal, g: &GpuReport) -> (GpuCounters, bool) {
     let c = GpuCounters {
         observed_ms: g.observed_ms,
         used_ms: used.unwrap_or(0),
-        allocated_ms: g.allocated_ms.filter(|_| allocated_used.is_some()),
+        // Allocated time alone (for the teams) needs only its own counter; held needs both.
+        allocated_ms: g.allocated_ms,
         allocated_used_ms: allocated_used.filter(|_| g.allocated_ms.is_some()),
     };
     (c, fell_back)

@@ -43,6 +43,11 @@ label_set! {
     pub struct TargetReasonLabels<'a> { target: &'a str, reason: &'a str }
     /// `commitmeter_ledger_store_errors_total`: which write failed.
     pub struct OperationLabels<'a> { operation: &'a str }
+    /// `commitmeter_team_{allocated,used}_gpu_seconds_total`: a team of a contract.
+    pub struct TeamLabels<'a> { contract: &'a str, team: &'a str }
+    /// `commitmeter_team_period_gpu_seconds`: a team's month to date, `kind` = `allocated`
+    /// or `used`.
+    pub struct TeamKindLabels<'a> { contract: &'a str, team: &'a str, kind: &'a str }
 }
 
 impl<'a> ContractInfoLabels<'a> {
@@ -111,10 +116,15 @@ impl LedgerCounters {
 }
 
 fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, String)>, i64)>) -> MetricFamily {
+    family(desc, MetricType::COUNTER, samples)
+}
+
+/// A family of `kind` (counter or gauge) whose samples are GPU-ms, exposed as seconds.
+fn family(desc: &Desc, kind: MetricType, samples: Vec<(Vec<(&str, String)>, i64)>) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(desc.fq_name.clone());
     family.set_help(desc.help.clone());
-    family.set_field_type(MetricType::COUNTER);
+    family.set_field_type(kind);
     family.set_metric(
         samples
             .into_iter()
@@ -129,9 +139,15 @@ fn counter_family(desc: &Desc, samples: Vec<(Vec<(&str, String)>, i64)>) -> Metr
                     })
                     .collect();
                 let mut m = proto::Metric::from_label(pairs);
-                let mut c = proto::Counter::default();
-                c.set_value(ms as f64 / 1000.0);
-                m.set_counter(c);
+                if kind == MetricType::GAUGE {
+                    let mut g = proto::Gauge::default();
+                    g.set_value(ms as f64 / 1000.0);
+                    m.set_gauge(g);
+                } else {
+                    let mut c = proto::Counter::default();
+                    c.set_value(ms as f64 / 1000.0);
+                    m.set_counter(c);
+                }
                 m
             })
             .collect(),
@@ -172,9 +188,143 @@ impl Collector for LedgerCounters {
     }
 }
 
+/// The team series, rendered from the books' integer GPU-ms at each scrape, like
+/// [`LedgerCounters`]: all-time counters over sealed minutes (restored from the ledger,
+/// so identical after a restart) and the billing period's gauges. Rows per contract and
+/// team with any time only: bounded by the number of teams, never by jobs.
+#[derive(Clone)]
+pub struct TeamSeries {
+    values: Arc<Mutex<BTreeMap<String, TeamValues>>>,
+    allocated: Desc,
+    used: Desc,
+    period: Desc,
+    contract_allocated: Desc,
+}
+
+/// One contract's team figures: all-time allocated, all-time and period team rows
+/// `(team, allocated, used)`.
+#[derive(Debug, Clone, Default)]
+struct TeamValues {
+    allocated: i64,
+    all_time: Vec<(String, i64, i64)>,
+    period: Vec<(String, i64, i64)>,
+}
+
+impl TeamSeries {
+    fn new() -> Result<Self, prometheus::Error> {
+        let desc = |name: &str, help: &str, labels: Vec<String>| {
+            Desc::new(name.into(), help.into(), labels, Default::default())
+        };
+        Ok(Self {
+            values: Arc::new(Mutex::new(BTreeMap::new())),
+            allocated: desc(
+                "commitmeter_team_allocated_gpu_seconds_total",
+                "GPU-seconds a team's processes held the contract's GPUs over sealed ledger minutes; per contract the teams sum to commitmeter_contract_allocated_gpu_seconds_total exactly (unattributed time is team unassigned).",
+                label_names::<TeamLabels>(),
+            )?,
+            used: desc(
+                "commitmeter_team_used_gpu_seconds_total",
+                "GPU-seconds of a team's allocated time that the contract's usage signal counts as used, over sealed ledger minutes (never above its allocated).",
+                label_names::<TeamLabels>(),
+            )?,
+            period: desc(
+                "commitmeter_team_period_gpu_seconds",
+                "Month-to-date allocated or used GPU-seconds of a team in the current billing period (sealed minutes), by kind.",
+                label_names::<TeamKindLabels>(),
+            )?,
+            contract_allocated: desc(
+                "commitmeter_contract_allocated_gpu_seconds_total",
+                "GPU-seconds a compute process held the contract's GPUs over sealed ledger minutes (from agents with the allocated counters).",
+                label_names::<ContractLabels>(),
+            )?,
+        })
+    }
+
+    /// A contract's all-time team figures (from the durable books).
+    pub fn set_all_time(&self, contract: &str, allocated: i64, teams: Vec<(String, i64, i64)>) {
+        let mut v = self.values.lock().expect("team series lock");
+        let e = v.entry(contract.to_string()).or_default();
+        e.allocated = allocated;
+        e.all_time = teams;
+    }
+
+    /// A contract's team figures of its current billing period.
+    pub fn set_period(&self, contract: &str, teams: Vec<(String, i64, i64)>) {
+        let mut v = self.values.lock().expect("team series lock");
+        v.entry(contract.to_string()).or_default().period = teams;
+    }
+}
+
+impl Collector for TeamSeries {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![
+            &self.allocated,
+            &self.used,
+            &self.period,
+            &self.contract_allocated,
+        ]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let values = self.values.lock().expect("team series lock");
+        let team = |pick: fn(&(String, i64, i64)) -> i64| {
+            values
+                .iter()
+                .flat_map(|(id, v)| {
+                    v.all_time.iter().map(move |row| {
+                        (
+                            TeamLabels {
+                                contract: id,
+                                team: &row.0,
+                            }
+                            .pairs(),
+                            pick(row),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let period = family(
+            &self.period,
+            MetricType::GAUGE,
+            values
+                .iter()
+                .flat_map(|(id, v)| {
+                    v.period.iter().flat_map(move |(team, a, u)| {
+                        [("allocated", *a), ("used", *u)].map(|(kind, ms)| {
+                            (
+                                TeamKindLabels {
+                                    contract: id,
+                                    team,
+                                    kind,
+                                }
+                                .pairs(),
+                                ms,
+                            )
+                        })
+                    })
+                })
+                .collect(),
+        );
+        vec![
+            counter_family(&self.allocated, team(|r| r.1)),
+            counter_family(&self.used, team(|r| r.2)),
+            period,
+            counter_family(
+                &self.contract_allocated,
+                values
+                    .iter()
+                    .map(|(id, v)| (ContractLabels { contract: id }.pairs(), v.allocated))
+                    .collect(),
+            ),
+        ]
+    }
+}
+
 pub struct AggregatorMetrics {
     pub registry: Registry,
     pub ledger: LedgerCounters,
+    pub teams: TeamSeries,
     pub period: Gauges<ContractKindLabels<'static>>,
     pub info: Gauges<ContractInfoLabels<'static>>,
     pub committed_gpus: Gauges<ContractLabels<'static>>,
@@ -221,6 +371,8 @@ impl AggregatorMetrics {
 
         let ledger = LedgerCounters::new()?;
         registry.register(Box::new(ledger.clone()))?;
+        let teams = TeamSeries::new()?;
+        registry.register(Box::new(teams.clone()))?;
         let rejected = Family::register(
             &registry,
             "commitmeter_ledger_rejected_gpu_seconds_total",
@@ -368,6 +520,7 @@ impl AggregatorMetrics {
                 "GPUs the agent reported at its last successful scrape (after the model filter).",
             )?,
             ledger,
+            teams,
             rejected,
             sealed_through,
             since,

@@ -25,8 +25,9 @@ use crate::ledger::{
 
 /// The schema this binary writes. Older databases are migrated at open; a newer one is
 /// refused rather than misread.
-/// 4: the `gaps` table (delivery gaps, [`write_gaps`]).
-pub const SCHEMA_VERSION: i64 = 6;
+/// 4: the `gaps` table (delivery gaps, [`write_gaps`]). 7: the team book (the minutes'
+/// `allocated`, `team_minutes`, `open_teams`; [`migrate_v6`]).
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// No stored figure of one minute can exceed this many GPU-ms (about 18 million GPUs of
 /// a minute each); a row above it, or a negative one, is corruption.
@@ -527,12 +528,21 @@ CREATE TABLE IF NOT EXISTS minutes (
     idle INTEGER NOT NULL, undelivered INTEGER NOT NULL, unreported INTEGER NOT NULL,
     overage INTEGER NOT NULL,
     idle_unallocated INTEGER NOT NULL, idle_allocated INTEGER NOT NULL,
+    allocated INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (contract, minute)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS open_minutes (
     contract TEXT NOT NULL, minute INTEGER NOT NULL,
     delivered INTEGER NOT NULL, used INTEGER NOT NULL, reported INTEGER NOT NULL,
-    expected INTEGER NOT NULL, held INTEGER NOT NULL,
+    expected INTEGER NOT NULL, held INTEGER NOT NULL, allocated INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (contract, minute)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS team_minutes (
+    contract TEXT NOT NULL, minute INTEGER NOT NULL, team TEXT NOT NULL,
+    allocated_ms INTEGER NOT NULL, used_ms INTEGER NOT NULL,
+    PRIMARY KEY (contract, minute, team)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS open_teams (
+    contract TEXT NOT NULL, minute INTEGER NOT NULL, team TEXT NOT NULL,
+    allocated_ms INTEGER NOT NULL, used_ms INTEGER NOT NULL,
+    PRIMARY KEY (contract, minute, team)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hosts (
     target TEXT NOT NULL, contract TEXT NOT NULL, state TEXT NOT NULL,
     PRIMARY KEY (target, contract)) WITHOUT ROWID;
@@ -574,6 +584,27 @@ fn migrate_v5(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     }
     if lacks("open_minutes", "held")? {
         tx.execute_batch("ALTER TABLE open_minutes ADD COLUMN held INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    Ok(())
+}
+
+/// Versions 1 to 6 (before the team book): sealed and open minutes gain `allocated = 0`
+/// (no allocated time was kept for them, so they have no team rows: the team series start
+/// at the upgrade); `team_minutes` and `open_teams` are created by `SCHEMA`. Runs after
+/// [`migrate_v5`].
+fn migrate_v6(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    for table in ["minutes", "open_minutes"] {
+        let (tables, columns): (i64, i64) = tx.query_row(
+            "SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1),
+                    (SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'allocated')",
+            params![table],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if tables > 0 && columns == 0 {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN allocated INTEGER NOT NULL DEFAULT 0;"
+            ))?;
+        }
     }
     Ok(())
 }
@@ -761,11 +792,13 @@ impl Store {
             Some(v) => {
                 tracing::info!(path = %path.display(), from = v, to = SCHEMA_VERSION, "migrating the ledger database");
                 migrate_v5(&tx).map_err(sql)?;
+                migrate_v6(&tx).map_err(sql)?;
             }
             None if has_meta => {
                 tracing::info!(path = %path.display(), from = 1, to = SCHEMA_VERSION, "migrating the ledger database");
                 migrate_v1(&tx).map_err(sql)?;
                 migrate_v5(&tx).map_err(sql)?;
+                migrate_v6(&tx).map_err(sql)?;
             }
             None => {}
         }
@@ -881,7 +914,10 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute("DELETE FROM minutes WHERE minute >= ?1", [first])
             .map_err(sql)?;
+        tx.execute("DELETE FROM team_minutes WHERE minute >= ?1", [first])
+            .map_err(sql)?;
         tx.execute("DELETE FROM open_minutes", []).map_err(sql)?;
+        tx.execute("DELETE FROM open_teams", []).map_err(sql)?;
         tx.execute("DELETE FROM hosts", []).map_err(sql)?;
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('sealed_through', ?1), ('since', ?2), ('hosts_seq', ?3)",
@@ -921,10 +957,12 @@ impl Store {
                     WHEN overage > used THEN 'overage above used'
                     WHEN idle != idle_unallocated + idle_allocated
                         THEN 'idle != idle_unallocated + idle_allocated'
+                    WHEN allocated < 0 OR allocated > ?1 THEN 'allocated out of range'
                     ELSE 'committed != used - overage + idle + undelivered + unreported' END
                  FROM minutes
                  WHERE min({figures}) < 0
                     OR max({figures}) > ?1
+                    OR allocated < 0 OR allocated > ?1
                     OR overage > used
                     OR idle != idle_unallocated + idle_allocated
                     OR committed != used - overage + idle + undelivered + unreported
@@ -942,8 +980,27 @@ impl Store {
                 .query_row(
                     "SELECT contract, minute, 'an open minute with a negative or out-of-range sum'
                      FROM open_minutes
-                     WHERE min(delivered, used, reported, expected, held) < 0
-                        OR max(delivered, used, reported, expected, held) > ?1
+                     WHERE min(delivered, used, reported, expected, held, allocated) < 0
+                        OR max(delivered, used, reported, expected, held, allocated) > ?1
+                     LIMIT 1",
+                    params![MAX_MINUTE_GPU_MS],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?,
+        };
+        // A team row: non-negative, in range, used <= allocated (the sums' identity with
+        // the minute's allocated is written in one transaction with it).
+        let bad = match bad {
+            Some(b) => Some(b),
+            None => self
+                .conn
+                .query_row(
+                    "SELECT contract, minute, 'team ' || team || ': a negative or out-of-range figure, or used above allocated'
+                     FROM (SELECT contract, minute, team, allocated_ms, used_ms FROM team_minutes
+                           UNION ALL SELECT contract, minute, team, allocated_ms, used_ms FROM open_teams)
+                     WHERE min(allocated_ms, used_ms) < 0 OR allocated_ms > ?1
+                        OR used_ms > allocated_ms
                      LIMIT 1",
                     params![MAX_MINUTE_GPU_MS],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -1006,7 +1063,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT contract, minute, delivered, used, reported, expected, held FROM open_minutes",
+                "SELECT contract, minute, delivered, used, reported, expected, held, allocated FROM open_minutes",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -1020,6 +1077,7 @@ impl Store {
                         reported: r.get(4)?,
                         expected: r.get(5)?,
                         held: r.get(6)?,
+                        allocated: r.get(7)?,
                     },
                 ))
             })
@@ -1030,6 +1088,29 @@ impl Store {
                 snap.open.push((minute, c, open));
             }
         }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT contract, minute, team, allocated_ms, used_ms FROM open_teams ORDER BY minute, contract, team")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (id, minute, team, a, u) = row.map_err(|e| self.err(e))?;
+            if let Some(c) = index(&id) {
+                snap.open_teams.push((minute, c, team, a, u));
+            }
+        }
+        snap.open_teams
+            .sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
         let mut stmt = self
             .conn
             .prepare("SELECT target, contract, state FROM hosts ORDER BY target, contract")
@@ -1192,9 +1273,9 @@ impl Store {
             let figures = kind_columns(str::to_string);
             let mut ins = tx
                 .prepare_cached(&format!(
-                    "INSERT INTO minutes (contract, minute, {figures})
+                    "INSERT INTO minutes (contract, minute, {figures}, allocated)
                      VALUES (?1, ?2, {}) ON CONFLICT (contract, minute) DO NOTHING",
-                    (3..3 + Kind::COUNT)
+                    (3..4 + Kind::COUNT)
                         .map(|i| format!("?{i}"))
                         .collect::<Vec<_>>()
                         .join(", ")
@@ -1205,18 +1286,19 @@ impl Store {
                 let values = t.values();
                 let mut row: Vec<&dyn rusqlite::ToSql> = vec![&ids[s.contract], &s.minute];
                 row.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
+                row.push(&s.allocated);
                 let n = ins.execute(&*row).map_err(sql)?;
                 if n == 0 {
                     let stored = tx
                         .query_row(
                             &format!(
-                                "SELECT {figures} FROM minutes WHERE contract = ?1 AND minute = ?2"
+                                "SELECT {figures}, allocated FROM minutes WHERE contract = ?1 AND minute = ?2"
                             ),
                             params![ids[s.contract], s.minute],
-                            row_totals,
+                            |r| Ok((row_totals(r)?, r.get::<_, i64>(Kind::COUNT)?)),
                         )
                         .map_err(sql)?;
-                    if stored != *t {
+                    if stored != (*t, s.allocated) {
                         return Err(StoreError::Inconsistent {
                             path: path.clone(),
                             contract: ids[s.contract].clone(),
@@ -1229,9 +1311,23 @@ impl Store {
                     }
                 }
             }
+            // A sealed minute's team rows: written once, with the minute (a retry writes
+            // the same rows, which the minute's own check has already compared).
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO team_minutes (contract, minute, team, allocated_ms, used_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (contract, minute, team) DO NOTHING",
+                )
+                .map_err(sql)?;
+            for s in sealed {
+                for (team, a, u) in &s.teams {
+                    ins.execute(params![ids[s.contract], s.minute, team, a, u])
+                        .map_err(sql)?;
+                }
+            }
             tx.execute("DELETE FROM open_minutes", []).map_err(sql)?;
             let mut ins = tx
-                .prepare_cached("INSERT INTO open_minutes (contract, minute, delivered, used, reported, expected, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+                .prepare_cached("INSERT INTO open_minutes (contract, minute, delivered, used, reported, expected, held, allocated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
                 .map_err(sql)?;
             for (minute, c, o) in &snap.open {
                 ins.execute(params![
@@ -1241,9 +1337,18 @@ impl Store {
                     o.used,
                     o.reported,
                     o.expected,
-                    o.held
+                    o.held,
+                    o.allocated
                 ])
                 .map_err(sql)?;
+            }
+            tx.execute("DELETE FROM open_teams", []).map_err(sql)?;
+            let mut ins = tx
+                .prepare_cached("INSERT INTO open_teams (contract, minute, team, allocated_ms, used_ms) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(sql)?;
+            for (minute, c, team, a, u) in &snap.open_teams {
+                ins.execute(params![ids[*c], minute, team, a, u])
+                    .map_err(sql)?;
             }
             let mut ins = tx
                 .prepare_cached(
@@ -1384,6 +1489,29 @@ impl Store {
                 row_totals,
             )
             .map_err(|e| self.err(e))
+    }
+
+    /// A contract's sealed team time `[from, to)`: `(team, allocated, used)` GPU-ms per
+    /// team with any rows, sorted by team. Teams no longer configured keep their rows.
+    pub fn team_sums(
+        &self,
+        contract: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT team, SUM(allocated_ms), SUM(used_ms) FROM team_minutes
+                 WHERE contract = ?1 AND minute >= ?2 AND minute < ?3 GROUP BY team ORDER BY team",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![contract, from_minute, to_minute], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
     /// Delivery gaps of contract `ids[contract]` that overlap `[from_ms, to_ms)`, open ones
@@ -2100,11 +2228,13 @@ mod tests {
             .unwrap()
     }
 
-    /// The key, then one column per kind in `Kind::ALL`'s order.
+    /// The key, then one column per kind in `Kind::ALL`'s order, then the contract's
+    /// allocated GPU-ms (the team book's total).
     fn minute_columns_wanted() -> Vec<String> {
         ["contract", "minute"]
             .into_iter()
             .chain(Kind::NAMES)
+            .chain(["allocated"])
             .map(String::from)
             .collect()
     }
@@ -2170,7 +2300,11 @@ mod tests {
         Connection::open(dir.join("ledger.sqlite3"))
             .unwrap()
             .execute_batch(&format!(
-                "ALTER TABLE minutes DROP COLUMN idle_unallocated;
+                "ALTER TABLE minutes DROP COLUMN allocated;
+                 ALTER TABLE open_minutes DROP COLUMN allocated;
+                 DROP TABLE team_minutes;
+                 DROP TABLE open_teams;
+                 ALTER TABLE minutes DROP COLUMN idle_unallocated;
                  ALTER TABLE minutes DROP COLUMN idle_allocated;
                  ALTER TABLE open_minutes DROP COLUMN held;
                  UPDATE meta SET value = 5 WHERE key = 'schema_version';
@@ -2208,6 +2342,134 @@ mod tests {
         drop(store);
     }
 
+    /// A version 6 ledger (before the team book): its sealed and open minutes have no
+    /// allocated time (0) and no team rows, so the team series start at the upgrade; its
+    /// host checkpoints (without owners) restore as they were, and the first minutes
+    /// sealed after it carry their teams.
+    #[test]
+    fn a_version_6_database_is_migrated_with_no_team_time_before_it() {
+        let (_tmp, dir) = scratch("migrate-v6");
+        drop(Store::open(&dir).unwrap());
+        let state = r#"{"added_ms":0,"sized_since_ms":60000,"last":{"at_ms":170000,"agent_ms":170000,"agent_start_ms":0,"sampled_ms":170000,"gpus":{"GPU-1":{"observed_ms":170000,"used_ms":85000,"allocated_ms":100000,"allocated_used_ms":85000}}},"offset_ms":0,"carry":[0,0],"last_restart_ms":null,"retired_until_ms":null}"#;
+        Connection::open(dir.join("ledger.sqlite3"))
+            .unwrap()
+            .execute_batch(&format!(
+                "ALTER TABLE minutes DROP COLUMN allocated;
+                 ALTER TABLE open_minutes DROP COLUMN allocated;
+                 DROP TABLE team_minutes;
+                 DROP TABLE open_teams;
+                 UPDATE meta SET value = 6 WHERE key = 'schema_version';
+                 INSERT INTO meta VALUES ('sealed_through', 3), ('since', 1);
+                 INSERT INTO minutes VALUES ('a', 1, 60000, 60000, 20000, 40000, 0, 0, 0, 40000, 0);
+                 INSERT INTO open_minutes VALUES ('a', 3, 1000, 500, 1000, 1000, 0);
+                 INSERT INTO hosts VALUES ('h:1', 'a', '{state}');"
+            ))
+            .unwrap();
+        let mut store = Store::open(&dir).unwrap();
+        let ids = vec!["a".to_string()];
+        let snap = store.load(&ids).unwrap().unwrap();
+        assert_eq!(snap.open[0].2.allocated, 0);
+        assert!(snap.open_teams.is_empty());
+        let last = snap.hosts[0].2.last.as_ref().unwrap();
+        assert!(last.owners.is_empty());
+        assert_eq!(last.gpus["GPU-1"].allocated_ms, Some(100_000));
+        assert_eq!(store.team_sums("a", i64::MIN, i64::MAX).unwrap(), vec![]);
+        assert_eq!(minute_columns(&store), minute_columns_wanted());
+        assert_eq!(
+            meta_value(&store.conn, "schema_version").unwrap(),
+            Some(SCHEMA_VERSION)
+        );
+        // The first minute sealed after the upgrade carries its teams.
+        let sealed = [Sealed {
+            contract: 0,
+            minute: 3,
+            totals: split(60_000, 60_000, 30_000, 0, false),
+            allocated: 40_000,
+            teams: vec![
+                ("ml".into(), 30_000, 30_000),
+                ("unassigned".into(), 10_000, 0),
+            ],
+        }];
+        let mut snap = snap;
+        snap.sealed_through = 4;
+        snap.open.clear();
+        store.commit(&ids, &sealed, &snap).unwrap();
+        assert_eq!(
+            store.team_sums("a", i64::MIN, i64::MAX).unwrap(),
+            vec![
+                ("ml".into(), 30_000, 30_000),
+                ("unassigned".into(), 10_000, 0)
+            ]
+        );
+        drop(store);
+    }
+
+    /// Open team sums go with the open minutes, a sealed minute's team rows with it, and a
+    /// team row that breaks used <= allocated refuses the ledger.
+    #[test]
+    fn team_rows_round_trip_and_a_bad_one_is_refused() {
+        let (_tmp, dir) = scratch("teams");
+        let ids = vec!["a".to_string()];
+        let mut store = Store::open(&dir).unwrap();
+        let snap = Snapshot {
+            since: 1,
+            sealed_through: 2,
+            late: vec![(0, 0)],
+            open: vec![(
+                2,
+                0,
+                Open {
+                    allocated: 5_000,
+                    delivered: 6_000,
+                    ..Open::default()
+                },
+            )],
+            open_teams: vec![
+                (2, 0, "ml".into(), 4_000, 1_000),
+                (2, 0, "unassigned".into(), 1_000, 0),
+            ],
+            ..Snapshot::default()
+        };
+        let sealed = [Sealed {
+            contract: 0,
+            minute: 1,
+            totals: split(60_000, 60_000, 30_000, 0, false),
+            allocated: 60_000,
+            teams: vec![("ml".into(), 60_000, 30_000)],
+        }];
+        store.commit(&ids, &sealed, &snap).unwrap();
+        // A retry with the same figures is accepted; another allocated is not.
+        store.commit(&ids, &sealed, &snap).unwrap();
+        let mut other = sealed.clone();
+        other[0].allocated -= 1;
+        assert!(store.commit(&ids, &other, &snap).is_err());
+        drop(store);
+        let store = Store::open(&dir).unwrap();
+        let back = store.load(&ids).unwrap().unwrap();
+        assert_eq!(
+            (back.open.clone(), back.open_teams.clone()),
+            (snap.open, snap.open_teams)
+        );
+        assert_eq!(
+            store.team_sums("a", 0, 2).unwrap(),
+            vec![("ml".into(), 60_000, 30_000)]
+        );
+        drop(store);
+        Connection::open(dir.join("ledger.sqlite3"))
+            .unwrap()
+            .execute("UPDATE team_minutes SET used_ms = allocated_ms + 1", [])
+            .unwrap();
+        let err = Store::open(&dir)
+            .unwrap()
+            .load(&ids)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("team ml") && err.contains("used above allocated"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn an_inconsistent_ledger_refuses_to_start_naming_contract_and_minute() {
         let (_tmp, dir) = scratch("inconsistent");
@@ -2218,6 +2480,7 @@ mod tests {
             contract: 0,
             minute: 29_333_333,
             totals: t,
+            ..Default::default()
         }];
         store
             .commit(&ids, &sealed, &Ledger::new(1, 0).snapshot())
@@ -2647,6 +2910,7 @@ mod tests {
             contract: 0,
             minute: m,
             totals: t(used),
+            ..Sealed::default()
         };
         let mut ledger = Ledger::new(1, 0);
         let mut store = Store::open(&dir).unwrap();

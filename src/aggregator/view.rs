@@ -137,6 +137,9 @@ impl Shared {
             self.metrics
                 .set_period(contract, r.period_start_ms, r.period_end_ms, &r.period, &f);
             self.metrics
+                .teams
+                .set_period(&contract.id, books.team_period(c));
+            self.metrics
                 .committed_gpus
                 .with(&ContractLabels {
                     contract: &contract.id,

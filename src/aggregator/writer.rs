@@ -234,6 +234,10 @@ impl Shared {
                 &books.running(c).all_time,
                 books.durable_late(c),
             );
+            let (allocated, teams) = books.team_all_time(c);
+            self.metrics
+                .teams
+                .set_all_time(&contract.id, allocated, teams);
         }
         self.metrics
             .sealed_through

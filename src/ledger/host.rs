@@ -24,6 +24,9 @@
 //!   the clamps cut of the readings' rounding is carried to the next interval
 //!   (`carry_held`), so they do not lean one way (`held_tests`).
 //!
+//! - **allocated**, per GPU, and its division among teams: see [`super::teams`]. The
+//!   checkpoint keeps each GPU's owners' counters, so the next interval diffs them.
+//!
 //! Delivered never exceeds the watched capacity of the GPUs whose readings were accepted, and
 //! used never exceeds delivered: a surplus (rounding, or an agent clock re-anchored mid-way)
 //! is carried to the host's next interval, up to the clock tolerance per GPU, instead of
@@ -32,6 +35,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::teams::{self, OwnerDelta, TeamAmounts};
 
 /// An agent clock further than this from the aggregator's (lag included) is re-anchored:
 /// its readings are placed on the aggregator's clock from then on. Also the most surplus
@@ -99,6 +104,34 @@ impl GpuCounters {
     }
 }
 
+impl GpuCounters {
+    /// Δallocated and Δallocated-and-used since `prev` (`None`: after a restart, counting
+    /// from 0); `None` when either reading lacks the allocated counter or it went down.
+    fn allocated_since(&self, prev: Option<&GpuCounters>) -> Option<(i64, Option<i64>)> {
+        let a = self.allocated_ms?;
+        let (da, dau) = match prev {
+            None => (a, self.allocated_used_ms),
+            Some(p) => (
+                a - p.allocated_ms?,
+                self.allocated_used_ms
+                    .zip(p.allocated_used_ms)
+                    .map(|(n, o)| n - o),
+            ),
+        };
+        (da >= 0).then_some((da, dau.filter(|d| *d >= 0)))
+    }
+}
+
+/// One owner's increment between two counter values: its whole value when new since the
+/// checkpoint, after an agent restart, or when it went down (a new owner under the same
+/// labels).
+fn owner_delta(now: i64, prev: Option<i64>) -> i64 {
+    match prev {
+        Some(p) if now >= p => now - p,
+        _ => now.max(0),
+    }
+}
+
 /// One successful scrape of a host, already checked for sanity by the scraper (finite,
 /// non-negative, bounded values; no duplicate series).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -122,7 +155,7 @@ pub struct Reading {
 
 /// One owner's counters on one GPU, as scraped (whole ms), with the team the
 /// aggregator's `[[teams]]` rules gave it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerCounters {
     pub team: String,
     /// `commitmeter_owner_allocated_seconds_total`.
@@ -141,7 +174,16 @@ pub struct Checkpoint {
     pub agent_start_ms: Option<i64>,
     pub sampled_ms: Option<i64>,
     pub gpus: BTreeMap<String, GpuCounters>,
+    /// Per GPU UUID, per [`crate::owner::Owner::key`]: the owners' (allocated, used)
+    /// counters of that reading, the baseline of their next increments. Empty in a
+    /// checkpoint from before owners (their first increments are then scaled into the
+    /// GPU's allocated time, see [`super::teams`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub owners: BTreeMap<String, BTreeMap<String, OwnerMark>>,
 }
+
+/// An owner's counters as a checkpoint keeps them: `[allocated_ms, used_ms]`.
+pub type OwnerMark = [i64; 2];
 
 /// What the ledger remembers about one target of one contract between readings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +264,9 @@ pub struct Interval {
     /// used. Per GPU clamped to its delivered − used, in all to `delivered − used` as
     /// credited.
     pub held: i64,
+    /// Allocated GPU-ms of the credited GPUs (per GPU clamped to its credited delivered):
+    /// the Σ of [`Outcome::teams`]' allocated.
+    pub allocated: i64,
 }
 
 /// What an interval showed of one GPU of the previous reading (for the gap list,
@@ -248,6 +293,9 @@ pub struct Outcome {
     pub restarted: bool,
     /// The agent's clock was off by more than the tolerance: placed on ours.
     pub reanchored: bool,
+    /// The interval's allocated GPU-ms by team (allocated, used), summing to
+    /// [`Interval::allocated`] exactly (see [`super::teams`]).
+    pub teams: TeamAmounts,
 }
 
 impl HostState {
@@ -286,12 +334,30 @@ impl HostState {
         }
         let (at, reanchored) = self.place(r.received_ms, r.agent_ms, tolerance_ms);
         out.reanchored = reanchored;
+        // The owners' counters and teams by GPU (owners of GPUs the reading lacks are none
+        // of the contract's).
+        let mut owners: BTreeMap<String, BTreeMap<String, OwnerCounters>> = BTreeMap::new();
+        for ((uuid, key), o) in r.owners {
+            if r.gpus.contains_key(&uuid) {
+                owners.entry(uuid).or_default().insert(key, o);
+            }
+        }
         let now = Checkpoint {
             at_ms: at,
             agent_ms: r.agent_ms,
             agent_start_ms: r.agent_start_ms,
             sampled_ms: r.sampled_ms,
             gpus: r.gpus,
+            owners: owners
+                .iter()
+                .map(|(uuid, per)| {
+                    let marks = per
+                        .iter()
+                        .map(|(k, o)| (k.clone(), [o.allocated_ms, o.used_ms]))
+                        .collect();
+                    (uuid.clone(), marks)
+                })
+                .collect(),
         };
         let Some(last) = self.last.take() else {
             self.sized_since_ms = Some(at);
@@ -342,7 +408,7 @@ impl HostState {
         }
 
         let (mut accepted, mut vanished, mut sum_o, mut sum_u) = (0i64, 0i64, 0i64, 0i64);
-        let (mut sum_h, mut cut_h) = (0i64, 0i64);
+        let (mut sum_h, mut cut_h, mut sum_a) = (0i64, 0i64, 0i64);
         for (uuid, p) in &last.gpus {
             let Some(c) = now.gpus.get(uuid) else {
                 // Gone while the agent watched (it re-enumerated without it): not delivered.
@@ -391,6 +457,28 @@ impl HostState {
                     let (h, cut) = c.held_since((!restarted).then_some(p), d_o - d_u);
                     sum_h += h;
                     cut_h += cut;
+                    // Allocated and its teams: only where the allocated counters tell it.
+                    if let Some((da, dau)) = c.allocated_since((!restarted).then_some(p)) {
+                        let allocated = da.clamp(0, d_o.max(0));
+                        let prev = last.owners.get(uuid);
+                        let deltas: Vec<OwnerDelta> = owners
+                            .get(uuid)
+                            .into_iter()
+                            .flatten()
+                            .map(|(key, o)| {
+                                let mark = prev.and_then(|m| m.get(key)).filter(|_| !restarted);
+                                OwnerDelta {
+                                    team: o.team.clone(),
+                                    allocated: owner_delta(o.allocated_ms, mark.map(|m| m[0])),
+                                    used: owner_delta(o.used_ms, mark.map(|m| m[1])),
+                                }
+                            })
+                            .collect();
+                        sum_a += allocated;
+                        for (team, (a, u)) in teams::gpu_teams(allocated, dau, d_u, &deltas) {
+                            teams::add(&mut out.teams, &team, a, u);
+                        }
+                    }
                 }
             }
         }
@@ -426,6 +514,7 @@ impl HostState {
             delivered,
             used,
             held,
+            allocated: sum_a,
         });
         self.last = Some(now);
         out

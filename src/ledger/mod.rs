@@ -16,10 +16,16 @@
 //!   the GPU, the usage signal says unused) are spread in proportion to delivered − used,
 //!   so per host and minute `held <= delivered − used`; a minute seals its idle split from
 //!   their sum (see [`split_held`]).
+//! - Allocated GPU-ms (a compute process held the GPU) are spread in proportion to
+//!   delivered and divided among teams minute by minute ([`teams`]): per contract and minute
+//!   Σ teams' allocated == the contract's allocated exactly, and each team's used <= its
+//!   allocated. Time no owner explains is team [`UNASSIGNED`].
 //! - A minute seals `grace` after it ends ([`Ledger::seal`]): known hosts that did not report
 //!   add their GPUs to what was expected, and [`split`] divides the commitment by evidence.
 //!   Sealed minutes never change; what arrives later for them is counted as late
-//!   (delivered and used only: held GPU-ms for a sealed minute are dropped, as its idle is).
+//!   (delivered and used only: held GPU-ms for a sealed minute are dropped, as its idle is,
+//!   and so are its allocated GPU-ms and their teams, alike, so the minute's teams still
+//!   sum to its allocated).
 //! - [`gaps`] keeps the evidence behind undelivered capacity as intervals per host and GPU
 //!   (GPU lost, host unreachable) and per contract (`short`): the SLA's delivery gaps.
 
@@ -28,13 +34,17 @@ pub mod burn;
 pub mod gaps;
 pub mod host;
 pub mod kind;
+pub mod teams;
 pub mod totals;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 pub use gaps::{Cause, Gap, Gaps, Xids};
-pub use host::{Checkpoint, GpuCounters, HostState, Interval, Outcome, Reading, Reject, Verdict};
+pub use host::{
+    Checkpoint, GpuCounters, HostState, Interval, Outcome, OwnerCounters, Reading, Reject, Verdict,
+};
 pub use kind::{Kind, Totals};
+pub use teams::{TeamAmounts, UNASSIGNED};
 
 pub const MINUTE_MS: i64 = 60_000;
 
@@ -55,6 +65,9 @@ pub struct Open {
     /// Delivered GPU-ms that a compute process held and the usage signal says were not
     /// used (never more than delivered − used per host): the evidence for `idle_allocated`.
     pub held: i64,
+    /// GPU-ms a compute process held the contract's GPUs (credited readings with the
+    /// allocated counters only): the Σ of the minute's teams' allocated.
+    pub allocated: i64,
 }
 
 /// Splits one minute's commitment by evidence.
@@ -156,12 +169,20 @@ pub fn spread(from_ms: i64, to_ms: i64, amount: i64) -> Vec<(i64, i64)> {
 }
 
 /// One contract's view of a sealed minute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sealed {
     pub contract: usize,
     pub minute: i64,
     pub totals: Totals,
+    /// The contract's allocated GPU-ms: Σ of `teams`' allocated, exactly.
+    pub allocated: i64,
+    /// `(team, allocated, used)` GPU-ms, rows with any time only, sorted by team; used <=
+    /// allocated.
+    pub teams: Vec<TeamRow>,
 }
+
+/// A team's `(team, allocated, used)` GPU-ms.
+pub type TeamRow = (String, i64, i64);
 
 /// A target and the contract it is accounted for.
 pub type TargetKey = (String, usize);
@@ -187,6 +208,9 @@ pub struct Ledger {
     clock_tolerance_ms: i64,
     /// Delivery gaps: open, and closed but not yet persisted (see [`gaps`]).
     gaps: Gaps,
+    /// The open minutes' team sums, by (minute, contract): Σ allocated == the minute's
+    /// [`Open::allocated`].
+    open_teams: BTreeMap<(i64, usize), TeamAmounts>,
 }
 
 /// GPU-ms (delivered, used) that arrived for contract `contract`'s sealed `minute`.
@@ -208,6 +232,8 @@ pub struct Snapshot {
     pub hosts: Vec<(String, usize, HostState)>,
     /// Per contract: (delivered, used) GPU-ms that arrived for sealed minutes.
     pub late: Vec<(i64, i64)>,
+    /// The open minutes' team sums: `(minute, contract, team, allocated, used)`, sorted.
+    pub open_teams: Vec<(i64, usize, String, i64, i64)>,
 }
 
 impl Ledger {
@@ -224,6 +250,7 @@ impl Ledger {
             late_pending: BTreeMap::new(),
             clock_tolerance_ms: host::CLOCK_TOLERANCE_MS,
             gaps: Gaps::default(),
+            open_teams: BTreeMap::new(),
         }
     }
 
@@ -258,6 +285,11 @@ impl Ledger {
         for (c, late) in snap.late.into_iter().enumerate().take(contracts) {
             l.late[c] = late;
         }
+        for (minute, c, team, a, u) in snap.open_teams {
+            if c < contracts && minute >= l.sealed_through {
+                teams::add(l.open_teams.entry((minute, c)).or_default(), &team, a, u);
+            }
+        }
         l
     }
 
@@ -282,6 +314,14 @@ impl Ledger {
             open,
             hosts,
             late: self.late.clone(),
+            open_teams: self
+                .open_teams
+                .iter()
+                .flat_map(|(&(minute, c), per)| {
+                    per.iter()
+                        .map(move |(team, &(a, u))| (minute, c, team.clone(), a, u))
+                })
+                .collect(),
         }
     }
 
@@ -396,7 +436,7 @@ impl Ledger {
             });
         }
         if let Some(iv) = out.interval {
-            self.attribute(contract, &iv);
+            self.attribute(contract, &iv, &out.teams);
         }
         out
     }
@@ -478,7 +518,7 @@ impl Ledger {
             .map(|t| t.min(self.sealed_through.saturating_mul(MINUTE_MS)))
     }
 
-    fn attribute(&mut self, contract: usize, iv: &Interval) {
+    fn attribute(&mut self, contract: usize, iv: &Interval, teams: &TeamAmounts) {
         for (minute, len) in pieces(iv.from_ms, iv.to_ms) {
             if let Some(o) = self.open_mut(contract, minute) {
                 o.expected = o
@@ -495,6 +535,16 @@ impl Ledger {
         // for the interval, so no part exceeds its weight).
         let unused: Vec<i64> = delivered.iter().zip(&used).map(|(d, u)| d - u).collect();
         let held = apportion(iv.held, &unused);
+        // Allocated within each minute's delivered (per GPU it is at most its credited
+        // delivered; only the host's surplus carry can leave the interval's delivered
+        // below it, then in proportion to time), and its teams minute by minute.
+        let alloc_weights = if iv.allocated <= delivered.iter().sum::<i64>() {
+            &delivered
+        } else {
+            &lens
+        };
+        let allocated = apportion(iv.allocated, alloc_weights);
+        let team_rows = teams::spread(teams, &allocated);
         for (i, &(minute, _)) in watched.iter().enumerate() {
             if minute < self.since {
                 continue;
@@ -516,6 +566,13 @@ impl Ledger {
                 o.delivered = o.delivered.saturating_add(delivered[i]);
                 o.used = o.used.saturating_add(used[i]);
                 o.held = o.held.saturating_add(held[i]);
+                o.allocated = o.allocated.saturating_add(allocated[i]);
+                if !team_rows[i].is_empty() {
+                    let per = self.open_teams.entry((minute, contract)).or_default();
+                    for (team, &(a, u)) in &team_rows[i] {
+                        teams::add(per, team, a, u);
+                    }
+                }
             }
         }
     }
@@ -574,6 +631,14 @@ impl Ledger {
             }
             for (c, o) in per.iter().enumerate() {
                 let committed = committed(c, m0, m1);
+                let teams: Vec<TeamRow> = self
+                    .open_teams
+                    .remove(&(minute, c))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, (a, u))| *a != 0 || *u != 0)
+                    .map(|(team, (a, u))| (team, a, u))
+                    .collect();
                 // Short of the known capacity: what the ledger expected, plus GPUs gone
                 // with an open gap (counted there, not twice).
                 let known = o.expected.saturating_add(self.gaps.absent_ms(c, m0, m1));
@@ -590,6 +655,8 @@ impl Ledger {
                         o.expected.saturating_sub(o.reported),
                         dark[c],
                     ),
+                    allocated: o.allocated,
+                    teams,
                 });
             }
             self.sealed_through += 1;

@@ -202,6 +202,7 @@ mod tests {
             contract: 0,
             minute,
             totals: split(committed, delivered, used, 0, false),
+            ..Sealed::default()
         }
     }
 

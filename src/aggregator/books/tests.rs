@@ -55,6 +55,8 @@ struct MemStore {
     gaps: BTreeMap<GapKey, (Gap, usize)>,
     /// Late GPU-ms by (contract, minute, commit), as the SQLite store keeps them.
     late: BTreeMap<(String, i64, u64), (i64, i64)>,
+    /// Sealed team rows by (contract, minute, team): (allocated, used).
+    teams: BTreeMap<(String, i64, String), (i64, i64)>,
     commits: u64,
     broken: bool,
 }
@@ -87,6 +89,17 @@ impl LedgerStore for MemStore {
             .filter(|((c, m), _)| c == contract && (from..to).contains(m))
             .map(|((_, m), t)| (*m, *t))
             .collect())
+    }
+
+    fn team_sums(&self, contract: &str, from: i64, to: i64) -> Result<Vec<TeamRow>, MemError> {
+        let mut by_team: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for ((c, m, team), (a, u)) in &self.teams {
+            if c == contract && (from..to).contains(m) {
+                let e = by_team.entry(team.clone()).or_default();
+                *e = (e.0 + a, e.1 + u);
+            }
+        }
+        Ok(by_team.into_iter().map(|(t, (a, u))| (t, a, u)).collect())
     }
 
     fn gaps(&self, contract: &str, from: i64, to: i64) -> Result<Vec<Gap>, MemError> {
@@ -129,6 +142,10 @@ impl LedgerStore for MemStore {
                 return Err(MemError("a sealed minute changed"));
             }
             self.rows.insert(key, s.totals);
+            for (team, a, u) in &s.teams {
+                let key = (ids[s.contract].clone(), s.minute, team.clone());
+                self.teams.insert(key, (*a, *u));
+            }
         }
         self.snap = Some(snap.clone());
         Ok(())
@@ -232,6 +249,7 @@ fn dark(minute: i64, gpus: i64) -> Sealed {
             unreported: gpus * M,
             ..Totals::default()
         },
+        ..Sealed::default()
     }
 }
 
@@ -468,6 +486,7 @@ fn month_to_date_rolls_at_local_midnight_across_dst() {
             contract: 0,
             minute,
             totals: split(c.committed_gpu_ms(a, b), 600_000, 300_000, 0, false),
+            ..Sealed::default()
         };
         r.record(&s, |t| c.billing_period(t));
     }
