@@ -34,13 +34,6 @@ pub(super) struct SizingCache {
     running: bool,
 }
 
-/// The showback of contract `c`, month to date: `(team, allocated GPU-ms, used GPU-ms)`
-/// per team with time, sorted by team: the ledger's team book (`Books::team_period`, which
-/// the ledger's team book adds; until it is on this branch, no team has time).
-fn team_period(_books: &super::books::Books, _c: usize) -> Vec<(String, i64, i64)> {
-    Vec::new()
-}
-
 impl Shared {
     /// Renders the status page on a blocking thread, one render at a time; a request for
     /// a render while one runs makes that one run once more.
@@ -180,7 +173,7 @@ impl Shared {
                         books.running(c).clone(),
                         books.period_minutes(c).to_vec(),
                         books.figures(c),
-                        team_period(&books, c),
+                        books.team_period(c),
                     )
                 })
                 .collect();
