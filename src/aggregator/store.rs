@@ -1155,6 +1155,7 @@ impl Store {
                     h.sized_since_ms = None;
                     h.carry = [0, 0];
                     h.carry_held = 0;
+                    h.carry_teams.clear();
                 }
                 tracing::warn!(
                     path = %self.path.display(),

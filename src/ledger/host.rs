@@ -205,6 +205,11 @@ pub struct HostState {
     /// next, so that clamping at 0 and at delivered − used never leans one way.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub carry_held: i64,
+    /// Allocated GPU-ms the rounding of owners' counters cut of a team (their sum above the
+    /// GPU's), paid back from a later interval's `unassigned` time ([`teams::pay_owed`]),
+    /// at most [`EXACT_SLACK_MS`] per owner of the reading.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub carry_teams: BTreeMap<String, i64>,
     /// Placement time of the last agent restart seen.
     pub last_restart_ms: Option<i64>,
     /// Set when the target left the contract's targets: its known GPUs stay expected
@@ -409,6 +414,8 @@ impl HostState {
 
         let (mut accepted, mut vanished, mut sum_o, mut sum_u) = (0i64, 0i64, 0i64, 0i64);
         let (mut sum_h, mut cut_h, mut sum_a) = (0i64, 0i64, 0i64);
+        let mut n_owners = 0i64;
+        let mut owed = std::mem::take(&mut self.carry_teams);
         for (uuid, p) in &last.gpus {
             let Some(c) = now.gpus.get(uuid) else {
                 // Gone while the agent watched (it re-enumerated without it): not delivered.
@@ -475,8 +482,13 @@ impl HostState {
                             })
                             .collect();
                         sum_a += allocated;
-                        for (team, (a, u)) in teams::gpu_teams(allocated, dau, d_u, &deltas) {
+                        n_owners += deltas.len() as i64;
+                        let (per, cut) = teams::gpu_teams(allocated, dau, d_u, &deltas);
+                        for (team, (a, u)) in per {
                             teams::add(&mut out.teams, &team, a, u);
+                        }
+                        for (team, c) in cut {
+                            *owed.entry(team).or_default() += c;
                         }
                     }
                 }
@@ -505,6 +517,12 @@ impl HostState {
         let held = avail_h.clamp(0, delivered - used);
         let slack_h = accepted * EXACT_SLACK_MS;
         self.carry_held = (avail_h - held + cut_h).clamp(-slack_h, slack_h);
+        // Pay the teams what rounding cut before (never more than rounding can owe).
+        teams::pay_owed(&mut out.teams, &mut owed);
+        let slack_t = n_owners.max(1) * EXACT_SLACK_MS;
+        owed.values_mut().for_each(|d| *d = (*d).min(slack_t));
+        self.carry_teams = owed;
+        debug_assert_eq!(out.teams.values().map(|v| v.0).sum::<i64>(), sum_a);
         out.interval = Some(Interval {
             from_ms: last.at_ms,
             to_ms: at,

@@ -679,4 +679,6 @@ mod accuracy;
 #[cfg(test)]
 mod held_tests;
 #[cfg(test)]
+mod team_tests;
+#[cfg(test)]
 mod tests;

@@ -50,13 +50,14 @@ pub struct OwnerDelta {
 /// One GPU's interval: `allocated` GPU-ms (already clamped to its credited delivered),
 /// `allocated_used` (its Δallocated-and-used, `None` unknown), `used_cap` (its credited
 /// used) and its owners' increments → per team (allocated, used), with Σ allocated ==
-/// `allocated` exactly, used <= allocated per team, Σ used <= `used_cap`.
+/// `allocated` exactly, used <= allocated per team, Σ used <= `used_cap`; and what the
+/// scaling down cut of each team's allocated (for the host's [`pay_owed`]).
 pub fn gpu_teams(
     allocated: i64,
     allocated_used: Option<i64>,
     used_cap: i64,
     owners: &[OwnerDelta],
-) -> TeamAmounts {
+) -> (TeamAmounts, Vec<(String, i64)>) {
     let allocated = allocated.max(0);
     let mut raw: TeamAmounts = BTreeMap::new();
     for o in owners {
@@ -67,8 +68,15 @@ pub fn gpu_teams(
     let names: Vec<String> = raw.keys().cloned().collect();
     let mut a: Vec<i64> = raw.values().map(|v| v.0).collect();
     let sum: i64 = a.iter().sum();
+    let mut cut = Vec::new();
     if sum > allocated {
-        a = apportion(allocated, &a);
+        let scaled = apportion(allocated, &a);
+        for ((n, raw), s) in names.iter().zip(&a).zip(&scaled) {
+            if raw > s && n != UNASSIGNED {
+                cut.push((n.clone(), raw - s));
+            }
+        }
+        a = scaled;
     }
     let explained: i64 = a.iter().sum();
     let mut u: Vec<i64> = raw.values().zip(&a).map(|(v, &a)| v.1.min(a)).collect();
@@ -89,7 +97,40 @@ pub fn gpu_teams(
     for ((n, a), u) in names.iter().zip(a).zip(u) {
         add(&mut out, n, a, u);
     }
-    out
+    (out, cut)
+}
+
+/// Pays what earlier intervals cut of teams' allocated (`owed`, by the readings' rounding:
+/// the owners' counters summing a little above the GPU's) from this interval's
+/// `unassigned` allocated, in proportion to what each is owed. Without it the rounding
+/// would lean one way: a team loses the ms cut when its owners round up, and `unassigned`
+/// keeps the ms left when they round down. The sum of `teams` is unchanged, and each
+/// team's used stays <= its allocated.
+pub fn pay_owed(teams: &mut TeamAmounts, owed: &mut BTreeMap<String, i64>) {
+    let Some(&(spare, spare_used)) = teams.get(UNASSIGNED) else {
+        return;
+    };
+    // `unassigned` is never owed: what is cut of it stays in it.
+    owed.remove(UNASSIGNED);
+    let names: Vec<String> = owed.keys().cloned().collect();
+    let debts: Vec<i64> = owed.values().copied().collect();
+    let pay = spare.min(debts.iter().sum());
+    if pay <= 0 {
+        return;
+    }
+    let parts = apportion(pay, &debts);
+    for (n, p) in names.iter().zip(parts) {
+        if p > 0 {
+            add(teams, n, p, 0);
+            if let Some(d) = owed.get_mut(n) {
+                *d -= p;
+            }
+        }
+    }
+    owed.retain(|_, d| *d > 0);
+    let left = spare - pay;
+    teams.remove(UNASSIGNED);
+    add(teams, UNASSIGNED, left, spare_used.min(left));
 }
 
 /// Divides an interval's team amounts over its minutes: `minutes[i]` is the contract's
@@ -139,7 +180,7 @@ mod tests {
 
     #[test]
     fn owners_fill_the_gpu_and_the_rest_is_unassigned() {
-        let t = gpu_teams(
+        let (t, _) = gpu_teams(
             60_000,
             Some(30_000),
             40_000,
@@ -154,17 +195,18 @@ mod tests {
 
     #[test]
     fn owners_beyond_the_gpu_are_scaled_down_exactly() {
-        let t = gpu_teams(1_000, None, 1_000, &[od("a", 1_000, 0), od("b", 1_000, 0)]);
+        let (t, cut) = gpu_teams(1_000, None, 1_000, &[od("a", 1_000, 0), od("b", 1_000, 0)]);
+        assert_eq!(cut, vec![("a".into(), 500), ("b".into(), 500)]);
         assert_eq!(t.values().map(|v| v.0).sum::<i64>(), 1_000);
         assert_eq!((t["a"].0, t["b"].0), (500, 500));
         assert!(!t.contains_key(UNASSIGNED));
         // Nothing allocated: nothing at all.
-        assert!(gpu_teams(0, Some(0), 0, &[od("a", 5, 5)]).is_empty());
+        assert!(gpu_teams(0, Some(0), 0, &[od("a", 5, 5)]).0.is_empty());
     }
 
     #[test]
     fn used_never_exceeds_the_gpus_credited_used() {
-        let t = gpu_teams(600, Some(600), 100, &[od("a", 300, 300), od("b", 300, 300)]);
+        let (t, _) = gpu_teams(600, Some(600), 100, &[od("a", 300, 300), od("b", 300, 300)]);
         assert_eq!(t.values().map(|v| v.1).sum::<i64>(), 100);
         assert!(t.values().all(|v| v.1 <= v.0));
     }
