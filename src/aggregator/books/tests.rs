@@ -850,3 +850,41 @@ fn owners_get_their_team_and_the_contracts_usage_signal() {
     assert!(out.values().all(|c| c.used_ms == c.allocated_ms), "{out:?}");
     assert_eq!(out.keys().next().unwrap().1, job("1", "vision").key());
 }
+
+/// The team book through the books: a host without owner series holds its GPUs for team
+/// `unassigned`; the month-to-date and all-time team time move only with durable minutes
+/// and are restored from the store after a restart, equal to the contract's allocated.
+#[test]
+fn team_time_is_durable_restored_and_sums_to_the_contracts_allocated() {
+    for (signal, used_per_minute) in [("busy", 60_000), ("allocated", 120_000)] {
+        let mut store = MemStore::default();
+        let mut books = open(&store, contracts_with_signal(signal), 0);
+        let mut t = T0 + 15_000;
+        books.record("h:9473", 0, t, &mixed(t, true));
+        books.start_after(t);
+        while t < (FIRST + 3) * M {
+            t += 15_000;
+            books.record("h:9473", 0, t, &mixed(t, true));
+            books.seal_due(t);
+            // Sealed, not durable yet: nothing counted.
+            let (_, before) = books.team_all_time(0);
+            write(&mut books, &mut store);
+            let (allocated, after) = books.team_all_time(0);
+            assert!(after.len() <= 1 && before.len() <= 1, "{after:?}");
+            assert_eq!(after.iter().map(|r| r.1).sum::<i64>(), allocated);
+        }
+        // Two GPUs held all the time (stuck, held): 120 s a minute, all unassigned.
+        let minutes = store.rows.len() as i64;
+        assert!(minutes >= 2);
+        let want = vec![(
+            "unassigned".to_string(),
+            minutes * 120_000,
+            minutes * used_per_minute,
+        )];
+        assert_eq!(books.team_period(0), want, "{signal}");
+        assert_eq!(books.team_all_time(0), (minutes * 120_000, want.clone()));
+        let again = open(&store, contracts_with_signal(signal), 0);
+        assert_eq!(again.team_period(0), want);
+        assert_eq!(again.team_all_time(0), books.team_all_time(0));
+    }
+}
