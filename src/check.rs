@@ -14,7 +14,7 @@ pub enum Kind {
     /// The agent's `--config.file` (`[labels]`).
     Agent,
     /// The aggregator's `--config.file` (`[aggregator]`, `[[targets]]`, `[[file_sd]]`,
-    /// `[[contracts]]`).
+    /// `[[contracts]]`, `[[teams]]`).
     Aggregator,
     /// A `--web.config.file` (YAML).
     Web,
@@ -79,7 +79,7 @@ pub fn kind_of(path: &Path, text: &str, explicit: Option<Kind>) -> (Kind, String
     let aggregator: Vec<&str> = tables
         .iter()
         .map(String::as_str)
-        .filter(|t| ["aggregator", "targets", "file_sd", "contracts"].contains(t))
+        .filter(|t| ["aggregator", "targets", "file_sd", "contracts", "teams"].contains(t))
         .collect();
     if !aggregator.is_empty() {
         return (
@@ -194,22 +194,50 @@ pub fn check_file(path: &Path, explicit: Option<Kind>) -> Result<Checked, CheckE
             let static_targets: usize = c.static_targets.iter().map(|g| g.targets.len()).sum();
             let mut warnings = c.warnings.clone();
             warnings.extend(report.warnings);
+            let mut details = report.details;
+            details.extend(teams_report(&c.teams));
             Ok(Checked {
                 summary: format!(
-                    "{}: aggregator config OK: {} contracts, {} static targets, {} file_sd \
-                     entries, {} file_sd files, {} targets in all (checked as {kind}: {why})",
+                    "{}: aggregator config OK: {} contracts, {} teams, {} static targets, {} \
+                     file_sd entries, {} file_sd files, {} targets in all (checked as {kind}: \
+                     {why})",
                     path.display(),
                     c.contracts.len(),
+                    c.teams.len(),
                     static_targets,
                     c.file_sd.len(),
                     report.files.len(),
                     report.targets
                 ),
-                details: report.details,
+                details,
                 warnings,
             })
         }
     }
+}
+
+/// One line per `[[teams]]` entry, in the order they are tried: its name and rules.
+pub fn teams_report(teams: &crate::contract::Teams) -> Vec<String> {
+    let mut out: Vec<String> = teams
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let rules: Vec<String> = t.rules().map(|(f, p)| format!("{f} = {p:?}")).collect();
+            format!(
+                "  team {:?} (tried {}): {}",
+                t.name,
+                i + 1,
+                rules.join(" or ")
+            )
+        })
+        .collect();
+    if !teams.is_empty() {
+        out.push(format!(
+            "  owners no team matches: team {:?}",
+            crate::contract::UNASSIGNED
+        ));
+    }
+    out
 }
 
 /// The targets an aggregator config gives now (static ones plus the file_sd files present),

@@ -250,6 +250,23 @@ fn broken_config_files_are_refused_naming_file_and_key_before_anything_starts() 
             "file_sd[0].files[0]: invalid glob pattern",
         ),
         (
+            "team-bad-regex",
+            "[[teams]]\nname = \"vision\"\nslurm_account = \"vision|(cv\"\n".into(),
+            "[[teams]] \"vision\": slurm_account: invalid regex \"vision|(cv\"",
+        ),
+        (
+            "team-twice",
+            "[[teams]]\nname = \"vision\"\nslurm_account = \"vision\"\n\
+             [[teams]]\nname = \"vision\"\nnamespace = \"vision-.*\"\n"
+                .into(),
+            "[[teams]] \"vision\": name: duplicate team: teams[1] repeats teams[0]",
+        ),
+        (
+            "team-unknown-key",
+            "[[teams]]\nname = \"vision\"\naccount = \"vision\"\n".into(),
+            "[[teams]] \"vision\": account: unknown key",
+        ),
+        (
             "broken-syntax",
             "[aggregator\nscrape_interval = \"15s\"\n".into(),
             ":1:12:",

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::scrape::{GpuReport, HostReport};
-use crate::contract::{Contract, UsageSignal};
+use crate::contract::{Contract, Teams, UsageSignal};
+use crate::ledger::host::OwnerCounters;
 use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::{
     Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot, TeamAmounts, TeamRow,
@@ -201,6 +202,9 @@ pub struct Books {
     /// Per (target, contract), the GPUs of its last reading counted with busy time because
     /// they lack the contract's `sm_active` signal.
     fallback: BTreeMap<(String, usize), usize>,
+    /// `[[teams]]`: the team of each owner of a reading, decided when it is recorded (a
+    /// reload's new rules apply to the readings recorded from then on).
+    team_rules: Teams,
     /// Per contract, the durable team time: all time and the current billing period.
     teams: Vec<TeamBook>,
 }
@@ -299,6 +303,7 @@ impl Books {
             durable_writes: 0,
             fallback: BTreeMap::new(),
             teams,
+            team_rules: Teams::default(),
         })
     }
 
@@ -306,6 +311,18 @@ impl Books {
     pub fn with_clock_tolerance(mut self, ms: i64) -> Self {
         self.ledger = self.ledger.with_clock_tolerance(ms);
         self
+    }
+
+    /// The `[[teams]]` rules the owners of the readings recorded from now on are mapped by.
+    pub fn with_teams(mut self, teams: Teams) -> Self {
+        self.team_rules = teams;
+        self
+    }
+
+    /// New `[[teams]]` rules (SIGHUP): the owners of the readings recorded from now on
+    /// are mapped by them; time already attributed keeps its team.
+    pub fn set_teams(&mut self, teams: Teams) {
+        self.team_rules = teams;
     }
 
     /// The targets configured now, each with its contracts (see [`Ledger::configure`]).
@@ -347,6 +364,7 @@ impl Books {
     ) -> (usize, Outcome) {
         let contract = &self.contracts[c];
         let mut fallback = 0;
+        let mut owners = BTreeMap::new();
         let gpus: BTreeMap<String, GpuCounters> = report
             .gpus
             .iter()
@@ -354,6 +372,13 @@ impl Books {
             .map(|(uuid, g)| {
                 let (counters, fell_back) = counters(contract.usage_signal, g);
                 fallback += usize::from(fell_back);
+                owner_counters(
+                    &self.team_rules,
+                    contract.usage_signal,
+                    uuid,
+                    g,
+                    &mut owners,
+                );
                 (uuid.clone(), counters)
             })
             .collect();
@@ -379,7 +404,7 @@ impl Books {
             agent_start_ms: report.start_ms,
             sampled_ms: report.sampled_ms,
             gpus,
-            owners: BTreeMap::new(),
+            owners,
         };
         (n, self.ledger.observe_with_xids(key, c, reading, &xids))
     }
@@ -598,6 +623,39 @@ fn counters(signal: UsageSignal, g: &GpuReport) -> (GpuCounters, bool) {
         allocated_used_ms: allocated_used.filter(|_| g.allocated_ms.is_some()),
     };
     (c, fell_back)
+}
+
+/// The owners' counters of one GPU for a contract's usage signal, each with its team,
+/// into `out` by `(uuid, owner key)`. Used is the owner's share of the signal the GPU's
+/// own used counter comes from ([`counters`]): busy; SM-active, or busy where the GPU has
+/// no SM-active series (the same fallback); allocated itself under `allocated`. An owner
+/// without an allocated series is left out (its time is the GPU's unassigned time).
+fn owner_counters(
+    teams: &Teams,
+    signal: UsageSignal,
+    uuid: &str,
+    g: &GpuReport,
+    out: &mut BTreeMap<(String, String), OwnerCounters>,
+) {
+    for (key, o) in &g.owners {
+        let Some(allocated_ms) = o.allocated_ms else {
+            continue;
+        };
+        let used = match signal {
+            UsageSignal::Busy => o.busy_ms,
+            UsageSignal::Allocated => Some(allocated_ms),
+            UsageSignal::SmActive if g.sm_active_ms.is_some() => o.sm_active_ms,
+            UsageSignal::SmActive => o.busy_ms,
+        };
+        out.insert(
+            (uuid.to_string(), key.clone()),
+            OwnerCounters {
+                team: teams.team_of(&o.owner).to_string(),
+                allocated_ms,
+                used_ms: used.unwrap_or(0),
+            },
+        );
+    }
 }
 
 /// The inputs of a contract's month-to-date figures. A ledger started mid-period

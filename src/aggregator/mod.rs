@@ -215,9 +215,11 @@ pub async fn serve(
             .await
             .map_err(|e| AggregatorError::Task(e.to_string()))??
     };
-    let books = books.with_clock_tolerance(clock.scale(Duration::from_millis(
-        crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
-    )));
+    let books = books
+        .with_clock_tolerance(clock.scale(Duration::from_millis(
+            crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
+        )))
+        .with_teams(cfg.teams.clone());
     let metrics = AggregatorMetrics::new()?;
     for (i, c) in cfg.contracts.iter().enumerate() {
         let r = books.running(i);

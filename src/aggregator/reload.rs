@@ -10,7 +10,9 @@ use crate::contract::AggregatorConfig;
 /// SIGHUP: re-reads the config file with the same validation as at start. A bad file
 /// keeps the running config (error logged, `commitmeter_config_last_reload_successful 0`).
 /// Targets, file_sd and how agents are reached (scheme, TLS files, credentials) apply at
-/// once: the returned scraper replaces the running one. Contracts and the scrape timing
+/// once: the returned scraper replaces the running one. `[[teams]]` applies at once too,
+/// to the owners of the readings recorded from then on (time already attributed keeps its
+/// team). Contracts and the scrape timing
 /// (interval, timeout, grace, body limit) shape the ledger and the scrape loop, so they apply
 /// at the next restart (`commitmeter_config_restart_required`).
 pub(super) fn reload(
@@ -61,6 +63,12 @@ pub(super) fn reload(
     cfg.static_targets = new.static_targets;
     cfg.file_sd = new.file_sd;
     cfg.scrape = new.scrape;
+    cfg.teams = new.teams.clone();
+    shared
+        .books
+        .lock()
+        .expect("books lock")
+        .set_teams(new.teams);
     m.reload_ok.set(1);
     m.reload_time.set(shared.clock.now_ms() / 1000);
     Some(scraper)

@@ -21,6 +21,7 @@ use super::targets::Target;
 use crate::configfile::ConfigError;
 use crate::contract::{Scheme, ScrapeSettings};
 use crate::http::tls::{self, TlsError, Trust};
+use crate::owner::{self, Owner};
 
 /// What one GPU's series said, in whole milliseconds (each cumulative value rounded once).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,7 +36,28 @@ pub struct GpuReport {
     /// `commitmeter_gpu_allocated_sm_active_seconds_total`: GPUs with GPM only.
     pub allocated_sm_active_ms: Option<i64>,
     pub model: Option<String>,
+    /// The owners' counters on this GPU (`commitmeter_owner_*_seconds_total`), by
+    /// [`Owner::key`]: at most [`MAX_OWNERS_PER_GPU`], those with the smallest keys; the
+    /// time of the others is the GPU's unassigned time.
+    pub owners: BTreeMap<String, OwnerReport>,
 }
+
+/// One owner's series on one GPU, in whole milliseconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnerReport {
+    pub owner: Owner,
+    /// `commitmeter_owner_allocated_seconds_total`.
+    pub allocated_ms: Option<i64>,
+    /// `commitmeter_owner_busy_seconds_total`.
+    pub busy_ms: Option<i64>,
+    /// `commitmeter_owner_sm_active_seconds_total`: GPUs with GPM only.
+    pub sm_active_ms: Option<i64>,
+}
+
+/// More owners than this on one GPU are not kept (a GPU runs a few processes at a time;
+/// the agent keeps an ended owner's series for its retention): a scrape with more never
+/// fails, the rest of its time is unassigned.
+pub const MAX_OWNERS_PER_GPU: usize = 256;
 
 /// What one agent's exposition said: its GPUs and the time its counters belong to.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -565,6 +587,9 @@ const SAMPLED: &str = "commitmeter_agent_sampled_seconds_total";
 const START: &str = "process_start_time_seconds";
 const XID: &str = "commitmeter_gpu_xid_errors_total";
 const XID_LABEL: &str = "xid";
+const OWNER_ALLOCATED: &str = owner::series::ALLOCATED;
+const OWNER_BUSY: &str = owner::series::BUSY;
+const OWNER_SM_ACTIVE: &str = owner::series::SM_ACTIVE;
 /// The labels the aggregator reads from the agent's per-GPU series, by name (labels are
 /// looked up through [`parse::Sample::label`], never by position): a GPU's `uuid`
 /// ([`GpuLabels`](crate::agent::metrics::GpuLabels)) and its `model`
@@ -594,6 +619,11 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
     let mut report = HostReport::default();
     let mut models: BTreeMap<String, String> = BTreeMap::new();
     let mut seen: std::collections::HashSet<(&'static str, String)> = Default::default();
+    // Per GPU UUID, its owners (bounded: see `owner_sample`); per (series, GPU, owner),
+    // seen once.
+    let mut owners: BTreeMap<String, BTreeMap<String, OwnerReport>> = BTreeMap::new();
+    let mut owners_seen: std::collections::HashSet<(&'static str, String, String)> =
+        Default::default();
     let mut failed: Option<ScrapeError> = None;
     parse::parse(
         text,
@@ -612,6 +642,9 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                         | SAMPLED
                         | START
                         | XID
+                        | OWNER_ALLOCATED
+                        | OWNER_BUSY
+                        | OWNER_SM_ACTIVE
                 )
         },
         |s| {
@@ -626,6 +659,15 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
                 let codes = report.xids.entry(uuid.to_string()).or_default();
                 if ok && code.len() <= 16 && codes.len() < MAX_XID_CODES_PER_GPU {
                     codes.insert(code.to_string(), s.value as u64);
+                }
+                return;
+            }
+            if let Some(name) = [OWNER_ALLOCATED, OWNER_BUSY, OWNER_SM_ACTIVE]
+                .into_iter()
+                .find(|n| *n == s.name)
+            {
+                if let Err(e) = owner_sample(name, &s, &mut owners, &mut owners_seen) {
+                    failed = Some(e);
                 }
                 return;
             }
@@ -700,7 +742,53 @@ pub fn host_report(text: &str) -> Result<HostReport, ScrapeError> {
             g.model = Some(model);
         }
     }
+    for (uuid, o) in owners {
+        if let Some(g) = report.gpus.get_mut(&uuid) {
+            g.owners = o;
+        }
+    }
     Ok(report)
+}
+
+/// One sample of an owner series (`name`): its value checked as any counter's (a
+/// non-finite, negative or absurd one fails the scrape), a series seen twice is a
+/// duplicate; then kept under its GPU and owner. A GPU keeps the [`MAX_OWNERS_PER_GPU`]
+/// owners with the smallest keys: an owner pushed out is never taken back (as many
+/// smaller keys stay), so a kept owner has all its series, and memory stays bounded
+/// whatever the exposition holds. Owner series of more GPUs than a host has are ignored.
+fn owner_sample(
+    name: &'static str,
+    s: &parse::Sample<'_>,
+    owners: &mut BTreeMap<String, BTreeMap<String, OwnerReport>>,
+    seen: &mut std::collections::HashSet<(&'static str, String, String)>,
+) -> Result<(), ScrapeError> {
+    let uuid = s.label(UUID_LABEL).unwrap_or("");
+    let o = Owner::from_labels(|n| s.label(n));
+    let key = o.key();
+    if !seen.insert((name, uuid.to_string(), key.clone())) {
+        return Err(ScrapeError::Duplicate(format!(
+            "{name}{{uuid={uuid:?},owner={:?}}}",
+            o.id
+        )));
+    }
+    let v = to_ms(name, uuid, s.value, MAX_COUNTER_SECONDS)?;
+    if uuid.is_empty() || (!owners.contains_key(uuid) && owners.len() >= MAX_GPUS_PER_TARGET) {
+        return Ok(());
+    }
+    let of_gpu = owners.entry(uuid.to_string()).or_default();
+    let r = of_gpu.entry(key).or_insert_with(|| OwnerReport {
+        owner: o,
+        ..OwnerReport::default()
+    });
+    match name {
+        OWNER_ALLOCATED => r.allocated_ms = Some(v),
+        OWNER_BUSY => r.busy_ms = Some(v),
+        _ => r.sm_active_ms = Some(v),
+    }
+    if of_gpu.len() > MAX_OWNERS_PER_GPU {
+        of_gpu.pop_last();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -747,7 +835,8 @@ process_start_time_seconds 1764547000.01
                 sm_active_ms: Some(20_250),
                 allocated_busy_ms: Some(45_000),
                 allocated_sm_active_ms: Some(18_000),
-                model: Some("NVIDIA H100 80GB HBM3".into())
+                model: Some("NVIDIA H100 80GB HBM3".into()),
+                owners: BTreeMap::new(),
             }
         );
         // A GPU without GPM has no SM-active series: none, never a made-up 0.
@@ -770,6 +859,79 @@ process_start_time_seconds 1764547000.01
             )
         );
         assert!(host_report("commitmeter_gpu_busy_seconds_total{uuid=\"x} 1\n").is_err());
+    }
+
+    #[test]
+    fn reads_each_gpus_owners_bounded_and_checked_like_the_other_counters() {
+        use crate::owner::OwnerKind;
+        let line = |name: &str, uuid: &str, job: &str, v: &str| {
+            format!(
+                "{name}{{gpu=\"0\",uuid=\"{uuid}\",owner_kind=\"slurm_job\",owner=\"{job}\",\
+                 user=\"bob\",account=\"vision\",namespace=\"\",pod=\"\"}} {v}\n"
+            )
+        };
+        let gpu = |uuid: &str| format!("{OBSERVED}{{gpu=\"0\",uuid=\"{uuid}\"}} 100\n");
+        let text = gpu("GPU-a")
+            + &line(OWNER_ALLOCATED, "GPU-a", "42", "60.0004")
+            + &line(OWNER_BUSY, "GPU-a", "42", "30")
+            + &line(OWNER_SM_ACTIVE, "GPU-a", "42", "12.5")
+            + &line(OWNER_ALLOCATED, "GPU-a", "43", "1")
+            // Owners of a GPU without an observed counter are not a GPU's.
+            + &line(OWNER_ALLOCATED, "GPU-z", "42", "1")
+            + "commitmeter_gpu_owner_info{gpu=\"0\",uuid=\"GPU-a\",owner=\"42\"} 1\n";
+        let r = host_report(&text).unwrap();
+        assert_eq!(r.gpus.len(), 1);
+        let owners: Vec<&OwnerReport> = r.gpus["GPU-a"].owners.values().collect();
+        assert_eq!(owners.len(), 2);
+        let o = owners.iter().find(|o| o.owner.id == "42").unwrap();
+        assert_eq!(
+            (
+                o.owner.kind,
+                o.owner.user.as_str(),
+                o.owner.account.as_str()
+            ),
+            (OwnerKind::SlurmJob, "bob", "vision")
+        );
+        assert_eq!(
+            (o.allocated_ms, o.busy_ms, o.sm_active_ms),
+            (Some(60_000), Some(30_000), Some(12_500))
+        );
+        assert_eq!(r.gpus["GPU-a"].owners[&o.owner.key()], **o);
+        // Invalid values fail the scrape as any counter's do; a duplicate series too.
+        let reason = |text: &str| host_report(text).unwrap_err().reason();
+        for v in ["NaN", "-1", "+Inf", "1e17"] {
+            for name in [OWNER_ALLOCATED, OWNER_BUSY, OWNER_SM_ACTIVE] {
+                assert_eq!(
+                    reason(&(gpu("GPU-a") + &line(name, "GPU-a", "42", v))),
+                    "invalid_value",
+                    "{name} {v}"
+                );
+            }
+        }
+        let twice = gpu("GPU-a")
+            + &line(OWNER_BUSY, "GPU-a", "42", "1")
+            + &line(OWNER_BUSY, "GPU-a", "42", "2");
+        assert_eq!(reason(&twice), "duplicate_series");
+        // Many owners never fail the scrape: the smallest keys are kept, each whole.
+        let mut many = gpu("GPU-a");
+        for i in 0..MAX_OWNERS_PER_GPU + 50 {
+            many += &line(OWNER_ALLOCATED, "GPU-a", &format!("j{i:04}"), "1");
+        }
+        for i in (0..MAX_OWNERS_PER_GPU + 50).rev() {
+            many += &line(OWNER_BUSY, "GPU-a", &format!("j{i:04}"), "1");
+        }
+        let r = host_report(&many).unwrap();
+        let kept = &r.gpus["GPU-a"].owners;
+        assert_eq!(kept.len(), MAX_OWNERS_PER_GPU);
+        assert!(kept
+            .values()
+            .all(|o| o.allocated_ms.is_some() && o.busy_ms.is_some()));
+        let ids: Vec<&str> = kept.values().map(|o| o.owner.id.as_str()).collect();
+        assert_eq!(ids.first(), Some(&"j0000"));
+        assert_eq!(
+            ids.last(),
+            Some(&format!("j{:04}", MAX_OWNERS_PER_GPU - 1).as_str())
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The built-in status page (`GET /`): per contract, the month so far in GPU-hours
 //! and money, utilization against target, projection, burn rates, the contract alerts
 //! (underuse, budget, delivery, agents down) that would be firing, a chart of the
-//! month, the renewal sizing of the last 7, 30 and 60 days and the statements.
+//! month, the showback by team, the renewal sizing of the last 7, 30 and 60 days and the
+//! statements.
 //! Server-rendered HTML with inline SVG: no scripts, no external assets.
 //! Rendering is a pure function of [`View`].
 
@@ -44,6 +45,12 @@ pub struct ContractView {
     pub periods: Vec<String>,
     /// The renewal sizing last computed (`None`: not yet).
     pub sizing: Option<Sizing>,
+    /// The contract price, for the showback's costs.
+    pub price_per_gpu_hour: f64,
+    /// Showback, month to date of the billing period: `(team, allocated GPU-ms, used
+    /// GPU-ms)` per team with time, as the ledger's team book has them
+    /// (`Books::team_period`). Empty: no team has time yet (no owners reported).
+    pub teams: Vec<(String, i64, i64)>,
 }
 
 /// The statement's renewal sizing ([`crate::statement::sizing_section`]) as computed last.
@@ -334,9 +341,88 @@ fn contract(h: &mut String, c: &ContractView) {
          delays; other host and pipeline alerts are left to Prometheus.</div></div></div></div>",
     );
     chart(h, c);
+    showback(h, c);
     sizing(h, c);
     statements(h, c);
     h.push_str("</section>");
+}
+
+/// The showback table of [`ContractView::teams`]: per team, month to date, the GPU-hours
+/// it used (by the contract's usage signal) and held without using (allocated − used),
+/// each at the contract price, and the share of the period's commitment so far it held
+/// (allocated / committed). Teams by allocated time, largest first, `unassigned` last;
+/// then the sum over the teams, which is the contract's allocated time. Each cell carries
+/// its integer GPU-ms (or parts per million of the share) in `data-v`.
+fn showback(h: &mut String, c: &ContractView) {
+    if c.teams.is_empty() {
+        return;
+    }
+    let currency = esc(&c.currency);
+    let hours = |ms: i64| thousands(ms as f64 / 3_600_000.0);
+    let cost = |ms: i64| {
+        format!(
+            "{} {currency}",
+            thousands(ms as f64 / 3_600_000.0 * c.price_per_gpu_hour)
+        )
+    };
+    let committed = c.mtd[Kind::Committed];
+    let share = |ms: i64| {
+        if committed > 0 {
+            let ppm = (ms as i128 * 1_000_000 / committed as i128) as i64;
+            (
+                ppm.to_string(),
+                format!("{:.1}%", ms as f64 / committed as f64 * 100.0),
+            )
+        } else {
+            (String::new(), "—".into())
+        }
+    };
+    let mut rows = c.teams.clone();
+    rows.sort_by(|a, b| {
+        (a.0 == crate::contract::UNASSIGNED)
+            .cmp(&(b.0 == crate::contract::UNASSIGNED))
+            .then(b.1.cmp(&a.1))
+            .then(a.0.cmp(&b.0))
+    });
+    let total = rows.iter().fold((0i64, 0i64), |(a, u), r| {
+        (a.saturating_add(r.1), u.saturating_add(r.2))
+    });
+    let _ = write!(
+        h,
+        "<div data-k=showback><b>Showback by team</b> <span class=sub>month to date: GPU-hours each \
+         team used (by the contract's usage signal) and held without using (allocated − used), \
+         their cost at the contract price ({currency} {} per GPU-hour), and the share of the \
+         commitment so far each held (allocated / committed). Unassigned: allocated time no \
+         [[teams]] rule claims.</span><table><tr><th>team</th><th>GPU-h used</th>\
+         <th>GPU-h held</th><th>used cost</th><th>held cost</th><th>share of the commitment</th></tr>",
+        c.price_per_gpu_hour
+    );
+    let row = |h: &mut String, attr: &str, name: &str, allocated: i64, used: i64| {
+        let held = allocated.saturating_sub(used).max(0);
+        let (ppm, shown) = share(allocated);
+        let _ = write!(
+            h,
+            "<tr {attr}><th>{}</th><td data-k=team_used data-v={used}>{}</td>\
+             <td data-k=team_held data-v={held}>{}</td><td data-k=team_used_cost>{}</td>\
+             <td data-k=team_held_cost>{}</td><td data-k=team_share data-v={ppm}>{shown}</td></tr>",
+            esc(name),
+            hours(used),
+            hours(held),
+            cost(used),
+            cost(held),
+        );
+    };
+    for (team, allocated, used) in &rows {
+        row(
+            h,
+            &format!("data-team=\"{}\"", esc(team)),
+            team,
+            *allocated,
+            *used,
+        );
+    }
+    row(h, "data-team-total", "all teams", total.0, total.1);
+    h.push_str("</table></div>");
 }
 
 /// Used GPU-ms per minute as GPUs with three decimals, as the statement prints them.
@@ -617,6 +703,69 @@ mod tests {
             "{h}"
         );
         assert!(h.contains("Not shown: 7 days, 30 days, 60 days"), "{h}");
+    }
+
+    #[test]
+    fn showback_rows_are_the_team_books_figures_at_the_contract_price() {
+        let hour = 3_600_000;
+        let mut c = ContractView {
+            currency: "USD".into(),
+            price_per_gpu_hour: 2.0,
+            ..ContractView::default()
+        };
+        c.mtd.committed = 100 * hour;
+        let mut h = String::new();
+        showback(&mut h, &c);
+        assert!(h.is_empty(), "no teams with time: no table");
+        c.teams = vec![
+            ("a<b".into(), 10 * hour, 4 * hour),
+            (crate::contract::UNASSIGNED.into(), 30 * hour, 0),
+            ("vision".into(), 20 * hour, 15 * hour),
+        ];
+        showback(&mut h, &c);
+        assert!(
+            !h.contains("a<b") && h.contains("data-team=\"a&lt;b\""),
+            "{h}"
+        );
+        // Largest allocation first, unassigned last whatever its size.
+        let order: Vec<&str> = h
+            .split("<tr data-team=\"")
+            .skip(1)
+            .map(|r| r.split('"').next().unwrap())
+            .collect();
+        assert_eq!(order, ["vision", "a&lt;b", "unassigned"]);
+        let vision = h.split("data-team=\"vision\"").nth(1).unwrap();
+        let vision = vision.split("</tr>").next().unwrap();
+        assert!(
+            vision.contains(&format!("data-k=team_used data-v={}>15.0<", 15 * hour)),
+            "{vision}"
+        );
+        assert!(
+            vision.contains(&format!("data-k=team_held data-v={}>5.0<", 5 * hour)),
+            "{vision}"
+        );
+        assert!(
+            vision.contains("data-k=team_used_cost>30.0 USD<"),
+            "{vision}"
+        );
+        assert!(
+            vision.contains("data-k=team_held_cost>10.0 USD<"),
+            "{vision}"
+        );
+        assert!(
+            vision.contains("data-k=team_share data-v=200000>20.0%<"),
+            "{vision}"
+        );
+        // The sum over the teams: the contract's allocated time (60 of 100 committed hours).
+        let total = h.split("data-team-total").nth(1).unwrap();
+        assert!(total.contains(&format!("data-k=team_used data-v={}>19.0<", 19 * hour)));
+        assert!(total.contains(&format!("data-k=team_held data-v={}>41.0<", 41 * hour)));
+        assert!(total.contains("data-v=600000>60.0%<"), "{total}");
+        // Nothing committed yet: no share, never a division by zero.
+        c.mtd.committed = 0;
+        let mut h = String::new();
+        showback(&mut h, &c);
+        assert!(h.contains("data-k=team_share data-v=>—<"), "{h}");
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl Shared {
                         books.running(c).clone(),
                         books.period_minutes(c).to_vec(),
                         books.figures(c),
+                        books.team_period(c),
                     )
                 })
                 .collect();
@@ -190,7 +191,7 @@ impl Shared {
             .iter()
             .zip(books)
             .enumerate()
-            .map(|(i, (c, (r, minutes, figures)))| {
+            .map(|(i, (c, (r, minutes, figures, teams)))| {
                 let mine = health.values().filter(|(ci, _)| *ci == Some(i));
                 let up = mine.clone().filter(|(_, up)| *up).count();
                 status::ContractView {
@@ -215,6 +216,8 @@ impl Shared {
                             end_local: c.local_time(section.end_ms),
                             section,
                         }),
+                    price_per_gpu_hour: c.price_per_gpu_hour,
+                    teams,
                 }
             })
             .collect();

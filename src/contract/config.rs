@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use super::calendar::{self, TimeSpec};
 use super::selector::{regex_error, Selector};
+use super::teams::{TeamRef, Teams};
 use super::{assign, target_labels, Contract, CreditTier, Sla, UsageSignal, PPM};
 
 /// Defaults of the `[aggregator]` table.
@@ -77,6 +78,9 @@ pub struct AggregatorConfig {
     pub contracts: Vec<Contract>,
     /// How agents are reached: scheme, TLS and basic auth, files not yet read.
     pub scrape: ScrapeSettings,
+    /// `[[teams]]`, in file order: which team an owner of a GPU belongs to (showback).
+    /// Applies at once on SIGHUP, to the time attributed from then on.
+    pub teams: Teams,
     /// Implausible but possible values, one line each naming file and key, for the
     /// aggregator to log at start and `check-config` to print.
     pub warnings: Vec<String>,
@@ -94,6 +98,7 @@ impl Default for AggregatorConfig {
             file_sd: Vec::new(),
             contracts: Vec::new(),
             scrape: ScrapeSettings::default(),
+            teams: Teams::default(),
             warnings: Vec::new(),
         }
     }
@@ -202,6 +207,9 @@ impl fmt::Display for ContractRef {
 ///   `targets[0].targets[1]`, `file_sd[0].files`)
 /// - `aggregator.toml: contract "acme-h100-east": ramp[1].gpus: must be >= 0, got -5`
 /// - `aggregator.toml: contracts[2]: id: duplicate contract id "acme" (also contracts[0])`
+/// - `aggregator.toml: [[teams]] "vision": slurm_account: invalid regex "(vision": unclosed group`
+///   (a mistake in one `[[teams]]` entry, unknown keys included; `teams[1]` when the name
+///   itself is the problem)
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -211,6 +219,14 @@ pub enum ConfigError {
     Contract {
         path: PathBuf,
         contract: ContractRef,
+        field: String,
+        message: String,
+    },
+    /// A mistake in one `[[teams]]` entry; `field` is e.g. `slurm_account`, `name`.
+    #[error("{path}: {team}: {field}: {message}")]
+    Team {
+        path: PathBuf,
+        team: TeamRef,
         field: String,
         message: String,
     },
@@ -489,6 +505,14 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         contracts.push(contract);
     }
 
+    // [[teams]]
+    let teams = Teams::parse(&raw.teams).map_err(|(team, field, message)| ConfigError::Team {
+        path: path.to_path_buf(),
+        team,
+        field,
+        message,
+    })?;
+
     // A static target may belong to one contract only.
     for (g, group) in static_targets.iter().enumerate() {
         for (i, target) in group.targets.iter().enumerate() {
@@ -508,6 +532,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         file_sd,
         contracts,
         scrape,
+        teams,
         warnings,
     })
 }
@@ -997,6 +1022,10 @@ struct RawFile {
     file_sd: Vec<RawFileSd>,
     #[serde(default)]
     contracts: Vec<RawContract>,
+    /// Checked key by key in [`Teams::parse`], so that a mistake (an unknown key too)
+    /// names the team.
+    #[serde(default)]
+    teams: Vec<toml::Table>,
 }
 
 #[derive(Deserialize, Default)]

@@ -18,6 +18,7 @@
 mod calendar;
 mod config;
 mod selector;
+pub mod teams;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,7 @@ pub use config::{
     BODY_LIMIT_RANGE, MAX_GRACE, MAX_PRICE_PER_GPU_HOUR, MIN_SCRAPE_TIMEOUT, SCRAPE_INTERVAL_RANGE,
 };
 pub use selector::Selector;
+pub use teams::{Teams, UNASSIGNED};
 
 /// Which agent counter measures "used" for a contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

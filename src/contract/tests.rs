@@ -74,6 +74,7 @@ fn the_example_config_is_valid() {
     assert!(!cfg.contracts.is_empty());
     assert!(!cfg.static_targets.is_empty());
     assert!(!cfg.file_sd.is_empty());
+    assert_eq!(cfg.teams.len(), 3);
 }
 
 #[test]
@@ -233,11 +234,45 @@ fn a_short_scrape_interval_caps_the_default_timeout() {
 // ---------------------------------------------------------------- syntax and unknown keys
 
 #[test]
+fn teams_mistakes_name_the_file_the_team_and_the_field() {
+    let cfg = ok(&format!(
+        "{BASE}\n[[teams]]\nname = \"vision\"\nslurm_account = \"vision|cv-.*\"\n\
+         [[teams]]\nname = \"platform\"\nuser = \"svc-.*\"\n"
+    ));
+    assert_eq!(
+        cfg.teams.names().collect::<Vec<_>>(),
+        ["vision", "platform"]
+    );
+    assert!(ok(BASE).teams.is_empty());
+    assert_eq!(
+        err("[[teams]]\nname = \"vision\"\nslurm_account = \"vision(\"\n"),
+        "aggregator.toml: [[teams]] \"vision\": slurm_account: invalid regex \"vision(\": \
+         unclosed group"
+    );
+    assert_eq!(
+        err("[[teams]]\nname = \"a\"\nuser = \"x\"\n[[teams]]\nname = \"a\"\nowner = \"y\"\n"),
+        "aggregator.toml: [[teams]] \"a\": name: duplicate team: teams[1] repeats teams[0] \
+         (list a team once; a rule takes alternatives, e.g. slurm_account = \"a|b\")"
+    );
+    assert_eq!(
+        err("[[teams]]\nname = \"a\"\nnamespaces = \"x\"\n"),
+        "aggregator.toml: [[teams]] \"a\": namespaces: unknown key, expected one of `name`, \
+         `slurm_account`, `user`, `namespace`, `unit`, `owner`"
+    );
+    assert_eq!(
+        err("[[teams]]\nname = \"\"\nuser = \"x\"\n"),
+        "aggregator.toml: teams[0]: name: must not be empty"
+    );
+    assert!(err("[[teams]]\nname = \"a\"\n").contains("the team has no rule"));
+    assert!(err("[[teams]]\nname = \"unassigned\"\nuser = \"x\"\n").contains("is reserved"));
+}
+
+#[test]
 fn unknown_keys_at_every_level() {
     assert_eq!(
         err("colour = 1\n"),
         "aggregator.toml:1:1: unknown field `colour`, expected one of `aggregator`, `targets`, \
-         `file_sd`, `contracts`"
+         `file_sd`, `contracts`, `teams`"
     );
     assert_eq!(
         err("[aggregator]\nscrape_intervall = \"1s\"\n"),

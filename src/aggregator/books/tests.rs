@@ -708,6 +708,7 @@ fn mixed(t: i64, split: bool) -> HostReport {
         allocated_busy_ms: split.then_some(busy.min(allocated)),
         allocated_sm_active_ms: sm.filter(|_| split),
         model: Some("NVIDIA H100 80GB HBM3".to_string()),
+        ..GpuReport::default()
     };
     let mut r = report(t, &[]);
     r.gpus.insert("stuck".into(), gpu(e, e, Some(0)));
@@ -778,6 +779,76 @@ fn the_fallback_count_follows_the_targets() {
     books.configure(t, &[("h:9473".into(), vec![0])]);
     assert_eq!(books.usage_fallback_gpus(0), 2);
     write(&mut books, &mut store);
+}
+
+/// The owners of a contract's GPUs reach the reading with their team and the contract's
+/// usage signal on their share: busy; SM-active, or busy on a GPU without GPM (the GPU's
+/// own fallback); allocated itself. An owner without an allocated series is left out.
+#[test]
+fn owners_get_their_team_and_the_contracts_usage_signal() {
+    use crate::aggregator::scrape::OwnerReport;
+    use crate::owner::{Owner, OwnerKind};
+    let teams = crate::contract::parse(
+        std::path::Path::new("aggregator.toml"),
+        "[[teams]]\nname = \"vision\"\nslurm_account = \"vision\"\n",
+    )
+    .unwrap()
+    .teams;
+    let job = |id: &str, account: &str| Owner {
+        kind: OwnerKind::SlurmJob,
+        id: id.into(),
+        user: "bob".into(),
+        account: account.into(),
+        ..Owner::default()
+    };
+    let owner = |o: Owner, allocated: Option<i64>| OwnerReport {
+        owner: o,
+        allocated_ms: allocated,
+        busy_ms: Some(300),
+        sm_active_ms: Some(100),
+    };
+    let gpu = |gpm: bool| GpuReport {
+        sm_active_ms: gpm.then_some(5_000),
+        owners: [
+            owner(job("1", "vision"), Some(1_000)),
+            owner(job("2", "other"), Some(2_000)),
+            owner(job("3", "vision"), None),
+        ]
+        .into_iter()
+        .map(|o| (o.owner.key(), o))
+        .collect(),
+        ..GpuReport::default()
+    };
+    for (signal, gpm, used) in [
+        (UsageSignal::Busy, true, 300),
+        (UsageSignal::SmActive, true, 100),
+        (UsageSignal::SmActive, false, 300),
+    ] {
+        let mut out = BTreeMap::new();
+        owner_counters(&teams, signal, "GPU-a", &gpu(gpm), &mut out);
+        let got: Vec<(&str, &str, i64, i64)> = out
+            .iter()
+            .map(|((uuid, _), c)| (uuid.as_str(), c.team.as_str(), c.allocated_ms, c.used_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-a", "vision", 1_000, used),
+                ("GPU-a", "unassigned", 2_000, used)
+            ],
+            "{signal:?} gpm={gpm}"
+        );
+    }
+    let mut out = BTreeMap::new();
+    owner_counters(
+        &teams,
+        UsageSignal::Allocated,
+        "GPU-a",
+        &gpu(true),
+        &mut out,
+    );
+    assert!(out.values().all(|c| c.used_ms == c.allocated_ms), "{out:?}");
+    assert_eq!(out.keys().next().unwrap().1, job("1", "vision").key());
 }
 
 /// The team book through the books: a host without owner series holds its GPUs for team
