@@ -25,6 +25,8 @@ pub struct OwnersConfig {
     pub procfs: PathBuf,
     pub rootfs: PathBuf,
     pub slurm_account_dir: Option<PathBuf>,
+    /// Not read yet: the pod-resources API names pods by namespace and name with their
+    /// devices, not by UID, so pods are known by their cgroup's UID alone (README, Owners).
     pub kubelet_socket: PathBuf,
     /// How long an ended owner's series stay exported after its last seconds.
     pub retention: Duration,
