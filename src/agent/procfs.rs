@@ -62,8 +62,9 @@ const MAX_ACCOUNT_FILE_BYTES: u64 = 4096;
 ///    driver) or `kubepods[-<qos>]-pod<uid_with_underscores>.slice` (systemd driver); the
 ///    id is the pod UID, lower case, with dashes;
 /// 3. a container outside Kubernetes: a component of 64 hex digits (`/docker/<id>`,
-///    containerd's `/<namespace>/<id>`) or a scope `<runtime>-<id>.scope` whose id has at
-///    least 32 hex digits (`docker-`, `cri-containerd-`, `libpod-` for podman, `crio-`,
+///    containerd's `/<namespace>/<id>`), `<runtime>-<id>` with a 64-hex-digit id (podman's
+///    cgroupfs `/libpod_parent/libpod-<id>`) or a scope `<runtime>-<id>.scope` whose id has
+///    at least 32 hex digits (`docker-`, `cri-containerd-`, `libpod-` for podman, `crio-`,
 ///    `nerdctl-`); the id is the container id's first 12 hex digits;
 /// 4. a system service: the deepest `<name>.service` component outside `user.slice` (a
 ///    user's own services, `user@1000.service` and everything under it, are the user's);
@@ -194,9 +195,12 @@ fn container_id(c: &str) -> Option<String> {
     let id = if c.len() == 64 {
         c
     } else {
-        let scope = c.strip_suffix(".scope")?;
-        let id = &scope[scope.rfind('-')? + 1..];
-        if id.len() < 32 {
+        let (name, min) = match c.strip_suffix(".scope") {
+            Some(scope) => (scope, 32),
+            None => (c, 64),
+        };
+        let id = &name[name.rfind('-')? + 1..];
+        if id.len() < min {
             return None;
         }
         id
@@ -338,11 +342,14 @@ impl Owners {
     }
 
     /// Forgets PIDs not in `live` (called once per round with every PID NVML reported),
-    /// so a reused PID is read afresh, and the accounts of jobs none of them belongs to.
+    /// so a reused PID is read afresh, and the accounts of jobs none of them belongs to
+    /// (a job seen again later has its account file read again).
     pub fn retain(&mut self, live: &HashSet<u32>) {
+        let before = self.cache.len();
         self.cache.retain(|pid, _| live.contains(pid));
         self.passwd.checked_this_round = false;
-        if self.accounts.len() > self.cache.len() {
+        // Only a PID's departure can leave a job without processes.
+        if self.cache.len() != before && !self.accounts.is_empty() {
             let jobs: HashSet<&str> = self
                 .cache
                 .values()

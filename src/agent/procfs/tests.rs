@@ -242,6 +242,59 @@ fn layouts_that_are_not_owners_fall_back_to_the_user() {
 }
 
 #[test]
+fn container_layouts() {
+    let id = "5d41402abc4b2a76b9719d911017c592a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    for path in [
+        format!("/libpod_parent/libpod-{id}"),
+        format!("/system.slice/crio-{id}.scope"),
+        format!("/system.slice/nerdctl-{id}.scope"),
+        format!("/actions_job/{id}"),
+        format!("/user.slice/user-1000.slice/user@1000.service/user.slice/docker-{id}.scope"),
+    ] {
+        let o = owner_from_cgroup(&format!("0::{path}\n"), "u");
+        assert_eq!(
+            o,
+            owner(OwnerKind::Container, "5d41402abc4b", "u", ""),
+            "{path}"
+        );
+    }
+    // Not 64 hex digits outside a scope: not a container.
+    let o = owner_from_cgroup("0::/lab/exp-5d41402abc4b2a76b9719d911017c592\n", "u");
+    assert_eq!(o.kind, OwnerKind::User);
+}
+
+#[test]
+fn a_jobs_account_is_the_same_for_all_its_processes_and_reread_once_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, accounts) = (dir.path().join("proc"), dir.path().join("accounts"));
+    std::fs::create_dir_all(&accounts).unwrap();
+    for pid in [1, 2, 3] {
+        std::fs::create_dir_all(proc.join(pid.to_string())).unwrap();
+        std::fs::write(
+            proc.join(format!("{pid}/cgroup")),
+            "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n",
+        )
+        .unwrap();
+        std::fs::write(proc.join(format!("{pid}/status")), "Uid:\t0\t0\t0\t0\n").unwrap();
+    }
+    let mut owners = Owners::new(OwnersConfig {
+        procfs: proc,
+        rootfs: dir.path().join("root"),
+        slurm_account_dir: Some(accounts.clone()),
+        ..OwnersConfig::default()
+    });
+    // Seen before the prolog's file exists: no account, and the job's later processes
+    // agree while it still has one on a GPU.
+    assert_eq!(owners.owner_of(1).account, "");
+    std::fs::write(accounts.join("7"), "ml\n").unwrap();
+    owners.retain(&HashSet::from([1]));
+    assert_eq!(owners.owner_of(2).account, "");
+    // Once none of its processes is left, the next one reads the file.
+    owners.retain(&HashSet::new());
+    assert_eq!(owners.owner_of(3).account, "ml");
+}
+
+#[test]
 fn a_cgroup_namespace_relative_path_still_names_its_owner() {
     // An agent in its own cgroup namespace sees others' paths relative to its root.
     let text = "0::/../../kubepods.slice/kubepods-pod0b7b7c9e_6f3c_4d1e_9a51_2f5c3a6d8e11.slice/cri-containerd-ab.scope\n";
