@@ -91,6 +91,26 @@ pub struct Increment {
     /// SM-active seconds of the allocated rounds among those the GPM window closed
     /// this round spans.
     pub allocated_sm_active_s: f64,
+    /// What became of the GPM window this round, so that a split of
+    /// `allocated_sm_active_s` (by owner, [`super::attribution`]) can follow the same
+    /// windows.
+    pub gpm_window: GpmStep,
+}
+
+/// What a round did to a GPU's open GPM window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GpmStep {
+    /// No window is open after this round (no GPM, a failed sample, a broken chain
+    /// without a sample, a skipped sample with no window open): any open one was dropped.
+    #[default]
+    None,
+    /// A new, empty window was opened: this round's time is in none.
+    Opened,
+    /// This round's time joined the open window, which stays open.
+    Grew,
+    /// This round's time joined the open window, which then closed
+    /// (`allocated_sm_active_s` is its allocated SM-active time), and a new one opened.
+    Closed,
 }
 
 /// The observed time of an open GPM window: the rounds since its baseline sample.
@@ -159,18 +179,23 @@ impl GpuAccount {
                     inc.allocated_s = secs;
                     inc.allocated_busy_s = inc.busy_s;
                 }
-                self.gpm = match (reading.activity, self.gpm) {
-                    (Activity::Unsupported | Activity::Failed, _) => None,
-                    (Activity::Baseline, _) => Some(GpmWindow::default()),
-                    (Activity::Skipped, open) => open.map(|w| w.grow(secs, inc.allocated_s)),
-                    (Activity::Metrics { sm, tensor }, open) => {
-                        if let Some(w) = open.map(|w| w.grow(secs, inc.allocated_s)) {
-                            let (sm, tensor) = (clamp_fraction(sm), clamp_fraction(tensor));
-                            inc.sm_active_s = sm * w.observed_s;
-                            inc.tensor_active_s = tensor * w.observed_s;
-                            inc.allocated_sm_active_s = sm * w.allocated_s;
-                        }
-                        Some(GpmWindow::default())
+                (self.gpm, inc.gpm_window) = match (reading.activity, self.gpm) {
+                    (Activity::Unsupported | Activity::Failed, _) => (None, GpmStep::None),
+                    (Activity::Baseline, _) => (Some(GpmWindow::default()), GpmStep::Opened),
+                    (Activity::Skipped, None) => (None, GpmStep::None),
+                    (Activity::Skipped, Some(w)) => {
+                        (Some(w.grow(secs, inc.allocated_s)), GpmStep::Grew)
+                    }
+                    (Activity::Metrics { .. }, None) => {
+                        (Some(GpmWindow::default()), GpmStep::Opened)
+                    }
+                    (Activity::Metrics { sm, tensor }, Some(w)) => {
+                        let w = w.grow(secs, inc.allocated_s);
+                        let (sm, tensor) = (clamp_fraction(sm), clamp_fraction(tensor));
+                        inc.sm_active_s = sm * w.observed_s;
+                        inc.tensor_active_s = tensor * w.observed_s;
+                        inc.allocated_sm_active_s = sm * w.allocated_s;
+                        (Some(GpmWindow::default()), GpmStep::Closed)
                     }
                 };
             }
@@ -179,6 +204,9 @@ impl GpuAccount {
             None => {
                 self.busy_carry_s = 0.0;
                 self.gpm = reading.activity.sampled().then_some(GpmWindow::default());
+                if self.gpm.is_some() {
+                    inc.gpm_window = GpmStep::Opened;
+                }
             }
         }
         if let Some(now_mj) = reading.energy_mj {

@@ -79,6 +79,35 @@ label_set! {
     }
     /// `commitmeter_nvml_errors_total`: an NVML call and its error.
     pub struct NvmlErrorLabels<'a> { call: &'a str, error: &'a str }
+    /// The per-owner series (`crate::owner::series`): the GPU's labels, then
+    /// [`crate::owner::OWNER_LABELS`].
+    pub struct OwnerLabels<'a> {
+        gpu: &'a str,
+        uuid: &'a str,
+        owner_kind: &'a str,
+        owner: &'a str,
+        user: &'a str,
+        account: &'a str,
+        namespace: &'a str,
+        pod: &'a str,
+    }
+}
+
+impl<'a> OwnerLabels<'a> {
+    /// The labels of `owner` on `gpu`.
+    pub fn of(gpu: &'a GpuSeries, owner: &'a crate::owner::Owner) -> Self {
+        let [owner_kind, id, user, account, namespace, pod] = owner.label_values();
+        Self {
+            gpu: &gpu.gpu,
+            uuid: &gpu.uuid,
+            owner_kind,
+            owner: id,
+            user,
+            account,
+            namespace,
+            pod,
+        }
+    }
 }
 
 /// A gauge without labels that is absent from the exposition until first set: a
@@ -153,6 +182,17 @@ pub struct AgentMetrics {
     pub allocated_sm_active: Counters<GpuLabels<'static>>,
     pub energy: Counters<GpuLabels<'static>>,
     pub xid: Counters<GpuXidLabels<'static>>,
+    /// `commitmeter_gpu_owner_info`: 1 per owner with a process on the GPU in the last
+    /// round ([`crate::agent::attribution`] has the rules of the owner series).
+    pub owner_info: Gauges<OwnerLabels<'static>>,
+    /// `commitmeter_owner_allocated_seconds_total`: the owner's share of the GPU's
+    /// allocated seconds.
+    pub owner_allocated: Counters<OwnerLabels<'static>>,
+    /// `commitmeter_owner_busy_seconds_total`: its share of the allocated busy seconds.
+    pub owner_busy: Counters<OwnerLabels<'static>>,
+    /// `commitmeter_owner_sm_active_seconds_total`: its share of the allocated SM-active
+    /// seconds (GPUs with GPM only).
+    pub owner_sm_active: Counters<OwnerLabels<'static>>,
     gauges: Vec<(GaugeKind, Gauges<GpuLabels<'static>>)>,
 }
 
@@ -282,6 +322,28 @@ impl AgentMetrics {
             "Critical XID events reported by the driver, by XID code.",
         )?;
 
+        use crate::owner::series;
+        let owner_info = Family::register(
+            &registry,
+            series::INFO,
+            "1 for each owner with a compute process on the GPU in the last round.",
+        )?;
+        let owner_allocated = Family::register(
+            &registry,
+            series::ALLOCATED,
+            "The owner's share of the GPU's allocated seconds (a round's shared equally among the GPU's owners).",
+        )?;
+        let owner_busy = Family::register(
+            &registry,
+            series::BUSY,
+            "The owner's share of the GPU's allocated busy seconds.",
+        )?;
+        let owner_sm_active = Family::register(
+            &registry,
+            series::SM_ACTIVE,
+            "The owner's share of the GPU's allocated SM-active seconds, by its allocated time in each GPM window (GPUs with GPM only).",
+        )?;
+
         let mut gauges = Vec::new();
         for kind in GaugeKind::ALL {
             let (name, help) = kind.name_help();
@@ -309,6 +371,10 @@ impl AgentMetrics {
             allocated_sm_active,
             energy,
             xid,
+            owner_info,
+            owner_allocated,
+            owner_busy,
+            owner_sm_active,
             gauges,
         })
     }
@@ -440,5 +506,17 @@ impl prometheus::core::Collector for ProcessSeries {
             .collect();
         m.extend(self.start.collect());
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::LabelSet;
+
+    #[test]
+    fn owner_labels_are_the_gpus_then_the_owners() {
+        assert_eq!(&OwnerLabels::NAMES[..2], GpuLabels::NAMES);
+        assert_eq!(&OwnerLabels::NAMES[2..], crate::owner::OWNER_LABELS);
     }
 }

@@ -1,6 +1,7 @@
 //! The agent role: NVML → per-GPU counters → `/metrics`.
 
 pub mod accrue;
+pub mod attribution;
 pub mod config;
 pub mod metrics;
 pub mod nvml;

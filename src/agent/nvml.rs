@@ -145,7 +145,11 @@ pub enum SampleRead {
 pub struct Snapshot {
     pub samples: SampleRead,
     pub utilization: Option<f64>,
+    /// Compute processes running now (as NVML lists them); `None` when the driver cannot
+    /// say.
     pub processes: Option<u32>,
+    /// Their PIDs, each once, sorted; `Some` exactly when `processes` is.
+    pub pids: Option<Vec<u32>>,
     pub energy_mj: Option<u64>,
     pub memory_used: Option<u64>,
     pub memory_total: Option<u64>,
@@ -258,11 +262,17 @@ pub fn read(
         None => SampleRead::Unsupported,
     };
 
-    snap.processes = call!(
+    if let Some(list) = call!(
         processes,
         "compute_processes",
-        dev.running_compute_processes_count()
-    );
+        dev.running_compute_processes()
+    ) {
+        snap.processes = Some(u32::try_from(list.len()).unwrap_or(u32::MAX));
+        let mut pids: Vec<u32> = list.iter().map(|p| p.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        snap.pids = Some(pids);
+    }
     snap.energy_mj = call!(energy, "total_energy", dev.total_energy_consumption());
     if let Some(m) = call!(memory, "memory_info", dev.memory_info()) {
         snap.memory_used = Some(m.used);

@@ -8,7 +8,7 @@
 //! carries its own instant, on which its samples are mapped onto the driver's
 //! timeline (see [`nvml::SampleRead`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,8 +25,13 @@ use tokio::sync::watch;
 use crate::clock::{self, AgentClock};
 
 use super::accrue::{DryBufferWatch, GpuAccount, SampleIntegrator};
-use super::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels};
+use super::attribution::GpuOwners;
+use super::metrics::{
+    AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels, OwnerLabels,
+};
 use super::nvml::{self, Caps, Fault, Gpm, GpmMode, Identity, ReadError, SampleRead, Snapshot};
+use super::procfs::Owners;
+use crate::owner::Owner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
@@ -239,6 +244,22 @@ struct Gpu {
     /// The identity and sources `commitmeter_gpu_info` shows now.
     info: Option<(Identity, Sources)>,
     up: bool,
+    /// The owners of its processes and their shares ([`super::attribution`]).
+    owners: GpuOwners,
+    /// The series of each owner in `owners`.
+    owner_series: HashMap<Owner, OwnerSeries>,
+    /// Owners beyond the bound were sent to the catch-all in the last round.
+    overflowing: bool,
+}
+
+/// The counters of one owner of a GPU, created at 0 when it is first seen.
+struct OwnerSeries {
+    allocated: Counter,
+    busy: Counter,
+    /// GPUs with GPM only; created once that is decided.
+    sm_active: Option<Counter>,
+    /// Whether `commitmeter_gpu_owner_info` is exported for it now.
+    info: bool,
 }
 
 /// The GPM counters of a GPU with GPM, created at 0 when that is decided.
@@ -275,6 +296,9 @@ struct Round {
     xids: Vec<(String, String, String)>,
     /// Failed NVML calls: call, error label.
     errors: Vec<(&'static str, String)>,
+    /// Per slot read with its processes: the owner of each PID, in the order of
+    /// `Snapshot::pids` (read from procfs before the round is applied).
+    holders: HashMap<usize, Vec<Owner>>,
 }
 
 struct Loop {
@@ -287,6 +311,8 @@ struct Loop {
     last_nvml_error: Option<String>,
     /// XID lines: a GPU's first at once, then a summary per GPU every 5 minutes at most.
     xid_log: super::xidlog::XidLog,
+    /// The owner of each GPU process, from procfs.
+    owners: Owners,
 }
 
 impl Loop {
@@ -298,6 +324,7 @@ impl Loop {
         stopped: mpsc::Receiver<()>,
     ) -> Self {
         Self {
+            owners: Owners::new(cfg.owners.clone()),
             cfg,
             clock,
             metrics,
@@ -482,6 +509,7 @@ impl Loop {
                     return (End::Driver(e), round.errors);
                 }
             }
+            self.read_owners(&mut round);
             for l in self.xid_log.flush(clock::monotonic_now()) {
                 tracing::warn!(
                     uuid = %l.uuid,
@@ -513,6 +541,20 @@ impl Loop {
         }
     }
 
+    /// Maps every PID the round read to its owner (procfs, cached per PID), without any
+    /// lock, and lets the cache forget the PIDs no GPU reported.
+    fn read_owners(&mut self, round: &mut Round) {
+        let mut live = HashSet::new();
+        for (i, snap) in &round.outcomes {
+            if let Some(pids) = snap.as_ref().and_then(|s| s.pids.as_ref()) {
+                live.extend(pids.iter().copied());
+                let owners = pids.iter().map(|&pid| self.owners.owner_of(pid)).collect();
+                round.holders.insert(*i, owners);
+            }
+        }
+        self.owners.retain(&live);
+    }
+
     /// Applies a round read at `at` (ms on the agent's clock); the caller holds the
     /// write lock.
     fn apply(&mut self, slots: &mut [Slot], round: Round, at: u64, last_round: Option<u64>) {
@@ -540,6 +582,9 @@ impl Loop {
                 gpm: None,
                 info: None,
                 up: false,
+                owners: GpuOwners::default(),
+                owner_series: HashMap::new(),
+                overflowing: false,
             });
             if gpu.gpm.is_none() && snap.is_some() && slot.gpm != GpmMode::Probe {
                 let l = gpu.series.labels();
@@ -591,6 +636,9 @@ impl Loop {
                 g.sm_active.inc_by(inc.sm_active_s);
                 g.tensor_active.inc_by(inc.tensor_active_s);
             }
+            let holders = round.holders.get(&i).map_or(&[][..], Vec::as_slice);
+            gpu.owners.healthy(at_d, holders, &inc);
+            add_owner_shares(&self.metrics, gpu);
             if snap.energy_mj.is_some() {
                 let c = gpu
                     .energy
@@ -611,6 +659,9 @@ impl Loop {
             m.set_gauge(GaugeKind::Temperature, s, snap.temperature_c);
             m.set_gauge(GaugeKind::SmClock, s, snap.sm_clock_hz);
             m.set_gauge(GaugeKind::Processes, s, snap.processes.map(f64::from));
+        }
+        for gpu in self.gpus.values_mut() {
+            expire_owners(&self.metrics, gpu, at_d, self.cfg.owners.retention);
         }
         for (uuid, index, code) in &round.xids {
             // The GPU's own label when known, so the XID joins its other series.
@@ -745,9 +796,96 @@ struct Sources {
 
 fn mark_down(metrics: &AgentMetrics, gpu: &mut Gpu) {
     gpu.account.interrupted();
+    gpu.owners.interrupted();
     gpu.up = false;
     gpu.series.up.set(0.0);
     metrics.clear_gauges(&gpu.series);
+    for (owner, s) in &mut gpu.owner_series {
+        if s.info {
+            metrics
+                .owner_info
+                .remove(&OwnerLabels::of(&gpu.series, owner));
+            s.info = false;
+        }
+    }
+}
+
+/// Adds the last round's shares to each owner's counters (created at 0 for a new owner),
+/// in the same round as the GPU's own counters.
+fn add_owner_shares(metrics: &AgentMetrics, gpu: &mut Gpu) {
+    let gpm = matches!(gpu.gpm, Some(Some(_)));
+    for o in gpu.owners.owners() {
+        let series = match gpu.owner_series.get_mut(&o.owner) {
+            Some(s) => s,
+            None => {
+                let l = OwnerLabels::of(&gpu.series, &o.owner);
+                tracing::debug!(gpu = %gpu.series.gpu, owner_kind = %o.owner.kind, owner = %o.owner.id, "new owner of the GPU");
+                let s = OwnerSeries {
+                    allocated: metrics.owner_allocated.with(&l),
+                    busy: metrics.owner_busy.with(&l),
+                    sm_active: None,
+                    info: false,
+                };
+                gpu.owner_series.entry(o.owner.clone()).or_insert(s)
+            }
+        };
+        if gpm && series.sm_active.is_none() {
+            let l = OwnerLabels::of(&gpu.series, &o.owner);
+            series.sm_active = Some(metrics.owner_sm_active.with(&l));
+        }
+        series.allocated.inc_by(o.last.allocated_s);
+        series.busy.inc_by(o.last.busy_s);
+        if let Some(c) = &series.sm_active {
+            c.inc_by(o.last.sm_active_s);
+        }
+    }
+    let overflow = gpu.owners.overflow();
+    if (overflow > 0) != gpu.overflowing {
+        gpu.overflowing = overflow > 0;
+        if gpu.overflowing {
+            tracing::warn!(
+                gpu = %gpu.series.gpu,
+                owners = overflow + super::attribution::MAX_OWNERS - 1,
+                "more owners hold the GPU than are exported per GPU; the rest is counted as owner `unknown`"
+            );
+        } else {
+            tracing::info!(gpu = %gpu.series.gpu, "owners of the GPU within the bound again");
+        }
+    }
+}
+
+/// Removes the series of the owners gone past the retention (or evicted for a newcomer)
+/// and keeps `commitmeter_gpu_owner_info` to the owners holding the GPU now.
+fn expire_owners(metrics: &AgentMetrics, gpu: &mut Gpu, at: Duration, retention: Duration) {
+    gpu.owners.expire(at, retention);
+    for owner in gpu.owners.take_removed() {
+        if let Some(s) = gpu.owner_series.remove(&owner) {
+            let l = OwnerLabels::of(&gpu.series, &owner);
+            metrics.owner_allocated.remove(&l);
+            metrics.owner_busy.remove(&l);
+            if s.sm_active.is_some() {
+                metrics.owner_sm_active.remove(&l);
+            }
+            if s.info {
+                metrics.owner_info.remove(&l);
+            }
+            tracing::debug!(gpu = %gpu.series.gpu, owner_kind = %owner.kind, owner = %owner.id, "owner's series removed after the retention");
+        }
+    }
+    for o in gpu.owners.owners() {
+        let Some(s) = gpu.owner_series.get_mut(&o.owner) else {
+            continue;
+        };
+        if s.info != o.holding {
+            let l = OwnerLabels::of(&gpu.series, &o.owner);
+            if o.holding {
+                metrics.owner_info.with(&l).set(1.0);
+            } else {
+                metrics.owner_info.remove(&l);
+            }
+            s.info = o.holding;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -633,7 +633,8 @@ pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
 }
 
 /// The size query nvml-wrapper makes (NULL `infos`, `*infoCount` 0) gets
-/// `INSUFFICIENT_SIZE` with the count, or `SUCCESS` with 0 when idle.
+/// `INSUFFICIENT_SIZE` with the count, or `SUCCESS` with 0 when idle. The PIDs are
+/// [`Scenario::pids_at`](crate::scenario::Scenario::pids_at)'s.
 #[cfg(not(feature = "old_driver"))]
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
@@ -647,7 +648,8 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         if info_count.is_null() {
             return Err(ERROR_INVALID_ARGUMENT);
         }
-        let count = scenario.processes_at(i, now).min(u64::from(c_uint::MAX)) as c_uint;
+        let pids = scenario.pids_at(i, now);
+        let count = pids.len().min(c_uint::MAX as usize) as c_uint;
         if infos.is_null() || *info_count < count {
             info_count.write(count);
             return if count > 0 {
@@ -657,9 +659,9 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
             };
         }
         let per_process = scenario.gpus[i].memory_used_bytes / u64::from(count.max(1));
-        for k in 0..count {
-            infos.add(k as usize).write(ProcessInfo {
-                pid: 1000 + k,
+        for (k, &pid) in pids.iter().take(count as usize).enumerate() {
+            infos.add(k).write(ProcessInfo {
+                pid,
                 used_gpu_memory: per_process,
                 gpu_instance_id: NO_INSTANCE,
                 compute_instance_id: NO_INSTANCE,

@@ -132,7 +132,13 @@ pub struct Gpu {
     /// Step function `[from_ms, percent]`; 0 before the first step.
     pub util: Vec<[u64; 2]>,
     /// Step function `[from_ms, count]` of compute processes; 0 before the first step.
+    /// Their PIDs are 1000, 1001, … unless `pids` is set.
     pub processes: Vec<[u64; 2]>,
+    /// Step function `[from_ms, [pid, …]]` of the compute processes' PIDs; none before
+    /// the first step (the later step on ties). When set it replaces `processes`: the
+    /// count is the list's length, and `nvmlDeviceGetComputeRunningProcesses_v3`
+    /// returns these PIDs.
+    pub pids: Option<Vec<(u64, Vec<u32>)>>,
     /// From then on the GPU answers `NVML_ERROR_GPU_IS_LOST`.
     pub lost_at_ms: Option<u64>,
     /// Capabilities answering `NVML_ERROR_NOT_SUPPORTED`, see [`cap`].
@@ -177,6 +183,7 @@ impl Default for Gpu {
             pci_bus_id: String::new(),
             util: vec![[0, 50]],
             processes: vec![[0, 1]],
+            pids: None,
             lost_at_ms: None,
             unsupported: Vec::new(),
             samples_dry_when_idle: false,
@@ -318,6 +325,18 @@ impl Segment {
             0
         }
     }
+}
+
+/// The PID list of a `[from, pids]` step function at `t`: the step with the greatest
+/// `from <= t` (the later one on ties), none before any step.
+fn pids_step(steps: &[(u64, Vec<u32>)], t: u64) -> &[u32] {
+    let mut best: Option<&(u64, Vec<u32>)> = None;
+    for s in steps {
+        if s.0 <= t && best.is_none_or(|b| s.0 >= b.0) {
+            best = Some(s);
+        }
+    }
+    best.map_or(&[], |s| s.1.as_slice())
 }
 
 /// Value of a `[from, value]` step function at `t`: the step with the
@@ -497,11 +516,42 @@ impl Scenario {
             .map_or(0, |g| step_at(&g.samples_slow, t_ms))
     }
 
-    /// Scripted number of compute processes at `t`, ignoring presence.
+    /// Scripted number of compute processes at `t`, ignoring presence: the length of
+    /// the `pids` list where set, else `processes`.
     pub fn processes_at(&self, gpu: usize, t_ms: u64) -> u64 {
-        self.gpus
-            .get(gpu)
-            .map_or(0, |g| step_at(&g.processes, t_ms))
+        match self.gpus.get(gpu) {
+            Some(Gpu {
+                pids: Some(steps), ..
+            }) => pids_step(steps, t_ms).len() as u64,
+            Some(g) => step_at(&g.processes, t_ms),
+            None => 0,
+        }
+    }
+
+    /// The PIDs of the compute processes at `t`, ignoring presence: the `pids` script
+    /// where set, else 1000, 1001, … for the `processes` count.
+    pub fn pids_at(&self, gpu: usize, t_ms: u64) -> Vec<u32> {
+        match self.gpus.get(gpu) {
+            Some(Gpu {
+                pids: Some(steps), ..
+            }) => pids_step(steps, t_ms).to_vec(),
+            Some(g) => {
+                let n = step_at(&g.processes, t_ms).min(u64::from(u32::MAX - 1000)) as u32;
+                (0..n).map(|k| 1000 + k).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The distinct owners of GPU `gpu`'s processes at `t` (ignoring presence), given
+    /// each PID's owner.
+    pub fn owners_at<K: Ord>(
+        &self,
+        gpu: usize,
+        t_ms: u64,
+        owner_of: impl Fn(u32) -> K,
+    ) -> std::collections::BTreeSet<K> {
+        self.pids_at(gpu, t_ms).into_iter().map(owner_of).collect()
     }
 
     /// Scripted GPM SM activity (percent, capped at 100) at `t`, ignoring presence:
@@ -550,6 +600,7 @@ impl Scenario {
         let mut cuts: Vec<u64> = vec![0];
         cuts.extend(g.util.iter().map(|s| s[0]));
         cuts.extend(g.processes.iter().map(|s| s[0]));
+        cuts.extend(g.pids.iter().flatten().map(|s| s.0));
         cuts.extend(g.sm_active.iter().flatten().map(|s| s[0]));
         cuts.extend(g.tensor_active.iter().map(|s| s[0]));
         cuts.extend(self.driver_down.iter().flatten().copied());
@@ -563,7 +614,7 @@ impl Scenario {
                 start,
                 end,
                 util: step_at(&g.util, start).min(100),
-                procs: step_at(&g.processes, start),
+                procs: self.processes_at(gpu, start),
                 present: self.present_at(gpu, start),
                 sm: self.sm_active_at(gpu, start).into(),
                 tensor: self.tensor_active_at(gpu, start).into(),
@@ -640,6 +691,80 @@ impl Scenario {
     /// during which a compute process held the GPU.
     pub fn allocated_sm_active_seconds(&self, gpu: usize, from_ms: u64, to_ms: u64) -> f64 {
         self.pct_seconds(gpu, from_ms, to_ms, |s| s.while_allocated(s.sm_pct()))
+    }
+
+    /// ∫ f(segment, its owners' share) dt over `[from, to)` in (unit of f) × ms, where
+    /// the share is `owner`'s of the segment's allocated time: 1 / (number of distinct
+    /// owners of the GPU's processes) while `owner` is one of them and the GPU is present
+    /// with a process, else 0 — the agent's rule for a round, in the limit of short rounds.
+    fn owner_integral<K: Ord>(
+        &self,
+        gpu: usize,
+        from: u64,
+        to: u64,
+        owner_of: impl Fn(u32) -> K,
+        owner: &K,
+        f: impl Fn(&Segment) -> f64,
+    ) -> f64 {
+        self.segments(gpu)
+            .iter()
+            .filter(|s| s.allocated())
+            .map(|s| {
+                let overlap = to.min(s.end).saturating_sub(from.max(s.start));
+                if overlap == 0 {
+                    return 0.0;
+                }
+                let owners = self.owners_at(gpu, s.start, &owner_of);
+                if !owners.contains(owner) {
+                    return 0.0;
+                }
+                overlap as f64 * f(s) / owners.len() as f64
+            })
+            .sum()
+    }
+
+    /// Allocated seconds of GPU `gpu` in `[from, to)` attributed to `owner`: shared
+    /// equally among the distinct owners (`owner_of` of each PID) holding it at each
+    /// instant. Summed over owners, [`Self::allocated_seconds`].
+    pub fn owner_allocated_seconds<K: Ord>(
+        &self,
+        gpu: usize,
+        from_ms: u64,
+        to_ms: u64,
+        owner_of: impl Fn(u32) -> K,
+        owner: &K,
+    ) -> f64 {
+        self.owner_integral(gpu, from_ms, to_ms, owner_of, owner, |_| 1.0) / 1000.0
+    }
+
+    /// `owner`'s share (as in [`Self::owner_allocated_seconds`]) of the allocated busy
+    /// seconds. Summed over owners, [`Self::allocated_busy_seconds`].
+    pub fn owner_busy_seconds<K: Ord>(
+        &self,
+        gpu: usize,
+        from_ms: u64,
+        to_ms: u64,
+        owner_of: impl Fn(u32) -> K,
+        owner: &K,
+    ) -> f64 {
+        self.owner_integral(gpu, from_ms, to_ms, owner_of, owner, |s| {
+            s.busy_pct() as f64
+        }) / 100_000.0
+    }
+
+    /// `owner`'s share of the allocated SM-active seconds: SM activity weighted by its
+    /// share of the allocated time at each instant (the agent shares a GPM window's in
+    /// proportion to each owner's allocated time in it). Summed over owners,
+    /// [`Self::allocated_sm_active_seconds`].
+    pub fn owner_sm_active_seconds<K: Ord>(
+        &self,
+        gpu: usize,
+        from_ms: u64,
+        to_ms: u64,
+        owner_of: impl Fn(u32) -> K,
+        owner: &K,
+    ) -> f64 {
+        self.owner_integral(gpu, from_ms, to_ms, owner_of, owner, |s| s.sm_pct() as f64) / 100_000.0
     }
 
     /// Energy drawn over `[from, to)`: constant power × present time, in J.
@@ -976,6 +1101,51 @@ mod tests {
         assert!(faulty.gpm_fails_at(0, 199) && !faulty.gpm_fails_at(0, 200));
         assert!(Scenario::from_json(r#"{"gpus":[{"unsupported":["gpm"]}]}"#).is_ok());
         assert_eq!(Scenario::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn scripted_pids_and_the_owners_shares() {
+        let s = one(Gpu {
+            util: vec![[0, 50], [2000, 100]],
+            pids: Some(vec![
+                (1000, vec![7, 8, 9]),
+                (0, vec![7]),
+                (3000, vec![]),
+                (4000, vec![9]),
+            ]),
+            sm_active: Some(vec![[0, 20]]),
+            ..Gpu::default()
+        });
+        assert_eq!(s.pids_at(0, 999), vec![7]);
+        assert_eq!(s.pids_at(0, 1000), vec![7, 8, 9]);
+        assert_eq!(s.processes_at(0, 2000), 3);
+        assert_eq!(s.processes_at(0, 3500), 0);
+        // 7 and 8 are one owner's, 9 another's: `a` alone, then both, then none, then `b`.
+        let owner_of = |pid: u32| if pid == 9 { "b" } else { "a" }.to_string();
+        let both = |f: &dyn Fn(&str) -> f64| (f("a"), f("b"));
+        let (alloc_a, alloc_b) =
+            both(&|k| s.owner_allocated_seconds(0, 0, 5000, owner_of, &k.to_string()));
+        assert!((alloc_a - 2.0).abs() < 1e-9 && (alloc_b - 2.0).abs() < 1e-9);
+        assert!((alloc_a + alloc_b - s.allocated_seconds(0, 0, 5000)).abs() < 1e-9);
+        // Busy: a 0.5 + 0.25 + 0.5; b 0.25 + 0.5 + 1.
+        let (busy_a, busy_b) =
+            both(&|k| s.owner_busy_seconds(0, 0, 5000, owner_of, &k.to_string()));
+        assert!((busy_a - 1.25).abs() < 1e-9 && (busy_b - 1.75).abs() < 1e-9);
+        assert!((busy_a + busy_b - s.allocated_busy_seconds(0, 0, 5000)).abs() < 1e-9);
+        let (sm_a, sm_b) =
+            both(&|k| s.owner_sm_active_seconds(0, 0, 5000, owner_of, &k.to_string()));
+        assert!((sm_a - 0.4).abs() < 1e-9 && (sm_b - 0.4).abs() < 1e-9);
+        assert!((sm_a + sm_b - s.allocated_sm_active_seconds(0, 0, 5000)).abs() < 1e-9);
+        // Without a script: the `processes` count, PIDs from 1000.
+        let plain = one(Gpu {
+            processes: vec![[0, 2]],
+            ..Gpu::default()
+        });
+        assert_eq!(plain.pids_at(0, 5), vec![1000, 1001]);
+        assert_eq!(Scenario::from_json(&s.to_json()).unwrap(), s);
+        let parsed = Scenario::from_json(r#"{"gpus":[{"pids":[[0,[5,6]],[100,[]]]}]}"#).unwrap();
+        assert_eq!(parsed.pids_at(0, 50), vec![5, 6]);
+        assert_eq!(parsed.processes_at(0, 100), 0);
     }
 
     #[test]

@@ -231,6 +231,12 @@ fn processes() {
             processes: vec![[0, 0]],
             ..Gpu::default()
         },
+        // Scripted PIDs replace the count.
+        Gpu {
+            processes: vec![[0, 7]],
+            pids: Some(vec![(0, vec![4242, 77])]),
+            ..Gpu::default()
+        },
     ]);
     let fake = FakeLib::new("procs", &s);
     let nvml = fake.init().unwrap();
@@ -247,6 +253,15 @@ fn processes() {
     let d1 = nvml.device_by_index(1).unwrap();
     assert_eq!(d1.running_compute_processes_count().unwrap(), 0);
     assert!(d1.running_compute_processes().unwrap().is_empty());
+    let d2 = nvml.device_by_index(2).unwrap();
+    assert_eq!(d2.running_compute_processes_count().unwrap(), 2);
+    let pids: Vec<u32> = d2
+        .running_compute_processes()
+        .unwrap()
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(pids, vec![4242, 77]);
 }
 
 #[test]
