@@ -13,8 +13,9 @@ use std::fmt;
 pub enum OwnerKind {
     /// A Slurm job (`…/job_<id>/…`); `owner` is the job id.
     SlurmJob,
-    /// A Kubernetes pod (`kubepods…pod<uid>…`); `owner` is `<namespace>/<pod>` when the
-    /// kubelet's pod-resources socket told them, else the pod UID.
+    /// A Kubernetes pod (`kubepods…pod<uid>…`); `owner` is the pod UID, and `namespace`
+    /// and `pod` are filled in where the kubelet's pod-resources socket names the pod
+    /// holding the GPU.
     K8sPod,
     /// A container outside Kubernetes (docker, containerd, podman scopes); `owner` is the
     /// container id's first 12 hex digits.

@@ -24,12 +24,6 @@ const ALLOCATED: &str = "commitmeter_owner_allocated_seconds_total";
 const BUSY: &str = "commitmeter_owner_busy_seconds_total";
 const SM_ACTIVE: &str = "commitmeter_owner_sm_active_seconds_total";
 
-/// Whether `src/agent/procfs.rs` is still the skeleton of main's a46be2b (every readable
-/// process is owned by its numeric uid, kind `user`). **Lead: set to `false` when helper
-/// P's procfs reader is merged**; the test then expects what the issue asks for: the
-/// Slurm job from the `…/job_<id>/…` cgroup, and the user name from `etc/passwd`.
-const SKELETON_PROCFS: bool = true;
-
 /// A process of the fixture tree: its PID, uid and cgroup file.
 struct Proc {
     pid: u32,
@@ -94,35 +88,21 @@ struct Who {
     user: &'static str,
 }
 
+/// The Slurm job from the `…/job_<id>/…` cgroup, the user name from `etc/passwd`.
 fn alice() -> Who {
-    if SKELETON_PROCFS {
-        Who {
-            kind: "user",
-            id: "1001",
-            user: "1001",
-        }
-    } else {
-        Who {
-            kind: "slurm_job",
-            id: "4242",
-            user: "alice",
-        }
+    Who {
+        kind: "slurm_job",
+        id: "4242",
+        user: "alice",
     }
 }
 
+/// The Slurm job from the `…/job_<id>/…` cgroup, the user name from `etc/passwd`.
 fn bob() -> Who {
-    if SKELETON_PROCFS {
-        Who {
-            kind: "user",
-            id: "1002",
-            user: "1002",
-        }
-    } else {
-        Who {
-            kind: "slurm_job",
-            id: "5353",
-            user: "bob",
-        }
+    Who {
+        kind: "slurm_job",
+        id: "5353",
+        user: "bob",
     }
 }
 

@@ -32,8 +32,8 @@ use super::selector::regex_error;
 use crate::owner::{Owner, OwnerKind};
 
 /// The team of time no `[[teams]]` rule claims (and of allocated time no owner explains):
-/// reserved, a `[[teams]]` entry cannot take the name.
-pub const UNASSIGNED: &str = "unassigned";
+/// reserved, a `[[teams]]` entry cannot take the name. Defined once, by the ledger.
+pub use crate::ledger::UNASSIGNED;
 
 /// The longest team name: it is a label value, a status page cell and a ledger key.
 pub const MAX_TEAM_NAME_CHARS: usize = 128;
