@@ -25,11 +25,34 @@ fn a_stopped_demo_has_no_unreported_gpu_ms_in_its_last_minutes() {
     // sealed last at a stop had nothing delivered, all unreported.
     let mut demo = Demo::start(&data, &["--story=healthy", "--speed=2400"]);
     // Six simulated hours sealed, then the stop.
-    wait_sealed_span(
+    let m = wait_sealed_span(
         &demo.addr,
         Duration::from_secs(90),
         Duration::from_secs(6 * 3600),
     );
+    // Showback: the demo's jobs belong to three teams and to none, and every contract's
+    // teams add up to its allocated time.
+    for c in ["acme-h100-east", "acme-h100-west", "borealis-h200"] {
+        let teams: Vec<(String, f64)> = m
+            .series("commitmeter_team_allocated_gpu_seconds_total")
+            .iter()
+            .filter(|(l, _)| l.get("contract").map(String::as_str) == Some(c))
+            .map(|(l, v)| (l.get("team").unwrap().to_string(), *v))
+            .collect();
+        let names: Vec<&str> = teams.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(names, ["llm", "research", "unassigned", "vision"], "{c}");
+        let sum: f64 = teams.iter().map(|t| t.1).sum();
+        let allocated = m
+            .get(
+                "commitmeter_contract_allocated_gpu_seconds_total",
+                &[("contract", c)],
+            )
+            .unwrap();
+        assert!(
+            allocated > 0.0 && (sum - allocated).abs() < 1e-6,
+            "{c}: {sum} vs {allocated}"
+        );
+    }
     assert!(terminate(&mut demo.child, Duration::from_secs(30)).success());
     let db = rusqlite::Connection::open(data.join("ledger.sqlite3")).unwrap();
     // The last two simulated hours of every contract.

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 
-use crate::agent::metrics::{AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels};
+use crate::agent::metrics::{
+    AgentMetrics, GaugeKind, GpuInfoLabels, GpuSeries, GpuXidLabels, OwnerLabels,
+};
 use crate::aggregator;
 use crate::aggregator::store::{Role, Store, StoreOptions};
 use crate::clock::{self, Clock};
@@ -182,6 +184,19 @@ impl Sim {
                 );
             }
             raise(&m.energy.with(&s.labels()), g.energy_j);
+            // The host's job is the GPU's only owner: its share is the GPU's allocated time.
+            let owner = demo_owner(i);
+            let ol = OwnerLabels::of(s, &owner);
+            raise(&m.owner_allocated.with(&ol), g.allocated_s);
+            raise(&m.owner_busy.with(&ol), g.allocated_busy_s);
+            if g.gpm {
+                raise(&m.owner_sm_active.with(&ol), g.allocated_sm_active_s);
+            }
+            if g.up && g.allocated {
+                m.owner_info.with(&ol).set(1.0);
+            } else {
+                m.owner_info.remove(&ol);
+            }
             for &(code, n) in &g.xids {
                 let c = m.xid.with(&GpuXidLabels {
                     gpu: &s.gpu,
@@ -219,6 +234,31 @@ impl Sim {
             );
         }
         Some(http::metrics(&m.registry))
+    }
+}
+
+/// The Slurm accounts of the demo's jobs, host by host in turn, and the `[[teams]]` that
+/// claim them: `ops-scratch` is no team's, so its hosts' time is `unassigned`.
+const DEMO_ACCOUNTS: [(&str, &str); 5] = [
+    ("vision", "alice"),
+    ("llm-pretrain", "bob"),
+    ("llm-finetune", "bob"),
+    ("research", "carol"),
+    ("ops-scratch", "dave"),
+];
+const DEMO_TEAMS: &str = "[[teams]]\nname = \"vision\"\nslurm_account = \"vision\"\n\n\
+                          [[teams]]\nname = \"llm\"\nslurm_account = \"llm-.*\"\n\n\
+                          [[teams]]\nname = \"research\"\nslurm_account = \"research\"\nuser = \"carol\"\n";
+
+/// The job holding host `i`'s GPUs whenever they are allocated: one Slurm job per host.
+fn demo_owner(i: usize) -> crate::owner::Owner {
+    let (account, user) = DEMO_ACCOUNTS[i % DEMO_ACCOUNTS.len()];
+    crate::owner::Owner {
+        kind: crate::owner::OwnerKind::SlurmJob,
+        id: (70_000 + i).to_string(),
+        user: user.into(),
+        account: account.into(),
+        ..crate::owner::Owner::default()
     }
 }
 
@@ -402,6 +442,7 @@ pub async fn run(
             ramp.join(", ")
         );
     }
+    toml.push_str(DEMO_TEAMS);
     let config_path = data_dir.join("aggregator.toml");
     std::fs::write(&config_path, toml).map_err(io)?;
     // The same validation as production: a mistake here is a bug in the demo.
