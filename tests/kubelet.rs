@@ -66,11 +66,10 @@ async fn fake_kubelet(dir: &Path, answer: Answer) -> PathBuf {
                         )
                     }
                 });
-                let _ = hyper::server::conn::http2::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
             });
         }
     });
@@ -119,7 +118,11 @@ async fn names_come_from_the_only_pod_listing_a_gpu() {
     };
     assert_eq!(m["GPU-a"], name("ml", "train-0"));
     assert_eq!(m["GPU-c"], None, "two pods share GPU-c: nobody is named");
-    assert_eq!(m["GPU-d"], name("ml", "replica"), "the ::N of a replica is dropped");
+    assert_eq!(
+        m["GPU-d"],
+        name("ml", "replica"),
+        "the ::N of a replica is dropped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,10 +207,16 @@ async fn a_pod_owner_gets_its_name_from_its_gpu_and_a_shared_gpu_names_nobody() 
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!((a.id.as_str(), a.namespace.as_str(), a.pod.as_str()), (UID_A, "ml", "train-0"));
+    assert_eq!(
+        (a.id.as_str(), a.namespace.as_str(), a.pod.as_str()),
+        (UID_A, "ml", "train-0")
+    );
     // The same map lists GPU-c under two pods: the pod on it stays known by UID.
     let c = owners.owner_on(200, "GPU-c");
-    assert_eq!((c.id.as_str(), c.namespace.as_str(), c.pod.as_str()), (UID_C, "", ""));
+    assert_eq!(
+        (c.id.as_str(), c.namespace.as_str(), c.pod.as_str()),
+        (UID_C, "", "")
+    );
     // owner_of is unchanged: no GPU, no name.
     assert_eq!(owners.owner_of(100).namespace, "");
 }
@@ -218,7 +227,10 @@ async fn without_a_socket_pods_are_known_by_uid() {
     let (mut owners, _procfs) = owners_with(dir.path().join("absent.sock"), &[(100, UID_A)]).await;
     for _ in 0..10 {
         let a = owners.owner_on(100, "GPU-a");
-        assert_eq!((a.id.as_str(), a.namespace.as_str(), a.pod.as_str()), (UID_A, "", ""));
+        assert_eq!(
+            (a.id.as_str(), a.namespace.as_str(), a.pod.as_str()),
+            (UID_A, "", "")
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
-use hyper::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
 use hyper::body::Incoming;
 
 /// The request of `List` (no fields).
@@ -245,7 +245,10 @@ async fn read_response(
 }
 
 fn grpc_status(headers: &hyper::HeaderMap) -> Result<(), ListError> {
-    match headers.get("grpc-status").map(|v| v.to_str().unwrap_or("?")) {
+    match headers
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("?"))
+    {
         None | Some("0") => Ok(()),
         Some(code) => Err(ListError::Grpc(
             code.to_string(),
@@ -388,8 +391,16 @@ mod tests {
             pod_resources: vec![
                 pod("ml", "train-0", &[("nvidia.com/gpu", &["GPU-a", "GPU-b"])]),
                 pod("ml", "infer-0", &[("nvidia.com/gpu.shared", &["GPU-c::0"])]),
-                pod("web", "infer-1", &[("nvidia.com/gpu.shared", &["GPU-c::1"])]),
-                pod("ml", "replica", &[("nvidia.com/gpu", &["GPU-d::3", "GPU-d::4"])]),
+                pod(
+                    "web",
+                    "infer-1",
+                    &[("nvidia.com/gpu.shared", &["GPU-c::1"])],
+                ),
+                pod(
+                    "ml",
+                    "replica",
+                    &[("nvidia.com/gpu", &["GPU-d::3", "GPU-d::4"])],
+                ),
                 pod("x", "nic", &[("example.com/nic", &["GPU-e"])]),
             ],
         };
@@ -410,7 +421,10 @@ mod tests {
 
     #[test]
     fn frames_decode_and_garbage_is_an_error() {
-        assert_eq!(decode_frame(&[]).unwrap(), ListPodResourcesResponse::default());
+        assert_eq!(
+            decode_frame(&[]).unwrap(),
+            ListPodResourcesResponse::default()
+        );
         assert!(decode_frame(&[0, 0, 0]).is_err());
         assert!(decode_frame(&[1, 0, 0, 0, 0]).is_err());
         assert!(decode_frame(&[0, 0, 0, 0, 9, 1]).is_err());

@@ -553,7 +553,10 @@ impl Loop {
         for (i, snap) in &round.outcomes {
             if let Some(pids) = snap.as_ref().and_then(|s| s.pids.as_ref()) {
                 live.extend(pids.iter().copied());
-                let uuid = slots[*i].identity.as_ref().map_or("", |id| id.uuid.as_str());
+                let uuid = slots[*i]
+                    .identity
+                    .as_ref()
+                    .map_or("", |id| id.uuid.as_str());
                 let owners = pids
                     .iter()
                     .map(|&pid| self.owners.owner_on(pid, uuid))
