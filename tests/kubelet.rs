@@ -1,11 +1,15 @@
 //! The kubelet pod-resources client against a fake kubelet: a hyper HTTP/2 server on a
 //! Unix socket in a temp dir answering `/v1.PodResourcesLister/List` with a
 //! prost-encoded answer (or garbage), and [`Owners::owner_on`] naming a pod found in a
-//! fixture procfs through the refresher's map.
+//! fixture procfs through the refresher's map; and the real agent on the fake NVML with
+//! pod processes and the fake kubelet exporting `commitmeter_gpu_owner_info` with the
+//! pod's namespace and name.
 
 // Tests read the clock as they please: clippy.toml keeps that to src/clock.rs in the
 // product only.
 #![allow(clippy::disallowed_methods)]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -233,4 +237,102 @@ async fn without_a_socket_pods_are_known_by_uid() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+const UID_B: &str = "1f6b4d2e-0000-4000-8000-00000000000b";
+
+#[test]
+fn the_agent_exports_a_pod_owner_with_its_namespace_and_name() {
+    let gpu = |i: u64| format!("GPU-00000000-0000-0000-0000-{i:012x}");
+    let (g0, g1) = (gpu(0), gpu(1));
+    // GPU 0 is train-0's alone; GPU 1 is shared by two pods (time-slicing).
+    let answer = ListPodResourcesResponse {
+        pod_resources: vec![
+            pod("ml", "train-0", "nvidia.com/gpu", &[&g0]),
+            pod(
+                "ml",
+                "infer-0",
+                "nvidia.com/gpu.shared",
+                &[&format!("{g1}::0")],
+            ),
+            pod(
+                "web",
+                "infer-1",
+                "nvidia.com/gpu.shared",
+                &[&format!("{g1}::1")],
+            ),
+        ],
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sock_dir = tempfile::tempdir().unwrap();
+    let socket = rt.block_on(fake_kubelet(sock_dir.path(), Answer::Pods(answer)));
+    let tree = tempfile::tempdir().unwrap();
+    procfs(tree.path(), &[(7001, UID_A), (7002, UID_B)]);
+    let scenario = common::Scenario {
+        gpus: vec![
+            common::Gpu {
+                util: vec![[0, 50]],
+                pids: Some(vec![(0, vec![7001])]),
+                ..common::Gpu::default()
+            },
+            common::Gpu {
+                util: vec![[0, 50]],
+                pids: Some(vec![(0, vec![7002])]),
+                ..common::Gpu::default()
+            },
+        ],
+        ..common::Scenario::default()
+    };
+    let agent = common::Agent::start(
+        &scenario,
+        common::AgentOpts {
+            interval: "200ms",
+            extra_args: vec![
+                format!("--path.procfs={}", tree.path().display()),
+                format!("--path.rootfs={}", tree.path().display()),
+                format!("--owners.kubelet-socket={}", socket.display()),
+            ],
+            ..common::AgentOpts::default()
+        },
+    );
+    agent.wait_ready(Duration::from_secs(20));
+    let info = |m: &common::Metrics, gpu: &str, uid: &str, ns: &str, pod: &str| {
+        m.get(
+            "commitmeter_gpu_owner_info",
+            &[
+                ("gpu", gpu),
+                ("owner_kind", "k8s_pod"),
+                ("owner", uid),
+                ("namespace", ns),
+                ("pod", pod),
+            ],
+        )
+    };
+    // Named within a refresh or two (at most every 5 s once the pod is seen).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = agent.metrics();
+        if info(&m, "0", UID_A, "ml", "train-0").is_some() || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        info(&m, "0", UID_A, "ml", "train-0"),
+        Some(1.0),
+        "pod on GPU 0 named"
+    );
+    assert_eq!(
+        info(&m, "1", UID_B, "", ""),
+        Some(1.0),
+        "a GPU two pods list names nobody"
+    );
+    assert!(
+        m.series("commitmeter_gpu_owner_info").iter().all(|(l, _)| l
+            .get("gpu")
+            .map(String::as_str)
+            != Some("1")
+            || l.get("namespace").map(String::as_str) == Some("")),
+        "nothing on GPU 1 is named"
+    );
 }
