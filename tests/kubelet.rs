@@ -147,6 +147,21 @@ async fn a_missing_socket_or_a_bad_answer_is_an_error_not_a_panic() {
     let socket = fake_kubelet(failing.path(), Answer::GrpcError).await;
     let e = kubelet::list(&socket, TIMEOUT).await.unwrap_err();
     assert!(matches!(e, ListError::Grpc(ref c, _) if c == "12"), "{e}");
+    // A kubelet that accepts and never answers: the call gives up at its limit.
+    let hung = tempfile::tempdir().unwrap();
+    let path = hung.path().join("kubelet.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let limit = Duration::from_millis(200);
+    assert!(matches!(
+        kubelet::list(&path, limit).await,
+        Err(ListError::Timeout(_))
+    ));
     // Not a socket at all.
     let file = dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();

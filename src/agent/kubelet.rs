@@ -206,8 +206,9 @@ async fn list_inner(socket: &Path) -> Result<ListPodResourcesResponse, ListError
     )
     .await
     .map_err(|e| ListError::Http(e.to_string()))?;
-    let conn = tokio::spawn(conn);
-    let result = async {
+    // Ended when this call ends, also when the caller's timeout drops it mid-way.
+    let _conn = AbortOnDrop(tokio::spawn(conn));
+    async {
         // An empty request message: uncompressed, length 0.
         let req = hyper::Request::post(format!("http://localhost{LIST_PATH}"))
             .header("content-type", "application/grpc")
@@ -220,9 +221,15 @@ async fn list_inner(socket: &Path) -> Result<ListPodResourcesResponse, ListError
             .map_err(|e| ListError::Http(e.to_string()))?;
         read_response(resp).await
     }
-    .await;
-    conn.abort();
-    result
+    .await
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn read_response(
