@@ -183,7 +183,11 @@ fn procfs(dir: &Path, procs: &[(u32, &str)]) {
     }
 }
 
-async fn owners_with(socket: PathBuf, procs: &[(u32, &str)]) -> (Owners, tempfile::TempDir) {
+async fn owners_with(
+    socket: PathBuf,
+    procs: &[(u32, &str)],
+) -> (Owners, tempfile::TempDir, prometheus::Counter) {
+    let errors = prometheus::Counter::new("errors", "errors").unwrap();
     let dir = tempfile::tempdir().unwrap();
     procfs(dir.path(), procs);
     let names = Arc::new(PodNames::default());
@@ -195,6 +199,7 @@ async fn owners_with(socket: PathBuf, procs: &[(u32, &str)]) -> (Owners, tempfil
             min_gap: Duration::from_millis(20),
             timeout: TIMEOUT,
         },
+        errors.clone(),
     ));
     let owners = Owners::new(OwnersConfig {
         procfs: dir.path().to_path_buf(),
@@ -202,7 +207,7 @@ async fn owners_with(socket: PathBuf, procs: &[(u32, &str)]) -> (Owners, tempfil
         ..OwnersConfig::default()
     })
     .with_pods(names);
-    (owners, dir)
+    (owners, dir, errors)
 }
 
 const UID_A: &str = "1f6b4d2e-0000-4000-8000-00000000000a";
@@ -212,7 +217,7 @@ const UID_C: &str = "1f6b4d2e-0000-4000-8000-00000000000c";
 async fn a_pod_owner_gets_its_name_from_its_gpu_and_a_shared_gpu_names_nobody() {
     let sock_dir = tempfile::tempdir().unwrap();
     let socket = fake_kubelet(sock_dir.path(), Answer::Pods(pods())).await;
-    let (mut owners, _dir) = owners_with(socket, &[(100, UID_A), (200, UID_C)]).await;
+    let (mut owners, _dir, errors) = owners_with(socket, &[(100, UID_A), (200, UID_C)]).await;
     // Seen first: asks for a map, named once one answers.
     let first_a = owners.owner_on(100, "GPU-a");
     assert_eq!(first_a.kind, OwnerKind::K8sPod);
@@ -238,12 +243,14 @@ async fn a_pod_owner_gets_its_name_from_its_gpu_and_a_shared_gpu_names_nobody() 
     );
     // owner_of is unchanged: no GPU, no name.
     assert_eq!(owners.owner_of(100).namespace, "");
+    assert_eq!(errors.get(), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_socket_pods_are_known_by_uid() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut owners, _procfs) = owners_with(dir.path().join("absent.sock"), &[(100, UID_A)]).await;
+    let (mut owners, _procfs, errors) =
+        owners_with(dir.path().join("absent.sock"), &[(100, UID_A)]).await;
     for _ in 0..10 {
         let a = owners.owner_on(100, "GPU-a");
         assert_eq!(
@@ -252,6 +259,22 @@ async fn without_a_socket_pods_are_known_by_uid() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(errors.get(), 0.0, "a missing socket is not an error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_answering_garbage_is_counted_and_names_nobody() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let socket = fake_kubelet(sock_dir.path(), Answer::Garbage).await;
+    let (mut owners, _procfs, errors) = owners_with(socket, &[(100, UID_A)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The first call and the one the new pod asks for both fail.
+    while errors.get() < 2.0 && Instant::now() < deadline {
+        let a = owners.owner_on(100, "GPU-a");
+        assert_eq!((a.namespace.as_str(), a.pod.as_str()), ("", ""));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(errors.get() >= 2.0, "errors counted: {}", errors.get());
 }
 
 const UID_B: &str = "1f6b4d2e-0000-4000-8000-00000000000b";
@@ -341,6 +364,13 @@ fn the_agent_exports_a_pod_owner_with_its_namespace_and_name() {
         info(&m, "1", UID_B, "", ""),
         Some(1.0),
         "a GPU two pods list names nobody"
+    );
+    assert_eq!(
+        m.get(
+            "commitmeter_owner_lookup_errors_total",
+            &[("source", "kubelet")]
+        ),
+        Some(0.0)
     );
     assert!(
         m.series("commitmeter_gpu_owner_info").iter().all(|(l, _)| l

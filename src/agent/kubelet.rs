@@ -322,8 +322,14 @@ enum Health {
 }
 
 /// Refreshes `names` from the socket at `socket` forever (see the module doc). Logs state
-/// changes only: the socket missing (info), failing (warn), answering (info).
-pub async fn refresh_loop(socket: PathBuf, names: std::sync::Arc<PodNames>, cadence: Cadence) {
+/// changes only: the socket missing (info), failing (warn), answering (info). Every failed
+/// call but a missing socket adds 1 to `errors`.
+pub async fn refresh_loop(
+    socket: PathBuf,
+    names: std::sync::Arc<PodNames>,
+    cadence: Cadence,
+    errors: prometheus::Counter,
+) {
     let mut health = Health::Unknown;
     loop {
         let seq = names.begin();
@@ -352,6 +358,7 @@ pub async fn refresh_loop(socket: PathBuf, names: std::sync::Arc<PodNames>, cade
                 Health::Absent
             }
             Err(e) => {
+                errors.inc();
                 if health != Health::Failing {
                     tracing::warn!(
                         socket = %socket.display(),

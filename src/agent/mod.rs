@@ -138,6 +138,7 @@ pub async fn run(
         cfg.owners.kubelet_socket.clone(),
         pods.clone(),
         kubelet::Cadence::default(),
+        metrics.kubelet_errors.clone(),
     ));
     let cfg = SamplerConfig {
         pods: Some(pods),
