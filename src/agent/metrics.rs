@@ -79,6 +79,8 @@ label_set! {
     }
     /// `commitmeter_nvml_errors_total`: an NVML call and its error.
     pub struct NvmlErrorLabels<'a> { call: &'a str, error: &'a str }
+    /// `commitmeter_owner_lookup_errors_total`: where owners' details come from.
+    pub struct OwnerLookupErrorLabels<'a> { source: &'a str }
     /// The per-owner series (`crate::owner::series`): the GPU's labels, then
     /// [`crate::owner::OWNER_LABELS`].
     pub struct OwnerLabels<'a> {
@@ -193,6 +195,9 @@ pub struct AgentMetrics {
     /// `commitmeter_owner_sm_active_seconds_total`: its share of the allocated SM-active
     /// seconds (GPUs with GPM only).
     pub owner_sm_active: Counters<OwnerLabels<'static>>,
+    /// `commitmeter_owner_lookup_errors_total{source="kubelet"}`: failed calls to the
+    /// kubelet's pod-resources socket (not counting a missing socket); 0 from the start.
+    pub kubelet_errors: Counter,
     gauges: Vec<(GaugeKind, Gauges<GpuLabels<'static>>)>,
 }
 
@@ -343,6 +348,12 @@ impl AgentMetrics {
             series::SM_ACTIVE,
             "The owner's share of the GPU's allocated SM-active seconds, by its allocated time in each GPM window (GPUs with GPM only).",
         )?;
+        let lookup_errors: Counters<OwnerLookupErrorLabels<'static>> = Family::register(
+            &registry,
+            "commitmeter_owner_lookup_errors_total",
+            "Failed look-ups of owners' details, by source (kubelet: the pod-resources socket answered badly or not at all; a missing socket is not counted).",
+        )?;
+        let kubelet_errors = lookup_errors.with(&OwnerLookupErrorLabels { source: "kubelet" });
 
         let mut gauges = Vec::new();
         for kind in GaugeKind::ALL {
@@ -375,6 +386,7 @@ impl AgentMetrics {
             owner_allocated,
             owner_busy,
             owner_sm_active,
+            kubelet_errors,
             gauges,
         })
     }

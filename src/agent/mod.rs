@@ -3,6 +3,7 @@
 pub mod accrue;
 pub mod attribution;
 pub mod config;
+pub mod kubelet;
 pub mod metrics;
 pub mod nvml;
 pub mod procfs;
@@ -130,6 +131,18 @@ pub async fn run(
             kubelet_socket: p.args.kubelet_socket.clone(),
             retention: p.args.owners_retention,
         },
+        pods: None,
+    };
+    let pods = Arc::new(kubelet::PodNames::default());
+    let refresher = tokio::spawn(kubelet::refresh_loop(
+        cfg.owners.kubelet_socket.clone(),
+        pods.clone(),
+        kubelet::Cadence::default(),
+        metrics.kubelet_errors.clone(),
+    ));
+    let cfg = SamplerConfig {
+        pods: Some(pods),
+        ..cfg
     };
     let status = Arc::new(Status::new(clock, cfg.max_gap()));
     let mut sampler = Sampler::spawn(cfg, clock, metrics.clone(), status.clone())?;
@@ -145,6 +158,7 @@ pub async fn run(
     let served = http::ServerMetrics::register(&metrics.registry)?;
     http::serve_with(listener, handler(metrics, status), p.web, served, stop).await;
     watchdog.abort();
+    refresher.abort();
     if let Some(end) = died {
         return Err(end.err().unwrap_or(SamplerError::Exited).into());
     }

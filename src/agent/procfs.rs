@@ -15,8 +15,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::agent::kubelet::{OnGpu, PodName, PodNames};
 use crate::owner::{Owner, OwnerKind};
 
 /// Where owners are read from (the agent's `--path.*` and `--owners.*` flags).
@@ -25,8 +27,8 @@ pub struct OwnersConfig {
     pub procfs: PathBuf,
     pub rootfs: PathBuf,
     pub slurm_account_dir: Option<PathBuf>,
-    /// Not read yet: the pod-resources API names pods by namespace and name with their
-    /// devices, not by UID, so pods are known by their cgroup's UID alone (README, Owners).
+    /// The kubelet's pod-resources socket, for pods' namespace and name (joined by GPU
+    /// UUID: [`crate::agent::kubelet`], [`Owners::owner_on`]).
     pub kubelet_socket: PathBuf,
     /// How long an ended owner's series stay exported after its last seconds.
     pub retention: Duration,
@@ -215,7 +217,7 @@ fn has_control(s: &str) -> bool {
 }
 
 /// `s` as a label value: control characters replaced by `?`, cut to [`MAX_VALUE_CHARS`].
-fn clean(s: &str) -> String {
+pub(crate) fn clean(s: &str) -> String {
     s.chars()
         .take(MAX_VALUE_CHARS)
         .map(|c| if c.is_control() { '?' } else { c })
@@ -319,6 +321,19 @@ pub struct Owners {
     /// Slurm accounts by job id (empty: no account file when the job was first seen), so
     /// that every process of a job has the same owner.
     accounts: HashMap<String, String>,
+    /// Pods' names from the kubelet, when its socket is read ([`Owners::with_pods`]).
+    pods: Option<Arc<PodNames>>,
+    /// Per pod UID seen: what is known of its name.
+    pod_names: HashMap<String, PodSeen>,
+}
+
+/// A pod UID's name as far as the kubelet's maps told.
+#[derive(Debug)]
+struct PodSeen {
+    /// Requests to the kubelet started before the pod was first seen: only a map answering
+    /// a later request may name it (an older one may still list the GPU's previous pod).
+    first: u64,
+    name: Option<PodName>,
 }
 
 impl Owners {
@@ -328,7 +343,50 @@ impl Owners {
             cache: HashMap::new(),
             passwd: Passwd::default(),
             accounts: HashMap::new(),
+            pods: None,
+            pod_names: HashMap::new(),
         }
+    }
+
+    /// Names pods from `pods` (kept up to date off the sampling thread by
+    /// [`crate::agent::kubelet::refresh_loop`]).
+    pub fn with_pods(mut self, pods: Arc<PodNames>) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    /// The owner of `pid`, a process on GPU `uuid`: [`Self::owner_of`], with a pod's
+    /// `namespace` and `pod` from the kubelet where exactly one pod lists the GPU in a map
+    /// asked for after the pod was first seen. Once named, a pod UID keeps its name while
+    /// any of its processes is seen; a GPU several pods list names nobody. Never blocks:
+    /// a pod not named yet asks the refresher for a new map, once.
+    pub fn owner_on(&mut self, pid: u32, uuid: &str) -> Owner {
+        let mut owner = self.owner_of(pid);
+        if owner.kind != OwnerKind::K8sPod {
+            return owner;
+        }
+        let Some(pods) = &self.pods else {
+            return owner;
+        };
+        let seen = self.pod_names.entry(owner.id.clone()).or_insert_with(|| {
+            pods.want_refresh();
+            PodSeen {
+                first: pods.started(),
+                name: None,
+            }
+        });
+        if seen.name.is_none() {
+            if let (seq, OnGpu::Pod(name)) = pods.on_gpu(uuid) {
+                if seq > seen.first {
+                    seen.name = Some(name);
+                }
+            }
+        }
+        if let Some(name) = &seen.name {
+            owner.namespace.clone_from(&name.namespace);
+            owner.pod.clone_from(&name.pod);
+        }
+        owner
     }
 
     /// The owner of `pid`; never fails (see the module doc).
@@ -357,6 +415,15 @@ impl Owners {
                 .map(|o| o.id.as_str())
                 .collect();
             self.accounts.retain(|job, _| jobs.contains(job.as_str()));
+        }
+        if self.cache.len() != before && !self.pod_names.is_empty() {
+            let pods: HashSet<&str> = self
+                .cache
+                .values()
+                .filter(|o| o.kind == OwnerKind::K8sPod)
+                .map(|o| o.id.as_str())
+                .collect();
+            self.pod_names.retain(|uid, _| pods.contains(uid.as_str()));
         }
     }
 

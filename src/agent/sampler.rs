@@ -49,6 +49,8 @@ pub struct SamplerConfig {
     pub library: Option<PathBuf>,
     /// Where the owners of GPU processes are read from, and how long ended ones stay.
     pub owners: crate::agent::procfs::OwnersConfig,
+    /// Pods' names from the kubelet's pod-resources socket, refreshed off this thread.
+    pub pods: Option<Arc<crate::agent::kubelet::PodNames>>,
 }
 
 impl SamplerConfig {
@@ -324,7 +326,10 @@ impl Loop {
         stopped: mpsc::Receiver<()>,
     ) -> Self {
         Self {
-            owners: Owners::new(cfg.owners.clone()),
+            owners: match &cfg.pods {
+                Some(p) => Owners::new(cfg.owners.clone()).with_pods(p.clone()),
+                None => Owners::new(cfg.owners.clone()),
+            },
             cfg,
             clock,
             metrics,
@@ -509,7 +514,7 @@ impl Loop {
                     return (End::Driver(e), round.errors);
                 }
             }
-            self.read_owners(&mut round);
+            self.read_owners(&slots, &mut round);
             for l in self.xid_log.flush(clock::monotonic_now()) {
                 tracing::warn!(
                     uuid = %l.uuid,
@@ -543,12 +548,19 @@ impl Loop {
 
     /// Maps every PID the round read to its owner (procfs, cached per PID), without any
     /// lock, and lets the cache forget the PIDs no GPU reported.
-    fn read_owners(&mut self, round: &mut Round) {
+    fn read_owners(&mut self, slots: &[Slot], round: &mut Round) {
         let mut live = HashSet::new();
         for (i, snap) in &round.outcomes {
             if let Some(pids) = snap.as_ref().and_then(|s| s.pids.as_ref()) {
                 live.extend(pids.iter().copied());
-                let owners = pids.iter().map(|&pid| self.owners.owner_of(pid)).collect();
+                let uuid = slots[*i]
+                    .identity
+                    .as_ref()
+                    .map_or("", |id| id.uuid.as_str());
+                let owners = pids
+                    .iter()
+                    .map(|&pid| self.owners.owner_on(pid, uuid))
+                    .collect();
                 round.holders.insert(*i, owners);
             }
         }
