@@ -268,6 +268,19 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         .map(|(_, v)| v)
         .sum();
     let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    // Team and contract time count sealed minutes only (grace 1m): after the window, wait
+    // for one with allocated time, so the team figures below are never of an empty ledger.
+    let m = agg.wait_for(
+        Duration::from_secs(180),
+        "a sealed minute with allocated time",
+        |m| {
+            m.get(
+                "commitmeter_contract_allocated_gpu_seconds_total",
+                &[("contract", "sim")],
+            )
+            .is_some_and(|v| v > 0.0)
+        },
+    );
     let teams = m.series("commitmeter_team_allocated_gpu_seconds_total");
     let team_sum: f64 = teams.iter().map(|(_, v)| v).sum();
     let allocated = m
@@ -276,6 +289,7 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
             &[("contract", "sim")],
         )
         .unwrap_or(0.0);
+    let same_ms = (team_sum * 1000.0).round() == (allocated * 1000.0).round();
     // The clean stop writes every host's checkpoint: its bytes, read until the process
     // is gone (the last reading before exit).
     let mut agg = agg;
@@ -295,7 +309,7 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {rss} kB, peak RSS {hwm} kB, {} targets up, {rejected} GPU-s rejected; \
          written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
          {down_percent}% down (rotating every 15 s): {:.1} log lines/min; \
-         {} teams with time, allocated {allocated:.3} GPU-s, over the teams {team_sum:.3}",
+         {} teams with time, allocated {allocated:.3} GPU-s, over the teams {team_sum:.3} (equal to the GPU-ms: {})",
         cpu / wall * 100.0,
         up(&m),
         per_min / 1e6,
@@ -304,6 +318,11 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         (per_min * 60.0 + stop as f64) / 60.0 / 1e6,
         lines as f64 / wall * 60.0,
         teams.len(),
+        same_ms,
+    );
+    assert!(
+        same_ms,
+        "the teams' allocated time does not sum to the contract's"
     );
 }
 
