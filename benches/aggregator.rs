@@ -106,6 +106,7 @@ fn owner_series(s: &mut String, agent: usize, elapsed: f64, teams: usize) {
             format!("team-{}", (agent * 8 + g) % teams),
             String::new(),
             String::new(),
+            String::new(),
         ];
         OWNER_LABELS
             .iter()

@@ -80,15 +80,26 @@ pub struct Owner {
     pub namespace: String,
     /// Kubernetes pod name.
     pub pod: String,
+    /// Kubernetes QoS class from the kubepods path: `guaranteed`, `burstable` or
+    /// `besteffort` (what the kubelet evicts first under pressure).
+    pub qos: String,
 }
 
 /// The owner label names, in the order of [`Owner::label_values`]. Series that carry an
 /// owner have the GPU's `gpu` and `uuid` first, then these.
-pub const OWNER_LABELS: [&str; 6] = ["owner_kind", "owner", "user", "account", "namespace", "pod"];
+pub const OWNER_LABELS: [&str; 7] = [
+    "owner_kind",
+    "owner",
+    "user",
+    "account",
+    "namespace",
+    "pod",
+    "qos",
+];
 
 impl Owner {
     /// The values of [`OWNER_LABELS`], in order.
-    pub fn label_values(&self) -> [&str; 6] {
+    pub fn label_values(&self) -> [&str; 7] {
         [
             self.kind.as_str(),
             &self.id,
@@ -96,6 +107,7 @@ impl Owner {
             &self.account,
             &self.namespace,
             &self.pod,
+            &self.qos,
         ]
     }
 
@@ -117,6 +129,7 @@ impl Owner {
             account: std::mem::take(&mut v[3]),
             namespace: std::mem::take(&mut v[4]),
             pod: std::mem::take(&mut v[5]),
+            qos: std::mem::take(&mut v[6]),
         }
     }
 }
@@ -147,6 +160,7 @@ mod tests {
             account: String::new(),
             namespace: "ml".into(),
             pod: "train-0".into(),
+            qos: "burstable".into(),
         };
         let pairs: Vec<(&str, &str)> = OWNER_LABELS.into_iter().zip(o.label_values()).collect();
         let back = Owner::from_labels(|n| pairs.iter().find(|p| p.0 == n).map(|p| p.1));

@@ -372,6 +372,7 @@ fn owners_split_their_gpus_as_the_scenario_says_and_an_ended_owner_leaves_after_
             "owner",
             "owner_kind",
             "pod",
+            "qos",
             "user",
             "uuid"
         ]

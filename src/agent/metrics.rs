@@ -92,13 +92,14 @@ label_set! {
         account: &'a str,
         namespace: &'a str,
         pod: &'a str,
+        qos: &'a str,
     }
 }
 
 impl<'a> OwnerLabels<'a> {
     /// The labels of `owner` on `gpu`.
     pub fn of(gpu: &'a GpuSeries, owner: &'a crate::owner::Owner) -> Self {
-        let [owner_kind, id, user, account, namespace, pod] = owner.label_values();
+        let [owner_kind, id, user, account, namespace, pod, qos] = owner.label_values();
         Self {
             gpu: &gpu.gpu,
             uuid: &gpu.uuid,
@@ -108,6 +109,7 @@ impl<'a> OwnerLabels<'a> {
             account,
             namespace,
             pod,
+            qos,
         }
     }
 }

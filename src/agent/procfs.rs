@@ -104,6 +104,15 @@ pub fn owner_from_cgroup(cgroup_file: &str, user: &str) -> Owner {
     match best {
         Some((kind, id)) => Owner {
             kind,
+            qos: if kind == OwnerKind::K8sPod {
+                lines
+                    .iter()
+                    .find_map(|(_, path)| pod_qos(path))
+                    .unwrap_or_default()
+                    .to_string()
+            } else {
+                String::new()
+            },
             id,
             user,
             ..Owner::default()
@@ -165,6 +174,23 @@ fn from_path(path: &str) -> Option<(OwnerKind, String)> {
         .rev()
         .find(|c| c.len() > ".service".len() && c.ends_with(".service") && !has_control(c))
         .map(|c| (OwnerKind::SystemdUnit, clean(c)))
+}
+
+/// A pod's QoS class from a kubepods path: its `burstable` or `besteffort` level
+/// (`/kubepods/burstable/pod…`, `kubepods-besteffort.slice`); a pod directly under
+/// `kubepods` is `guaranteed`. `None` for a path outside kubepods or without a pod.
+fn pod_qos(path: &str) -> Option<&'static str> {
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let k = comps.iter().position(|c| c.starts_with("kubepods"))?;
+    let pod = k + comps[k..].iter().position(|c| pod_uid(c).is_some())?;
+    let levels = comps[k..=pod].join("/");
+    Some(if levels.contains("besteffort") {
+        "besteffort"
+    } else if levels.contains("burstable") {
+        "burstable"
+    } else {
+        "guaranteed"
+    })
 }
 
 /// `job_<digits>` → the job id.

@@ -438,6 +438,7 @@ owner = "alice"
             account,
             namespace: ns,
             pod,
+            qos: String::new(),
         })
     }
 

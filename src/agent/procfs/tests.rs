@@ -25,6 +25,14 @@ fn owner(kind: OwnerKind, id: &str, user: &str, account: &str) -> Owner {
     }
 }
 
+/// A pod owner of QoS class `qos` (from its kubepods path).
+fn pod(id: &str, user: &str, qos: &str) -> Owner {
+    Owner {
+        qos: qos.into(),
+        ..owner(OwnerKind::K8sPod, id, user, "")
+    }
+}
+
 /// The table of `tests/fixtures/procfs/README.md`: PID → owner.
 fn expected() -> Vec<(u32, Owner)> {
     use OwnerKind::*;
@@ -35,31 +43,39 @@ fn expected() -> Vec<(u32, Owner)> {
         (1004, owner(SlurmJob, "4245", "bob", "bio")),
         (
             2001,
-            owner(K8sPod, "0b7b7c9e-6f3c-4d1e-9a51-2f5c3a6d8e11", "root", ""),
+            pod("0b7b7c9e-6f3c-4d1e-9a51-2f5c3a6d8e11", "root", "burstable"),
         ),
         (
             2002,
-            owner(K8sPod, "5e0f3c2a-8b1d-4f6e-a7c9-1d2e3f4a5b6c", "alice", ""),
+            pod(
+                "5e0f3c2a-8b1d-4f6e-a7c9-1d2e3f4a5b6c",
+                "alice",
+                "guaranteed",
+            ),
         ),
         (
             2003,
-            owner(K8sPod, "c8a2e4f6-1b3d-4e5f-8a9b-0c1d2e3f4a5b", "root", ""),
+            pod("c8a2e4f6-1b3d-4e5f-8a9b-0c1d2e3f4a5b", "root", "burstable"),
         ),
         (
             2004,
-            owner(K8sPod, "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d", "root", ""),
+            pod("1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d", "root", "besteffort"),
         ),
         (
             2005,
-            owner(K8sPod, "f0e1d2c3-b4a5-4968-8776-655443322110", "alice", ""),
+            pod(
+                "f0e1d2c3-b4a5-4968-8776-655443322110",
+                "alice",
+                "guaranteed",
+            ),
         ),
         (
             2006,
-            owner(K8sPod, "2c4e6a8b-0d1f-4a3c-9e5b-7d9f1a3c5e70", "root", ""),
+            pod("2c4e6a8b-0d1f-4a3c-9e5b-7d9f1a3c5e70", "root", "besteffort"),
         ),
         (
             2007,
-            owner(K8sPod, "6d6ddc7f0d5dbbe4c3ac8a1b0b2fa1a9", "root", ""),
+            pod("6d6ddc7f0d5dbbe4c3ac8a1b0b2fa1a9", "root", "burstable"),
         ),
         (3001, owner(Container, "3f4e5b6a7c8d", "alice", "")),
         (3002, owner(Container, "9b1d2c3e4f5a", "root", "")),
@@ -300,12 +316,7 @@ fn a_cgroup_namespace_relative_path_still_names_its_owner() {
     let text = "0::/../../kubepods.slice/kubepods-pod0b7b7c9e_6f3c_4d1e_9a51_2f5c3a6d8e11.slice/cri-containerd-ab.scope\n";
     assert_eq!(
         owner_from_cgroup(text, "u"),
-        owner(
-            OwnerKind::K8sPod,
-            "0b7b7c9e-6f3c-4d1e-9a51-2f5c3a6d8e11",
-            "u",
-            ""
-        )
+        pod("0b7b7c9e-6f3c-4d1e-9a51-2f5c3a6d8e11", "u", "guaranteed")
     );
 }
 
