@@ -240,6 +240,11 @@ pub async fn serve(
         metrics
             .ledger
             .set(&c.id, &books.running(i).all_time, books.durable_late(i));
+        // The team counters too: served from the first scrape, never absent until the
+        // first commit after a restart.
+        let (allocated, teams) = books.team_all_time(i);
+        metrics.teams.set_all_time(&c.id, allocated, teams);
+        metrics.teams.set_period(&c.id, books.team_period(i));
     }
     let writer = Writer::spawn(store, ids.clone()).map_err(AggregatorError::Writer)?;
     let shared = Arc::new(Shared {
