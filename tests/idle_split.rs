@@ -219,7 +219,12 @@ fn idle_split_by_cause_matches_the_scenario_for_busy_and_sm_active_contracts() {
                     &[("contract", id), ("kind", kind)],
                 )
                 .unwrap();
-            assert!((mtd - of(kind)).abs() < 1e-6, "{id} {kind} month to date");
+            assert_month_to_date(
+                mtd,
+                of(kind),
+                period_holds_since(&m, id, since),
+                &format!("{id} {kind} month to date"),
+            );
         }
     }
     // The stuck GPU is what tells the signals apart: by `busy` it is used, by `sm_active`

@@ -807,3 +807,27 @@ pub fn terminate(child: &mut Child, within: Duration) -> std::process::ExitStatu
         || child.try_wait().expect("wait"),
     )
 }
+
+/// Whether contract `contract`'s current billing period began at or before `since_s` (unix
+/// seconds), so that its month-to-date figures hold everything sealed since then. False
+/// when the run crossed the end of a month in the contract's time zone: the new period
+/// then holds only part of it.
+pub fn period_holds_since(m: &Metrics, contract: &str, since_s: i64) -> bool {
+    let start = m
+        .get(
+            "commitmeter_contract_period_start_timestamp_seconds",
+            &[("contract", contract)],
+        )
+        .expect("the billing period's start");
+    start as i64 <= since_s
+}
+
+/// Month to date against all time: equal while the period holds the whole run
+/// ([`period_holds_since`]), else no more than it.
+pub fn assert_month_to_date(mtd: f64, all_time: f64, whole_run: bool, what: &str) {
+    if whole_run {
+        assert!((mtd - all_time).abs() < 1e-6, "{what}: {mtd} != {all_time}");
+    } else {
+        assert!(mtd <= all_time + 1e-6, "{what}: {mtd} > {all_time}");
+    }
+}
