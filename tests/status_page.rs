@@ -298,6 +298,15 @@ fn the_status_page_in_chromium_shows_what_the_simulated_fleet_did() {
     assert_ne!(field(&dom, west, "unreported"), "0.0", "a host was down");
     assert!(dom.contains("<svg") && dom.contains("<polyline"));
     assert!(!dom.contains("<script"));
+    // Showback: every contract's table has the demo's three teams and unassigned time.
+    assert_eq!(dom.matches("data-k=\"showback\"").count(), 3);
+    for team in ["vision", "llm", "research", "unassigned"] {
+        assert_eq!(
+            dom.matches(&format!("data-team=\"{team}\"")).count(),
+            3,
+            "{team} in every contract's showback"
+        );
+    }
 
     // The screenshot kept for the README (refreshed with COMMITMETER_UPDATE_SCREENSHOT=1).
     let shot = dir.path("status-page.png");
