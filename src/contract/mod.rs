@@ -18,6 +18,7 @@
 mod calendar;
 mod config;
 mod selector;
+pub mod shard;
 pub mod teams;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ pub use config::{
     BODY_LIMIT_RANGE, MAX_GRACE, MAX_PRICE_PER_GPU_HOUR, MIN_SCRAPE_TIMEOUT, SCRAPE_INTERVAL_RANGE,
 };
 pub use selector::Selector;
+pub use shard::{ShardError, ShardSpec};
 pub use teams::{Teams, UNASSIGNED};
 
 /// Which agent counter measures "used" for a contract.

@@ -34,6 +34,7 @@ pub mod burn;
 pub mod gaps;
 pub mod host;
 pub mod kind;
+pub mod shard;
 pub mod teams;
 pub mod totals;
 
