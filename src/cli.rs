@@ -165,6 +165,10 @@ pub struct AggregatorArgs {
     pub storage_path: PathBuf,
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// With `[storage] postgres`: exit 1 when the shared book cannot be reached at start,
+    /// instead of retrying with backoff (up to every 30s) until it answers.
+    #[arg(long = "storage.postgres.exit-if-unreachable")]
+    pub postgres_exit_if_unreachable: bool,
 }
 
 /// How the ledger directory is opened.

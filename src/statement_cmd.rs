@@ -20,6 +20,15 @@ enum Evidence {
 pub fn run(args: &StatementArgs, stdout_is_terminal: bool) -> anyhow::Result<String> {
     let config = crate::contract::load(&args.config_file)?;
     let file = args.config_file.display();
+    if config.storage.postgres.is_some() {
+        // The local directory holds this shard's hosts only, never sealed minutes: a
+        // statement from it would read as nothing delivered.
+        bail!(
+            "{file}: storage.postgres: the minutes are sealed in the shared book, not in \
+             --storage.path; ask any aggregator of the book over HTTP \
+             (GET /statements/<contract>/<YYYY-MM>.csv, .json or .focus.csv)"
+        );
+    }
     let contracts: Vec<&Contract> = match &args.contract {
         Some(id) => {
             let c = config

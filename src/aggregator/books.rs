@@ -15,9 +15,10 @@ use super::scrape::{GpuReport, HostReport};
 use crate::contract::{Contract, Teams, UsageSignal};
 use crate::ledger::host::OwnerCounters;
 use crate::ledger::totals::{figures, Figures, Running, Terms};
+use crate::ledger::shard::Partial;
 use crate::ledger::{
-    Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot, TeamAmounts, TeamRow,
-    Totals, Xids, MINUTE_MS,
+    ClosedMinute, Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot,
+    TeamAmounts, TeamRow, Totals, Xids, MINUTE_MS,
 };
 
 /// Where the ledger is kept durably: what the writer thread needs (commit, flush) and
@@ -207,6 +208,41 @@ pub struct Books {
     team_rules: Teams,
     /// Per contract, the durable team time: all time and the current billing period.
     teams: Vec<TeamBook>,
+    /// In a book shared with other aggregators: this shard's closed minutes on their way to
+    /// the book, and how far its sealed minutes were taken back. `None`: this ledger seals
+    /// its own minutes (SQLite alone).
+    shared: Option<SharedBooks>,
+}
+
+/// The books' side of a shared book ([`Books::into_shared`]): minutes are closed here into
+/// this shard's partial sums, split in the book from every shard's, and come back sealed.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SharedBooks {
+    /// Closed minutes the book has not acknowledged yet, oldest first.
+    partials: Vec<ClosedMinute>,
+    /// Per contract: the book's sealed minutes before this one are in the running totals.
+    through: Vec<i64>,
+    /// Per contract: the first minute the book accounts (`None`: not known yet, this
+    /// ledger's own start stands in).
+    since: Vec<Option<i64>>,
+}
+
+/// What the shared book holds of a contract at start ([`Books::adopt_shared`]): the running
+/// totals are restored from it, not from the local database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedStart {
+    /// The first minute the book accounts for the contract, and the first it has not
+    /// sealed (`None`: the book knows nothing of the contract yet).
+    pub accounted: Option<(i64, i64)>,
+    pub all_time: Totals,
+    /// Sums over the current billing period's sealed minutes.
+    pub in_period: Totals,
+    /// Sealed minutes of the last day, in order.
+    pub recent: Vec<(i64, Totals)>,
+    /// Sealed minutes of the current billing period, in order.
+    pub period_minutes: Vec<(i64, Totals)>,
+    pub team_all_time: Vec<TeamRow>,
+    pub team_period: Vec<TeamRow>,
 }
 
 /// A contract's durable team time (GPU-ms), moved with the running totals.
@@ -304,7 +340,128 @@ impl Books {
             fallback: BTreeMap::new(),
             teams,
             team_rules: Teams::default(),
+            shared: None,
         })
+    }
+
+    /// Turns these books into one shard's side of a shared book: from now on due minutes are
+    /// closed into partial sums ([`Books::contribution`]) instead of sealed, and the counters
+    /// move only with the minutes the book sealed ([`Books::absorb`]). Call
+    /// [`Books::adopt_shared`] for each contract next.
+    pub fn into_shared(mut self) -> Self {
+        let n = self.contracts.len();
+        self.shared = Some(SharedBooks {
+            partials: Vec::new(),
+            through: vec![self.durable_through; n],
+            since: vec![None; n],
+        });
+        self
+    }
+
+    /// What the book holds of contract `c` at start, read for the billing period
+    /// `period` (that of the book's first unsealed minute): the running totals, the
+    /// period's minutes and the team time come from the book, not the local database.
+    pub fn adopt_shared(&mut self, c: usize, period: (i64, i64), start: SharedStart) {
+        let through = start.accounted.map_or(self.durable_through, |a| a.1);
+        self.running[c] = Running::new(start.all_time, period, start.in_period, start.recent);
+        self.minutes[c] = start.period_minutes;
+        self.teams[c] = TeamBook {
+            allocated: start.team_all_time.iter().map(|r| r.1).sum(),
+            all_time: TeamBook::from_rows(start.team_all_time),
+            period_start_ms: period.0,
+            period: TeamBook::from_rows(start.team_period),
+        };
+        if let Some(s) = &mut self.shared {
+            s.through[c] = through;
+            s.since[c] = start.accounted.map(|a| a.0);
+            self.durable_through = s.through.iter().copied().min().unwrap_or(through);
+        }
+    }
+
+
+    /// In a shared book: this shard's closed minutes for the book, `(contract id, minute,
+    /// partial)`, oldest first, at most `limit`; pass how many the book took to
+    /// [`Books::contributed`]. Empty without a shared book.
+    pub fn contribution(&self, limit: usize) -> Vec<(String, i64, Partial)> {
+        let Some(s) = &self.shared else {
+            return Vec::new();
+        };
+        s.partials
+            .iter()
+            .take(limit)
+            .map(|m| (self.contracts[m.contract].id.clone(), m.minute, m.partial.clone()))
+            .collect()
+    }
+
+    /// The book stored (or already had, or refused as sealed) the first `n` minutes of
+    /// [`Books::contribution`]: they are done here.
+    pub fn contributed(&mut self, n: usize) {
+        if let Some(s) = &mut self.shared {
+            s.partials.drain(..n.min(s.partials.len()));
+        }
+    }
+
+    /// The first minute contract `c` is accounted from: the ledger's, or in a shared book
+    /// the book's (once it has sealed one).
+    pub fn since_of(&self, c: usize) -> i64 {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.since[c])
+            .unwrap_or(self.since())
+    }
+
+    /// Per contract, the first sealed minute of the book not yet in the running totals.
+    pub fn absorbed_through(&self, c: usize) -> i64 {
+        self.shared
+            .as_ref()
+            .map_or(self.durable_through, |s| s.through[c])
+    }
+
+    /// Minutes the book sealed for contract `c`, in order from [`Books::absorbed_through`]:
+    /// they reach the running totals, the period's minutes and the team time, as a
+    /// durable write does with SQLite. A minute already absorbed is skipped, so reading
+    /// the same rows twice counts them once. Returns how many were new.
+    pub fn absorb(&mut self, c: usize, sealed: Vec<Sealed>) -> usize {
+        let Some(through) = self.shared.as_ref().map(|s| s.through[c]) else {
+            return 0;
+        };
+        let mut n = 0;
+        let mut next = through;
+        let mut first = None;
+        for s in sealed.into_iter().filter(|s| s.minute >= through) {
+            next = next.max(s.minute + 1);
+            first.get_or_insert(s.minute);
+            self.record_durable(&s);
+            n += 1;
+        }
+        if let Some(sh) = &mut self.shared {
+            if sh.since[c].is_none() {
+                sh.since[c] = first;
+            }
+            sh.through[c] = next;
+            self.durable_through = sh.through.iter().copied().min().unwrap_or(next);
+        }
+        if n > 0 {
+            self.durable_writes += 1;
+        }
+        n
+    }
+
+    /// A durable sealed minute reaches the running totals, the period's minutes and the
+    /// team time.
+    fn record_durable(&mut self, s: &Sealed) {
+        let c = &self.contracts[s.contract];
+        let r = &mut self.running[s.contract];
+        r.record(s, |t| c.billing_period(t));
+        self.teams[s.contract].record(s, r.period_start_ms);
+        let minutes = &mut self.minutes[s.contract];
+        let start = r.period_start_ms.div_euclid(MINUTE_MS);
+        if minutes.first().is_some_and(|(m, _)| *m < start) {
+            minutes.retain(|(m, _)| *m >= start);
+        }
+        if s.minute >= start {
+            minutes.push((s.minute, s.totals));
+        }
     }
 
     /// How far an agent's clock may stray before it is re-anchored, in ledger time.
@@ -419,7 +576,15 @@ impl Books {
     /// ones, unless [`MAX_PENDING_DAYS`] of them already wait for the store. Returns how
     /// many are pending.
     pub fn seal_due(&mut self, now_ms: i64) -> usize {
-        if self.pending.len() >= MAX_PENDING_DAYS * 1440 * self.contracts.len().max(1) {
+        let cap = MAX_PENDING_DAYS * 1440 * self.contracts.len().max(1);
+        if let Some(s) = &mut self.shared {
+            // Closed, not sealed: the book splits the minute from every shard's sums.
+            if s.partials.len() < cap {
+                s.partials.extend(self.ledger.close(now_ms, self.grace_ms));
+            }
+            return s.partials.len();
+        }
+        if self.pending.len() >= cap {
             return self.pending.len();
         }
         let contracts = &self.contracts;
@@ -478,24 +643,18 @@ impl Books {
         self.durable_writes += 1;
         self.ledger.gaps_persisted(w.gaps_mark);
         self.ledger.late_persisted(&w.late_minutes);
-        for s in self.pending.drain(..w.minutes) {
-            let c = &self.contracts[s.contract];
-            let r = &mut self.running[s.contract];
-            r.record(&s, |t| c.billing_period(t));
-            self.teams[s.contract].record(&s, r.period_start_ms);
-            let minutes = &mut self.minutes[s.contract];
-            let start = r.period_start_ms.div_euclid(MINUTE_MS);
-            if minutes.first().is_some_and(|(m, _)| *m < start) {
-                minutes.retain(|(m, _)| *m >= start);
-            }
-            if s.minute >= start {
-                minutes.push((s.minute, s.totals));
-            }
+        let written: Vec<Sealed> = self.pending.drain(..w.minutes).collect();
+        for s in &written {
+            self.record_durable(s);
         }
         for (c, late) in self.durable_late.iter_mut().enumerate() {
             *late = w.late.get(c).copied().unwrap_or_default();
         }
-        self.durable_through = w.through;
+        // In a shared book the local write holds the shard's state only: its minutes are
+        // durable when the book seals them ([`Books::absorb`]).
+        if self.shared.is_none() {
+            self.durable_through = w.through;
+        }
         Finished::Durable {
             minutes: w.minutes,
             recovered,
@@ -520,9 +679,18 @@ impl Books {
         self.failing
     }
 
-    /// Sealed minutes waiting for the store.
+    /// Sealed minutes waiting for the store; in a shared book, closed minutes waiting for
+    /// the book.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        match &self.shared {
+            Some(s) => s.partials.len(),
+            None => self.pending.len(),
+        }
+    }
+
+    /// Whether the minutes are sealed by a shared book ([`Books::into_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// The first minute the ledger accounts.
@@ -581,13 +749,18 @@ impl Books {
     /// mid-period accounts the period from its own start.
     pub fn figures(&self, c: usize) -> Figures {
         let r = &self.running[c];
+        // In a shared book every replica accounts from the book's start, not its own.
+        let (since, through) = match &self.shared {
+            Some(s) => (s.since[c].unwrap_or(self.since()), s.through[c]),
+            None => (self.since(), self.durable_through),
+        };
         figures(
             r,
             &terms(
                 &self.contracts[c],
                 r,
-                self.since() * MINUTE_MS,
-                self.durable_through * MINUTE_MS,
+                since * MINUTE_MS,
+                through * MINUTE_MS,
             ),
         )
     }

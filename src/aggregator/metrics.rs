@@ -48,6 +48,61 @@ label_set! {
     /// `commitmeter_team_period_gpu_seconds`: a team's month to date, `kind` = `allocated`
     /// or `used`.
     pub struct TeamKindLabels<'a> { contract: &'a str, team: &'a str, kind: &'a str }
+    /// `commitmeter_book_contributed_minutes_total`: what the shared book did with this
+    /// shard's closed minutes (`won`, `already`, `sealed`).
+    pub struct ResultLabels<'a> { result: &'a str }
+}
+
+/// The shared book's series (`[storage] postgres` only): whether it is reached, what became
+/// of this shard's contributions, and the minutes this aggregator sealed.
+#[derive(Clone)]
+pub struct BookMetrics {
+    pub up: IntGauge,
+    pub contributed: IntCounters<ResultLabels<'static>>,
+    pub sealed: prometheus::IntCounter,
+}
+
+impl BookMetrics {
+    /// What the book may say of a contributed minute: written first (`won`), already there
+    /// from a replica or a retry (`already`), refused because the book had sealed the minute
+    /// without this shard (`sealed`: its hosts were counted unreported).
+    pub const RESULTS: [&'static str; 3] = ["won", "already", "sealed"];
+
+    pub fn register(registry: &Registry, shard: crate::contract::ShardSpec) -> prometheus::Result<Self> {
+        let info = IntGauge::with_opts(
+            Opts::new(
+                "commitmeter_book_info",
+                "This aggregator keeps its contract minutes in a shared book (PostgreSQL), for shard `shard` of `shards`.",
+            )
+            .const_label("shard", shard.index.to_string())
+            .const_label("shards", shard.count.to_string()),
+        )?;
+        info.set(1);
+        registry.register(Box::new(info))?;
+        let up = IntGauge::new(
+            "commitmeter_book_up",
+            "1 if the last exchange with the shared book (contribute, seal, read) succeeded.",
+        )?;
+        registry.register(Box::new(up.clone()))?;
+        let contributed: IntCounters<ResultLabels> = Family::register(
+            registry,
+            "commitmeter_book_contributed_minutes_total",
+            "This shard's closed contract-minutes sent to the shared book, by what the book did with them: won (written first), already (a replica's or a retry's was there), sealed (refused: the book had sealed the minute without this shard, its hosts unreported).",
+        )?;
+        for result in Self::RESULTS {
+            contributed.with(&ResultLabels { result });
+        }
+        let sealed = prometheus::IntCounter::new(
+            "commitmeter_book_sealed_minutes_total",
+            "Contract-minutes this aggregator sealed in the shared book (one aggregator seals at a time).",
+        )?;
+        registry.register(Box::new(sealed.clone()))?;
+        Ok(Self {
+            up,
+            contributed,
+            sealed,
+        })
+    }
 }
 
 impl<'a> ContractInfoLabels<'a> {
@@ -353,6 +408,8 @@ pub struct AggregatorMetrics {
     pub reload_ok: IntGauge,
     pub reload_time: IntGauge,
     pub restart_required: IntGauge,
+    /// `[storage] postgres` only ([`AggregatorMetrics::with_book`]).
+    pub book: Option<BookMetrics>,
 }
 
 impl AggregatorMetrics {
@@ -533,7 +590,14 @@ impl AggregatorMetrics {
             reload_time,
             restart_required,
             registry,
+            book: None,
         })
+    }
+
+    /// Adds the shared book's series (`[storage] postgres`).
+    pub fn with_book(mut self, shard: crate::contract::ShardSpec) -> prometheus::Result<Self> {
+        self.book = Some(BookMetrics::register(&self.registry, shard)?);
+        Ok(self)
     }
 
     /// Static series of a contract.

@@ -13,6 +13,7 @@
 //! | `view.rs` | month-to-date gauges and the status page from the books, the page's renewal sizing |
 //! | `scrape.rs`, `parse.rs`, `targets.rs`, `store.rs`, `metrics.rs`, `status.rs` | scraping, the exposition parser, the target set, SQLite, the series, the page's HTML |
 
+mod book;
 pub mod books;
 pub mod metrics;
 pub mod parse;
@@ -60,6 +61,10 @@ pub enum AggregatorError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The shared book refused this aggregator (credentials, schema, shard count) or, with
+    /// `--storage.postgres.exit-if-unreachable`, could not be reached.
+    #[error(transparent)]
+    Book(#[from] shared::BookError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot start the ledger writer thread: {0}")]
@@ -83,6 +88,8 @@ pub struct Prepared {
     pub scrape_tls: Arc<rustls::ClientConfig>,
     /// How the ledger directory is opened (`--storage.*` flags; the demo's role).
     pub storage: store::StoreOptions,
+    /// `--storage.postgres.exit-if-unreachable`.
+    pub book_exit_if_unreachable: bool,
 }
 
 /// Reads and checks everything the command line names, as [`crate::agent::prepare`] does
@@ -120,6 +127,7 @@ pub fn prepare(args: crate::cli::AggregatorArgs) -> Result<Prepared, AggregatorE
             discard_future: args.storage.discard_future_minutes,
             host_checkpoint_interval: args.storage.host_checkpoint_interval,
         },
+        book_exit_if_unreachable: args.postgres_exit_if_unreachable,
     })
 }
 
@@ -157,6 +165,8 @@ struct Shared {
     /// Per target key: when its rejected readings were last logged (at most every
     /// [`REJECT_LOG_EVERY_MS`], so a hostile agent cannot flood the log).
     rejections_logged: Mutex<HashMap<String, i64>>,
+    /// `[storage] postgres`: the shared book the minutes are sealed in ([`book`]).
+    book: Option<Arc<book::BookSide>>,
 }
 
 const REJECT_LOG_EVERY_MS: i64 = 600_000;
@@ -197,6 +207,15 @@ fn restore(
     Ok((store, books))
 }
 
+/// How this aggregator is named in a shared book (who wrote a contribution, who sealed):
+/// its host name, listen address and shard.
+fn writer_name(listen: &SocketAddr, shard: crate::contract::ShardSpec) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}:{} shard {shard}", listen.port())
+}
+
 /// Runs on an already bound listener (the demo binds first to print its URLs).
 pub async fn serve(
     p: Prepared,
@@ -215,12 +234,37 @@ pub async fn serve(
             .await
             .map_err(|e| AggregatorError::Task(e.to_string()))??
     };
-    let books = books
+    let mut books = books
         .with_clock_tolerance(clock.scale(Duration::from_millis(
             crate::ledger::host::CLOCK_TOLERANCE_MS as u64,
         )))
         .with_teams(cfg.teams.clone());
-    let metrics = AggregatorMetrics::new()?;
+    let mut metrics = AggregatorMetrics::new()?;
+    // A shared book: this shard's minutes are sealed there, with every other shard's, and
+    // the counters are restored from it.
+    let book = match &cfg.storage.postgres {
+        None => None,
+        Some(pg) => {
+            let shard = cfg.storage.shard;
+            let opts = book::options(pg, shard, writer_name(&p.listen, shard));
+            let shared_book = book::connect(&opts, p.book_exit_if_unreachable).await?;
+            books = books.into_shared();
+            let now_minute = crate::ledger::minute_of(clock.now_ms());
+            for (c, contract) in cfg.contracts.iter().enumerate() {
+                let (period, start) = book::start_of(&shared_book, contract, now_minute).await?;
+                books.adopt_shared(c, period, start);
+            }
+            metrics = metrics.with_book(shard)?;
+            if let Some(m) = &metrics.book {
+                m.up.set(1);
+            }
+            Some(Arc::new(book::BookSide::new(
+                shared_book,
+                shard,
+                cfg.grace + pg.shard_grace,
+            )))
+        }
+    };
     for (i, c) in cfg.contracts.iter().enumerate() {
         let r = books.running(i);
         metrics.describe(c);
@@ -235,16 +279,6 @@ pub async fn serve(
                 );
             }
         }
-    }
-    for (i, c) in cfg.contracts.iter().enumerate() {
-        metrics
-            .ledger
-            .set(&c.id, &books.running(i).all_time, books.durable_late(i));
-        // The team counters too: served from the first scrape, never absent until the
-        // first commit after a restart.
-        let (allocated, teams) = books.team_all_time(i);
-        metrics.teams.set_all_time(&c.id, allocated, teams);
-        metrics.teams.set_period(&c.id, books.team_period(i));
     }
     let writer = Writer::spawn(store, ids.clone()).map_err(AggregatorError::Writer)?;
     let shared = Arc::new(Shared {
@@ -265,14 +299,19 @@ pub async fn serve(
         statements: Mutex::new(routes::StatementCache::default()),
         health: Mutex::new(HashMap::new()),
         rejections_logged: Mutex::new(HashMap::new()),
+        book,
     });
+    // The restored counters, team counters included: served from the first scrape, never
+    // absent until the first commit after a restart.
+    shared.publish_durable();
     {
         let books = shared.books.lock().expect("books lock");
-        shared.metrics.since.set(books.since() * 60);
-        shared
-            .metrics
-            .sealed_through
-            .set(books.durable_through() * 60);
+        if !books.is_shared() {
+            shared.metrics.since.set(books.since() * 60);
+        }
+        for (i, c) in shared.contracts.iter().enumerate() {
+            shared.metrics.teams.set_period(&c.id, books.team_period(i));
+        }
     }
     shared.metrics.write_ok.set(1);
     shared.refresh_gauges();

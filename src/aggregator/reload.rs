@@ -13,8 +13,8 @@ use crate::contract::AggregatorConfig;
 /// once: the returned scraper replaces the running one. `[[teams]]` applies at once too,
 /// to the owners of the readings recorded from then on (time already attributed keeps its
 /// team). Contracts and the scrape timing
-/// (interval, timeout, grace, body limit) shape the ledger and the scrape loop, so they apply
-/// at the next restart (`commitmeter_config_restart_required`).
+/// (interval, timeout, grace, body limit) shape the ledger and the scrape loop, and
+/// `[storage]` (the book, the shard) is opened once, so they apply at the next restart (`commitmeter_config_restart_required`).
 pub(super) fn reload(
     shared: &Shared,
     cfg: &mut AggregatorConfig,
@@ -46,7 +46,8 @@ pub(super) fn reload(
                 c.scrape_timeout,
                 c.grace,
                 c.body_limit_bytes,
-                &c.contracts
+                &c.contracts,
+                &c.storage
             )
         )
     };

@@ -33,13 +33,18 @@ impl TargetSet {
         let first = !self.loaded;
         self.loaded = true;
         self.fingerprint = fp;
-        let built = targets::build(
+        let mut built = targets::build(
             &shared.contracts,
             &cfg.static_targets,
             &files,
             &mut self.cache,
             cfg.scrape.scheme,
         );
+        // This aggregator's shard only: the others scrape the rest (hashmod of the key).
+        let shard = cfg.storage.shard;
+        let listed = built.targets.len();
+        built.targets.retain(|t| shard.owns(&t.key()));
+        built.conflicts.retain(|(key, _)| shard.owns(key));
         for p in &built.problems {
             tracing::error!(problem = %p, "target configuration");
         }
@@ -47,6 +52,8 @@ impl TargetSet {
         m.targets_problems.set(built.problems.len() as i64);
         tracing::info!(
             targets = built.targets.len(),
+            listed,
+            shard = %shard,
             conflicts = built.conflicts.len(),
             first,
             "targets loaded"
@@ -233,10 +240,13 @@ pub(super) async fn scrape_loop(
         if !shared.first_round.load(Ordering::Relaxed) {
             let mut books = shared.books.lock().expect("books lock");
             books.start_after(shared.clock.now_ms());
-            shared.metrics.since.set(books.since() * 60);
+            if !books.is_shared() {
+                shared.metrics.since.set(books.since() * 60);
+            }
         }
         shared.seal_due();
         shared.start_write();
+        shared.sync_book();
         shared.refresh_gauges();
         shared.first_round.store(true, Ordering::Relaxed);
         shared.render_status();

@@ -154,8 +154,8 @@ impl Shared {
         let (mut info, durable_writes) = {
             let books = self.books.lock().expect("books lock");
             let info = LedgerInfo {
-                since_minute: Some(books.since()),
-                sealed_through_minute: Some(books.durable_through()),
+                since_minute: Some(books.since_of(c)),
+                sealed_through_minute: Some(books.absorbed_through(c)),
                 late: Vec::new(),
             };
             (info, books.durable_writes())
@@ -174,11 +174,7 @@ impl Shared {
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
-        let read = match self
-            .writer
-            .read(&contract.id, from, to.min(through), Some(to))
-            .await
-        {
+        let read = match self.read_sealed(&contract.id, from, to.min(through), to).await {
             Ok(read) => {
                 info.late = statement::late_by_minute(&read.late);
                 read
@@ -219,6 +215,34 @@ impl Shared {
                 format!("cannot build the statement: {e}"),
             ),
         }
+    }
+}
+
+impl Shared {
+    /// A contract's sealed minutes `[from, to)` with their late GPU-ms, and its delivery
+    /// gaps overlapping `[from, gaps_to)`: from the local ledger, or, in a shared book, the
+    /// minutes from the book and the gaps of this shard's hosts (the book keeps no gaps).
+    async fn read_sealed(
+        &self,
+        contract: &str,
+        from: i64,
+        to: i64,
+        gaps_to: i64,
+    ) -> Result<super::writer::Minutes, String> {
+        let Some(side) = &self.book else {
+            return self.writer.read(contract, from, to, Some(gaps_to)).await;
+        };
+        let local = self.writer.read(contract, from, from, Some(gaps_to)).await?;
+        let minutes = side
+            .book
+            .minutes(contract, from, to)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(super::writer::Minutes {
+            minutes,
+            late: Vec::new(),
+            gaps: local.gaps,
+        })
     }
 }
 

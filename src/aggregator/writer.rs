@@ -228,6 +228,21 @@ impl Shared {
             }
         };
         self.metrics.write_ok.set(1);
+        drop(books);
+        self.publish_durable();
+        // The month-to-date gauges and the page move with the counters.
+        self.refresh_gauges();
+        if minutes > 0 {
+            self.render_status();
+            self.refresh_sizing();
+        }
+    }
+
+    /// The counters from the books' durable minutes: the contract and team counters, how
+    /// far the ledger is sealed, what waits. After a start, a durable write, and minutes
+    /// taken back from a shared book: one function, so the three agree.
+    pub(super) fn publish_durable(&self) {
+        let books = self.books.lock().expect("books lock");
         for (c, contract) in self.contracts.iter().enumerate() {
             self.metrics.ledger.set(
                 &contract.id,
@@ -242,14 +257,12 @@ impl Shared {
         self.metrics
             .sealed_through
             .set(books.durable_through() * 60);
-        self.metrics.pending.set(books.pending() as i64);
-        drop(books);
-        // The month-to-date gauges and the page move with the counters.
-        self.refresh_gauges();
-        if minutes > 0 {
-            self.render_status();
-            self.refresh_sizing();
+        if books.is_shared() {
+            // The book's start, the same on every replica (not this process's own).
+            let since = (0..self.contracts.len()).map(|c| books.since_of(c)).min();
+            self.metrics.since.set(since.unwrap_or(books.since()) * 60);
         }
+        self.metrics.pending.set(books.pending() as i64);
     }
 
     /// At shutdown: waits for a write in flight, then writes once more, so a clean stop
@@ -283,6 +296,14 @@ impl Shared {
                     "the last ledger write did not finish before shutdown; stopping without it"
                 );
                 return;
+            }
+        }
+        // A shared book gets the minutes closed so far (a replica may have sent them too:
+        // the book keeps the first).
+        if self.book.is_some() {
+            let left = deadline.saturating_duration_since(clock::monotonic_now());
+            if tokio::time::timeout(left, self.last_book_round()).await.is_err() {
+                tracing::warn!("the shared book did not answer before shutdown; closed minutes not sent are the other replica's to send");
             }
         }
         // Every host's checkpoint, so a restart resumes every host from its counters.

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use super::calendar::{self, TimeSpec};
 use super::selector::{regex_error, Selector};
 use super::teams::{TeamRef, Teams};
+use super::shard::{ShardError, ShardSpec};
 use super::{assign, target_labels, Contract, CreditTier, Sla, UsageSignal, PPM};
 
 /// Defaults of the `[aggregator]` table.
@@ -81,10 +82,44 @@ pub struct AggregatorConfig {
     /// `[[teams]]`, in file order: which team an owner of a GPU belongs to (showback).
     /// Applies at once on SIGHUP, to the time attributed from then on.
     pub teams: Teams,
+    /// `[storage]`: the embedded SQLite ledger alone (the default), or a book shared with
+    /// other aggregators in PostgreSQL, and this aggregator's shard of the targets.
+    pub storage: StorageSettings,
     /// Implausible but possible values, one line each naming file and key, for the
     /// aggregator to log at start and `check-config` to print.
     pub warnings: Vec<String>,
 }
+
+/// `[storage]`. Without `postgres` the ledger is the embedded SQLite database alone, as a
+/// single aggregator keeps it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StorageSettings {
+    /// The shared book; `None`: SQLite only.
+    pub postgres: Option<PostgresSettings>,
+    /// This aggregator's slice of the targets (`0/1`: all of them). Only with `postgres`:
+    /// a shard alone would serve a part of each contract as if it were the whole.
+    pub shard: ShardSpec,
+}
+
+/// `[storage] postgres` and its companions: how the shared book is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresSettings {
+    /// `postgres://user@host:port/db` (or `postgresql://`), without a password.
+    pub url: String,
+    /// `password_file`: the password, read at start (never in the config itself).
+    pub password_file: Option<PathBuf>,
+    /// `tls_ca_file`: connect over TLS, the server's certificate checked against this CA
+    /// bundle. Without it, `sslmode=require` in the URL asks for TLS checked against the
+    /// system's CA certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `shard_grace`: how long after a minute's own `grace` the book waits for every shard's
+    /// contribution; then it seals the minute without the shards still missing, their
+    /// hosts' capacity unreported.
+    pub shard_grace: Duration,
+}
+
+/// Default `[storage] shard_grace`.
+pub const DEFAULT_SHARD_GRACE: Duration = Duration::from_secs(300);
 
 /// What an empty file gives: defaults, no targets, no contracts.
 impl Default for AggregatorConfig {
@@ -99,6 +134,7 @@ impl Default for AggregatorConfig {
             contracts: Vec::new(),
             scrape: ScrapeSettings::default(),
             teams: Teams::default(),
+            storage: StorageSettings::default(),
             warnings: Vec::new(),
         }
     }
@@ -513,6 +549,10 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         message,
     })?;
 
+    // [storage]
+    let storage = storage_settings(path, raw.storage.unwrap_or_default(), grace)
+        .map_err(|(key, message)| invalid(format!("storage.{key}"), message))?;
+
     // A static target may belong to one contract only.
     for (g, group) in static_targets.iter().enumerate() {
         for (i, target) in group.targets.iter().enumerate() {
@@ -533,8 +573,94 @@ pub fn parse(path: &Path, text: &str) -> Result<AggregatorConfig, ConfigError> {
         contracts,
         scrape,
         teams,
+        storage,
         warnings,
     })
+}
+
+/// `[storage]`: checked without reading the password or CA file (paths relative to the
+/// config file's directory). Errors are `(key, message)`.
+fn storage_settings(
+    path: &Path,
+    raw: RawStorage,
+    grace: Duration,
+) -> Result<StorageSettings, (String, String)> {
+    let err = |key: &str, message: String| (key.to_string(), message);
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let file = |key: &str, value: Option<String>| match value.as_deref() {
+        None => Ok(None),
+        Some("") => Err(err(key, "must not be empty".into())),
+        Some(p) => Ok(Some(dir.join(p))),
+    };
+    let shard = match raw.shard.as_deref() {
+        None => ShardSpec::default(),
+        Some(s) => s.parse().map_err(|e: ShardError| err("shard", e.to_string()))?,
+    };
+    let Some(url) = raw.postgres else {
+        for (key, given) in [
+            ("password_file", raw.password_file.is_some()),
+            ("tls_ca_file", raw.tls_ca_file.is_some()),
+            ("shard_grace", raw.shard_grace.is_some()),
+            ("shard", !shard.is_whole()),
+        ] {
+            if given {
+                return Err(err(
+                    key,
+                    "needs storage.postgres: without a shared book this aggregator keeps its \
+                     own ledger of every target it is given"
+                        .into(),
+                ));
+            }
+        }
+        return Ok(StorageSettings::default());
+    };
+    check_postgres_url(&url).map_err(|m| err("postgres", m))?;
+    let shard_grace = match raw.shard_grace.as_deref() {
+        None => DEFAULT_SHARD_GRACE,
+        Some(s) => crate::configfile::parse_duration(s).map_err(|m| err("shard_grace", m))?,
+    };
+    if shard_grace > MAX_GRACE.saturating_sub(grace) {
+        return Err(err(
+            "shard_grace",
+            format!(
+                "{} plus grace must be <= 7d: minutes wait this long for a shard",
+                show(raw.shard_grace.as_deref(), shard_grace)
+            ),
+        ));
+    }
+    Ok(StorageSettings {
+        postgres: Some(PostgresSettings {
+            url,
+            password_file: file("password_file", raw.password_file)?,
+            tls_ca_file: file("tls_ca_file", raw.tls_ca_file)?,
+            shard_grace,
+        }),
+        shard,
+    })
+}
+
+/// A PostgreSQL URL as `[storage] postgres` takes it: `postgres://` or `postgresql://`,
+/// a host, and no password (it belongs in `password_file`, not in a config file that is
+/// shown and copied).
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or_else(|| format!("{url:?} must start with postgres:// or postgresql://"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if userinfo.contains(':') {
+            return Err(
+                "holds a password: put it in storage.password_file (the URL is logged and shown)"
+                    .into(),
+            );
+        }
+    }
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(())
 }
 
 /// The scrape scheme, TLS and auth keys of `[aggregator]`: what can be checked without
@@ -1026,6 +1152,17 @@ struct RawFile {
     /// names the team.
     #[serde(default)]
     teams: Vec<toml::Table>,
+    storage: Option<RawStorage>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    postgres: Option<String>,
+    password_file: Option<String>,
+    tls_ca_file: Option<String>,
+    shard: Option<String>,
+    shard_grace: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

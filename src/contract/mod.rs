@@ -29,6 +29,7 @@ use regex::Regex;
 
 pub use config::{
     load, parse, AggregatorConfig, BasicAuthFile, ConfigError, ContractRef, FileSd, IdentityFiles,
+    PostgresSettings, StorageSettings, DEFAULT_SHARD_GRACE,
     Scheme, ScrapeSettings, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
     DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_CLAIM_WINDOW_DAYS, MAX_COMMITTED_GPUS,
 };

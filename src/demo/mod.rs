@@ -456,6 +456,7 @@ pub async fn run(
             discard_future_minutes: false,
             host_checkpoint_interval: storage.host_checkpoint_interval,
         },
+        postgres_exit_if_unreachable: false,
     };
     let mut prepared = aggregator::prepare(args)?;
     // The demo's own ledger role, checked above.
