@@ -20,6 +20,9 @@
 //!   plus the GPUs that are gone but have an open `gpu_lost` gap, so that a lost GPU is not
 //!   counted twice). Not recorded while a target of unknown size is dark (nothing is known
 //!   short then). Its `short_gpu_ms` is the GPU-ms by which the commitment exceeded them.
+//!   With shards, only the sealer knows the contract's capacity: a ledger closed with
+//!   [`super::Ledger::close`] keeps no `short` gap, and the sealer applies
+//!   [`short_minute`] to each combined minute instead.
 //!
 //! Bounds are always readings (or, for `short`, minute boundaries): never guessed. An open gap
 //! has no end. Gaps of one GPU never overlap.
@@ -429,33 +432,24 @@ impl Gaps {
         open + closed
     }
 
-    /// A sealed minute `[m0, m1)` of `contract` short of the commitment by `short_ms` GPU-ms
-    /// (0 or less: not short; `None`: unknown, a target of unknown size was dark).
-    pub fn seal_minute(&mut self, contract: usize, m0: i64, m1: i64, short_ms: Option<i64>) {
-        match short_ms {
-            Some(ms) if ms > 0 => {
-                let g = self.short.entry(contract).or_insert_with(|| Gap {
-                    contract,
-                    target: String::new(),
-                    gpu: String::new(),
-                    cause: Cause::Short,
-                    start_ms: m0,
-                    end_ms: None,
-                    short_gpu_ms: 0,
-                    xids: BTreeSet::new(),
-                });
-                g.short_gpu_ms = g.short_gpu_ms.saturating_add(ms);
-            }
-            _ => {
-                if let Some(mut g) = self.short.remove(&contract) {
-                    g.end_ms = Some(m0);
-                    self.closed.push((self.next_seq, g));
-                    self.next_seq += 1;
-                }
-            }
+    /// The sealed minute starting at `m0` of `contract` was short of the commitment by
+    /// `short_ms` GPU-ms (0 or less: not short; `None`: unknown, a target of unknown size
+    /// was dark): the contract's `short` gap grows, opens or closes ([`short_minute`]).
+    pub fn seal_short(&mut self, contract: usize, m0: i64, short_ms: Option<i64>) {
+        let (open, closed) = short_minute(self.short.remove(&contract), contract, m0, short_ms);
+        if let Some(g) = open {
+            self.short.insert(contract, g);
         }
-        // Absent spans ended before the next minute no longer count.
-        self.absent.retain(|a| a.2 > m1);
+        if let Some(g) = closed {
+            self.closed.push((self.next_seq, g));
+            self.next_seq += 1;
+        }
+    }
+
+    /// Every minute before `sealed_ms` is sealed: absent spans that ended by then no longer
+    /// count for any contract.
+    pub fn minute_sealed(&mut self, sealed_ms: i64) {
+        self.absent.retain(|a| a.2 > sealed_ms);
     }
 
     /// Every open gap and every closed one not yet persisted, and the mark to pass to
@@ -529,6 +523,43 @@ impl Gaps {
     /// host's last reading).
     pub fn held(&self) -> usize {
         self.open.len() + self.short.len() + self.closed.len() + self.recent.len()
+    }
+}
+
+/// The `short` rule for one sealed minute, on its own so that a sealer that keeps the
+/// contract's open `short` gap elsewhere (the shared book) applies the same one as
+/// [`Gaps::seal_short`]: given the contract's open `short` gap (if any) and the minute
+/// starting at `m0` short by `short_ms` (see [`super::shard::Combined::short`]), returns
+/// the open gap after it and the gap it closed. Short (> 0): the gap opens at `m0` or
+/// grows by `short_ms`; not short, or unknown (`None`): an open gap closes at `m0`.
+pub fn short_minute(
+    open: Option<Gap>,
+    contract: usize,
+    m0: i64,
+    short_ms: Option<i64>,
+) -> (Option<Gap>, Option<Gap>) {
+    match short_ms {
+        Some(ms) if ms > 0 => {
+            let mut g = open.unwrap_or_else(|| Gap {
+                contract,
+                target: String::new(),
+                gpu: String::new(),
+                cause: Cause::Short,
+                start_ms: m0,
+                end_ms: None,
+                short_gpu_ms: 0,
+                xids: BTreeSet::new(),
+            });
+            g.short_gpu_ms = g.short_gpu_ms.saturating_add(ms);
+            (Some(g), None)
+        }
+        _ => (
+            None,
+            open.map(|mut g| {
+                g.end_ms = Some(m0);
+                g
+            }),
+        ),
     }
 }
 

@@ -28,6 +28,10 @@
 //!   sum to its allocated).
 //! - [`gaps`] keeps the evidence behind undelivered capacity as intervals per host and GPU
 //!   (GPU lost, host unreachable) and per contract (`short`): the SLA's delivery gaps.
+//! - Sealing is two steps: a minute is closed into one [`shard::Partial`] per contract (the
+//!   ledger's evidence), then split by [`shard::combine`]. [`Ledger::seal`] does both (one
+//!   aggregator, one shard); a sharded aggregator calls [`Ledger::close`] and the shared
+//!   book combines all shards' partials.
 
 pub mod alerts;
 pub mod burn;
@@ -596,91 +600,170 @@ impl Ledger {
 
     /// Seals every minute that ended at least `grace_ms` before `now_ms`.
     /// `committed(contract, from_ms, to_ms)` gives committed GPU-ms.
+    ///
+    /// Each minute is closed into one [`shard::Partial`] per contract ([`Ledger::close`])
+    /// and split by [`shard::combine`] alone: a single aggregator is the one-shard book.
+    /// The contract's `short` delivery gap is kept here, from [`shard::Combined::short`].
     pub fn seal(
         &mut self,
         now_ms: i64,
         grace_ms: i64,
         committed: impl Fn(usize, i64, i64) -> i64,
     ) -> Vec<Sealed> {
+        self.seal_with_short(now_ms, grace_ms, committed)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    /// [`Ledger::seal`], with each sealed minute's `short` (for the tests).
+    fn seal_with_short(
+        &mut self,
+        now_ms: i64,
+        grace_ms: i64,
+        committed: impl Fn(usize, i64, i64) -> i64,
+    ) -> Vec<(Sealed, Option<i64>)> {
         let through = minute_of(now_ms.saturating_sub(grace_ms.max(0)));
         let mut out = Vec::new();
         while self.sealed_through < through {
             let minute = self.sealed_through;
             let (m0, m1) = (minute * MINUTE_MS, (minute + 1) * MINUTE_MS);
-            let mut per = self
-                .open
-                .remove(&minute)
-                .unwrap_or_else(|| vec![Open::default(); self.contracts]);
-            // A contract without a single target for some of the minute was not monitored
-            // then: dark.
-            let mut dark = vec![true; self.contracts];
-            for ((_, c), h) in &self.hosts {
-                if h.added_ms <= m0 {
-                    dark[*c] = false;
-                }
+            for (c, partial) in self.close_minute(minute).into_iter().enumerate() {
+                let combined = shard::combine(committed(c, m0, m1), &[&partial], 0);
+                self.gaps.seal_short(c, m0, combined.short);
+                out.push((
+                    Sealed {
+                        contract: c,
+                        minute,
+                        totals: combined.totals,
+                        allocated: combined.allocated,
+                        teams: combined.teams,
+                    },
+                    combined.short,
+                ));
             }
-            let overlap = |a: i64, b: i64| (b.min(m1) - a.max(m0)).max(0);
-            for ((_, c), h) in &self.hosts {
-                // Known GPUs from the last reading on, until retired: expected, not watched.
-                if let Some(last) = &h.last {
-                    let tail = overlap(last.at_ms, h.retired_until_ms.unwrap_or(i64::MAX));
-                    per[*c].expected = per[*c]
-                        .expected
-                        .saturating_add(h.gpus().saturating_mul(tail));
-                }
-                if overlap(h.added_ms, h.sized_since_ms.unwrap_or(i64::MAX)) > 0 {
-                    dark[*c] = true;
-                }
-            }
-            for (c, o) in per.iter().enumerate() {
-                let committed = committed(c, m0, m1);
-                let teams: Vec<TeamRow> = self
-                    .open_teams
-                    .remove(&(minute, c))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|(_, (a, u))| *a != 0 || *u != 0)
-                    .map(|(team, (a, u))| (team, a, u))
-                    .collect();
-                // Short of the known capacity: what the ledger expected, plus GPUs gone
-                // with an open gap (counted there, not twice).
-                let known = o.expected.saturating_add(self.gaps.absent_ms(c, m0, m1));
-                let short = (!dark[c]).then(|| committed.saturating_sub(known));
-                self.gaps.seal_minute(c, m0, m1, short);
-                out.push(Sealed {
-                    contract: c,
-                    minute,
-                    totals: split_held(
-                        committed,
-                        o.delivered,
-                        o.used,
-                        o.held,
-                        o.expected.saturating_sub(o.reported),
-                        dark[c],
-                    ),
-                    allocated: o.allocated,
-                    teams,
-                });
-            }
-            self.sealed_through += 1;
-            let sealed_ms = self.sealed_through * MINUTE_MS;
-            let gaps = &mut self.gaps;
-            self.hosts.retain(|(t, c), h| match h.retired_until_ms {
-                Some(until) if until <= sealed_ms => {
-                    gaps.retire(*c, t, until);
-                    false
-                }
-                _ => true,
-            });
+            self.minute_closed();
         }
         out
     }
+
+    /// Closes every minute that ended at least `grace_ms` before `now_ms` (the minutes
+    /// [`Ledger::seal`] would seal) into this ledger's evidence for each contract, a
+    /// [`shard::Partial`], instead of splitting it: the entry point of a sharded
+    /// aggregator, whose partials the shared book combines with the other shards'
+    /// ([`shard::combine`]). Minutes in order, contracts in order within a minute.
+    ///
+    /// As with `seal`, the minutes are closed here for good: [`Ledger::sealed_through`]
+    /// advances, and what arrives later for them is late ([`Ledger::late`]).
+    ///
+    /// Delivery gaps: the per-GPU gaps (`gpu_lost`, `host_unreachable`) of this ledger's
+    /// hosts are kept here as always ([`Ledger::pending_gaps`]). The contract's `short` gap
+    /// is not: it needs the contract's capacity over all shards, which only the sealer has.
+    /// A ledger closed with `close` records no `short` gap; the sealer keeps it from each
+    /// minute's [`shard::Combined::short`] with [`gaps::short_minute`], the rule `seal`
+    /// applies. A ledger is either sealed or closed, not both.
+    pub fn close(&mut self, now_ms: i64, grace_ms: i64) -> Vec<ClosedMinute> {
+        let through = minute_of(now_ms.saturating_sub(grace_ms.max(0)));
+        let mut out = Vec::new();
+        while self.sealed_through < through {
+            let minute = self.sealed_through;
+            for (contract, partial) in self.close_minute(minute).into_iter().enumerate() {
+                out.push(ClosedMinute {
+                    contract,
+                    minute,
+                    partial,
+                });
+            }
+            self.minute_closed();
+        }
+        out
+    }
+
+    /// The first minute not sealed is closed: the next one is, and retired hosts whose
+    /// known GPUs are no longer expected leave.
+    fn minute_closed(&mut self) {
+        self.sealed_through += 1;
+        let sealed_ms = self.sealed_through * MINUTE_MS;
+        self.gaps.minute_sealed(sealed_ms);
+        let gaps = &mut self.gaps;
+        self.hosts.retain(|(t, c), h| match h.retired_until_ms {
+            Some(until) if until <= sealed_ms => {
+                gaps.retire(*c, t, until);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// The evidence of the first minute not sealed, `minute`, per contract; takes its open
+    /// sums and teams.
+    fn close_minute(&mut self, minute: i64) -> Vec<shard::Partial> {
+        let (m0, m1) = (minute * MINUTE_MS, (minute + 1) * MINUTE_MS);
+        let per = self
+            .open
+            .remove(&minute)
+            .unwrap_or_else(|| vec![Open::default(); self.contracts]);
+        let mut out: Vec<shard::Partial> = per
+            .iter()
+            .map(|o| shard::Partial {
+                delivered: o.delivered,
+                used: o.used,
+                reported: o.reported,
+                expected: o.expected,
+                held: o.held,
+                allocated: o.allocated,
+                ..shard::Partial::default()
+            })
+            .collect();
+        let overlap = |a: i64, b: i64| (b.min(m1) - a.max(m0)).max(0);
+        for ((_, c), h) in &self.hosts {
+            let p = &mut out[*c];
+            // A contract with a target for the whole minute was monitored then.
+            p.watched |= h.added_ms <= m0;
+            if let Some(last) = &h.last {
+                // Known GPUs from the last reading on, until retired: expected, not
+                // watched.
+                let until = h.retired_until_ms.unwrap_or(i64::MAX);
+                let tail = overlap(last.at_ms, until);
+                p.expected = p.expected.saturating_add(h.gpus().saturating_mul(tail));
+                if h.added_ms <= m1 && until > m1 {
+                    p.capacity_gpus = p.capacity_gpus.saturating_add(h.gpus());
+                }
+            }
+            if overlap(h.added_ms, h.sized_since_ms.unwrap_or(i64::MAX)) > 0 {
+                p.unsized_dark = true;
+            }
+        }
+        for (c, p) in out.iter_mut().enumerate() {
+            // GPUs gone with an open gap: known capacity for `short`, counted there.
+            p.absent = self.gaps.absent_ms(c, m0, m1);
+            p.teams = self
+                .open_teams
+                .remove(&(minute, c))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, (a, u))| *a != 0 || *u != 0)
+                .map(|(team, (a, u))| (team, a, u))
+                .collect();
+        }
+        out
+    }
+}
+
+/// One contract's evidence for one minute closed by [`Ledger::close`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClosedMinute {
+    pub contract: usize,
+    pub minute: i64,
+    pub partial: shard::Partial,
 }
 
 #[cfg(test)]
 mod accuracy;
 #[cfg(test)]
 mod held_tests;
+#[cfg(test)]
+mod shard_tests;
 #[cfg(test)]
 mod team_tests;
 #[cfg(test)]

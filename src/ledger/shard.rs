@@ -4,7 +4,14 @@
 //!
 //! A single aggregator is the one-shard case: [`super::Ledger::seal`] closes each minute
 //! into one `Partial` per contract and combines it alone, so the SQLite ledger and the
-//! shared book split minutes with the same code.
+//! shared book split minutes with the same code. A sharded aggregator calls
+//! [`super::Ledger::close`] instead, which returns the partials; the sealer combines all
+//! shards' partials of a minute and keeps the contract's `short` gap from
+//! [`Combined::short`] with [`super::gaps::short_minute`].
+//!
+//! Every sum is exact, so splitting the fleet changes nothing: for any partition of the
+//! hosts into shards, `combine` of the shards' partials equals the one ledger's sealed
+//! minute to the GPU-ms, teams and `short` included (`shard_tests.rs`).
 //!
 //! A shard that contributed nothing for a minute by the time it is sealed (both replicas
 //! down longer than the grace) is *missing*: its last known capacity counts as expected and
@@ -35,10 +42,26 @@ pub struct Partial {
     /// the contract could be its.
     pub unsized_dark: bool,
     /// GPUs the shard knew for the contract at the minute's end: what a later minute the
-    /// shard misses is assumed to hold (as unreported).
+    /// shard misses is assumed to hold (as unreported). Its targets by the minute's end and
+    /// not retired by then, with the GPUs of their last reading when the minute is closed
+    /// (GPUs gone with an open gap are not counted).
     pub capacity_gpus: i64,
     /// `(team, allocated, used)`, rows with time only, sorted by team.
     pub teams: Vec<TeamRow>,
+}
+
+impl Partial {
+    /// The evidence to pass among the present partials for a missing shard whose capacity
+    /// is unknown (it never contributed, or its last partial had a target of unknown size
+    /// dark, `unsized_dark`): like a target of unknown size in one ledger, it makes the
+    /// contract dark, so everything short of the commitment is unreported. A missing shard
+    /// of known capacity is passed as `missing_capacity_ms` instead.
+    pub fn unknown() -> Self {
+        Partial {
+            unsized_dark: true,
+            ..Partial::default()
+        }
+    }
 }
 
 /// A sealed minute of one contract from its shards' partials.
@@ -58,7 +81,12 @@ pub struct Combined {
 ///
 /// The contract is dark when no present shard watched it for the whole minute and no
 /// missing shard is known to hold capacity, or when any present shard had a target of
-/// unknown size dark.
+/// unknown size dark (see [`Partial::unknown`] for a missing shard of unknown capacity).
+///
+/// The caller's part: each shard appears **once** in `present` (one replica's partial,
+/// the first written: the book's first writer wins), and a shard is either present or
+/// counted in `missing_capacity_ms`, never both. `combine` cannot tell a shard given twice
+/// (a partial carries no shard identity): it would count its evidence twice.
 pub fn combine(committed: i64, present: &[&Partial], missing_capacity_ms: i64) -> Combined {
     let mut sum = Partial::default();
     let mut team_sums = teams::TeamAmounts::new();
