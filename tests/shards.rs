@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use commitmeter::contract::hashmod;
+use commitmeter::contract::shard::hashmod;
 use common::postgres::Postgres;
 use common::*;
 

@@ -139,7 +139,7 @@ impl Shared {
     }
 
     /// At shutdown: one last exchange, after the one running (if any) has finished.
-    pub(super) async fn last_book_round(&self) {
+    pub(super) async fn last_book_round(self: &Arc<Self>) {
         let Some(side) = self.book.clone() else {
             return;
         };
@@ -152,7 +152,7 @@ impl Shared {
     }
 
     /// Contribute, seal, take back: what one sync does.
-    async fn book_round(&self, side: &BookSide) -> Result<(), BookError> {
+    async fn book_round(self: &Arc<Self>, side: &BookSide) -> Result<(), BookError> {
         let metrics = self.metrics.book.as_ref();
         loop {
             let rows = self
