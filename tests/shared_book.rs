@@ -583,3 +583,82 @@ async fn a_shard_missing_past_its_grace_is_sealed_unreported_and_sealed_minutes_
     assert_eq!(s0.sealed(&c, i64::MIN, i64::MAX).await.unwrap(), stored);
     check_readers(&s0, &c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_shard_racing_the_sealer_is_either_in_the_sealed_minute_or_refused() {
+    const MINUTES: i64 = 120;
+    let pg = Postgres::shared();
+    let url = pg.database("late_race");
+    let c = "gpu-late".to_string();
+    let s0 = book(&pg, &url, 2, "shard0").await;
+    let rows: Vec<(String, i64, Partial)> = (M0..M0 + MINUTES)
+        .map(|m| (c.clone(), m, partial(&c, m, 0, 0)))
+        .collect();
+    s0.contribute(0, &rows).await.unwrap();
+    let s1 = book(&pg, &url, 2, "shard1").await;
+    s1.contribute(1, &[(c.clone(), M0, partial(&c, M0, 1, 0))])
+        .await
+        .unwrap();
+    // Shard 1 catches up a minute at a time while two sealers, for whom every minute's
+    // grace has expired, seal.
+    let late = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let mut got = BTreeMap::new();
+            for m in M0 + 1..M0 + MINUTES {
+                let r = s1
+                    .contribute(1, &[(c.clone(), m, partial(&c, m, 1, 0))])
+                    .await
+                    .unwrap();
+                got.insert(m, r);
+            }
+            got
+        }
+    });
+    let mut sealers = Vec::new();
+    for i in 0..2 {
+        let b = book(&pg, &url, 2, &format!("sealer-{i}")).await;
+        let contracts = vec![c.clone()];
+        sealers.push(tokio::spawn(async move {
+            loop {
+                b.seal(
+                    &contracts,
+                    (M0 + MINUTES) * MINUTE_MS + GRACE_MS,
+                    GRACE_MS,
+                    committed,
+                )
+                .await
+                .unwrap();
+                if b.sealed_through(&contracts[0]).await.unwrap() == Some(M0 + MINUTES) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    for s in sealers {
+        s.await.unwrap();
+    }
+    let late = late.await.unwrap();
+    let sealed = s0.sealed(&c, i64::MIN, i64::MAX).await.unwrap();
+    assert_eq!(sealed.len(), MINUTES as usize);
+    for row in &sealed[1..] {
+        let m = row.minute;
+        let (p0, p1) = (partial(&c, m, 0, 0), partial(&c, m, 1, 0));
+        let want = match late[&m] {
+            Contributed {
+                won: 1,
+                already: 0,
+                sealed: 0,
+            } => expected_row(&c, m, &[&p0, &p1], vec![]),
+            Contributed {
+                won: 0,
+                already: 0,
+                sealed: 1,
+            } => expected_row(&c, m, &[&p0], vec![(1, 4)]),
+            other => panic!("minute {m}: {other:?}"),
+        };
+        assert_eq!(row, &want, "minute {m}: {:?}", late[&m]);
+    }
+    check_readers(&s0, &c).await;
+}

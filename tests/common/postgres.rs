@@ -161,16 +161,19 @@ impl Postgres {
     }
 
     /// A command of the server's package, run as the server's user.
+    /// (In the server's directory: the server's user may not be allowed into the tests'.)
     fn command(&self, name: &str) -> Command {
         let program = self.bin.join(name);
-        match &self.run_as {
+        let mut c = match &self.run_as {
             Some(user) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", user, "--"]).arg(program);
                 c
             }
             None => Command::new(program),
-        }
+        };
+        c.current_dir(self.dir.root());
+        c
     }
 
     fn psql_command(&self, db: &str, sql: &str) -> Command {

@@ -57,7 +57,7 @@ pub const DEFAULT_POOL_SIZE: usize = 4;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to reach the shared book and who this aggregator is in it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BookOptions {
     /// `postgres://user@host:port/database?sslmode=…` (or the `key=value` form). A password
     /// here is used unless `password_file` is given.
@@ -89,6 +89,40 @@ impl BookOptions {
             pool_size: DEFAULT_POOL_SIZE,
         }
     }
+}
+
+impl std::fmt::Debug for BookOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BookOptions")
+            .field("url", &redacted(&self.url))
+            .field("password_file", &self.password_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("shards", &self.shards)
+            .field("writer", &self.writer)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// `url` with any password in it replaced by `***`, for logs and debug output.
+pub fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]);
+            }
+        }
+        return url.to_string();
+    }
+    // key=value form
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=***".to_string(),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What went wrong with the shared book; each names what to fix.
@@ -1137,6 +1171,26 @@ mod tests {
             assert_eq!(*v, i as i32 + 1);
         }
         assert_eq!(MIGRATIONS.last().map(|m| m.0), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redacted("postgres://book:s3cret@db:5432/book?sslmode=require"),
+            "postgres://book:***@db:5432/book?sslmode=require"
+        );
+        assert_eq!(
+            redacted("postgres://book@db/book"),
+            "postgres://book@db/book"
+        );
+        assert_eq!(
+            redacted("host=db user=book password=s3cret"),
+            "host=db user=book password=***"
+        );
+        let mut o = BookOptions::new("postgresql://u:pw@h/d", 2, "agg");
+        o.pool_size = 1;
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("pw@"), "{shown}");
     }
 
     #[test]
