@@ -75,9 +75,9 @@ fn expected_row(
     contract: &str,
     minute: i64,
     present: &[&Partial],
-    missing: Vec<(u32, i64)>,
+    missing: Vec<(u32, Option<i64>)>,
 ) -> SealedRow {
-    let missing_ms = missing.iter().map(|(_, g)| g * MINUTE_MS).sum();
+    let missing_ms = missing.iter().map(|(_, g)| g.unwrap() * MINUTE_MS).sum();
     let c = combine(
         committed(contract, minute * MINUTE_MS, (minute + 1) * MINUTE_MS),
         present,
@@ -534,7 +534,7 @@ async fn a_shard_missing_past_its_grace_is_sealed_unreported_and_sealed_minutes_
         .await
         .unwrap();
     let want: Vec<SealedRow> = (M0 + 1..=M0 + 2)
-        .map(|m| expected_row(&c, m, &[&p(m, 0)], vec![(1, 4)]))
+        .map(|m| expected_row(&c, m, &[&p(m, 0)], vec![(1, Some(4))]))
         .collect();
     assert_eq!(sealed, want);
     for (r, m) in sealed.iter().zip(M0 + 1..) {
@@ -655,10 +655,44 @@ async fn a_late_shard_racing_the_sealer_is_either_in_the_sealed_minute_or_refuse
                 won: 0,
                 already: 0,
                 sealed: 1,
-            } => expected_row(&c, m, &[&p0], vec![(1, 4)]),
+            } => expected_row(&c, m, &[&p0], vec![(1, Some(4))]),
             other => panic!("minute {m}: {other:?}"),
         };
         assert_eq!(row, &want, "minute {m}: {:?}", late[&m]);
     }
     check_readers(&s0, &c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_never_contributed_leaves_its_minutes_dark_after_the_grace() {
+    let pg = Postgres::shared();
+    let url = pg.database("never");
+    let s0 = book(&pg, &url, 2, "shard0").await;
+    let c = "gpu-new".to_string();
+    let p0 = partial(&c, M0, 0, 0);
+    s0.contribute(0, &[(c.clone(), M0, p0.clone())])
+        .await
+        .unwrap();
+    let sealed = s0
+        .seal(
+            std::slice::from_ref(&c),
+            (M0 + 1) * MINUTE_MS + GRACE_MS,
+            GRACE_MS,
+            committed,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sealed.len(), 1);
+    let r = &sealed[0];
+    assert_eq!(r.missing, vec![(1, None)]);
+    // Shard 1's capacity is unknown: no claim of undelivered capacity either way.
+    assert_eq!(r.short, None);
+    assert_eq!(r.totals.undelivered, 0, "{r:?}");
+    assert_eq!((r.totals.delivered, r.totals.used), (p0.delivered, p0.used));
+    assert_eq!(
+        r.totals.unreported,
+        r.totals.committed - r.totals.delivered.min(r.totals.committed),
+        "{r:?}"
+    );
+    assert_eq!(s0.sealed(&c, M0, M0 + 1).await.unwrap(), sealed);
 }

@@ -45,6 +45,22 @@ const MIGRATE_LOCK: i64 = 0x636d_6d69_6772_0001;
 /// The advisory lock (per database) of the sealer: one at a time.
 const SEAL_LOCK: i64 = 0x636d_7365_616c_0001;
 
+/// What a missing shard that never contributed for a contract stands for in [`combine`]:
+/// nothing known, and any shortfall could be its.
+static UNKNOWN_SHARD: Partial = Partial {
+    delivered: 0,
+    used: 0,
+    reported: 0,
+    expected: 0,
+    absent: 0,
+    held: 0,
+    allocated: 0,
+    watched: false,
+    unsized_dark: true,
+    capacity_gpus: 0,
+    teams: Vec::new(),
+};
+
 /// At most this many minutes of one contract are sealed per [`SharedBook::seal`] call (a
 /// day), so a sealer catching up after an outage keeps its transactions short; the next call
 /// goes on from there.
@@ -195,8 +211,10 @@ pub struct SealedRow {
     /// The contract's shortfall against its known capacity (`None`: dark).
     pub short: Option<i64>,
     /// Shards that had not contributed by the time their grace expired, with the capacity
-    /// (GPUs) each was assumed to hold, counted as unreported; sorted by shard.
-    pub missing: Vec<(u32, i64)>,
+    /// (GPUs) each was assumed to hold, counted as unreported; sorted by shard. `None`: the
+    /// shard never contributed for the contract, so its capacity is unknown and the minute
+    /// is dark (all of its shortfall unreported, `short` unknown).
+    pub missing: Vec<(u32, Option<i64>)>,
 }
 
 /// A connection pool to one shared book, after its schema and shard count were checked.
@@ -460,6 +478,11 @@ impl SharedBook {
     /// the first row of a (contract, minute, shard) wins (`INSERT … ON CONFLICT DO NOTHING`),
     /// its team rows are written with it and only with it, and a row for a sealed minute is
     /// refused. Retrying a call, or a replica's call with the same keys, changes nothing.
+    ///
+    /// A minute is sealed early only when every shard has contributed to it, so a shard
+    /// contributes a row for every contract and minute it accounts, zeros (and its
+    /// `capacity_gpus`, maybe 0) where it has no targets of the contract; a shard that never
+    /// contributed for a contract leaves its minutes dark once their grace expires.
     pub async fn contribute(
         &self,
         shard: u32,
@@ -665,8 +688,9 @@ impl SharedBook {
             return Ok(Vec::new());
         };
         let seal_from: Option<i64> = row.get(0);
-        let mut capacity: Vec<i64> = row.get(1);
-        capacity.resize(self.shards as usize, 0);
+        // Per shard, its last contributed capacity (GPUs); `None`: it never contributed.
+        let mut capacity: Vec<Option<i64>> = row.get(1);
+        capacity.resize(self.shards as usize, None);
         let from = match seal_from {
             Some(m) => m,
             None => {
@@ -750,21 +774,26 @@ impl SharedBook {
             if !complete && now_ms < end_ms.saturating_add(shard_grace_ms) {
                 break;
             }
-            let missing: Vec<(u32, i64)> = (0..self.shards)
+            let missing: Vec<(u32, Option<i64>)> = (0..self.shards)
                 .filter(|s| !present.contains_key(s))
                 .map(|s| (s, capacity[s as usize]))
                 .collect();
             let missing_ms = missing.iter().fold(0i64, |sum, (_, gpus)| {
-                sum.saturating_add(gpus.saturating_mul(MINUTE_MS))
+                sum.saturating_add(gpus.unwrap_or(0).saturating_mul(MINUTE_MS))
             });
-            let refs: Vec<&Partial> = present.values().collect();
+            let mut refs: Vec<&Partial> = present.values().collect();
+            // A missing shard of unknown capacity: any shortfall could be its (as a target of
+            // unknown size that is dark).
+            if missing.iter().any(|(_, gpus)| gpus.is_none()) {
+                refs.push(&UNKNOWN_SHARD);
+            }
             let c = combine(
                 committed(contract, minute * MINUTE_MS, end_ms),
                 &refs,
                 missing_ms,
             );
             for (s, p) in &present {
-                capacity[*s as usize] = p.capacity_gpus;
+                capacity[*s as usize] = Some(p.capacity_gpus);
             }
             sealed.push(SealedRow {
                 contract: contract.to_string(),
@@ -793,7 +822,7 @@ impl SharedBook {
         contract: &str,
         sealed: &[SealedRow],
         next: i64,
-        capacity: &[i64],
+        capacity: &[Option<i64>],
     ) -> Result<(), BookError> {
         let minutes: Vec<i64> = sealed.iter().map(|s| s.minute).collect();
         let kinds: Vec<Vec<i64>> = Kind::ALL

@@ -46,7 +46,8 @@ CREATE TABLE contribution_teams (
 
 -- Per contract: where sealing resumes, the running all-time sums of its sealed minutes
 -- (one column per ledger kind, in Kind::ALL order), and each shard's last contributed
--- capacity (GPUs; index = shard + 1), what a minute the shard misses is assumed to hold.
+-- capacity (GPUs; index = shard + 1; NULL: none yet), what a minute the shard misses is
+-- assumed to hold.
 -- Its row is also the contract's lock: contributions take it FOR SHARE, a seal FOR UPDATE.
 CREATE TABLE contract_totals (
     contract text PRIMARY KEY,
@@ -97,12 +98,13 @@ CREATE TABLE sealed_teams (
 );
 
 -- The shards that had not contributed when a minute was sealed (their grace expired), and
--- the capacity (GPUs) each was assumed to hold: counted as unreported.
+-- the capacity (GPUs) each was assumed to hold: counted as unreported. NULL: the shard never
+-- contributed for the contract, its capacity is unknown and the minute was sealed dark.
 CREATE TABLE sealed_missing_shards (
     contract text NOT NULL,
     minute bigint NOT NULL,
     shard integer NOT NULL,
-    capacity_gpus bigint NOT NULL,
+    capacity_gpus bigint,
     PRIMARY KEY (contract, minute, shard),
     FOREIGN KEY (contract, minute) REFERENCES sealed_minutes
 );
