@@ -224,6 +224,8 @@ pub struct SharedBook {
     writer: String,
     /// `host:port` of the server(s), for error messages.
     addr: String,
+    /// The user the book connects as, for error messages.
+    user: String,
 }
 
 impl std::fmt::Debug for SharedBook {
@@ -269,7 +271,12 @@ fn addresses(cfg: &tokio_postgres::Config) -> String {
 /// The server's words for a database error, or the client's with its causes.
 fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        return format!("{} ({}): {}", db.message(), db.code().code(), db.severity());
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
     }
     let mut out = e.to_string();
     let mut next = std::error::Error::source(e);
@@ -344,11 +351,9 @@ impl SharedBook {
             shards: opts.shards,
             writer: opts.writer.clone(),
             addr,
+            user,
         };
-        let mut client = book.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => book.connect_error(&e, &user),
-            e => book.db_reason(e.to_string()),
-        })?;
+        let mut client = book.client().await?;
         book.migrate(&mut client).await?;
         tracing::info!(addr = %book.addr, schema = SCHEMA_VERSION, shards = book.shards, writer = %book.writer, "shared book connected");
         Ok(book)
@@ -380,10 +385,10 @@ impl SharedBook {
     }
 
     /// A failed connection attempt: wrong credentials, or no server, or the server's refusal.
-    fn connect_error(&self, e: &tokio_postgres::Error, user: &str) -> BookError {
+    fn connect_error(&self, e: &tokio_postgres::Error) -> BookError {
         let auth = |reason: String| BookError::Auth {
             addr: self.addr.clone(),
-            user: user.to_string(),
+            user: self.user.clone(),
             reason,
         };
         if let Some(db) = e.as_db_error() {
@@ -411,7 +416,7 @@ impl SharedBook {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, BookError> {
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => self.connect_error(&e, ""),
+            PoolError::Backend(e) => self.connect_error(&e),
             e => self.db_reason(e.to_string()),
         })
     }
