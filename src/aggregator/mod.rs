@@ -21,6 +21,7 @@ mod reload;
 mod round;
 mod routes;
 pub mod scrape;
+pub mod shared;
 pub mod status;
 pub mod store;
 pub mod targets;
