@@ -105,7 +105,7 @@ fn fleet(rng: &mut Rng, seed: u64, steps: usize) -> Vec<Host> {
     let n = 2 + rng.below(7) as usize;
     (0..n)
         .map(|h| {
-            let contracts = if rng.chance(0.07) {
+            let contracts = if rng.chance(0.02) {
                 vec![0, 1]
             } else {
                 vec![rng.below(2) as usize]
@@ -121,8 +121,8 @@ fn fleet(rng: &mut Rng, seed: u64, steps: usize) -> Vec<Host> {
                     0
                 },
                 retired: rng.chance(0.15).then(|| rng.below(steps as u64) as usize),
-                sized_from: if rng.chance(0.15) {
-                    rng.below(steps as u64 + 10) as usize
+                sized_from: if rng.chance(0.12) {
+                    rng.below(steps as u64 * 3 / 4 + 5) as usize
                 } else {
                     0
                 },
@@ -590,6 +590,10 @@ fn splitting_the_fleet_has_no_bias() {
     let mut abs = [0i64; 11];
     let (mut committed_ms, mut delivered_ms, mut missing) = (0i64, 0i64, 0usize);
     let mut by_k = [0usize; 5];
+    // Contract-minutes dark, short, with undelivered, unreported, overage, idle_allocated,
+    // two teams or more, GPUs gone with a gap; runs with late GPU-ms.
+    let mut seen = [0usize; 9];
+    let mut gaps = 0usize;
     for seed in 0..400u64 {
         let k = 1 + (seed % 4) as u32;
         let r = run(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), k, seed % 3 == 0);
@@ -601,10 +605,33 @@ fn splitting_the_fleet_has_no_bias() {
             n += 1;
             by_k[k as usize] += 1;
         }
-        for (s, _) in &r.sealed {
+        for (s, short) in &r.sealed {
             committed_ms += s.totals.committed;
             delivered_ms += s.totals.delivered;
+            let t = s.totals;
+            for (i, on) in [
+                short.is_none(),
+                short.is_some_and(|x| x > 0),
+                t.undelivered > 0,
+                t.unreported > 0,
+                t.overage > 0,
+                t.idle_allocated > 0,
+                s.teams.len() > 1,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                seen[i] += usize::from(on);
+            }
         }
+        let parts = by_minute(&r);
+        seen[7] += r
+            .sealed
+            .iter()
+            .filter(|(s, _)| parts.iter().any(|p| p[&(s.minute, s.contract)].absent > 0))
+            .count();
+        seen[8] += usize::from(r.single.late().iter().any(|l| l.0 > 0));
+        gaps += r.single.pending_gaps().0.len();
         missing += check_missing(&r).expect("a missing shard");
     }
     for (i, f) in FIELDS.iter().enumerate() {
@@ -620,7 +647,12 @@ fn splitting_the_fleet_has_no_bias() {
         committed_ms as f64 / 3_600_000.0,
         delivered_ms as f64 / 3_600_000.0
     );
+    eprintln!(
+        "contract-minutes dark {}, short {}, undelivered {}, unreported {}, overage {}, idle_allocated {}, 2+ teams {}, GPUs gone with a gap {}; runs with late GPU-ms {}; gaps pending at the ends {gaps}",
+        seen[0], seen[1], seen[2], seen[3], seen[4], seen[5], seen[6], seen[7], seen[8]
+    );
     assert!(n > 5_000, "too few minutes compared: {n}");
+    assert!(seen.iter().all(|&x| x > 0), "a case never arose: {seen:?}");
     assert_eq!(abs, [0; 11], "shards and the one ledger differ");
 }
 
