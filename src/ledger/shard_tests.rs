@@ -889,3 +889,67 @@ fn a_lost_gpu_counts_as_known_for_short_in_every_contract() {
         assert_eq!(short, want, "the host in contract {contract}");
     }
 }
+
+/// `close` closes the minutes `seal` would, in order, into partials that split as `seal`
+/// does; it keeps no `short` gap (the sealer's); what arrives for a closed minute is late.
+#[test]
+fn close_closes_what_seal_would_and_later_data_is_late() {
+    let reading = |t: i64| Reading {
+        received_ms: t,
+        agent_ms: Some(t),
+        agent_start_ms: Some(0),
+        sampled_ms: Some(t),
+        gpus: [(
+            "g".to_string(),
+            GpuCounters {
+                observed_ms: t,
+                used_ms: t / 2,
+                ..GpuCounters::default()
+            },
+        )]
+        .into(),
+        owners: Default::default(),
+    };
+    let mut closing = Ledger::new(1, -M);
+    closing.configure(0, &[("h".into(), vec![0])], |_, _| i64::MAX);
+    closing.observe("h", 0, reading(0));
+    let mut sealing = closing.clone();
+    let commit = |_: usize, a: i64, b: i64| 2 * (b - a);
+    let sealed = sealing.seal(2 * M + 5_000, 5_000, commit);
+    let closed = closing.close(2 * M + 5_000, 5_000);
+    assert_eq!(
+        closed
+            .iter()
+            .map(|c| (c.minute, c.contract))
+            .collect::<Vec<_>>(),
+        vec![(0, 0), (1, 0)]
+    );
+    assert_eq!(closing.sealed_through(), 2);
+    for (c, s) in closed.iter().zip(&sealed) {
+        // One GPU known, silent since its reading at 0: expected, not watched.
+        let want = Partial {
+            expected: M,
+            watched: true,
+            capacity_gpus: 1,
+            ..Partial::default()
+        };
+        assert_eq!(c.partial, want);
+        let got = combine(
+            commit(0, c.minute * M, (c.minute + 1) * M),
+            &[&c.partial],
+            0,
+        );
+        assert_eq!((got.totals, got.short), (s.totals, Some(M)));
+        assert_eq!((got.totals.unreported, got.totals.undelivered), (M, M));
+    }
+    let short = |l: &Ledger| {
+        let gaps = l.pending_gaps().0;
+        gaps.iter().filter(|g| g.cause == Cause::Short).count()
+    };
+    assert_eq!((short(&sealing), short(&closing)), (1, 0));
+    // The host's counters for both closed minutes arrive: late, as after `seal`.
+    for l in [&mut closing, &mut sealing] {
+        l.observe("h", 0, reading(2 * M));
+        assert_eq!(l.late(), &[(2 * M, M)]);
+    }
+}
