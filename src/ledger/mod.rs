@@ -601,8 +601,9 @@ impl Ledger {
     /// Seals every minute that ended at least `grace_ms` before `now_ms`.
     /// `committed(contract, from_ms, to_ms)` gives committed GPU-ms.
     ///
-    /// Each minute is closed into one [`shard::Partial`] per contract ([`Ledger::close`])
-    /// and split by [`shard::combine`] alone: a single aggregator is the one-shard book.
+    /// Each minute is closed into one [`shard::Partial`] per contract (as by
+    /// [`Ledger::close`]) and split by [`shard::combine`] alone: a single aggregator is the
+    /// one-shard book.
     /// The contract's `short` delivery gap is kept here, from [`shard::Combined::short`].
     pub fn seal(
         &mut self,
@@ -616,7 +617,7 @@ impl Ledger {
             .collect()
     }
 
-    /// [`Ledger::seal`], with each sealed minute's `short` (for the tests).
+    /// [`Ledger::seal`], with each sealed minute's `short` (which the tests compare).
     fn seal_with_short(
         &mut self,
         now_ms: i64,

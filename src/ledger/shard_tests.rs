@@ -105,7 +105,7 @@ fn fleet(rng: &mut Rng, seed: u64, steps: usize) -> Vec<Host> {
     let n = 2 + rng.below(7) as usize;
     (0..n)
         .map(|h| {
-            let contracts = if rng.chance(0.07) {
+            let contracts = if rng.chance(0.02) {
                 vec![0, 1]
             } else {
                 vec![rng.below(2) as usize]
@@ -121,8 +121,8 @@ fn fleet(rng: &mut Rng, seed: u64, steps: usize) -> Vec<Host> {
                     0
                 },
                 retired: rng.chance(0.15).then(|| rng.below(steps as u64) as usize),
-                sized_from: if rng.chance(0.15) {
-                    rng.below(steps as u64 + 10) as usize
+                sized_from: if rng.chance(0.12) {
+                    rng.below(steps as u64 * 3 / 4 + 5) as usize
                 } else {
                     0
                 },
@@ -590,6 +590,10 @@ fn splitting_the_fleet_has_no_bias() {
     let mut abs = [0i64; 11];
     let (mut committed_ms, mut delivered_ms, mut missing) = (0i64, 0i64, 0usize);
     let mut by_k = [0usize; 5];
+    // Contract-minutes dark, short, with undelivered, unreported, overage, idle_allocated,
+    // two teams or more, GPUs gone with a gap; runs with late GPU-ms.
+    let mut seen = [0usize; 9];
+    let mut gaps = 0usize;
     for seed in 0..400u64 {
         let k = 1 + (seed % 4) as u32;
         let r = run(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), k, seed % 3 == 0);
@@ -601,10 +605,33 @@ fn splitting_the_fleet_has_no_bias() {
             n += 1;
             by_k[k as usize] += 1;
         }
-        for (s, _) in &r.sealed {
+        for (s, short) in &r.sealed {
             committed_ms += s.totals.committed;
             delivered_ms += s.totals.delivered;
+            let t = s.totals;
+            for (i, on) in [
+                short.is_none(),
+                short.is_some_and(|x| x > 0),
+                t.undelivered > 0,
+                t.unreported > 0,
+                t.overage > 0,
+                t.idle_allocated > 0,
+                s.teams.len() > 1,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                seen[i] += usize::from(on);
+            }
         }
+        let parts = by_minute(&r);
+        seen[7] += r
+            .sealed
+            .iter()
+            .filter(|(s, _)| parts.iter().any(|p| p[&(s.minute, s.contract)].absent > 0))
+            .count();
+        seen[8] += usize::from(r.single.late().iter().any(|l| l.0 > 0));
+        gaps += r.single.pending_gaps().0.len();
         missing += check_missing(&r).expect("a missing shard");
     }
     for (i, f) in FIELDS.iter().enumerate() {
@@ -620,7 +647,12 @@ fn splitting_the_fleet_has_no_bias() {
         committed_ms as f64 / 3_600_000.0,
         delivered_ms as f64 / 3_600_000.0
     );
+    eprintln!(
+        "contract-minutes dark {}, short {}, undelivered {}, unreported {}, overage {}, idle_allocated {}, 2+ teams {}, GPUs gone with a gap {}; runs with late GPU-ms {}; gaps pending at the ends {gaps}",
+        seen[0], seen[1], seen[2], seen[3], seen[4], seen[5], seen[6], seen[7], seen[8]
+    );
     assert!(n > 5_000, "too few minutes compared: {n}");
+    assert!(seen.iter().all(|&x| x > 0), "a case never arose: {seen:?}");
     assert_eq!(abs, [0; 11], "shards and the one ledger differ");
 }
 
@@ -855,5 +887,69 @@ fn a_lost_gpu_counts_as_known_for_short_in_every_contract() {
         // Known: 2 GPUs all minute (b's 20 s gone are known by its gap); committed 3.
         want[contract] = Some(M);
         assert_eq!(short, want, "the host in contract {contract}");
+    }
+}
+
+/// `close` closes the minutes `seal` would, in order, into partials that split as `seal`
+/// does; it keeps no `short` gap (the sealer's); what arrives for a closed minute is late.
+#[test]
+fn close_closes_what_seal_would_and_later_data_is_late() {
+    let reading = |t: i64| Reading {
+        received_ms: t,
+        agent_ms: Some(t),
+        agent_start_ms: Some(0),
+        sampled_ms: Some(t),
+        gpus: [(
+            "g".to_string(),
+            GpuCounters {
+                observed_ms: t,
+                used_ms: t / 2,
+                ..GpuCounters::default()
+            },
+        )]
+        .into(),
+        owners: Default::default(),
+    };
+    let mut closing = Ledger::new(1, -M);
+    closing.configure(0, &[("h".into(), vec![0])], |_, _| i64::MAX);
+    closing.observe("h", 0, reading(0));
+    let mut sealing = closing.clone();
+    let commit = |_: usize, a: i64, b: i64| 2 * (b - a);
+    let sealed = sealing.seal(2 * M + 5_000, 5_000, commit);
+    let closed = closing.close(2 * M + 5_000, 5_000);
+    assert_eq!(
+        closed
+            .iter()
+            .map(|c| (c.minute, c.contract))
+            .collect::<Vec<_>>(),
+        vec![(0, 0), (1, 0)]
+    );
+    assert_eq!(closing.sealed_through(), 2);
+    for (c, s) in closed.iter().zip(&sealed) {
+        // One GPU known, silent since its reading at 0: expected, not watched.
+        let want = Partial {
+            expected: M,
+            watched: true,
+            capacity_gpus: 1,
+            ..Partial::default()
+        };
+        assert_eq!(c.partial, want);
+        let got = combine(
+            commit(0, c.minute * M, (c.minute + 1) * M),
+            &[&c.partial],
+            0,
+        );
+        assert_eq!((got.totals, got.short), (s.totals, Some(M)));
+        assert_eq!((got.totals.unreported, got.totals.undelivered), (M, M));
+    }
+    let short = |l: &Ledger| {
+        let gaps = l.pending_gaps().0;
+        gaps.iter().filter(|g| g.cause == Cause::Short).count()
+    };
+    assert_eq!((short(&sealing), short(&closing)), (1, 0));
+    // The host's counters for both closed minutes arrive: late, as after `seal`.
+    for l in [&mut closing, &mut sealing] {
+        l.observe("h", 0, reading(2 * M));
+        assert_eq!(l.late(), &[(2 * M, M)]);
     }
 }
