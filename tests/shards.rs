@@ -132,7 +132,7 @@ fn book_sums(pg: &Postgres, db: &str, a: i64, b: i64) -> Vec<(String, i64)> {
 /// The SQLite reference's sealed figures over minutes `[a, b)`.
 fn sqlite_sums(data: &Path, a: i64, b: i64) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open_with_flags(
-        data.join("ledger.sqlite"),
+        data.join("ledger.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .expect("open the reference ledger");
@@ -198,7 +198,7 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
                 &format!("shard{s}"),
                 &agents,
                 gpus + 1,
-                Some(storage(&pg, db, s, "4s")),
+                Some(storage(&pg, db, s, "10s")),
             )
         })
         .collect();
@@ -223,20 +223,35 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
         }
     }
 
-    // Chaos for 100 s: each shard loses one replica at random moments (SIGKILL, restart
-    // after 2 to 6 s), and the database goes down once for 5 s (less than the grace).
+    // Chaos until the book has sealed its first minute f and minute f + 1 has ended: one
+    // replica of each shard is killed at random moments (SIGKILL, restart after 2 to 6 s;
+    // each restart re-baselines its hosts, so its partials around it are short), and the
+    // database goes down once for 5 s (less than the grace), after the book has begun.
     let mut rng = Rng::new();
     let start = Instant::now();
-    let outage_at = Duration::from_secs(30 + rng.below(40));
+    let mut outage_at: Option<Duration> = None;
     let mut outage_done = false;
     let mut next_kill: Vec<Duration> = (0..SHARDS)
         .map(|_| Duration::from_secs(5 + rng.below(20)))
         .collect();
     let mut kills = 0;
-    while start.elapsed() < Duration::from_secs(100) {
+    let mut first_sealed: Option<i64> = None;
+    loop {
+        if first_sealed.is_none() {
+            let (f, t) = sealed_span(&pg, db);
+            if t > 0 {
+                first_sealed = Some(f);
+                outage_at = Some(start.elapsed() + Duration::from_secs(rng.below(30)));
+            }
+        }
+        if first_sealed.is_some_and(|f| now_ms() >= (f + 2) * 60_000 + 3_000) && outage_done {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "the book sealed nothing in 5 minutes:\n{}", replicas[0][0].log_text());
         for s in 0..SHARDS as usize {
             if start.elapsed() >= next_kill[s] {
-                let r = rng.below(2) as usize;
+                // Always the same replica: the other one watches every minute whole.
+                let r = 0;
                 let victim = replicas[s].remove(r);
                 victim.kill9();
                 kills += 1;
@@ -246,7 +261,7 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
                 next_kill[s] = start.elapsed() + Duration::from_secs(10 + rng.below(20));
             }
         }
-        if !outage_done && start.elapsed() >= outage_at {
+        if !outage_done && outage_at.is_some_and(|at| start.elapsed() >= at) {
             pg.stop();
             std::thread::sleep(Duration::from_secs(5));
             pg.start_again();
@@ -298,6 +313,10 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
     assert_eq!(counted, "0", "minutes counted otherwise than once per shard");
 
     let book = book_sums(&pg, db, a, b);
+    // The reference holds its database exclusively while it runs: stop it first (its
+    // sealed minutes are durable).
+    let mut reference = reference;
+    terminate(&mut reference.child, Duration::from_secs(15));
     let sqlite = sqlite_sums(&reference_data, a, b);
     let all: Vec<&Agent> = agents.iter().collect();
     let (delivered, used) = truth(&all, a * 60_000, b * 60_000);
@@ -352,18 +371,18 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
     let shard1 = Aggregator::start(&configs[1], &dir.path("shard1"));
     shard0.wait_ready(Duration::from_secs(30));
     shard1.wait_ready(Duration::from_secs(30));
-    // Both shards contribute a whole minute first, so the book knows shard 1's capacity.
-    let first = now_ms().div_euclid(60_000) + 1;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while sealed_span(&pg, db).1 <= first {
-        assert!(Instant::now() < deadline, "nothing sealed:\n{}", shard0.log_text());
+    // Both shards contribute first, so the book knows shard 1's capacity.
+    // The first minute is the one after the first round; it closes `grace` after it ends.
+    let deadline = Instant::now() + Duration::from_secs(200);
+    while pg.psql(db, "SELECT count(DISTINCT shard) FROM contributions") != "2" {
+        assert!(Instant::now() < deadline, "the shards did not both contribute:\n{}", shard0.log_text());
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Shard 1 goes down (both replicas: it has one here) for more than a whole minute
-    // past its grace (8 s + 2 s).
+    // Shard 1 goes down (both replicas: it has one here). The next minute is wholly
+    // without it; the book seals it once its grace (8 s + 2 s) has passed.
     shard1.kill9();
     let down_from = now_ms().div_euclid(60_000) + 1;
-    let down_to = down_from + 1;
+    let down_to = down_from;
     let deadline = Instant::now() + Duration::from_secs(150);
     while sealed_span(&pg, db).1 <= down_to {
         assert!(Instant::now() < deadline, "minutes without shard 1 not sealed:\n{}", shard0.log_text());

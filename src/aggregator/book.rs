@@ -33,6 +33,9 @@ pub(super) struct BookSide {
     /// How long after its end a minute waits for every shard's contribution: the
     /// contract's `grace` (when shards close it) plus `shard_grace`.
     pub wait_ms: i64,
+    /// How long past its grace a minute this process did not watch whole waits, so that a
+    /// replica that did writes first: half the `shard_grace`.
+    pub defer_ms: i64,
     /// A sync is running: the next round does not start another.
     busy: AtomicBool,
     /// The last failure logged, so a down database logs once, and once when it is back.
@@ -40,11 +43,12 @@ pub(super) struct BookSide {
 }
 
 impl BookSide {
-    pub fn new(book: SharedBook, shard: ShardSpec, wait: Duration) -> Self {
+    pub fn new(book: SharedBook, shard: ShardSpec, grace: Duration, shard_grace: Duration) -> Self {
         Self {
             book,
             shard,
-            wait_ms: wait.as_millis() as i64,
+            wait_ms: (grace + shard_grace).as_millis() as i64,
+            defer_ms: (shard_grace / 2).as_millis() as i64,
             busy: AtomicBool::new(false),
             failing: Mutex::new(None),
         }
@@ -155,11 +159,11 @@ impl Shared {
     async fn book_round(self: &Arc<Self>, side: &BookSide) -> Result<(), BookError> {
         let metrics = self.metrics.book.as_ref();
         loop {
-            let rows = self
-                .books
-                .lock()
-                .expect("books lock")
-                .contribution(CONTRIBUTE_BATCH);
+            let rows = self.books.lock().expect("books lock").contribution(
+                CONTRIBUTE_BATCH,
+                self.clock.now_ms(),
+                side.defer_ms,
+            );
             if rows.is_empty() {
                 break;
             }

@@ -225,6 +225,10 @@ struct SharedBooks {
     /// Per contract: the first minute the book accounts (`None`: not known yet, this
     /// ledger's own start stands in).
     since: Vec<Option<i64>>,
+    /// Minutes before this one were not watched whole by this process (it started after
+    /// they began: its hosts re-baselined across the restart): their partials wait a while
+    /// past the grace so that a replica that watched them writes first.
+    watched_from: i64,
 }
 
 /// What the shared book holds of a contract at start ([`Books::adopt_shared`]): the running
@@ -354,6 +358,7 @@ impl Books {
             partials: Vec::new(),
             through: vec![self.durable_through; n],
             since: vec![None; n],
+            watched_from: i64::MAX,
         });
         self
     }
@@ -382,12 +387,28 @@ impl Books {
     /// In a shared book: this shard's closed minutes for the book, `(contract id, minute,
     /// partial)`, oldest first, at most `limit`; pass how many the book took to
     /// [`Books::contributed`]. Empty without a shared book.
-    pub fn contribution(&self, limit: usize) -> Vec<(String, i64, Partial)> {
+    ///
+    /// A minute this process did not watch whole (it began before the first scrape round
+    /// after a start) waits `defer_ms` past its grace: its partial lacks what the hosts did
+    /// while the process was down, and the book keeps the first write, so a replica that
+    /// watched the minute should write first. Without such a replica it is sent then, still
+    /// before the book's `shard_grace` runs out.
+    pub fn contribution(
+        &self,
+        limit: usize,
+        now_ms: i64,
+        defer_ms: i64,
+    ) -> Vec<(String, i64, Partial)> {
         let Some(s) = &self.shared else {
             return Vec::new();
         };
+        let due = |minute: i64| {
+            minute >= s.watched_from
+                || now_ms >= (minute + 1) * MINUTE_MS + self.grace_ms + defer_ms
+        };
         s.partials
             .iter()
+            .take_while(|m| due(m.minute))
             .take(limit)
             .map(|m| (self.contracts[m.contract].id.clone(), m.minute, m.partial.clone()))
             .collect()
@@ -507,6 +528,9 @@ impl Books {
     /// After the first scrape round: a ledger that has sealed nothing starts after it.
     pub fn start_after(&mut self, now_ms: i64) {
         self.ledger.start_after(now_ms);
+        if let Some(s) = &mut self.shared {
+            s.watched_from = crate::ledger::minute_of(now_ms) + 1;
+        }
     }
 
     /// Books one scrape's report of a target of contract `c`: its GPUs that match the

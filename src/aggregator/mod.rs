@@ -262,7 +262,8 @@ pub async fn serve(
             Some(Arc::new(book::BookSide::new(
                 shared_book,
                 shard,
-                cfg.grace + pg.shard_grace,
+                cfg.grace,
+                pg.shard_grace,
             )))
         }
     };

@@ -230,6 +230,44 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Stops the server at once (`-m immediate`: as a crash would), keeping its data.
+    pub fn stop(&self) {
+        check(
+            "pg_ctl stop",
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.path("data"))
+                .args(["-m", "immediate", "-w", "stop"])
+                .output()
+                .expect("run pg_ctl"),
+        );
+    }
+
+    /// Starts the stopped server again on the same port, with the same settings.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            self.port,
+            self.dir.root().display(),
+            self.dir.path("server.crt").display(),
+            self.dir.path("server.key").display(),
+        );
+        check(
+            "pg_ctl start",
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.path("data"))
+                .arg("-l")
+                .arg(self.dir.path("server.log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"])
+                .output()
+                .expect("run pg_ctl"),
+        );
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         let out = self

@@ -936,6 +936,21 @@ impl SharedBook {
         Ok(())
     }
 
+    /// The first minute of `contract` the book sealed and the first it has not; `None`:
+    /// it has sealed none yet.
+    pub async fn accounted(&self, contract: &str) -> Result<Option<(i64, i64)>, BookError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT min(minute), max(minute) FROM sealed_minutes WHERE contract = $1",
+                &[&contract],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        let (first, last): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+        Ok(first.zip(last).map(|(a, b)| (a, b + 1)))
+    }
+
     /// Minutes of `contract` before the returned one are sealed; `None`: none is yet.
     pub async fn sealed_through(&self, contract: &str) -> Result<Option<i64>, BookError> {
         let client = self.client().await?;
