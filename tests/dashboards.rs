@@ -5,6 +5,11 @@
 //! series documented in README.md (or the recording rules the dashboards read), and refer only
 //! to defined variables, with `=~"$var"` matchers so multi-value variables keep working.
 //! `dashboards/README.md` says which substitutions turn an expr into plain PromQL.
+//!
+//! Several aggregators sharing a book serve the same contract series, differing only in
+//! `instance`: every query over them is evaluated by Prometheus' own engine (`promtool test
+//! rules`, Debian's `prometheus` package) on synthetic series served by one aggregator and
+//! by two, and must give the same result (no double counting, one line per contract).
 
 // Tests read the clock and open SQLite as they please: clippy.toml keeps that to
 // src/clock.rs and src/aggregator/store.rs in the product only.
@@ -12,7 +17,7 @@
 
 mod common;
 
-use common::expand_series;
+use common::{expand_series, TempDir};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -503,4 +508,319 @@ fn the_checks_catch_typos_and_bare_variables() {
     let mut elsewhere = dash(ok);
     elsewhere["panels"][0]["panels"][0]["datasource"]["uid"] = "prom".into();
     assert_eq!(problems("ds", &elsewhere, &allowed).len(), 1);
+}
+
+// ---- Several aggregators: every query counts the replicas' series once ----------------
+
+/// Series that every aggregator sharing a book serves alike (read from the book): scraped
+/// from two replicas they differ only in `instance`. The aggregator's own health
+/// (`commitmeter_target_*`, ledger write errors and pending minutes, rejected readings,
+/// config) stays per aggregator and is not checked here.
+fn replicated(name: &str) -> bool {
+    name.starts_with("commitmeter_contract_")
+        || name.starts_with("commitmeter_team_")
+        || matches!(
+            name,
+            "commitmeter_ledger_sealed_through_timestamp_seconds"
+                | "commitmeter_ledger_since_timestamp_seconds"
+                | "commitmeter_ledger_late_gpu_seconds_total"
+        )
+}
+
+/// A dashboard expr as plain PromQL: Grafana's variables to fixed ranges, the dashboard's
+/// variables to `.+` (see dashboards/README.md).
+fn plain_promql(expr: &str) -> String {
+    let expr = expr
+        .replace("${__rate_interval}", "5m")
+        .replace("$__rate_interval", "5m")
+        .replace("${__interval}", "1m")
+        .replace("$__interval", "1m")
+        .replace("${__range}", "1h")
+        .replace("$__range", "1h");
+    regex::Regex::new(r"\$\{\w+(?::\w+)?\}|\$\w+")
+        .unwrap()
+        .replace_all(&expr, ".+")
+        .into_owned()
+}
+
+/// Every panel query of every dashboard: (where, expr).
+fn panel_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (file, dash) in dashboards() {
+        for panel in panels(&dash) {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    let ref_id = target["refId"].as_str().unwrap_or("");
+                    out.push((
+                        format!("{file}: {} target {ref_id:?}", panel_name(panel)),
+                        expr.to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The label sets (beyond `contract`, `job`, `instance`) a synthetic series of `name` gets,
+/// as the aggregator exports them (README, "Series").
+fn label_sets(name: &str) -> Vec<Vec<(&'static str, &'static str)>> {
+    let each = |label: &'static str, values: &[&'static str]| -> Vec<Vec<(&str, &str)>> {
+        values.iter().map(|v| vec![(label, *v)]).collect()
+    };
+    const NINE: &[&str] = &[
+        "committed",
+        "delivered",
+        "used",
+        "idle",
+        "undelivered",
+        "unreported",
+        "overage",
+        "idle_unallocated",
+        "idle_allocated",
+    ];
+    match name {
+        "commitmeter_contract_info" => vec![vec![
+            ("provider", "cloud"),
+            ("currency", "EUR"),
+            ("usage_signal", "busy"),
+            ("timezone", "UTC"),
+        ]],
+        "commitmeter_contract_price_per_gpu_second" => vec![vec![("currency", "EUR")]],
+        "commitmeter_contract_period_cost" => NINE
+            .iter()
+            .filter(|k| !matches!(**k, "delivered" | "unreported" | "overage"))
+            .map(|k| vec![("currency", "EUR"), ("kind", *k)])
+            .collect(),
+        "commitmeter_contract_period_gpu_seconds" => each("kind", NINE),
+        "commitmeter_contract_burn_rate_tier_reachable" => {
+            each("tier", &["page_1h", "page_6h", "ticket_1d", "ticket_3d"])
+        }
+        "commitmeter_team_period_gpu_seconds" => ["vision", "speech"]
+            .iter()
+            .flat_map(|t| {
+                ["allocated", "used"]
+                    .iter()
+                    .map(move |k| vec![("team", *t), ("kind", *k)])
+            })
+            .collect(),
+        n if n.starts_with("commitmeter_team_") => each("team", &["vision", "speech"]),
+        "commitmeter_ledger_late_gpu_seconds_total" => each("kind", &["delivered", "used"]),
+        _ => vec![vec![]],
+    }
+}
+
+/// Minutes of synthetic history; the queries are evaluated at [`EVAL_TIMES`].
+const HISTORY_MIN: usize = 120;
+const EVAL_TIMES: &[&str] = &["30m", "60m", "100m", "120m"];
+
+/// How a second aggregator serves the same series.
+#[derive(Clone, Copy, Debug)]
+enum Second {
+    /// None: one aggregator.
+    Absent,
+    /// The same values at the same times.
+    Twin,
+    /// Down from 40m to 80m (its series stale, then back with the book's values).
+    DownAWhile,
+    /// A sealed minute behind: its values one minute late.
+    MinuteBehind,
+}
+
+/// A promtool unit test file: the synthetic aggregator series of `names` (two contracts),
+/// served by `agg-a` and as `second` says by `agg-b`, the recording rules, and every query
+/// at every eval time with no expected samples (promtool prints what it got).
+fn replica_test_file(names: &BTreeSet<String>, queries: &[String], second: Second) -> String {
+    let mut input = String::new();
+    let mut k = 0u32;
+    for name in names {
+        let contracts: &[&str] = if name.starts_with("commitmeter_ledger_")
+            && name != "commitmeter_ledger_late_gpu_seconds_total"
+        {
+            &[""]
+        } else {
+            &["north", "south"]
+        };
+        for contract in contracts {
+            for labels in label_sets(name) {
+                k += 1;
+                let values: Vec<f64> = (0..=HISTORY_MIN)
+                    .map(|m| {
+                        let m = m as f64;
+                        match name.as_str() {
+                            "commitmeter_ledger_sealed_through_timestamp_seconds" => 60.0 * m,
+                            "commitmeter_ledger_since_timestamp_seconds" => 0.0,
+                            "commitmeter_contract_period_start_timestamp_seconds" => 0.0,
+                            "commitmeter_contract_period_end_timestamp_seconds" => 2_592_000.0,
+                            "commitmeter_contract_target_utilization_ratio" => 0.9,
+                            "commitmeter_contract_price_per_gpu_second" => 0.0005,
+                            n if n.ends_with("_total") => 60.0 * f64::from(k) * m,
+                            _ => 0.125 * f64::from(k),
+                        }
+                    })
+                    .collect();
+                for instance in ["agg-a", "agg-b"] {
+                    let served: Vec<Option<f64>> = match (instance, second) {
+                        ("agg-a", _) | (_, Second::Twin) => {
+                            values.iter().copied().map(Some).collect()
+                        }
+                        (_, Second::Absent) => continue,
+                        (_, Second::DownAWhile) => values
+                            .iter()
+                            .enumerate()
+                            .map(|(m, v)| (!(40..80).contains(&m)).then_some(*v))
+                            .collect(),
+                        (_, Second::MinuteBehind) => std::iter::once(None)
+                            .chain(values.iter().copied().map(Some))
+                            .take(values.len())
+                            .collect(),
+                    };
+                    let mut selector =
+                        format!("{name}{{job=\"commitmeter-aggregator\",instance=\"{instance}\"");
+                    if !contract.is_empty() {
+                        selector.push_str(&format!(",contract=\"{contract}\""));
+                    }
+                    for (label, value) in &labels {
+                        selector.push_str(&format!(",{label}=\"{value}\""));
+                    }
+                    selector.push('}');
+                    let values: Vec<String> = served
+                        .iter()
+                        .map(|v| v.map_or("_".to_string(), |v| format!("{v}")))
+                        .collect();
+                    input.push_str(&format!(
+                        "      - series: {}\n        values: \"{}\"\n",
+                        serde_json::to_string(&selector).unwrap(),
+                        values.join(" ")
+                    ));
+                }
+            }
+        }
+    }
+    let mut exprs = String::new();
+    for (i, q) in queries.iter().enumerate() {
+        for at in EVAL_TIMES {
+            exprs.push_str(&format!(
+                "      - expr: {}\n        eval_time: {at}\n        exp_samples: []\n",
+                serde_json::to_string(&format!("# q{i}\n{q}")).unwrap()
+            ));
+        }
+    }
+    format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{input}    promql_expr_test:\n{exprs}",
+        serde_json::to_string(&root().join("alerts/commitmeter-recording.yml")).unwrap()
+    )
+}
+
+/// What promtool got for each (query index, eval time) it printed: `got: ...` (a query
+/// that returned nothing is not printed) or `err: ...`.
+fn promtool_results(file: &Path) -> BTreeMap<(usize, String), String> {
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(file)
+        .output()
+        .expect("promtool not found: install Debian's `prometheus` package");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let head =
+        regex::Regex::new(r##"^\s*expr: "# q(\d+)\\n.*", time: (\w+),(?: err: (.*))?$"##).unwrap();
+    let mut results = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(c) = head.captures(line) else {
+            continue;
+        };
+        let key = (c[1].parse().unwrap(), c[2].to_string());
+        let value = match c.get(3) {
+            Some(err) => format!("err: {}", err.as_str()),
+            None => lines[i + 1..]
+                .iter()
+                .take(2)
+                .find_map(|l| l.trim().strip_prefix("got:"))
+                .unwrap_or("?")
+                .trim()
+                .to_string(),
+        };
+        results.insert(key, value);
+    }
+    results
+}
+
+#[test]
+fn every_query_over_the_aggregators_series_counts_replicas_once() {
+    let recording = read(&root().join("alerts/commitmeter-recording.yml"));
+    let mut checked = Vec::new();
+    let mut names = BTreeSet::new();
+    for (at, expr) in panel_queries() {
+        let used = commitmeter_names(&expr);
+        if !used
+            .iter()
+            .any(|n| replicated(n) || n.starts_with("contract:"))
+        {
+            continue;
+        }
+        names.extend(used.into_iter().filter(|n| replicated(n)));
+        checked.push((at, plain_promql(&expr)));
+    }
+    // The recording rules the dashboards read need their inputs.
+    for line in recording
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        names.extend(
+            commitmeter_names(line)
+                .into_iter()
+                .filter(|n| replicated(n)),
+        );
+    }
+    assert!(
+        checked.len() > 20,
+        "too few dashboard queries over the aggregators' series: {}",
+        checked.len()
+    );
+    let queries: Vec<String> = checked.iter().map(|(_, q)| q.clone()).collect();
+    let dir = TempDir::keep_on_failure("dashboards-replicas");
+    let run = |second: Second| {
+        let file = dir.path(&format!("{second:?}.yml"));
+        std::fs::write(&file, replica_test_file(&names, &queries, second)).unwrap();
+        promtool_results(&file)
+    };
+    let one = run(Second::Absent);
+    let mut problems = Vec::new();
+    // Every query evaluates, and returns data with one aggregator: else the comparison
+    // below would prove nothing.
+    for (i, (at, q)) in checked.iter().enumerate() {
+        let got: Vec<&String> = EVAL_TIMES
+            .iter()
+            .filter_map(|t| one.get(&(i, t.to_string())))
+            .collect();
+        if let Some(err) = got.iter().find(|g| g.starts_with("err:")) {
+            problems.push(format!("{at}: {q}: {err}"));
+        } else if got.is_empty() {
+            problems.push(format!("{at}: {q}: no data with one aggregator"));
+        }
+    }
+    for second in [Second::Twin, Second::DownAWhile, Second::MinuteBehind] {
+        let two = run(second);
+        for (i, (at, q)) in checked.iter().enumerate() {
+            for t in EVAL_TIMES {
+                let key = (i, t.to_string());
+                let (a, b) = (one.get(&key), two.get(&key));
+                if a != b {
+                    problems.push(format!(
+                        "{at}: {q}\n  at {t}, one aggregator:  {}\n  at {t}, two ({second:?}): {}",
+                        a.map_or("nothing", String::as_str),
+                        b.map_or("nothing", String::as_str)
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "dashboard queries that count a second aggregator's series (take the max per \
+         contract: README, \"Several aggregators: no double counting\"), {} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
