@@ -1,12 +1,18 @@
 //! Aggregator benchmark (not a timed test): `cargo bench --bench aggregator`.
 //!
-//! One process simulates N agents of 8 GPUs on loopback (one port, a metrics path per
-//! agent, listed in a file_sd file); the release aggregator scrapes them every 15 s
-//! into one contract. After a warm-up round, CPU time of all its threads
-//! (/proc/PID/task/*/schedstat), RSS (/proc/PID/status) and bytes written to storage
-//! (`write_bytes` of /proc/PID/io) are read over `COMMITMETER_BENCH_SECS` (default 60)
-//! seconds. Then SIGTERM: the bytes of the clean stop are the hosts' checkpoint (written
-//! once an hour while running), so bytes per hour = the window's rate + one stop.
+//! One process simulates N agents of 8 GPUs on loopback (a port per 10,000 agents, each
+//! with its own accept loop, a metrics path per agent, listed in a file_sd file; without
+//! teams each body is a copy of one exposition rendered once a second, the agent's number
+//! written in, so the simulator stays cheap at 125,000 agents); the release aggregator
+//! scrapes them every 15 s into one contract. After the first round and its commit (every
+//! host's first checkpoint), CPU time of all its threads (/proc/PID/task/*/schedstat), RSS
+//! (/proc/PID/status) and bytes written to storage (`write_bytes` of /proc/PID/io) are read
+//! over `COMMITMETER_BENCH_SECS` (default 60) seconds, with the simulator's own CPU (this
+//! process) beside them, the scrape phase of each round and each ledger commit's duration
+//! (the aggregator's debug log), then the size of `/metrics` and of the status page. Then
+//! SIGTERM: the bytes of the clean stop are the hosts' checkpoint (written once an hour
+//! while running), so bytes per hour = the window's rate + one stop.
+//! `COMMITMETER_BENCH_AGENTS=125000` is 1,000,000 GPUs.
 //! `COMMITMETER_BENCH_AGENTS` picks the fleet sizes (default "1000,10000");
 //! `COMMITMETER_BENCH_ARGS` adds aggregator flags. `COMMITMETER_BENCH_DOWN_PERCENT=10` makes
 //! that share of the agents answer 503, a different share every 15 s (the worst churn for
@@ -139,61 +145,147 @@ fn bench_teams() -> usize {
         .unwrap_or(0)
 }
 
-fn simulate(listener: std::net::TcpListener, start: Instant, down_percent: usize) {
+/// The exposition every plain agent serves (no owner series) for one whole second of the
+/// simulation, rendered once for agent [`MARK`]: each agent's copy is this body with its
+/// number written over the mark (a fixed 8 digits), so serving 8,000 scrapes a second
+/// costs the simulator a copy of 15 kB each rather than a render.
+struct Template {
+    second: u64,
+    body: Vec<u8>,
+    /// Where the 8 digits of the agent's number are in `body`.
+    marks: Vec<usize>,
+}
+
+/// An agent number no fleet reaches, rendered as the template's agent.
+const MARK: usize = 99_999_999;
+
+impl Template {
+    fn render(second: u64, start_unix: f64) -> Self {
+        let body = exposition(MARK, start_unix, second as f64, 0).into_bytes();
+        let needle = format!("GPU-{MARK:08}-");
+        let marks = body
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle.as_bytes())
+            .map(|(i, _)| i + 4)
+            .collect();
+        Self {
+            second,
+            body,
+            marks,
+        }
+    }
+
+    /// Agent `agent`'s exposition.
+    fn body(&self, agent: usize) -> Vec<u8> {
+        let mut b = self.body.clone();
+        let digits = format!("{agent:08}");
+        for &at in &self.marks {
+            b[at..at + 8].copy_from_slice(digits.as_bytes());
+        }
+        b
+    }
+}
+
+/// Serves the simulated agents on `listeners` (an accept loop each, so one loop is not what
+/// limits thousands of new connections a second) on a runtime of two threads.
+fn simulate(listeners: Vec<std::net::TcpListener>, start: Instant, down_percent: usize) {
     let start_unix = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as f64)
         / 1000.0;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.spawn(async move {
-        listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let agent: usize = req
-                            .uri()
-                            .path()
-                            .split('/')
-                            .nth(2)
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(0);
-                        // Whole ms, as a real agent's rounds.
-                        let elapsed = (start.elapsed().as_millis() as f64) / 1000.0;
-                        let window = start.elapsed().as_secs() as usize / 15;
-                        if down_percent > 0 && (agent + window) % (100 / down_percent) == 0 {
-                            let mut r = hyper::Response::new(Full::new(Bytes::new()));
-                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                            return Ok::<_, Infallible>(r);
+    let teams = bench_teams();
+    let template = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+        Template::render(0, start_unix),
+    )));
+    for listener in listeners {
+        let template = template.clone();
+        rt.spawn(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let template = template.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let template = template.clone();
+                        async move {
+                            let agent: usize = req
+                                .uri()
+                                .path()
+                                .split('/')
+                                .nth(2)
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(0);
+                            let window = start.elapsed().as_secs() as usize / 15;
+                            if down_percent > 0 && (agent + window) % (100 / down_percent) == 0 {
+                                let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok::<_, Infallible>(r);
+                            }
+                            let body = if teams > 0 {
+                                // Whole ms, as a real agent's rounds.
+                                let elapsed = (start.elapsed().as_millis() as f64) / 1000.0;
+                                exposition(agent, start_unix, elapsed, teams).into_bytes()
+                            } else {
+                                // Whole seconds: an agent's counters as of its last round.
+                                let second = start.elapsed().as_secs();
+                                let t = template.read().unwrap().clone();
+                                let t = if t.second == second {
+                                    t
+                                } else {
+                                    let fresh =
+                                        std::sync::Arc::new(Template::render(second, start_unix));
+                                    let mut w = template.write().unwrap();
+                                    if w.second < second {
+                                        *w = fresh;
+                                    }
+                                    w.clone()
+                                };
+                                t.body(agent)
+                            };
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                         }
-                        let body = exposition(agent, start_unix, elapsed, bench_teams());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-                    },
-                );
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
     std::mem::forget(rt);
+}
+
+/// Simulated agents per listening port.
+const AGENTS_PER_PORT: usize = 10_000;
+
+/// The simulator's listeners for `agents` agents (one port per [`AGENTS_PER_PORT`]) and
+/// their addresses.
+fn listeners(agents: usize) -> (Vec<std::net::TcpListener>, Vec<String>) {
+    (0..agents.div_ceil(AGENTS_PER_PORT).max(1))
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            (l, addr)
+        })
+        .unzip()
 }
 
 /// The aggregator's config for `agents` simulated agents at `addr` (listed in a file_sd
 /// file in `dir`): one contract, `sim`, committing all their GPUs.
-fn fleet_config(dir: &TempDir, addr: &str, agents: usize, terms: &str) -> std::path::PathBuf {
+fn fleet_config(dir: &TempDir, addrs: &[String], agents: usize, terms: &str) -> std::path::PathBuf {
     let sd = dir.path("agents.json");
     let groups: Vec<String> = (0..agents)
-        .map(|i| format!(r#"{{"targets":["{addr}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#))
+        .map(|i| format!(r#"{{"targets":["{}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#, addrs[i % addrs.len()]))
         .collect();
     std::fs::write(&sd, format!("[{}]", groups.join(","))).unwrap();
     let config = dir.path("aggregator.toml");
@@ -230,16 +322,15 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
 }
 
 fn run(agents: usize, secs: u64, down_percent: usize) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    simulate(listener, Instant::now(), down_percent);
+    let (listeners, addrs) = listeners(agents);
+    simulate(listeners, Instant::now(), down_percent);
     let dir = TempDir::new("bench-agg");
-    let config = fleet_config(&dir, &addr, agents, "");
+    let config = fleet_config(&dir, &addrs, agents, "");
     // More aggregator flags, e.g. `--storage.host-checkpoint-interval=0s`.
     let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
-    let agg = Aggregator::start_with(&config, &dir.path("data"), &extra);
+    let agg = start_logged(&config, &dir.path("data"), &extra);
     let pid = agg.child.id();
     let up = |m: &Metrics| {
         m.series("commitmeter_target_up")
@@ -247,39 +338,100 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
             .filter(|(_, v)| *v == 1.0)
             .count()
     };
-    agg.wait_for(Duration::from_secs(60), "all targets scraped", |m| {
-        m.series("commitmeter_target_up").len() == agents && (down_percent > 0 || up(m) == agents)
-    });
+    // The first round's summary (from the log: polling `/metrics` of 125,000 targets
+    // would load the machine being measured).
+    wait_until(
+        Duration::from_secs(120 + agents as u64 / 500),
+        || format!("all targets scraped; log:\n{}", agg.log_text()),
+        || {
+            events(&agg.log, "scrape round")
+                .iter()
+                .any(|(_, l)| {
+                    field(l, "targets") == Some(agents as i64)
+                        && (down_percent > 0 || field(l, "up") == Some(agents as i64))
+                })
+                .then_some(())
+        },
+    );
     // The write after the first round holds every host's first checkpoint (then hourly):
     // let it land before the window opens.
+    wait_until(
+        Duration::from_secs(300),
+        || format!("the first checkpoint written; log:\n{}", agg.log_text()),
+        || (!events(&agg.log, "ledger commit").is_empty()).then_some(()),
+    );
     std::thread::sleep(Duration::from_secs(20));
+    let checkpoint_ms = events(&agg.log, "ledger commit")
+        .first()
+        .and_then(|(_, l)| field(l, "took_ms"))
+        .unwrap_or(0);
     let lines0 = agg.log.lock().unwrap().len();
     let cpu0 = cpu_ns(pid);
+    let sim0 = cpu_ticks(std::process::id());
     let written0 = write_bytes(pid).unwrap();
+    let from_ms = unix_ms();
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
+    let sim = (cpu_ticks(std::process::id()) - sim0) as f64 / 100.0;
     let written = write_bytes(pid).unwrap() - written0;
     let wall = start.elapsed().as_secs_f64();
-    let lines = agg.log.lock().unwrap().len() - lines0;
-    let m = agg.metrics();
+    let to_ms = unix_ms();
+    let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    // Log lines a person reads: the debug lines the bench asked for (every round's
+    // summary, every commit) are not counted.
+    let lines = agg.log.lock().unwrap()[lines0..]
+        .iter()
+        .filter(|l| l.split_whitespace().nth(1) != Some("DEBUG"))
+        .count();
+    let within = |at: &i64| (from_ms..to_ms).contains(at);
+    let rounds: Vec<i64> = events(&agg.log, "scrape round")
+        .into_iter()
+        .filter(|(at, _)| within(at))
+        .filter_map(|(_, l)| field(&l, "took_ms"))
+        .collect();
+    let commits: Vec<i64> = events(&agg.log, "ledger commit")
+        .into_iter()
+        .filter(|(at, _)| within(at))
+        .filter_map(|(_, l)| field(&l, "took_ms"))
+        .collect();
+    let t = Instant::now();
+    let (status, body) = http_get(&agg.addr, "/metrics");
+    let metrics_ms = t.elapsed().as_millis();
+    assert_eq!(status, 200, "/metrics");
+    let metrics_bytes = body.len();
+    let m = Metrics::parse(&body);
+    drop(body);
+    let t = Instant::now();
+    let (status, page) = http_get(&agg.addr, "/");
+    let page_ms = t.elapsed().as_millis();
+    assert_eq!(status, 200, "/");
     let rejected: f64 = m
         .series("commitmeter_ledger_rejected_gpu_seconds_total")
         .iter()
         .map(|(_, v)| v)
         .sum();
-    let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    let targets_up = up(&m);
+    drop(m);
     // Team and contract time count sealed minutes only (grace 1m): after the window, wait
     // for one with allocated time, so the team figures below are never of an empty ledger.
-    let m = agg.wait_for(
+    let m = wait_until(
         Duration::from_secs(180),
-        "a sealed minute with allocated time",
-        |m| {
-            m.get(
-                "commitmeter_contract_allocated_gpu_seconds_total",
-                &[("contract", "sim")],
+        || {
+            format!(
+                "a sealed minute with allocated time; log:\n{}",
+                agg.log_text()
             )
-            .is_some_and(|v| v > 0.0)
+        },
+        || {
+            std::thread::sleep(Duration::from_secs(5));
+            Some(agg.metrics()).filter(|m| {
+                m.get(
+                    "commitmeter_contract_allocated_gpu_seconds_total",
+                    &[("contract", "sim")],
+                )
+                .is_some_and(|v| v > 0.0)
+            })
         },
     );
     let teams = m.series("commitmeter_team_allocated_gpu_seconds_total");
@@ -295,6 +447,7 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
     // is gone (the last reading before exit).
     let mut agg = agg;
     let before_stop = write_bytes(pid).unwrap();
+    let stopping = Instant::now();
     signal(pid, "-TERM");
     let mut at_stop = before_stop;
     while let Some(b) = write_bytes(pid) {
@@ -304,19 +457,31 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let stop_ms = stopping.elapsed().as_millis();
     let stop = at_stop - before_stop;
     let per_min = written as f64 / wall * 60.0;
     println!(
-        "aggregator: {agents} agents x 8 GPUs, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core, RSS {rss} kB, peak RSS {hwm} kB, {} targets up, {rejected} GPU-s rejected; \
-         written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB, so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
+        "aggregator: {agents} agents x 8 GPUs on {} ports, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core (the simulator: {:.1}%), RSS {rss} kB, peak RSS {hwm} kB, {targets_up} targets up, {rejected} GPU-s rejected; \
+         {} rounds, scrape phase p50/max {}/{} ms; {} commits, took p50/max {}/{} ms, the first (every host's checkpoint) {checkpoint_ms} ms; \
+         written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB (stop took {stop_ms} ms), so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
+         /metrics {:.1} MB in {metrics_ms} ms, status page {:.1} MB in {page_ms} ms; \
          {down_percent}% down (rotating every 15 s): {:.1} log lines/min; \
          {} teams with time, allocated {allocated:.3} GPU-s, over the teams {team_sum:.3} (equal to the GPU-ms: {})",
+        addrs.len(),
         cpu / wall * 100.0,
-        up(&m),
+        sim / wall * 100.0,
+        rounds.len(),
+        pct(&rounds, 50),
+        pct(&rounds, 100),
+        commits.len(),
+        pct(&commits, 50),
+        pct(&commits, 100),
         per_min / 1e6,
         stop as f64 / 1e6,
         (per_min * 60.0 + stop as f64) / 1e6,
         (per_min * 60.0 + stop as f64) / 60.0 / 1e6,
+        metrics_bytes as f64 / 1e6,
+        page.len() as f64 / 1e6,
         lines as f64 / wall * 60.0,
         teams.len(),
         same_ms,
@@ -377,7 +542,7 @@ fn seed(data: &std::path::Path, gpus: i64, to: i64) -> i64 {
 }
 
 /// The aggregator, logging every scrape round's summary and every ledger-writer job (debug).
-fn start_logged(config: &std::path::Path, data: &std::path::Path) -> Aggregator {
+fn start_logged(config: &std::path::Path, data: &std::path::Path, extra: &[String]) -> Aggregator {
     let mut child = std::process::Command::new(BIN)
         .arg("aggregator")
         .arg(format!("--config.file={}", config.display()))
@@ -385,6 +550,7 @@ fn start_logged(config: &std::path::Path, data: &std::path::Path) -> Aggregator 
         .arg("--web.listen-address=127.0.0.1:0")
         .arg("--log.level=info,commitmeter::aggregator::round=debug,commitmeter::aggregator::writer=debug")
         .arg(JSON_LOG)
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -808,11 +974,10 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
 /// `commitmeter statement` back to back, `GET /statements/…` back to back (and at each
 /// round's end), none again. Prints each window's figures, then the README's table row.
 fn run_statements(agents: usize, secs: u64) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    simulate(listener, Instant::now(), 0);
+    let (listeners, addrs) = listeners(agents);
+    simulate(listeners, Instant::now(), 0);
     let dir = TempDir::new("bench-statements");
-    let config = fleet_config(&dir, &addr, agents, "on_demand_price_per_gpu_hour = 4.0");
+    let config = fleet_config(&dir, &addrs, agents, "on_demand_price_per_gpu_hour = 4.0");
     let data = dir.path("data");
     let gpus = agents as i64 * 8;
     let now_ms = unix_ms();
@@ -822,7 +987,7 @@ fn run_statements(agents: usize, secs: u64) {
         .unwrap()
         .strftime("%Y-%m")
         .to_string();
-    let agg = start_logged(&config, &data);
+    let agg = start_logged(&config, &data, &[]);
     agg.wait_for(Duration::from_secs(120), "all targets scraped", |m| {
         m.series("commitmeter_target_up")
             .iter()

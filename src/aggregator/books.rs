@@ -69,6 +69,13 @@ pub trait LedgerStore: Send + 'static {
     /// a successful commit) replace those of the same commit rather than adding twice.
     fn commit(&mut self, ids: &[String], commit: &Commit) -> Result<(), Self::Error>;
 
+    /// Whether the next commit should carry the hosts' states ([`Commit::hosts`]): a store
+    /// that writes host checkpoints only now and then says when one is due, so the rounds
+    /// in between copy no host state. The default: every commit carries them.
+    fn hosts_due(&self) -> bool {
+        true
+    }
+
     /// A contract's late GPU-ms `(minute, delivered, used)` for the minutes `[from, to)`,
     /// one entry per minute that has any, in order.
     fn late_minutes(
@@ -119,6 +126,9 @@ impl LedgerStore for super::store::Store {
     fn commit(&mut self, ids: &[String], commit: &Commit) -> Result<(), Self::Error> {
         super::store::Store::commit_with(self, ids, commit)
     }
+    fn hosts_due(&self) -> bool {
+        super::store::Store::hosts_due(self)
+    }
     fn late_minutes(
         &self,
         contract: &str,
@@ -153,6 +163,9 @@ pub struct Commit {
     pub gaps: Vec<Gap>,
     /// The late GPU-ms by minute not yet durable ([`Ledger::pending_late`]).
     pub late: Vec<LateMinute>,
+    /// Whether `snap.hosts` holds every host's state; `false`: left empty, as no host
+    /// checkpoint is due ([`LedgerStore::hosts_due`]).
+    pub hosts: bool,
 }
 
 /// How a finished write changed the books.
@@ -208,6 +221,9 @@ pub struct Books {
     team_rules: Teams,
     /// Per contract, the durable team time: all time and the current billing period.
     teams: Vec<TeamBook>,
+    /// The next write carries the hosts' states (a host checkpoint is due, the last write
+    /// with them failed, or the process is stopping).
+    hosts_wanted: bool,
     /// In a book shared with other aggregators: this shard's closed minutes on their way to
     /// the book, and how far its sealed minutes were taken back. `None`: this ledger seals
     /// its own minutes (SQLite alone).
@@ -345,6 +361,7 @@ impl Books {
             teams,
             team_rules: Teams::default(),
             shared: None,
+            hosts_wanted: true,
         })
     }
 
@@ -627,7 +644,12 @@ impl Books {
         if self.in_flight.is_some() {
             return None;
         }
-        let snap = self.ledger.snapshot();
+        let hosts = self.hosts_wanted;
+        let snap = if hosts {
+            self.ledger.snapshot()
+        } else {
+            self.ledger.snapshot_without_hosts()
+        };
         let (gaps, gaps_mark) = self.ledger.pending_gaps();
         let late = self.ledger.pending_late();
         self.in_flight = Some(InFlight {
@@ -643,6 +665,7 @@ impl Books {
             snap,
             gaps,
             late,
+            hosts,
         })
     }
 
@@ -658,6 +681,7 @@ impl Books {
             };
         };
         if !written {
+            self.hosts_wanted = true;
             self.failing = true;
             return Finished::Failed {
                 pending: self.pending.len(),
@@ -683,6 +707,13 @@ impl Books {
             minutes: w.minutes,
             recovered,
         }
+    }
+
+    /// Whether the next writes carry the hosts' states: `due` as the store says after each
+    /// commit ([`LedgerStore::hosts_due`]); `true` at a clean stop. Until told otherwise
+    /// (and after a failed write) every write carries them.
+    pub fn want_hosts(&mut self, due: bool) {
+        self.hosts_wanted = due;
     }
 
     /// How long the write in flight has been, if one is.

@@ -332,6 +332,7 @@ pub async fn serve(
     reload::spawn_sighup(hup.clone());
     let scraper = Scraper::new(
         cfg.scrape_timeout,
+        cfg.scrape_interval,
         cfg.body_limit_bytes,
         p.scrape_tls,
         &p.scrape,

@@ -60,7 +60,13 @@ pub(super) fn reload(
         tracing::info!("config reloaded");
     }
     m.restart_required.set(i64::from(restart));
-    let scraper = Scraper::new(cfg.scrape_timeout, cfg.body_limit_bytes, tls, &client);
+    let scraper = Scraper::new(
+        cfg.scrape_timeout,
+        cfg.scrape_interval,
+        cfg.body_limit_bytes,
+        tls,
+        &client,
+    );
     cfg.static_targets = new.static_targets;
     cfg.file_sd = new.file_sd;
     cfg.scrape = new.scrape;

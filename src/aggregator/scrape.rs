@@ -338,15 +338,33 @@ struct Body {
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// How long a connection waits idle in the pool for the agent's next scrape. Agents close
+/// a connection idle for [`crate::http::HEADER_READ_TIMEOUT`] (10 s); the pool drops it at
+/// half that, so a scrape never goes out on a connection the agent is closing at that
+/// instant.
+pub const POOL_IDLE: Duration = Duration::from_secs(crate::http::HEADER_READ_TIMEOUT.as_secs() / 2);
+
+/// Idle connections the scrape client keeps per agent. A target is scraped once at a time,
+/// so one is all a reuse needs, and only when the next scrape comes within [`POOL_IDLE`]:
+/// at a longer interval (the default 15 s) no pooled connection is ever reused, and keeping
+/// it would only hold a descriptor and its buffers (125,000 agents at 15 s: ~42,000
+/// connections idle at any moment, more than the half of the descriptor limit the server
+/// leaves to scrapes, [`crate::http::conns`]). Then each scrape connects anew and closes
+/// its connection when its answer is read.
+pub fn idle_per_agent(interval: Duration) -> usize {
+    usize::from(interval < POOL_IDLE)
+}
+
 /// Bodies up to this size are parsed on the scrape's own task (a few hundred µs at most);
 /// larger ones on a blocking thread, so a 16 MiB body never stalls the runtime.
 const PARSE_INLINE_BYTES: usize = 256 * 1024;
 
 impl Scraper {
     /// `tls` is used for `https` targets ([`tls_config`]); `scrape` gives the server name
-    /// override and the credentials.
+    /// override and the credentials; `interval` is the scrape interval ([`idle_per_agent`]).
     pub fn new(
         timeout: Duration,
+        interval: Duration,
         body_limit: usize,
         tls: Arc<rustls::ClientConfig>,
         scrape: &ScrapeClient,
@@ -364,15 +382,9 @@ impl Scraper {
             }
             None => builder,
         };
-        // A target is scraped once at a time, so one idle connection per agent is all a
-        // reuse needs: 10,000 agents hold at most 10,000 descriptors, inside the half of
-        // the limit the server leaves to scrapes (http::conns::max_connections). Agents
-        // close a connection idle for http::HEADER_READ_TIMEOUT (10 s); the pool drops it
-        // at half that, so a scrape never goes out on a connection the agent is closing at
-        // that instant (with longer scrape intervals every scrape connects anew).
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .pool_idle_timeout(crate::http::HEADER_READ_TIMEOUT / 2)
+            .pool_max_idle_per_host(idle_per_agent(interval))
+            .pool_idle_timeout(POOL_IDLE)
             .build(builder.enable_http1().wrap_connector(http));
         let authorization = scrape.basic_auth.as_ref().and_then(|a| {
             let token = base64::engine::general_purpose::STANDARD
@@ -794,6 +806,17 @@ fn owner_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pooled connection is kept only when the next scrape can reuse it.
+    #[test]
+    fn an_idle_connection_is_pooled_only_when_the_next_scrape_comes_before_it_is_dropped() {
+        assert_eq!(POOL_IDLE, Duration::from_secs(5));
+        assert!(POOL_IDLE < crate::http::HEADER_READ_TIMEOUT);
+        assert_eq!(idle_per_agent(Duration::from_secs(1)), 1);
+        assert_eq!(idle_per_agent(Duration::from_millis(4999)), 1);
+        assert_eq!(idle_per_agent(POOL_IDLE), 0);
+        assert_eq!(idle_per_agent(Duration::from_secs(15)), 0);
+    }
 
     #[test]
     fn the_labels_read_are_the_agents() {

@@ -1264,6 +1264,7 @@ impl Store {
                 snap: snap.clone(),
                 gaps: gaps.to_vec(),
                 late: Vec::new(),
+                hosts: true,
             },
         )
     }
@@ -1275,11 +1276,7 @@ impl Store {
     /// same sequence number and replaces that row instead of adding it twice.
     pub fn commit_with(&mut self, ids: &[String], commit: &Commit) -> Result<(), StoreError> {
         let (sealed, snap, gaps) = (&commit.sealed, &commit.snap, &commit.gaps);
-        let interval = self.opts.host_checkpoint_interval;
-        let due = interval.is_zero()
-            || self
-                .hosts_written_at
-                .is_none_or(|t| clock::elapsed(t) >= interval);
+        let due = commit.hosts && self.hosts_due();
         let seq = self.seq + 1;
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite {
@@ -1430,11 +1427,22 @@ impl Store {
                 self.unwritten = None;
                 self.last = stats;
             }
-            None => self.unwritten = Some((ids.to_vec(), snap.hosts.clone())),
+            None if commit.hosts => self.unwritten = Some((ids.to_vec(), snap.hosts.clone())),
+            None => {}
         }
         self.checkpoint_wal();
         self.serve_backup_request();
         Ok(())
+    }
+
+    /// Whether a host checkpoint is due (`--storage.host-checkpoint-interval` since the
+    /// last, or none yet): the next commit writes the hosts' states it carries.
+    pub fn hosts_due(&self) -> bool {
+        let interval = self.opts.host_checkpoint_interval;
+        interval.is_zero()
+            || self
+                .hosts_written_at
+                .is_none_or(|t| clock::elapsed(t) >= interval)
     }
 
     /// What the last successful commit wrote.
@@ -2727,6 +2735,18 @@ mod tests {
         let sealed = ledger.seal(230_000, 0, |_, _, _| 0);
         store.commit(&ids, &sealed, &ledger.snapshot()).unwrap();
         assert_eq!(store.last_commit(), CommitStats::default());
+        assert!(!store.hosts_due(), "the next checkpoint is an hour away");
+        // A commit that carries no host states (none due) keeps the last ones for the stop.
+        let bare = Commit {
+            sealed: Vec::new(),
+            snap: ledger.snapshot_without_hosts(),
+            gaps: Vec::new(),
+            late: Vec::new(),
+            hosts: false,
+        };
+        store.commit_with(&ids, &bare).unwrap();
+        assert_eq!(store.last_commit(), CommitStats::default());
+        assert_eq!(store.unwritten.as_ref().map(|u| u.1.len()), Some(49));
         let stored: i64 = store
             .conn
             .query_row(
@@ -2768,6 +2788,7 @@ mod tests {
                 snap: ledger.snapshot(),
                 gaps: Vec::new(),
                 late: ledger.pending_late(),
+                hosts: true,
             };
             store.commit_with(&ids, &c).unwrap();
             c

@@ -42,7 +42,11 @@ struct Queued {
 
 enum WriteJob {
     /// Sealed minutes, the ledger's snapshot and its pending gaps, in one transaction.
-    Commit { commit: Commit, done: Done },
+    /// Answered with whether the next commit should carry the hosts' states.
+    Commit {
+        commit: Commit,
+        done: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    },
     /// At a clean stop: the host checkpoints not yet written (they are written only every
     /// `--storage.host-checkpoint-interval` while running).
     Flush { done: Done },
@@ -70,8 +74,10 @@ impl Writer {
                         WriteJob::Commit { commit, done } => {
                             let r = store.commit(&ids, &commit);
                             let took_ms = clock::elapsed(started).as_millis() as u64;
-                            tracing::debug!(minutes = commit.sealed.len(), waited_ms, took_ms, ok = r.is_ok(), "ledger commit");
-                            let _ = done.send(r.map_err(|e| e.to_string()));
+                            let hosts = commit.snap.hosts.len();
+                            tracing::debug!(minutes = commit.sealed.len(), hosts, waited_ms, took_ms, ok = r.is_ok(), "ledger commit");
+                            drop(commit);
+                            let _ = done.send(r.map(|()| store.hosts_due()).map_err(|e| e.to_string()));
                         }
                         WriteJob::Flush { done } => {
                             let _ = done.send(store.flush().map_err(|e| e.to_string()));
@@ -193,8 +199,11 @@ impl Shared {
     }
 
     /// Applies a finished write of `n` minutes: only now do its minutes reach the counters.
-    fn finish_write(self: &Arc<Self>, n: usize, written: Result<(), String>) {
+    fn finish_write(self: &Arc<Self>, n: usize, written: Result<bool, String>) {
         let mut books = self.books.lock().expect("books lock");
+        if let Ok(hosts_due) = written {
+            books.want_hosts(hosts_due);
+        }
         let minutes = match (books.finish_write(written.is_ok()), written) {
             (Finished::Durable { minutes, recovered }, _) => {
                 if recovered {
@@ -289,6 +298,8 @@ impl Shared {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.seal_due();
+        // The last write carries every host's state: the flush below writes it.
+        self.books.lock().expect("books lock").want_hosts(true);
         if let Some(job) = self.start_write() {
             let left = deadline.saturating_duration_since(clock::monotonic_now());
             if tokio::time::timeout(left, job).await.is_err() {

@@ -120,6 +120,7 @@ impl LedgerStore for MemStore {
             snap,
             gaps,
             late,
+            hosts: _,
         } = commit;
         self.commits += 1;
         for l in late {
@@ -394,6 +395,43 @@ fn at_most_seven_days_of_minutes_wait_for_a_broken_store() {
     assert_eq!(books.running(0).all_time.committed, 7 * 1440 * M);
     assert_eq!(books.seal_due(hour(7 * 24 + 1)), 60);
     assert_eq!(books.sealed_through(), FIRST + 7 * 1440 + 60);
+}
+
+/// Between host checkpoints a write copies no host state (at 125,000 hosts a copy is
+/// ~200 MB each round); the write after the store says one is due, the write after a
+/// failed one, and the last write at a clean stop carry every host's.
+#[test]
+fn host_states_go_with_a_write_only_when_the_store_wants_them() {
+    let mut store = MemStore::default();
+    let mut books = open(&store, contracts(1, None), 0);
+    books.record(
+        "h:1",
+        0,
+        T0 + 10_000,
+        &report(T0 + 10_000, &[("GPU-1", "H100", 0)]),
+    );
+    let hosts_of_next_write = |books: &mut Books, store: &mut MemStore| {
+        let commit = books.start_write(crate::clock::monotonic_now()).unwrap();
+        let ok = store.commit(&["c".to_string()], &commit).is_ok();
+        books.finish_write(ok);
+        assert_eq!(commit.hosts, !commit.snap.hosts.is_empty());
+        commit.snap.hosts.len()
+    };
+    // Until the store says otherwise, every write carries them.
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 1);
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 1);
+    books.want_hosts(false);
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 0);
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 0);
+    // A failed write: the next carries them, whatever was due.
+    store.broken = true;
+    hosts_of_next_write(&mut books, &mut store);
+    store.broken = false;
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 1);
+    books.want_hosts(false);
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 0);
+    books.want_hosts(true);
+    assert_eq!(hosts_of_next_write(&mut books, &mut store), 1);
 }
 
 #[test]
