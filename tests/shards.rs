@@ -84,7 +84,8 @@ impl Rng {
     }
 }
 
-const AGGREGATOR: &str = "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"8s\"\n\n";
+const AGGREGATOR: &str =
+    "[aggregator]\nscrape_interval = \"1s\"\nscrape_timeout = \"1s\"\ngrace = \"8s\"\n\n";
 
 /// The config of an aggregator over `agents`: with `storage` a `[storage]` table (a
 /// shard of the book), without it the SQLite reference.
@@ -137,7 +138,10 @@ fn sqlite_sums(data: &Path, a: i64, b: i64) -> Vec<(String, i64)> {
     )
     .expect("open the reference ledger");
     let cols = commitmeter::ledger::Kind::NAMES;
-    let sums: Vec<String> = cols.iter().map(|k| format!("COALESCE(sum({k}), 0)")).collect();
+    let sums: Vec<String> = cols
+        .iter()
+        .map(|k| format!("COALESCE(sum({k}), 0)"))
+        .collect();
     let row: Vec<i64> = conn
         .query_row(
             &format!(
@@ -247,7 +251,11 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
         if first_sealed.is_some_and(|f| now_ms() >= (f + 2) * 60_000 + 3_000) && outage_done {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "the book sealed nothing in 5 minutes:\n{}", replicas[0][0].log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the book sealed nothing in 5 minutes:\n{}",
+            replicas[0][0].log_text()
+        );
         for s in 0..SHARDS as usize {
             if start.elapsed() >= next_kill[s] {
                 // Always the same replica: the other one watches every minute whole.
@@ -275,18 +283,26 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
     let end_minute = now_ms().div_euclid(60_000);
     let deadline = Instant::now() + Duration::from_secs(90);
     while sealed_span(&pg, db).1 <= end_minute {
-        assert!(Instant::now() < deadline, "the book did not seal minute {end_minute}; shard 0 log:\n{}", replicas[0][0].log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the book did not seal minute {end_minute}; shard 0 log:\n{}",
+            replicas[0][0].log_text()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let (a, _) = sealed_span(&pg, db);
     // The reference accounts from its own first minute: compare where both have minutes.
     let b = end_minute;
-    reference.wait(Duration::from_secs(60), "the reference to seal the span", || {
-        reference
-            .metrics()
-            .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
-            .is_some_and(|t| t as i64 >= b * 60)
-    });
+    reference.wait(
+        Duration::from_secs(60),
+        "the reference to seal the span",
+        || {
+            reference
+                .metrics()
+                .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                .is_some_and(|t| t as i64 >= b * 60)
+        },
+    );
     let reference_since = reference
         .metrics()
         .get("commitmeter_ledger_since_timestamp_seconds", &[])
@@ -310,7 +326,10 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
          (SELECT COALESCE(sum(delivered), 0) FROM contributions c WHERE c.contract = s.contract AND c.minute = s.minute) \
          OR (SELECT count(*) FROM contributions c WHERE c.contract = s.contract AND c.minute = s.minute) > 2",
     );
-    assert_eq!(counted, "0", "minutes counted otherwise than once per shard");
+    assert_eq!(
+        counted, "0",
+        "minutes counted otherwise than once per shard"
+    );
 
     let book = book_sums(&pg, db, a, b);
     // The reference holds its database exclusively while it runs: stop it first (its
@@ -330,28 +349,60 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
     );
     for (kind, truth) in [("delivered", delivered), ("used", used)] {
         let got = get(&book, kind);
-        assert!((got - truth).abs() <= tol, "book {kind} {got:.3} vs truth {truth:.3} (tolerance {tol:.2})");
+        assert!(
+            (got - truth).abs() <= tol,
+            "book {kind} {got:.3} vs truth {truth:.3} (tolerance {tol:.2})"
+        );
     }
-    for kind in ["committed", "delivered", "used", "idle", "undelivered", "unreported"] {
+    for kind in [
+        "committed",
+        "delivered",
+        "used",
+        "idle",
+        "undelivered",
+        "unreported",
+    ] {
         let (x, y) = (get(&book, kind), get(&sqlite, kind));
-        assert!((x - y).abs() <= tol, "{kind}: book {x:.3} vs SQLite reference {y:.3} (tolerance {tol:.2})");
+        assert!(
+            (x - y).abs() <= tol,
+            "{kind}: book {x:.3} vs SQLite reference {y:.3} (tolerance {tol:.2})"
+        );
     }
     // Every replica serves the book's counters: the same values once they have taken back
     // the same sealed minutes.
     let through = sealed_span(&pg, db).1;
     let mut served = Vec::new();
     for r in replicas.iter().flatten() {
-        let m = r.wait_for(Duration::from_secs(30), "the replica to take back the book", |m| {
-            m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
-                .is_some_and(|t| t as i64 >= through * 60)
-        });
+        let m = r.wait_for(
+            Duration::from_secs(30),
+            "the replica to take back the book",
+            |m| {
+                m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                    .is_some_and(|t| t as i64 >= through * 60)
+            },
+        );
         // Stop comparing a moving target: a later seal moves one replica first.
-        let t = m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[]).unwrap();
-        served.push((t, m.get("commitmeter_contract_delivered_gpu_seconds_total", &[("contract", "c")])));
+        let t = m
+            .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+            .unwrap();
+        served.push((
+            t,
+            m.get(
+                "commitmeter_contract_delivered_gpu_seconds_total",
+                &[("contract", "c")],
+            ),
+        ));
     }
     let newest = served.iter().map(|s| s.0).fold(0.0, f64::max);
-    let at_newest: Vec<_> = served.iter().filter(|s| s.0 == newest).map(|s| s.1).collect();
-    assert!(at_newest.windows(2).all(|w| w[0] == w[1]), "replicas at the same seal serve different counters: {served:?}");
+    let at_newest: Vec<_> = served
+        .iter()
+        .filter(|s| s.0 == newest)
+        .map(|s| s.1)
+        .collect();
+    assert!(
+        at_newest.windows(2).all(|w| w[0] == w[1]),
+        "replicas at the same seal serve different counters: {served:?}"
+    );
 }
 
 #[test]
@@ -364,7 +415,13 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
     let dir = TempDir::new("shard-down");
     let configs: Vec<PathBuf> = (0..SHARDS)
         .map(|s| {
-            config(dir.root(), &format!("shard{s}"), &agents, gpus, Some(storage(&pg, db, s, "2s")))
+            config(
+                dir.root(),
+                &format!("shard{s}"),
+                &agents,
+                gpus,
+                Some(storage(&pg, db, s, "2s")),
+            )
         })
         .collect();
     let shard0 = Aggregator::start(&configs[0], &dir.path("shard0"));
@@ -375,7 +432,11 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
     // The first minute is the one after the first round; it closes `grace` after it ends.
     let deadline = Instant::now() + Duration::from_secs(200);
     while pg.psql(db, "SELECT count(DISTINCT shard) FROM contributions") != "2" {
-        assert!(Instant::now() < deadline, "the shards did not both contribute:\n{}", shard0.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the shards did not both contribute:\n{}",
+            shard0.log_text()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // Shard 1 goes down (both replicas: it has one here). The next minute is wholly
@@ -385,7 +446,11 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
     let down_to = down_from;
     let deadline = Instant::now() + Duration::from_secs(150);
     while sealed_span(&pg, db).1 <= down_to {
-        assert!(Instant::now() < deadline, "minutes without shard 1 not sealed:\n{}", shard0.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "minutes without shard 1 not sealed:\n{}",
+            shard0.log_text()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let shard1_gpus: i64 = agents
@@ -404,15 +469,22 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
             ),
         );
         let v: Vec<i64> = row.split('|').map(|x| x.trim().parse().unwrap()).collect();
-        let (delivered, unreported, undelivered, shard1_rows, shard0_delivered) = (v[0], v[1], v[2], v[3], v[4]);
-        assert_eq!(shard1_rows, 0, "minute {minute}: shard 1 contributed while down");
+        let (delivered, unreported, undelivered, shard1_rows, shard0_delivered) =
+            (v[0], v[1], v[2], v[3], v[4]);
+        assert_eq!(
+            shard1_rows, 0,
+            "minute {minute}: shard 1 contributed while down"
+        );
         // The other shard's evidence as it was; shard 1's capacity unreported, never
         // undelivered (the commitment is the fleet: nothing else is short).
         assert_eq!(delivered, shard0_delivered, "minute {minute}");
         assert_eq!(unreported, shard1_gpus * 60_000, "minute {minute}: {row}");
         assert_eq!(undelivered, 0, "minute {minute}: {row}");
         // Shard 0's hosts: their truth.
-        let shard0: Vec<&Agent> = agents.iter().filter(|a| hashmod(&a.addr, SHARDS) == 0).collect();
+        let shard0: Vec<&Agent> = agents
+            .iter()
+            .filter(|a| hashmod(&a.addr, SHARDS) == 0)
+            .collect();
         let (truth_delivered, _) = truth(&shard0, minute * 60_000, (minute + 1) * 60_000);
         assert!(
             (delivered as f64 / 1000.0 - truth_delivered).abs() <= 0.2 * gpus as f64 + 0.5,
@@ -423,10 +495,17 @@ fn a_shard_down_longer_than_its_grace_is_sealed_unreported_and_the_other_is_unto
     // counted, nothing changes in the book.
     let before = book_sums(&pg, db, down_from, down_to + 1);
     let back = Aggregator::start(&configs[1], &dir.path("shard1"));
-    back.wait_for(Duration::from_secs(60), "its late minutes refused and counted", |m| {
-        m.get("commitmeter_book_contributed_minutes_total", &[("result", "sealed")])
+    back.wait_for(
+        Duration::from_secs(60),
+        "its late minutes refused and counted",
+        |m| {
+            m.get(
+                "commitmeter_book_contributed_minutes_total",
+                &[("result", "sealed")],
+            )
             .is_some_and(|n| n >= 1.0)
-    });
+        },
+    );
     assert_eq!(book_sums(&pg, db, down_from, down_to + 1), before);
 }
 
@@ -442,7 +521,10 @@ fn run_to_exit(config: &Path, data: &Path, extra: &[&str]) -> (Option<i32>, Stri
         .stderr(Stdio::piped())
         .output()
         .expect("run the aggregator");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -454,7 +536,13 @@ fn a_book_refuses_another_shard_count_wrong_credentials_and_says_when_it_cannot_
     let agent = Agent::start(&host(), AgentOpts::default());
     let agents = [agent];
     // The book gets its shard count from the first aggregator.
-    let two = config(dir.root(), "two", &agents, 3, Some(storage(&pg, db, 0, "2s")));
+    let two = config(
+        dir.root(),
+        "two",
+        &agents,
+        3,
+        Some(storage(&pg, db, 0, "2s")),
+    );
     let first = Aggregator::start(&two, &dir.path("two"));
     first.wait_ready(Duration::from_secs(30));
     let three = config(
@@ -475,10 +563,10 @@ fn a_book_refuses_another_shard_count_wrong_credentials_and_says_when_it_cannot_
         "bad",
         &agents,
         3,
-        Some(
-            storage(&pg, db, 1, "2s")
-                .replace(&pg.password_file().display().to_string(), &wrong.display().to_string()),
-        ),
+        Some(storage(&pg, db, 1, "2s").replace(
+            &pg.password_file().display().to_string(),
+            &wrong.display().to_string(),
+        )),
     );
     let (code, err) = run_to_exit(&bad, &dir.path("bad"), &[]);
     assert_eq!(code, Some(1), "{err}");
@@ -501,7 +589,10 @@ fn a_book_refuses_another_shard_count_wrong_credentials_and_says_when_it_cannot_
         &["--storage.postgres.exit-if-unreachable"],
     );
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("cannot reach PostgreSQL") && err.contains(&port), "{err}");
+    assert!(
+        err.contains("cannot reach PostgreSQL") && err.contains(&port),
+        "{err}"
+    );
     // Without it: the aggregator waits, saying so once, and does not exit.
     let mut child = Command::new(env!("CARGO_BIN_EXE_commitmeter"))
         .arg("aggregator")
@@ -518,18 +609,34 @@ fn a_book_refuses_another_shard_count_wrong_credentials_and_says_when_it_cannot_
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             sink.lock().unwrap().push(line);
         }
     });
     wait_until(
         Duration::from_secs(20),
         || format!("the retry line:\n{}", log_text(&log)),
-        || log_text(&log).contains("retrying with backoff").then_some(()),
+        || {
+            log_text(&log)
+                .contains("retrying with backoff")
+                .then_some(())
+        },
     );
     std::thread::sleep(Duration::from_secs(4));
-    assert!(child.try_wait().unwrap().is_none(), "exited:\n{}", log_text(&log));
-    assert_eq!(log_count(&log, "cannot reach the shared book"), 1, "{}", log_text(&log));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited:\n{}",
+        log_text(&log)
+    );
+    assert_eq!(
+        log_count(&log, "cannot reach the shared book"),
+        1,
+        "{}",
+        log_text(&log)
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

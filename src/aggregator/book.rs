@@ -169,8 +169,14 @@ impl Shared {
             }
             let out = side.book.contribute(side.shard.index, &rows).await?;
             if let Some(m) = metrics {
-                for (result, n) in [("won", out.won), ("already", out.already), ("sealed", out.sealed)] {
-                    m.contributed.with(&ResultLabels { result }).inc_by(n as u64);
+                for (result, n) in [
+                    ("won", out.won),
+                    ("already", out.already),
+                    ("sealed", out.sealed),
+                ] {
+                    m.contributed
+                        .with(&ResultLabels { result })
+                        .inc_by(n as u64);
                 }
             }
             if out.sealed > 0 {
@@ -190,12 +196,17 @@ impl Shared {
         let contracts = &self.contracts;
         let sealed = side
             .book
-            .seal(&self.ids, self.clock.now_ms(), side.wait_ms, |id, from, to| {
-                contracts
-                    .iter()
-                    .find(|c| c.id == id)
-                    .map_or(0, |c| c.committed_gpu_ms(from, to))
-            })
+            .seal(
+                &self.ids,
+                self.clock.now_ms(),
+                side.wait_ms,
+                |id, from, to| {
+                    contracts
+                        .iter()
+                        .find(|c| c.id == id)
+                        .map_or(0, |c| c.committed_gpu_ms(from, to))
+                },
+            )
             .await?;
         if let Some(m) = metrics {
             m.sealed.inc_by(sealed.len() as u64);

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use super::scrape::{GpuReport, HostReport};
 use crate::contract::{Contract, Teams, UsageSignal};
 use crate::ledger::host::OwnerCounters;
-use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::shard::Partial;
+use crate::ledger::totals::{figures, Figures, Running, Terms};
 use crate::ledger::{
     ClosedMinute, Gap, GpuCounters, LateMinute, Ledger, Outcome, Reading, Sealed, Snapshot,
     TeamAmounts, TeamRow, Totals, Xids, MINUTE_MS,
@@ -400,7 +400,6 @@ impl Books {
         }
     }
 
-
     /// In a shared book: this shard's closed minutes for the book, `(contract id, minute,
     /// partial)`, oldest first, at most `limit`; pass how many the book took to
     /// [`Books::contributed`]. Empty without a shared book.
@@ -427,7 +426,13 @@ impl Books {
             .iter()
             .take_while(|m| due(m.minute))
             .take(limit)
-            .map(|m| (self.contracts[m.contract].id.clone(), m.minute, m.partial.clone()))
+            .map(|m| {
+                (
+                    self.contracts[m.contract].id.clone(),
+                    m.minute,
+                    m.partial.clone(),
+                )
+            })
             .collect()
     }
 

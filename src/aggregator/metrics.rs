@@ -68,7 +68,10 @@ impl BookMetrics {
     /// without this shard (`sealed`: its hosts were counted unreported).
     pub const RESULTS: [&'static str; 3] = ["won", "already", "sealed"];
 
-    pub fn register(registry: &Registry, shard: crate::contract::ShardSpec) -> prometheus::Result<Self> {
+    pub fn register(
+        registry: &Registry,
+        shard: crate::contract::ShardSpec,
+    ) -> prometheus::Result<Self> {
         let info = IntGauge::with_opts(
             Opts::new(
                 "commitmeter_book_info",

@@ -174,7 +174,10 @@ impl Shared {
         let through = info.sealed_through_minute.unwrap_or(i64::MIN);
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
-        let read = match self.read_sealed(&contract.id, from, to.min(through), to).await {
+        let read = match self
+            .read_sealed(&contract.id, from, to.min(through), to)
+            .await
+        {
             Ok(read) => {
                 info.late = statement::late_by_minute(&read.late);
                 read
@@ -232,7 +235,10 @@ impl Shared {
         let Some(side) = &self.book else {
             return self.writer.read(contract, from, to, Some(gaps_to)).await;
         };
-        let local = self.writer.read(contract, from, from, Some(gaps_to)).await?;
+        let local = self
+            .writer
+            .read(contract, from, from, Some(gaps_to))
+            .await?;
         let minutes = side
             .book
             .minutes(contract, from, to)

@@ -313,7 +313,10 @@ impl Shared {
         // the book keeps the first).
         if self.book.is_some() {
             let left = deadline.saturating_duration_since(clock::monotonic_now());
-            if tokio::time::timeout(left, self.last_book_round()).await.is_err() {
+            if tokio::time::timeout(left, self.last_book_round())
+                .await
+                .is_err()
+            {
                 tracing::warn!("the shared book did not answer before shutdown; closed minutes not sent are the other replica's to send");
             }
         }

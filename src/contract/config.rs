@@ -23,8 +23,8 @@ use serde::Deserialize;
 
 use super::calendar::{self, TimeSpec};
 use super::selector::{regex_error, Selector};
-use super::teams::{TeamRef, Teams};
 use super::shard::{ShardError, ShardSpec};
+use super::teams::{TeamRef, Teams};
 use super::{assign, target_labels, Contract, CreditTier, Sla, UsageSignal, PPM};
 
 /// Defaults of the `[aggregator]` table.
@@ -594,7 +594,9 @@ fn storage_settings(
     };
     let shard = match raw.shard.as_deref() {
         None => ShardSpec::default(),
-        Some(s) => s.parse().map_err(|e: ShardError| err("shard", e.to_string()))?,
+        Some(s) => s
+            .parse()
+            .map_err(|e: ShardError| err("shard", e.to_string()))?,
     };
     let Some(url) = raw.postgres else {
         for (key, given) in [

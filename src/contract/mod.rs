@@ -29,9 +29,9 @@ use regex::Regex;
 
 pub use config::{
     load, parse, AggregatorConfig, BasicAuthFile, ConfigError, ContractRef, FileSd, IdentityFiles,
-    PostgresSettings, StorageSettings, DEFAULT_SHARD_GRACE,
-    Scheme, ScrapeSettings, TargetGroup, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE,
-    DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT, MAX_CLAIM_WINDOW_DAYS, MAX_COMMITTED_GPUS,
+    PostgresSettings, Scheme, ScrapeSettings, StorageSettings, TargetGroup,
+    DEFAULT_BODY_LIMIT_BYTES, DEFAULT_GRACE, DEFAULT_SCRAPE_INTERVAL, DEFAULT_SCRAPE_TIMEOUT,
+    DEFAULT_SHARD_GRACE, MAX_CLAIM_WINDOW_DAYS, MAX_COMMITTED_GPUS,
 };
 pub use config::{
     BODY_LIMIT_RANGE, MAX_GRACE, MAX_PRICE_PER_GPU_HOUR, MIN_SCRAPE_TIMEOUT, SCRAPE_INTERVAL_RANGE,
