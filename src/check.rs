@@ -14,7 +14,7 @@ pub enum Kind {
     /// The agent's `--config.file` (`[labels]`).
     Agent,
     /// The aggregator's `--config.file` (`[aggregator]`, `[[targets]]`, `[[file_sd]]`,
-    /// `[[contracts]]`, `[[teams]]`).
+    /// `[[contracts]]`, `[[teams]]`, `[storage]`).
     Aggregator,
     /// A `--web.config.file` (YAML).
     Web,
@@ -79,7 +79,17 @@ pub fn kind_of(path: &Path, text: &str, explicit: Option<Kind>) -> (Kind, String
     let aggregator: Vec<&str> = tables
         .iter()
         .map(String::as_str)
-        .filter(|t| ["aggregator", "targets", "file_sd", "contracts", "teams"].contains(t))
+        .filter(|t| {
+            [
+                "aggregator",
+                "targets",
+                "file_sd",
+                "contracts",
+                "teams",
+                "storage",
+            ]
+            .contains(t)
+        })
         .collect();
     if !aggregator.is_empty() {
         return (
@@ -138,7 +148,7 @@ fn shown_tables(names: &[&str]) -> String {
     names
         .iter()
         .map(|n| match *n {
-            "aggregator" => "[aggregator]".to_string(),
+            "aggregator" | "storage" => format!("[{n}]"),
             other => format!("[[{other}]]"),
         })
         .collect::<Vec<_>>()

@@ -262,6 +262,7 @@ fn every_config_key_in_the_readme_is_known_to_the_parser() {
         "[[targets]]\ntargets = [\"a:1\"]\nzzz = 1\n".to_string(),
         "[[file_sd]]\nfiles = [\"x\"]\nzzz = 1\n".to_string(),
         "[[teams]]\nname = \"t\"\nzzz = 1\n".to_string(),
+        "[storage]\nzzz = 1\n".to_string(),
         format!("{contract}zzz = 1\nramp = [{{ from = \"2026-01-01\", gpus = 1 }}]\n"),
         format!("{contract}ramp = [{{ from = \"2026-01-01\", gpus = 1, zzz = 1 }}]\n"),
         format!("{contract}ramp = [{{ from = \"2026-01-01\", gpus = 1 }}]\nsla = {{ zzz = 1 }}\n"),

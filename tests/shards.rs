@@ -545,6 +545,40 @@ fn a_book_refuses_another_shard_count_wrong_credentials_and_says_when_it_cannot_
     );
     let first = Aggregator::start(&two, &dir.path("two"));
     first.wait_ready(Duration::from_secs(30));
+    // The README's table of a shared book's series is what such an aggregator exports.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("### Shared book")
+        .expect("a Shared book section")..];
+    let table = &section[section.find("| series |").expect("its series table")..];
+    let documented: std::collections::BTreeSet<String> = table
+        .lines()
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap_or("")
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| t.starts_with("commitmeter_"))
+        .flat_map(|t| expand_series(&t))
+        .collect();
+    let exported: std::collections::BTreeSet<String> = first
+        .metrics()
+        .samples
+        .keys()
+        .filter(|k| k.starts_with("commitmeter_book_"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        documented, exported,
+        "README's shared book series vs exported"
+    );
     let three = config(
         dir.root(),
         "three",

@@ -1599,3 +1599,60 @@ fn implausible_values_are_warned_not_refused() {
         )]
     );
 }
+
+#[test]
+fn storage_names_the_book_and_the_shard_and_refuses_what_cannot_work() {
+    let c = ok("");
+    assert_eq!(c.storage, StorageSettings::default());
+    assert!(c.storage.shard.is_whole());
+    let c = ok(
+        "[storage]\npostgres = \"postgres://cm@db:5432/book?sslmode=require\"\n\
+                password_file = \"pw\"\nshard = \"1/3\"\nshard_grace = \"90s\"\n",
+    );
+    let pg = c.storage.postgres.expect("a shared book");
+    assert_eq!(pg.url, "postgres://cm@db:5432/book?sslmode=require");
+    assert_eq!(pg.password_file.as_deref(), Some(Path::new("pw")));
+    assert_eq!(pg.shard_grace, Duration::from_secs(90));
+    assert_eq!(c.storage.shard, ShardSpec { index: 1, count: 3 });
+    assert_eq!(
+        ok("[storage]\npostgres = \"postgresql://db/book\"\n")
+            .storage
+            .postgres
+            .unwrap()
+            .shard_grace,
+        DEFAULT_SHARD_GRACE
+    );
+    for (text, want) in [
+        (
+            "[storage]\npostgres = \"postgres://db/b\"\nshard = \"5/4\"\n",
+            "aggregator.toml: storage.shard: \"5/4\": the index is the target's hashmod value, 0 to 3 for 4 shards",
+        ),
+        (
+            "[storage]\npostgres = \"postgres://db/b\"\nshard = \"0/0\"\n",
+            "aggregator.toml: storage.shard: \"0/0\": the shard count must be at least 1",
+        ),
+        (
+            "[storage]\nshard = \"0/2\"\n",
+            "aggregator.toml: storage.shard: needs storage.postgres",
+        ),
+        (
+            "[storage]\npostgres = \"postgres://cm:secret@db/b\"\n",
+            "aggregator.toml: storage.postgres: holds a password",
+        ),
+        (
+            "[storage]\npostgres = \"mysql://db/b\"\n",
+            "aggregator.toml: storage.postgres: \"mysql://db/b\" must start with postgres://",
+        ),
+        (
+            "[storage]\npostgres = \"postgres:///b\"\n",
+            "aggregator.toml: storage.postgres: \"postgres:///b\" names no host",
+        ),
+        (
+            "[storage]\npostgres = \"postgres://db/b\"\nshard_grace = \"7d\"\n",
+            "aggregator.toml: storage.shard_grace: 7d plus grace must be <= 7d",
+        ),
+    ] {
+        let e = err(text);
+        assert!(e.starts_with(want), "{e}\nwanted: {want}");
+    }
+}
