@@ -272,7 +272,7 @@ fn unknown_keys_at_every_level() {
     assert_eq!(
         err("colour = 1\n"),
         "aggregator.toml:1:1: unknown field `colour`, expected one of `aggregator`, `targets`, \
-         `file_sd`, `contracts`, `teams`"
+         `file_sd`, `contracts`, `teams`, `storage`"
     );
     assert_eq!(
         err("[aggregator]\nscrape_intervall = \"1s\"\n"),
