@@ -393,6 +393,54 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
             ),
         ));
     }
+    // A statement from any replica is the book's: its period total is the sum of the book's
+    // sealed minutes in the period (read around it until no seal falls between the two).
+    let period = String::from_utf8(
+        Command::new("date")
+            .args(["-u", "+%Y-%m"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    for r in replicas.iter().map(|shard| &shard[1]) {
+        let mut agreed = false;
+        for _ in 0..5 {
+            let before = sealed_span(&pg, db);
+            let (status, body) = http_get(&r.addr, &format!("/statements/c/{period}.json"));
+            assert_eq!(status, 200, "{body}");
+            if sealed_span(&pg, db) != before {
+                continue;
+            }
+            let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let start = doc["start"]
+                .as_str()
+                .unwrap()
+                .parse::<jiff::Timestamp>()
+                .unwrap();
+            let first = start.as_second().div_euclid(60);
+            let delivered = doc["total"]["kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["kind"] == "delivered")
+                .unwrap()["gpu_ms"]
+                .as_i64()
+                .unwrap();
+            let book = book_sums(&pg, db, first, before.1);
+            assert_eq!(
+                delivered,
+                (get(&book, "delivered") * 1000.0).round() as i64,
+                "{body}"
+            );
+            assert_eq!(doc["total"]["identity_holds"], true, "{body}");
+            agreed = true;
+            break;
+        }
+        assert!(agreed, "the book kept sealing while the statement was read");
+    }
     let newest = served.iter().map(|s| s.0).fold(0.0, f64::max);
     let at_newest: Vec<_> = served
         .iter()

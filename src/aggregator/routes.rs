@@ -175,7 +175,7 @@ impl Shared {
         // The period's minutes and the renewal sizing's lookback, as the CLI reads them.
         let (from, to) = statement::minutes_to_read(bounds, now);
         let read = match self
-            .read_sealed(&contract.id, from, to.min(through), to)
+            .read_sealed(&contract.id, from, to.min(through), Some(to))
             .await
         {
             Ok(read) => {
@@ -222,23 +222,24 @@ impl Shared {
 }
 
 impl Shared {
-    /// A contract's sealed minutes `[from, to)` with their late GPU-ms, and its delivery
-    /// gaps overlapping `[from, gaps_to)`: from the local ledger, or, in a shared book, the
-    /// minutes from the book and the gaps of this shard's hosts (the book keeps no gaps).
-    async fn read_sealed(
+    /// A contract's sealed minutes `[from, to)` with their late GPU-ms, and (with `gaps_to`)
+    /// its delivery gaps overlapping `[from, gaps_to)`: from the local ledger, or, in a
+    /// shared book, the minutes from the book and the gaps of this shard's hosts (the book
+    /// keeps no gaps).
+    pub(super) async fn read_sealed(
         &self,
         contract: &str,
         from: i64,
         to: i64,
-        gaps_to: i64,
+        gaps_to: Option<i64>,
     ) -> Result<super::writer::Minutes, String> {
         let Some(side) = &self.book else {
-            return self.writer.read(contract, from, to, Some(gaps_to)).await;
+            return self.writer.read(contract, from, to, gaps_to).await;
         };
-        let local = self
-            .writer
-            .read(contract, from, from, Some(gaps_to))
-            .await?;
+        let gaps = match gaps_to {
+            Some(_) => self.writer.read(contract, from, from, gaps_to).await?.gaps,
+            None => Vec::new(),
+        };
         let minutes = side
             .book
             .minutes(contract, from, to)
@@ -247,7 +248,7 @@ impl Shared {
         Ok(super::writer::Minutes {
             minutes,
             late: Vec::new(),
-            gaps: local.gaps,
+            gaps,
         })
     }
 }

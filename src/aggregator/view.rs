@@ -83,8 +83,7 @@ impl Shared {
             let mut complete = true;
             for contract in &me.contracts {
                 let read = me
-                    .writer
-                    .read(&contract.id, through - SIZING_MINUTES, through, None)
+                    .read_sealed(&contract.id, through - SIZING_MINUTES, through, None)
                     .await;
                 let section = match read {
                     Ok(read) => {
