@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::prometheus::{api, urlencode, Prometheus};
 use common::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -153,100 +154,15 @@ fn rule_files() -> Vec<PathBuf> {
     files
 }
 
-struct Prometheus {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts Prometheus on a free loopback port and waits until it is ready. Prometheus
-/// cannot be handed a bound socket, so the port is free only when picked: if another
-/// process takes it first, Prometheus exits with "address already in use" and it is
-/// started again on another port.
+/// Starts Prometheus scraping the demo's aggregator and its simulated agents, with `rules`.
 fn start_prometheus(demo: &Demo, rules: &[PathBuf], dir: &TempDir) -> Prometheus {
-    let rule_list: Vec<String> = rules
-        .iter()
-        .map(|r| format!("  - {:?}", r.display().to_string()))
-        .collect();
-    let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}\nscrape_configs:\n  \
-         - job_name: commitmeter-aggregator\n    static_configs:\n      - targets: [\"{}\"]\n  \
+    let scrape = format!(
+        "  - job_name: commitmeter-aggregator\n    static_configs:\n      - targets: [\"{}\"]\n  \
          - job_name: commitmeter-agent\n    scrape_interval: 2s\n    scrape_timeout: 2s\n    file_sd_configs:\n      - files: [{:?}]\n        refresh_interval: 1s\n",
-        rule_list.join("\n"),
         demo.addr,
         demo.data.join("agents.json").display().to_string(),
     );
-    let path = dir.path("prometheus.yml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.path("prometheus.log");
-    const ATTEMPTS: usize = 5;
-    for attempt in 1..=ATTEMPTS {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("prometheus not found: install Debian's `prometheus` package (see .ci/run)");
-        let mut p = Prometheus {
-            child,
-            addr: format!("127.0.0.1:{port}"),
-        };
-        let exited = wait_until(
-            Duration::from_secs(60),
-            || {
-                format!(
-                    "prometheus to become ready:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            },
-            || match p.child.try_wait().unwrap() {
-                Some(status) => Some(Some(status)),
-                None => prometheus_ready(&p.addr).then_some(None),
-            },
-        );
-        let Some(status) = exited else {
-            return p;
-        };
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(
-            text.contains("address already in use") && attempt < ATTEMPTS,
-            "prometheus exited ({status}) on attempt {attempt}:\n{text}"
-        );
-        eprintln!("port {port} was taken before prometheus bound it: trying another");
-    }
-    unreachable!("the last attempt returns or fails")
-}
-
-/// Whether a Prometheus answers ready on `addr` (its own words: not another server that
-/// took the port).
-fn prometheus_ready(addr: &str) -> bool {
-    if std::net::TcpStream::connect(addr).is_err() {
-        return false;
-    }
-    let (status, body) = http_get(addr, "/-/ready");
-    status == 200 && body.contains("Prometheus")
-}
-
-fn api(p: &Prometheus, path: &str) -> serde_json::Value {
-    let (status, body) = http_get(&p.addr, path);
-    assert_eq!(status, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap()
+    Prometheus::start(&scrape, rules, dir)
 }
 
 fn firing(p: &Prometheus) -> Vec<(String, String, String)> {
@@ -260,17 +176,6 @@ fn firing(p: &Prometheus) -> Vec<(String, String, String)> {
             let l = &a["labels"];
             let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
             (s("alertname"), s("severity"), s("contract"))
-        })
-        .collect()
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
         })
         .collect()
 }

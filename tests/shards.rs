@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use commitmeter::contract::shard::hashmod;
 use common::postgres::Postgres;
+use common::prometheus::{api, urlencode, Prometheus};
 use common::*;
 
 const SHARDS: u32 = 2;
@@ -217,6 +218,30 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
     for a in replicas.iter().flatten().chain([&reference]) {
         a.wait_ready(Duration::from_secs(30));
     }
+    // A real Prometheus scrapes every replica (a file_sd list kept current as they
+    // restart on new ports) with the shipped rules.
+    let sd = dir.path("aggregators.json");
+    let write_sd = |replicas: &[Vec<Aggregator>]| {
+        let targets: Vec<String> = replicas
+            .iter()
+            .flatten()
+            .map(|a| format!("\"{}\"", a.addr))
+            .collect();
+        let tmp = dir.path("aggregators.json.tmp");
+        std::fs::write(&tmp, format!("[{{\"targets\": [{}]}}]", targets.join(", "))).unwrap();
+        std::fs::rename(&tmp, &sd).unwrap();
+    };
+    write_sd(&replicas);
+    let rules =
+        vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("alerts/commitmeter-recording.yml")];
+    let prom = Prometheus::start(
+        &format!(
+            "  - job_name: commitmeter-aggregator\n    file_sd_configs:\n      - files: [{:?}]\n        refresh_interval: 1s\n",
+            sd.display().to_string()
+        ),
+        &rules,
+        &dir,
+    );
     // Each replica scrapes its shard's targets only.
     for (s, shard) in replicas.iter().enumerate() {
         let m = shard[0].metrics();
@@ -266,6 +291,7 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
                 std::thread::sleep(Duration::from_millis(2000 + rng.below(4000)));
                 let back = Aggregator::start(&configs[s], &data(s as u32, r as u32));
                 replicas[s].insert(r, back);
+                write_sd(&replicas);
                 next_kill[s] = start.elapsed() + Duration::from_secs(10 + rng.below(20));
             }
         }
@@ -447,6 +473,53 @@ fn two_shards_of_two_replicas_keep_one_exact_book_through_kills_and_a_database_o
         .filter(|s| s.0 == newest)
         .map(|s| s.1)
         .collect();
+    // What Prometheus makes of the four replicas' series: the shipped rules and dashboards
+    // take the max per contract, which is the book's figure once; a sum would be four times
+    // it. The recording rule has one series per contract, and its ratio is the one the
+    // replica that never went down gives alone.
+    let query = |q: &str| -> Vec<f64> {
+        let v = api(&prom, &format!("/api/v1/query?query={}", urlencode(q)));
+        v["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+            .collect()
+    };
+    let steady = &replicas[0][1].addr;
+    wait_until(
+        Duration::from_secs(30),
+        || "Prometheus to scrape all four replicas at the same seal".to_string(),
+        || {
+            let counts =
+                query("count by (contract) (commitmeter_contract_delivered_gpu_seconds_total)");
+            let max = query("max by (contract) (commitmeter_contract_delivered_gpu_seconds_total)");
+            let min = query("min by (contract) (commitmeter_contract_delivered_gpu_seconds_total)");
+            (counts == [4.0] && max == min).then_some(())
+        },
+    );
+    let max = query("max by (contract) (commitmeter_contract_delivered_gpu_seconds_total)");
+    let sum = query("sum by (contract) (commitmeter_contract_delivered_gpu_seconds_total)");
+    assert_eq!(max.len(), 1);
+    assert!(
+        (sum[0] - 4.0 * max[0]).abs() < 1e-6,
+        "sum {sum:?} max {max:?}"
+    );
+    let ratio = query("contract:commitmeter_idle_ratio:rate5m");
+    let alone = query(&format!(
+        "increase(commitmeter_contract_idle_gpu_seconds_total{{instance=\"{steady}\"}}[5m]) / \
+         increase(commitmeter_contract_committed_gpu_seconds_total{{instance=\"{steady}\"}}[5m])"
+    ));
+    eprintln!("idle ratio over 5m: the rules over four replicas {ratio:?}, the steady replica alone {alone:?}");
+    assert_eq!(
+        ratio.len(),
+        1,
+        "one recorded series per contract: {ratio:?}"
+    );
+    assert!(
+        (ratio[0] - alone[0]).abs() <= 0.02,
+        "{ratio:?} vs {alone:?}"
+    );
     assert!(
         at_newest.windows(2).all(|w| w[0] == w[1]),
         "replicas at the same seal serve different counters: {served:?}"
