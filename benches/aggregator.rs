@@ -33,6 +33,24 @@
 //! log), CPU and bytes written; every statement is checked (identity on every row, totals
 //! = sum of days, seeded days equal to the seed, nothing going back) and the README's
 //! table row is printed.
+//!
+//! `COMMITMETER_BENCH_SHARDS=2 COMMITMETER_BENCH_REPLICAS=2` measures a shared book instead:
+//! a real PostgreSQL (the tests' harness, tests/common/postgres.rs) with one database, the
+//! release aggregators of 2 shards × 2 replicas on it (each its own data directory and
+//! `[storage] postgres, password_file, shard = "i/2"`, every one given the whole fleet and
+//! scraping its shard's agents), and in the same run the single SQLite aggregator over the
+//! whole fleet, for reference; grace and shard_grace 30 s, so minutes seal within the run.
+//! Once the book has sealed its first minute (polled with psql), over
+//! `COMMITMETER_BENCH_SECS`: CPU and RSS of each aggregator, CPU (its own and its reaped
+//! children's ticks, /proc/PID/stat) and memory (Σ PSS) of all PostgreSQL's processes (the
+//! postmaster of the data directory's `postmaster.pid` and its children), the rows of the
+//! book's growing tables (count(*) before and after), its table and index bytes
+//! (`pg_total_relation_size`) and the WAL written (`pg_current_wal_lsn()` before and
+//! after), per hour; then whether every replica serves the same
+//! `commitmeter_contract_delivered_gpu_seconds_total` at the same
+//! `commitmeter_ledger_sealed_through_timestamp_seconds`, the identity on every sealed
+//! minute, and the book's delivered beside the SQLite ledger's over the minutes both sealed
+//! whole. Prints the README's table row.
 
 // Tests read the clock and open SQLite as they please: clippy.toml keeps that to
 // src/clock.rs and src/aggregator/store.rs in the product only.
@@ -55,6 +73,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+use common::postgres::Postgres;
 use common::*;
 
 /// An agent's exposition: the accounting counters, the round time they belong to, plus the
@@ -283,19 +302,37 @@ fn listeners(agents: usize) -> (Vec<std::net::TcpListener>, Vec<String>) {
 /// The aggregator's config for `agents` simulated agents at `addr` (listed in a file_sd
 /// file in `dir`): one contract, `sim`, committing all their GPUs.
 fn fleet_config(dir: &TempDir, addrs: &[String], agents: usize, terms: &str) -> std::path::PathBuf {
-    let sd = dir.path("agents.json");
+    write_sd(dir, addrs, agents);
+    write_config(dir, "aggregator", agents, "1m", terms, "")
+}
+
+/// The file_sd file listing the `agents` simulated agents at `addrs` (a metrics path each).
+fn write_sd(dir: &TempDir, addrs: &[String], agents: usize) {
     let groups: Vec<String> = (0..agents)
         .map(|i| format!(r#"{{"targets":["{}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#, addrs[i % addrs.len()]))
         .collect();
-    std::fs::write(&sd, format!("[{}]", groups.join(","))).unwrap();
-    let config = dir.path("aggregator.toml");
+    std::fs::write(dir.path("agents.json"), format!("[{}]", groups.join(","))).unwrap();
+}
+
+/// `<name>.toml` in `dir`: the aggregator over the file_sd file [`write_sd`] wrote, with
+/// `grace`, contract `sim` (plus `terms`) and `storage` (a `[storage]` table, or nothing).
+fn write_config(
+    dir: &TempDir,
+    name: &str,
+    agents: usize,
+    grace: &str,
+    terms: &str,
+    storage: &str,
+) -> std::path::PathBuf {
+    let sd = dir.path("agents.json");
+    let config = dir.path(&format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
             r#"[aggregator]
 scrape_interval = "15s"
 scrape_timeout = "10s"
-grace = "1m"
+grace = "{grace}"
 
 [[file_sd]]
 files = ["{}"]
@@ -309,7 +346,8 @@ start = "2026-01-01"
 selector = '{{provider="sim"}}'
 ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
 {terms}
-{}"#,
+{}
+{storage}"#,
             sd.display(),
             agents * 8,
             (0..bench_teams())
@@ -1030,6 +1068,431 @@ fn run_statements(agents: usize, secs: u64) {
     );
 }
 
+// ---- COMMITMETER_BENCH_SHARDS / _REPLICAS: a shared book on PostgreSQL ----
+
+/// The book's tables that grow with time (a row per contract and minute, and per shard or
+/// team): their rows are what the bench counts.
+const BOOK_TABLES: [&str; 4] = [
+    "contributions",
+    "contribution_teams",
+    "sealed_minutes",
+    "sealed_teams",
+];
+
+/// Process `pid`'s parent and its CPU ticks (1/100 s): its own and those of its children it
+/// has reaped (utime, stime, cutime, cstime of /proc/PID/stat); `None` once it is gone.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (in parentheses): state, ppid, … utime is the 12th.
+    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ppid = f.get(1)?.parse().ok()?;
+    let ticks = (11..15)
+        .map(|i| f.get(i)?.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some((ppid, ticks))
+}
+
+/// PostgreSQL's processes now: the postmaster and its children (backends, checkpointer,
+/// WAL writer, autovacuum, …).
+fn server_processes(postmaster: u32) -> Vec<u32> {
+    let mut pids = vec![postmaster];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if proc_stat(pid).is_some_and(|(ppid, _)| ppid == postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// CPU ticks of the whole server: each live process's own and its reaped children's, so a
+/// backend that ended in the window still counts (in the postmaster's cutime).
+fn server_ticks(postmaster: u32) -> u64 {
+    server_processes(postmaster)
+        .into_iter()
+        .filter_map(proc_stat)
+        .map(|(_, t)| t)
+        .sum()
+}
+
+/// A `kB` field of a /proc file (`Pss:` of smaps_rollup, `VmRSS:` of status); 0 if gone.
+fn kb_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Memory of the whole server, kB: (Σ PSS, Σ RSS). PSS shares the shared buffers out among
+/// the processes that touched them; Σ RSS counts them once per process.
+fn server_memory_kb(postmaster: u32) -> (u64, u64) {
+    server_processes(postmaster)
+        .into_iter()
+        .fold((0, 0), |(pss, rss), pid| {
+            (
+                pss + kb_field(&format!("/proc/{pid}/smaps_rollup"), "Pss:"),
+                rss + kb_field(&format!("/proc/{pid}/status"), "VmRSS:"),
+            )
+        })
+}
+
+/// What the book holds at one moment.
+struct BookState {
+    /// Rows of each of [`BOOK_TABLES`].
+    rows: Vec<i64>,
+    /// `pg_total_relation_size` (heap, indexes, TOAST) of every table of the book.
+    bytes: i64,
+    /// `pg_current_wal_lsn()`: WAL written so far (the whole server: only the book uses it).
+    lsn: String,
+}
+
+fn book_state(pg: &Postgres, db: &str) -> BookState {
+    let counts: Vec<String> = BOOK_TABLES
+        .iter()
+        .map(|t| format!("(SELECT count(*) FROM {t})"))
+        .collect();
+    let row = pg.psql(
+        db,
+        &format!(
+            "SELECT {}, (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind = 'r'), pg_current_wal_lsn()",
+            counts.join(", ")
+        ),
+    );
+    let f: Vec<&str> = row.split('|').collect();
+    assert_eq!(f.len(), BOOK_TABLES.len() + 2, "the book's state: {row}");
+    BookState {
+        rows: f[..BOOK_TABLES.len()]
+            .iter()
+            .map(|v| v.parse().unwrap())
+            .collect(),
+        bytes: f[BOOK_TABLES.len()].parse().unwrap(),
+        lsn: f[BOOK_TABLES.len() + 1].to_string(),
+    }
+}
+
+/// The first `scrape round` summary of `agg` in which every target it scrapes was up: how
+/// many it scrapes.
+fn first_full_round(agg: &Aggregator, name: &str, within: Duration) -> i64 {
+    wait_until(
+        within,
+        || format!("{name}'s targets all scraped; log:\n{}", agg.log_text()),
+        || {
+            events(&agg.log, "scrape round").iter().find_map(|(_, l)| {
+                let targets = field(l, "targets")?;
+                (targets > 0 && field(l, "up") == Some(targets)).then_some(targets)
+            })
+        },
+    )
+}
+
+/// The SQLite ledger's delivered GPU-ms of contract `sim` over minutes `[a, b)`.
+fn sqlite_delivered(data: &std::path::Path, a: i64, b: i64) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        data.join("ledger.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the SQLite aggregator's ledger");
+    conn.query_row(
+        "SELECT COALESCE(sum(delivered), 0) FROM minutes WHERE contract = 'sim' AND minute >= ?1 AND minute < ?2",
+        [a, b],
+        |r| r.get(0),
+    )
+    .expect("the SQLite ledger's delivered")
+}
+
+/// `COMMITMETER_BENCH_SHARDS` × `COMMITMETER_BENCH_REPLICAS`: a real PostgreSQL with one
+/// database, the aggregators of `shards` shards × `replicas` replicas on it (each its own
+/// data directory, the whole fleet listed, each scraping its shard's agents), and beside
+/// them in the same run the single SQLite aggregator over the whole fleet. Graces are
+/// short (grace 30 s, shard_grace 30 s), so minutes seal within the run. After the book
+/// has sealed its first minute, over `secs`: CPU and RSS of each aggregator and of
+/// PostgreSQL (all its processes), the book's rows, table bytes and WAL; then whether every
+/// replica serves the same contract counters at the same sealed-through time. Prints the
+/// README's table row.
+fn run_shared(agents: usize, secs: u64, shards: u32, replicas: u32) {
+    let (listeners, addrs) = listeners(agents);
+    simulate(listeners, Instant::now(), 0);
+    let pg = Postgres::start();
+    let db = "bench";
+    let url = pg.database(db);
+    let password = pg.password_file();
+    let postmaster: u32 = {
+        let data = pg.psql(db, "SHOW data_directory");
+        let pid = std::fs::read_to_string(std::path::Path::new(&data).join("postmaster.pid"))
+            .expect("the server's postmaster.pid");
+        pid.lines().next().unwrap().trim().parse().unwrap()
+    };
+    let dir = TempDir::new("bench-shared");
+    write_sd(&dir, &addrs, agents);
+    let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let reference_data = dir.path("reference");
+    let reference = start_logged(
+        &write_config(&dir, "reference", agents, "30s", "", ""),
+        &reference_data,
+        &extra,
+    );
+    let mut names = vec!["SQLite".to_string()];
+    let mut aggs = vec![reference];
+    for s in 0..shards {
+        let storage = format!(
+            "[storage]\npostgres = \"{url}\"\npassword_file = \"{}\"\nshard = \"{s}/{shards}\"\nshard_grace = \"30s\"\n",
+            password.display()
+        );
+        let config = write_config(&dir, &format!("shard{s}"), agents, "30s", "", &storage);
+        for r in 0..replicas {
+            names.push(format!("shard {s} replica {r}"));
+            aggs.push(start_logged(
+                &config,
+                &dir.path(&format!("shard{s}-replica{r}")),
+                &extra,
+            ));
+        }
+    }
+    let within = Duration::from_secs(120 + agents as u64 / 500);
+    let targets: Vec<i64> = aggs
+        .iter()
+        .zip(&names)
+        .map(|(a, n)| first_full_round(a, n, within))
+        .collect();
+    assert_eq!(targets[0], agents as i64, "the SQLite aggregator's targets");
+    // Every replica of a shard scrapes the same agents; the shards together, the fleet.
+    let per_shard: Vec<&[i64]> = targets[1..].chunks(replicas as usize).collect();
+    assert!(
+        per_shard.iter().all(|r| r.iter().all(|t| *t == r[0])),
+        "replicas of a shard scrape different numbers of agents: {targets:?}"
+    );
+    let covered: i64 = per_shard.iter().map(|r| r[0]).sum();
+    assert_eq!(covered, agents as i64, "the shards' agents: {targets:?}");
+    // Warm up until the book has sealed its first minute (minutes seal grace + shard_grace
+    // after their end at the latest).
+    let sealed = || -> i64 {
+        pg.psql(db, "SELECT count(*) FROM sealed_minutes")
+            .parse()
+            .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(360),
+        || {
+            format!(
+                "the book's first sealed minute; shard 0's log:\n{}",
+                aggs[1].log_text()
+            )
+        },
+        || {
+            std::thread::sleep(Duration::from_secs(2));
+            (sealed() > 0).then_some(())
+        },
+    );
+
+    let pids: Vec<u32> = aggs.iter().map(|a| a.child.id()).collect();
+    let book0 = book_state(&pg, db);
+    let book_from = Instant::now();
+    let cpu0: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
+    let written0: Vec<u64> = pids.iter().map(|p| write_bytes(*p).unwrap()).collect();
+    let pg0 = server_ticks(postmaster);
+    let sim0 = cpu_ticks(std::process::id());
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c)| (cpu_ns(*p) - c) as f64 / 1e9)
+        .collect();
+    let pg_cpu = (server_ticks(postmaster) - pg0) as f64 / 100.0;
+    let sim = (cpu_ticks(std::process::id()) - sim0) as f64 / 100.0;
+    let written: Vec<u64> = pids
+        .iter()
+        .zip(&written0)
+        .map(|(p, w)| write_bytes(*p).unwrap() - w)
+        .collect();
+    let wall = start.elapsed().as_secs_f64();
+    let book1 = book_state(&pg, db);
+    let book_wall = book_from.elapsed().as_secs_f64();
+    let mem: Vec<(u64, u64)> = pids
+        .iter()
+        .map(|p| (status_kb(*p, "VmRSS:"), status_kb(*p, "VmHWM:")))
+        .collect();
+    let (pg_pss, pg_rss) = server_memory_kb(postmaster);
+    let pg_processes = server_processes(postmaster).len();
+    let per_hour = |d: f64| d / book_wall * 3600.0;
+    let rows: Vec<f64> = book1
+        .rows
+        .iter()
+        .zip(&book0.rows)
+        .map(|(a, b)| per_hour((a - b) as f64))
+        .collect();
+    let rows_h: f64 = rows.iter().sum();
+    let wal: f64 = pg
+        .psql(
+            db,
+            &format!("SELECT pg_wal_lsn_diff('{}', '{}')", book1.lsn, book0.lsn),
+        )
+        .parse()
+        .unwrap();
+    let wal_h = per_hour(wal);
+    let table_h = per_hour((book1.bytes - book0.bytes) as f64);
+    let rows_now: i64 = book1.rows.iter().sum();
+
+    // Every replica serves the book's sealed minutes: the same contract counters at the same
+    // sealed-through time (read until all four have read back the same minute).
+    let served: Vec<(f64, f64)> = wait_until(
+        Duration::from_secs(120),
+        || "every replica at the same sealed-through time".to_string(),
+        || {
+            let v: Vec<(f64, f64)> = aggs[1..]
+                .iter()
+                .map(|a| {
+                    let m = a.metrics();
+                    (
+                        m.get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+                            .unwrap_or(0.0),
+                        m.get(
+                            "commitmeter_contract_delivered_gpu_seconds_total",
+                            &[("contract", "sim")],
+                        )
+                        .unwrap_or(f64::NAN),
+                    )
+                })
+                .collect();
+            if v.iter().all(|x| x.0 > 0.0 && x.0 == v[0].0) {
+                Some(v)
+            } else {
+                std::thread::sleep(Duration::from_secs(1));
+                None
+            }
+        },
+    );
+    let through = served[0].0 as i64 / 60;
+    let same = served.iter().all(|x| x.1 == served[0].1);
+    // The book's own sums to that minute, and its identity on every sealed minute.
+    let book_delivered: i64 = pg
+        .psql(
+            db,
+            &format!("SELECT COALESCE(sum(delivered), 0) FROM sealed_minutes WHERE contract = 'sim' AND minute < {through}"),
+        )
+        .parse()
+        .unwrap();
+    let broken = pg.psql(
+        db,
+        "SELECT count(*) FROM sealed_minutes WHERE committed <> (used - overage) + idle + undelivered + unreported",
+    );
+    // Against the SQLite aggregator of the same run, over the minutes both sealed whole.
+    let reference_m = aggs[0].metrics();
+    let reference_since = reference_m
+        .get("commitmeter_ledger_since_timestamp_seconds", &[])
+        .unwrap_or(0.0) as i64
+        / 60;
+    let reference_through = reference_m
+        .get("commitmeter_ledger_sealed_through_timestamp_seconds", &[])
+        .unwrap_or(0.0) as i64
+        / 60;
+    let book_since: i64 = pg
+        .psql(
+            db,
+            "SELECT COALESCE(min(minute), 0) FROM sealed_minutes WHERE contract = 'sim'",
+        )
+        .parse()
+        .unwrap();
+    let (a, b) = (
+        // Each ledger's first minute is partial (it started within it).
+        reference_since.max(book_since) + 1,
+        reference_through.min(through),
+    );
+    let common = if b > a {
+        let book: i64 = pg
+            .psql(
+                db,
+                &format!("SELECT COALESCE(sum(delivered), 0) FROM sealed_minutes WHERE contract = 'sim' AND minute >= {a} AND minute < {b}"),
+            )
+            .parse()
+            .unwrap();
+        let sqlite = sqlite_delivered(&reference_data, a, b);
+        format!(
+            "over the {} minutes both sealed whole, delivered {:.3} GPU-s in the book, {:.3} in the SQLite ledger ({:+.3})",
+            b - a,
+            book as f64 / 1000.0,
+            sqlite as f64 / 1000.0,
+            (book - sqlite) as f64 / 1000.0
+        )
+    } else {
+        "no minute sealed whole by both yet".to_string()
+    };
+
+    // A clean stop of every aggregator, then the server (dropped).
+    for a in &mut aggs {
+        terminate(&mut a.child, Duration::from_secs(60));
+    }
+    drop(aggs);
+    drop(pg);
+    let left = std::path::Path::new(&format!("/proc/{postmaster}")).exists();
+
+    for (i, name) in names.iter().enumerate() {
+        let line = format!(
+            "{name}: {} agents, CPU {:.1}% of one core, RSS {:.0} MB (peak {:.0} MB), wrote {:.2} MB/h to its own storage",
+            targets[i],
+            cpu[i] / wall * 100.0,
+            mem[i].0 as f64 / 1e3,
+            mem[i].1 as f64 / 1e3,
+            written[i] as f64 / wall * 3600.0 / 1e6
+        );
+        println!("shared book, {agents} agents x 8 GPUs, {wall:.0} s: {line}");
+    }
+    println!(
+        "shared book: PostgreSQL ({pg_processes} processes): CPU {:.1}% of one core, PSS {:.0} MB (RSS summed over its processes {:.0} MB); the simulator {:.1}%",
+        pg_cpu / wall * 100.0,
+        pg_pss as f64 / 1e3,
+        pg_rss as f64 / 1e3,
+        sim / wall * 100.0
+    );
+    let per_table: Vec<String> = BOOK_TABLES
+        .iter()
+        .zip(&rows)
+        .map(|(t, r)| format!("{t} {r:.0}"))
+        .collect();
+    println!(
+        "shared book: rows written {rows_h:.0}/h ({}); WAL {:.3} MB/h (pg_wal_lsn_diff); tables + indexes {:+.3} MB/h (pg_total_relation_size, in 8 kB pages); {rows_now} rows in {:.3} MB now",
+        per_table.join(", "),
+        wal_h / 1e6,
+        table_h / 1e6,
+        book1.bytes as f64 / 1e6
+    );
+    println!(
+        "shared book: every replica serves delivered {:?} GPU-s at sealed through {through} (minute): the same: {same}; the book's sealed minutes to it: {:.3} GPU-s; minutes breaking the identity: {broken}; {common}; PostgreSQL left running: {left}",
+        served.iter().map(|x| x.1).collect::<Vec<_>>(),
+        book_delivered as f64 / 1000.0,
+    );
+    let shard_cpu: Vec<String> = (1..names.len())
+        .map(|i| format!("{:.1}", cpu[i] / wall * 100.0))
+        .collect();
+    let shard_rss: Vec<String> = (1..names.len())
+        .map(|i| format!("{:.0}", mem[i].0 as f64 / 1e3))
+        .collect();
+    println!(
+        "| shared book, {} agents, {shards} shards × {replicas} replicas on one PostgreSQL | `COMMITMETER_BENCH_AGENTS={agents} COMMITMETER_BENCH_SHARDS={shards} COMMITMETER_BENCH_REPLICAS={replicas} COMMITMETER_BENCH_SECS={secs} cargo bench --bench aggregator` (prints this row): a real PostgreSQL (the tests' harness), one database; each aggregator lists the whole fleet and scrapes its shard's agents; the single SQLite aggregator over the whole fleet in the same run; grace 30 s, shard_grace 30 s; after the book's first sealed minute, {wall:.0} s of CPU and RSS (/proc) per aggregator and of PostgreSQL (all its processes), the book's rows (count(*)) and WAL (pg_current_wal_lsn) before and after | per aggregator (shard 0 replicas, then shard 1's, ≈ {} agents each) CPU {} % of one core, RSS {} MB; SQLite aggregator of the same run ({} agents) {:.1} %, {:.0} MB. PostgreSQL {:.1} % of one core, {:.0} MB (PSS). Book: {rows_h:.0} rows/h, WAL {:.2} MB/h; every replica the same delivered at the same sealed minute: {} | — |",
+        thousands(agents),
+        per_shard[0][0],
+        shard_cpu.join(" / "),
+        shard_rss.join(" / "),
+        thousands(agents),
+        cpu[0] / wall * 100.0,
+        mem[0].0 as f64 / 1e3,
+        pg_cpu / wall * 100.0,
+        pg_pss as f64 / 1e3,
+        wal_h / 1e6,
+        if same { "yes" } else { "**no**" },
+    );
+}
+
 fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -1067,8 +1530,21 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0usize)
         .min(100);
+    // Both set (and above 0): the shared-book mode.
+    let count = |var: &str| -> u32 {
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let (shards, replicas) = (
+        count("COMMITMETER_BENCH_SHARDS"),
+        count("COMMITMETER_BENCH_REPLICAS"),
+    );
     for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
-        if statements {
+        if shards > 0 && replicas > 0 {
+            run_shared(n, secs, shards, replicas);
+        } else if statements {
             run_statements(n, secs);
         } else {
             run(n, secs, down_percent);
