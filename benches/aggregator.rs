@@ -1373,6 +1373,13 @@ fn run_shared(agents: usize, secs: u64, shards: u32, replicas: u32) {
     }
     drop(aggs);
     drop(pg);
+    // pg_ctl returns once postmaster.pid is gone, a moment before the process is.
+    let gone = Instant::now();
+    while std::path::Path::new(&format!("/proc/{postmaster}")).exists()
+        && gone.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let left = std::path::Path::new(&format!("/proc/{postmaster}")).exists();
 
     for (i, name) in names.iter().enumerate() {
