@@ -213,7 +213,7 @@ impl Shared {
         }
         let mut absorbed = 0;
         for (c, id) in self.ids.iter().enumerate() {
-            let from = self.books.lock().expect("books lock").absorbed_through(c);
+            let from = self.books.lock().expect("books lock").absorb_from(c);
             let rows = side.book.sealed(id, from, i64::MAX).await?;
             if rows.is_empty() {
                 continue;

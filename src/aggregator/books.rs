@@ -453,6 +453,17 @@ impl Books {
             .unwrap_or(self.since())
     }
 
+    /// Contract `c`'s first minute to read back from the book: every minute while none has
+    /// been taken back (the book's first sealed minute may precede this process's start),
+    /// then [`Books::absorbed_through`].
+    pub fn absorb_from(&self, c: usize) -> i64 {
+        match &self.shared {
+            Some(s) if s.since[c].is_none() => i64::MIN,
+            Some(s) => s.through[c],
+            None => self.durable_through,
+        }
+    }
+
     /// Per contract, the first sealed minute of the book not yet in the running totals.
     pub fn absorbed_through(&self, c: usize) -> i64 {
         self.shared
@@ -468,11 +479,16 @@ impl Books {
         let Some(through) = self.shared.as_ref().map(|s| s.through[c]) else {
             return 0;
         };
+        // Nothing taken back yet: every sealed minute is new, also those before this
+        // process's own start (a replica that started before the book's first seal).
+        let from = self.absorb_from(c);
         let mut n = 0;
-        let mut next = through;
+        // Where reading resumes: after the last minute taken back (not this process's own
+        // start while nothing has been).
+        let mut next = (from != i64::MIN).then_some(through);
         let mut first = None;
-        for s in sealed.into_iter().filter(|s| s.minute >= through) {
-            next = next.max(s.minute + 1);
+        for s in sealed.into_iter().filter(|s| s.minute >= from) {
+            next = Some(next.map_or(s.minute + 1, |n| n.max(s.minute + 1)));
             first.get_or_insert(s.minute);
             self.record_durable(&s);
             n += 1;
@@ -481,8 +497,10 @@ impl Books {
             if sh.since[c].is_none() {
                 sh.since[c] = first;
             }
-            sh.through[c] = next;
-            self.durable_through = sh.through.iter().copied().min().unwrap_or(next);
+            if let Some(next) = next {
+                sh.through[c] = next;
+                self.durable_through = sh.through.iter().copied().min().unwrap_or(next);
+            }
         }
         if n > 0 {
             self.durable_writes += 1;

@@ -926,3 +926,45 @@ fn team_time_is_durable_restored_and_sums_to_the_contracts_allocated() {
         assert_eq!(again.team_all_time(0), books.team_all_time(0));
     }
 }
+
+/// A replica that started before the book's first seal takes back every sealed minute,
+/// also those before its own start, and then resumes after the last one taken back.
+#[test]
+fn a_shared_book_is_taken_back_from_its_first_minute_whatever_this_process_started() {
+    let contracts = contracts(8, None);
+    let store = MemStore::default();
+    // This process started at minute 105 (its own ledger accounts from 106).
+    let start = FIRST + 105;
+    let mut books = Books::restore(&store, contracts, 0, None, start * MINUTE_MS)
+        .unwrap()
+        .into_shared();
+    let period = books.running(0).period_start_ms;
+    let period = (period, books.running(0).period_end_ms);
+    books.adopt_shared(0, period, SharedStart::default());
+    assert_eq!(books.absorb_from(0), i64::MIN);
+    let sealed = |minute: i64| Sealed {
+        contract: 0,
+        minute,
+        totals: Totals {
+            committed: 480_000,
+            delivered: 480_000,
+            ..Totals::default()
+        },
+        ..Sealed::default()
+    };
+    // The book's first minutes are before this process's start.
+    assert_eq!(
+        books.absorb(0, (start - 5..start - 1).map(sealed).collect()),
+        4
+    );
+    assert_eq!(books.absorb_from(0), start - 1);
+    assert_eq!(books.since_of(0), start - 5);
+    // Read again, and the next: each counted once.
+    assert_eq!(
+        books.absorb(0, (start - 3..start + 1).map(sealed).collect()),
+        2
+    );
+    assert_eq!(books.running(0).all_time.delivered, 6 * 480_000);
+    assert_eq!(books.absorbed_through(0), start + 1);
+    assert_eq!(books.durable_through(), start + 1);
+}
