@@ -129,7 +129,7 @@ impl Shared {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let r = match tokio::time::timeout(me.write_deadline, me.book_round(&side)).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err(format!(

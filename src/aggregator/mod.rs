@@ -72,6 +72,8 @@ pub enum AggregatorError {
     Writer(std::io::Error),
     #[error("reading the ledger at start: {0}")]
     Task(String),
+    #[error("cannot start the scrape thread: {0}")]
+    ScrapeThread(std::io::Error),
 }
 
 /// Options of `commitmeter aggregator`, already validated, with the files they name read.
@@ -136,6 +138,9 @@ pub fn prepare(args: crate::cli::AggregatorArgs) -> Result<Prepared, AggregatorE
 /// the targets' health. Each room adds its methods (`impl Shared` in round.rs, writer.rs,
 /// view.rs, routes.rs).
 struct Shared {
+    /// The main runtime: background work started from the scrape thread (writes, the
+    /// shared book, renders) runs here, not on the scrape thread's own runtime.
+    runtime: tokio::runtime::Handle,
     contracts: Vec<Contract>,
     /// The config the ledger and scraper were built from, to tell what a reload may change.
     config_at_start: AggregatorConfig,
@@ -284,6 +289,7 @@ pub async fn serve(
     }
     let writer = Writer::spawn(store, ids.clone()).map_err(AggregatorError::Writer)?;
     let shared = Arc::new(Shared {
+        runtime: tokio::runtime::Handle::current(),
         contracts: cfg.contracts.clone(),
         config_at_start: cfg.clone(),
         ids,
@@ -341,13 +347,8 @@ pub async fn serve(
     // On the ledger's clock, like every timestamp of this exposition (the demo's is
     // simulated): the config was read "now" as the books see it.
     shared.metrics.reload_time.set(shared.clock.now_ms() / 1000);
-    let scraping = tokio::spawn(round::scrape_loop(
-        shared.clone(),
-        cfg,
-        p.config_file,
-        scraper,
-        hup,
-    ));
+    let scraping = round::ScrapeThread::start(shared.clone(), cfg, p.config_file, scraper, hup)
+        .map_err(AggregatorError::ScrapeThread)?;
     let served = http::ServerMetrics::register(&shared.metrics.registry)?;
     http::serve_with(
         listener,
@@ -357,8 +358,7 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    scraping.abort();
-    let _ = scraping.await;
+    scraping.stop().await;
     shared.final_write().await;
     tracing::info!("shutting down");
     Ok(())

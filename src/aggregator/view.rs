@@ -43,7 +43,7 @@ impl Shared {
             return;
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || loop {
+        self.runtime.spawn_blocking(move || loop {
             me.render_again.store(false, Ordering::Release);
             let html = Bytes::from(status::render(&me.status_view()));
             *me.status_page.write().expect("status page lock") = html;
@@ -78,7 +78,7 @@ impl Shared {
             cache.started = Some(clock::monotonic_now());
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let mut sections = Vec::with_capacity(me.contracts.len());
             let mut complete = true;
             for contract in &me.contracts {

@@ -186,7 +186,7 @@ impl Shared {
         let (done, outcome) = tokio::sync::oneshot::channel();
         let sent = self.writer.send(WriteJob::Commit { commit, done });
         let me = self.clone();
-        Some(tokio::spawn(async move {
+        Some(self.runtime.spawn(async move {
             let written = match sent {
                 Ok(()) => outcome
                     .await
