@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod aggregator;
+pub mod alloc;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -5,6 +5,10 @@ use commitmeter::aggregator::store;
 use commitmeter::cli::{Cli, Command, LedgerCommand};
 use commitmeter::{agent, aggregator, check, demo, logging};
 
+/// mimalloc for the aggregator and the demo, the system allocator otherwise (see `alloc`).
+#[global_allocator]
+static ALLOCATOR: commitmeter::alloc::RoleAllocator = commitmeter::alloc::RoleAllocator;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -37,6 +41,12 @@ fn chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     logging::init(&cli.log_level, cli.log_format)?;
+    let allocator = if commitmeter::alloc::using_mimalloc() {
+        "mimalloc"
+    } else {
+        "system"
+    };
+    tracing::debug!(allocator, "allocator chosen");
     match cli.command {
         Command::Agent(args) => {
             // Config mistakes end the process here, before a socket or NVML is touched.
