@@ -116,11 +116,13 @@ fn run_agent(what: &str, sc: &Scenario, extra_args: Vec<String>) {
     let rounds = polls(&m) - polls0;
     let (_, body) = agent.get("/metrics");
     println!(
-        "agent: {what} at 1 Hz for {wall:.0} s, {rounds} rounds: CPU {:.3}% of one core ({:.3} s, {:.0} µs per round, scrapes included), RSS {} kB, peak RSS {} kB, /metrics {} bytes",
+        "agent: {what} at 1 Hz for {wall:.0} s, {rounds} rounds: CPU {:.3}% of one core ({:.3} s, {:.0} µs per round, scrapes included), RSS {} kB ({} kB anonymous, {} kB file-backed: the binary's and libraries' pages, shared through the page cache), peak RSS {} kB, /metrics {} bytes",
         cpu / wall * 100.0,
         cpu,
         cpu / rounds.max(1.0) * 1e6,
         status_kb(pid, "VmRSS:"),
+        status_kb(pid, "RssAnon:"),
+        status_kb(pid, "RssFile:"),
         status_kb(pid, "VmHWM:"),
         body.len(),
     );
