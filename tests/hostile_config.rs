@@ -610,3 +610,49 @@ fn a_flapping_gpu_cannot_flood_the_log_with_xids() {
     // One per GPU: the flapping one's first and the other's only.
     assert_eq!(lines, 2, "{}", agent.log_text());
 }
+
+/// The allocator is chosen from the command line before `main` (src/alloc.rs): mimalloc for
+/// the aggregator and the demo, the system allocator for the agent. If the linker dropped
+/// the constructor, every role would silently run on the system allocator.
+#[test]
+fn each_role_gets_its_allocator() {
+    for (args, want) in [
+        (
+            &[
+                "--log.level=debug",
+                "aggregator",
+                "--config.file=/nonexistent",
+            ][..],
+            "mimalloc",
+        ),
+        (
+            &[
+                "--log.level",
+                "debug",
+                "agent",
+                "--config.file=/nonexistent",
+            ][..],
+            "system",
+        ),
+        (
+            &[
+                "statement",
+                "--log.level=debug",
+                "--contract=demo",
+                "--config.file=/nonexistent",
+            ][..],
+            "system",
+        ),
+    ] {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (_, _, stderr, _) = run(&args, Duration::from_secs(30));
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("allocator chosen"))
+            .unwrap_or_else(|| panic!("{args:?}: no 'allocator chosen' line in:\n{stderr}"));
+        assert!(
+            line.contains(&format!("allocator=\"{want}\"")),
+            "{args:?}: want {want}, got: {line}"
+        );
+    }
+}
