@@ -2,8 +2,8 @@
 //! buffers for every scrape (at 125,000 agents, ~8,000 a second): with glibc's malloc that
 //! was about a sixth of its CPU, and freed memory stayed in per-thread arenas; mimalloc
 //! takes less of both. The agent is small and long-lived on every GPU host, where
-//! mimalloc's per-thread pages and page map cost it RSS (12.4 MB at best, against 9.2 MB
-//! with glibc): it keeps the system allocator.
+//! mimalloc's per-thread pages cost it RSS: it keeps the system allocator (figures in the
+//! README's Benchmarks).
 //!
 //! The choice is made once, before the first allocation, and never changes: every block is
 //! freed by the allocator that made it without asking which one that was. On glibc Linux a
@@ -30,7 +30,7 @@ const MIMALLOC_ROLES: [&[u8]; 2] = [b"aggregator", b"demo"];
 /// The subcommand in a command line (without the program name): the first argument that is
 /// neither an option nor the value of one. Options before the subcommand are the global
 /// ones, which all take a value (`--log.level debug` or `--log.level=debug`).
-pub fn subcommand<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
+fn subcommand<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg.starts_with(b"-") {
@@ -45,7 +45,7 @@ pub fn subcommand<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Option<&'a [u
 }
 
 /// Whether a command line runs a role that wants mimalloc.
-pub fn wants_mimalloc<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> bool {
+fn wants_mimalloc<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> bool {
     subcommand(args).is_some_and(|s| MIMALLOC_ROLES.contains(&s))
 }
 
@@ -96,7 +96,7 @@ static CHOOSE_BY_ROLE: extern "C" fn(
     choose
 };
 
-/// Whether this process allocates with mimalloc (for the log and the benchmarks).
+/// Whether this process allocates with mimalloc (logged at start).
 pub fn using_mimalloc() -> bool {
     CHOICE.load(Ordering::Acquire) == MIMALLOC
 }
@@ -144,6 +144,27 @@ mod tests {
 
     fn wants(line: &str) -> bool {
         wants_mimalloc(line.split_whitespace().map(str::as_bytes))
+    }
+
+    /// The constructor cannot ask clap (it runs before anything may allocate), so it keeps
+    /// its own copy of two facts about the command line; this holds them to `Cli`.
+    #[test]
+    fn the_roles_and_global_options_are_those_of_the_cli() {
+        use clap::CommandFactory;
+        let cli = crate::cli::Cli::command();
+        for role in MIMALLOC_ROLES {
+            let name = std::str::from_utf8(role).unwrap();
+            assert!(cli.find_subcommand(name).is_some(), "no subcommand {name}");
+        }
+        let globals: Vec<_> = cli.get_arguments().filter(|a| a.is_global_set()).collect();
+        assert!(!globals.is_empty(), "Cli has global options (--log.level)");
+        for arg in globals {
+            assert!(
+                arg.get_action().takes_values(),
+                "global option {:?} takes no value: subcommand() would skip the next argument",
+                arg.get_id()
+            );
+        }
     }
 
     #[test]

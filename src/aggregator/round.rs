@@ -137,7 +137,7 @@ const REFRESH_WAIT: Duration = Duration::from_secs(2);
 /// bookkeeping stay on one thread. Serving, writes and renders stay on the main runtime
 /// (see `Shared::runtime`), so a slow page or disk never stalls a round.
 pub(super) struct ScrapeThread {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
     done: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -172,17 +172,12 @@ impl ScrapeThread {
                 rt.shutdown_timeout(STOP_WAIT);
                 let _ = finished.send(());
             })?;
-        Ok(Self {
-            stop: Some(stop),
-            done,
-        })
+        Ok(Self { stop, done })
     }
 
     /// Stops scraping and waits until no scrape can record anything any more.
-    pub(super) async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
         let _ = self.done.await;
     }
 }
