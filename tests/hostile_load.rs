@@ -230,11 +230,6 @@ fn huge_and_stalled_bodies_are_bounded_in_memory_and_stall_nothing() {
     let dir = TempDir::new("hostile-bodies");
     std::fs::create_dir_all(dir.path("sd")).unwrap();
     std::fs::write(
-        dir.path("sd/stall.json"),
-        sd_targets(&stall.addr, 40, "hostile"),
-    )
-    .unwrap();
-    std::fs::write(
         dir.path("sd/wide.json"),
         format!(
             r#"[{{"targets":["{}"],"labels":{{"provider":"hostile"}}}}]"#,
@@ -248,6 +243,19 @@ fn huge_and_stalled_bodies_are_bounded_in_memory_and_stall_nothing() {
         &dir.path("data"),
     );
     agg.wait_ready(Duration::from_secs(30));
+    // The wide line is read alone first: its body is above FREE_BODY_BYTES, so behind 40
+    // bodies that declare 15 MB and stall it waits for the shared budget (first come, first
+    // served), and whether it ever reached the parser would depend on arrival order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while errors(&agg.metrics(), &wide.addr, "parse") < 1.0 {
+        assert!(Instant::now() < deadline, "{}", agg.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(
+        dir.path("sd/stall.json"),
+        sd_targets(&stall.addr, 40, "hostile"),
+    )
+    .unwrap();
     let busy = Arc::new(AtomicBool::new(true));
     let prober = {
         let (addr, busy) = (agg.addr.clone(), busy.clone());
