@@ -90,6 +90,9 @@ impl Postgres {
             .then(|| "nobody".to_string());
         let pki = Pki::write(dir.root());
         std::fs::write(dir.path("pwfile"), "superuser-pass\n").unwrap();
+        // Written once, here: tests share the server and read this file concurrently, and a
+        // rewrite (truncate, then write) let one of them read it empty.
+        std::fs::write(dir.path("book.password"), format!("{PASSWORD}\n")).unwrap();
         if let Some(user) = &run_as {
             let out = check(
                 "chown the server's directory",
@@ -215,9 +218,7 @@ impl Postgres {
 
     /// A file holding [`ROLE`]'s password, as an operator writes one (trailing newline).
     pub fn password_file(&self) -> PathBuf {
-        let path = self.dir.path("book.password");
-        std::fs::write(&path, format!("{PASSWORD}\n")).unwrap();
-        path
+        self.dir.path("book.password")
     }
 
     /// The CA that signed the server's certificate (for 127.0.0.1 and localhost).
