@@ -30,8 +30,9 @@ const LOW_FD_LIMIT: u64 = 4096;
 const FD_LIMIT_CAP: u64 = 1 << 20;
 
 /// The bound on open connections for a descriptor limit: half of what is left after
-/// [`RESERVED_FDS`]. The other half is the aggregator's scrapes (one pooled connection per
-/// agent), so `LimitNOFILE=65536` serves 32,736 clients and scrapes 10,000 agents.
+/// [`RESERVED_FDS`]. The other half is the aggregator's scrapes (one connection kept per
+/// agent), so `LimitNOFILE=262144` serves 131,040 clients and keeps 130,784 agents'
+/// connections ([`crate::aggregator`]'s `pool_budget`).
 pub fn max_connections(fd_limit: u64) -> usize {
     let half = fd_limit.saturating_sub(RESERVED_FDS) / 2;
     usize::try_from(half)
@@ -191,6 +192,8 @@ pub(crate) struct Slot {
     id: u64,
     /// Notified when the connection should close as soon as it is idle.
     pub(crate) close: Arc<Notify>,
+    /// Advanced as requests begin and end: the reads' deadlines follow it.
+    pub(crate) turns: Arc<super::deadlines::Turns>,
 }
 
 /// Held while a request is answered: the connection is not idle meanwhile.
@@ -263,6 +266,7 @@ impl Tracker {
             tracker: self.clone(),
             id,
             close,
+            turns: Arc::default(),
         })
     }
 
@@ -323,6 +327,7 @@ impl Tracker {
 impl Slot {
     /// Marks the connection busy until the guard is dropped.
     pub(crate) fn busy(&self) -> Busy<'_> {
+        self.turns.begin();
         let mut s = self.tracker.lock();
         if let Some(stamp) = s.open.get_mut(&self.id).and_then(|e| e.idle_stamp.take()) {
             s.idle.remove(&stamp);
@@ -334,6 +339,7 @@ impl Slot {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let slot = self.0;
+        slot.turns.end();
         let mut s = slot.tracker.lock();
         let stamp = s.next_stamp;
         if let Some(entry) = s.open.get_mut(&slot.id) {

@@ -6,6 +6,9 @@
 
 pub mod auth;
 pub mod conns;
+mod deadlines;
+use deadlines::Deadlines;
+pub use deadlines::KEEPALIVE_IDLE_TIMEOUT;
 pub mod layers;
 pub mod tls;
 pub mod webconfig;
@@ -211,9 +214,8 @@ fn shutting_down() -> Response<Full<Bytes>> {
 /// holds a task and a socket, nothing more, and not for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client has this long to send a request's headers, counted from when the server is
-/// ready for them: on a new connection and between requests on a kept-alive one. It is
-/// therefore also the keep-alive idle timeout (hyper counts both from the same instant).
+/// A client has this long to send a request's headers, counted from their first byte. An
+/// idle kept-alive connection waits longer ([`KEEPALIVE_IDLE_TIMEOUT`]); see [`deadlines`].
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection shed to make room may take to finish writing a response it had
@@ -347,7 +349,10 @@ pub async fn serve_with(
         let tls = web.tls.clone();
         connections.spawn(async move {
             let Some(acceptor) = tls else {
-                return conn.serve(TokioIo::new(stream)).await;
+                let turns = conn.slot.turns.clone();
+                return conn
+                    .serve(TokioIo::new(Deadlines::new(stream, turns)))
+                    .await;
             };
             let mut draining = conn.draining.clone();
             let handshake = tokio::select! {
@@ -356,7 +361,10 @@ pub async fn serve_with(
                 _ = draining.wait_for(|d| *d) => return,
             };
             match handshake {
-                Ok(Ok(tls)) => conn.serve(TokioIo::new(tls)).await,
+                Ok(Ok(tls)) => {
+                    let turns = conn.slot.turns.clone();
+                    conn.serve(TokioIo::new(Deadlines::new(tls, turns))).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -450,7 +458,9 @@ impl Conn {
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // Both read deadlines are `Deadlines`' (hyper's one timer cannot tell an idle
+            // connection from a slow request).
+            .header_read_timeout(None)
             .max_buf_size(64 * 1024)
             // A client that half-closes after its request (shutdown(SHUT_WR)) still gets
             // the answer; without this hyper may close first.
