@@ -118,6 +118,16 @@ ramp = [ {{ from = "2026-01-01", gpus = 8 }} ]
             .unwrap() as i64
             > since
     });
+    // Each round reuses its agent's connection from the round before: one per agent
+    // stays open between rounds; agent `a` sees it (beside this test's own).
+    let m = agg.wait_for(Duration::from_secs(20), "a connection per agent", |m| {
+        m.get("commitmeter_scrape_connections", &[]) == Some(4.0)
+    });
+    assert_eq!(m.get("commitmeter_scrape_connections", &[]), Some(4.0));
+    assert_eq!(
+        a.metrics().get("commitmeter_http_connections", &[]),
+        Some(2.0)
+    );
     std::thread::sleep(Duration::from_secs(20));
     // SIGSTOP, not a kill: a hung host, and its port cannot be reused by another
     // test's agent while the aggregator keeps trying it.

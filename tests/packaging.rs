@@ -170,7 +170,7 @@ fn units_declare_the_deployment_contract() {
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
         ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
-        ("LimitNOFILE", "65536"),
+        ("LimitNOFILE", "262144"),
         ("WantedBy", "multi-user.target"),
     ] {
         assert_has(&g, unit, k, v);

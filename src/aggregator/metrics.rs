@@ -402,6 +402,7 @@ pub struct AggregatorMetrics {
     pub since: IntGauge,
     pub store_errors: IntCounters<OperationLabels<'static>>,
     pub pending: IntGauge,
+    pub scrape_connections: IntGauge,
     pub write_ok: IntGauge,
     pub target_up: Gauges<TargetContractLabels<'static>>,
     pub target_duration: Gauges<TargetLabels<'static>>,
@@ -462,6 +463,11 @@ impl AggregatorMetrics {
             "Sealed contract-minutes waiting in memory to be written to the ledger database (not yet in the counters).",
         )?;
         registry.register(Box::new(pending.clone()))?;
+        let scrape_connections = IntGauge::new(
+            "commitmeter_scrape_connections",
+            "Scrape connections kept open for the next round at the end of the last one (at most one per agent).",
+        )?;
+        registry.register(Box::new(scrape_connections.clone()))?;
         let write_ok = IntGauge::new(
             "commitmeter_ledger_last_write_successful",
             "1 if the last write of the ledger database succeeded; 0 while it cannot be written (the aggregator is then not ready).",
@@ -586,6 +592,7 @@ impl AggregatorMetrics {
             since,
             store_errors,
             pending,
+            scrape_connections,
             write_ok,
             target_errors,
             targets_problems,

@@ -15,6 +15,7 @@
 
 mod book;
 pub mod books;
+mod connections;
 pub mod metrics;
 pub mod parse;
 mod reload;

@@ -125,7 +125,7 @@ struct Refresh {
 
 /// Scrapes of one round in flight at a time: the descriptors the scrapes hold, whatever
 /// the fleet's size (see the README's file-descriptor notes).
-const SCRAPES_IN_FLIGHT: usize = 256;
+pub(crate) const SCRAPES_IN_FLIGHT: usize = 256;
 
 /// How long a round waits for a target refresh before scraping the last known targets.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
@@ -295,6 +295,10 @@ async fn scrape_loop(
             }
         }
         log.round(outcomes, clock::elapsed(started));
+        shared
+            .metrics
+            .scrape_connections
+            .set(scraper.sweep_connections() as i64);
         if !shared.first_round.load(Ordering::Relaxed) {
             let mut books = shared.books.lock().expect("books lock");
             books.start_after(shared.clock.now_ms());

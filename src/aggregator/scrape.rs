@@ -13,10 +13,10 @@ use hyper::body::Bytes;
 use hyper::header::HeaderValue;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
+use super::connections::{pool_budget, Io, Kept};
 use super::parse;
+use super::round::SCRAPES_IN_FLIGHT;
 use super::targets::Target;
 use crate::configfile::ConfigError;
 use crate::contract::{Scheme, ScrapeSettings};
@@ -324,7 +324,10 @@ impl BodyBudget {
 
 #[derive(Clone)]
 pub struct Scraper {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    connector: HttpsConnector<HttpConnector>,
+    /// The agents' connections between rounds; `None` when the interval is too long for
+    /// an agent to keep one ([`keeps_connections`]).
+    kept: Option<Arc<Kept>>,
     timeout: Duration,
     body_limit: usize,
     /// `Basic …` from `basic_auth_username` and its password file.
@@ -338,21 +341,35 @@ struct Body {
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// How long a connection waits idle in the pool for the agent's next scrape. Agents close
-/// a connection idle for [`crate::http::HEADER_READ_TIMEOUT`] (10 s); the pool drops it at
-/// half that, so a scrape never goes out on a connection the agent is closing at that
-/// instant.
-pub const POOL_IDLE: Duration = Duration::from_secs(crate::http::HEADER_READ_TIMEOUT.as_secs() / 2);
+/// How long a connection waits idle in the pool for the agent's next scrape: a minute
+/// less than agents keep an idle connection ([`crate::http::KEEPALIVE_IDLE_TIMEOUT`]), so a
+/// scrape never goes out on a connection the agent is closing at that instant.
+pub const POOL_IDLE: Duration =
+    Duration::from_secs(crate::http::KEEPALIVE_IDLE_TIMEOUT.as_secs() - 60);
 
-/// Idle connections the scrape client keeps per agent. A target is scraped once at a time,
-/// so one is all a reuse needs, and only when the next scrape comes within [`POOL_IDLE`]:
-/// at a longer interval (the default 15 s) no pooled connection is ever reused, and keeping
-/// it would only hold a descriptor and its buffers (125,000 agents at 15 s: ~42,000
-/// connections idle at any moment, more than the half of the descriptor limit the server
-/// leaves to scrapes, [`crate::http::conns`]). Then each scrape connects anew and closes
-/// its connection when its answer is read.
-pub fn idle_per_agent(interval: Duration) -> usize {
-    usize::from(interval < POOL_IDLE)
+/// Whether the scraper keeps each agent's connection for its next scrape: when that comes
+/// within [`POOL_IDLE`] (the default 15 s interval does). Each round then reuses the last
+/// round's connection instead of connecting and closing again, which at 125,000 agents was
+/// half the aggregator's CPU; see [`super::connections`]. At a longer interval, each
+/// scrape connects anew and closes its connection when its answer is read.
+pub fn keeps_connections(interval: Duration) -> bool {
+    interval < POOL_IDLE
+}
+
+/// How one request on a connection failed: before any answer (a kept connection the agent
+/// had closed may be retried), or after.
+enum Exchange {
+    BeforeAnswer(ScrapeError),
+    Failed(ScrapeError),
+}
+
+/// A connection's task, aborted (its socket closed) when the scrape lets go of it.
+struct Driver<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Driver<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Bodies up to this size are parsed on the scrape's own task (a few hundred µs at most);
@@ -361,7 +378,7 @@ const PARSE_INLINE_BYTES: usize = 256 * 1024;
 
 impl Scraper {
     /// `tls` is used for `https` targets ([`tls_config`]); `scrape` gives the server name
-    /// override and the credentials; `interval` is the scrape interval ([`idle_per_agent`]).
+    /// override and the credentials; `interval` is the scrape interval ([`keeps_connections`]).
     pub fn new(
         timeout: Duration,
         interval: Duration,
@@ -382,10 +399,13 @@ impl Scraper {
             }
             None => builder,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(idle_per_agent(interval))
-            .pool_idle_timeout(POOL_IDLE)
-            .build(builder.enable_http1().wrap_connector(http));
+        let connector = builder.enable_http1().wrap_connector(http);
+        let kept = keeps_connections(interval).then(|| {
+            Arc::new(Kept::new(
+                pool_budget(crate::http::conns::fd_limit(), SCRAPES_IN_FLIGHT),
+                POOL_IDLE,
+            ))
+        });
         let authorization = scrape.basic_auth.as_ref().and_then(|a| {
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", a.username, a.password));
@@ -394,7 +414,8 @@ impl Scraper {
             Some(v)
         });
         Self {
-            client,
+            connector,
+            kept,
             timeout,
             body_limit,
             authorization,
@@ -427,6 +448,12 @@ impl Scraper {
         .map_err(|_| ScrapeError::Timeout(self.timeout))?
     }
 
+    /// Scrape connections kept for the next round, after closing those kept too long: the
+    /// round's end calls it.
+    pub fn sweep_connections(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.sweep())
+    }
+
     async fn fetch(&self, target: &Target) -> Result<Body, ScrapeError> {
         let uri: hyper::Uri = format!(
             "{}://{}{}",
@@ -436,7 +463,51 @@ impl Scraper {
         )
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| ScrapeError::Connect(e.to_string()))?;
-        let mut req = hyper::Request::get(uri)
+        let key = self
+            .kept
+            .as_ref()
+            .map(|_| format!("{}://{}", target.scheme.as_str(), target.address));
+        let mut io = match (&self.kept, &key) {
+            (Some(kept), Some(key)) => kept.take(key),
+            _ => None,
+        };
+        loop {
+            let reused = io.is_some();
+            let conn = match io.take() {
+                Some(conn) => conn,
+                None => self.connect(uri.clone()).await?,
+            };
+            match self.exchange(conn, self.request(&uri)?).await {
+                Ok((body, back)) => {
+                    if let (Some(kept), Some(key), Some(conn)) = (&self.kept, key, back) {
+                        kept.put(key, conn);
+                    }
+                    return Ok(body);
+                }
+                // The agent closed the kept connection as the request went out (its idle
+                // timeout, a restart): once more on a new one. GET is idempotent.
+                Err(Exchange::BeforeAnswer(_)) if reused => {}
+                Err(Exchange::BeforeAnswer(e) | Exchange::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn connect(&self, uri: hyper::Uri) -> Result<Io, ScrapeError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut connector, cx))
+            .await
+            .map_err(|e| request_error(e.as_ref()))?;
+        tower_service::Service::call(&mut connector, uri)
+            .await
+            .map_err(|e| request_error(e.as_ref()))
+    }
+
+    /// The scrape's request, in origin form with a Host header (as a browser sends it).
+    fn request(&self, uri: &hyper::Uri) -> Result<hyper::Request<Empty<Bytes>>, ScrapeError> {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = uri.authority().map_or("", |a| a.as_str());
+        let mut req = hyper::Request::get(path)
+            .header(hyper::header::HOST, host)
             .header("accept", "text/plain;version=0.0.4")
             .header("accept-encoding", "identity")
             .header(
@@ -446,14 +517,51 @@ impl Scraper {
         if let Some(auth) = &self.authorization {
             req = req.header(hyper::header::AUTHORIZATION, auth.clone());
         }
-        let req = req
-            .body(Empty::new())
-            .map_err(|e| ScrapeError::Connect(e.to_string()))?;
-        let resp = self
-            .client
-            .request(req)
+        req.body(Empty::new())
+            .map_err(|e| ScrapeError::Connect(e.to_string()))
+    }
+
+    /// One request on `conn`: the body, and the connection back when the agent keeps it
+    /// open (HTTP/1.1 without `Connection: close`, nothing left unread).
+    async fn exchange(
+        &self,
+        conn: Io,
+        req: hyper::Request<Empty<Bytes>>,
+    ) -> Result<(Body, Option<Io>), Exchange> {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(conn)
             .await
-            .map_err(|e| request_error(&e))?;
+            .map_err(|e| Exchange::Failed(request_error(&e)))?;
+        // The connection is driven on a task of its own; dropping the guard (an error, the
+        // scrape's timeout) aborts it and closes the socket.
+        let mut driver = Driver(tokio::spawn(connection.without_shutdown()));
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Exchange::BeforeAnswer(request_error(&e)))?;
+        let reusable = resp.version() == hyper::Version::HTTP_11
+            && !resp
+                .headers()
+                .get_all(hyper::header::CONNECTION)
+                .iter()
+                .any(|v| {
+                    String::from_utf8_lossy(v.as_bytes())
+                        .split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+                });
+        let body = self.read(resp).await.map_err(Exchange::Failed)?;
+        drop(sender);
+        let back = match (&mut driver.0).await {
+            Ok(Ok(parts)) if reusable && parts.read_buf.is_empty() => Some(parts.io),
+            _ => None,
+        };
+        Ok((body, back))
+    }
+
+    /// The answer's body, within the body limit and the shared budget.
+    async fn read(
+        &self,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<Body, ScrapeError> {
         if !resp.status().is_success() {
             return Err(ScrapeError::Status(resp.status().as_u16()));
         }
@@ -807,15 +915,17 @@ fn owner_sample(
 mod tests {
     use super::*;
 
-    /// A pooled connection is kept only when the next scrape can reuse it.
+    /// A pooled connection is kept only when the next scrape can reuse it, before the
+    /// agent closes it.
     #[test]
     fn an_idle_connection_is_pooled_only_when_the_next_scrape_comes_before_it_is_dropped() {
-        assert_eq!(POOL_IDLE, Duration::from_secs(5));
-        assert!(POOL_IDLE < crate::http::HEADER_READ_TIMEOUT);
-        assert_eq!(idle_per_agent(Duration::from_secs(1)), 1);
-        assert_eq!(idle_per_agent(Duration::from_millis(4999)), 1);
-        assert_eq!(idle_per_agent(POOL_IDLE), 0);
-        assert_eq!(idle_per_agent(Duration::from_secs(15)), 0);
+        assert_eq!(POOL_IDLE, Duration::from_secs(240));
+        assert!(POOL_IDLE < crate::http::KEEPALIVE_IDLE_TIMEOUT);
+        assert!(keeps_connections(Duration::from_secs(1)));
+        assert!(keeps_connections(Duration::from_secs(15)));
+        assert!(keeps_connections(Duration::from_secs(239)));
+        assert!(!keeps_connections(POOL_IDLE));
+        assert!(!keeps_connections(Duration::from_secs(300)));
     }
 
     #[test]
