@@ -287,28 +287,67 @@ fn simulate(listeners: Vec<std::net::TcpListener>, start: Instant, down_percent:
 const AGENTS_PER_PORT: usize = 10_000;
 
 /// The simulator's listeners for `agents` agents (one port per [`AGENTS_PER_PORT`]) and
-/// their addresses.
-fn listeners(agents: usize) -> (Vec<std::net::TcpListener>, Vec<String>) {
+/// their ports. They listen on every address (`0.0.0.0`) so each agent can have its own
+/// loopback address ([`agent_address`]): a real fleet's agents are distinct hosts, and the
+/// aggregator keeps one connection per agent (per address and port) for the next round.
+fn listeners(agents: usize) -> (Vec<std::net::TcpListener>, Vec<u16>) {
     (0..agents.div_ceil(AGENTS_PER_PORT).max(1))
         .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap().to_string();
-            (l, addr)
+            let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            (l, port)
         })
         .unzip()
 }
 
-/// The aggregator's config for `agents` simulated agents at `addr` (listed in a file_sd
+/// Agent `i`'s address: its own in 127.0.0.0/8 (all loopback on Linux), at one of the
+/// simulator's `ports`.
+fn agent_address(i: usize, ports: &[u16]) -> String {
+    let (a, b, c) = (1 + i / 62_500, 1 + (i / 250) % 250, 1 + i % 250);
+    format!("127.{a}.{b}.{c}:{}", ports[i % ports.len()])
+}
+
+/// Raises this process's descriptor limit (inherited by the aggregators it starts) to
+/// hold a connection per agent on both sides: the aggregator keeps one open per agent
+/// between rounds, and the simulator the other end. Root may raise the hard limit; anyone
+/// else gets their hard limit, and the aggregator then pools what fits (its log says so).
+fn raise_fd_limit(agents: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let want = ((agents as u64) * 2 + 65_536).min(1 << 20);
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_some_and(|c| c >= want) {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: Some(want.max(now.maximum.unwrap_or(want))),
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let hard = Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        };
+        let _ = setrlimit(Resource::Nofile, hard);
+    }
+    let got = getrlimit(Resource::Nofile);
+    println!(
+        "descriptor limit {:?} (wanted {want} for {agents} agents)",
+        got.current
+    );
+}
+
+/// The aggregator's config for `agents` simulated agents on `ports` (listed in a file_sd
 /// file in `dir`): one contract, `sim`, committing all their GPUs.
-fn fleet_config(dir: &TempDir, addrs: &[String], agents: usize, terms: &str) -> std::path::PathBuf {
-    write_sd(dir, addrs, agents);
+fn fleet_config(dir: &TempDir, ports: &[u16], agents: usize, terms: &str) -> std::path::PathBuf {
+    write_sd(dir, ports, agents);
     write_config(dir, "aggregator", agents, "1m", terms, "")
 }
 
-/// The file_sd file listing the `agents` simulated agents at `addrs` (a metrics path each).
-fn write_sd(dir: &TempDir, addrs: &[String], agents: usize) {
+/// The file_sd file listing the `agents` simulated agents on `ports` (an address and a
+/// metrics path each).
+fn write_sd(dir: &TempDir, ports: &[u16], agents: usize) {
     let groups: Vec<String> = (0..agents)
-        .map(|i| format!(r#"{{"targets":["{}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#, addrs[i % addrs.len()]))
+        .map(|i| format!(r#"{{"targets":["{}"],"labels":{{"provider":"sim","__metrics_path__":"/agent/{i}/metrics"}}}}"#, agent_address(i, ports)))
         .collect();
     std::fs::write(dir.path("agents.json"), format!("[{}]", groups.join(","))).unwrap();
 }
@@ -359,10 +398,10 @@ ramp = [ {{ from = "2026-01-01", gpus = {} }} ]
 }
 
 fn run(agents: usize, secs: u64, down_percent: usize) {
-    let (listeners, addrs) = listeners(agents);
+    let (listeners, ports) = listeners(agents);
     simulate(listeners, Instant::now(), down_percent);
     let dir = TempDir::new("bench-agg");
-    let config = fleet_config(&dir, &addrs, agents, "");
+    let config = fleet_config(&dir, &ports, agents, "");
     // More aggregator flags, e.g. `--storage.host-checkpoint-interval=0s`.
     let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
         .map(|a| a.split_whitespace().map(String::from).collect())
@@ -449,6 +488,7 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
         .map(|(_, v)| v)
         .sum();
     let targets_up = up(&m);
+    let kept = m.get("commitmeter_scrape_connections", &[]).unwrap_or(0.0);
     drop(m);
     // Team and contract time count sealed minutes only (grace 1m): after the window, wait
     // for one with allocated time, so the team figures below are never of an empty ledger.
@@ -498,13 +538,13 @@ fn run(agents: usize, secs: u64, down_percent: usize) {
     let stop = at_stop - before_stop;
     let per_min = written as f64 / wall * 60.0;
     println!(
-        "aggregator: {agents} agents x 8 GPUs on {} ports, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core (the simulator: {:.1}%), RSS {rss} kB, peak RSS {hwm} kB, {targets_up} targets up, {rejected} GPU-s rejected; \
+        "aggregator: {agents} agents x 8 GPUs (an address each) on {} ports, 15 s scrapes, {wall:.0} s: CPU {:.1}% of one core (the simulator: {:.1}%), RSS {rss} kB, peak RSS {hwm} kB, {targets_up} targets up ({kept} connections kept for the next round), {rejected} GPU-s rejected; \
          {} rounds, scrape phase p50/max {}/{} ms; {} commits, took p50/max {}/{} ms, the first (every host's checkpoint) {checkpoint_ms} ms; \
          written {:.3} MB/min (rounds), host checkpoint at stop {:.2} MB (stop took {stop_ms} ms), so {:.1} MB/h with hourly host checkpoints ({:.3} MB/min); \
          /metrics {:.1} MB in {metrics_ms} ms, status page {:.1} MB in {page_ms} ms; \
          {down_percent}% down (rotating every 15 s): {:.1} log lines/min; \
          {} teams with time, allocated {allocated:.3} GPU-s, over the teams {team_sum:.3} (equal to the GPU-ms: {})",
-        addrs.len(),
+        ports.len(),
         cpu / wall * 100.0,
         sim / wall * 100.0,
         rounds.len(),
@@ -1011,10 +1051,10 @@ fn table_row(agents: usize, secs: u64, w: &[Window], s: &[Summary], seed_days: u
 /// `commitmeter statement` back to back, `GET /statements/…` back to back (and at each
 /// round's end), none again. Prints each window's figures, then the README's table row.
 fn run_statements(agents: usize, secs: u64) {
-    let (listeners, addrs) = listeners(agents);
+    let (listeners, ports) = listeners(agents);
     simulate(listeners, Instant::now(), 0);
     let dir = TempDir::new("bench-statements");
-    let config = fleet_config(&dir, &addrs, agents, "on_demand_price_per_gpu_hour = 4.0");
+    let config = fleet_config(&dir, &ports, agents, "on_demand_price_per_gpu_hour = 4.0");
     let data = dir.path("data");
     let gpus = agents as i64 * 8;
     let now_ms = unix_ms();
@@ -1202,7 +1242,7 @@ fn first_full_round(agg: &Aggregator, name: &str, within: Duration) -> i64 {
 /// replica serves the same contract counters at the same sealed-through time. Prints the
 /// README's table row.
 fn run_shared(agents: usize, secs: u64, shards: u32, replicas: u32) {
-    let (listeners, addrs) = listeners(agents);
+    let (listeners, ports) = listeners(agents);
     simulate(listeners, Instant::now(), 0);
     let pg = Postgres::start();
     let db = "bench";
@@ -1215,7 +1255,7 @@ fn run_shared(agents: usize, secs: u64, shards: u32, replicas: u32) {
         pid.lines().next().unwrap().trim().parse().unwrap()
     };
     let dir = TempDir::new("bench-shared");
-    write_sd(&dir, &addrs, agents);
+    write_sd(&dir, &ports, agents);
     let extra: Vec<String> = std::env::var("COMMITMETER_BENCH_ARGS")
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
@@ -1488,6 +1528,7 @@ fn main() {
         count("COMMITMETER_BENCH_REPLICAS"),
     );
     for n in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
+        raise_fd_limit(n);
         if shards > 0 && replicas > 0 {
             run_shared(n, secs, shards, replicas);
         } else if statements {
