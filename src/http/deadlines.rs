@@ -33,6 +33,12 @@ use tokio::time::Sleep;
 /// connections up to 5 minutes, and its intervals are shorter.
 pub const KEEPALIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// hyper's own header timer, set past both deadlines here: a backstop only (see
+/// [`super::http1_builder`]).
+pub(crate) const HYPER_BACKSTOP: Duration = Duration::from_secs(
+    KEEPALIVE_IDLE_TIMEOUT.as_secs() + super::HEADER_READ_TIMEOUT.as_secs() + 1,
+);
+
 /// A connection's requests: even while waiting for one, odd while one is answered. The
 /// service advances it on both edges; the reads compare it with the turn they last saw.
 #[derive(Debug, Default)]
@@ -257,6 +263,58 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(err.to_string(), "request headers not received in time");
         assert_eq!(after, HEAD);
+    }
+
+    /// Through hyper as both servers configure it: an answered connection left idle is
+    /// closed at the idle timeout, neither before nor never.
+    #[allow(clippy::disallowed_methods)] // the paused clock is tokio's
+    #[tokio::test(start_paused = true)]
+    async fn hyper_closes_an_idle_connection_at_the_idle_timeout() {
+        use http_body_util::Full;
+        use hyper::body::Bytes;
+        let (server_io, mut client) = tokio::io::duplex(4096);
+        let turns = Arc::new(Turns::default());
+        let answering = turns.clone();
+        let service = hyper::service::service_fn(move |_req| {
+            let turns = answering.clone();
+            async move {
+                turns.begin();
+                // An answer that takes a while.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                turns.end();
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            }
+        });
+        let io = hyper_util::rt::TokioIo::new(Deadlines::new(server_io, turns));
+        let server = tokio::spawn(super::super::http1_builder().serve_connection(io, service));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"ok") {
+            let mut buf = [0u8; 256];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answered = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(IDLE * 2, client.read(&mut buf))
+            .await
+            .expect("an idle connection never closed")
+            .unwrap();
+        assert_eq!(n, 0, "closed, nothing sent");
+        let idle = answered.elapsed();
+        assert!(
+            idle >= KEEPALIVE_IDLE_TIMEOUT
+                && idle < KEEPALIVE_IDLE_TIMEOUT + Duration::from_secs(1),
+            "{idle:?}"
+        );
+        // hyper ends the connection (an error while idle is a close, not a failure).
+        let _ = server.await.unwrap();
     }
 
     /// While a request is answered (a slow status page, a statement), reads have no

@@ -218,6 +218,23 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// idle kept-alive connection waits longer ([`KEEPALIVE_IDLE_TIMEOUT`]); see [`deadlines`].
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How both servers speak HTTP/1.1 on a connection wrapped in [`Deadlines`].
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // The read deadlines are `Deadlines`' (hyper's one timer cannot tell an idle
+        // connection from a slow request). hyper's is set past both, as a backstop; with
+        // it hyper also reads as soon as a connection goes idle (the idle deadline starts
+        // on that read), whatever it read while answering.
+        .header_read_timeout(deadlines::HYPER_BACKSTOP)
+        .max_buf_size(64 * 1024)
+        // A client that half-closes after its request (shutdown(SHUT_WR)) still gets
+        // the answer; without this hyper may close first.
+        .half_close(true);
+    builder
+}
+
 /// How long a connection shed to make room may take to finish writing a response it had
 /// started: a client that does not read its answer holds the descriptor no longer.
 const SHED_GRACE: Duration = Duration::from_secs(5);
@@ -456,16 +473,7 @@ impl Conn {
                 Ok::<_, Infallible>(service(Request::from_parts(head, ())).await)
             }
         });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            // Both read deadlines are `Deadlines`' (hyper's one timer cannot tell an idle
-            // connection from a slow request).
-            .header_read_timeout(None)
-            .max_buf_size(64 * 1024)
-            // A client that half-closes after its request (shutdown(SHUT_WR)) still gets
-            // the answer; without this hyper may close first.
-            .half_close(true)
-            .serve_connection(io, service);
+        let conn = http1_builder().serve_connection(io, service);
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
