@@ -27,10 +27,7 @@ pub type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 /// it ([`crate::http::conns::max_connections`] is the server's) less the scrapes in
 /// flight, which always get a connection.
 pub fn pool_budget(fd_limit: u64, in_flight: usize) -> usize {
-    let half = fd_limit.saturating_sub(crate::http::conns::RESERVED_FDS) / 2;
-    usize::try_from(half)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(in_flight)
+    crate::http::conns::half_of_the_descriptors(fd_limit).saturating_sub(in_flight)
 }
 
 /// A connection as kept: a plain one as its socket (40 bytes), a TLS one boxed (its

@@ -34,10 +34,14 @@ const FD_LIMIT_CAP: u64 = 1 << 20;
 /// agent), so `LimitNOFILE=262144` serves 131,040 clients and keeps 130,784 agents'
 /// connections ([`crate::aggregator`]'s `pool_budget`).
 pub fn max_connections(fd_limit: u64) -> usize {
+    half_of_the_descriptors(fd_limit).max(MIN_CONNECTIONS)
+}
+
+/// Half of the descriptors left after [`RESERVED_FDS`]: the server's share (its
+/// connections) and the aggregator's (its scrapes, in flight and kept) are each this.
+pub fn half_of_the_descriptors(fd_limit: u64) -> usize {
     let half = fd_limit.saturating_sub(RESERVED_FDS) / 2;
-    usize::try_from(half)
-        .unwrap_or(usize::MAX)
-        .max(MIN_CONNECTIONS)
+    usize::try_from(half).unwrap_or(usize::MAX)
 }
 
 /// The soft `RLIMIT_NOFILE` after raising it to the hard limit, once per process; the

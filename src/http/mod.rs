@@ -224,9 +224,11 @@ fn http1_builder() -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         // The read deadlines are `Deadlines`' (hyper's one timer cannot tell an idle
-        // connection from a slow request). hyper's is set past both, as a backstop; with
-        // it hyper also reads as soon as a connection goes idle (the idle deadline starts
-        // on that read), whatever it read while answering.
+        // connection from a slow request). The idle deadline starts on hyper's first read
+        // of an idle connection, which hyper 1.x makes at once (with `half_close` below);
+        // hyper's own timer, set past both deadlines, is a backstop should a later hyper
+        // wait for readiness instead. The idle-close test through hyper (deadlines.rs)
+        // passes with or without it.
         .header_read_timeout(deadlines::HYPER_BACKSTOP)
         .max_buf_size(64 * 1024)
         // A client that half-closes after its request (shutdown(SHUT_WR)) still gets
