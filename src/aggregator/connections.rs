@@ -3,11 +3,12 @@
 //! At 125,000 agents, connecting and closing every 15 s was half the aggregator's CPU (the
 //! kernel's TCP connect, send and shutdown). A scrape therefore hands its connection back
 //! here once its answer is read, and the agent's next scrape takes it. Only the socket is
-//! kept (hyper's buffers are made per scrape), so a kept connection costs a descriptor and
-//! 3.5–3.9 kB of RSS (measured; README "Benchmarks"), where hyper's own pool, holding each
-//! connection's buffers, cost ~28 kB apiece. At most [`pool_budget`] are
-//! kept (the descriptors are shared with the server and the scrapes in flight); beyond
-//! that a connection is closed after its scrape.
+//! kept (hyper's buffers are made per scrape, and the last scrape's wakers are let go), so a
+//! kept connection costs a descriptor and ~0.4 kB (its map entry, its key, tokio's
+//! registration; no RSS the benchmark can tell apart, README "Benchmarks"), where hyper's
+//! own pool, holding each connection's buffers, cost ~28 kB apiece. At most
+//! [`pool_budget`] are kept (the descriptors are shared with the server and the scrapes in
+//! flight); beyond that a connection is closed after its scrape.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,7 +198,11 @@ mod tests {
             .poll_read_ready(&mut Context::from_waker(&waker))
             .is_pending());
         drop(waker);
-        assert_eq!(std::sync::Arc::strong_count(&task), 2, "the socket holds it");
+        assert_eq!(
+            std::sync::Arc::strong_count(&task),
+            2,
+            "the socket holds it"
+        );
         let kept = Kept::new(1, Duration::from_secs(240));
         kept.put("http://a".into(), io);
         assert_eq!(
