@@ -463,14 +463,12 @@ impl Scraper {
         )
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| ScrapeError::Connect(e.to_string()))?;
-        let key = self
-            .kept
-            .as_ref()
-            .map(|_| format!("{}://{}", target.scheme.as_str(), target.address));
-        let mut io = match (&self.kept, &key) {
-            (Some(kept), Some(key)) => kept.take(key),
-            _ => None,
-        };
+        // Where connections are kept: the pool and this agent's key in it.
+        let kept = self.kept.as_deref().map(|kept| {
+            let key = format!("{}://{}", target.scheme.as_str(), target.address);
+            (kept, key)
+        });
+        let mut io = kept.as_ref().and_then(|(kept, key)| kept.take(key));
         loop {
             let reused = io.is_some();
             let conn = match io.take() {
@@ -479,7 +477,7 @@ impl Scraper {
             };
             match self.exchange(conn, self.request(&uri)?).await {
                 Ok((body, back)) => {
-                    if let (Some(kept), Some(key), Some(conn)) = (&self.kept, key, back) {
+                    if let (Some((kept, key)), Some(conn)) = (kept, back) {
                         kept.put(key, conn);
                     }
                     return Ok(body);

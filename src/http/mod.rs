@@ -368,10 +368,7 @@ pub async fn serve_with(
         let tls = web.tls.clone();
         connections.spawn(async move {
             let Some(acceptor) = tls else {
-                let turns = conn.slot.turns.clone();
-                return conn
-                    .serve(TokioIo::new(Deadlines::new(stream, turns)))
-                    .await;
+                return conn.serve(stream).await;
             };
             let mut draining = conn.draining.clone();
             let handshake = tokio::select! {
@@ -380,10 +377,7 @@ pub async fn serve_with(
                 _ = draining.wait_for(|d| *d) => return,
             };
             match handshake {
-                Ok(Ok(tls)) => {
-                    let turns = conn.slot.turns.clone();
-                    conn.serve(TokioIo::new(Deadlines::new(tls, turns))).await
-                }
+                Ok(Ok(tls)) => conn.serve(tls).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -427,11 +421,11 @@ struct Conn {
 }
 
 impl Conn {
-    /// Serves HTTP/1.1 on `io`, plain or TLS, until the client leaves, the connection is
-    /// shed (see [`conns`]) or shutdown.
-    async fn serve<I>(self, io: I)
+    /// Serves HTTP/1.1 on `stream`, plain or TLS, with its read [`Deadlines`], until the
+    /// client leaves, the connection is shed (see [`conns`]) or shutdown.
+    async fn serve<S>(self, stream: S)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
             service,
@@ -441,6 +435,7 @@ impl Conn {
             peer,
             mut draining,
         } = self;
+        let io = TokioIo::new(Deadlines::new(stream, slot.turns.clone()));
         let close = slot.close.clone();
         let stop = draining.clone();
         let service = service_fn(move |req: Request<Incoming>| {
